@@ -1,0 +1,54 @@
+# moert: every install step lives here, so a fresh machine needs only `make demo` / `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# An explicit torch spec: a bare `torch` requirement pulls a multi-GB CUDA build. Override on a
+# GPU machine, e.g. `make test-gpu TORCH_SPEC=torch` (or an already-installed torch).
+TORCH_SPEC ?= torch==2.13.0
+TRANSFORMERS_SPEC ?= transformers==5.23.0
+DEPS := numpy safetensors tqdm pybind11 ninja setuptools wheel "$(TRANSFORMERS_SPEC)" triton matplotlib
+DEV_DEPS := pytest hypothesis ruff clang-format
+NATIVE := $(wildcard csrc/*.cc csrc/include/moert/*.h csrc/src/*.cc csrc/src/*.cu) CMakeLists.txt setup.py
+
+.PHONY: setup build demo test test-gpu lint format bench clean
+
+setup: $(VENV)/.deps build
+
+$(VENV)/.deps: Makefile pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "$(TORCH_SPEC)"
+	$(PIP) install -q $(DEPS) $(DEV_DEPS)
+	touch $@
+
+# The editable install builds moert._C with CMake (incremental: only changed sources recompile).
+build: $(VENV)/.built
+$(VENV)/.built: $(VENV)/.deps $(NATIVE)
+	$(PIP) install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+demo: setup
+	$(PY) -m moert demo
+
+test: setup
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not gpu"
+
+test-gpu: setup
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m gpu
+
+lint: setup
+	$(VENV)/bin/ruff check moert kernels tests bench setup.py
+	$(VENV)/bin/ruff format --check moert kernels tests bench setup.py
+	$(VENV)/bin/clang-format --dry-run --Werror $(filter %.cc %.h %.cu,$(NATIVE))
+
+format: setup
+	$(VENV)/bin/ruff check --fix moert kernels tests bench setup.py
+	$(VENV)/bin/ruff format moert kernels tests bench setup.py
+	$(VENV)/bin/clang-format -i $(filter %.cc %.h %.cu,$(NATIVE))
+
+bench: setup
+	$(PY) bench/bench_copy.py
+
+clean:
+	rm -rf build moert/_C*.so $(VENV)/.built

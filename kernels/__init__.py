@@ -1,0 +1,1 @@
+"""Triton kernels, installed as ``moert.kernels``. Importing this package does not import Triton."""

@@ -1,0 +1,51 @@
+"""Seeding, the ``gpu`` / ``slow`` markers and the shared-data fixture, in one place."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def _cuda_can_run() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:
+        return False
+
+
+def pytest_collection_modifyitems(config, items):
+    if _cuda_can_run():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device; run `make test-gpu` on a GPU machine")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    import numpy as np
+    import torch
+
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture(scope="session")
+def shared_traces():
+    """The real DeepSeek-V2-Lite-Chat routing traces in ../shared (never copied into the repo)."""
+    from moert import envs
+
+    path = envs.shared_dir() / "data" / "traces" / "deepseek-v2-lite-chat-puffin"
+    if not path.is_dir():
+        pytest.skip(f"shared traces not found at {path} (set MOERT_SHARED_DIR to the shared/ folder)")
+    return path
