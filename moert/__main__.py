@@ -1,0 +1,5 @@
+import sys
+
+from moert.cli import main
+
+sys.exit(main())

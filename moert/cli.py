@@ -1,0 +1,60 @@
+"""``moert`` command line: a thin layer over the API.
+
+Each subcommand lives in its own module exposing ``add_arguments(parser)`` and ``run(args) -> int``;
+modules are imported only when their subcommand (or ``--help``) needs them, so ``moert --help``
+stays fast and importing moert stays lean.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+__all__ = ["main", "COMMANDS"]
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("moert.demo", "run the main job on the built-in default (or --model PATH)"),
+    "tour": ("moert.tour", "a short tour of the runtime on the CPU twin: pool, cache, copy engine"),
+    "trace": ("moert.trace_cli", "capture routing traces from a model, or convert peers' formats"),
+    "simulate": ("moert.sim_cli", "replay a routing trace through the real cache under several policies"),
+    "train": ("moert.predict.train_cli", "train an expert predictor on a trace"),
+    "eval": ("moert.predict.eval_cli", "evaluate an expert predictor on a trace"),
+    "info": ("moert.info", "which backends were compiled and which can run"),
+}
+
+
+def _available() -> dict[str, tuple[str, str]]:
+    found = {}
+    for name, (module, help_text) in COMMANDS.items():
+        if importlib.util.find_spec(module) is not None:
+            found[name] = (module, help_text)
+    return found
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="moert",
+        description="moert: run Mixture-of-Experts models with experts offloaded to host memory, "
+        "and compare expert predictors and cache policies on the same work.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in _available().items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        importlib.import_module(module).add_arguments(p)
+        p.set_defaults(_module=module)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    return int(importlib.import_module(args._module).run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
