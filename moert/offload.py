@@ -1,0 +1,542 @@
+"""Execution of offloaded MoE layers: expert stores and the "moert" experts forward.
+
+Each routed expert of MoE layer ``l`` lives in entry ``(l, e)`` of an expert pool as one slab:
+``gate_up [2I, H]`` then ``down [H, I]`` (offset aligned to 16 bytes), so one copy moves one expert.
+A store hands out device views of experts for one layer at a time:
+
+- ``RuntimeStore``: ``moert.runtime`` (``ExpertPool`` + ``SlabCache`` + ``CopyEngine``), the real thing.
+- ``ReferenceStore``: a dict and synchronous copies; the obviously-correct reference for tests.
+- ``NaiveStore``: no cache, every selected expert copied on every use (Accelerate-style offload);
+  the benchmark baseline.
+
+``OffloadedLayer.forward`` computes one layer: union of the selected experts, acquired in waves of
+at most ``store.num_slots``; each expert's rows go through ``gate_up -> act * up -> down`` from the
+slab views; the products land in a ``(T, k, H)`` buffer at their routing positions and are reduced
+over ``k`` in routing order, so the result never depends on which experts were resident or in which
+wave they arrived.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from moert.stats import LayerStats, Stats
+
+if TYPE_CHECKING:
+    from torch import nn
+
+__all__ = [
+    "ExpertLayout",
+    "HostPool",
+    "ReferenceStore",
+    "NaiveStore",
+    "RuntimeStore",
+    "OffloadState",
+    "OffloadedLayer",
+    "moert_experts_forward",
+    "make_pool",
+    "make_store",
+]
+
+_ALIGN = 16
+
+
+def _round_up(n: int, m: int = _ALIGN) -> int:
+    return (n + m - 1) // m * m
+
+
+@dataclass(frozen=True)
+class ExpertLayout:
+    """Byte layout of one expert's slab.
+
+    Attributes:
+        hidden: H.
+        intermediate: I (per-expert intermediate size).
+        dtype: weight dtype.
+    """
+
+    hidden: int
+    intermediate: int
+    dtype: torch.dtype
+
+    @property
+    def gate_up_shape(self) -> tuple[int, int]:
+        return (2 * self.intermediate, self.hidden)
+
+    @property
+    def down_shape(self) -> tuple[int, int]:
+        return (self.hidden, self.intermediate)
+
+    @property
+    def itemsize(self) -> int:
+        return torch.empty((), dtype=self.dtype).element_size()
+
+    @property
+    def down_offset(self) -> int:
+        return _round_up(2 * self.intermediate * self.hidden * self.itemsize)
+
+    @property
+    def expert_bytes(self) -> int:
+        """Bytes of weights of one expert (gate_up + down, no padding)."""
+        return 3 * self.intermediate * self.hidden * self.itemsize
+
+    @property
+    def slab_bytes(self) -> int:
+        return _round_up(self.down_offset + self.hidden * self.intermediate * self.itemsize)
+
+    def views(self, get_view: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(gate_up (2I, H), down (H, I))`` through ``get_view(dtype, shape, offset)``."""
+        return (
+            get_view(self.dtype, self.gate_up_shape, 0),
+            get_view(self.dtype, self.down_shape, self.down_offset),
+        )
+
+
+class HostPool:
+    """Pure-PyTorch twin of ``runtime.ExpertPool`` (used by the reference store): one host buffer,
+    entry ``(layer, expert)`` at a fixed stride."""
+
+    def __init__(self, num_layers: int, num_experts: int, slab_bytes: int) -> None:
+        self.num_layers, self.num_experts, self.slab_bytes = num_layers, num_experts, slab_bytes
+        self.stride = slab_bytes
+        self.nbytes = num_layers * num_experts * slab_bytes
+        self.pinned = False
+        self._buf = torch.empty(self.nbytes, dtype=torch.uint8)
+
+    def _base(self, layer: int, expert: int) -> int:
+        if not (0 <= layer < self.num_layers and 0 <= expert < self.num_experts):
+            raise ValueError(
+                f"entry ({layer}, {expert}) is outside the pool ({self.num_layers} x {self.num_experts})"
+            )
+        return (layer * self.num_experts + expert) * self.stride
+
+    def fill(self, layer: int, expert: int, src: torch.Tensor, offset: int = 0) -> None:
+        raw = src.detach().contiguous().reshape(-1).view(torch.uint8)
+        if offset + raw.numel() > self.slab_bytes:
+            raise ValueError(
+                f"{raw.numel()} bytes at offset {offset} overflow the {self.slab_bytes}-byte slab"
+            )
+        base = self._base(layer, expert) + offset
+        self._buf[base : base + raw.numel()].copy_(raw)
+
+    def view(
+        self, layer: int, expert: int, dtype: torch.dtype, shape: Sequence[int], offset: int = 0
+    ) -> torch.Tensor:
+        n = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+        base = self._base(layer, expert) + offset
+        return self._buf[base : base + n].view(dtype).view(tuple(shape))
+
+    def close(self) -> None:
+        self._buf = torch.empty(0, dtype=torch.uint8)
+
+
+def make_pool(backend: str, num_layers: int, num_experts: int, slab_bytes: int, device: str) -> Any:
+    """The host pool for ``backend``: ``runtime.ExpertPool`` (pinned when CUDA runs) or ``HostPool``."""
+    if backend == "reference":
+        return HostPool(num_layers, num_experts, slab_bytes)
+    from moert import runtime
+
+    return runtime.ExpertPool(num_layers, num_experts, slab_bytes, pin=(device == "cuda") or None)
+
+
+class _Counters:
+    __slots__ = ("hits", "misses", "bytes_loaded", "evictions")
+
+    def __init__(self) -> None:
+        self.hits = self.misses = self.bytes_loaded = self.evictions = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {k: getattr(self, k) for k in self.__slots__}
+
+
+class ReferenceStore:
+    """A slab cache as a dict with synchronous copies: the independent reference.
+
+    Args:
+        pool: the host pool.
+        layout: expert layout.
+        num_slots: device slots.
+        policy: ``"lru"`` (evict the least recently used unpinned slot) or ``"lfu"`` (fewest uses
+            while resident, then least recently used).
+        device: where the slots live.
+    """
+
+    def __init__(self, pool: Any, layout: ExpertLayout, num_slots: int, policy: str, device: str) -> None:
+        self.pool, self.layout, self.num_slots, self.policy = pool, layout, num_slots, policy
+        self.device = torch.device(device)
+        self._slots = torch.empty(num_slots, pool.slab_bytes, dtype=torch.uint8, device=self.device)
+        self._views = [layout.views(self._slot_getter(s)) for s in range(num_slots)]
+        self._table: dict[tuple[int, int], int] = {}
+        self._owner: list[tuple[int, int] | None] = [None] * num_slots
+        self._last = [0] * num_slots
+        self._uses = [0] * num_slots
+        self._pinned: set[int] = set()
+        self._clock = 0
+        self.counters = _Counters()
+
+    def _slot_getter(self, slot: int) -> Any:
+        def get(dtype: torch.dtype, shape: Sequence[int], offset: int) -> torch.Tensor:
+            n = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+            return self._slots[slot, offset : offset + n].view(dtype).view(tuple(shape))
+
+        return get
+
+    def resident(self, layer: int) -> set[int]:
+        return {e for (lay, e) in self._table if lay == layer}
+
+    def _victim(self) -> int:
+        free = [s for s in range(self.num_slots) if self._owner[s] is None]
+        if free:
+            return free[0]
+        cands = [s for s in range(self.num_slots) if s not in self._pinned]
+        if not cands:
+            raise RuntimeError("every slot is pinned; acquire fewer experts than num_slots at once")
+        if self.policy == "lfu":
+            return min(cands, key=lambda s: (self._uses[s], self._last[s]))
+        return min(cands, key=lambda s: self._last[s])
+
+    def acquire(self, layer: int, experts: Sequence[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        if len(experts) > self.num_slots:
+            raise ValueError(f"acquire of {len(experts)} experts exceeds the {self.num_slots} slots")
+        out = []
+        for e in experts:
+            self._clock += 1
+            slot = self._table.get((layer, e))
+            if slot is None:
+                self.counters.misses += 1
+                slot = self._victim()
+                old = self._owner[slot]
+                if old is not None:
+                    del self._table[old]
+                    self.counters.evictions += 1
+                src = self.pool.view(layer, e, torch.uint8, (self.pool.slab_bytes,))
+                self._slots[slot].copy_(src)
+                self.counters.bytes_loaded += self.pool.slab_bytes
+                self._table[(layer, e)] = slot
+                self._owner[slot] = (layer, e)
+                self._uses[slot] = 0
+            else:
+                self.counters.hits += 1
+            self._uses[slot] += 1
+            self._last[slot] = self._clock
+            self._pinned.add(slot)
+            out.append(self._views[slot])
+        return out
+
+    def release(self, layer: int, experts: Sequence[int]) -> None:
+        for e in experts:
+            slot = self._table.get((layer, e))
+            if slot is not None:
+                self._pinned.discard(slot)
+
+    def close(self) -> None:
+        self._slots = torch.empty(0, dtype=torch.uint8)
+        self._views = []
+
+
+class NaiveStore:
+    """No cache: every acquire copies each expert from the host pool into a fresh device buffer.
+
+    ``num_slots`` only bounds how many experts one wave holds.
+    """
+
+    def __init__(self, pool: Any, layout: ExpertLayout, num_slots: int, device: str) -> None:
+        self.pool, self.layout, self.num_slots = pool, layout, num_slots
+        self.device = torch.device(device)
+        self.counters = _Counters()
+
+    def resident(self, layer: int) -> set[int]:
+        return set()
+
+    def acquire(self, layer: int, experts: Sequence[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        out = []
+        for e in experts:
+            src = self.pool.view(layer, e, torch.uint8, (self.pool.slab_bytes,))
+            buf = src.to(self.device, non_blocking=False, copy=True)
+            self.counters.misses += 1
+            self.counters.bytes_loaded += self.pool.slab_bytes
+
+            def get(
+                dtype: torch.dtype, shape: Sequence[int], offset: int, buf: torch.Tensor = buf
+            ) -> torch.Tensor:
+                n = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+                return buf[offset : offset + n].view(dtype).view(tuple(shape))
+
+            out.append(self.layout.views(get))
+        return out
+
+    def release(self, layer: int, experts: Sequence[int]) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
+
+
+class RuntimeStore:
+    """``moert.runtime``: slab cache + copy engine over an ``ExpertPool``.
+
+    Args:
+        pool: ``runtime.ExpertPool``.
+        layout: expert layout.
+        num_slots: device slots.
+        policy: eviction policy.
+        device: ``"cpu"`` (CPU twin) or ``"cuda"``.
+        min_slots: one layer's top-k (the cache refuses fewer).
+        copy_streams: copy streams / worker threads.
+    """
+
+    def __init__(
+        self,
+        pool: Any,
+        layout: ExpertLayout,
+        num_slots: int,
+        policy: str,
+        device: str,
+        min_slots: int,
+        copy_streams: int,
+    ) -> None:
+        from moert import runtime
+
+        self.pool, self.layout, self.num_slots = pool, layout, num_slots
+        self.device = device
+        self.cache = runtime.SlabCache(pool, num_slots, policy=policy, device=device, min_slots=min_slots)
+        self.engine = runtime.CopyEngine(self.cache, num_streams=copy_streams)
+        self._views = [
+            layout.views(
+                lambda dtype, shape, offset, s=s: self.cache.slot_view(s, dtype, tuple(shape), offset)
+            )
+            for s in range(num_slots)
+        ]
+        self._base = self._read()
+
+    def _read(self) -> dict[str, int]:
+        st = self.cache.stats()
+        return {
+            "hits": int(st.get("hits", 0)),
+            "misses": int(st.get("misses", 0)),
+            "bytes_loaded": int(st.get("bytes_loaded", 0)),
+            "evictions": int(st.get("evictions", 0)),
+        }
+
+    @property
+    def counters(self) -> _Counters:
+        c = _Counters()
+        now = self._read()
+        for k, v in now.items():
+            setattr(c, k, v - self._base[k])
+        return c
+
+    def _stream(self) -> int | None:
+        if self.device == "cuda":
+            return torch.cuda.current_stream().cuda_stream
+        return None
+
+    def resident(self, layer: int) -> set[int]:
+        return set(torch.nonzero(self.cache.resident(layer)).flatten().tolist())
+
+    def acquire(self, layer: int, experts: Sequence[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        slots = self.engine.acquire(layer, list(experts), stream=self._stream())
+        return [self._views[s] for s in slots]
+
+    def release(self, layer: int, experts: Sequence[int]) -> None:
+        self.engine.release(layer, list(experts), stream=self._stream())
+
+    def close(self) -> None:
+        self.engine.synchronize()
+        self._views = []
+        self.engine.close()
+        self.cache.close()
+
+
+def make_store(
+    backend: str,
+    pool: Any,
+    layout: ExpertLayout,
+    num_slots: int,
+    policy: str,
+    device: str,
+    min_slots: int,
+    copy_streams: int,
+) -> Any:
+    """The store for ``backend`` (``"runtime"``, ``"reference"`` or ``"naive"``)."""
+    if backend == "reference":
+        return ReferenceStore(pool, layout, num_slots, policy, device)
+    if backend == "naive":
+        return NaiveStore(pool, layout, num_slots, device)
+    return RuntimeStore(pool, layout, num_slots, policy, device, min_slots, copy_streams)
+
+
+class OffloadState:
+    """Everything one patched model shares: pool, store, layout and counters.
+
+    Args:
+        pool: host pool holding every routed expert.
+        store: the store handing out device views.
+        layout: expert layout.
+        layer_ids: decoder index of each MoE ordinal (pool layer ``l`` is decoder layer ``layer_ids[l]``).
+        num_experts: routed experts per layer.
+        device: ``"cpu"`` or ``"cuda"``.
+    """
+
+    def __init__(
+        self,
+        pool: Any,
+        store: Any,
+        layout: ExpertLayout,
+        layer_ids: Sequence[int],
+        num_experts: int,
+        device: str,
+    ) -> None:
+        self.pool, self.store, self.layout = pool, store, layout
+        self.layer_ids = list(layer_ids)
+        self.num_experts = num_experts
+        self.device = device
+        self.reset_stats()
+
+    def reset_stats(self) -> None:
+        self._base = self.store.counters.as_dict()
+        self._layer: dict[int, dict[str, int]] = {
+            i: {"hits": 0, "misses": 0, "bytes_copied": 0, "calls": 0, "waves": 0} for i in self.layer_ids
+        }
+        self._stall = 0.0
+
+    def stats(self) -> Stats:
+        now = self.store.counters.as_dict()
+        d = {k: now[k] - self._base[k] for k in now}
+        return Stats(
+            hits=d["hits"],
+            misses=d["misses"],
+            bytes_copied=d["bytes_loaded"],
+            demand_stall_s=self._stall,
+            evictions=d["evictions"],
+            per_layer={i: LayerStats(**v) for i, v in self._layer.items()},
+        )
+
+    def acquire(self, ordinal: int, experts: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        before = self.store.counters
+        t0 = time.perf_counter()
+        views = self.store.acquire(ordinal, experts)
+        dt = time.perf_counter() - t0
+        after = self.store.counters
+        rec = self._layer[self.layer_ids[ordinal]]
+        misses = after.misses - before.misses
+        rec["hits"] += after.hits - before.hits
+        rec["misses"] += misses
+        rec["bytes_copied"] += after.bytes_loaded - before.bytes_loaded
+        rec["waves"] += 1
+        if misses:
+            self._stall += dt
+        return views
+
+    def close(self) -> None:
+        self.store.close()
+        self.pool.close()
+
+
+class OffloadedLayer:
+    """The offloaded experts of one MoE layer (attached to the experts module as ``_moert``).
+
+    Args:
+        state: the model's shared offload state.
+        ordinal: this layer's index in the pool.
+    """
+
+    def __init__(self, state: OffloadState, ordinal: int) -> None:
+        self.state = state
+        self.ordinal = ordinal
+
+    def forward(
+        self,
+        module: nn.Module,
+        hidden_states: torch.Tensor,
+        top_k_index: torch.Tensor,
+        top_k_weights: torch.Tensor,
+    ) -> torch.Tensor:
+        """Weighted sum of the selected experts, as the model computes it.
+
+        Args:
+            module: the experts module (for ``act_fn`` / ``_apply_gate``).
+            hidden_states: (T, H) rows entering the experts.
+            top_k_index: (T, k) int selected experts, routing order.
+            top_k_weights: (T, k) routing weights (fp32 or the model dtype).
+
+        Returns:
+            (T, H) in ``hidden_states.dtype``.
+        """
+        state = self.state
+        num_tokens, hidden = hidden_states.shape
+        k = top_k_index.shape[-1]
+        flat = top_k_index.reshape(-1)  # [T*k]
+        if flat.numel() == 0:
+            return torch.zeros_like(hidden_states)
+        order = torch.argsort(flat, stable=True)  # [T*k] positions grouped by expert
+        counts = torch.bincount(flat, minlength=state.num_experts).tolist()  # one host sync per layer
+        if len(counts) > state.num_experts:
+            raise ValueError(
+                f"routing selected expert {len(counts) - 1} but layer {state.layer_ids[self.ordinal]} has "
+                f"{state.num_experts} experts"
+            )
+        starts = [0] * len(counts)
+        acc = 0
+        for e, c in enumerate(counts):
+            starts[e] = acc
+            acc += c
+        union = [e for e, c in enumerate(counts) if c]
+        # Resident experts first: later waves may evict them otherwise. Numerics do not depend on it.
+        resident = state.store.resident(self.ordinal)
+        union.sort(key=lambda e: (e not in resident, e))
+
+        weights = top_k_weights.reshape(-1)  # [T*k]
+        out_dtype = torch.promote_types(hidden_states.dtype, weights.dtype)
+        buf = torch.zeros(num_tokens * k, hidden, dtype=out_dtype, device=hidden_states.device)  # [T*k, H]
+        wave = max(1, state.store.num_slots)
+        rec = state._layer[state.layer_ids[self.ordinal]]
+        rec["calls"] += 1
+        for w0 in range(0, len(union), wave):
+            chunk = union[w0 : w0 + wave]
+            views = state.acquire(self.ordinal, chunk)
+            try:
+                for e, (gate_up, down) in zip(chunk, views):
+                    pos = order[starts[e] : starts[e] + counts[e]]  # flat (token, k) positions of expert e
+                    x = hidden_states[pos // k].to(gate_up.dtype)  # [n, H]
+                    h = torch.nn.functional.linear(x, gate_up)  # [n, 2I]
+                    h = (
+                        module._apply_gate(h) if hasattr(module, "_apply_gate") else _gate(module, h)
+                    )  # [n, I]
+                    y = torch.nn.functional.linear(h, down)  # [n, H]
+                    buf[pos] = y * weights[pos].unsqueeze(-1)
+            finally:
+                state.store.release(self.ordinal, chunk)
+        # Reduce over k in routing order, as transformers does: [T, k, H] -> [T, H]
+        return buf.view(num_tokens, k, hidden).sum(dim=1).to(hidden_states.dtype)
+
+
+def _gate(module: nn.Module, gate_up_out: torch.Tensor) -> torch.Tensor:
+    gate, up = gate_up_out.chunk(2, dim=-1)
+    return module.act_fn(gate) * up
+
+
+def moert_experts_forward(
+    self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
+    """The "moert" entry of transformers' ``ExpertsInterface``.
+
+    Args:
+        self: the experts module (patched by ``moert.patch``).
+        hidden_states: (T, H).
+        top_k_index: (T, k).
+        top_k_weights: (T, k).
+    """
+    layer = self.__dict__.get("_moert")
+    if layer is None:
+        raise RuntimeError(
+            f"{type(self).__name__} runs with experts_implementation='moert' but was not patched by moert. "
+            "Models that share one config object cannot be patched separately: give each its own config "
+            "(copy.deepcopy(config)) or call model.set_experts_implementation('grouped_mm')"
+        )
+    return layer.forward(self, hidden_states, top_k_index, top_k_weights)

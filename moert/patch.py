@@ -1,0 +1,363 @@
+"""``moert.patch``: offload a loaded HF MoE model's routed experts, per instance and undoably.
+
+On patch, every routed expert moves into the host pool (``gate_up`` and ``down`` of one expert in one
+slab), the experts modules' fused 3D parameters are released (their memory is freed), and the model
+switches to the "moert" experts implementation registered in transformers' ``ExpertsInterface``.
+The model's own routers still compute routing; only the expert products come from the slab cache.
+``PatchHandle.undo()`` copies the weights back into the original parameter objects and restores the
+previous experts implementation.
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+import weakref
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from moert.config import OffloadConfig
+from moert.models import MoELayerRef, get_adapter
+from moert.offload import (
+    ExpertLayout,
+    OffloadedLayer,
+    OffloadState,
+    make_pool,
+    make_store,
+    moert_experts_forward,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from torch import nn
+
+    from moert.models import ModelAdapter
+    from moert.stats import Stats
+
+__all__ = ["patch", "PatchHandle", "handle_of", "MIN_TRANSFORMERS", "register_experts_implementation"]
+
+MIN_TRANSFORMERS = (5, 17)
+IMPLEMENTATION = "moert"
+_HANDLES: weakref.WeakKeyDictionary[Any, PatchHandle] = weakref.WeakKeyDictionary()
+
+
+def _version_tuple(v: str) -> tuple[int, ...]:
+    parts = []
+    for p in v.split(".")[:3]:
+        digits = "".join(ch for ch in p if ch.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts)
+
+
+def register_experts_implementation() -> None:
+    """Register "moert" in transformers' ``ExpertsInterface`` (idempotent).
+
+    Raises:
+        ImportError: transformers is missing or older than 5.17.
+    """
+    try:
+        import transformers
+    except ImportError as e:
+        raise ImportError("moert.patch needs transformers >= 5.17: pip install 'transformers>=5.17'") from e
+    if _version_tuple(transformers.__version__) < MIN_TRANSFORMERS:
+        raise ImportError(
+            f"transformers {transformers.__version__} is too old: moert needs >= "
+            f"{'.'.join(map(str, MIN_TRANSFORMERS))} (fused experts dispatched through ExpertsInterface)"
+        )
+    from transformers.integrations.moe import ExpertsInterface
+
+    if ExpertsInterface._global_mapping.get(IMPLEMENTATION) is not moert_experts_forward:
+        ExpertsInterface.register(IMPLEMENTATION, moert_experts_forward)
+
+
+def handle_of(model: nn.Module) -> PatchHandle | None:
+    """The active ``PatchHandle`` of ``model`` (from ``patch`` or ``load``), or None."""
+    return _HANDLES.get(model)
+
+
+def _check_placement(model: nn.Module, refs: list[MoELayerRef]) -> torch.device:
+    device_map = getattr(model, "hf_device_map", None)
+    if device_map and len({str(v) for v in device_map.values()}) > 1:
+        raise ValueError(
+            f"the model is dispatched over a device map ({sorted({str(v) for v in device_map.values()})}); "
+            "moert does its own offloading: load the model onto one device (no device_map) or use moert.load(path)"
+        )
+    meta = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if meta:
+        raise ValueError(
+            f"{len(meta)} parameters are on the meta device (e.g. {meta[0]}); moert needs materialised weights: "
+            "load the model without device_map/low-memory tricks, or use moert.load(path)"
+        )
+    devices = {p.device for r in refs for p in (r.experts.gate_up_proj, r.experts.down_proj)}
+    dtypes = {p.dtype for r in refs for p in (r.experts.gate_up_proj, r.experts.down_proj)}
+    if len(devices) != 1 or len(dtypes) != 1:
+        raise ValueError(
+            f"routed experts span devices {sorted(map(str, devices))} / dtypes {sorted(map(str, dtypes))}; "
+            "put the model on one device with one dtype before patching"
+        )
+    return devices.pop()
+
+
+@dataclass
+class _Released:
+    experts: nn.Module
+    gate_up: torch.nn.Parameter
+    down: torch.nn.Parameter
+    gate_up_shape: torch.Size
+    down_shape: torch.Size
+    device: torch.device
+
+
+class PatchHandle:
+    """The result of ``moert.patch``: stats and undo.
+
+    Attributes:
+        model: the patched model.
+        adapter: its adapter.
+        config: the offload config.
+        device: where the slab cache lives (``"cpu"`` or ``"cuda"``).
+        num_slots: cache slots.
+        freed_bytes: bytes of expert parameters released from the model.
+        layer_ids: decoder indices of the offloaded MoE layers.
+        load_report: filled by ``moert.load`` (timings, peak device memory), else empty.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        adapter: ModelAdapter,
+        config: OffloadConfig,
+        state: OffloadState,
+        released: list[_Released],
+        previous_impl: Any,
+        device: str,
+        num_slots: int,
+    ) -> None:
+        self.model, self.adapter, self.config = model, adapter, config
+        self._state: OffloadState | None = state
+        self._released = released
+        self._previous_impl = previous_impl
+        self.device, self.num_slots = device, num_slots
+        self.layout = state.layout
+        self.layer_ids = list(state.layer_ids)
+        self.freed_bytes = sum(
+            (r.gate_up_shape.numel() + r.down_shape.numel()) * state.layout.itemsize for r in released
+        )
+        self.load_report: dict[str, Any] = {}
+        self._final: Stats | None = None
+
+    @property
+    def active(self) -> bool:
+        return self._state is not None
+
+    @property
+    def pool_bytes(self) -> int:
+        """Bytes of the host expert pool."""
+        return int(self._state.pool.nbytes) if self._state else 0
+
+    @property
+    def cache_bytes(self) -> int:
+        """Bytes of the device slab cache."""
+        return self.num_slots * self.layout.slab_bytes
+
+    def stats(self) -> Stats:
+        """Counters since patching (or ``reset_stats``); after ``undo`` the final values."""
+        if self._state is None:
+            assert self._final is not None
+            return self._final
+        return self._state.stats()
+
+    def reset_stats(self) -> None:
+        if self._state is not None:
+            self._state.reset_stats()
+
+    def expert_weights(self, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Host views ``(gate_up (2I, H), down (H, I))`` of one expert in the pool (decoder layer index)."""
+        if self._state is None:
+            raise RuntimeError("this handle was undone; the pool is gone")
+        if layer not in self.layer_ids:
+            raise ValueError(f"layer {layer} is not an offloaded MoE layer; offloaded: {self.layer_ids}")
+        ordinal = self.layer_ids.index(layer)
+        pool = self._state.pool
+        return self.layout.views(
+            lambda dtype, shape, offset: pool.view(ordinal, expert, dtype, tuple(shape), offset)
+        )
+
+    def undo(self) -> None:
+        """Copy every expert back into its original parameter object, restore the previous experts
+        implementation and free the pool and cache. Raises RuntimeError when already undone."""
+        if self._state is None:
+            raise RuntimeError("moert.patch handle was already undone")
+        state = self._state
+        self._final = state.stats()
+        for ordinal, rel in enumerate(self._released):
+            gate_up = torch.empty(rel.gate_up_shape, dtype=self.layout.dtype, device=rel.device)
+            down = torch.empty(rel.down_shape, dtype=self.layout.dtype, device=rel.device)
+            for e in range(rel.gate_up_shape[0]):
+                gu, dn = self.layout.views(
+                    lambda dtype, shape, offset, o=ordinal, e=e: state.pool.view(
+                        o, e, dtype, tuple(shape), offset
+                    )
+                )
+                gate_up[e].copy_(gu)
+                down[e].copy_(dn)
+            with torch.no_grad():
+                rel.gate_up.data = gate_up
+                rel.down.data = down
+            rel.experts.__dict__.pop("_moert", None)
+            rel.experts._parameters["gate_up_proj"] = rel.gate_up
+            rel.experts._parameters["down_proj"] = rel.down
+        _set_impl(self.model, self._previous_impl)
+        state.close()
+        self._state = None
+        self._released = []
+        _HANDLES.pop(self.model, None)
+
+    def __repr__(self) -> str:
+        status = "active" if self.active else "undone"
+        return (
+            f"PatchHandle({self.adapter.model_type}, {len(self.layer_ids)} MoE layers, {self.num_slots} slots, "
+            f"policy={self.config.policy}, device={self.device}, {status})"
+        )
+
+
+def _get_impl(model: nn.Module) -> Any:
+    return model.config._experts_implementation
+
+
+def _set_impl(model: nn.Module, impl: Any) -> None:
+    if hasattr(model, "set_experts_implementation"):
+        model.set_experts_implementation(impl)
+    else:
+        model.config._experts_implementation = impl
+
+
+def _resolve_config(config: OffloadConfig | None, overrides: dict[str, Any]) -> OffloadConfig:
+    if config is None:
+        return OffloadConfig(**overrides)
+    if not isinstance(config, OffloadConfig):
+        raise TypeError(f"config must be a moert.OffloadConfig, got {type(config).__name__}")
+    if overrides:
+        from dataclasses import replace
+
+        return replace(config, **overrides)
+    return config
+
+
+def prepare(
+    model: nn.Module, cfg: OffloadConfig
+) -> tuple[ModelAdapter, list[MoELayerRef], ExpertLayout, str, int, int]:
+    """Checks shared by ``patch`` and ``load``: adapter, layers, layout, device, slots, copy streams."""
+    adapter = get_adapter(model)
+    if (
+        handle_of(model) is not None
+        or getattr(model.config, "_experts_implementation", None) == IMPLEMENTATION
+    ):
+        raise RuntimeError("this model is already patched by moert; call handle.undo() before patching again")
+    refs = adapter.moe_layers()
+    gate_up = refs[0].experts.gate_up_proj
+    layout = ExpertLayout(
+        hidden=int(gate_up.shape[2]), intermediate=int(gate_up.shape[1]) // 2, dtype=gate_up.dtype
+    )
+    device = cfg.resolve_device()
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            "device='cuda' was requested but no CUDA device can run; use device='cpu' (the CPU twin)"
+        )
+    slots = cfg.num_slots(len(refs), adapter.num_experts, adapter.top_k)
+    if cfg.copy_streams is not None:
+        streams = cfg.copy_streams
+    else:
+        from moert import envs
+
+        streams = envs.copy_streams()
+    register_experts_implementation()
+    return adapter, refs, layout, device, slots, streams
+
+
+def install(
+    model: nn.Module,
+    cfg: OffloadConfig,
+    adapter: ModelAdapter,
+    refs: list[MoELayerRef],
+    layout: ExpertLayout,
+    device: str,
+    slots: int,
+    streams: int,
+    fill: Callable[[Any], None],
+) -> PatchHandle:
+    """Build pool and store, fill the pool with ``fill(pool)``, release the experts' parameters and
+    switch the model to the "moert" implementation."""
+    pool = make_pool(cfg.backend, len(refs), adapter.num_experts, layout.slab_bytes, device)
+    try:
+        fill(pool)
+        store = make_store(cfg.backend, pool, layout, slots, cfg.policy, device, adapter.top_k, streams)
+    except BaseException:
+        pool.close()
+        raise
+    state = OffloadState(pool, store, layout, [r.index for r in refs], adapter.num_experts, device)
+    released = []
+    for ordinal, ref in enumerate(refs):
+        ex = ref.experts
+        gu, dn = ex._parameters.pop("gate_up_proj"), ex._parameters.pop("down_proj")
+        released.append(_Released(ex, gu, dn, gu.shape, dn.shape, gu.device))
+        with torch.no_grad():
+            # Free the storage; the Parameter objects are kept so undo() can restore them in place.
+            gu.data = torch.empty(0, dtype=gu.dtype, device=gu.device)
+            dn.data = torch.empty(0, dtype=dn.dtype, device=dn.device)
+        ex.__dict__["_moert"] = OffloadedLayer(state, ordinal)
+    previous = _get_impl(model)
+    _set_impl(model, IMPLEMENTATION)
+    handle = PatchHandle(model, adapter, cfg, state, released, previous, device, slots)
+    _HANDLES[model] = handle
+    return handle
+
+
+def patch(model: nn.Module, config: OffloadConfig | None = None, **kwargs: Any) -> PatchHandle:
+    """Offload the routed experts of ``model`` (an HF transformers MoE model of a supported type).
+
+    Args:
+        model: a loaded model on one device (CPU or CUDA), e.g. ``AutoModelForCausalLM.from_pretrained``.
+        config: a ``moert.OffloadConfig``; keyword arguments (``cache_experts``, ``policy``, ``device``,
+            ``copy_streams``, ``backend``) build one or override its fields.
+
+    Returns:
+        A ``PatchHandle`` (``.stats()``, ``.undo()``).
+
+    Raises:
+        ValueError: unsupported model_type, module structure mismatch, cache smaller than one
+            layer's top-k, bad fraction, device-mapped or meta model, model on another device than
+            the cache.
+        RuntimeError: the model is already patched.
+    """
+    cfg = _resolve_config(config, kwargs)
+    adapter, refs, layout, device, slots, streams = prepare(model, cfg)
+    where = _check_placement(model, refs)
+    if where.type != device:
+        raise ValueError(
+            f"the model's experts are on {where} but the slab cache would be on {device}; move the model "
+            f"(model.to('{device}')) or pass device='{where.type}'"
+        )
+
+    def fill(pool: Any) -> None:
+        with torch.no_grad():
+            for ordinal, ref in enumerate(refs):
+                gate_up, down = ref.experts.gate_up_proj, ref.experts.down_proj
+                for e in range(adapter.num_experts):
+                    pool.fill(ordinal, e, gate_up[e].detach().contiguous().cpu(), 0)
+                    pool.fill(ordinal, e, down[e].detach().contiguous().cpu(), layout.down_offset)
+
+    return install(model, cfg, adapter, refs, layout, device, slots, streams, fill)
+
+
+class _CallableModule(types.ModuleType):
+    """``import moert.patch`` rebinds ``moert.patch`` to this module; calling it still patches."""
+
+    def __call__(self, model: nn.Module, config: OffloadConfig | None = None, **kwargs: Any) -> PatchHandle:
+        return patch(model, config, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
