@@ -1,14 +1,94 @@
 // The only file in csrc/ that knows Python. Maps moert::ArgumentError to ValueError and
-// moert::RuntimeFailure to RuntimeError.
+// moert::RuntimeFailure to RuntimeError. Tensors cross as addresses, byte counts, stream handles
+// and numpy arrays; every call that can block or copy many bytes releases the GIL.
+#include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cstdint>
+#include <limits>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
 #include "moert/common.h"
+#include "moert/copy_engine.h"
 #include "moert/cuda_probe.h"
+#include "moert/expert_pool.h"
+#include "moert/slab_cache.h"
 
 namespace py = pybind11;
 
+namespace {
+
+using Int64Array = py::array_t<std::int64_t, py::array::c_style | py::array::forcecast>;
+using Int32Array = py::array_t<std::int32_t, py::array::c_style>;
+using Float32Array = py::array_t<float, py::array::c_style | py::array::forcecast>;
+
+// A 1-D list of expert ids, narrowed to int32 with a range check (no silent wrap-around).
+std::vector<std::int32_t> expert_ids(const Int64Array& a, const char* what) {
+  MOERT_CHECK(a.ndim() == 1, what, " must be 1-D, got ", a.ndim(), " dimensions");
+  std::vector<std::int32_t> out(static_cast<std::size_t>(a.shape(0)));
+  const std::int64_t* p = a.data();
+  for (std::size_t i = 0; i < out.size(); ++i) {
+    MOERT_CHECK(p[i] >= std::numeric_limits<std::int32_t>::min() &&
+                    p[i] <= std::numeric_limits<std::int32_t>::max(),
+                what, "[", i, "]=", p[i], " is out of range");
+    out[i] = static_cast<std::int32_t>(p[i]);
+  }
+  return out;
+}
+
+int to_int(std::int64_t v, const char* what) {
+  MOERT_CHECK(v >= std::numeric_limits<int>::min() && v <= std::numeric_limits<int>::max(), what,
+              "=", v, " is out of range");
+  return static_cast<int>(v);
+}
+
+py::dict cache_stats_dict(const moert::CacheStats& s) {
+  py::dict d;
+  d["hits"] = s.hits;
+  d["misses"] = s.misses;
+  d["evictions"] = s.evictions;
+  d["prefetches"] = s.prefetches;
+  d["prefetch_hits"] = s.prefetch_hits;
+  d["prefetch_late"] = s.prefetch_late;
+  d["prefetch_wasted"] = s.prefetch_wasted;
+  d["prefetch_wasted_bytes"] = s.prefetch_wasted_bytes;
+  d["prefetch_cancelled"] = s.prefetch_cancelled;
+  d["prefetch_dropped"] = s.prefetch_dropped;
+  d["loads"] = s.loads;
+  d["demand_loads"] = s.demand_loads;
+  d["prefetch_loads"] = s.prefetch_loads;
+  d["bytes_loaded"] = s.bytes_loaded;
+  return d;
+}
+
+py::dict engine_stats_dict(const moert::EngineStats& s) {
+  py::dict d;
+  d["bytes"] = s.bytes;
+  d["copies"] = s.copies;
+  d["demand_copies"] = s.demand_copies;
+  d["prefetch_copies"] = s.prefetch_copies;
+  d["acquires"] = s.acquires;
+  d["releases"] = s.releases;
+  d["stale_requests"] = s.stale_requests;
+  d["queued"] = s.queued;
+  d["busy_s"] = s.busy_s;
+  d["demand_stall_s"] = s.demand_stall_s;
+  d["lanes"] = s.lanes;
+  return d;
+}
+
+}  // namespace
+
 PYBIND11_MODULE(_C, m) {
+  using moert::CacheStats;
+  using moert::CopyEngine;
+  using moert::ExpertPool;
+  using moert::SlabCache;
+
   m.doc() = "moert native runtime: expert pool, slab cache, copy engine (CPU twin + CUDA)";
   py::register_exception<moert::ArgumentError>(m, "ArgumentError", PyExc_ValueError);
   py::register_exception<moert::RuntimeFailure>(m, "RuntimeFailure", PyExc_RuntimeError);
@@ -25,4 +105,209 @@ PYBIND11_MODULE(_C, m) {
         return d;
       },
       "Ask the CUDA runtime for devices (the first CUDA call; never raises).");
+
+  py::class_<ExpertPool, std::shared_ptr<ExpertPool>>(m, "ExpertPool")
+      .def(py::init(
+               [](std::int64_t layers, std::int64_t experts, std::int64_t slab_bytes, bool pin) {
+                 return std::make_shared<ExpertPool>(
+                     to_int(layers, "num_layers"), to_int(experts, "num_experts"), slab_bytes, pin);
+               }),
+           py::arg("num_layers"), py::arg("num_experts"), py::arg("slab_bytes"), py::arg("pin"))
+      .def_property_readonly("num_layers", &ExpertPool::num_layers)
+      .def_property_readonly("num_experts", &ExpertPool::num_experts)
+      .def_property_readonly("slab_bytes", &ExpertPool::slab_bytes)
+      .def_property_readonly("stride", &ExpertPool::stride)
+      .def_property_readonly("nbytes", &ExpertPool::nbytes)
+      .def_property_readonly("pinned", &ExpertPool::pinned)
+      .def_property_readonly("closed", &ExpertPool::closed)
+      .def("address",
+           [](ExpertPool& p, std::int64_t layer, std::int64_t expert) {
+             return p.address(to_int(layer, "layer"), to_int(expert, "expert"));
+           })
+      .def("base_address",
+           [](ExpertPool& p) {
+             p.check_open("base_address");
+             return p.base_address();
+           })
+      .def(
+          "fill",
+          [](ExpertPool& p, std::int64_t layer, std::int64_t expert, std::uintptr_t src,
+             std::int64_t nbytes, std::int64_t offset) {
+            const int l = to_int(layer, "layer");
+            const int e = to_int(expert, "expert");
+            py::gil_scoped_release nogil;
+            p.fill(l, e, src, nbytes, offset);
+          },
+          py::arg("layer"), py::arg("expert"), py::arg("src"), py::arg("nbytes"),
+          py::arg("offset") = 0)
+      .def("close", &ExpertPool::close);
+
+  py::class_<SlabCache, std::shared_ptr<SlabCache>>(m, "SlabCache")
+      .def(py::init([](std::shared_ptr<ExpertPool> pool, std::int64_t num_slots,
+                       const std::string& policy, const std::string& device,
+                       std::int64_t min_slots) {
+             return std::make_shared<SlabCache>(std::move(pool), to_int(num_slots, "num_slots"),
+                                                policy, device, to_int(min_slots, "min_slots"));
+           }),
+           py::arg("pool"), py::arg("num_slots"), py::arg("policy"), py::arg("device"),
+           py::arg("min_slots"))
+      .def_static(
+          "simulated",
+          [](std::int64_t layers, std::int64_t experts, std::int64_t num_slots,
+             const std::string& policy, std::int64_t slab_bytes, std::int64_t min_slots) {
+            return std::make_shared<SlabCache>(
+                to_int(layers, "num_layers"), to_int(experts, "num_experts"),
+                to_int(num_slots, "num_slots"), policy, slab_bytes, to_int(min_slots, "min_slots"));
+          },
+          py::arg("num_layers"), py::arg("num_experts"), py::arg("num_slots"), py::arg("policy"),
+          py::arg("slab_bytes"), py::arg("min_slots"))
+      .def_property_readonly("num_layers", &SlabCache::num_layers)
+      .def_property_readonly("num_experts", &SlabCache::num_experts)
+      .def_property_readonly("num_slots", &SlabCache::num_slots)
+      .def_property_readonly("slab_bytes", &SlabCache::slab_bytes)
+      .def_property_readonly("stride", &SlabCache::stride)
+      .def_property_readonly("policy",
+                             [](SlabCache& c) { return SlabCache::policy_name(c.policy()); })
+      .def_property_readonly("device", &SlabCache::device)
+      .def_property_readonly("is_simulated", &SlabCache::simulated)
+      .def_property_readonly("closed", &SlabCache::closed)
+      .def("lookup",
+           [](SlabCache& c, std::int64_t layer, std::int64_t expert) {
+             return c.lookup(to_int(layer, "layer"), to_int(expert, "expert"));
+           })
+      .def("resident",
+           [](SlabCache& c, std::int64_t layer) {
+             std::vector<std::uint8_t> r = c.resident(to_int(layer, "layer"));
+             py::array_t<bool> out(static_cast<py::ssize_t>(r.size()));
+             bool* o = out.mutable_data();
+             for (std::size_t i = 0; i < r.size(); ++i) o[i] = r[i] != 0;
+             return out;
+           })
+      .def("set_priority",
+           [](SlabCache& c, std::int64_t layer, const Int64Array& experts,
+              const Float32Array& scores) {
+             std::vector<std::int32_t> ids = expert_ids(experts, "experts");
+             MOERT_CHECK(
+                 scores.ndim() == 1 && scores.shape(0) == static_cast<py::ssize_t>(ids.size()),
+                 "set_priority: scores must be 1-D with one score per expert (", ids.size(),
+                 "), got shape (", scores.ndim() ? scores.shape(0) : 0, ")");
+             c.set_priority(to_int(layer, "layer"), ids.data(), scores.data(),
+                            static_cast<std::int64_t>(ids.size()));
+           })
+      .def("slot_address",
+           [](SlabCache& c, std::int64_t slot) { return c.slot_address(to_int(slot, "slot")); })
+      .def("stats", [](SlabCache& c) { return cache_stats_dict(c.stats()); })
+      .def("reset_stats", &SlabCache::reset_stats)
+      .def("sim_prefetch",
+           [](SlabCache& c, std::int64_t layer, const Int64Array& experts) {
+             std::vector<std::int32_t> ids = expert_ids(experts, "experts");
+             return c.sim_prefetch(to_int(layer, "layer"), ids.data(),
+                                   static_cast<std::int64_t>(ids.size()));
+           })
+      .def("sim_access",
+           [](SlabCache& c, std::int64_t layer, const Int64Array& experts) {
+             std::vector<std::int32_t> ids = expert_ids(experts, "experts");
+             return c.sim_access(to_int(layer, "layer"), ids.data(),
+                                 static_cast<std::int64_t>(ids.size()));
+           })
+      .def(
+          "replay",
+          [](SlabCache& c, const Int32Array& layers, const Int32Array& experts,
+             const std::optional<Int32Array>& prefetch,
+             const std::optional<Int32Array>& prefetch_layers,
+             const std::optional<Float32Array>& priorities) {
+            MOERT_CHECK(layers.ndim() == 1, "replay: layers must be (N,), got ", layers.ndim(),
+                        " dimensions");
+            const py::ssize_t n = layers.shape(0);
+            MOERT_CHECK(experts.ndim() == 2 && experts.shape(0) == n,
+                        "replay: experts must be (N, k) with N=", n);
+            moert::ReplayArgs a;
+            a.steps = n;
+            a.layers = layers.data();
+            a.experts = experts.data();
+            a.k = experts.shape(1);
+            if (prefetch) {
+              MOERT_CHECK(prefetch->ndim() == 2 && prefetch->shape(0) == n,
+                          "replay: prefetch must be (N, m) with N=", n);
+              a.prefetch = prefetch->data();
+              a.m = prefetch->shape(1);
+            }
+            if (prefetch_layers) {
+              MOERT_CHECK(prefetch, "replay: prefetch_layers given without prefetch");
+              MOERT_CHECK(prefetch_layers->ndim() == 1 && prefetch_layers->shape(0) == n,
+                          "replay: prefetch_layers must be (N,) with N=", n);
+              a.prefetch_layers = prefetch_layers->data();
+            }
+            if (priorities) {
+              MOERT_CHECK(priorities->ndim() == 2 && priorities->shape(0) == n &&
+                              priorities->shape(1) == a.k,
+                          "replay: priorities must be (N, k) = (", n, ", ", a.k, ")");
+              a.priorities = priorities->data();
+            }
+            py::array_t<std::int32_t> hits(n);
+            a.hits_per_step = hits.mutable_data();
+            CacheStats delta;
+            {
+              py::gil_scoped_release nogil;
+              delta = c.replay(a);
+            }
+            py::dict d = cache_stats_dict(delta);
+            d["hits_per_step"] = hits;
+            return d;
+          },
+          py::arg("layers"), py::arg("experts"), py::arg("prefetch") = py::none(),
+          py::arg("prefetch_layers") = py::none(), py::arg("priorities") = py::none())
+      .def("close", [](SlabCache& c) {
+        py::gil_scoped_release nogil;
+        c.close();
+      });
+
+  py::class_<CopyEngine, std::shared_ptr<CopyEngine>>(m, "CopyEngine")
+      .def(py::init([](std::shared_ptr<SlabCache> cache, std::int64_t num_streams,
+                       double slot_timeout_s) {
+             MOERT_CHECK(cache != nullptr, "CopyEngine needs a SlabCache, got None");
+             MOERT_CHECK(!cache->simulated(),
+                         "CopyEngine needs a real cache; a simulated cache loads instantly "
+                         "(use sim_access / replay on it)");
+             return std::make_shared<CopyEngine>(
+                 std::move(cache), to_int(num_streams, "num_streams"), slot_timeout_s);
+           }),
+           py::arg("cache"), py::arg("num_streams"), py::arg("slot_timeout_s") = 60.0)
+      .def_property_readonly("num_streams", &CopyEngine::num_streams)
+      .def_property_readonly("closed", &CopyEngine::closed)
+      .def("prefetch",
+           [](CopyEngine& e, std::int64_t layer, const Int64Array& experts) {
+             std::vector<std::int32_t> ids = expert_ids(experts, "experts");
+             const int l = to_int(layer, "layer");
+             py::gil_scoped_release nogil;
+             return e.prefetch(l, ids.data(), static_cast<std::int64_t>(ids.size()));
+           })
+      .def("acquire",
+           [](CopyEngine& e, std::int64_t layer, const Int64Array& experts, std::uintptr_t stream) {
+             std::vector<std::int32_t> ids = expert_ids(experts, "experts");
+             const int l = to_int(layer, "layer");
+             std::vector<std::int32_t> slots;
+             {
+               py::gil_scoped_release nogil;
+               slots = e.acquire(l, ids.data(), static_cast<std::int64_t>(ids.size()), stream);
+             }
+             return slots;
+           })
+      .def("release",
+           [](CopyEngine& e, std::int64_t layer, const Int64Array& experts, std::uintptr_t stream) {
+             std::vector<std::int32_t> ids = expert_ids(experts, "experts");
+             const int l = to_int(layer, "layer");
+             py::gil_scoped_release nogil;
+             e.release(l, ids.data(), static_cast<std::int64_t>(ids.size()), stream);
+           })
+      .def("synchronize",
+           [](CopyEngine& e) {
+             py::gil_scoped_release nogil;
+             e.synchronize();
+           })
+      .def("stats", [](CopyEngine& e) { return engine_stats_dict(e.stats()); })
+      .def("close", [](CopyEngine& e) {
+        py::gil_scoped_release nogil;
+        e.close();
+      });
 }

@@ -39,7 +39,7 @@ std::string cat(const Args&... args) {
 }  // namespace moert
 
 // MOERT_CHECK(cond, "message parts", value, ...): throws ArgumentError with the parts joined.
-#define MOERT_CHECK(cond, ...)                                \
-  do {                                                        \
+#define MOERT_CHECK(cond, ...)                                            \
+  do {                                                                    \
     if (!(cond)) throw ::moert::ArgumentError(::moert::cat(__VA_ARGS__)); \
   } while (0)

@@ -1,0 +1,72 @@
+// The device backend: the few things the cache and the copy engine need from a device, behind
+// one interface with two implementations of the same semantics.
+//
+//   cpu  (the CPU twin, backend.cc): slot memory is page-aligned host memory; a "stream" is a
+//        copy lane served by one engine worker thread, so copy_async is a memcpy done by that
+//        thread (asynchronous to the thread that asked for it); events are a sequence counter
+//        plus a condition variable.
+//   cuda (backend_cuda.cu): slot memory from cudaMalloc, lanes are non-blocking streams, events
+//        are cudaEvent_t (timing disabled), host memory pinned with cudaHostRegister.
+//
+// Nothing here runs at library load: a backend exists only once a cache or pool asks for one.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+
+namespace moert {
+
+// A stream handle as Python passes it (torch.cuda.current_stream().cuda_stream); 0 is the
+// legacy default stream on CUDA and "the calling thread" on the CPU twin.
+using StreamHandle = std::uintptr_t;
+
+// Marks a point in a stream's work. Ordering guarantee (both backends): work enqueued on stream
+// B after `wait(B)` starts only after the work enqueued on stream A before `record(A)` is done.
+class Event {
+ public:
+  virtual ~Event() = default;
+  virtual void record(StreamHandle stream) = 0;
+  virtual void wait(StreamHandle stream) = 0;
+  virtual void synchronize() = 0;  // the host blocks until the recorded work is done
+};
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  virtual const char* name() const = 0;
+  virtual int device_index() const = 0;  // -1 for the CPU twin
+
+  // Slot arena: one allocation of `bytes`, aligned to at least 256 bytes, zero-filled.
+  virtual void* alloc(std::size_t bytes) = 0;
+  virtual void free(void* p, std::size_t bytes) noexcept = 0;
+
+  // Page-lock host memory for fast asynchronous copies (cudaHostRegister); no-op on the CPU twin.
+  virtual void pin_host(void* p, std::size_t bytes) = 0;
+  virtual void unpin_host(void* p) noexcept = 0;
+
+  // Copy lanes. bind_thread() is called once by every worker thread before it uses a lane.
+  virtual StreamHandle create_stream() = 0;
+  virtual void destroy_stream(StreamHandle s) noexcept = 0;
+  virtual void bind_thread() = 0;
+  virtual void copy_async(void* dst, const void* src, std::size_t bytes, StreamHandle s) = 0;
+  virtual void synchronize_stream(StreamHandle s) = 0;
+
+  virtual std::unique_ptr<Event> create_event() = 0;
+};
+
+// "cpu" always works. "cuda" throws RuntimeFailure("no CUDA device: ...") unless the CUDA
+// backend was compiled and a device can run; any other name is an ArgumentError.
+std::unique_ptr<Backend> make_backend(const std::string& device);
+
+// The CUDA backend (backend_cuda.cu), only declared when it is compiled in.
+#ifdef MOERT_WITH_CUDA
+std::unique_ptr<Backend> make_cuda_backend();
+#endif
+
+// Page-aligned, zero-filled host memory (mmap); throws RuntimeFailure when the OS refuses.
+void* alloc_host_pages(std::size_t bytes);
+void free_host_pages(void* p, std::size_t bytes) noexcept;
+
+}  // namespace moert

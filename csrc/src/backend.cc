@@ -1,0 +1,87 @@
+// The CPU twin of the device backend, the backend factory and page-aligned host allocation.
+#include "moert/backend.h"
+
+#include <sys/mman.h>
+
+#include <condition_variable>
+#include <cstring>
+#include <mutex>
+
+#include "moert/common.h"
+#include "moert/cuda_probe.h"
+
+namespace moert {
+
+void* alloc_host_pages(std::size_t bytes) {
+  MOERT_CHECK(bytes > 0, "cannot allocate 0 bytes");
+  void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (p == MAP_FAILED) {
+    throw RuntimeFailure(cat("mmap of ", bytes, " bytes failed: ", std::strerror(errno)));
+  }
+  return p;
+}
+
+void free_host_pages(void* p, std::size_t bytes) noexcept {
+  if (p != nullptr) munmap(p, bytes);
+}
+
+namespace {
+
+// On the CPU twin all work on a lane is done synchronously by the thread that enqueues it, so
+// an event is complete as soon as it is recorded. The counter still orders record/wait pairs
+// made from different threads: wait() returns only once the latest record() has completed.
+class CpuEvent final : public Event {
+ public:
+  void record(StreamHandle) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    ++recorded_;
+    completed_ = recorded_;
+    cv_.notify_all();
+  }
+  void wait(StreamHandle) override { synchronize(); }
+  void synchronize() override {
+    std::unique_lock<std::mutex> lock(mu_);
+    const std::uint64_t target = recorded_;
+    cv_.wait(lock, [&] { return completed_ >= target; });
+  }
+
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::uint64_t recorded_ = 0;
+  std::uint64_t completed_ = 0;
+};
+
+class CpuBackend final : public Backend {
+ public:
+  const char* name() const override { return "cpu"; }
+  int device_index() const override { return -1; }
+  void* alloc(std::size_t bytes) override { return alloc_host_pages(bytes); }
+  void free(void* p, std::size_t bytes) noexcept override { free_host_pages(p, bytes); }
+  void pin_host(void*, std::size_t) override {}
+  void unpin_host(void*) noexcept override {}
+  StreamHandle create_stream() override { return 0; }
+  void destroy_stream(StreamHandle) noexcept override {}
+  void bind_thread() override {}
+  void copy_async(void* dst, const void* src, std::size_t bytes, StreamHandle) override {
+    std::memcpy(dst, src, bytes);
+  }
+  void synchronize_stream(StreamHandle) override {}
+  std::unique_ptr<Event> create_event() override { return std::make_unique<CpuEvent>(); }
+};
+
+}  // namespace
+
+std::unique_ptr<Backend> make_backend(const std::string& device) {
+  if (device == "cpu") return std::make_unique<CpuBackend>();
+  MOERT_CHECK(device == "cuda", "unknown device '", device, "'; use 'cpu' or 'cuda'");
+  CudaProbe probe = cuda_probe();
+  if (probe.device_count <= 0) throw RuntimeFailure(probe.message);
+#ifdef MOERT_WITH_CUDA
+  return make_cuda_backend();
+#else
+  throw RuntimeFailure("no CUDA device: moert was built without the CUDA backend");
+#endif
+}
+
+}  // namespace moert

@@ -1,0 +1,327 @@
+#include "moert/copy_engine.h"
+
+#include <chrono>
+
+#include "moert/common.h"
+
+namespace moert {
+
+namespace {
+using Clock = std::chrono::steady_clock;
+double seconds_since(Clock::time_point t0) {
+  return std::chrono::duration<double>(Clock::now() - t0).count();
+}
+}  // namespace
+
+CopyEngine::CopyEngine(std::shared_ptr<SlabCache> cache, int num_streams, double slot_timeout_s)
+    : cache_(std::move(cache)),
+      c_(*cache_),
+      backend_(*cache_->backend_),
+      slot_timeout_s_(slot_timeout_s) {
+  MOERT_CHECK(num_streams >= 1 && num_streams <= 16, "num_streams=", num_streams,
+              " is out of range; use 1..16");
+  MOERT_CHECK(slot_timeout_s > 0, "slot_timeout_s must be positive, got ", slot_timeout_s);
+  {
+    std::lock_guard<std::mutex> lock(c_.mu_);
+    c_.check_open("(used by CopyEngine)");
+    MOERT_CHECK(c_.engine_ == nullptr,
+                "this SlabCache already has an open CopyEngine; close that one first");
+    c_.engine_ = this;
+  }
+  try {
+    backend_.bind_thread();
+    for (int i = 0; i < c_.num_slots_; ++i) {
+      ready_.push_back(backend_.create_event());
+      last_use_.push_back(backend_.create_event());
+    }
+    for (int i = 0; i < num_streams; ++i) lanes_.push_back(backend_.create_stream());
+  } catch (...) {
+    for (StreamHandle s : lanes_) backend_.destroy_stream(s);
+    std::lock_guard<std::mutex> lock(c_.mu_);
+    c_.engine_ = nullptr;
+    throw;
+  }
+  stats_.lanes = num_streams;
+  for (int i = 0; i < num_streams; ++i) workers_.emplace_back([this, i] { worker(i); });
+}
+
+CopyEngine::~CopyEngine() {
+  try {
+    close();
+  } catch (...) {
+  }
+}
+
+void CopyEngine::check_usable_locked(const char* what) const {
+  if (closed_.load()) throw RuntimeFailure(cat("CopyEngine.", what, ": the engine is closed"));
+  if (!error_.empty()) {
+    throw RuntimeFailure(cat("CopyEngine.", what, ": a copy failed earlier: ", error_));
+  }
+  c_.check_open(what);
+}
+
+void CopyEngine::push_locked(int cls, int slot) {
+  queue_.push(Request{cls, ++seq_, slot, c_.slots_[slot].gen});
+}
+
+bool CopyEngine::pending_locked() const {
+  if (in_flight_ > 0) return true;
+  for (const auto& sl : c_.slots_) {
+    if (sl.state == SlotState::kLoading || sl.state == SlotState::kIssuing ||
+        sl.state == SlotState::kIssued) {
+      return true;
+    }
+  }
+  return false;
+}
+
+void CopyEngine::worker(int lane) {
+  const StreamHandle stream = lanes_[lane];
+  try {
+    backend_.bind_thread();
+  } catch (const std::exception& e) {
+    std::lock_guard<std::mutex> lock(c_.mu_);
+    error_ = e.what();
+    c_.cv_.notify_all();
+    return;
+  }
+  std::unique_lock<std::mutex> lk(c_.mu_);
+  while (true) {
+    work_cv_.wait(lk, [&] { return stop_ || !queue_.empty(); });
+    if (stop_) return;
+    const Request req = queue_.top();
+    queue_.pop();
+    SlabCache::Slot& sl = c_.slots_[req.slot];
+    if (sl.gen != req.gen || sl.state != SlotState::kLoading) {
+      ++stats_.stale_requests;
+      continue;
+    }
+    sl.state = SlotState::kIssuing;
+    c_.refresh_locked(req.slot);  // no longer cancellable
+    c_.on_issue_locked(req.slot);
+    ++in_flight_;
+    const bool wait_last_use = sl.last_use_recorded;
+    sl.last_use_recorded = false;
+    const bool demand = sl.demanded;
+    const int layer = sl.key / c_.num_experts_;
+    const int expert = sl.key % c_.num_experts_;
+    const void* src = c_.pool_->entry_ptr(layer, expert);
+    void* dst = c_.slots_mem_ + static_cast<std::size_t>(req.slot) * c_.stride_;
+    const std::size_t bytes = c_.slab_bytes_;
+    Event& ready = *ready_[req.slot];
+    Event& last_use = *last_use_[req.slot];
+    lk.unlock();
+
+    const auto t0 = Clock::now();
+    std::string failure;
+    try {
+      if (wait_last_use) last_use.wait(stream);
+      backend_.copy_async(dst, src, bytes, stream);
+      ready.record(stream);
+    } catch (const std::exception& e) {
+      failure = e.what();
+    }
+    if (failure.empty()) {
+      lk.lock();
+      sl.state = SlotState::kIssued;
+      c_.cv_.notify_all();
+      lk.unlock();
+      try {
+        ready.synchronize();
+      } catch (const std::exception& e) {
+        failure = e.what();
+      }
+    }
+    const double busy = seconds_since(t0);
+
+    lk.lock();
+    --in_flight_;
+    c_.on_ready_locked(req.slot);
+    if (failure.empty()) {
+      stats_.bytes += static_cast<std::int64_t>(bytes);
+      ++stats_.copies;
+      ++(demand ? stats_.demand_copies : stats_.prefetch_copies);
+      stats_.busy_s += busy;
+    } else if (error_.empty()) {
+      error_ = cat("copy of (layer ", layer, ", expert ", expert, ") into slot ", req.slot,
+                   " failed: ", failure);
+    }
+    c_.cv_.notify_all();
+  }
+}
+
+int CopyEngine::prefetch(int layer, const std::int32_t* experts, std::int64_t n) {
+  std::lock_guard<std::mutex> lock(c_.mu_);
+  check_usable_locked("prefetch");
+  c_.check_layer(layer);
+  std::vector<std::int32_t> distinct, queued;
+  c_.distinct_locked(experts, n, false, &distinct);
+  c_.prefetch_locked(layer, distinct, &queued);
+  for (int s : queued) push_locked(1, s);
+  if (!queued.empty()) work_cv_.notify_all();
+  return static_cast<int>(queued.size());
+}
+
+std::vector<std::int32_t> CopyEngine::acquire(int layer, const std::int32_t* experts,
+                                              std::int64_t n, StreamHandle stream) {
+  const auto t0 = Clock::now();
+  std::unique_lock<std::mutex> lk(c_.mu_);
+  check_usable_locked("acquire");
+  c_.check_layer(layer);
+  std::vector<std::int32_t> distinct, slots, loads;
+  c_.distinct_locked(experts, n, false, &distinct);
+  MOERT_CHECK(distinct.size() <= static_cast<std::size_t>(c_.num_slots_), "acquire: layer ", layer,
+              " asks for ", distinct.size(), " distinct experts but the cache has only ",
+              c_.num_slots_, " slots; stream them in waves of at most ", c_.num_slots_);
+
+  // All or nothing: pin only once every miss can get a slot, so waiting never holds pins.
+  bool waited = false;
+  const auto deadline = Clock::now() + std::chrono::duration_cast<Clock::duration>(
+                                           std::chrono::duration<double>(slot_timeout_s_));
+  while (!c_.can_place_locked(layer, distinct)) {
+    waited = true;
+    if (c_.cv_.wait_until(lk, deadline) == std::cv_status::timeout &&
+        !c_.can_place_locked(layer, distinct)) {
+      throw RuntimeFailure(cat("CopyEngine.acquire: waited ", slot_timeout_s_, " s for slots for ",
+                               distinct.size(), " experts of layer ", layer, "; all ",
+                               c_.num_slots_, " slots stay pinned (acquired, not released). ",
+                               "Release experts before acquiring more, or use more slots"));
+    }
+    check_usable_locked("acquire");
+  }
+  c_.pin_access_locked(layer, distinct, &slots, &loads);
+  ++stats_.acquires;
+  std::vector<std::uint32_t> gens(slots.size());
+  for (std::size_t i = 0; i < slots.size(); ++i) gens[i] = c_.slots_[slots[i]].gen;
+  bool pushed = false;
+  for (int s : loads) {
+    push_locked(0, s);
+    pushed = true;
+  }
+  for (int s : slots) {
+    SlabCache::Slot& sl = c_.slots_[s];
+    if (sl.state == SlotState::kLoading && !sl.demanded) {  // promote a queued prefetch
+      sl.demanded = true;
+      c_.refresh_locked(s);
+      push_locked(0, s);
+      pushed = true;
+    }
+  }
+  if (pushed) work_cv_.notify_all();
+
+  auto unpin_all = [&] {
+    for (std::size_t i = 0; i < slots.size(); ++i) {
+      SlabCache::Slot& sl = c_.slots_[slots[i]];
+      if (sl.gen == gens[i] && sl.pins > 0) c_.unpin_locked(slots[i]);
+    }
+    c_.cv_.notify_all();
+  };
+  const bool host_copies = backend_.device_index() < 0;
+  const SlotState need = host_copies ? SlotState::kReady : SlotState::kIssued;
+  auto done = [&] {
+    for (int s : slots) {
+      if (c_.slots_[s].state < need) return false;
+    }
+    return true;
+  };
+  while (!done()) {
+    if (closed_.load() || !error_.empty() || c_.closed()) {
+      unpin_all();
+      check_usable_locked("acquire");
+      throw RuntimeFailure("CopyEngine.acquire: the engine was closed while waiting");
+    }
+    waited = true;
+    c_.cv_.wait(lk);
+  }
+  std::vector<std::int32_t> out(static_cast<std::size_t>(n));
+  for (std::int64_t i = 0; i < n; ++i) out[i] = c_.table_[c_.key_of(layer, experts[i])];
+  if (waited) stats_.demand_stall_s += seconds_since(t0);
+  if (!host_copies) {
+    try {
+      for (int s : slots) ready_[s]->wait(stream);
+    } catch (...) {
+      unpin_all();
+      throw;
+    }
+  }
+  return out;
+}
+
+void CopyEngine::release(int layer, const std::int32_t* experts, std::int64_t n,
+                         StreamHandle stream) {
+  std::lock_guard<std::mutex> lock(c_.mu_);
+  check_usable_locked("release");
+  c_.check_layer(layer);
+  std::vector<std::int32_t> distinct;
+  c_.distinct_locked(experts, n, false, &distinct);
+  for (int e : distinct) {
+    const int s = c_.table_[c_.key_of(layer, e)];
+    MOERT_CHECK(s >= 0 && c_.slots_[s].pins > 0, "release: (layer ", layer, ", expert ", e,
+                ") is not acquired");
+  }
+  for (int e : distinct) {
+    const int s = c_.table_[c_.key_of(layer, e)];
+    SlabCache::Slot& sl = c_.slots_[s];
+    // Several holders may release on different streams: chain them so the event covers all.
+    if (sl.last_use_recorded) last_use_[s]->wait(stream);
+    last_use_[s]->record(stream);
+    sl.last_use_recorded = true;
+    c_.unpin_locked(s);
+  }
+  ++stats_.releases;
+  c_.cv_.notify_all();
+}
+
+void CopyEngine::synchronize() {
+  std::unique_lock<std::mutex> lk(c_.mu_);
+  check_usable_locked("synchronize");
+  while (pending_locked()) {
+    c_.cv_.wait(lk);
+    check_usable_locked("synchronize");
+  }
+}
+
+EngineStats CopyEngine::stats() {
+  std::lock_guard<std::mutex> lock(c_.mu_);
+  EngineStats s = stats_;
+  s.queued = static_cast<std::int64_t>(queue_.size());
+  return s;
+}
+
+void CopyEngine::close() {
+  {
+    std::lock_guard<std::mutex> lock(c_.mu_);
+    if (closed_.exchange(true)) return;
+    stop_ = true;
+    // Cancel what no lane has taken yet; copies in flight finish before the workers exit.
+    while (!queue_.empty()) {
+      const Request r = queue_.top();
+      queue_.pop();
+      SlabCache::Slot& sl = c_.slots_[r.slot];
+      if (sl.gen != r.gen || sl.state != SlotState::kLoading) continue;
+      if (sl.prefetched && !sl.accessed) {
+        ++c_.stats_.prefetch_cancelled;
+        ++c_.stats_.prefetch_wasted;
+      }
+      c_.table_[sl.key] = -1;
+      sl.key = -1;
+      sl.state = SlotState::kEmpty;
+      sl.prefetched = sl.accessed = sl.demanded = false;
+      sl.pins = 0;
+      ++sl.gen;
+      c_.refresh_locked(r.slot);
+      c_.free_.insert(r.slot);
+    }
+    work_cv_.notify_all();
+    c_.cv_.notify_all();
+  }
+  for (auto& w : workers_) {
+    if (w.joinable()) w.join();
+  }
+  for (StreamHandle s : lanes_) backend_.destroy_stream(s);
+  std::lock_guard<std::mutex> lock(c_.mu_);
+  if (c_.engine_ == this) c_.engine_ = nullptr;
+  c_.cv_.notify_all();
+}
+
+}  // namespace moert

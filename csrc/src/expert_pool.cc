@@ -1,0 +1,81 @@
+#include "moert/expert_pool.h"
+
+#include <cstring>
+
+#include "moert/common.h"
+
+namespace moert {
+
+namespace {
+constexpr std::size_t kPage = 4096;
+std::size_t round_up(std::size_t v, std::size_t a) { return (v + a - 1) / a * a; }
+}  // namespace
+
+ExpertPool::ExpertPool(int num_layers, int num_experts, std::int64_t slab_bytes, bool pin)
+    : num_layers_(num_layers), num_experts_(num_experts) {
+  MOERT_CHECK(num_layers > 0, "num_layers must be positive, got ", num_layers);
+  MOERT_CHECK(num_experts > 0, "num_experts must be positive, got ", num_experts);
+  MOERT_CHECK(slab_bytes > 0, "slab_bytes must be positive, got ", slab_bytes);
+  MOERT_CHECK(slab_bytes % static_cast<std::int64_t>(kSlabAlign) == 0, "slab_bytes=", slab_bytes,
+              " is not a multiple of ", kSlabAlign, "; pad each expert's slab to ",
+              round_up(static_cast<std::size_t>(slab_bytes), kSlabAlign), " bytes");
+  slab_bytes_ = static_cast<std::size_t>(slab_bytes);
+  stride_ = round_up(slab_bytes_, kStrideAlign);
+  const std::size_t entries = static_cast<std::size_t>(num_layers) * num_experts;
+  MOERT_CHECK(stride_ <= (std::size_t{1} << 46) / entries, "pool of ", entries, " entries x ",
+              stride_, " bytes is too large");
+  nbytes_ = entries * stride_;
+  mapped_bytes_ = round_up(nbytes_, kPage);
+  base_ = static_cast<std::uint8_t*>(alloc_host_pages(mapped_bytes_));
+  if (pin) {
+    try {
+      pin_backend_ = make_backend("cuda");
+      pin_backend_->pin_host(base_, mapped_bytes_);
+    } catch (...) {
+      free_host_pages(base_, mapped_bytes_);
+      throw;
+    }
+    pinned_ = true;
+  }
+}
+
+ExpertPool::~ExpertPool() {
+  if (pinned_) pin_backend_->unpin_host(base_);
+  free_host_pages(base_, mapped_bytes_);
+}
+
+void ExpertPool::check_open(const char* what) const {
+  if (closed_.load()) throw RuntimeFailure(cat("ExpertPool.", what, ": the pool is closed"));
+}
+
+void ExpertPool::check_entry(int layer, int expert) const {
+  MOERT_CHECK(layer >= 0 && layer < num_layers_, "layer ", layer, " is out of range [0, ",
+              num_layers_, ")");
+  MOERT_CHECK(expert >= 0 && expert < num_experts_, "expert ", expert, " is out of range [0, ",
+              num_experts_, ")");
+}
+
+std::uintptr_t ExpertPool::address(int layer, int expert) const {
+  check_open("address");
+  check_entry(layer, expert);
+  return reinterpret_cast<std::uintptr_t>(entry_ptr(layer, expert));
+}
+
+void ExpertPool::fill(int layer, int expert, std::uintptr_t src, std::int64_t nbytes,
+                      std::int64_t offset) {
+  check_open("fill");
+  check_entry(layer, expert);
+  MOERT_CHECK(src != 0, "fill: source address is null");
+  MOERT_CHECK(nbytes >= 0, "fill: nbytes must be >= 0, got ", nbytes);
+  MOERT_CHECK(offset >= 0, "fill: offset must be >= 0, got ", offset);
+  MOERT_CHECK(static_cast<std::size_t>(offset) + static_cast<std::size_t>(nbytes) <= slab_bytes_,
+              "fill: offset ", offset, " + nbytes ", nbytes, " = ", offset + nbytes,
+              " runs past the end of the ", slab_bytes_, "-byte slab of (layer ", layer,
+              ", expert ", expert, ")");
+  std::memcpy(const_cast<std::uint8_t*>(entry_ptr(layer, expert)) + offset,
+              reinterpret_cast<const void*>(src), static_cast<std::size_t>(nbytes));
+}
+
+void ExpertPool::close() { closed_.store(true); }
+
+}  // namespace moert

@@ -1,0 +1,432 @@
+"""Python face of the native runtime (``moert._C``): expert pool, slab cache, copy engine.
+
+The extension never links libtorch: tensors cross as addresses, byte counts and stream handles.
+This module turns torch tensors, numpy arrays and Python ints into those, and wraps slab memory
+back into ``torch.Tensor`` views (CPU: ``torch.frombuffer``; CUDA: ``__cuda_array_interface__``)
+that keep their owner alive, so a view never dangles.
+
+Importing it touches no CUDA: the CUDA runtime is first asked for devices by ``backends()`` or
+when a pool/cache needs it.
+
+Example::
+
+    pool = ExpertPool(num_layers=2, num_experts=8, slab_bytes=4096)
+    pool.fill(0, 3, torch.randn(1024))                      # (1024,) fp32 = 4096 bytes
+    cache = SlabCache(pool, num_slots=4, policy="lru", min_slots=2)
+    engine = CopyEngine(cache, num_streams=2)
+    slots = engine.acquire(0, [3, 5])                       # [slot of 3, slot of 5], pinned
+    w = cache.slot_view(slots[0], torch.float32, (1024,))   # aliases slot memory
+    engine.release(0, [3, 5])
+"""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+try:
+    from moert import _C
+except ImportError as _err:  # the extension is built by `make build`; fail at use, not import
+    _C = None
+    _IMPORT_ERROR: ImportError | None = _err
+else:
+    _IMPORT_ERROR = None
+
+__all__ = ["POLICIES", "DEVICES", "backends", "ExpertPool", "SlabCache", "CopyEngine"]
+
+POLICIES = ("lru", "lfu", "priority")
+DEVICES = ("cpu", "cuda")
+
+Experts = int | Sequence[int] | np.ndarray | torch.Tensor
+
+
+def _native() -> Any:
+    if _C is None:
+        raise RuntimeError(
+            f"moert._C is not built ({_IMPORT_ERROR}); run `make build` "
+            "(or `pip install --no-build-isolation -e .`)"
+        )
+    return _C
+
+
+def backends() -> dict[str, dict[str, Any]]:
+    """Which backends were compiled and which can run here.
+
+    Returns:
+        ``{"cpu": {"compiled", "can_run", "reason"}, "cuda": {"compiled", "can_run", "reason",
+        "device_count", "device_name"}}``; ``reason`` says why a backend cannot run
+        (e.g. ``"no CUDA device: cudaGetDeviceCount failed with error 35 ..."``).
+    """
+    c = _native()
+    compiled = bool(c.cuda_compiled())
+    probe = c.cuda_probe()
+    can_run = compiled and probe["device_count"] > 0
+    return {
+        "cpu": {"compiled": True, "can_run": True, "reason": ""},
+        "cuda": {
+            "compiled": compiled,
+            "can_run": can_run,
+            "reason": "" if can_run else probe["message"],
+            "device_count": int(probe["device_count"]),
+            "device_name": probe["message"] if can_run else "",
+        },
+    }
+
+
+def _expert_ids(experts: Experts, name: str = "experts") -> np.ndarray:
+    """Any 1-D integer collection (or one int) -> (n,) int64 numpy, without silent casts."""
+    if isinstance(experts, torch.Tensor):
+        if experts.is_floating_point() or experts.is_complex() or experts.dtype == torch.bool:
+            raise ValueError(f"{name} must be integers, got a {experts.dtype} tensor")
+        arr = experts.detach().to("cpu", torch.int64).reshape(-1).numpy()
+    elif isinstance(experts, (int, np.integer)) and not isinstance(experts, bool):
+        arr = np.array([int(experts)], dtype=np.int64)
+    else:
+        arr = np.asarray(experts)
+        if arr.size == 0:
+            return np.zeros(0, dtype=np.int64)
+        if arr.dtype.kind not in "iu":
+            raise ValueError(f"{name} must be integers, got {arr.dtype} values: {experts!r}"[:200])
+        arr = arr.astype(np.int64).reshape(-1)
+    return np.ascontiguousarray(arr)
+
+
+def _int32_array(x: Any, name: str, ndim: int) -> np.ndarray:
+    """A (N,) or (N, k) integer array/tensor -> contiguous int32 numpy (range-checked)."""
+    arr = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+    if arr.dtype.kind not in "iu":
+        raise ValueError(f"{name} must be an integer array, got dtype {arr.dtype}")
+    if arr.ndim != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(arr.shape)}")
+    if arr.dtype != np.int32:
+        if arr.size and (arr.min() < np.iinfo(np.int32).min or arr.max() > np.iinfo(np.int32).max):
+            raise ValueError(f"{name} has values outside int32: min {arr.min()}, max {arr.max()}")
+        arr = arr.astype(np.int32)
+    return np.ascontiguousarray(arr)
+
+
+def _host_view(
+    address: int, nbytes: int, owner: Any, dtype: torch.dtype, shape: tuple[int, ...]
+) -> torch.Tensor:
+    """A CPU tensor aliasing ``nbytes`` at ``address``; keeps ``owner`` alive."""
+    buf = (ctypes.c_uint8 * nbytes).from_address(address)
+    buf._moert_owner = owner  # the tensor holds buf, buf holds the native object
+    return torch.frombuffer(buf, dtype=torch.uint8, count=nbytes).view(dtype).view(shape)
+
+
+class _CudaArray:
+    """The minimal ``__cuda_array_interface__`` (v3) of slot bytes; holds the owner."""
+
+    def __init__(self, address: int, nbytes: int, owner: Any) -> None:
+        self.__cuda_array_interface__ = {
+            "shape": (nbytes,),
+            "typestr": "|u1",
+            "data": (address, False),
+            "strides": None,
+            "version": 3,
+        }
+        self._owner = owner
+
+
+def _view_bytes(dtype: torch.dtype, shape: tuple[int, ...], offset: int, limit: int, what: str) -> int:
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    shape = tuple(int(s) for s in shape)
+    if any(s < 0 for s in shape):
+        raise ValueError(f"{what}: negative dimension in shape {shape}")
+    nbytes = itemsize * int(np.prod(shape, dtype=np.int64))
+    if offset < 0 or offset % itemsize:
+        raise ValueError(f"{what}: offset {offset} must be >= 0 and a multiple of {itemsize} ({dtype})")
+    if offset + nbytes > limit:
+        raise ValueError(
+            f"{what}: offset {offset} + {nbytes} bytes of {dtype}{list(shape)} runs past the {limit}-byte slab"
+        )
+    return nbytes
+
+
+class ExpertPool:
+    """Every expert of every MoE layer in one page-aligned host allocation.
+
+    Entry (layer, expert) is ``slab_bytes`` long at a fixed ``stride`` (``slab_bytes`` rounded up
+    to 256). The caller lays out one expert's bytes contiguously (gate_up, then down).
+
+    Args:
+        num_layers: MoE layers L.
+        num_experts: routed experts per layer E.
+        slab_bytes: bytes of one expert; > 0 and a multiple of 16.
+        pin: page-lock with ``cudaHostRegister``. None: pin when a CUDA device can run.
+    """
+
+    def __init__(
+        self, num_layers: int, num_experts: int, slab_bytes: int, *, pin: bool | None = None
+    ) -> None:
+        if pin is None:
+            pin = backends()["cuda"]["can_run"]
+        self._c = _native().ExpertPool(int(num_layers), int(num_experts), int(slab_bytes), bool(pin))
+
+    num_layers = property(lambda self: self._c.num_layers)
+    num_experts = property(lambda self: self._c.num_experts)
+    slab_bytes = property(lambda self: self._c.slab_bytes)
+    stride = property(lambda self: self._c.stride)
+    nbytes = property(lambda self: self._c.nbytes)
+    pinned = property(lambda self: self._c.pinned)
+    closed = property(lambda self: self._c.closed)
+
+    def address(self, layer: int, expert: int) -> int:
+        """Host address of entry (layer, expert)."""
+        return self._c.address(int(layer), int(expert))
+
+    def fill(self, layer: int, expert: int, src: torch.Tensor | np.ndarray, offset: int = 0) -> None:
+        """Copies the bytes of a contiguous CPU tensor (any dtype/shape) into the entry at ``offset``."""
+        if isinstance(src, np.ndarray):
+            src = torch.from_numpy(np.ascontiguousarray(src))
+        if not isinstance(src, torch.Tensor):
+            raise ValueError(f"fill: src must be a torch.Tensor or numpy array, got {type(src).__name__}")
+        if src.device.type != "cpu":
+            raise ValueError(f"fill: src must be on the CPU, got {src.device}; use .cpu() first")
+        if not src.is_contiguous():
+            raise ValueError("fill: src must be contiguous; use .contiguous() first")
+        nbytes = src.numel() * src.element_size()
+        if nbytes == 0:
+            self._c.address(int(layer), int(expert))  # still validates the entry
+            return
+        self._c.fill(int(layer), int(expert), src.data_ptr(), nbytes, int(offset))
+
+    def view(
+        self, layer: int, expert: int, dtype: torch.dtype, shape: tuple[int, ...], offset: int = 0
+    ) -> torch.Tensor:
+        """A CPU tensor ``dtype[shape]`` aliasing the entry's bytes from ``offset``."""
+        address = self._c.address(int(layer), int(expert))
+        nbytes = _view_bytes(dtype, tuple(shape), int(offset), self.slab_bytes, "ExpertPool.view")
+        return _host_view(address + int(offset), nbytes, self._c, dtype, tuple(shape))
+
+    def close(self) -> None:
+        """Later calls raise; memory is returned once no cache or view refers to it."""
+        self._c.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"ExpertPool(layers={self.num_layers}, experts={self.num_experts}, slab_bytes={self.slab_bytes}, "
+            f"stride={self.stride}, nbytes={self.nbytes}, pinned={self.pinned})"
+        )
+
+
+class SlabCache:
+    """S fixed-size slots on a device, the table (layer, expert) -> slot and the eviction policy.
+
+    Args:
+        pool: the ExpertPool whose entries the slots hold.
+        num_slots: S; at least ``min_slots`` and at most layers * experts.
+        policy: ``"lru"``, ``"lfu"`` or ``"priority"`` (scores from ``set_priority``; lowest
+            evicted first; ties go to the least recently used).
+        device: ``"cpu"`` (the CPU twin: slots in host memory) or ``"cuda"``.
+        min_slots: one layer's top-k; fewer slots raise ValueError.
+    """
+
+    def __init__(
+        self,
+        pool: ExpertPool,
+        num_slots: int,
+        *,
+        policy: str = "lru",
+        device: str = "cpu",
+        min_slots: int = 1,
+    ) -> None:
+        if not isinstance(pool, ExpertPool):
+            raise ValueError(f"SlabCache needs an ExpertPool, got {type(pool).__name__}")
+        if str(device) not in DEVICES:
+            raise ValueError(f"unknown device {device!r}; use one of {', '.join(DEVICES)}")
+        self._pool = pool
+        self._c = _native().SlabCache(pool._c, int(num_slots), str(policy), str(device), int(min_slots))
+
+    @classmethod
+    def simulated(
+        cls,
+        num_layers: int,
+        num_experts: int,
+        num_slots: int,
+        *,
+        policy: str = "lru",
+        slab_bytes: int = 1,
+        min_slots: int = 1,
+    ) -> SlabCache:
+        """The same bookkeeping and eviction code with no memory: loads complete instantly."""
+        self = cls.__new__(cls)
+        self._pool = None
+        self._c = _native().SlabCache.simulated(
+            int(num_layers), int(num_experts), int(num_slots), str(policy), int(slab_bytes), int(min_slots)
+        )
+        return self
+
+    num_slots = property(lambda self: self._c.num_slots)
+    num_layers = property(lambda self: self._c.num_layers)
+    num_experts = property(lambda self: self._c.num_experts)
+    slab_bytes = property(lambda self: self._c.slab_bytes)
+    policy = property(lambda self: self._c.policy)
+    device = property(lambda self: self._c.device)  # "cpu", "cuda" or "sim"
+    is_simulated = property(lambda self: self._c.is_simulated)
+    closed = property(lambda self: self._c.closed)
+    pool = property(lambda self: self._pool)
+
+    def lookup(self, layer: int, expert: int) -> int:
+        """Slot of a ready entry, or -1 when it is not resident (or still loading)."""
+        return self._c.lookup(int(layer), int(expert))
+
+    def resident(self, layer: int) -> torch.Tensor:
+        """(E,) bool: which experts of ``layer`` are ready in the cache."""
+        return torch.from_numpy(self._c.resident(int(layer)))
+
+    def set_priority(
+        self, layer: int, experts: Experts, scores: float | Sequence[float] | torch.Tensor
+    ) -> None:
+        """Policy ``priority``: sets the eviction score of (layer, e) for each expert (lowest goes first)."""
+        ids = _expert_ids(experts)
+        if isinstance(scores, torch.Tensor):
+            vals = scores.detach().to("cpu", torch.float32).reshape(-1).numpy()
+        else:
+            vals = np.asarray(scores, dtype=np.float32).reshape(-1)
+        if vals.size == 1 and ids.size != 1:
+            vals = np.full(ids.size, vals[0], dtype=np.float32)
+        self._c.set_priority(int(layer), ids, np.ascontiguousarray(vals))
+
+    def slot_view(
+        self, slot: int, dtype: torch.dtype, shape: tuple[int, ...], offset: int = 0
+    ) -> torch.Tensor:
+        """A tensor ``dtype[shape]`` on the cache's device aliasing slot memory from ``offset``."""
+        address = self._c.slot_address(int(slot))
+        nbytes = _view_bytes(dtype, tuple(shape), int(offset), self.slab_bytes, "SlabCache.slot_view")
+        if self.device == "cuda":
+            raw = torch.as_tensor(_CudaArray(address + int(offset), nbytes, self._c), device="cuda")
+            return raw.view(dtype).view(tuple(shape))
+        return _host_view(address + int(offset), nbytes, self._c, dtype, tuple(shape))
+
+    def stats(self) -> dict[str, int]:
+        """hits, misses, evictions, prefetches, prefetch_hits, prefetch_late, prefetch_wasted,
+        prefetch_wasted_bytes, prefetch_cancelled, prefetch_dropped, loads, demand_loads,
+        prefetch_loads, bytes_loaded (== loads * slab_bytes)."""
+        return self._c.stats()
+
+    def reset_stats(self) -> None:
+        self._c.reset_stats()
+
+    def sim_prefetch(self, layer: int, experts: Experts) -> int:
+        """Simulated cache: loads the experts not resident, never evicting a pinned slot; returns how many."""
+        return self._c.sim_prefetch(int(layer), _expert_ids(experts))
+
+    def sim_access(self, layer: int, experts: Experts) -> int:
+        """Simulated cache: pins all, demand-loads the misses, unpins; returns the hits."""
+        return self._c.sim_access(int(layer), _expert_ids(experts))
+
+    def replay(
+        self,
+        layers: Any,
+        experts: Any,
+        *,
+        prefetch: Any = None,
+        prefetch_layers: Any = None,
+        priorities: Any = None,
+    ) -> dict[str, Any]:
+        """Replays N steps in C++ (the GIL released).
+
+        Args:
+            layers: (N,) int layer of each step.
+            experts: (N, k) int experts accessed at each step; -1 pads.
+            prefetch: (N, m) int or None; prefetched before step i's access, -1 pads.
+            prefetch_layers: (N,) int or None: the layer step i's prefetch is for (default layers).
+            priorities: (N, k) float32 or None: after step i, the priority of those experts.
+
+        Returns:
+            The stats delta (see ``stats``) plus ``hits_per_step``: (N,) int32 tensor.
+        """
+        lay = _int32_array(layers, "layers", 1)
+        exp = _int32_array(experts, "experts", 2)
+        pre = None if prefetch is None else _int32_array(prefetch, "prefetch", 2)
+        pre_l = None if prefetch_layers is None else _int32_array(prefetch_layers, "prefetch_layers", 1)
+        pri = None
+        if priorities is not None:
+            pri_t = priorities.detach().cpu().numpy() if isinstance(priorities, torch.Tensor) else priorities
+            pri = np.ascontiguousarray(np.asarray(pri_t, dtype=np.float32))
+        out = self._c.replay(lay, exp, pre, pre_l, pri)
+        out["hits_per_step"] = torch.from_numpy(out["hits_per_step"])
+        return out
+
+    def close(self) -> None:
+        """Closes the attached CopyEngine, then the cache; later calls raise RuntimeError."""
+        self._c.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"SlabCache(slots={self.num_slots}, layers={self.num_layers}, experts={self.num_experts}, "
+            f"policy={self.policy!r}, device={self.device!r})"
+        )
+
+
+class CopyEngine:
+    """Moves experts from the pool into cache slots on ``num_streams`` lanes.
+
+    Demand loads (``acquire``) go before prefetches; a copy into a slot waits for the slot's last
+    use. Duplicate experts in one call are collapsed (pinned once); ``release`` takes the same list.
+
+    Args:
+        cache: a real (not simulated) SlabCache; one open engine per cache.
+        num_streams: lanes (CUDA streams, or worker threads on the CPU twin), 1..16.
+        slot_timeout_s: how long ``acquire`` waits while every slot stays pinned before it raises.
+    """
+
+    def __init__(self, cache: SlabCache, num_streams: int = 2, *, slot_timeout_s: float = 60.0) -> None:
+        if not isinstance(cache, SlabCache):
+            raise ValueError(f"CopyEngine needs a SlabCache, got {type(cache).__name__}")
+        self._cache = cache
+        self._c = _native().CopyEngine(cache._c, int(num_streams), float(slot_timeout_s))
+
+    num_streams = property(lambda self: self._c.num_streams)
+    closed = property(lambda self: self._c.closed)
+    cache = property(lambda self: self._cache)
+
+    def _stream(self, stream: int | None) -> int:
+        if stream is not None:
+            value = int(stream)
+            if value < 0:
+                raise ValueError(f"stream handle must be >= 0, got {value}")
+            return value
+        if self._cache.device == "cuda":
+            return torch.cuda.current_stream().cuda_stream
+        return 0
+
+    def prefetch(self, layer: int, experts: Experts) -> int:
+        """Queues low-priority copies for the experts not resident; returns how many were queued."""
+        return self._c.prefetch(int(layer), _expert_ids(experts))
+
+    def acquire(self, layer: int, experts: Experts, stream: int | None = None) -> list[int]:
+        """Pins every expert and returns its slot (one per input position).
+
+        CPU twin: returns when all are ready. CUDA: ``stream`` (default: torch's current stream)
+        waits on each slot's ready event; the host blocks only until the copies are issued.
+        """
+        return self._c.acquire(int(layer), _expert_ids(experts), self._stream(stream))
+
+    def release(self, layer: int, experts: Experts, stream: int | None = None) -> None:
+        """Records each slot's last use on ``stream`` and unpins it."""
+        self._c.release(int(layer), _expert_ids(experts), self._stream(stream))
+
+    def synchronize(self) -> None:
+        """Blocks until no copy is queued or in flight."""
+        self._c.synchronize()
+
+    def stats(self) -> dict[str, Any]:
+        """bytes, copies, demand_copies, prefetch_copies, acquires, releases, stale_requests,
+        queued, busy_s, demand_stall_s, lanes."""
+        return self._c.stats()
+
+    def close(self) -> None:
+        """Cancels queued copies, finishes those in flight, joins the lanes; later calls raise."""
+        self._c.close()
+
+    def __enter__(self) -> CopyEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
