@@ -1,0 +1,247 @@
+"""CopyEngine semantics on the CPU twin (and, marked gpu, the CUDA backend), against a synchronous
+copy plus a dict: every acquired slot must hold exactly its expert's bytes at use."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+from slab_cache_reference import RefCache
+
+from moert.runtime import CopyEngine, ExpertPool, SlabCache
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+class Setup:
+    """A filled pool plus the reference: expert (l, e) -> its bytes, copied synchronously."""
+
+    def __init__(
+        self,
+        layers: int,
+        experts: int,
+        slab: int,
+        slots: int,
+        device: str,
+        policy: str = "lru",
+        lanes: int = 2,
+    ):
+        self.layers, self.experts, self.slab = layers, experts, slab
+        self.pool = ExpertPool(layers, experts, slab)
+        self.expected: dict[tuple[int, int], torch.Tensor] = {}
+        for layer in range(layers):
+            for e in range(experts):
+                data = torch.from_numpy(
+                    np.random.default_rng(layer * 1000 + e).integers(0, 256, slab, dtype=np.uint8)
+                )
+                self.pool.fill(layer, e, data)
+                self.expected[(layer, e)] = data.clone()
+        self.cache = SlabCache(self.pool, slots, policy=policy, device=device)
+        self.engine = CopyEngine(self.cache, lanes)
+
+    def slot_bytes(self, slot: int) -> torch.Tensor:
+        return self.cache.slot_view(slot, torch.uint8, (self.slab,)).cpu()
+
+    def mismatches(self, layer: int, experts: list[int], slots: list[int]) -> list[str]:
+        bad = []
+        for e, s in zip(experts, slots):
+            got, want = self.slot_bytes(s), self.expected[(layer, e)]
+            if not torch.equal(got, want):
+                n = int((got != want).sum())
+                bad.append(f"(layer {layer}, expert {e}) in slot {s}: {n}/{self.slab} bytes differ")
+        return bad
+
+    def close(self) -> None:
+        self.engine.close()
+        self.cache.close()
+        self.pool.close()
+
+
+def _check_accounting(t: Setup) -> None:
+    s, es = t.cache.stats(), t.engine.stats()
+    assert s["bytes_loaded"] == s["loads"] * t.slab, s
+    assert s["loads"] == s["demand_loads"] + s["prefetch_loads"], s
+    assert s["misses"] == s["demand_loads"], s
+    assert s["prefetches"] == s["prefetch_loads"] + s["prefetch_cancelled"], s
+    assert es["bytes"] == s["bytes_loaded"] and es["copies"] == s["loads"], (s, es)
+    assert es["queued"] == 0 or es["stale_requests"] >= 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("policy", ["lru", "lfu"])
+def test_single_thread_decisions_match_reference(device, policy):
+    rng = np.random.default_rng(11)
+    t = Setup(3, 9, 1040, 6, device, policy)
+    ref = RefCache(3, 9, 6, policy, slab_bytes=1040)
+    try:
+        for step in range(400):
+            layer = int(rng.integers(3))
+            ids = rng.integers(9, size=int(rng.integers(1, 4))).tolist()
+            if rng.random() < 0.25:
+                assert t.engine.prefetch(layer, ids) == ref.prefetch(layer, ids), f"step {step}"
+                t.engine.synchronize()
+                continue
+            hits_before = t.cache.stats()["hits"]
+            slots = t.engine.acquire(layer, ids)
+            assert t.cache.stats()["hits"] - hits_before == ref.access(layer, ids), (
+                f"step {step}: {layer} {ids}"
+            )
+            bad = t.mismatches(layer, ids, slots)
+            assert not bad, f"step {step}: {bad[:3]}"
+            t.engine.release(layer, ids)
+        t.engine.synchronize()
+        keys = ["hits", "misses", "evictions", "prefetches", "prefetch_hits", "prefetch_wasted", "loads"]
+        assert {k: t.cache.stats()[k] for k in keys} == ref.stats_dict(keys)
+        for layer in range(3):
+            assert t.cache.resident(layer).tolist() == ref.resident(layer)
+        _check_accounting(t)
+    finally:
+        t.close()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_threads_random_interleavings_zero_mismatches(device):
+    t = Setup(3, 12, 4112, 8, device, "lru", lanes=3)
+    errors: list[str] = []
+    accessed = [0]
+    lock = threading.Lock()
+
+    def work(seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        try:
+            for _ in range(600):
+                layer = int(rng.integers(3))
+                if rng.random() < 0.3:
+                    t.engine.prefetch(layer, rng.integers(12, size=int(rng.integers(1, 6))))
+                    continue
+                ids = rng.integers(12, size=int(rng.integers(1, 4))).tolist()
+                slots = t.engine.acquire(layer, ids)
+                bad = t.mismatches(layer, ids, slots)
+                with lock:
+                    errors.extend(bad)
+                    accessed[0] += len(set(ids))
+                t.engine.release(layer, ids)
+        except Exception as exc:  # surfaced below with the thread's seed
+            with lock:
+                errors.append(f"thread {seed}: {type(exc).__name__}: {exc}")
+
+    threads = [threading.Thread(target=work, args=(seed,)) for seed in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    try:
+        assert not errors, f"{len(errors)} problems, first: {errors[:3]}"
+        t.engine.synchronize()
+        s = t.cache.stats()
+        assert s["hits"] + s["misses"] == accessed[0]
+        _check_accounting(t)
+    finally:
+        t.close()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_pinned_slot_never_overwritten_under_prefetch_flood(device):
+    t = Setup(2, 16, 2048, 5, device)
+    try:
+        held = t.engine.acquire(0, [7, 2])
+        before = [t.slot_bytes(s).clone() for s in held]
+
+        def flood_demand() -> None:
+            for i in range(200):
+                ids = [(i + 3) % 16, (i + 9) % 16]
+                t.engine.acquire(1, ids)
+                t.engine.release(1, ids)
+
+        th = threading.Thread(target=flood_demand)
+        th.start()
+        for _ in range(100):
+            for layer in range(2):
+                t.engine.prefetch(layer, list(range(16)))
+        th.join()
+        t.engine.synchronize()
+        assert t.cache.lookup(0, 7) == held[0] and t.cache.lookup(0, 2) == held[1]
+        for s, b in zip(held, before):
+            assert torch.equal(t.slot_bytes(s), b), f"pinned slot {s} was overwritten"
+        assert not t.mismatches(0, [7, 2], held)
+        t.engine.release(0, [7, 2])
+        _check_accounting(t)
+    finally:
+        t.close()
+
+
+def test_demand_cancels_queued_prefetch():
+    # One lane and 8 MB slabs: the first prefetch copy keeps the lane busy while the rest wait.
+    t = Setup(1, 6, 8 << 20, 4, "cpu", lanes=1)
+    try:
+        assert t.engine.prefetch(0, [0, 1, 2, 3]) == 4
+        slots = t.engine.acquire(0, [5])
+        assert not t.mismatches(0, [5], slots)
+        t.engine.release(0, [5])
+        t.engine.synchronize()
+        s = t.cache.stats()
+        assert s["prefetch_cancelled"] >= 1 and s["prefetch_wasted"] >= s["prefetch_cancelled"], s
+        _check_accounting(t)
+    finally:
+        t.close()
+
+
+def test_duplicates_collapse_and_waves_error():
+    t = Setup(2, 8, 64, 3, "cpu")
+    try:
+        slots = t.engine.acquire(1, [4, 4, 6])
+        assert slots[0] == slots[1] != slots[2]
+        t.engine.release(1, [6, 4, 4])
+        assert t.cache.stats()["misses"] == 2
+        with pytest.raises(ValueError, match="4 distinct experts but the cache has only 3 slots"):
+            t.engine.acquire(0, [0, 1, 2, 3])
+    finally:
+        t.close()
+
+
+def test_acquire_waits_for_release_and_times_out_when_slots_stay_pinned():
+    t = Setup(1, 8, 64, 2, "cpu")
+    try:
+        t.engine.acquire(0, [0, 1])
+        got: list[object] = []
+        th = threading.Thread(target=lambda: got.append(t.engine.acquire(0, [2])))
+        th.start()
+        th.join(0.2)
+        assert th.is_alive() and not got  # all-or-nothing wait, holding no pins
+        t.engine.release(0, [0])
+        th.join(10)
+        assert len(got) == 1 and not t.mismatches(0, [2], got[0])
+        t.engine.release(0, [1, 2])
+    finally:
+        t.close()
+    quick = Setup(1, 8, 64, 2, "cpu")
+    quick.engine.close()
+    quick.engine = CopyEngine(quick.cache, 1, slot_timeout_s=0.2)
+    try:
+        quick.engine.acquire(0, [0, 1])
+        with pytest.raises(RuntimeError, match="stay pinned"):
+            quick.engine.acquire(0, [2])
+    finally:
+        quick.close()
+
+
+def test_close_wakes_blocked_acquire():
+    t = Setup(1, 8, 64, 1, "cpu")
+    t.engine.acquire(0, [0])
+    errors: list[str] = []
+
+    def blocked() -> None:
+        try:
+            t.engine.acquire(0, [1])
+        except RuntimeError as exc:
+            errors.append(str(exc))
+
+    th = threading.Thread(target=blocked)
+    th.start()
+    th.join(0.2)
+    t.engine.close()
+    th.join(10)
+    assert not th.is_alive() and errors and "closed" in errors[0]
+    t.close()
