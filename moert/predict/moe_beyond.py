@@ -1,0 +1,200 @@
+"""``moe-beyond``: the MoE-Beyond predictor (arXiv 2508.17137), a causal transformer encoder.
+
+Input for (sequence, layer l): token embeddings (learned from the trace's vocabulary of token ids or
+strings) concatenated with a learned embedding of l, projected to ``d_model``, plus a learned
+position embedding. A causal transformer encoder (token t attends to tokens <= t) and a two-layer
+GELU head give ``E`` logits per token; sigmoid(logit) is the probability that the expert is
+selected at layer l. Defaults follow the paper (4 layers, 8 heads, feed-forward 2048, dropout 0.1,
+windows of at most 512 tokens); ``d_model`` and the embedding sizes are moert's choice (the paper
+uses the model's 2048-d embeddings and a 512-d layer embedding).
+
+Sequences longer than ``max_len`` are cut into consecutive windows; a token sees only the tokens of
+its own window before it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from moert.predict.base import NetPredictor, PredictorMeta
+from moert.predict.data import TokenVocab, chunks
+from moert.predict.losses import NEEDS_SCORES, check_loss, get_loss, multi_hot
+from moert.predict.metrics import MetricAccumulator
+from moert.predict.train import TrainConfig, fit, pick_device
+
+__all__ = ["MoEBeyondConfig", "MoEBeyondNet", "MoEBeyondPredictor", "train_moe_beyond"]
+
+
+@dataclass(frozen=True)
+class MoEBeyondConfig:
+    """Sizes of the MoE-Beyond network (defaults: the paper's encoder; tests use tiny ones)."""
+
+    d_model: int = 512
+    d_token: int = 512
+    d_layer: int = 128
+    num_layers: int = 4
+    num_heads: int = 8
+    ff: int = 2048
+    dropout: float = 0.1
+    max_len: int = 512
+
+    def __post_init__(self) -> None:
+        if self.d_model % self.num_heads:
+            raise ValueError(f"d_model={self.d_model} must be a multiple of num_heads={self.num_heads}")
+        if min(self.d_model, self.d_token, self.d_layer, self.num_layers, self.ff, self.max_len) < 1:
+            raise ValueError(f"every MoE-Beyond size must be >= 1, got {self}")
+
+
+class MoEBeyondNet(nn.Module):
+    """``forward(tok (B, T) int64, layer (B,) int64) -> (B, T, E)`` logits; causal over T <= max_len."""
+
+    def __init__(self, vocab_size: int, num_moe_layers: int, num_experts: int, cfg: MoEBeyondConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok = nn.Embedding(vocab_size, cfg.d_token)
+        self.lay = nn.Embedding(num_moe_layers, cfg.d_layer)
+        self.pos = nn.Embedding(cfg.max_len, cfg.d_model)
+        self.proj = nn.Linear(cfg.d_token + cfg.d_layer, cfg.d_model)
+        block = nn.TransformerEncoderLayer(
+            cfg.d_model,
+            cfg.num_heads,
+            cfg.ff,
+            cfg.dropout,
+            activation="gelu",
+            batch_first=True,
+            norm_first=True,
+        )
+        self.encoder = nn.TransformerEncoder(block, cfg.num_layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(cfg.d_model)
+        self.head = nn.Sequential(
+            nn.Linear(cfg.d_model, cfg.d_model), nn.GELU(), nn.Linear(cfg.d_model, num_experts)
+        )
+
+    def forward(self, tok: torch.Tensor, layer: torch.Tensor) -> torch.Tensor:
+        B, T = tok.shape
+        if self.cfg.max_len < T:
+            raise ValueError(f"window of {T} tokens exceeds max_len={self.cfg.max_len}")
+        lay = self.lay(layer)[:, None, :].expand(B, T, -1)
+        x = self.proj(torch.cat([self.tok(tok), lay], dim=-1)) + self.pos.weight[:T]  # [B, T, d_model]
+        # right padding only, so the causal mask alone keeps real tokens from seeing pads
+        mask = nn.Transformer.generate_square_subsequent_mask(T, device=tok.device, dtype=x.dtype)
+        h = self.encoder(x, mask=mask, is_causal=True)
+        return self.head(self.norm(h))  # [B, T, E]
+
+
+class MoEBeyondPredictor(NetPredictor):
+    """Inference wrapper: vocabulary + network; ``predict_all`` runs all L layers as one batch."""
+
+    @classmethod
+    def build_net(cls, meta: PredictorMeta, vocab_size: int) -> MoEBeyondNet:
+        fields = MoEBeyondConfig.__dataclass_fields__
+        cfg = MoEBeyondConfig(**{k: v for k, v in meta.dims.items() if k in fields})
+        return MoEBeyondNet(vocab_size, meta.num_layers, meta.num_experts, cfg)
+
+    @torch.no_grad()
+    def _run(self, tok: torch.Tensor, layers: torch.Tensor) -> torch.Tensor:
+        dev = next(self.net.parameters()).device
+        outs = []
+        for a, b in chunks(tok.shape[0], self.net.cfg.max_len):
+            window = tok[a:b].to(dev)[None].expand(layers.numel(), -1)
+            outs.append(self.net(window, layers.to(dev)).float().cpu())
+        return torch.cat(outs, dim=1)  # [len(layers), T, E]
+
+    def predict(self, layer: int, context: Any) -> torch.Tensor:
+        return self._run(self.vocab.encode(context), torch.tensor([layer]))[0]
+
+    def predict_all(self, context: Any) -> torch.Tensor:
+        return self._run(self.vocab.encode(context), torch.arange(self.meta.num_layers))
+
+
+def train_moe_beyond(
+    trace_meta: Any,
+    train_seqs: Sequence[Any],
+    val_seqs: Sequence[Any],
+    *,
+    net_cfg: MoEBeyondConfig | None = None,
+    loss: str = "wbce",
+    min_count: int = 2,
+    cfg: TrainConfig | None = None,
+    train_info: dict[str, Any] | None = None,
+) -> tuple[MoEBeyondPredictor, dict[str, Any]]:
+    """Trains on (sequence window, layer) samples; one epoch visits every pair once."""
+    cfg = cfg or TrainConfig(batch_size=32)
+    net_cfg = net_cfg or MoEBeyondConfig()
+    check_loss(loss, trace_meta.has_scores)
+    L, E, k = len(trace_meta.layers), trace_meta.num_experts, trace_meta.top_k
+    vocab = TokenVocab.build(train_seqs, min_count=min_count)
+    tokens = [vocab.encode(s) for s in train_seqs]
+    experts = [s.experts.long() for s in train_seqs]
+    scores = [s.scores.float() for s in train_seqs] if loss in NEEDS_SCORES else None
+    device = pick_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    net = MoEBeyondNet(len(vocab), L, E, net_cfg).to(device)
+    loss_fn = get_loss(loss)
+    max_len = net_cfg.max_len
+    pairs = [(si, li) for si in range(len(train_seqs)) for li in range(L)]
+
+    def batches(gen: torch.Generator):
+        perm = torch.randperm(len(pairs), generator=gen).tolist()
+        out = []
+        for s in range(0, len(perm), cfg.batch_size):
+            items = []
+            for p in perm[s : s + cfg.batch_size]:
+                si, li = pairs[p]
+                T = tokens[si].shape[0]
+                start = int(torch.randint(0, T - max_len + 1, (1,), generator=gen)) if max_len < T else 0
+                items.append((si, li, start, min(T, start + max_len)))
+            out.append(items)
+        return out
+
+    def batch_loss(items) -> torch.Tensor:
+        T = max(b - a for _, _, a, b in items)
+        tok = torch.zeros(len(items), T, dtype=torch.long)
+        valid = torch.zeros(len(items), T, dtype=torch.bool)
+        labels = torch.zeros(len(items), T, E)
+        sc = torch.zeros(len(items), T, E) if scores is not None else None
+        for r, (si, li, a, b) in enumerate(items):
+            tok[r, : b - a] = tokens[si][a:b]
+            valid[r, : b - a] = True
+            labels[r, : b - a] = multi_hot(experts[si][li, a:b], E)
+            if sc is not None:
+                sc[r, : b - a] = scores[si][li, a:b]
+        layer = torch.tensor([li for _, li, _, _ in items])
+        logits = net(tok.to(device), layer.to(device))[valid.to(device)]  # [n_valid, E]
+        return loss_fn(logits, labels[valid].to(device), sc[valid].to(device) if sc is not None else None)
+
+    predictor = MoEBeyondPredictor(_meta(trace_meta, net_cfg, loss, vocab, {}), net, vocab)
+
+    def validate() -> float:
+        acc = MetricAccumulator(L, E, k, ())
+        for s in val_seqs:
+            out = predictor.predict_all(s)
+            for i in range(L):
+                acc.update(i, out[i], s.experts[i])
+        return acc.result()["overall"][f"recall@{k}"]
+
+    history = fit(net, batches, batch_loss, validate, cfg, desc=f"moe-beyond/{loss}")
+    n_tok = sum(t.shape[0] for t in tokens)
+    info = {**(train_info or {}), "train_tokens": n_tok, "history": history}
+    return MoEBeyondPredictor(_meta(trace_meta, net_cfg, loss, vocab, info), net.cpu().eval(), vocab), history
+
+
+def _meta(
+    trace_meta: Any, net_cfg: MoEBeyondConfig, loss: str, vocab: TokenVocab, info: dict
+) -> PredictorMeta:
+    return PredictorMeta(
+        kind="moe-beyond",
+        model_type=trace_meta.model_type,
+        layers=tuple(trace_meta.layers),
+        num_experts=trace_meta.num_experts,
+        top_k=trace_meta.top_k,
+        arch="encoder",
+        dims={**asdict(net_cfg), "vocab": len(vocab), "token_embedding": "learned"},
+        loss=loss,
+        train=info,
+    )

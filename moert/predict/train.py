@@ -1,0 +1,159 @@
+"""The training loop shared by every learned predictor: seeded, early-stopped, with progress bars.
+
+Each predictor module supplies three callables: ``batches(generator)`` yielding training batches,
+``loss(batch)`` returning a scalar, and ``validate()`` returning a score (higher is better,
+recall@k on the validation sequences). The loop keeps the best weights and restores them.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+__all__ = ["TrainConfig", "pick_device", "seed_everything", "fit"]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings common to every learned predictor.
+
+    Attributes:
+        epochs: maximum passes over the training split.
+        batch_size: samples per step (token rows; (sequence, layer) windows for moe-beyond).
+        lr: AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        patience: epochs without validation improvement before stopping.
+        seed: seeds Python, torch and the batch order.
+        threads: ``torch.set_num_threads`` (0 = leave torch's default).
+        device: ``"auto"`` (CUDA when it can run), ``"cpu"`` or ``"cuda"``.
+        progress: show tqdm progress bars.
+        max_steps_per_epoch: cap on steps per epoch (0 = no cap); for quick CPU runs.
+    """
+
+    epochs: int = 20
+    batch_size: int = 512
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    patience: int = 3
+    seed: int = 0
+    threads: int = 0
+    device: str = "auto"
+    progress: bool = True
+    max_steps_per_epoch: int = 0
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1 or self.patience < 1:
+            raise ValueError(
+                f"epochs={self.epochs}, batch_size={self.batch_size}, patience={self.patience} must all be >= 1"
+            )
+        if not self.lr > 0:
+            raise ValueError(f"lr={self.lr} must be > 0")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device={self.device!r} is not one of auto, cpu, cuda")
+
+
+def pick_device(name: str) -> torch.device:
+    """``auto`` → CUDA when it can run, else CPU; ``cuda`` without a device is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for but no CUDA device can run; use --device cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seeds Python and torch; returns a CPU generator for batch order."""
+    random.seed(seed)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def fit(
+    net: torch.nn.Module,
+    batches: Callable[[torch.Generator], Iterable[Any]],
+    loss: Callable[[Any], torch.Tensor],
+    validate: Callable[[], float],
+    cfg: TrainConfig,
+    *,
+    desc: str = "train",
+) -> dict[str, Any]:
+    """Trains ``net`` in place; returns the history (per-epoch train loss, validation score, time).
+
+    Raises:
+        ValueError: when the loss becomes NaN or inf (lower --lr).
+    """
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    gen = seed_everything(cfg.seed)
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    best_score, best_state, best_epoch, bad = -math.inf, copy.deepcopy(net.state_dict()), 0, 0
+    history: dict[str, Any] = {"train_loss": [], "val_score": [], "epochs_run": 0}
+    t0 = time.perf_counter()
+    tqdm = _tqdm(cfg.progress)
+    for epoch in range(1, cfg.epochs + 1):
+        net.train()
+        total, steps = 0.0, 0
+        bar = tqdm(
+            batches(gen), desc=f"{desc} epoch {epoch}/{cfg.epochs}", leave=False, disable=not cfg.progress
+        )
+        for batch in bar:
+            value = loss(batch)
+            if not torch.isfinite(value):
+                raise ValueError(
+                    f"training loss became {float(value)} at epoch {epoch} step {steps}; lower --lr"
+                )
+            opt.zero_grad(set_to_none=True)
+            value.backward()
+            opt.step()
+            total += float(value.detach())
+            steps += 1
+            if steps % 20 == 0:
+                bar.set_postfix(loss=f"{total / steps:.4f}")
+            if cfg.max_steps_per_epoch and steps >= cfg.max_steps_per_epoch:
+                break
+        net.eval()
+        with torch.no_grad():
+            score = float(validate())
+        history["train_loss"].append(total / max(steps, 1))
+        history["val_score"].append(score)
+        history["epochs_run"] = epoch
+        if cfg.progress:
+            print(
+                f"{desc} epoch {epoch}: train loss {total / max(steps, 1):.4f}, validation score {score:.4f}"
+            )
+        if score > best_score:
+            best_score, best_state, best_epoch, bad = score, copy.deepcopy(net.state_dict()), epoch, 0
+        else:
+            bad += 1
+            if bad >= cfg.patience:
+                break
+    net.load_state_dict(best_state)
+    net.eval()
+    history.update(best_epoch=best_epoch, best_val_score=best_score, seconds=time.perf_counter() - t0)
+    return history
+
+
+def _tqdm(enabled: bool):
+    if enabled:
+        from tqdm.auto import tqdm
+
+        return tqdm
+    return lambda it, **_: _Quiet(it)
+
+
+class _Quiet:
+    def __init__(self, it: Iterable[Any]):
+        self._it = it
+
+    def __iter__(self):
+        return iter(self._it)
+
+    def set_postfix(self, **_: Any) -> None:
+        pass
