@@ -204,12 +204,9 @@ class PatchHandle:
                 )
                 gate_up[e].copy_(gu)
                 down[e].copy_(dn)
-            with torch.no_grad():
-                rel.gate_up.data = gate_up
-                rel.down.data = down
             rel.experts.__dict__.pop("_moert", None)
-            rel.experts._parameters["gate_up_proj"] = rel.gate_up
-            rel.experts._parameters["down_proj"] = rel.down
+            rel.experts._parameters["gate_up_proj"] = _restore(rel.gate_up, gate_up)
+            rel.experts._parameters["down_proj"] = _restore(rel.down, down)
         _set_impl(self.model, self._previous_impl)
         state.close()
         self._state = None
@@ -222,6 +219,16 @@ class PatchHandle:
             f"PatchHandle({self.adapter.model_type}, {len(self.layer_ids)} MoE layers, {self.num_slots} slots, "
             f"policy={self.config.policy}, device={self.device}, {status})"
         )
+
+
+def _restore(param: torch.nn.Parameter, value: torch.Tensor) -> torch.nn.Parameter:
+    """The original Parameter object with ``value`` (a new one when it was built on another device,
+    e.g. meta by ``moert.load``)."""
+    if param.device == value.device:
+        with torch.no_grad():
+            param.data = value
+        return param
+    return torch.nn.Parameter(value, requires_grad=param.requires_grad)
 
 
 def _get_impl(model: nn.Module) -> Any:
@@ -288,9 +295,11 @@ def install(
     slots: int,
     streams: int,
     fill: Callable[[Any], None],
+    restore_device: str | None = None,
 ) -> PatchHandle:
     """Build pool and store, fill the pool with ``fill(pool)``, release the experts' parameters and
-    switch the model to the "moert" implementation."""
+    switch the model to the "moert" implementation. ``undo`` rebuilds the parameters on
+    ``restore_device`` (default: where they were)."""
     pool = make_pool(cfg.backend, len(refs), adapter.num_experts, layout.slab_bytes, device)
     try:
         fill(pool)
@@ -303,7 +312,7 @@ def install(
     for ordinal, ref in enumerate(refs):
         ex = ref.experts
         gu, dn = ex._parameters.pop("gate_up_proj"), ex._parameters.pop("down_proj")
-        released.append(_Released(ex, gu, dn, gu.shape, dn.shape, gu.device))
+        released.append(_Released(ex, gu, dn, gu.shape, dn.shape, torch.device(restore_device or gu.device)))
         with torch.no_grad():
             # Free the storage; the Parameter objects are kept so undo() can restore them in place.
             gu.data = torch.empty(0, dtype=gu.dtype, device=gu.device)

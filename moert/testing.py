@@ -22,6 +22,8 @@ __all__ = [
     "deepseek_v2_lite_config",
     "demo_config",
     "prompt_ids",
+    "greedy",
+    "Reference",
 ]
 
 # name -> (model_type, config overrides)
@@ -210,3 +212,56 @@ def demo_config(**overrides: Any):
     )
     kw.update(overrides)
     return deepseek_v2_lite_config(**kw)
+
+
+def greedy(model: nn.Module, prompt: Any, new_tokens: int = 32) -> tuple[Any, Any]:
+    """Greedy generation of exactly ``new_tokens`` tokens.
+
+    Args:
+        model: a causal LM.
+        prompt: (B, L) int64 ids.
+        new_tokens: N.
+
+    Returns:
+        ``(sequences (B, L+N) int64, logits (N, B, V) fp32)``.
+    """
+    import torch
+
+    with torch.no_grad():
+        out = model.generate(
+            prompt,
+            attention_mask=torch.ones_like(prompt),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+            pad_token_id=model.config.pad_token_id,
+        )
+    return out.sequences, torch.stack(out.logits)
+
+
+class Reference:
+    """An unpatched tiny model of a routing variant, saved with ``save_pretrained``, and its greedy output.
+
+    Args:
+        name: a key of ``VARIANTS``.
+        root: directory to save into (``root / name``).
+        batch, length: prompt shape.
+        new_tokens: tokens to generate.
+    """
+
+    def __init__(
+        self, name: str, root: str | Path, batch: int = 2, length: int = 6, new_tokens: int = 32
+    ) -> None:
+        model_type, overrides = VARIANTS[name]
+        self.name = name
+        self.model = tiny_model(model_type, **overrides)
+        self.path = save_tiny(self.model, Path(root) / name)
+        self.prompt = prompt_ids(batch=batch, length=length, vocab=self.model.config.vocab_size)
+        self.new_tokens = new_tokens
+        self.out = greedy(self.model, self.prompt, new_tokens)
+
+    def copy(self) -> nn.Module:
+        """A deep copy of the unpatched model (its own config object)."""
+        return copy.deepcopy(self.model)
