@@ -35,6 +35,7 @@ import torch
 
 __all__ = [
     "FORMATS",
+    "InMemoryTrace",
     "MANIFEST",
     "SequenceTrace",
     "Trace",
@@ -246,6 +247,26 @@ class MoertTrace(Trace):
                 f"{self.path / MANIFEST}: fields 'num_tokens'/'num_sequences' say "
                 f"{self._meta.num_tokens}/{self._meta.num_sequences}, the shards hold {seen_tokens}/{seen_seqs}"
             )
+
+
+class InMemoryTrace(Trace):
+    """A trace held in memory: ``meta`` (counts filled in) and a list of sequences (tests, predictors)."""
+
+    def __init__(self, meta: TraceMeta, sequences: list[SequenceTrace], path: str = "<memory>") -> None:
+        for i, seq in enumerate(sequences):
+            seq.validate(meta, where=f"InMemoryTrace sequence {i}")
+        self.path = Path(path)
+        self._seqs = list(sequences)
+        self._meta = dataclasses.replace(
+            meta, num_tokens=sum(s.num_tokens for s in sequences), num_sequences=len(sequences)
+        )
+
+    @property
+    def meta(self) -> TraceMeta:
+        return self._meta
+
+    def sequences(self) -> Iterator[SequenceTrace]:
+        return iter(self._seqs)
 
 
 def _parse_manifest(manifest: object, where: Path) -> tuple[TraceMeta, list[dict]]:

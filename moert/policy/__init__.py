@@ -1,0 +1,61 @@
+"""Cache policies for the trace-replay simulator (and, later, the engine).
+
+Eviction (the C++ cache chooses victims; Python only pushes scores):
+  ``lru``, ``lfu``   the C++ policies as they are
+  ``moe-infinity``   activation-matrix matching, scores for the C++ ``priority`` policy
+  ``belady``         optimal offline eviction (simulator only), scores = -(next use)
+Prefetch (a hook before each layer's access):
+  ``oracle``         the true expert set (the ceiling)
+  anything with ``prefetch(layer, ctx) -> expert ids`` (see :class:`Prefetcher`), e.g. a predictor.
+"""
+
+from __future__ import annotations
+
+from moert.policy.base import EvictionPolicy, Prefetcher, StaticPolicy, TokenContext
+
+__all__ = [
+    "EVICTION_POLICIES",
+    "PREFETCHERS",
+    "EvictionPolicy",
+    "Prefetcher",
+    "StaticPolicy",
+    "TokenContext",
+    "get_eviction_policy",
+    "get_prefetcher",
+    "register_prefetcher",
+]
+
+EVICTION_POLICIES = ("lru", "lfu", "moe-infinity", "belady")
+PREFETCHERS: dict[str, type[Prefetcher]] = {}
+
+
+def get_eviction_policy(name: str) -> EvictionPolicy:
+    """A fresh eviction policy object by name (one of ``EVICTION_POLICIES``)."""
+    if name in ("lru", "lfu"):
+        return StaticPolicy(name)
+    if name == "moe-infinity":
+        from moert.policy.moe_infinity import MoEInfinity
+
+        return MoEInfinity()
+    if name == "belady":
+        from moert.policy.belady import Belady
+
+        return Belady()
+    raise ValueError(f"unknown eviction policy {name!r}; use one of {', '.join(EVICTION_POLICIES)}")
+
+
+def register_prefetcher(name: str, cls: type[Prefetcher]) -> None:
+    """Makes ``--prefetch NAME`` build ``cls()`` (for predictors living outside this package)."""
+    PREFETCHERS[name] = cls
+
+
+def get_prefetcher(name: str) -> Prefetcher:
+    """A fresh prefetcher by name: ``oracle`` or one registered with :func:`register_prefetcher`."""
+    if name == "oracle":
+        from moert.policy.oracle import OraclePrefetcher
+
+        return OraclePrefetcher()
+    if name in PREFETCHERS:
+        return PREFETCHERS[name]()
+    known = ", ".join(["oracle", *PREFETCHERS])
+    raise ValueError(f"unknown prefetcher {name!r}; use one of {known} (or register_prefetcher(name, cls))")

@@ -1,0 +1,394 @@
+"""Trace-replay simulator: replays routing traces through the real C++ ``SlabCache`` (simulated).
+
+Every token's MoE layers are replayed in order (token-major) through
+``runtime.SlabCache.simulated``, the same bookkeeping and eviction code the engine runs, with
+loads completing at once. Caches are either one per MoE layer (``per-layer``, the default:
+capacity is a fraction of one layer's E, rounded, at least k) or one for all layers (``global``:
+a fraction of L * E). Policies are named ``EVICT[+PREFETCH]``: ``lru``, ``lfu``, ``moe-infinity``,
+``belady`` (see :mod:`moert.policy`), optionally with a prefetcher, e.g. ``lru+oracle``.
+
+A :class:`CostModel` turns the counts into bytes per token and predicted tokens/s (DESIGN.md §1):
+bytes per token ``B = ((1 - h) + w) * k * L * S`` gives the bandwidth ceiling ``BW / B``; the
+prediction adds compute: prefetched bytes hide behind the layers' compute, demand bytes stall,
+``t_token = max(L * t_layer, B_prefetch / BW) + B_demand / BW``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from moert.policy import EvictionPolicy, Prefetcher, get_eviction_policy, get_prefetcher
+from moert.trace import SequenceTrace, Trace, TraceMeta
+
+__all__ = ["CostModel", "PolicySpec", "SimConfig", "num_slots", "parse_policies", "simulate"]
+
+MODES = ("per-layer", "global")
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Turns simulated traffic into time. Defaults: DeepSeek-V2-Lite on PCIe Gen4, batch 1 decode.
+
+    Attributes:
+        expert_bytes: bytes of one routed expert (DeepSeek-V2-Lite bf16 gate+up+down: 3 * 2048 * 1408 * 2
+            = 17.3 MB).
+        bandwidth_gbs: host-to-device bandwidth from pinned memory, GB/s (PCIe Gen4 x16: ~25).
+        layer_compute_ms: GPU time of one MoE decoder layer at batch 1 with every expert resident.
+            Assumption, to be calibrated from bench/: decode is memory-bound, ~2.4 B active
+            parameters (bf16) over 27 layers at ~1 TB/s is ~0.18 ms; we use 0.2 ms.
+    """
+
+    expert_bytes: int = 3 * 2048 * 1408 * 2
+    bandwidth_gbs: float = 25.0
+    layer_compute_ms: float = 0.2
+
+    def __post_init__(self) -> None:
+        if self.expert_bytes <= 0 or self.bandwidth_gbs <= 0 or self.layer_compute_ms < 0:
+            raise ValueError(f"CostModel values must be positive, got {self}")
+
+    def predict(
+        self, demand_bytes_per_token: float, prefetch_bytes_per_token: float, num_layers: int
+    ) -> dict:
+        """Seconds per token and tokens/s for the given traffic per token.
+
+        Returns:
+            ``{"ceiling_tok_s", "predicted_tok_s", "resident_tok_s", "token_ms"}``: the bandwidth
+            ceiling ``BW / B`` (None when nothing moves), the prediction with compute, and the
+            all-resident speed.
+        """
+        bw = self.bandwidth_gbs * 1e9
+        compute = num_layers * self.layer_compute_ms * 1e-3
+        total = demand_bytes_per_token + prefetch_bytes_per_token
+        t = max(compute, prefetch_bytes_per_token / bw) + demand_bytes_per_token / bw
+        return {
+            "ceiling_tok_s": bw / total if total > 0 else None,
+            "predicted_tok_s": 1.0 / t if t > 0 else None,
+            "resident_tok_s": 1.0 / compute if compute > 0 else None,
+            "token_ms": t * 1e3,
+        }
+
+
+@dataclass(frozen=True)
+class PolicySpec:
+    """One simulated configuration: an eviction policy and an optional prefetcher."""
+
+    evict: str
+    prefetch: str | None = None
+
+    @property
+    def label(self) -> str:
+        return self.evict if self.prefetch is None else f"{self.evict}+{self.prefetch}"
+
+
+def parse_policies(names: Iterable[str], prefetch: str | None = None) -> list[PolicySpec]:
+    """Parses ``EVICT[+PREFETCH]`` names; ``prefetch`` applies to names without their own."""
+    specs = []
+    for raw in names:
+        name = raw.strip()
+        if not name:
+            continue
+        evict, _, pre = name.partition("+")
+        get_eviction_policy(evict)  # validates the name
+        pre = pre or prefetch
+        if pre in ("", "none"):
+            pre = None
+        if pre is not None:
+            get_prefetcher(pre)
+        specs.append(PolicySpec(evict, pre))
+    if not specs:
+        raise ValueError("no policies given; e.g. --policy lru,lfu,moe-infinity,belady")
+    return specs
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    """What to simulate.
+
+    Attributes:
+        capacities: cache sizes as fractions (of one layer's E per layer, or of L * E globally).
+        policies: the configurations to replay.
+        mode: ``per-layer`` or ``global``.
+        cost: the cost model.
+        chunk_tokens: sequences are replayed in chunks of about this many tokens (one C++ call each).
+    """
+
+    capacities: tuple[float, ...] = (0.1, 0.25, 0.5)
+    policies: tuple[PolicySpec, ...] = field(default_factory=lambda: tuple(parse_policies(["lru"])))
+    mode: str = "per-layer"
+    cost: CostModel = field(default_factory=CostModel)
+    chunk_tokens: int = 8192
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode={self.mode!r}; use one of {', '.join(MODES)}")
+        for c in self.capacities:
+            if not 0 < c <= 1:
+                raise ValueError(f"capacity {c} must be a fraction in (0, 1]")
+
+
+def num_slots(capacity: float, meta: TraceMeta, mode: str) -> int:
+    """Slots of one cache: ``round(capacity * E)`` per layer (at least k), or of L * E globally."""
+    experts = meta.num_experts if mode == "per-layer" else meta.num_experts * meta.num_layers
+    return max(meta.top_k, int(round(capacity * experts)))
+
+
+class _Run:
+    """The caches of one (policy, capacity) pair and what they counted."""
+
+    def __init__(
+        self, spec: PolicySpec, capacity: float, meta: TraceMeta, mode: str, cost: CostModel
+    ) -> None:
+        from moert import runtime
+
+        self.spec, self.capacity, self.mode = spec, capacity, mode
+        self.L, self.E, self.k = meta.num_layers, meta.num_experts, meta.top_k
+        self.slots = num_slots(capacity, meta, mode)
+        cpp = get_eviction_policy(spec.evict).cpp_policy
+        n_caches, layers_per_cache = (self.L, 1) if mode == "per-layer" else (1, self.L)
+        self.caches = [
+            runtime.SlabCache.simulated(
+                layers_per_cache,
+                self.E,
+                self.slots,
+                policy=cpp,
+                slab_bytes=cost.expert_bytes,
+                min_slots=self.k,
+            )
+            for _ in range(n_caches)
+        ]
+        self.hits = np.zeros(self.L, dtype=np.int64)
+        self.accesses = np.zeros(self.L, dtype=np.int64)
+        self.tokens = 0
+        self.seconds = 0.0
+
+    def feed(
+        self,
+        experts: np.ndarray,
+        access_prio: np.ndarray | None,
+        token_prio: np.ndarray | None,
+        prefetch: np.ndarray | None,
+    ) -> None:
+        """Replays one chunk. experts (L, T, k) int32; access_prio (L, T, k) f32; token_prio (T, L, E) f32;
+        prefetch (L, T, m) int32 (-1 = none)."""
+        start = time.perf_counter()
+        T = experts.shape[1]
+        self.tokens += T
+        self.accesses += (experts >= 0).sum(axis=(1, 2))
+        if token_prio is not None:
+            self._feed_per_token(experts, token_prio, prefetch)
+        elif self.mode == "per-layer":
+            zeros = np.zeros(T, dtype=np.int32)
+            for layer, cache in enumerate(self.caches):
+                out = cache.replay(
+                    zeros,
+                    experts[layer],
+                    prefetch=None if prefetch is None else prefetch[layer],
+                    priorities=None if access_prio is None else access_prio[layer],
+                )
+                self.hits[layer] += int(np.asarray(out["hits_per_step"]).sum())
+        else:
+            layers = np.tile(np.arange(self.L, dtype=np.int32), T)  # [T*L] token-major
+            out = self.caches[0].replay(
+                layers,
+                _token_major(experts),
+                prefetch=None if prefetch is None else _token_major(prefetch),
+                priorities=None if access_prio is None else _token_major(access_prio),
+            )
+            self.hits += np.asarray(out["hits_per_step"]).reshape(T, self.L).sum(0)
+        self.seconds += time.perf_counter() - start
+
+    def _feed_per_token(
+        self, experts: np.ndarray, token_prio: np.ndarray, prefetch: np.ndarray | None
+    ) -> None:
+        all_ids = np.arange(self.E, dtype=np.int64)
+        ex = experts.astype(np.int64)
+        pre = None if prefetch is None else prefetch.astype(np.int64)
+        per_layer = self.mode == "per-layer"
+        for t in range(experts.shape[1]):
+            if not per_layer:
+                for layer in range(self.L):
+                    self.caches[0].set_priority(layer, all_ids, token_prio[t, layer])
+            for layer in range(self.L):
+                cache, cl = (self.caches[layer], 0) if per_layer else (self.caches[0], layer)
+                if per_layer:
+                    cache.set_priority(0, all_ids, token_prio[t, layer])
+                if pre is not None:
+                    ids = pre[layer, t]
+                    cache.sim_prefetch(cl, ids[ids >= 0])
+                ids = ex[layer, t]
+                self.hits[layer] += cache.sim_access(cl, ids[ids >= 0])
+
+    def result(self, cost: CostModel) -> dict:
+        stats: dict[str, int] = {}
+        for cache in self.caches:
+            for key, value in cache.stats().items():
+                if isinstance(value, (int, np.integer)):
+                    stats[key] = stats.get(key, 0) + int(value)
+        hits, accesses = int(self.hits.sum()), int(self.accesses.sum())
+        n = max(self.tokens, 1)
+        demand_loads = stats.get("demand_loads", stats.get("misses", 0))
+        prefetch_loads = stats.get("prefetch_loads", 0)
+        demand_bpt = demand_loads * cost.expert_bytes / n
+        prefetch_bpt = prefetch_loads * cost.expert_bytes / n
+        row = {
+            "policy": self.spec.label,
+            "evict": self.spec.evict,
+            "prefetch": self.spec.prefetch,
+            "capacity": self.capacity,
+            "mode": self.mode,
+            "slots_per_cache": self.slots,
+            "caches": len(self.caches),
+            "tokens": self.tokens,
+            "accesses": accesses,
+            "hits": hits,
+            "hit_rate": hits / accesses if accesses else math.nan,
+            "hit_rate_per_layer": [float(h / a) if a else math.nan for h, a in zip(self.hits, self.accesses)],
+            "demand_misses": int(stats.get("misses", 0)),
+            "prefetches": int(stats.get("prefetches", 0)),
+            "prefetch_hits": int(stats.get("prefetch_hits", 0)),
+            "prefetch_wasted": int(stats.get("prefetch_wasted", 0)),
+            "wasted_prefetch_bytes": int(stats.get("prefetch_wasted_bytes", 0)),
+            "bytes_loaded": int(stats.get("bytes_loaded", 0)),
+            "bytes_per_token": (demand_bpt + prefetch_bpt),
+            "cache_stats": stats,
+            "replay_seconds": self.seconds,
+            "accesses_per_s": accesses / self.seconds if self.seconds > 0 else None,
+        }
+        row.update(cost.predict(demand_bpt, prefetch_bpt, self.L))
+        return row
+
+    def close(self) -> None:
+        for cache in self.caches:
+            cache.close()
+
+
+def _token_major(a: np.ndarray) -> np.ndarray:
+    """(L, T, w) -> (T * L, w), token-major, contiguous."""
+    L, T, w = a.shape
+    return np.ascontiguousarray(a.transpose(1, 0, 2)).reshape(T * L, w)
+
+
+def _chunks(trace: Trace, chunk_tokens: int) -> Iterator[list[SequenceTrace]]:
+    chunk: list[SequenceTrace] = []
+    size = 0
+    for seq in trace.sequences():
+        chunk.append(seq)
+        size += seq.num_tokens
+        if size >= chunk_tokens:
+            yield chunk
+            chunk, size = [], 0
+    if chunk:
+        yield chunk
+
+
+def simulate(
+    trace: Trace,
+    config: SimConfig,
+    *,
+    progress: bool = False,
+    prefetchers: dict[str, Prefetcher] | None = None,
+    on_chunk: Callable[[int], None] | None = None,
+) -> dict:
+    """Replays ``trace`` under every (policy, capacity) of ``config``.
+
+    Args:
+        trace: any :class:`~moert.trace.Trace` (streamed; ``belady`` reads it once more up front).
+        config: capacities, policies, mode, cost model.
+        progress: show a progress bar on stderr.
+        prefetchers: prefetcher objects by name, overriding the registry (e.g. a trained predictor).
+        on_chunk: called with the number of tokens after each replayed chunk.
+
+    Returns:
+        ``{"trace": meta fields, "config": ..., "results": [one row per (policy, capacity)]}``; a
+        row holds hit rate overall and per layer, demand misses, prefetch hits, wasted prefetch
+        bytes, bytes per token, predicted tokens/s, the C++ cache stats and the replay speed.
+    """
+    meta = trace.meta
+    policies: dict[str, EvictionPolicy] = {}
+    pre_objs: dict[str, Prefetcher] = {}
+    for spec in config.policies:
+        if spec.label in policies:
+            raise ValueError(f"policy {spec.label!r} is listed twice")
+        policies[spec.label] = get_eviction_policy(spec.evict)
+        policies[spec.label].prepare(trace)
+        if spec.prefetch is not None and spec.prefetch not in pre_objs:
+            pre_objs[spec.prefetch] = (prefetchers or {}).get(spec.prefetch) or get_prefetcher(spec.prefetch)
+            pre_objs[spec.prefetch].prepare(meta)
+    runs = {
+        spec.label: [_Run(spec, c, meta, config.mode, config.cost) for c in config.capacities]
+        for spec in config.policies
+    }
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=meta.num_tokens, unit="tok", desc="simulate", dynamic_ncols=True)
+    offset = 0
+    try:
+        for chunk in _chunks(trace, config.chunk_tokens):
+            experts = np.concatenate([s.experts.numpy().astype(np.int32) for s in chunk], axis=1)  # [L, T, k]
+            prefetch_rows = {
+                name: np.concatenate([p.prefetch_sequence(s, meta) for s in chunk], axis=1)
+                for name, p in pre_objs.items()
+            }
+            for spec in config.policies:
+                policy = policies[spec.label]
+                access, per_token, base = [], [], offset
+                for s in chunk:
+                    policy.begin_sequence(s, base)
+                    access.append(policy.access_priorities(s))
+                    per_token.append(policy.token_priorities(s) if policy.per_token else None)
+                    policy.end_sequence(s)
+                    base += s.num_tokens
+                access_prio = None if access[0] is None else np.concatenate(access, axis=1)
+                token_prio = None if per_token[0] is None else np.concatenate(per_token, axis=0)
+                pre = None if spec.prefetch is None else prefetch_rows[spec.prefetch]
+                for run in runs[spec.label]:
+                    run.feed(experts, access_prio, token_prio, pre)
+            for p in pre_objs.values():
+                for s in chunk:
+                    p.end_sequence(s)
+            n = experts.shape[1]
+            offset += n
+            if bar is not None:
+                bar.update(n)
+            if on_chunk is not None:
+                on_chunk(n)
+        results = [run.result(config.cost) for spec_runs in runs.values() for run in spec_runs]
+    finally:
+        if bar is not None:
+            bar.close()
+        for spec_runs in runs.values():
+            for run in spec_runs:
+                run.close()
+    return {
+        "trace": {**dataclasses.asdict(meta), "layers": list(meta.layers)},
+        "config": {
+            "capacities": list(config.capacities),
+            "policies": [s.label for s in config.policies],
+            "mode": config.mode,
+            "cost_model": dataclasses.asdict(config.cost),
+        },
+        "results": results,
+    }
+
+
+def result_table(report: dict) -> str:
+    """A Markdown table of a :func:`simulate` report: one row per policy, hit rate per capacity, tok/s."""
+    caps = report["config"]["capacities"]
+    rows: dict[str, dict[float, dict]] = {}
+    for r in report["results"]:
+        rows.setdefault(r["policy"], {})[r["capacity"]] = r
+    head = ["policy"] + [f"hit rate @{c:g}" for c in caps] + [f"tok/s @{c:g}" for c in caps]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for policy, by_cap in rows.items():
+        hit = [f"{by_cap[c]['hit_rate']:.3f}" if c in by_cap else "" for c in caps]
+        tok = [f"{by_cap[c]['predicted_tok_s']:.1f}" if c in by_cap else "" for c in caps]
+        lines.append("| " + " | ".join([policy, *hit, *tok]) + " |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,195 @@
+"""``moert simulate``: replay a routing trace through the real cache under several policies.
+
+Usage::
+
+    moert simulate TRACE [--format moert|moe-beyond-csv|esft] --capacity 0.1,0.25,0.5
+                   --policy lru,lfu,moe-infinity,belady[,lru+oracle] [--per-layer|--global]
+                   [--prefetch oracle|NAME] [--json OUT.json] [--plot OUT.png] [--markdown OUT.md]
+                   [--expert-mb 17.3] [--bandwidth-gbs 25] [--layer-compute-ms 0.2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+__all__ = ["add_arguments", "environment", "plot", "run"]
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from moert.sim import CostModel
+
+    d = CostModel()
+    parser.add_argument("trace", help="trace directory (moert, MoE-Beyond CSV or ESFT) or one CSV")
+    parser.add_argument("--format", default="auto", choices=["auto", "moert", "moe-beyond-csv", "esft"])
+    parser.add_argument("--num-experts", type=int, default=64, help="E for imported formats (default 64)")
+    parser.add_argument(
+        "--top-k", type=int, default=None, help="k for imported formats (CSV: inferred; ESFT: 6)"
+    )
+    parser.add_argument(
+        "--model-type", default="deepseek_v2", help="model_type recorded for imported formats"
+    )
+    parser.add_argument(
+        "--capacity", type=_floats, default=(0.1, 0.25, 0.5), help="fractions, e.g. 0.1,0.25,0.5"
+    )
+    parser.add_argument(
+        "--policy",
+        default="lru,lfu,moe-infinity,belady",
+        help="comma-separated EVICT[+PREFETCH]: lru, lfu, moe-infinity, belady; e.g. lru+oracle",
+    )
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--per-layer",
+        dest="mode",
+        action="store_const",
+        const="per-layer",
+        help="one cache per layer (default)",
+    )
+    mode.add_argument(
+        "--global", dest="mode", action="store_const", const="global", help="one cache for all layers"
+    )
+    parser.set_defaults(mode="per-layer")
+    parser.add_argument(
+        "--prefetch", default=None, help="prefetcher for every policy without its own: oracle or NAME"
+    )
+    parser.add_argument("--json", help="write the full report here")
+    parser.add_argument("--plot", help="write hit rate vs capacity per policy here (PNG, matplotlib)")
+    parser.add_argument("--markdown", help="write a Markdown table (with versions, commit, date) here")
+    parser.add_argument(
+        "--expert-mb", type=float, default=d.expert_bytes / 1e6, help="MB per expert (default 17.3)"
+    )
+    parser.add_argument(
+        "--bandwidth-gbs", type=float, default=d.bandwidth_gbs, help="host->device GB/s (default 25)"
+    )
+    parser.add_argument(
+        "--layer-compute-ms",
+        type=float,
+        default=d.layer_compute_ms,
+        help="compute per MoE layer, ms (default 0.2)",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def environment() -> dict:
+    """Versions, commit, date and device, recorded beside every result."""
+    import numpy
+    import torch
+
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=Path(__file__).resolve().parent,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    import moert
+
+    return {
+        "device": f"CPU ({platform.processor() or platform.machine()}), simulated cache",
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "moert": moert.__version__,
+        "commit": commit,
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+
+
+def plot(report: dict, out: str) -> None:
+    """Hit rate vs capacity, one line per policy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    by_policy: dict[str, list[tuple[float, float]]] = {}
+    for r in report["results"]:
+        by_policy.setdefault(r["policy"], []).append((r["capacity"], r["hit_rate"]))
+    for policy, points in by_policy.items():
+        points.sort()
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=policy)
+    meta = report["trace"]
+    ax.set_xlabel(
+        f"cache capacity (fraction of {'one layer' if report['config']['mode'] == 'per-layer' else 'all'} experts)"
+    )
+    ax.set_ylabel("hit rate")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.set_title(
+        f"{meta['model_type']}: {meta['num_sequences']} seqs, {meta['num_tokens']} tokens, {report['config']['mode']}"
+    )
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+def markdown(report: dict) -> str:
+    from moert.sim import result_table
+
+    env, meta, cfg = report["environment"], report["trace"], report["config"]
+    cost = cfg["cost_model"]
+    lines = [
+        f"# moert simulate: {meta['source'] or meta['model_type']}",
+        "",
+        f"{meta['num_sequences']} sequences, {meta['num_tokens']} tokens, L={len(meta['layers'])} MoE layers, "
+        f"E={meta['num_experts']}, k={meta['top_k']}; caches: {cfg['mode']}.",
+        f"Cost model: expert {cost['expert_bytes'] / 1e6:.1f} MB, {cost['bandwidth_gbs']:g} GB/s, "
+        f"{cost['layer_compute_ms']:g} ms compute per MoE layer (tok/s = predicted decode speed).",
+        "",
+        result_table(report),
+        f"device: {env['device']}; torch {env['torch']}, numpy {env['numpy']}, python {env['python']}; "
+        f"commit {env['commit']}; {env['date']}",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    from moert.sim import CostModel, SimConfig, parse_policies, simulate
+    from moert.trace import detect_format, open_trace
+    from moert.trace_cli import importer_options
+
+    fmt = detect_format(args.trace) if args.format == "auto" else args.format
+    trace = open_trace(
+        args.trace, fmt, **importer_options(fmt, args.num_experts, args.top_k, args.model_type)
+    )
+    config = SimConfig(
+        capacities=args.capacity,
+        policies=tuple(parse_policies(args.policy.split(","), args.prefetch)),
+        mode=args.mode,
+        cost=CostModel(
+            expert_bytes=int(round(args.expert_mb * 1e6)),
+            bandwidth_gbs=args.bandwidth_gbs,
+            layer_compute_ms=args.layer_compute_ms,
+        ),
+    )
+    report = simulate(trace, config, progress=not args.no_progress)
+    report["environment"] = environment()
+    print(markdown(report))
+    slowest = min((r["accesses_per_s"] or math.inf) for r in report["results"])
+    print(f"replay speed: >= {slowest / 1e6:.2f} M expert accesses/s (slowest policy)", file=sys.stderr)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
+    if args.markdown:
+        Path(args.markdown).write_text(markdown(report))
+    if args.plot:
+        plot(report, args.plot)
+    return 0
