@@ -1,0 +1,149 @@
+"""moert.load: checkpoint layouts (per-expert, fused, sharded), dtype, memory report, clear errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import moert
+from moert.testing import Reference, greedy
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def qwen(tmp_path_factory):
+    return Reference("qwen3_moe-norm", tmp_path_factory.mktemp("load"))
+
+
+@pytest.fixture(scope="module")
+def ds(tmp_path_factory):
+    return Reference("deepseek_v2-group", tmp_path_factory.mktemp("load"))
+
+
+def copy_dir(ref: Reference, tmp_path, name: str = "m"):
+    dst = tmp_path / name
+    shutil.copytree(ref.path, dst)
+    return dst
+
+
+def check_same(ref: Reference, model) -> None:
+    seq, logits = greedy(model, ref.prompt)
+    assert torch.equal(seq, ref.out[0]), "tokens differ from the unpatched model"
+    err = ((logits - ref.out[1]).abs().max() / ref.out[1].abs().max()).item()
+    assert err <= 1e-5, f"logits relative error {err:.3e}"
+
+
+def test_report_and_memory(ds):
+    model = moert.load(ds.path, cache_experts=0.25, progress=False)
+    handle = moert.handle_of(model)
+    rep = handle.load_report
+    assert rep["device"] == "cpu" and rep["dtype"] == "float32"
+    assert rep["cache_bytes"] == handle.cache_bytes == 8 * handle.layout.slab_bytes
+    assert rep["all_experts_bytes"] == 2 * 16 * handle.layout.expert_bytes
+    assert rep["peak_device_bytes"] == rep["non_expert_bytes"] + rep["cache_bytes"]
+    assert rep["peak_device_bytes"] < rep["non_expert_bytes"] + rep["all_experts_bytes"]
+    # no routed expert is a model parameter: they live in the pool only
+    names = [n for n, _ in model.named_parameters()]
+    assert not any(".mlp.experts." in n for n in names), [n for n in names if ".mlp.experts." in n]
+    want = ds.model.state_dict()
+    have = model.state_dict()
+    assert all(torch.equal(want[k], v) for k, v in have.items())
+    check_same(ds, model)
+    handle.undo()
+
+
+def test_fused_expert_keys(qwen, tmp_path):
+    """A checkpoint holding fused experts.gate_up_proj / down_proj tensors loads the same."""
+    dst = copy_dir(qwen, tmp_path)
+    sd = {k: v.contiguous() for k, v in qwen.model.state_dict().items()}
+    assert any(k.endswith("experts.gate_up_proj") for k in sd)
+    (dst / "model.safetensors").unlink()
+    save_file(sd, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    model = moert.load(dst, cache_experts=6, progress=False)
+    check_same(qwen, model)
+
+
+def test_sharded_checkpoint(ds, tmp_path):
+    dst = tmp_path / "sharded"
+    ds.model.save_pretrained(dst, max_shard_size="200KB")
+    assert (dst / "model.safetensors.index.json").is_file()
+    assert len(list(dst.glob("*.safetensors"))) > 1
+    model = moert.load(dst, cache_experts=0.5, policy="lfu", progress=False)
+    check_same(ds, model)
+    # a shard named in the index is missing
+    shard = sorted(dst.glob("model-*.safetensors"))[-1]
+    shard.unlink()
+    with pytest.raises(FileNotFoundError, match=f"shard\\(s\\) {shard.name}"):
+        moert.load(dst, progress=False)
+
+
+def test_bf16_dtype(ds):
+    model = moert.load(ds.path, cache_experts=1.0, dtype=torch.bfloat16, progress=False)
+    handle = moert.handle_of(model)
+    assert handle.layout.dtype == torch.bfloat16
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    seq, logits = greedy(model, ds.prompt, 4)
+    assert seq.shape == (2, 10) and torch.isfinite(logits).all()
+
+
+def test_missing_files_are_clear_errors(qwen, tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        moert.load(tmp_path / "nowhere")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        moert.load(empty)
+    dst = copy_dir(qwen, tmp_path)
+    (dst / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match=r"no \*\.safetensors"):
+        moert.load(dst)
+
+
+def test_missing_weights_are_clear_errors(qwen, tmp_path):
+    dst = copy_dir(qwen, tmp_path)
+    sd = load_file(str(dst / "model.safetensors"))
+    del sd["model.layers.2.mlp.experts.5.up_proj.weight"]
+    save_file(sd, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"lacks weights of expert 5 of layer 2"):
+        moert.load(dst, progress=False)
+    sd = load_file(str(qwen.path / "model.safetensors"))
+    del sd["model.norm.weight"]
+    save_file(sd, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"lacks 1 weight\(s\).*model\.norm\.weight"):
+        moert.load(dst, progress=False)
+
+
+def test_unsupported_model_type_and_bad_cache(qwen, tmp_path):
+    dst = copy_dir(qwen, tmp_path)
+    cfg = json.loads((dst / "config.json").read_text())
+    with pytest.raises(ValueError, match="fewer than one layer's top-k"):
+        moert.load(dst, cache_experts=2, progress=False)
+    with pytest.raises(ValueError, match=r"not a fraction in \(0, 1\]"):
+        moert.load(dst, cache_experts=1.01, progress=False)
+    cfg["model_type"] = "mixtral"
+    cfg["architectures"] = ["MixtralForCausalLM"]
+    (dst / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"'mixtral'; supported: deepseek_v2, phimoe, qwen3_moe"):
+        moert.load(dst, progress=False)
+
+
+@pytest.mark.gpu
+def test_cuda_load_peak_memory(ds):
+    torch.cuda.empty_cache()
+    model = moert.load(ds.path, cache_experts=0.25, device="cuda", dtype=torch.bfloat16, progress=False)
+    rep = moert.handle_of(model).load_report
+    assert rep["peak_method"] == "torch.cuda.max_memory_allocated"
+    assert rep["peak_device_bytes"] < rep["non_expert_bytes"] + rep["all_experts_bytes"]
+    seq, _ = greedy(model, ds.prompt.cuda(), 4)
+    assert seq.shape == (2, 10)
