@@ -1,0 +1,62 @@
+"""The compiled kernel on a CUDA device, at the real models' dimensions (``make test-gpu``)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from moert.kernels.predictive_norm import PredictiveNorm, predictive_norm_forward
+from moert.kernels.predictive_norm_reference import predictive_norm_reference
+from torch import nn
+from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2RMSNorm
+
+pytestmark = pytest.mark.gpu
+
+# (H, E) of DeepSeek-V2-Lite, Qwen3-30B-A3B and Phi-mini-MoE; D = 2048 as the predictors use.
+REAL = [(2048, 64, "rms"), (2048, 128, "rms"), (4096, 16, "layernorm")]
+TOLERANCES = {torch.float32: (1e-4, 1e-4), torch.float16: (1e-2, 1e-2), torch.bfloat16: (6e-2, 4e-2)}
+
+
+@pytest.mark.parametrize("T", [1, 8, 64, 300])
+@pytest.mark.parametrize("H, E, norm_kind", REAL)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("act, lookahead", [("silu", 0), ("gelu", 3)])
+@torch.no_grad()
+def test_compiled_kernel_matches_reference(T, H, E, norm_kind, dtype, act, lookahead):
+    D, d = 2048, max(lookahead, 1)
+    g = torch.Generator(device="cuda").manual_seed(T + H + E)
+
+    def rand(*shape, scale=1.0, shift=0.0):
+        return (scale * torch.randn(*shape, generator=g, device="cuda") + shift).to(dtype)
+
+    x = rand(T, H, scale=2.0, shift=0.3)
+    nw, nb = rand(H, scale=0.2, shift=1.0), rand(H, scale=0.2) if norm_kind == "layernorm" else None
+    w1, b1 = rand(D, H, scale=H**-0.5), rand(D, scale=0.1)
+    w2, b2 = rand(d * E, D, scale=D**-0.5), rand(d * E, scale=0.1)
+    eps = 1e-6
+    normed, logits = predictive_norm_forward(x, nw, nb, eps, norm_kind, w1, b1, w2, b2, act, lookahead)
+    ref_normed, ref_logits = predictive_norm_reference(
+        x, nw, nb, eps, norm_kind, w1, b1, w2, b2, act, lookahead
+    )
+    atol, rtol = TOLERANCES[dtype]
+    diff = (logits - ref_logits).abs()
+    assert torch.allclose(logits, ref_logits, atol=atol, rtol=rtol), (
+        f"logits: worst |diff| {diff.max().item():.3g}"
+    )
+    ndiff = (normed.float() - ref_normed.float()).abs()
+    one_ulp = torch.finfo(dtype).eps * ref_normed.float().abs().clamp_min(1e-30)
+    assert (ndiff <= 2 * one_ulp + 1e-6).all(), f"normed: worst |diff| {ndiff.max().item():.3g}"
+    again, _ = predictive_norm_forward(x, nw, nb, eps, norm_kind, w1, b1, w2, b2, act, lookahead)
+    assert torch.equal(normed, again), "normed rows are not deterministic"
+
+
+@torch.no_grad()
+def test_module_on_cuda_uses_the_kernel_and_matches_the_norm():
+    H, D, E = 2048, 2048, 64
+    norm = DeepseekV2RMSNorm(H).cuda().to(torch.bfloat16)
+    nn.init.normal_(norm.weight, 1.0, 0.2)
+    pn = PredictiveNorm(norm, torch.randn(D, H) / H**0.5, torch.zeros(D), torch.randn(E, D) / D**0.5, None)
+    x = torch.randn(1, 7, H, device="cuda", dtype=torch.bfloat16)
+    out = pn(x)
+    want = norm(x)
+    assert (out != want).float().mean().item() <= 1e-3
+    assert pn.last_logits.shape == (1, 7, E) and pn.last_logits.is_cuda
