@@ -42,6 +42,7 @@ __all__ = [
     "TraceFormatError",
     "TraceMeta",
     "TraceWriter",
+    "capture",
     "check_expert_ids",
     "detect_format",
     "open_trace",
@@ -636,3 +637,10 @@ def open_trace(path: str | os.PathLike, format: str = "auto", **options) -> Trac
 
         return ESFTTrace(path, **options)
     raise ValueError(f"unknown trace format {format!r}; use one of {', '.join(FORMATS)} or 'auto'")
+
+
+def capture(model, prompts, out_dir, **options) -> TraceMeta:
+    """Captures a trace from a live model while it generates; see :func:`moert.trace_capture.capture`."""
+    from moert.trace_capture import capture as _capture
+
+    return _capture(model, prompts, out_dir, **options)
