@@ -93,18 +93,22 @@ def _sm_count(device_index: int) -> int:
 def _resolve_config(
     config: PredictiveNormConfig, T: int, H: int, D: int, EO: int, device: torch.device
 ) -> tuple[int, int, int, int, int]:
-    """(block_t, block_k, block_d, d_splits, num_warps) for these shapes."""
+    """(block_t, block_k, block_d, d_splits, num_warps) for these shapes.
+
+    Untuned first guesses (no GPU was at hand when they were written): ``bench_predictive_norm.py
+    --sweep`` times the alternatives on a GPU.
+    """
     block_e = max(16, _next_pow2(EO))
     # Decode rows share every weight tile; cap the (rows x logits) accumulator at 16K fp32.
     block_t = config.block_t or min(64, max(16, _next_pow2(T)), max(16, 16384 // block_e))
     block_k = config.block_k or min(128, max(16, _next_pow2(H)))
-    block_d = config.block_d or min(32, max(16, _next_pow2(D)))
+    sms = _sm_count(device.index or 0) if device.type == "cuda" else 0
+    # At decode the bytes are w1's: split D finely enough that every SM pulls a slice.
+    block_d = config.block_d or (16 if _cdiv(D, 32) < sms else min(32, max(16, _next_pow2(D))))
     if config.d_splits is not None:
         d_splits = config.d_splits
-    elif device.type == "cuda":
-        # Enough programs to pull w1 through every SM: the weights dominate the bytes at decode.
-        row_blocks = _cdiv(T, block_t)
-        d_splits = max(1, _cdiv(2 * _sm_count(device.index or 0), row_blocks))
+    elif sms:
+        d_splits = _cdiv(2 * sms, _cdiv(T, block_t))
     else:
         d_splits = 1
     d_splits = min(d_splits, _cdiv(D, block_d))

@@ -327,3 +327,21 @@ def test_cpu_without_interpreter_names_the_pytorch_path(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET")
     with pytest.raises(ValueError, match="Use predictive_norm_reference .* or set TRITON_INTERPRET=1"):
         predictive_norm_forward(**_bad())
+
+
+def test_picked_launch_parameters_keep_dots_valid_on_gpus(monkeypatch):
+    """Whatever the shapes, every tl.dot keeps M, N, K >= 16 and the grid covers D."""
+    from moert.kernels import predictive_norm as pn
+
+    monkeypatch.setattr(pn, "_sm_count", lambda index: 132)
+    for device in (torch.device("cpu"), torch.device("cuda", 0)):
+        for T in (1, 8, 64, 300):
+            for H, D, EO in [(40, 48, 60), (2048, 2048, 64), (4096, 2048, 16), (2048, 2048, 2048)]:
+                block_t, block_k, block_d, d_splits, num_warps = pn._resolve_config(
+                    PredictiveNormConfig(), T, H, D, EO, device
+                )
+                for block in (block_t, block_k, block_d):
+                    assert block >= 16 and block & (block - 1) == 0, (device, T, H, D, EO, block)
+                assert 1 <= d_splits <= -(-D // block_d), (device, T, D, block_d, d_splits)
+                assert block_t * max(16, 1 << (EO - 1).bit_length()) <= 16384 or block_t == 16
+                assert num_warps == 4
