@@ -130,9 +130,9 @@ class TokenVocab:
 
 
 def position_bucket(positions: torch.Tensor) -> torch.Tensor:
-    """(T,) int64 buckets: positions 0..7 exactly, then one bucket per doubling, capped at 15."""
+    """(T,) int64 buckets: positions 0..7 exactly, then one bucket per doubling (8-15, 16-31, ...), capped at 15."""
     p = positions.long().clamp(min=0)
-    log_b = 8 + torch.floor(torch.log2((p.float() + 1) / 8).clamp(min=0)).long()
+    log_b = 8 + torch.floor(torch.log2(p.clamp(min=8).float() / 8)).long()  # 8..15 -> 8, 16..31 -> 9, ...
     return torch.where(p < 8, p, log_b).clamp(max=NUM_POSITION_BUCKETS - 1)
 
 

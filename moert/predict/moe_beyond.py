@@ -140,17 +140,22 @@ def train_moe_beyond(
     pairs = [(si, li) for si in range(len(train_seqs)) for li in range(L)]
 
     def batches(gen: torch.Generator):
+        # windows of similar length share a batch (little padding): shuffle, sort within pools of
+        # 64 batches by length, cut batches, shuffle the batch order
         perm = torch.randperm(len(pairs), generator=gen).tolist()
+        items = []
+        for p in perm:
+            si, li = pairs[p]
+            T = tokens[si].shape[0]
+            start = int(torch.randint(0, T - max_len + 1, (1,), generator=gen)) if T > max_len else 0
+            items.append((si, li, start, min(T, start + max_len)))
+        pool = 64 * cfg.batch_size
         out = []
-        for s in range(0, len(perm), cfg.batch_size):
-            items = []
-            for p in perm[s : s + cfg.batch_size]:
-                si, li = pairs[p]
-                T = tokens[si].shape[0]
-                start = int(torch.randint(0, T - max_len + 1, (1,), generator=gen)) if max_len < T else 0
-                items.append((si, li, start, min(T, start + max_len)))
-            out.append(items)
-        return out
+        for s in range(0, len(items), pool):
+            chunk = sorted(items[s : s + pool], key=lambda it: it[3] - it[2])
+            out += [chunk[i : i + cfg.batch_size] for i in range(0, len(chunk), cfg.batch_size)]
+        order = torch.randperm(len(out), generator=gen).tolist()
+        return [out[i] for i in order]
 
     def batch_loss(items) -> torch.Tensor:
         T = max(b - a for _, _, a, b in items)
