@@ -147,7 +147,7 @@ def train_moe_beyond(
         for p in perm:
             si, li = pairs[p]
             T = tokens[si].shape[0]
-            start = int(torch.randint(0, T - max_len + 1, (1,), generator=gen)) if T > max_len else 0
+            start = int(torch.randint(0, T - max_len + 1, (1,), generator=gen)) if max_len < T else 0
             items.append((si, li, start, min(T, start + max_len)))
         pool = 64 * cfg.batch_size
         out = []
