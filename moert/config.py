@@ -9,8 +9,9 @@ __all__ = ["OffloadConfig", "POLICIES", "BACKENDS"]
 
 POLICIES = ("lru", "lfu")
 #: "runtime": the C++ pool / slab cache / copy engine (moert.runtime); "reference": a pure-Python
-#: dict cache with synchronous copies (the obviously-correct reference, slow, for tests)
-BACKENDS = ("runtime", "reference")
+#: dict cache with synchronous copies (the obviously-correct reference, for tests); "naive": no
+#: cache, every selected expert copied on every use (the Accelerate-style baseline of bench/)
+BACKENDS = ("runtime", "reference", "naive")
 
 
 @dataclass(frozen=True)
@@ -24,7 +25,8 @@ class OffloadConfig:
         device: ``"cuda"``, ``"cpu"`` (the CPU twin: slots in host memory) or None (CUDA when one can
             run, else CPU; ``MOERT_DEVICE`` overrides).
         copy_streams: copy streams (CUDA) / worker threads (CPU twin); None reads ``MOERT_COPY_STREAMS``.
-        backend: ``"runtime"`` (default) or ``"reference"`` (pure-Python cache, for tests).
+        backend: ``"runtime"`` (default), ``"reference"`` (pure-Python cache, for tests) or ``"naive"``
+            (no cache: copy every selected expert on every use; a benchmark baseline).
     """
 
     cache_experts: int | float = 0.25

@@ -1,0 +1,274 @@
+"""Decode throughput and per-token latency: all-resident vs moert (cache 0.1/0.25/0.5 x lru/lfu) vs
+a naive offload that copies every selected expert on every use (no cache; what Accelerate-style
+offloading does). Every row is a ratio to all-resident measured in the same run, on the same model,
+prompt and tokens.
+
+CPU (default): the demo's DeepSeek-V2-Lite-shaped tiny model in fp32 on the CPU twin (the "device"
+slots are host memory, so a miss costs a memcpy, not a PCIe copy). GPU (``--device cuda``): a
+random-weight model with DeepSeek-V2-Lite's real dimensions in bf16. Random weights do not route like
+trained ones (routing is near-uniform, so hit rates are lower than on real traffic): the GPU numbers
+are timing only.
+
+    python bench/bench_decode.py                      # CPU, writes bench/results/decode_cpu.{json,md}
+    python bench/bench_decode.py --device cuda        # GPU, writes bench/results/decode_cuda.{json,md}
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import moert
+from moert.testing import deepseek_v2_lite_config, demo_config, prompt_ids, tiny_model
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def decode(
+    model: Any, prompt: torch.Tensor, steps: int, warmup: int, device: str, on_warm: Any = None
+) -> dict[str, Any]:
+    """Prefill ``prompt``, then time ``steps`` single-token greedy decode steps after ``warmup`` steps
+    (``on_warm()`` is called once the warm-up is done, e.g. to reset counters).
+
+    Returns per-token latencies (s), the generated ids and the prefill time.
+    """
+    with torch.no_grad():
+        _sync(device)
+        t0 = time.perf_counter()
+        out = model(prompt, use_cache=True)
+        _sync(device)
+        prefill_s = time.perf_counter() - t0
+        cache = out.past_key_values
+        nxt = out.logits[:, -1:].argmax(-1)
+        ids, lat = [], []
+        for i in range(warmup + steps):
+            if i == warmup and on_warm is not None:
+                on_warm()
+            _sync(device)
+            t0 = time.perf_counter()
+            out = model(nxt, past_key_values=cache, use_cache=True)
+            nxt = out.logits[:, -1:].argmax(-1)
+            _sync(device)
+            if i >= warmup:
+                lat.append(time.perf_counter() - t0)
+            cache = out.past_key_values
+            ids.append(nxt)
+    return {"latency_s": lat, "ids": torch.cat(ids, dim=1).cpu(), "prefill_s": prefill_s}
+
+
+def _q(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, max(0, round(q * (len(xs) - 1))))]
+
+
+def summarize(lat: list[float], batch: int) -> dict[str, float]:
+    med = statistics.median(lat)
+    return {
+        "tok_s": batch * len(lat) / sum(lat),
+        "latency_ms_median": med * 1e3,
+        "latency_ms_p20": _q(lat, 0.2) * 1e3,
+        "latency_ms_p80": _q(lat, 0.8) * 1e3,
+    }
+
+
+def build(device: str, seed: int) -> Any:
+    if device == "cuda":
+        cfg = deepseek_v2_lite_config()
+        torch.manual_seed(seed)
+        with torch.device("cuda"):
+            from transformers import AutoModelForCausalLM
+
+            model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+        return model.eval()
+    return tiny_model(demo_config(), seed=seed)
+
+
+def _versions() -> dict[str, str]:
+    import transformers
+
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=RESULTS.parent,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    dev = (
+        torch.cuda.get_device_name()
+        if torch.cuda.is_available()
+        else platform.processor() or platform.machine()
+    )
+    return {
+        "moert": moert.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "commit": commit,
+        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "device_name": dev,
+        "cpu_threads": str(torch.get_num_threads()),
+        "load_avg_1m": f"{os.getloadavg()[0]:.2f}",
+    }
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    device = args.device
+    model = build(device, args.seed)
+    cfg = model.config
+    prompt = prompt_ids(args.batch, args.prompt_len, vocab=cfg.vocab_size, seed=args.seed + 1).to(device)
+    configs: list[tuple[str, float | None, str | None, str]] = [("all-resident", None, None, "")]
+    configs += [
+        (f"moert {frac:g} {pol}", frac, pol, "runtime") for frac in args.fractions for pol in args.policies
+    ]
+    configs.append(("naive (copy every use)", 1.0, "lru", "naive"))
+    # Rounds interleave the configs so that drift in machine load hits all of them alike.
+    lat: dict[str, list[float]] = {c[0]: [] for c in configs}
+    last: dict[str, Any] = {}
+    for _ in range(args.rounds):
+        for name, frac, pol, backend in configs:
+            if not backend:
+                res = decode(model, prompt, args.tokens, args.warmup, device)
+                lat[name] += res["latency_s"]
+                last[name] = (res, None, None)
+                continue
+            handle = moert.patch(model, cache_experts=frac, policy=pol, device=device, backend=backend)
+            try:
+                # counters cover the timed decode steps only (not prefill or warm-up)
+                res = decode(model, prompt, args.tokens, args.warmup, device, on_warm=handle.reset_stats)
+                st = handle.stats()
+            finally:
+                handle.undo()
+            lat[name] += res["latency_s"]
+            last[name] = (res, st, handle.num_slots)
+    base = last["all-resident"][0]
+    resident = summarize(lat["all-resident"], args.batch)
+    rows: list[dict[str, Any]] = [
+        {"config": "all-resident", "cache": None, "policy": None, **resident, "tokens_match": True}
+    ]
+    for name, frac, pol, backend in configs[1:]:
+        res, st, slots = last[name]
+        s = summarize(lat[name], args.batch)
+        moved = st.bytes_copied / (args.tokens * args.batch)
+        rows.append(
+            {
+                "config": name,
+                "cache": frac if backend != "naive" else 0,
+                "policy": pol if backend != "naive" else None,
+                "slots": slots if backend != "naive" else 0,
+                **s,
+                "hit_rate": st.hit_rate,
+                "bytes_per_token": moved,
+                "copy_GB_s": st.bytes_copied / max(sum(res["latency_s"]), 1e-9) / 1e9,  # last round
+                "demand_stall_s": st.demand_stall_s,
+                "tokens_match": bool(torch.equal(res["ids"], base["ids"])),
+            }
+        )
+    for r in rows:
+        r["tok_s_ratio"] = r["tok_s"] / resident["tok_s"]
+        r["latency_ratio"] = r["latency_ms_median"] / resident["latency_ms_median"]
+    expert_bytes = 3 * cfg.moe_intermediate_size * cfg.hidden_size * next(model.parameters()).element_size()
+    return {
+        "bench": "decode",
+        "device": device,
+        "model": "DeepSeek-V2-Lite dims, random bf16 weights"
+        if device == "cuda"
+        else "demo_config(): DeepSeek-V2-Lite layout scaled down, fp32",
+        "model_dims": {
+            "hidden": cfg.hidden_size,
+            "moe_intermediate": cfg.moe_intermediate_size,
+            "layers": cfg.num_hidden_layers,
+            "experts": cfg.n_routed_experts,
+            "top_k": cfg.num_experts_per_tok,
+            "expert_MB": expert_bytes / 1e6,
+        },
+        "batch": args.batch,
+        "prompt_len": args.prompt_len,
+        "tokens": args.tokens,
+        "warmup": args.warmup,
+        "rounds": args.rounds,
+        "note": (
+            "random weights do not route like trained ones (near-uniform routing): timing only"
+            if device == "cuda"
+            else "CPU twin: slots are host memory, a miss is a memcpy; random weights route near-uniformly"
+        ),
+        "versions": _versions(),
+        "rows": rows,
+    }
+
+
+def markdown(rec: dict[str, Any]) -> str:
+    v = rec["versions"]
+    out = [
+        f"# Decode benchmark ({rec['device']})",
+        "",
+        f"{rec['model']}; dims {rec['model_dims']}; batch {rec['batch']}, prompt {rec['prompt_len']}, "
+        f"{rec['tokens']} timed tokens after {rec['warmup']} warm-up, x {rec['rounds']} interleaved rounds "
+        "(latencies pooled; hit rate and bytes from the last round).",
+        f"Note: {rec['note']}.",
+        f"moert {v['moert']}, torch {v['torch']}, transformers {v['transformers']}, commit {v['commit']}, "
+        f"{v['date']}, {v['device_name']}, {v['cpu_threads']} CPU threads, load average {v['load_avg_1m']} at the end.",
+        "",
+        "| config | tok/s | x resident | latency ms median (p20-p80) | hit rate | MB/token | copy GB/s | tokens = resident |",
+        "|---|---:|---:|---|---:|---:|---:|---|",
+    ]
+    for r in rec["rows"]:
+        hit = f"{r['hit_rate']:.1%}" if "hit_rate" in r else "-"
+        mb = f"{r['bytes_per_token'] / 1e6:.2f}" if "bytes_per_token" in r else "-"
+        gbs = f"{r['copy_GB_s']:.2f}" if "copy_GB_s" in r else "-"
+        out.append(
+            f"| {r['config']} | {r['tok_s']:.1f} | {r['tok_s_ratio']:.2f} | {r['latency_ms_median']:.1f} "
+            f"({r['latency_ms_p20']:.1f}-{r['latency_ms_p80']:.1f}) | {hit} | {mb} | {gbs} | {r['tokens_match']} |"
+        )
+    return "\n".join(out) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--tokens", type=int, default=32)
+    p.add_argument("--warmup", type=int, default=4)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--prompt-len", type=int, default=16)
+    p.add_argument("--fractions", type=float, nargs="+", default=[0.1, 0.25, 0.5])
+    p.add_argument("--policies", nargs="+", default=["lru", "lfu"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--rounds", type=int, default=3, help="interleaved rounds over all configs (latencies pooled)"
+    )
+    p.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads (1: stable on a shared 2-core box)"
+    )
+    p.add_argument(
+        "--out", type=Path, default=None, help="output stem (default bench/results/decode_<device>)"
+    )
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    rec = run(args)
+    stem = args.out or RESULTS / f"decode_{args.device}"
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps(rec, indent=2) + "\n")
+    md = markdown(rec)
+    stem.with_suffix(".md").write_text(md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
