@@ -16,12 +16,19 @@ __all__ = ["INTERPRET", "predictive_norm_kernel"]
 
 INTERPRET: bool = bool(knobs.runtime.interpret)
 
+
+@triton.jit
+def _add(a, b):
+    return a + b
+
+
 # Only Triton builtins are called below (tl.full, not tl.zeros; tl.reduce, not tl.sum; sigmoid
 # spelled out): the helpers in triton.language.standard are decorated when Triton is imported, so
 # they cannot be interpreted when Triton was imported before TRITON_INTERPRET=1 was set (as a test
 # process that imported transformers has). The interpreter reduces with np.sum only for Triton's own
-# add combiner; on the GPU every add combiner compiles to the same reduction.
-_ADD = tl.standard._sum_combine
+# add combiner (a private name; any other combiner is reduced element by element: right, but slow);
+# on the GPU every add combiner compiles to the same reduction.
+_ADD = getattr(tl.standard, "_sum_combine", _add)
 
 
 @triton.jit
