@@ -6,12 +6,16 @@ Stages (each one process, each a few minutes on 2 CPU cores; run in order, or ``
   moe-beyond  train a small MoE-Beyond encoder (smaller than the paper's), evaluate
   sim         replay the held-out prompts through the simulator (lru, belady; lru + each predictor)
   report      bench/results/predict_puffin.{json,md} with versions, commit, date
+  tiny        (separate) traces captured with hidden rows from tiny random deepseek_v2 / qwen3_moe /
+              phimoe models (6 layers): preattn for both archs and all four losses, lookahead by
+              distance, next-gate / prev-token / frequency -> bench/results/predict_tiny.{json,md}
 
 Split: ``split_sequences(ids, val=0.1, test=0.1, seed=0)``: 10% of prompts held out (test), 10%
 for early stopping, 80% for training. Intermediate results and predictor files go to ``--work``
 (default /tmp/moert-bench-predict), never into the repository.
 
     python bench/bench_predict.py --stage all
+    python bench/bench_predict.py --stage tiny
 """
 
 from __future__ import annotations
@@ -136,6 +140,113 @@ def stage_sim(args, meta, parts, work):
     save_part(work, "sim", {"rows": rows, "sim_s": time.perf_counter() - t0, "config": report["config"]})
 
 
+TINY_OVERPROVISION = {"deepseek_v2": 4, "qwen3_moe": 4, "phimoe": 1}
+
+
+def stage_tiny(args, work):
+    """The analogue of the pre-attention paper's Tables 3-4 on tiny random models (not real weights)."""
+    from moert.predict.baselines import NextGatePredictor
+    from moert.predict.preattn import train_preattn
+    from moert.testing import prompt_ids, tiny_model
+    from moert.trace_capture import capture
+
+    results = {}
+    for model_type, m in TINY_OVERPROVISION.items():
+        model = tiny_model(model_type, num_hidden_layers=6)
+        prompts = [prompt_ids(1, 64, seed=1000 + i)[0] for i in range(args.tiny_prompts)]
+        out = work / f"tiny-{model_type}"
+        t0 = time.perf_counter()
+        capture(model, prompts, out, max_new_tokens=0, with_scores=True, with_hidden=True, overwrite=True)
+        meta, seqs = open_sequences(str(out))
+        split = split_sequences([s.seq_id for s in seqs], 0.1, 0.2, seed=args.seed)
+        train, val, test = (select_sequences(seqs, getattr(split, n)) for n in ("train", "val", "test"))
+        row = {
+            "meta": {"layers": list(meta.layers), "E": meta.num_experts, "k": meta.top_k, "H": meta.hidden_size,
+                     "tokens": {"train": sum(s.num_tokens for s in train), "val": sum(s.num_tokens for s in val),
+                                "test": sum(s.num_tokens for s in test)}},
+            "capture_s": time.perf_counter() - t0, "m": m, "predictors": {},
+        }  # fmt: skip
+        base = {
+            "prev-token": PrevTokenPredictor.for_trace(meta),
+            "frequency": FrequencyPredictor.fit(meta, train + val),
+            "next-gate": NextGatePredictor.from_model(model, meta),
+        }
+        for name, pred in base.items():
+            row["predictors"][name] = evaluate(pred, test, overprovision=(m,))["overall"]
+        cfg = TrainConfig(
+            epochs=30, batch_size=128, patience=4, seed=args.seed, threads=args.threads, progress=False
+        )
+        for arch in ("linear2", "mlp_bn"):
+            for loss in ("mse", "wbce", "focal", "rank"):
+                t0 = time.perf_counter()
+                pred, hist = train_preattn(
+                    meta, train, val, arch=arch, loss=loss, dim=256, lookahead=2, cfg=cfg
+                )
+                res = evaluate(pred, test, overprovision=(m,))
+                row["predictors"][f"preattn/{arch}/{loss}"] = {
+                    **res["overall"], "by_distance": res["by_distance"], "train_s": time.perf_counter() - t0,
+                    "epochs": hist["epochs_run"],
+                }  # fmt: skip
+        results[model_type] = row
+        print(f"[tiny] {model_type} done", file=sys.stderr, flush=True)
+    env = _env(args)
+    (REPO / "bench/results/predict_tiny.json").write_text(
+        json.dumps({"env": env, "models": results}, indent=1)
+    )
+    lines = [
+        "# Pre-attention predictors on tiny random models (traces captured with hidden rows), CPU",
+        "",
+        f"{env['date_utc']}, commit {env['commit']}, torch {env['torch']}, {env['threads']} CPU thread(s). "
+        "`python bench/bench_predict.py --stage tiny`. Tiny random models of the real classes "
+        f"(`moert.testing.tiny_model(..., num_hidden_layers=6)`), {args.tiny_prompts} random prompts x 64 "
+        "tokens (prefill), split by prompt 70/10/20 (test); D=256, lookahead 2, up to 30 epochs with "
+        "early stopping. Random weights, so these show the pipeline and relative ordering, not the "
+        "paper's absolute numbers on trained models.",
+        "",
+    ]
+    for model_type, row in results.items():
+        mt, m, k = row["meta"], row["m"], row["meta"]["k"]
+        lines += [
+            f"## {model_type}: MoE layers {mt['layers']}, E={mt['E']}, k={k}, H={mt['H']}, "
+            f"test tokens {mt['tokens']['test']}",
+            "",
+            f"| predictor | exact | over-provision hit k+{m} | top-1 | recall@{k} | lookahead 1 exact | lookahead 2 exact |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for name, r in row["predictors"].items():
+            bd = r.get("by_distance", {})
+            la = [f"{100 * bd[j]['exact']:.1f}%" if j in bd else "-" for j in ("1", "2")]
+            lines.append(
+                f"| {name} | {100 * r['exact']:.1f}% | {100 * r[f'overprov_hit@{k}+{m}']:.1f}% | "
+                f"{100 * r['top1']:.1f}% | {100 * r[f'recall@{k}']:.1f}% | {la[0]} | {la[1]} |"
+            )
+        lines.append("")
+    lines.append(
+        "next-gate: layer l's router on layer l-1's pre-attention row (its own row for the first MoE layer). "
+        "lookahead j: the head at layer l predicting layer l+j from layer l's row."
+    )
+    (REPO / "bench/results/predict_tiny.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def _env(args) -> dict:
+    import numpy
+    import safetensors
+
+    return {
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "commit": _git("rev-parse", "--short", "HEAD"),
+        "dirty": bool(_git("status", "--porcelain", "--", "moert/predict", "bench/bench_predict.py")),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "safetensors": safetensors.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "threads": args.threads,
+        "device": "cpu",
+    }
+
+
 def _git(*cmd: str) -> str:
     try:
         return subprocess.run(
@@ -155,21 +266,7 @@ def stage_report(args, meta, parts, split, path, work):
     for kind in ("xlayer", "moe-beyond"):
         if kind in parts_json:
             rows[kind] = parts_json[kind]
-    import numpy
-    import safetensors
-
-    env = {
-        "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "commit": _git("rev-parse", "--short", "HEAD"),
-        "dirty": bool(_git("status", "--porcelain", "--", "moert/predict", "bench/bench_predict.py")),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "numpy": numpy.__version__,
-        "safetensors": safetensors.__version__,
-        "cpu": platform.processor() or platform.machine(),
-        "threads": args.threads,
-        "device": "cpu",
-    }
+    env = _env(args)
     k = meta.top_k
     result = {
         "env": env,
@@ -271,7 +368,8 @@ def stage_report(args, meta, parts, split, path, work):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--stage", default="all", choices=(*STAGES, "all"))
+    p.add_argument("--stage", default="all", choices=(*STAGES, "all", "tiny"))
+    p.add_argument("--tiny-prompts", type=int, default=60)
     p.add_argument("--trace", default=None)
     p.add_argument("--work", default="/tmp/moert-bench-predict")
     p.add_argument("--seed", type=int, default=0)
@@ -284,6 +382,9 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
+    if args.stage == "tiny":
+        stage_tiny(args, work)
+        return 0
     meta, parts, split, path = load(args)
     stages = STAGES if args.stage == "all" else (args.stage,)
     for st in stages:

@@ -6,7 +6,6 @@ Everything here works on ``moert.trace.SequenceTrace`` objects (or anything with
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -229,7 +228,3 @@ def open_sequences(path: str, fmt: str = "auto", max_sequences: int | None = Non
 def chunks(n: int, size: int) -> list[tuple[int, int]]:
     """[(start, stop)] windows of at most ``size`` covering range(n)."""
     return [(i, min(i + size, n)) for i in range(0, n, size)] if n else []
-
-
-def ceil_div(a: int, b: int) -> int:
-    return -(-a // b) if b else math.inf

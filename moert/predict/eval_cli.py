@@ -84,7 +84,7 @@ def eval_from_args(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
                 raise ValueError("next-gate needs --model PATH (the model whose routers it applies)")
             from transformers import AutoModelForCausalLM
 
-            model = AutoModelForCausalLM.from_pretrained(args.model, torch_dtype=torch.float32)
+            model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
             pred = baselines.NextGatePredictor.from_model(model, meta)
     else:
         from moert.predict.io import load_predictor
