@@ -385,7 +385,12 @@ def result_table(report: dict) -> str:
     rows: dict[str, dict[float, dict]] = {}
     for r in report["results"]:
         rows.setdefault(r["policy"], {})[r["capacity"]] = r
-    head = ["policy"] + [f"hit rate @{c:g}" for c in caps] + [f"tok/s @{c:g}" for c in caps]
+    slots = {r["capacity"]: r["slots_per_cache"] for r in report["results"]}
+    head = (
+        ["policy"]
+        + [f"hit rate @{c:g} ({slots.get(c)} slots)" for c in caps]
+        + [f"tok/s @{c:g}" for c in caps]
+    )
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for policy, by_cap in rows.items():
         hit = [f"{by_cap[c]['hit_rate']:.3f}" if c in by_cap else "" for c in caps]
