@@ -254,16 +254,18 @@ def _resolve_config(config: OffloadConfig | None, overrides: dict[str, Any]) -> 
     return config
 
 
+def _check_not_patched(model: nn.Module) -> None:
+    config = getattr(model, "config", None)
+    if handle_of(model) is not None or getattr(config, "_experts_implementation", None) == IMPLEMENTATION:
+        raise RuntimeError("this model is already patched by moert; call handle.undo() before patching again")
+
+
 def prepare(
     model: nn.Module, cfg: OffloadConfig
 ) -> tuple[ModelAdapter, list[MoELayerRef], ExpertLayout, str, int, int]:
     """Checks shared by ``patch`` and ``load``: adapter, layers, layout, device, slots, copy streams."""
+    _check_not_patched(model)
     adapter = get_adapter(model)
-    if (
-        handle_of(model) is not None
-        or getattr(model.config, "_experts_implementation", None) == IMPLEMENTATION
-    ):
-        raise RuntimeError("this model is already patched by moert; call handle.undo() before patching again")
     refs = adapter.moe_layers()
     gate_up = refs[0].experts.gate_up_proj
     layout = ExpertLayout(
@@ -331,7 +333,8 @@ def patch(model: nn.Module, config: OffloadConfig | None = None, **kwargs: Any) 
     Args:
         model: a loaded model on one device (CPU or CUDA), e.g. ``AutoModelForCausalLM.from_pretrained``.
         config: a ``moert.OffloadConfig``; keyword arguments (``cache_experts``, ``policy``, ``device``,
-            ``copy_streams``, ``backend``) build one or override its fields.
+            ``copy_streams``, ``backend``) build one or override its fields. ``device=None`` means the
+            device the model's experts are on (an explicit device must match it).
 
     Returns:
         A ``PatchHandle`` (``.stats()``, ``.undo()``).
@@ -343,8 +346,13 @@ def patch(model: nn.Module, config: OffloadConfig | None = None, **kwargs: Any) 
         RuntimeError: the model is already patched.
     """
     cfg = _resolve_config(config, kwargs)
+    _check_not_patched(model)
+    where = _check_placement(model, get_adapter(model).moe_layers())
+    if cfg.device is None:
+        from dataclasses import replace
+
+        cfg = replace(cfg, device=where.type)
     adapter, refs, layout, device, slots, streams = prepare(model, cfg)
-    where = _check_placement(model, refs)
     if where.type != device:
         raise ValueError(
             f"the model's experts are on {where} but the slab cache would be on {device}; move the model "

@@ -7,7 +7,9 @@ strides). ``VARIANTS`` names each routing variant the tests must cover.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +26,7 @@ __all__ = [
     "prompt_ids",
     "greedy",
     "Reference",
+    "single_thread",
 ]
 
 # name -> (model_type, config overrides)
@@ -265,3 +268,17 @@ class Reference:
     def copy(self) -> nn.Module:
         """A deep copy of the unpatched model (its own config object)."""
         return copy.deepcopy(self.model)
+
+
+@contextlib.contextmanager
+def single_thread() -> Iterator[None]:
+    """One torch intra-op thread inside the block: tiny models gain nothing from more, and on a
+    loaded 2-core CI box spinning OpenMP workers slow them down by an order of magnitude."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -10,15 +10,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import moert
-from moert.testing import Reference, greedy
+from moert.testing import Reference, greedy, single_thread
 
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with single_thread():
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -147,3 +145,47 @@ def test_cuda_load_peak_memory(ds):
     assert rep["peak_device_bytes"] < rep["non_expert_bytes"] + rep["all_experts_bytes"]
     seq, _ = greedy(model, ds.prompt.cuda(), 4)
     assert seq.shape == (2, 10)
+
+
+def test_demo_on_a_model_directory(ds, capsys):
+    from moert import cli
+
+    rc = cli.main(
+        ["demo", "--model", str(ds.path), "--tokens", "8", "--batch", "2", "--cache", "0.5", "--json"]
+    )
+    rec = json.loads(capsys.readouterr().out)
+    assert rc == 0
+    assert rec["check"] == {**rec["check"], "checked": True, "tokens_identical": True}
+    assert rec["check"]["logits_rel_err"] <= 1e-5
+    assert rec["model_type"] == "deepseek_v2" and rec["cache_slots"] == 16
+    assert set(rec["stats"]["per_layer"]) == {"1", "2"}
+    mem = rec["memory_bytes"]
+    assert mem["device_with_offload"] < mem["device_without_offload"]
+
+
+def test_demo_default_cli(tmp_path):
+    """`moert demo` (what `make demo` runs) on the built-in model, shortened to 4 tokens."""
+    import subprocess
+    import sys
+
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run(
+        [sys.executable, "-m", "moert", "demo", "--tokens", "4", "--json"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    rec = json.loads(out.stdout)
+    assert rec["check"]["tokens_identical"] is True
+    assert rec["model_type"] == "deepseek_v2" and rec["num_experts"] == 64 and rec["top_k"] == 6
+    assert rec["cache_slots"] == 112  # 25% of 7 MoE layers x 64
+    assert rec["stats"]["misses"] > 0
+
+
+def test_demo_reports_bad_model_dir(tmp_path, capsys):
+    from moert import cli
+
+    assert cli.main(["demo", "--model", str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err

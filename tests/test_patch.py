@@ -9,15 +9,13 @@ import pytest
 import torch
 
 import moert
-from moert.testing import VARIANTS, Reference, greedy, prompt_ids, tiny_model
+from moert.testing import VARIANTS, Reference, greedy, prompt_ids, single_thread, tiny_model
 
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with single_thread():
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from moert.testing import Reference
+from moert.testing import Reference, single_thread
 
 
 @pytest.fixture(scope="session")
@@ -22,11 +22,5 @@ def references(tmp_path_factory):
 
 @pytest.fixture(autouse=True, scope="package")
 def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a loaded 2-core CI box spinning
-    OpenMP workers slow them down by an order of magnitude."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with single_thread():
+        yield
