@@ -180,9 +180,34 @@ class _Run:
         T = experts.shape[1]
         self.tokens += T
         self.accesses += (experts >= 0).sum(axis=(1, 2))
-        if token_prio is not None:
-            self._feed_per_token(experts, token_prio, prefetch)
-        elif self.mode == "per-layer":
+        if token_prio is None:
+            self._replay(experts, access_prio, prefetch)
+        else:
+            # Scores change only when the policy's prediction does: set them, then replay every
+            # token up to the next change in one C++ call (setting equal scores again is a no-op).
+            changed = np.ones(T, dtype=bool)
+            changed[1:] = (token_prio[1:] != token_prio[:-1]).any(axis=(1, 2))
+            bounds = [*np.flatnonzero(changed).tolist(), T]
+            all_ids = np.arange(self.E, dtype=np.int64)
+            for a, b in zip(bounds[:-1], bounds[1:]):
+                for layer in range(self.L):
+                    cache, cl = (
+                        (self.caches[layer], 0) if self.mode == "per-layer" else (self.caches[0], layer)
+                    )
+                    cache.set_priority(cl, all_ids, token_prio[a, layer])
+                self._replay(
+                    experts[:, a:b],
+                    None if access_prio is None else access_prio[:, a:b],
+                    None if prefetch is None else prefetch[:, a:b],
+                )
+        self.seconds += time.perf_counter() - start
+
+    def _replay(
+        self, experts: np.ndarray, access_prio: np.ndarray | None, prefetch: np.ndarray | None
+    ) -> None:
+        """One C++ replay per cache over (L, T, .) slices, token-major."""
+        T = experts.shape[1]
+        if self.mode == "per-layer":
             zeros = np.zeros(T, dtype=np.int32)
             for layer, cache in enumerate(self.caches):
                 out = cache.replay(
@@ -201,28 +226,6 @@ class _Run:
                 priorities=None if access_prio is None else _token_major(access_prio),
             )
             self.hits += np.asarray(out["hits_per_step"]).reshape(T, self.L).sum(0)
-        self.seconds += time.perf_counter() - start
-
-    def _feed_per_token(
-        self, experts: np.ndarray, token_prio: np.ndarray, prefetch: np.ndarray | None
-    ) -> None:
-        all_ids = np.arange(self.E, dtype=np.int64)
-        ex = experts.astype(np.int64)
-        pre = None if prefetch is None else prefetch.astype(np.int64)
-        per_layer = self.mode == "per-layer"
-        for t in range(experts.shape[1]):
-            if not per_layer:
-                for layer in range(self.L):
-                    self.caches[0].set_priority(layer, all_ids, token_prio[t, layer])
-            for layer in range(self.L):
-                cache, cl = (self.caches[layer], 0) if per_layer else (self.caches[0], layer)
-                if per_layer:
-                    cache.set_priority(0, all_ids, token_prio[t, layer])
-                if pre is not None:
-                    ids = pre[layer, t]
-                    cache.sim_prefetch(cl, ids[ids >= 0])
-                ids = ex[layer, t]
-                self.hits[layer] += cache.sim_access(cl, ids[ids >= 0])
 
     def result(self, cost: CostModel) -> dict:
         stats: dict[str, int] = {}
