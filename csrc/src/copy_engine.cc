@@ -77,6 +77,7 @@ bool CopyEngine::pending_locked() const {
 
 void CopyEngine::worker(int lane) {
   const StreamHandle stream = lanes_[lane];
+  const bool host_copies = backend_.device_index() < 0;
   try {
     backend_.bind_thread();
   } catch (const std::exception& e) {
@@ -122,10 +123,12 @@ void CopyEngine::worker(int lane) {
       failure = e.what();
     }
     if (failure.empty()) {
-      lk.lock();
-      sl.state = SlotState::kIssued;
-      c_.cv_.notify_all();
-      lk.unlock();
+      if (!host_copies) {  // CUDA: callers may go on as soon as the ready event is recorded
+        lk.lock();
+        sl.state = SlotState::kIssued;
+        c_.cv_.notify_all();
+        lk.unlock();
+      }
       try {
         ready.synchronize();
       } catch (const std::exception& e) {
