@@ -86,8 +86,17 @@ class PolicySpec:
         return self.evict if self.prefetch is None else f"{self.evict}+{self.prefetch}"
 
 
-def parse_policies(names: Iterable[str], prefetch: str | None = None) -> list[PolicySpec]:
-    """Parses ``EVICT[+PREFETCH]`` names; ``prefetch`` applies to names without their own."""
+def parse_policies(
+    names: Iterable[str], prefetch: str | None = None, *, prefetchers: Iterable[str] = ()
+) -> list[PolicySpec]:
+    """Parses ``EVICT[+PREFETCH]`` names; ``prefetch`` applies to names without their own.
+
+    Args:
+        names: e.g. ``["lru", "belady", "lru+oracle"]``.
+        prefetch: the prefetcher of names that have none (``None``/``"none"``: demand only).
+        prefetchers: extra prefetcher names that will be passed to :func:`simulate` as objects.
+    """
+    extra = set(prefetchers)
     specs = []
     for raw in names:
         name = raw.strip()
@@ -98,7 +107,7 @@ def parse_policies(names: Iterable[str], prefetch: str | None = None) -> list[Po
         pre = pre or prefetch
         if pre in ("", "none"):
             pre = None
-        if pre is not None:
+        if pre is not None and pre not in extra:
             get_prefetcher(pre)
         specs.append(PolicySpec(evict, pre))
     if not specs:

@@ -17,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).parent / "policy"))
 from policy_reference import ReferenceCache  # noqa: E402
 
 from moert import sim_cli  # noqa: E402
+from moert.policy import Prefetcher  # noqa: E402
 from moert.policy.moe_infinity import MoEInfinity  # noqa: E402
 from moert.sim import CostModel, SimConfig, num_slots, parse_policies, simulate  # noqa: E402
 from moert.trace import InMemoryTrace, SequenceTrace, TraceMeta, TraceWriter  # noqa: E402
@@ -243,3 +244,44 @@ def test_real_traces_at_capacity_k(shared_traces):
     overlap = int((ex[:, 1:, :, None] == ex[:, :-1, None, :]).any(-1).sum())
     assert rows["lru", 0.05]["hits"] == overlap == rows["belady", 0.05]["hits"]
     assert rows["belady", 0.5]["hit_rate"] >= rows["lru", 0.5]["hit_rate"] > rows["lru", 0.05]["hit_rate"]
+
+
+class PreviousTokenPrefetcher(Prefetcher):
+    """A predictor through the public hook: the previous token's experts of this layer, shifted by one id
+    (the previous token's own experts are always resident, so they would exercise nothing)."""
+
+    name = "previous"
+
+    def prefetch(self, layer, ctx):
+        earlier, _ = ctx.history()
+        return (earlier[layer, -1] + 1) % ctx.meta.num_experts if ctx.t > 0 else []
+
+
+@pytest.mark.parametrize("mode", ["per-layer", "global"])
+def test_custom_prefetch_hook_matches_reference(mode):
+    trace = random_trace(seed=9)
+    specs = parse_policies(["lru+previous", "lfu+previous"], prefetchers=["previous"])
+    report = simulate(
+        trace,
+        SimConfig(capacities=(0.3, 0.6), policies=tuple(specs), mode=mode, chunk_tokens=16),
+        prefetchers={"previous": PreviousTokenPrefetcher()},
+    )
+    rows = by_key(report)
+    meta = trace.meta
+    for spec in specs:
+        for c in (0.3, 0.6):
+            slots = num_slots(c, meta, mode)
+            caches = [
+                ReferenceCache(slots, spec.evict)
+                for _ in range(meta.num_layers if mode == "per-layer" else 1)
+            ]
+            hits = 0
+            for seq in trace.sequences():
+                for t in range(seq.num_tokens):
+                    for layer in range(meta.num_layers):
+                        cache, cl = (caches[layer], 0) if mode == "per-layer" else (caches[0], layer)
+                        if t > 0:
+                            cache.prefetch(cl, ((seq.experts[layer, t - 1] + 1) % meta.num_experts).tolist())
+                        hits += cache.access(cl, seq.experts[layer, t].tolist())
+            assert rows[spec.label, c]["hits"] == hits, (spec.label, c)
+            assert rows[spec.label, c]["prefetches"] > 0
