@@ -469,6 +469,11 @@ class OffloadedLayer:
             (T, H) in ``hidden_states.dtype``.
         """
         state = self.state
+        if hidden_states.device.type != state.device:
+            raise RuntimeError(
+                f"layer {state.layer_ids[self.ordinal]}: activations are on {hidden_states.device} but the expert "
+                f"cache is on {state.device}; the model was moved after moert.patch: undo(), move, patch again"
+            )
         num_tokens, hidden = hidden_states.shape
         k = top_k_index.shape[-1]
         flat = top_k_index.reshape(-1)  # [T*k]
