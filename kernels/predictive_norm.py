@@ -45,7 +45,7 @@ __all__ = [
 ]
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_MAX_LOGITS = 2048  # d·E held in one register tile per program
+_MAX_LOGITS = 512  # d·E held in one register tile per program (more spills registers)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,18 +90,54 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _resolve_config(
-    config: PredictiveNormConfig, T: int, H: int, D: int, EO: int, device: torch.device
-) -> tuple[int, int, int, int, int]:
-    """(block_t, block_k, block_d, d_splits, num_warps) for these shapes.
+@dataclasses.dataclass(frozen=True)
+class _LaunchPlan:
+    """Everything the launch needs besides the tensors: grid, scalar arguments, constexprs."""
 
-    Untuned first guesses (no GPU was at hand when they were written): ``bench_predictive_norm.py
-    --sweep`` times the alternatives on a GPU.
+    grid: tuple[int, int]
+    scalars: dict[str, int | float]
+    constexprs: dict[str, int | bool | str]
+    num_warps: int
+
+    @property
+    def atomic(self) -> bool:
+        return bool(self.constexprs["ATOMIC"])
+
+    @property
+    def options(self) -> dict[str, int | bool]:
+        """Compile options. FMA contraction stays on, as in PyTorch's own CUDA norm kernels (nvcc's
+        default), and is stated so that Triton 3.9 does not warn about its changing default."""
+        return {"num_warps": self.num_warps, "enable_fp_fusion": True}
+
+
+def _plan(
+    config: PredictiveNormConfig,
+    T: int,
+    H: int,
+    D: int,
+    EO: int,
+    eps: float,
+    dtype: torch.dtype,
+    device: torch.device,
+    *,
+    norm_kind: str,
+    act: str,
+    has_norm_bias: bool,
+    has_b1: bool,
+    has_b2: bool,
+    interpret: bool,
+) -> _LaunchPlan:
+    """Block sizes, D split and grid for these shapes; ``None`` config fields get first guesses.
+
+    The guesses keep every tile in registers without spills when compiled for sm_80/sm_90 (checked
+    by ``tests/kernels/test_predictive_norm_compile.py``); their speed is untuned (no GPU was at
+    hand): ``bench/bench_predictive_norm.py --sweep`` times the alternatives.
     """
     block_e = max(16, _next_pow2(EO))
-    # Decode rows share every weight tile; cap the (rows x logits) accumulator at 16K fp32.
-    block_t = config.block_t or min(64, max(16, _next_pow2(T)), max(16, 16384 // block_e))
-    block_k = config.block_k or min(128, max(16, _next_pow2(H)))
+    # Decode rows share every weight tile; the (rows x logits) fp32 accumulator is capped at 8K.
+    block_t = config.block_t or min(64, max(16, _next_pow2(T)), max(16, 8192 // block_e))
+    wide = 1 if dtype == torch.float32 else 2
+    block_k = config.block_k or min((64 if block_t == 16 else 32) * wide, max(16, _next_pow2(H)))
     sms = _sm_count(device.index or 0) if device.type == "cuda" else 0
     # At decode the bytes are w1's: split D finely enough that every SM pulls a slice.
     block_d = config.block_d or (16 if _cdiv(D, 32) < sms else min(32, max(16, _next_pow2(D))))
@@ -112,7 +148,37 @@ def _resolve_config(
     else:
         d_splits = 1
     d_splits = min(d_splits, _cdiv(D, block_d))
-    return block_t, block_k, block_d, d_splits, config.num_warps or 4
+    num_warps = config.num_warps or (4 if block_t * (block_k + block_e) <= 2048 else 8)
+    d_per_split = _cdiv(_cdiv(D, block_d), d_splits) * block_d  # whole BLOCK_D chunks per program
+    grid = (_cdiv(T, block_t), _cdiv(D, d_per_split))
+    return _LaunchPlan(
+        grid=grid,
+        scalars={
+            "T": T,
+            "H": H,
+            "D": D,
+            "EO": EO,
+            "h_float": float(H),
+            "eps": float(eps),
+            "d_per_split": d_per_split,
+        },
+        constexprs={
+            "NORM": NORM_KINDS.index(norm_kind),
+            "ACT": ACTIVATIONS.index(act),
+            "HAS_NB": has_norm_bias,
+            "HAS_B1": has_b1,
+            "HAS_B2": has_b2,
+            "ATOMIC": grid[1] > 1,
+            # Interpreter workarounds: fp32 dot operands (its 16-bit dot is wrong), bf16 rounding by bits.
+            "INTERPRET": interpret,
+            "DOT_PRECISION": "ieee" if dtype == torch.float32 else "tf32",
+            "BLOCK_T": block_t,
+            "BLOCK_K": block_k,
+            "BLOCK_D": block_d,
+            "BLOCK_E": block_e,
+        },
+        num_warps=num_warps,
+    )
 
 
 def _check_tensor(name: str, t: torch.Tensor | None, shape: tuple[int, ...], like: torch.Tensor) -> None:
@@ -179,7 +245,7 @@ def predictive_norm_forward(
         eps: the norm's epsilon (>= 0).
         norm_kind: ``"rms"`` (DeepSeek, Qwen: HF RMSNorm) or ``"layernorm"`` (Phi: ``nn.LayerNorm``).
         w1: (D, H), b1: (D,) or None: first Linear (for ``mlp_bn``, BatchNorm folded in).
-        w2: (d·E, D), b2: (d·E,) or None: second Linear, d = max(lookahead, 1), d·E <= 2048.
+        w2: (d·E, D), b2: (d·E,) or None: second Linear, d = max(lookahead, 1), d·E <= 512.
         act: ``"silu"`` (``linear2``) or ``"gelu"`` (``mlp_bn``, erf GELU).
         lookahead: 0 for logits (T, E); d >= 1 for (T, d, E).
         config: block sizes / splits; default picked from the shapes.
@@ -242,46 +308,38 @@ def predictive_norm_forward(
         )
 
     kernel = _load_kernel(x.device)
-    block_t, block_k, block_d, d_splits, num_warps = _resolve_config(
-        config or PredictiveNormConfig(), T, H, D, EO, x.device
+    plan = _plan(
+        config or PredictiveNormConfig(),
+        T,
+        H,
+        D,
+        EO,
+        eps,
+        x.dtype,
+        x.device,
+        norm_kind=norm_kind,
+        act=act,
+        has_norm_bias=norm_bias is not None,
+        has_b1=b1 is not None,
+        has_b2=b2 is not None,
+        interpret=kernel.INTERPRET,
     )
-    d_per_split = _cdiv(_cdiv(D, block_d), d_splits) * block_d  # whole BLOCK_D chunks per program
-    grid = (_cdiv(T, block_t), _cdiv(D, d_per_split))
-    atomic = grid[1] > 1
     normed = torch.empty_like(x)
-    logits = (torch.zeros if atomic else torch.empty)((T, EO), dtype=torch.float32, device=x.device)
+    logits = (torch.zeros if plan.atomic else torch.empty)((T, EO), dtype=torch.float32, device=x.device)
     if T > 0:
-        kernel.predictive_norm_kernel[grid](
+        kernel.predictive_norm_kernel[plan.grid](
             x,
             norm_weight,
-            norm_bias if norm_bias is not None else norm_weight,
+            norm_bias if norm_bias is not None else norm_weight,  # unread when HAS_NB is False
             w1,
             b1 if b1 is not None else w1,
             w2,
             b2 if b2 is not None else w2,
             normed,
             logits,
-            T,
-            H,
-            D,
-            EO,
-            float(H),
-            float(eps),
-            d_per_split,
-            NORM=NORM_KINDS.index(norm_kind),
-            ACT=ACTIVATIONS.index(act),
-            HAS_NB=norm_bias is not None,
-            HAS_B1=b1 is not None,
-            HAS_B2=b2 is not None,
-            ATOMIC=atomic,
-            # Interpreter workarounds: fp32 dot operands (its 16-bit dot is wrong), bf16 rounding by bits.
-            INTERPRET=kernel.INTERPRET,
-            DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-            BLOCK_T=block_t,
-            BLOCK_K=block_k,
-            BLOCK_D=block_d,
-            BLOCK_E=max(16, _next_pow2(EO)),
-            num_warps=num_warps,
+            **plan.scalars,
+            **plan.constexprs,
+            **plan.options,
         )
     if lookahead:
         logits = logits.view(T, lookahead, EO // lookahead)  # [T, d, E]
