@@ -55,6 +55,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dropout", type=float, default=0.1)
     g = p.add_argument_group("xlayer")
     g.add_argument("--no-prev-token", action="store_true", help="xlayer: do not use token t-1's experts")
+    g.add_argument(
+        "--no-history", action="store_true", help="xlayer: do not use the layer's decayed expert history"
+    )
     g.add_argument("--min-count", type=int, default=2, help="xlayer/moe-beyond: vocabulary min token count")
 
 
@@ -115,7 +118,7 @@ def train_from_args(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
 
         pred, _ = train_xlayer(
             meta, train_seqs, val_seqs, dim=args.hidden or 128, loss=args.loss,
-            use_prev_token=not args.no_prev_token, min_count=args.min_count, cfg=cfg, train_info=info,
+            use_prev_token=not args.no_prev_token, use_history=not args.no_history, min_count=args.min_count, cfg=cfg, train_info=info,
         )  # fmt: skip
     else:
         from moert.predict.moe_beyond import MoEBeyondConfig, train_moe_beyond

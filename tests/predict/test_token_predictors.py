@@ -10,7 +10,7 @@ from moert.predict.data import TokenVocab, position_bucket, split_sequences
 from moert.predict.evaluate import evaluate, select_sequences
 from moert.predict.moe_beyond import MoEBeyondConfig, MoEBeyondNet, train_moe_beyond
 from moert.predict.train import TrainConfig
-from moert.predict.xlayer import train_xlayer
+from moert.predict.xlayer import expert_history, train_xlayer
 
 
 def _parts(synth):
@@ -32,6 +32,14 @@ def test_xlayer_beats_frequency_and_prev_token(synth):
     # predict() and the batched predict_all() agree
     s = test[0]
     assert torch.allclose(pred.predict(2, s), pred.predict_all(s)[2], atol=1e-5)
+
+
+def test_expert_history_matches_a_direct_recurrence():
+    experts = torch.tensor([[[0, 1], [1, 2], [0, 3]]])  # (L=1, T=3, k=2)
+    got = expert_history(experts, num_experts=4, decay=0.5)
+    u1 = [0.5 * x for x in (1, 1, 0, 0)]  # after token 0
+    u2 = [0.5 * a + 0.5 * b for a, b in zip(u1, (0, 1, 1, 0))]  # after token 1
+    assert got[0].tolist() == [[0, 0, 0, 0], u1, u2]
 
 
 def test_moe_beyond_beats_frequency(synth):
