@@ -48,9 +48,10 @@ MODELS = {
 }
 OVERPROVISION = 2
 SWEEP = [
-    dict(block_d=block_d, d_splits=d_splits, num_warps=num_warps)
+    dict(block_k=block_k, block_d=block_d, d_splits=d_splits, num_warps=num_warps)
+    for block_k in (64, 128)
     for block_d in (16, 32, 64)
-    for d_splits in (1, 8, 32, 64, 128, 256)
+    for d_splits in (8, 32, 64, 128, 256)
     for num_warps in (4, 8)
 ]
 
@@ -98,6 +99,7 @@ def _setup(name: str, T: int, D: int, lookahead: int, dtype: torch.dtype, device
 def run_cuda(
     models: list[str], tokens: list[int], D: int, lookahead: int, hidden: int | None, sweep: bool
 ) -> list[dict]:
+    from moert.kernels._predictive_norm_plan import plan_launch
     from moert.kernels.predictive_norm import (
         PredictiveNormConfig,
         predictive_norm_forward,
@@ -126,6 +128,14 @@ def run_cuda(
             row["fused_gbps"] = moved / (row["fused"]["median_us"] * 1e-6) / 1e9
             row["chain_over_fused"] = row["chain"]["median_us"] / row["fused"]["median_us"]
             row["fused_over_norm"] = row["fused"]["median_us"] / row["norm"]["median_us"]
+            _, nw, nb, eps, kind, w1, b1, w2, b2 = args
+            plan = plan_launch(
+                PredictiveNormConfig(), T, x.shape[1], D, w2.shape[0], eps, dtype, x.device,
+                norm_kind=kind, act="silu", has_norm_bias=nb is not None, has_b1=True, has_b2=True,
+                interpret=False,
+            )  # fmt: skip
+            blocks = {c.lower(): plan.constexprs[c] for c in ("BLOCK_T", "BLOCK_K", "BLOCK_D", "BLOCK_E")}
+            row["default_plan"] = {"grid": list(plan.grid), "num_warps": plan.num_warps, **blocks}
             if sweep:
                 timed = []
                 for cfg in SWEEP:
@@ -170,7 +180,7 @@ def _markdown(meta: dict, rows: list[dict]) -> str:
         if "sweep" in r:
             best = r["sweep"][0]
             lines.append(
-                f"<!-- sweep best for {r['model']} T={r['T']}: block_d={best['block_d']} "
+                f"<!-- sweep best for {r['model']} T={r['T']}: block_k={best['block_k']} block_d={best['block_d']} "
                 f"d_splits={best['d_splits']} num_warps={best['num_warps']} {best['median_us']:.1f} us -->"
             )
         lines.append(

@@ -192,6 +192,31 @@ def test_predictive_norm_module_cpu_path_is_the_model_norm():
     assert list(PredictiveNorm(ln, w1, b1, w2, b2).state_dict()) == ["weight", "bias"]
 
 
+@pytest.mark.parametrize("lookahead", [0, 2])
+def test_predictive_norm_module_kernel_path(lookahead):
+    """The path CUDA inputs take (forced here onto the interpreter): reshapes, dtypes, logits."""
+    H, D, E = 72, 48, 60
+    norm = nn.LayerNorm(H, eps=1e-5)
+    nn.init.normal_(norm.weight, 1.0, 0.2)
+    nn.init.normal_(norm.bias, 0.0, 0.2)
+    norm = norm.to(torch.bfloat16)
+    outputs = max(lookahead, 1) * E
+    w1, b1, w2, b2 = torch.randn(D, H) / H**0.5, torch.randn(D), torch.randn(outputs, D) / D**0.5, None
+    pn = PredictiveNorm(norm, w1, b1, w2, b2, act="gelu", lookahead=lookahead, backend="triton")
+    x = torch.randn(2, 9, H).to(torch.bfloat16)  # [B, S, H]
+    with torch.no_grad():
+        out = pn(x)
+        want = norm(x)
+        want_logits = predictor_reference(want.reshape(-1, H), pn.w1, pn.b1, pn.w2, pn.b2, "gelu", lookahead)
+    assert out.shape == x.shape and out.dtype == torch.bfloat16
+    assert (out != want).double().mean() <= 1e-3
+    lead = (2, 9) if lookahead == 0 else (2, 9, lookahead)
+    assert pn.last_logits.shape == (*lead, E) and pn.last_logits.dtype == torch.float32
+    _assert_close("module logits", pn.last_logits, want_logits.view(*lead, E), *TOLERANCES[torch.bfloat16][1])
+    with pytest.raises(ValueError, match="backend='cuda' is not one of"):
+        PredictiveNorm(norm, w1, b1, w2, b2, backend="cuda")
+
+
 def test_predictive_norm_rejects_unknown_norm():
     class Gemma(nn.Module):
         def __init__(self):
@@ -331,14 +356,14 @@ def test_cpu_without_interpreter_names_the_pytorch_path(monkeypatch):
 
 def test_picked_launch_parameters_keep_dots_valid_on_gpus(monkeypatch):
     """Whatever the shapes, every tl.dot keeps M, N, K >= 16 and the grid covers T and D."""
-    from moert.kernels import predictive_norm as pn
+    from moert.kernels import _predictive_norm_plan as pn
 
     monkeypatch.setattr(pn, "_sm_count", lambda index: 132)
     for device in (torch.device("cpu"), torch.device("cuda", 0)):
         for dtype in DTYPES:
             for T in (1, 8, 64, 300):
                 for H, D, EO in [(40, 48, 60), (2048, 2048, 64), (4096, 2048, 16), (2048, 2048, 512)]:
-                    plan = pn._plan(
+                    plan = pn.plan_launch(
                         PredictiveNormConfig(), T, H, D, EO, 1e-6, dtype, device,
                         norm_kind="rms", act="silu", has_norm_bias=False, has_b1=True, has_b2=True,
                         interpret=False,

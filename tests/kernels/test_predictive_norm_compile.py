@@ -68,11 +68,11 @@ CASES = [
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_compiles_for_gpus_without_spills(case, monkeypatch):
-    from moert.kernels import predictive_norm as pn
+    from moert.kernels import _predictive_norm_plan as pn
 
     _, T, H, EO, norm_kind, act, dtype, arch = case
     monkeypatch.setattr(pn, "_sm_count", lambda index: 132)
-    plan = pn._plan(
+    plan = pn.plan_launch(
         pn.PredictiveNormConfig(), T, H, 2048, EO, 1e-6, dtype, torch.device("cuda", 0),
         norm_kind=norm_kind, act=act, has_norm_bias=norm_kind == "layernorm", has_b1=True, has_b2=True,
         interpret=False,
