@@ -16,7 +16,7 @@ Results go to ``bench/results/predictive_norm_<device>.{json,md}`` with device, 
 commit and date. The goals are reported, not asserted.
 
 ``--sweep`` also times the fused kernel over block sizes / D splits / warps and records the best
-configuration per row (to tune ``_resolve_config``'s first guesses).
+configuration per row (to tune the first guesses of ``plan_launch`` in ``kernels/_predictive_norm_plan.py``).
 
 Without CUDA it says so and runs a tiny correctness smoke in the Triton interpreter instead
 (no timings, nothing written), then exits 0.

@@ -8,9 +8,12 @@ those same normed rows, the expert predictor ``Linear(H, D) -> act -> Linear(D, 
     # normed: (T, H) x.dtype, equal to the model's norm; logits: (T, E) or (T, d, E) fp32
 
 Layers: ``predictive_norm_kernel`` (``_predictive_norm_kernel.py``, imported lazily so this module
-never imports Triton) -> ``predictive_norm_forward`` (checks, block sizes, grid) ->
-``PredictiveNorm`` (drop-in for ``input_layernorm``; Triton on CUDA, PyTorch on CPU). The
-reference, ``predictive_norm_reference``, lives in ``predictive_norm_reference.py``.
+never imports Triton) -> ``predictive_norm_forward`` (checks; block sizes and grid from
+``_predictive_norm_plan.py``) -> ``PredictiveNorm`` (drop-in for ``input_layernorm``; Triton on
+CUDA, PyTorch on CPU). The reference, ``predictive_norm_reference``, lives in
+``predictive_norm_reference.py``. Top-(k+m) selection runs right after the kernel
+(``predictive_norm_topk``, ``torch.topk``); whether in-kernel selection is faster is for
+``bench/bench_predictive_norm.py`` on a GPU to show.
 
 Inference only (no autograd). On CUDA, when D is split over several programs the logits are
 summed with fp32 atomics, so their last bits may vary from run to run; the normed rows never do.
