@@ -189,3 +189,17 @@ def test_demo_reports_bad_model_dir(tmp_path, capsys):
 
     assert cli.main(["demo", "--model", str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_tied_embeddings(tmp_path):
+    """save_pretrained omits lm_head.weight when tied; load ties it back."""
+    from moert.testing import prompt_ids, save_tiny, tiny_model
+
+    model = tiny_model("qwen3_moe", tie_word_embeddings=True)
+    path = save_tiny(model, tmp_path / "tied")
+    prompt = prompt_ids(2, 6)
+    want = greedy(model, prompt, 8)
+    loaded = moert.load(path, cache_experts=0.5, progress=False)
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    got = greedy(loaded, prompt, 8)
+    assert torch.equal(got[0], want[0])

@@ -221,3 +221,15 @@ def test_cuda_bf16_equivalence(name):
         assert err < 2e-2, f"{name} cache={slots}: bf16 logits relative error {err:.3e}"
         outs.append(logits)
     assert all(torch.equal(outs[0], o) for o in outs[1:]), "not bit-identical across cache sizes on CUDA"
+
+
+def test_transformers_version_guard(monkeypatch):
+    import transformers
+
+    from moert.patch import register_experts_implementation
+
+    monkeypatch.setattr(transformers, "__version__", "5.16.2")
+    with pytest.raises(ImportError, match=r"transformers 5\.16\.2 is too old: moert needs >= 5\.17"):
+        register_experts_implementation()
+    monkeypatch.setattr(transformers, "__version__", "5.17.0.dev0")
+    register_experts_implementation()
