@@ -233,3 +233,16 @@ def test_transformers_version_guard(monkeypatch):
         register_experts_implementation()
     monkeypatch.setattr(transformers, "__version__", "5.17.0.dev0")
     register_experts_implementation()
+
+
+def test_dense_layers_and_shared_experts_stay_resident(ds):
+    model = ds.copy()
+    dense = {n: p for n, p in model.model.layers[0].mlp.named_parameters()}
+    shared = {n: p for n, p in model.model.layers[1].mlp.shared_experts.named_parameters()}
+    handle = moert.patch(model, cache_experts=4)
+    assert handle.layer_ids == [1, 2]  # first_k_dense_replace=1: layer 0 is dense
+    assert dict(model.model.layers[0].mlp.named_parameters()) == dense
+    assert dict(model.model.layers[1].mlp.shared_experts.named_parameters()) == shared
+    assert all(p.numel() > 0 for p in list(dense.values()) + list(shared.values()))
+    assert handle.pool_bytes == 2 * 16 * handle.layout.slab_bytes  # routed experts only
+    handle.undo()
