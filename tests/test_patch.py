@@ -244,5 +244,6 @@ def test_dense_layers_and_shared_experts_stay_resident(ds):
     assert dict(model.model.layers[0].mlp.named_parameters()) == dense
     assert dict(model.model.layers[1].mlp.shared_experts.named_parameters()) == shared
     assert all(p.numel() > 0 for p in list(dense.values()) + list(shared.values()))
-    assert handle.pool_bytes == 2 * 16 * handle.layout.slab_bytes  # routed experts only
+    slab = handle.layout.slab_bytes
+    assert 2 * 16 * slab <= handle.pool_bytes < 3 * 16 * slab  # 2 layers of routed experts only
     handle.undo()
