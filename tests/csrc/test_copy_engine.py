@@ -102,8 +102,9 @@ def test_single_thread_decisions_match_reference(device, policy):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_threads_random_interleavings_zero_mismatches(device):
-    t = Setup(3, 12, 4112, 8, device, "lru", lanes=3)
+@pytest.mark.parametrize("policy", ["lru", "lfu", "priority"])
+def test_threads_random_interleavings_zero_mismatches(device, policy):
+    t = Setup(3, 12, 4112, 8, device, policy, lanes=3)
     errors: list[str] = []
     accessed = [0]
     lock = threading.Lock()
@@ -115,6 +116,9 @@ def test_threads_random_interleavings_zero_mismatches(device):
                 layer = int(rng.integers(3))
                 if rng.random() < 0.3:
                     t.engine.prefetch(layer, rng.integers(12, size=int(rng.integers(1, 6))))
+                    continue
+                if rng.random() < 0.1:
+                    t.cache.set_priority(layer, rng.integers(12, size=3), torch.randn(3))
                     continue
                 ids = rng.integers(12, size=int(rng.integers(1, 4))).tolist()
                 slots = t.engine.acquire(layer, ids)
