@@ -163,6 +163,15 @@ def markdown(report: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Runs the command; bad input (a malformed or missing file, a bad option) prints one line, exit 2."""
+    try:
+        return _run(args)
+    except (ValueError, FileNotFoundError, FileExistsError) as exc:
+        print(f"moert simulate: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
     from moert.sim import CostModel, SimConfig, parse_policies, simulate
     from moert.trace import detect_format, open_trace
     from moert.trace_cli import importer_options

@@ -106,6 +106,15 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Runs the command; bad input (a malformed or missing file, a bad option) prints one line, exit 2."""
+    try:
+        return _run(args)
+    except (ValueError, FileNotFoundError, FileExistsError) as exc:
+        print(f"moert trace: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.trace_command == "convert":
         return _convert(args)
     if args.trace_command == "info":

@@ -117,3 +117,17 @@ def test_real_shared_traces(shared_traces):
         assert layers == tuple(range(1, 27))
         assert experts.shape == (26, len(tokens), 6)
         assert tokens[0] == "<｜begin▁of▁sentence｜>"
+
+
+def test_convert_cli_reports_malformed_input(tmp_path, capsys):
+    src = tmp_path / "csv"
+    src.mkdir()
+    make_csv(src / "prompt_1_data.csv")
+    make_csv(src / "prompt_2_data.csv")
+    corrupt(src / "prompt_2_data.csv", 4, '1,0,x,"[1, 2, 3, 99]"')
+    parser = argparse.ArgumentParser()
+    trace_cli.add_arguments(parser)
+    args = parser.parse_args(["convert", str(src), "--out", str(tmp_path / "out"), "--num-experts", str(E)])
+    assert trace_cli.run(args) == 2
+    err = capsys.readouterr().err
+    assert "prompt_2_data.csv: line 4: expert id 99 is out of range" in err
