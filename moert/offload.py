@@ -5,9 +5,9 @@ Each routed expert of MoE layer ``l`` lives in entry ``(l, e)`` of an expert poo
 A store hands out device views of experts for one layer at a time:
 
 - ``RuntimeStore``: ``moert.runtime`` (``ExpertPool`` + ``SlabCache`` + ``CopyEngine``), the real thing.
-- ``ReferenceStore``: a dict and synchronous copies; the obviously-correct reference for tests.
-- ``NaiveStore``: no cache, every selected expert copied on every use (Accelerate-style offload);
-  the benchmark baseline.
+- ``moert.testing.ReferenceStore`` (backend "reference"): a dict and synchronous copies, the
+  obviously-correct reference for tests; ``moert.testing.NaiveStore`` (backend "naive"): no cache,
+  every selected expert copied on every use (Accelerate-style offload), the benchmark baseline.
 
 ``OffloadedLayer.forward`` computes one layer: union of the selected experts, acquired in waves of
 at most ``store.num_slots``; each expert's rows go through ``gate_up -> act * up -> down`` from the
@@ -32,9 +32,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ExpertLayout",
-    "HostPool",
-    "ReferenceStore",
-    "NaiveStore",
+    "Counters",
     "RuntimeStore",
     "OffloadState",
     "OffloadedLayer",
@@ -97,54 +95,18 @@ class ExpertLayout:
         )
 
 
-class HostPool:
-    """Pure-PyTorch twin of ``runtime.ExpertPool`` (used by the reference store): one host buffer,
-    entry ``(layer, expert)`` at a fixed stride."""
-
-    def __init__(self, num_layers: int, num_experts: int, slab_bytes: int) -> None:
-        self.num_layers, self.num_experts, self.slab_bytes = num_layers, num_experts, slab_bytes
-        self.stride = slab_bytes
-        self.nbytes = num_layers * num_experts * slab_bytes
-        self.pinned = False
-        self._buf = torch.empty(self.nbytes, dtype=torch.uint8)
-
-    def _base(self, layer: int, expert: int) -> int:
-        if not (0 <= layer < self.num_layers and 0 <= expert < self.num_experts):
-            raise ValueError(
-                f"entry ({layer}, {expert}) is outside the pool ({self.num_layers} x {self.num_experts})"
-            )
-        return (layer * self.num_experts + expert) * self.stride
-
-    def fill(self, layer: int, expert: int, src: torch.Tensor, offset: int = 0) -> None:
-        raw = src.detach().contiguous().reshape(-1).view(torch.uint8)
-        if offset + raw.numel() > self.slab_bytes:
-            raise ValueError(
-                f"{raw.numel()} bytes at offset {offset} overflow the {self.slab_bytes}-byte slab"
-            )
-        base = self._base(layer, expert) + offset
-        self._buf[base : base + raw.numel()].copy_(raw)
-
-    def view(
-        self, layer: int, expert: int, dtype: torch.dtype, shape: Sequence[int], offset: int = 0
-    ) -> torch.Tensor:
-        n = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
-        base = self._base(layer, expert) + offset
-        return self._buf[base : base + n].view(dtype).view(tuple(shape))
-
-    def close(self) -> None:
-        self._buf = torch.empty(0, dtype=torch.uint8)
-
-
 def make_pool(backend: str, num_layers: int, num_experts: int, slab_bytes: int, device: str) -> Any:
     """The host pool for ``backend``: ``runtime.ExpertPool`` (pinned when CUDA runs) or ``HostPool``."""
     if backend == "reference":
+        from moert.testing import HostPool
+
         return HostPool(num_layers, num_experts, slab_bytes)
     from moert import runtime
 
     return runtime.ExpertPool(num_layers, num_experts, slab_bytes, pin=(device == "cuda") or None)
 
 
-class _Counters:
+class Counters:
     __slots__ = ("hits", "misses", "bytes_loaded", "evictions")
 
     def __init__(self) -> None:
@@ -152,129 +114,6 @@ class _Counters:
 
     def as_dict(self) -> dict[str, int]:
         return {k: getattr(self, k) for k in self.__slots__}
-
-
-class ReferenceStore:
-    """A slab cache as a dict with synchronous copies: the independent reference.
-
-    Args:
-        pool: the host pool.
-        layout: expert layout.
-        num_slots: device slots.
-        policy: ``"lru"`` (evict the least recently used unpinned slot) or ``"lfu"`` (fewest uses
-            while resident, then least recently used).
-        device: where the slots live.
-    """
-
-    def __init__(self, pool: Any, layout: ExpertLayout, num_slots: int, policy: str, device: str) -> None:
-        self.pool, self.layout, self.num_slots, self.policy = pool, layout, num_slots, policy
-        self.device = torch.device(device)
-        self._slots = torch.empty(num_slots, pool.slab_bytes, dtype=torch.uint8, device=self.device)
-        self._views = [layout.views(self._slot_getter(s)) for s in range(num_slots)]
-        self._table: dict[tuple[int, int], int] = {}
-        self._owner: list[tuple[int, int] | None] = [None] * num_slots
-        self._last = [0] * num_slots
-        self._uses = [0] * num_slots
-        self._pinned: set[int] = set()
-        self._clock = 0
-        self.counters = _Counters()
-
-    def _slot_getter(self, slot: int) -> Any:
-        def get(dtype: torch.dtype, shape: Sequence[int], offset: int) -> torch.Tensor:
-            n = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
-            return self._slots[slot, offset : offset + n].view(dtype).view(tuple(shape))
-
-        return get
-
-    def resident(self, layer: int) -> set[int]:
-        return {e for (lay, e) in self._table if lay == layer}
-
-    def _victim(self) -> int:
-        free = [s for s in range(self.num_slots) if self._owner[s] is None]
-        if free:
-            return free[0]
-        cands = [s for s in range(self.num_slots) if s not in self._pinned]
-        if not cands:
-            raise RuntimeError("every slot is pinned; acquire fewer experts than num_slots at once")
-        if self.policy == "lfu":
-            return min(cands, key=lambda s: (self._uses[s], self._last[s]))
-        return min(cands, key=lambda s: self._last[s])
-
-    def acquire(self, layer: int, experts: Sequence[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        if len(experts) > self.num_slots:
-            raise ValueError(f"acquire of {len(experts)} experts exceeds the {self.num_slots} slots")
-        out = []
-        for e in experts:
-            self._clock += 1
-            slot = self._table.get((layer, e))
-            if slot is None:
-                self.counters.misses += 1
-                slot = self._victim()
-                old = self._owner[slot]
-                if old is not None:
-                    del self._table[old]
-                    self.counters.evictions += 1
-                src = self.pool.view(layer, e, torch.uint8, (self.pool.slab_bytes,))
-                self._slots[slot].copy_(src)
-                self.counters.bytes_loaded += self.pool.slab_bytes
-                self._table[(layer, e)] = slot
-                self._owner[slot] = (layer, e)
-                self._uses[slot] = 0
-            else:
-                self.counters.hits += 1
-            self._uses[slot] += 1
-            self._last[slot] = self._clock
-            self._pinned.add(slot)
-            out.append(self._views[slot])
-        return out
-
-    def release(self, layer: int, experts: Sequence[int]) -> None:
-        for e in experts:
-            slot = self._table.get((layer, e))
-            if slot is not None:
-                self._pinned.discard(slot)
-
-    def close(self) -> None:
-        self._slots = torch.empty(0, dtype=torch.uint8)
-        self._views = []
-
-
-class NaiveStore:
-    """No cache: every acquire copies each expert from the host pool into a fresh device buffer.
-
-    ``num_slots`` only bounds how many experts one wave holds.
-    """
-
-    def __init__(self, pool: Any, layout: ExpertLayout, num_slots: int, device: str) -> None:
-        self.pool, self.layout, self.num_slots = pool, layout, num_slots
-        self.device = torch.device(device)
-        self.counters = _Counters()
-
-    def resident(self, layer: int) -> set[int]:
-        return set()
-
-    def acquire(self, layer: int, experts: Sequence[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        out = []
-        for e in experts:
-            src = self.pool.view(layer, e, torch.uint8, (self.pool.slab_bytes,))
-            buf = src.to(self.device, non_blocking=False, copy=True)
-            self.counters.misses += 1
-            self.counters.bytes_loaded += self.pool.slab_bytes
-
-            def get(
-                dtype: torch.dtype, shape: Sequence[int], offset: int, buf: torch.Tensor = buf
-            ) -> torch.Tensor:
-                n = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
-                return buf[offset : offset + n].view(dtype).view(tuple(shape))
-
-            out.append(self.layout.views(get))
-        return out
-
-    def release(self, layer: int, experts: Sequence[int]) -> None:
-        return None
-
-    def close(self) -> None:
-        return None
 
 
 class RuntimeStore:
@@ -324,8 +163,8 @@ class RuntimeStore:
         }
 
     @property
-    def counters(self) -> _Counters:
-        c = _Counters()
+    def counters(self) -> Counters:
+        c = Counters()
         now = self._read()
         for k, v in now.items():
             setattr(c, k, v - self._base[k])
@@ -365,8 +204,12 @@ def make_store(
 ) -> Any:
     """The store for ``backend`` (``"runtime"``, ``"reference"`` or ``"naive"``)."""
     if backend == "reference":
+        from moert.testing import ReferenceStore
+
         return ReferenceStore(pool, layout, num_slots, policy, device)
     if backend == "naive":
+        from moert.testing import NaiveStore
+
         return NaiveStore(pool, layout, num_slots, device)
     return RuntimeStore(pool, layout, num_slots, policy, device, min_slots, copy_streams)
 

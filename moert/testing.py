@@ -1,4 +1,5 @@
-"""Tiny random models of the supported architectures, shared by tests, the demo and benchmarks.
+"""Tiny random models of the supported architectures, shared by tests, the demo and benchmarks,
+and the reference / baseline expert stores (offload backends ``"reference"`` and ``"naive"``).
 
 Every model is built from the real transformers config class with seeded random weights, so it runs
 the real modeling code. Dims are multiples of 8 (transformers' grouped_mm on CPU wants 16-byte
@@ -9,9 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import torch
+
+from moert.offload import Counters, ExpertLayout
 
 if TYPE_CHECKING:
     from torch import nn
@@ -27,6 +32,9 @@ __all__ = [
     "greedy",
     "Reference",
     "single_thread",
+    "HostPool",
+    "ReferenceStore",
+    "NaiveStore",
 ]
 
 # name -> (model_type, config overrides)
@@ -123,7 +131,6 @@ def tiny_model(model_type_or_config: Any, *, seed: int = 0, dtype: Any = None, *
         dtype: torch dtype of the weights (default fp32).
         **overrides: config fields, when a model_type is given.
     """
-    import torch
     from transformers import AutoModelForCausalLM
 
     if isinstance(model_type_or_config, str):
@@ -150,8 +157,6 @@ def save_tiny(model: nn.Module, path: str | Path) -> Path:
 
 def prompt_ids(batch: int = 1, length: int = 6, *, vocab: int = 160, seed: int = 1):
     """(batch, length) int64 prompt ids drawn with their own generator (ids >= 2: no bos/pad)."""
-    import torch
-
     g = torch.Generator().manual_seed(seed)
     return torch.randint(2, vocab, (batch, length), generator=g)
 
@@ -228,8 +233,6 @@ def greedy(model: nn.Module, prompt: Any, new_tokens: int = 32) -> tuple[Any, An
     Returns:
         ``(sequences (B, L+N) int64, logits (N, B, V) fp32)``.
     """
-    import torch
-
     with torch.no_grad():
         out = model.generate(
             prompt,
@@ -274,11 +277,173 @@ class Reference:
 def single_thread() -> Iterator[None]:
     """One torch intra-op thread inside the block: tiny models gain nothing from more, and on a
     loaded 2-core CI box spinning OpenMP workers slow them down by an order of magnitude."""
-    import torch
-
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+# -- reference and baseline stores (offload backends "reference" and "naive") ---------------------
+
+
+class HostPool:
+    """Pure-PyTorch twin of ``runtime.ExpertPool`` (used by the reference store): one host buffer,
+    entry ``(layer, expert)`` at a fixed stride."""
+
+    def __init__(self, num_layers: int, num_experts: int, slab_bytes: int) -> None:
+        self.num_layers, self.num_experts, self.slab_bytes = num_layers, num_experts, slab_bytes
+        self.stride = slab_bytes
+        self.nbytes = num_layers * num_experts * slab_bytes
+        self.pinned = False
+        self._buf = torch.empty(self.nbytes, dtype=torch.uint8)
+
+    def _base(self, layer: int, expert: int) -> int:
+        if not (0 <= layer < self.num_layers and 0 <= expert < self.num_experts):
+            raise ValueError(
+                f"entry ({layer}, {expert}) is outside the pool ({self.num_layers} x {self.num_experts})"
+            )
+        return (layer * self.num_experts + expert) * self.stride
+
+    def fill(self, layer: int, expert: int, src: torch.Tensor, offset: int = 0) -> None:
+        raw = src.detach().contiguous().reshape(-1).view(torch.uint8)
+        if offset + raw.numel() > self.slab_bytes:
+            raise ValueError(
+                f"{raw.numel()} bytes at offset {offset} overflow the {self.slab_bytes}-byte slab"
+            )
+        base = self._base(layer, expert) + offset
+        self._buf[base : base + raw.numel()].copy_(raw)
+
+    def view(
+        self, layer: int, expert: int, dtype: torch.dtype, shape: Sequence[int], offset: int = 0
+    ) -> torch.Tensor:
+        n = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+        base = self._base(layer, expert) + offset
+        return self._buf[base : base + n].view(dtype).view(tuple(shape))
+
+    def close(self) -> None:
+        self._buf = torch.empty(0, dtype=torch.uint8)
+
+
+class ReferenceStore:
+    """A slab cache as a dict with synchronous copies: the independent reference.
+
+    Args:
+        pool: the host pool.
+        layout: expert layout.
+        num_slots: device slots.
+        policy: ``"lru"`` (evict the least recently used unpinned slot) or ``"lfu"`` (fewest uses
+            while resident, then least recently used).
+        device: where the slots live.
+    """
+
+    def __init__(self, pool: Any, layout: ExpertLayout, num_slots: int, policy: str, device: str) -> None:
+        self.pool, self.layout, self.num_slots, self.policy = pool, layout, num_slots, policy
+        self.device = torch.device(device)
+        self._slots = torch.empty(num_slots, pool.slab_bytes, dtype=torch.uint8, device=self.device)
+        self._views = [layout.views(self._slot_getter(s)) for s in range(num_slots)]
+        self._table: dict[tuple[int, int], int] = {}
+        self._owner: list[tuple[int, int] | None] = [None] * num_slots
+        self._last = [0] * num_slots
+        self._uses = [0] * num_slots
+        self._pinned: set[int] = set()
+        self._clock = 0
+        self.counters = Counters()
+
+    def _slot_getter(self, slot: int) -> Any:
+        def get(dtype: torch.dtype, shape: Sequence[int], offset: int) -> torch.Tensor:
+            n = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+            return self._slots[slot, offset : offset + n].view(dtype).view(tuple(shape))
+
+        return get
+
+    def resident(self, layer: int) -> set[int]:
+        return {e for (lay, e) in self._table if lay == layer}
+
+    def _victim(self) -> int:
+        free = [s for s in range(self.num_slots) if self._owner[s] is None]
+        if free:
+            return free[0]
+        cands = [s for s in range(self.num_slots) if s not in self._pinned]
+        if not cands:
+            raise RuntimeError("every slot is pinned; acquire fewer experts than num_slots at once")
+        if self.policy == "lfu":
+            return min(cands, key=lambda s: (self._uses[s], self._last[s]))
+        return min(cands, key=lambda s: self._last[s])
+
+    def acquire(self, layer: int, experts: Sequence[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        if len(experts) > self.num_slots:
+            raise ValueError(f"acquire of {len(experts)} experts exceeds the {self.num_slots} slots")
+        out = []
+        for e in experts:
+            self._clock += 1
+            slot = self._table.get((layer, e))
+            if slot is None:
+                self.counters.misses += 1
+                slot = self._victim()
+                old = self._owner[slot]
+                if old is not None:
+                    del self._table[old]
+                    self.counters.evictions += 1
+                src = self.pool.view(layer, e, torch.uint8, (self.pool.slab_bytes,))
+                self._slots[slot].copy_(src)
+                self.counters.bytes_loaded += self.pool.slab_bytes
+                self._table[(layer, e)] = slot
+                self._owner[slot] = (layer, e)
+                self._uses[slot] = 0
+            else:
+                self.counters.hits += 1
+            self._uses[slot] += 1
+            self._last[slot] = self._clock
+            self._pinned.add(slot)
+            out.append(self._views[slot])
+        return out
+
+    def release(self, layer: int, experts: Sequence[int]) -> None:
+        for e in experts:
+            slot = self._table.get((layer, e))
+            if slot is not None:
+                self._pinned.discard(slot)
+
+    def close(self) -> None:
+        self._slots = torch.empty(0, dtype=torch.uint8)
+        self._views = []
+
+
+class NaiveStore:
+    """No cache: every acquire copies each expert from the host pool into a fresh device buffer.
+
+    ``num_slots`` only bounds how many experts one wave holds.
+    """
+
+    def __init__(self, pool: Any, layout: ExpertLayout, num_slots: int, device: str) -> None:
+        self.pool, self.layout, self.num_slots = pool, layout, num_slots
+        self.device = torch.device(device)
+        self.counters = Counters()
+
+    def resident(self, layer: int) -> set[int]:
+        return set()
+
+    def acquire(self, layer: int, experts: Sequence[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        out = []
+        for e in experts:
+            src = self.pool.view(layer, e, torch.uint8, (self.pool.slab_bytes,))
+            buf = src.to(self.device, non_blocking=False, copy=True)
+            self.counters.misses += 1
+            self.counters.bytes_loaded += self.pool.slab_bytes
+
+            def get(
+                dtype: torch.dtype, shape: Sequence[int], offset: int, buf: torch.Tensor = buf
+            ) -> torch.Tensor:
+                n = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+                return buf[offset : offset + n].view(dtype).view(tuple(shape))
+
+            out.append(self.layout.views(get))
+        return out
+
+    def release(self, layer: int, experts: Sequence[int]) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
