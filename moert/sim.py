@@ -299,6 +299,15 @@ def _chunks(trace: Trace, chunk_tokens: int) -> Iterator[list[SequenceTrace]]:
         yield chunk
 
 
+def _prefetch_rows(prefetcher: Prefetcher, chunk: list[SequenceTrace], meta: TraceMeta) -> np.ndarray:
+    """(L, T, m) prefetch ids of a chunk; each sequence's rows come after the earlier ones have ended."""
+    rows = []
+    for s in chunk:
+        rows.append(prefetcher.prefetch_sequence(s, meta))
+        prefetcher.end_sequence(s)
+    return np.concatenate(rows, axis=1)
+
+
 def simulate(
     trace: Trace,
     config: SimConfig,
@@ -345,10 +354,7 @@ def simulate(
     try:
         for chunk in _chunks(trace, config.chunk_tokens):
             experts = np.concatenate([s.experts.numpy().astype(np.int32) for s in chunk], axis=1)  # [L, T, k]
-            prefetch_rows = {
-                name: np.concatenate([p.prefetch_sequence(s, meta) for s in chunk], axis=1)
-                for name, p in pre_objs.items()
-            }
+            prefetch_rows = {name: _prefetch_rows(p, chunk, meta) for name, p in pre_objs.items()}
             for spec in config.policies:
                 policy = policies[spec.label]
                 access, per_token, base = [], [], offset
@@ -363,9 +369,6 @@ def simulate(
                 pre = None if spec.prefetch is None else prefetch_rows[spec.prefetch]
                 for run in runs[spec.label]:
                     run.feed(experts, access_prio, token_prio, pre)
-            for p in pre_objs.values():
-                for s in chunk:
-                    p.end_sequence(s)
             n = experts.shape[1]
             offset += n
             if bar is not None:

@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).parent / "policy"))
 from policy_reference import ReferenceCache  # noqa: E402
 
 from moert import sim_cli  # noqa: E402
-from moert.policy import Prefetcher  # noqa: E402
+from moert.policy import Prefetcher, TokenContext  # noqa: E402
 from moert.policy.moe_infinity import MoEInfinity  # noqa: E402
 from moert.sim import CostModel, SimConfig, num_slots, parse_policies, simulate  # noqa: E402
 from moert.trace import InMemoryTrace, SequenceTrace, TraceMeta, TraceWriter  # noqa: E402
@@ -285,3 +285,37 @@ def test_custom_prefetch_hook_matches_reference(mode):
                         hits += cache.access(cl, seq.experts[layer, t].tolist())
             assert rows[spec.label, c]["hits"] == hits, (spec.label, c)
             assert rows[spec.label, c]["prefetches"] > 0
+
+
+def test_moe_infinity_prefetcher_takes_the_top_predicted_experts():
+    from moert.policy import get_prefetcher
+
+    trace = random_trace(seed=8, lengths=(5, 6, 4, 7))
+    pre = get_prefetcher("moe-infinity")
+    pre.prepare(trace.meta)
+    want = naive_moe_infinity(trace)
+    m = trace.meta.top_k
+    for seq, w in zip(trace.sequences(), want):
+        rows = pre.prefetch_sequence(seq, trace.meta)  # [L, T, m]
+        for t in range(seq.num_tokens):
+            for layer in range(trace.meta.num_layers):
+                ids = [int(i) for i in rows[layer, t] if i >= 0]
+                top = sorted(v for v in w[t, layer] if v > 0)[::-1][:m]
+                np.testing.assert_allclose(sorted(w[t, layer][ids])[::-1], top, rtol=1e-5)
+                assert sorted(ids) == sorted(
+                    pre.prefetch(layer, TokenContext(seq, t, layer, trace.meta)).tolist()
+                )
+        pre.end_sequence(seq)
+
+
+def test_results_do_not_depend_on_chunking():
+    trace = random_trace(seed=11, lengths=(7, 3, 9, 5, 6, 4))
+    specs = tuple(parse_policies(["lru+moe-infinity", "moe-infinity", "belady"]))
+    reports = [
+        simulate(trace, SimConfig(capacities=(0.3, 0.6), policies=specs, mode=mode, chunk_tokens=chunk))
+        for mode in ("per-layer", "global")
+        for chunk in (1, 10, 1000)
+    ]
+    for group in (reports[:3], reports[3:]):
+        hits = [[r["hits"] for r in rep["results"]] for rep in group]
+        assert hits[0] == hits[1] == hits[2], hits

@@ -6,6 +6,7 @@ Eviction (the C++ cache chooses victims; Python only pushes scores):
   ``belady``         optimal offline eviction (simulator only), scores = -(next use)
 Prefetch (a hook before each layer's access):
   ``oracle``         the true expert set (the ceiling)
+  ``moe-infinity``   the top experts of the best-matching earlier request's activation matrix
   anything with ``prefetch(layer, ctx) -> expert ids`` (see :class:`Prefetcher`), e.g. a predictor.
 """
 
@@ -55,7 +56,11 @@ def get_prefetcher(name: str) -> Prefetcher:
         from moert.policy.oracle import OraclePrefetcher
 
         return OraclePrefetcher()
+    if name == "moe-infinity":
+        from moert.policy.moe_infinity import MoEInfinityPrefetcher
+
+        return MoEInfinityPrefetcher()
     if name in PREFETCHERS:
         return PREFETCHERS[name]()
-    known = ", ".join(["oracle", *PREFETCHERS])
+    known = ", ".join(["oracle", "moe-infinity", *PREFETCHERS])
     raise ValueError(f"unknown prefetcher {name!r}; use one of {known} (or register_prefetcher(name, cls))")

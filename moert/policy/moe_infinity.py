@@ -27,12 +27,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from moert.policy.base import EvictionPolicy
+from moert.policy.base import EvictionPolicy, Prefetcher, TokenContext
 
 if TYPE_CHECKING:
-    from moert.trace import SequenceTrace, Trace
+    from moert.trace import SequenceTrace, Trace, TraceMeta
 
-__all__ = ["MoEInfinity", "activation_matrix"]
+__all__ = ["MoEInfinity", "MoEInfinityPrefetcher", "activation_matrix"]
 
 
 def activation_matrix(experts: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -71,7 +71,11 @@ class MoEInfinity(EvictionPolicy):
         self._counts = self._keys = self._ratios = self._aggregate = torch.zeros(0)
 
     def prepare(self, trace: Trace) -> None:
-        L, E = trace.meta.num_layers, trace.meta.num_experts
+        self.reset(trace.meta.num_layers, trace.meta.num_experts)
+
+    def reset(self, num_layers: int, num_experts: int) -> None:
+        """Empties the collection for a trace of ``num_layers`` MoE layers with ``num_experts`` experts."""
+        L, E = num_layers, num_experts
         self._num_experts = E
         self._size = self._next = 0
         self._counts = torch.zeros(self.capacity, L, E)  # ring buffer of EAMs (counts)
@@ -113,3 +117,46 @@ class MoEInfinity(EvictionPolicy):
 def _row_ratios(counts: torch.Tensor) -> torch.Tensor:
     """(L, E) counts -> (L, E) per-layer activation ratios (rows sum to 1, or 0 when empty)."""
     return counts / counts.sum(-1, keepdim=True).clamp_min(1.0)
+
+
+class MoEInfinityPrefetcher(Prefetcher):
+    """MoE-Infinity's prefetch side: before each layer, the ``width`` experts of that layer with the
+    highest activation ratio in the best-matching earlier request's EAM (see :class:`MoEInfinity`;
+    the same matching, the same no-leakage rule). Experts never activated in the match are not
+    prefetched.
+
+    Args:
+        width: experts prefetched per layer (default: top-k of the trace).
+        capacity: the most EAMs kept in the collection.
+    """
+
+    name = "moe-infinity"
+
+    def __init__(self, width: int = 0, capacity: int = 512) -> None:
+        self.width = width
+        self._matcher = MoEInfinity(capacity=capacity)
+        self._cached_seq: SequenceTrace | None = None
+        self._cached = torch.zeros(0)
+
+    def prepare(self, meta: TraceMeta) -> None:
+        super().prepare(meta)
+        self._matcher.reset(meta.num_layers, meta.num_experts)
+
+    def _top(self, seq: SequenceTrace) -> torch.Tensor:
+        """(T, L, m) predicted ids of ``seq`` (-1 = none), computed once per sequence."""
+        if self._cached_seq is not seq:
+            top = self._matcher.predicted_ratios(seq).topk(self.width, dim=-1)  # [T, L, m]
+            self._cached = torch.where(top.values > 0, top.indices, -1)
+            self._cached_seq = seq
+        return self._cached
+
+    def prefetch(self, layer: int, ctx: TokenContext) -> torch.Tensor:
+        ids = self._top(ctx.seq)[ctx.t, layer]
+        return ids[ids >= 0]
+
+    def prefetch_sequence(self, seq: SequenceTrace, meta: TraceMeta) -> np.ndarray:
+        return self._top(seq).permute(1, 0, 2).contiguous().numpy().astype(np.int32)  # [L, T, m]
+
+    def end_sequence(self, seq: SequenceTrace) -> None:
+        self._matcher.end_sequence(seq)
+        self._cached_seq = None
