@@ -29,6 +29,8 @@ from typing import Any
 import torch
 
 import moert
+from moert.models import get_adapter
+from moert.offload import ExpertLayout
 from moert.testing import deepseek_v2_lite_config, demo_config, prompt_ids, tiny_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -86,16 +88,20 @@ def summarize(lat: list[float], batch: int) -> dict[str, float]:
     }
 
 
-def build(device: str, seed: int) -> Any:
+def build(device: str, seed: int, path: Path | None = None) -> tuple[Any, str]:
+    """The model to benchmark and its description."""
+    from transformers import AutoModelForCausalLM
+
+    if path is not None:
+        dtype = torch.bfloat16 if device == "cuda" else torch.float32
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device)
+        return model.eval(), f"{path} ({str(dtype).replace('torch.', '')})"
     if device == "cuda":
-        cfg = deepseek_v2_lite_config()
         torch.manual_seed(seed)
         with torch.device("cuda"):
-            from transformers import AutoModelForCausalLM
-
-            model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
-        return model.eval()
-    return tiny_model(demo_config(), seed=seed)
+            model = AutoModelForCausalLM.from_config(deepseek_v2_lite_config(), dtype=torch.bfloat16)
+        return model.eval(), "DeepSeek-V2-Lite dims, random bf16 weights"
+    return tiny_model(demo_config(), seed=seed), "demo_config(): DeepSeek-V2-Lite layout scaled down, fp32"
 
 
 def _versions() -> dict[str, str]:
@@ -131,7 +137,10 @@ def _versions() -> dict[str, str]:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     device = args.device
-    model = build(device, args.seed)
+    model, described = build(device, args.seed, args.model)
+    adapter = get_adapter(model)
+    gate_up = adapter.moe_layers()[0].experts.gate_up_proj
+    layout = ExpertLayout(hidden=gate_up.shape[2], intermediate=gate_up.shape[1] // 2, dtype=gate_up.dtype)
     cfg = model.config
     prompt = prompt_ids(args.batch, args.prompt_len, vocab=cfg.vocab_size, seed=args.seed + 1).to(device)
     configs: list[tuple[str, float | None, str | None, str]] = [("all-resident", None, None, "")]
@@ -184,34 +193,37 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for r in rows:
         r["tok_s_ratio"] = r["tok_s"] / resident["tok_s"]
         r["latency_ratio"] = r["latency_ms_median"] / resident["latency_ms_median"]
-    expert_bytes = 3 * cfg.moe_intermediate_size * cfg.hidden_size * next(model.parameters()).element_size()
     return {
         "bench": "decode",
         "device": device,
-        "model": "DeepSeek-V2-Lite dims, random bf16 weights"
-        if device == "cuda"
-        else "demo_config(): DeepSeek-V2-Lite layout scaled down, fp32",
+        "model": described,
         "model_dims": {
+            "model_type": cfg.model_type,
             "hidden": cfg.hidden_size,
-            "moe_intermediate": cfg.moe_intermediate_size,
+            "moe_intermediate": layout.intermediate,
             "layers": cfg.num_hidden_layers,
-            "experts": cfg.n_routed_experts,
-            "top_k": cfg.num_experts_per_tok,
-            "expert_MB": expert_bytes / 1e6,
+            "experts": adapter.num_experts,
+            "top_k": adapter.top_k,
+            "expert_MB": layout.expert_bytes / 1e6,
         },
         "batch": args.batch,
         "prompt_len": args.prompt_len,
         "tokens": args.tokens,
         "warmup": args.warmup,
         "rounds": args.rounds,
-        "note": (
-            "random weights do not route like trained ones (near-uniform routing): timing only"
-            if device == "cuda"
-            else "CPU twin: slots are host memory, a miss is a memcpy; random weights route near-uniformly"
-        ),
+        "note": _note(device, args.model is not None),
         "versions": _versions(),
         "rows": rows,
     }
+
+
+def _note(device: str, real_weights: bool) -> str:
+    parts = []
+    if device == "cpu":
+        parts.append("CPU twin: slots are host memory, a miss is a memcpy (not a PCIe copy)")
+    if not real_weights:
+        parts.append("random weights do not route like trained ones (near-uniform routing): timing only")
+    return "; ".join(parts) or "trained weights"
 
 
 def markdown(rec: dict[str, Any]) -> str:
@@ -243,6 +255,9 @@ def markdown(rec: dict[str, Any]) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument(
+        "--model", type=Path, default=None, help="a local model directory instead of the built-in model"
+    )
     p.add_argument("--tokens", type=int, default=32)
     p.add_argument("--warmup", type=int, default=4)
     p.add_argument("--batch", type=int, default=1)
