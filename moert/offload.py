@@ -96,17 +96,20 @@ class ExpertLayout:
 
 
 def make_pool(backend: str, num_layers: int, num_experts: int, slab_bytes: int, device: str) -> Any:
-    """The host pool for ``backend``: ``runtime.ExpertPool`` (pinned when CUDA runs) or ``HostPool``."""
+    """The host pool for ``backend``: ``runtime.ExpertPool`` (page-locked when the cache is on CUDA) or
+    ``moert.testing.HostPool``."""
     if backend == "reference":
         from moert.testing import HostPool
 
         return HostPool(num_layers, num_experts, slab_bytes)
     from moert import runtime
 
-    return runtime.ExpertPool(num_layers, num_experts, slab_bytes, pin=(device == "cuda") or None)
+    return runtime.ExpertPool(num_layers, num_experts, slab_bytes, pin=device == "cuda")
 
 
 class Counters:
+    """Cumulative store counters: hits, misses, bytes loaded into slots, evictions."""
+
     __slots__ = ("hits", "misses", "bytes_loaded", "evictions")
 
     def __init__(self) -> None:
@@ -187,6 +190,8 @@ class RuntimeStore:
 
     def close(self) -> None:
         self.engine.synchronize()
+        if self.device == "cuda":
+            torch.cuda.synchronize()  # no kernel may still read a slot when the cache frees it
         self._views = []
         self.engine.close()
         self.cache.close()
@@ -260,7 +265,12 @@ class OffloadState:
             per_layer={i: LayerStats(**v) for i, v in self._layer.items()},
         )
 
+    def count_call(self, ordinal: int) -> None:
+        """One forward call of MoE layer ``ordinal``."""
+        self._layer[self.layer_ids[ordinal]]["calls"] += 1
+
     def acquire(self, ordinal: int, experts: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``store.acquire`` with per-layer hit/miss/byte/wave accounting and demand-stall timing."""
         before = self.store.counters
         t0 = time.perf_counter()
         views = self.store.acquire(ordinal, experts)
@@ -343,8 +353,8 @@ class OffloadedLayer:
         out_dtype = torch.promote_types(hidden_states.dtype, weights.dtype)
         buf = torch.zeros(num_tokens * k, hidden, dtype=out_dtype, device=hidden_states.device)  # [T*k, H]
         wave = max(1, state.store.num_slots)
-        rec = state._layer[state.layer_ids[self.ordinal]]
-        rec["calls"] += 1
+        gate_fn = module._apply_gate if hasattr(module, "_apply_gate") else lambda h: _gate(module, h)
+        state.count_call(self.ordinal)
         for w0 in range(0, len(union), wave):
             chunk = union[w0 : w0 + wave]
             views = state.acquire(self.ordinal, chunk)
@@ -353,9 +363,7 @@ class OffloadedLayer:
                     pos = order[starts[e] : starts[e] + counts[e]]  # flat (token, k) positions of expert e
                     x = hidden_states[pos // k].to(gate_up.dtype)  # [n, H]
                     h = torch.nn.functional.linear(x, gate_up)  # [n, 2I]
-                    h = (
-                        module._apply_gate(h) if hasattr(module, "_apply_gate") else _gate(module, h)
-                    )  # [n, I]
+                    h = gate_fn(h)  # [n, I]
                     y = torch.nn.functional.linear(h, down)  # [n, H]
                     buf[pos] = y * weights[pos].unsqueeze(-1)
             finally:
