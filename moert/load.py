@@ -158,8 +158,9 @@ def load(
 
     t0 = time.perf_counter()
     files = checkpoint_files(path)
+    # our error (listing the supported types) before transformers parses the config
+    adapter_class(json.loads((Path(path) / "config.json").read_text()).get("model_type"))
     hf_config = AutoConfig.from_pretrained(str(path))
-    adapter_class(getattr(hf_config, "model_type", None))  # clear error before any work
     if config is None:
         cfg = OffloadConfig(cache_experts=cache_experts, policy=policy, device=device, **kwargs)
     else:
@@ -181,6 +182,7 @@ def load(
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base_alloc = torch.cuda.memory_allocated()
+        base_free = torch.cuda.mem_get_info()[0]
     reader = _Reader()
     n_other = len([k for k in index.others if not k.endswith("rotary_emb.inv_freq")])
     bar = _progress(len(moe_ids) * E + n_other, progress, f"moert.load {Path(path).name}")
@@ -193,10 +195,15 @@ def load(
                 pool.fill(ordinal, e, down, layout.down_offset)
                 bar.update(1)
 
+    handle = None
     try:
         handle = install(model, cfg, adapter, refs, layout, dev, slots, streams, fill, restore_device=dev)
         t_experts = time.perf_counter() - t0
         non_expert = _load_rest(model, index, reader, dev, wdtype, bar)
+    except BaseException:
+        if handle is not None:
+            handle.discard()
+        raise
     finally:
         reader.close()
         bar.close()
@@ -207,9 +214,12 @@ def load(
 
     if cuda:
         torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - base_alloc
-        method = "torch.cuda.max_memory_allocated"
+        # the runtime allocates the slab cache itself (not through torch's allocator)
+        peak = torch.cuda.max_memory_allocated() - base_alloc + handle.cache_bytes
+        method = "torch.cuda.max_memory_allocated (non-expert tensors) + slab cache bytes"
+        extra = {"device_used_bytes_mem_get_info": int(base_free - torch.cuda.mem_get_info()[0])}
     else:
+        extra = {}
         peak = non_expert + handle.cache_bytes
         method = "accounted: non-expert tensors + slab cache (CPU twin: the 'device' is host memory)"
     handle.load_report = {
@@ -224,6 +234,7 @@ def load(
         "all_experts_bytes": len(moe_ids) * E * layout.expert_bytes,
         "peak_device_bytes": int(peak),
         "peak_method": method,
+        **extra,
     }
     return model
 

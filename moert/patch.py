@@ -186,6 +186,19 @@ class PatchHandle:
             lambda dtype, shape, offset: pool.view(ordinal, expert, dtype, tuple(shape), offset)
         )
 
+    def discard(self) -> None:
+        """Free the pool and cache without restoring the experts (the model cannot run afterwards);
+        for a model that is being thrown away, e.g. after a failed load."""
+        if self._state is None:
+            return
+        self._final = self._state.stats()
+        for rel in self._released:
+            rel.experts.__dict__.pop("_moert", None)
+        self._state.close()
+        self._state = None
+        self._released = []
+        _HANDLES.pop(self.model, None)
+
     def undo(self) -> None:
         """Copy every expert back into its original parameter object, restore the previous experts
         implementation and free the pool and cache. Raises RuntimeError when already undone."""

@@ -141,7 +141,7 @@ def test_cuda_load_peak_memory(ds):
     torch.cuda.empty_cache()
     model = moert.load(ds.path, cache_experts=0.25, device="cuda", dtype=torch.bfloat16, progress=False)
     rep = moert.handle_of(model).load_report
-    assert rep["peak_method"] == "torch.cuda.max_memory_allocated"
+    assert rep["peak_method"].startswith("torch.cuda.max_memory_allocated")
     assert rep["peak_device_bytes"] < rep["non_expert_bytes"] + rep["all_experts_bytes"]
     seq, _ = greedy(model, ds.prompt.cuda(), 4)
     assert seq.shape == (2, 10)
