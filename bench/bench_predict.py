@@ -121,23 +121,18 @@ def stage_sim(args, meta, parts, work):
     for kind in ("xlayer", "moe-beyond"):
         f = work / f"{kind}.safetensors"
         if f.is_file():
-            for m in (0, 2):
+            for m in (0, 2, 4):
                 pre[f"{kind}:{m}" if m else kind] = PredictorPrefetcher(load_predictor(f), m, kind)
     policies = [PolicySpec("lru"), PolicySpec("belady"), PolicySpec("lru", "oracle")]
     policies += [PolicySpec("lru", name) for name in pre]
     t0 = time.perf_counter()
-    report = simulate(trace, SimConfig(capacities=(0.1, 0.25), policies=tuple(policies)), prefetchers=pre)
-    keep = (
-        "policy",
-        "capacity",
-        "hit_rate",
-        "prefetch_hits",
-        "prefetch_wasted",
-        "bytes_per_token",
-        "predicted_tok_s",
-    )
-    rows = [{k: r.get(k) for k in keep} for r in report["results"]]
-    save_part(work, "sim", {"rows": rows, "sim_s": time.perf_counter() - t0, "config": report["config"]})
+    keep = ("policy", "capacity", "mode", "hit_rate", "prefetch_hits", "prefetch_wasted", "bytes_per_token")
+    rows = []
+    for mode in ("per-layer", "global"):
+        cfg = SimConfig(capacities=(0.1, 0.25), policies=tuple(policies), mode=mode)
+        report = simulate(trace, cfg, prefetchers=pre)
+        rows += [{**{k: r.get(k) for k in keep}, "mode": mode} for r in report["results"]]
+    save_part(work, "sim", {"rows": rows, "sim_s": time.perf_counter() - t0})
 
 
 TINY_OVERPROVISION = {"deepseek_v2": 4, "qwen3_moe": 4, "phimoe": 1}
@@ -338,29 +333,35 @@ def stage_report(args, meta, parts, split, path, work):
         )
     sim = parts_json.get("sim")
     if sim:
-        lines += [
-            "",
-            "## Simulated cache hit rate on the held-out prompts (per-layer caches, replayed through the C++ SlabCache)",
-            "",
-            "| policy | capacity 0.1 | capacity 0.25 | prefetch wasted (0.25) |",
-            "|---|---:|---:|---:|",
-        ]
-        by = {}
-        for row in sim["rows"]:
-            by.setdefault(row["policy"], {})[row["capacity"]] = row
-        for pol, caps in by.items():
-            w = caps.get(0.25, {}).get("prefetch_wasted")
-            lines.append(
-                f"| {pol} | "
-                + " | ".join(f"{100 * caps[c]['hit_rate']:.2f}%" if c in caps else "-" for c in (0.1, 0.25))
-                + f" | {w if w is not None else '-'} |"
+        for mode in ("per-layer", "global"):
+            what = (
+                "one cache per layer, capacity x E slots each"
+                if mode == "per-layer"
+                else ("one cache for all layers, capacity x L x E slots")
             )
+            lines += [
+                "",
+                f"## Simulated hit rate on the held-out prompts, {mode} ({what}), C++ SlabCache replay",
+                "",
+                "| policy | capacity 0.1 | capacity 0.25 | wasted prefetches (0.1) | wasted prefetches (0.25) |",
+                "|---|---:|---:|---:|---:|",
+            ]  # fmt: skip
+            by: dict = {}
+            for row in sim["rows"]:
+                if row["mode"] == mode:
+                    by.setdefault(row["policy"], {})[row["capacity"]] = row
+            for pol, caps in by.items():
+                hit = [f"{100 * caps[c]['hit_rate']:.2f}%" if c in caps else "-" for c in (0.1, 0.25)]
+                wasted = [str(caps[c].get("prefetch_wasted", "-")) if c in caps else "-" for c in (0.1, 0.25)]
+                lines.append(f"| {pol} | " + " | ".join(hit + wasted) + " |")
         lines += [
             "",
             "`lru+X`: LRU eviction, and before each layer's access the top-(6+m) experts predicted by X are "
             "prefetched (`X:m`); `oracle` prefetches the true set (ceiling); `belady` is optimal eviction "
-            "without prefetch. A hit is an access whose expert is resident (including prefetched ones); the "
-            "prefetch itself costs PCIe bytes (wasted = prefetched, evicted unused).",
+            "without prefetch. A hit is an access whose expert is resident (prefetched ones included); "
+            "prefetches cost PCIe bytes (wasted = prefetched and evicted unused). Per-layer capacity 0.1 is "
+            "6 slots = k, so a prefetch of k experts replaces the layer's whole cache and the hit rate is "
+            "about the predictor's recall@6.",
         ]
     (REPO / "bench/results/predict_puffin.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
