@@ -35,11 +35,9 @@ def assert_matches(name: str, what: str, got, ref) -> None:
 @pytest.mark.parametrize("name", sorted(VARIANTS))
 def test_patch_exact_across_cache_sizes_and_policies(name, references):
     ref = references(name)
-    cfg = ref.model.config
-    k = cfg.num_experts_per_tok
-    results = {}
-    distinct = None
-    for slots in (k, 2 * k + 1, 1.0):
+    k = ref.model.config.num_experts_per_tok
+    logits, stats = {}, {}
+    for slots in (k, 2 * k + 1, 1.0):  # one layer's top-k .. every expert
         for policy in POLICIES:
             model = ref.copy()
             handle = moert.patch(model, cache_experts=slots, policy=policy)
@@ -47,27 +45,22 @@ def test_patch_exact_across_cache_sizes_and_policies(name, references):
             st = handle.stats()
             handle.undo()
             assert_matches(name, f"cache={slots} {policy}", got, ref.out)
-            results[(slots, policy)] = got[1]
             assert st.misses > 0 and st.bytes_copied == st.misses * handle.layout.slab_bytes
             assert st.hits + st.misses == sum(s.hits + s.misses for s in st.per_layer.values())
-            if slots == 1.0:
-                distinct = st.misses  # every expert resident after its first (cold) miss
-                assert st.evictions == 0
-            results[(slots, policy, "stats")] = st
-    assert distinct is not None
-    for key, st in results.items():
-        if len(key) == 3 and key[0] != 1.0:
-            num_slots = key[0]
-            if num_slots < distinct:
-                # the cache is smaller than the experts used: some expert is loaded again
-                assert st.misses > distinct and st.evictions > 0, (key, st.misses, distinct)
-    logits = [v for key, v in results.items() if len(key) == 2]
-    base = logits[0]
-    for key, v in results.items():
-        if len(key) == 2 and not torch.equal(v, base):
-            worst = (v - base).abs().max().item()
+            logits[(slots, policy)], stats[(slots, policy)] = got[1], st
+    # with every expert cached, each (layer, expert) used misses exactly once (cold)
+    used = stats[(1.0, "lru")].misses
+    assert stats[(1.0, "lru")].evictions == 0 and stats[(1.0, "lfu")].misses == used
+    for (slots, policy), st in stats.items():
+        if slots != 1.0 and slots < used:
+            # the cache is smaller than the experts used: some expert is loaded again
+            assert st.misses > used and st.evictions > 0, (slots, policy, st.misses, used)
+    base_key = (k, "lru")
+    for key, v in logits.items():
+        if not torch.equal(v, logits[base_key]):
+            worst = (v - logits[base_key]).abs().max().item()
             raise AssertionError(
-                f"{name}: logits at {key} not bit-identical to {list(results)[0]} (max diff {worst:.3e})"
+                f"{name}: logits at {key} not bit-identical to {base_key} (max diff {worst:.3e})"
             )
 
 
