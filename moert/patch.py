@@ -147,6 +147,7 @@ class PatchHandle:
             (r.gate_up_shape.numel() + r.down_shape.numel()) * state.layout.itemsize for r in released
         )
         self.load_report: dict[str, Any] = {}
+        self._moved_from: torch.device | None = None
         self._final: Stats | None = None
 
     @property
@@ -206,6 +207,8 @@ class PatchHandle:
             raise RuntimeError("moert.patch handle was already undone")
         state = self._state
         self._final = state.stats()
+        if self._moved_from is not None:
+            self.model.to(self._moved_from)
         for ordinal, rel in enumerate(self._released):
             gate_up = torch.empty(rel.gate_up_shape, dtype=self.layout.dtype, device=rel.device)
             down = torch.empty(rel.down_shape, dtype=self.layout.dtype, device=rel.device)
@@ -346,31 +349,22 @@ def patch(model: nn.Module, config: OffloadConfig | None = None, **kwargs: Any) 
     Args:
         model: a loaded model on one device (CPU or CUDA), e.g. ``AutoModelForCausalLM.from_pretrained``.
         config: a ``moert.OffloadConfig``; keyword arguments (``cache_experts``, ``policy``, ``device``,
-            ``copy_streams``, ``backend``) build one or override its fields. ``device=None`` means the
-            device the model's experts are on (an explicit device must match it).
+            ``copy_streams``, ``backend``) build one or override its fields. ``device`` (default: CUDA
+            when one can run, else CPU) is where the slab cache and the compute live: a model on
+            another device has its non-expert weights moved there (``undo`` moves them back).
 
     Returns:
         A ``PatchHandle`` (``.stats()``, ``.undo()``).
 
     Raises:
         ValueError: unsupported model_type, module structure mismatch, cache smaller than one
-            layer's top-k, bad fraction, device-mapped or meta model, model on another device than
-            the cache.
+            layer's top-k, bad fraction, device-mapped or meta model, CUDA requested but unable to run.
         RuntimeError: the model is already patched.
     """
     cfg = _resolve_config(config, kwargs)
     _check_not_patched(model)
     where = _check_placement(model, get_adapter(model).moe_layers())
-    if cfg.device is None:
-        from dataclasses import replace
-
-        cfg = replace(cfg, device=where.type)
     adapter, refs, layout, device, slots, streams = prepare(model, cfg)
-    if where.type != device:
-        raise ValueError(
-            f"the model's experts are on {where} but the slab cache would be on {device}; move the model "
-            f"(model.to('{device}')) or pass device='{where.type}'"
-        )
 
     def fill(pool: Any) -> None:
         with torch.no_grad():
@@ -380,7 +374,14 @@ def patch(model: nn.Module, config: OffloadConfig | None = None, **kwargs: Any) 
                     pool.fill(ordinal, e, gate_up[e].detach().contiguous().cpu(), 0)
                     pool.fill(ordinal, e, down[e].detach().contiguous().cpu(), layout.down_offset)
 
-    return install(model, cfg, adapter, refs, layout, device, slots, streams, fill)
+    handle = install(
+        model, cfg, adapter, refs, layout, device, slots, streams, fill, restore_device=str(where)
+    )
+    if where.type != device:
+        # e.g. a model loaded on the CPU, offloaded onto a GPU: the rest of the model follows the cache
+        model.to(device)
+        handle._moved_from = where
+    return handle
 
 
 class _CallableModule(types.ModuleType):

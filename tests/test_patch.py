@@ -171,10 +171,20 @@ def test_device_map_and_meta_models_are_refused(ds):
         moert.patch(meta)
 
 
-def test_cache_device_other_than_the_model_is_a_clear_error(ds):
-    # without CUDA: no device can run; with CUDA: the CPU model's experts are not where the cache is
-    with pytest.raises(ValueError, match=r"no CUDA device can run|slab cache would be on cuda"):
-        moert.patch(ds.copy(), device="cuda")
+def test_cache_on_another_device_moves_the_rest(ds):
+    model = ds.copy()
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match=r"device='cuda' was requested but no CUDA device can run"):
+            moert.patch(model, device="cuda")
+        assert moert.handle_of(model) is None
+        return
+    params = dict(model.named_parameters())
+    handle = moert.patch(model, cache_experts=5, device="cuda")  # a CPU model offloaded onto the GPU
+    assert {p.device.type for p in model.parameters()} == {"cuda"}
+    seq, _ = greedy(model, ds.prompt.cuda())
+    assert torch.equal(seq.cpu(), ds.out[0])
+    handle.undo()
+    assert all(p.device.type == "cpu" and p is params[n] for n, p in model.named_parameters())
 
 
 def test_shared_config_is_a_clear_error(ds):
