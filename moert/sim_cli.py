@@ -163,12 +163,9 @@ def markdown(report: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Runs the command; bad input (a malformed or missing file, a bad option) prints one line, exit 2."""
-    try:
-        return _run(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as exc:
-        print(f"moert simulate: error: {exc}", file=sys.stderr)
-        return 2
+    from moert.trace_cli import reporting_errors
+
+    return reporting_errors("simulate", _run, args)
 
 
 def _run(args: argparse.Namespace) -> int:

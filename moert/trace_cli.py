@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 
-__all__ = ["add_arguments", "run"]
+__all__ = ["add_arguments", "importer_options", "reporting_errors", "run"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -105,13 +106,20 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
-def run(args: argparse.Namespace) -> int:
-    """Runs the command; bad input (a malformed or missing file, a bad option) prints one line, exit 2."""
+def reporting_errors(
+    command: str, body: Callable[[argparse.Namespace], int], args: argparse.Namespace
+) -> int:
+    """Runs ``body(args)``; bad input (a malformed or missing file, a bad option) prints one line naming
+    the problem and returns 2 instead of a traceback."""
     try:
-        return _run(args)
+        return body(args)
     except (ValueError, FileNotFoundError, FileExistsError) as exc:
-        print(f"moert trace: error: {exc}", file=sys.stderr)
+        print(f"moert {command}: error: {exc}", file=sys.stderr)
         return 2
+
+
+def run(args: argparse.Namespace) -> int:
+    return reporting_errors("trace", _run, args)
 
 
 def _run(args: argparse.Namespace) -> int:
