@@ -45,6 +45,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: 1 for the built-in tiny model, whose matmuls are too small to "
+        "gain from more; torch's default for --model)",
+    )
+    parser.add_argument(
         "--no-check", action="store_true", help="skip the unpatched reference run (large models)"
     )
     parser.add_argument("--json", action="store_true", help="print one JSON record instead of the report")
@@ -85,6 +92,11 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     from moert.testing import demo_config, prompt_ids, save_tiny, tiny_model
 
     torch.manual_seed(args.seed)
+    threads = args.threads if args.threads is not None else (1 if args.model is None else None)
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"--threads {threads} must be >= 1")
+        torch.set_num_threads(threads)
     cache = _cache_arg(args.cache)
     tmp = None
     reference = None
@@ -155,6 +167,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
             "cache_experts": cache,
             "policy": args.policy,
             "device": device,
+            "cpu_threads": torch.get_num_threads(),
             "dtype": rep["dtype"],
             "batch": args.batch,
             "prompt_len": args.prompt_len,
@@ -198,7 +211,7 @@ def _report(r: dict[str, Any]) -> str:
     lines.append(f"moert demo — {r['model']}")
     lines.append(
         f"  {r['model_type']}: {len(r['moe_layers'])} MoE layers x {r['num_experts']} experts, top-{r['top_k']}; "
-        f"cache {r['cache_slots']} slots ({r['cache_experts']}), policy {r['policy']}, device {r['device']}, {r['dtype']}"
+        f"cache {r['cache_slots']} slots ({r['cache_experts']}), policy {r['policy']}, device {r['device']} ({r['cpu_threads']} CPU threads), {r['dtype']}"
     )
     lines.append(
         f"  batch {r['batch']}, prompt {r['prompt_len']} tokens, generated {r['new_tokens']} greedy tokens"
