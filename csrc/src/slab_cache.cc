@@ -312,6 +312,16 @@ void SlabCache::unpin_locked(int s) {
 int SlabCache::prefetch_locked(int layer, const std::vector<std::int32_t>& distinct,
                                std::vector<std::int32_t>* queued) {
   queued->clear();
+  // A batch never evicts its own members: those already resident (or loading) are held for the
+  // rest of this call, like the entries it queues below.
+  std::vector<std::int32_t> held;
+  for (int e : distinct) {
+    const int s = table_[key_of(layer, e)];
+    if (s < 0) continue;
+    ++slots_[s].pins;
+    refresh_locked(s);
+    held.push_back(s);
+  }
   for (int e : distinct) {
     const int key = key_of(layer, e);
     if (table_[key] >= 0) continue;
@@ -327,6 +337,7 @@ int SlabCache::prefetch_locked(int layer, const std::vector<std::int32_t>& disti
     queued->push_back(s);
   }
   for (int s : *queued) unpin_locked(s);
+  for (int s : held) unpin_locked(s);
   return static_cast<int>(queued->size());
 }
 

@@ -99,7 +99,8 @@ class RefCache:
         return len(hits)
 
     def prefetch(self, layer: int, experts: list[int]) -> int:
-        protected: set[tuple[int, int]] = set()
+        # A batch never evicts its own members, resident ones included.
+        protected = {(layer, e) for e in self._distinct(experts) if (layer, e) in self.entries}
         done = 0
         for e in self._distinct(experts):
             k = (layer, e)

@@ -117,6 +117,17 @@ def test_prefetch_accounting_hits_and_waste():
     assert s["bytes_loaded"] == 32 * s["loads"] == 32 * 3
 
 
+@pytest.mark.parametrize("policy", ["lru", "lfu", "priority"])
+def test_prefetch_batch_never_evicts_its_resident_members(policy):
+    cache = SlabCache.simulated(1, 8, 3, policy=policy)
+    for e in (0, 1, 2):  # 0 is the least recently (and, for lfu, least often) used
+        cache.sim_access(0, [e] * (1 if e == 0 else 2))
+    # 0 is already resident and part of the batch: the loads of 3 and 4 must evict 1 and 2.
+    assert cache.sim_prefetch(0, [0, 3, 4]) == 2
+    assert cache.resident(0)[:5].tolist() == [True, False, False, True, True]
+    assert cache.sim_access(0, [0, 3, 4]) == 3
+
+
 def test_replay_matches_step_by_step_and_reference():
     rng = np.random.default_rng(7)
     layers, experts, slots, k, m = 5, 24, 17, 4, 3

@@ -53,7 +53,8 @@ class ReferenceCache:
             self.entries[key]["freq"] += 1
 
     def prefetch(self, layer: int, experts) -> None:
-        loaded = set()
+        # A batch never evicts its own members, resident ones included.
+        loaded = {(layer, e) for e in distinct(experts) if (layer, e) in self.entries}
         for e in distinct(experts):
             key = (layer, e)
             if key in self.entries or not self._make_room(loaded):
