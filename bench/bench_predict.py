@@ -14,7 +14,12 @@ Split: ``split_sequences(ids, val=0.1, test=0.1, seed=0)``: 10% of prompts held 
 for early stopping, 80% for training. Intermediate results and predictor files go to ``--work``
 (default /tmp/moert-bench-predict), never into the repository.
 
-    python bench/bench_predict.py --stage all
+    python bench/bench_predict.py --stage all            # or stage by stage, as recorded:
+    python bench/bench_predict.py --stage baselines
+    python bench/bench_predict.py --stage xlayer --epochs 5
+    python bench/bench_predict.py --stage moe-beyond --epochs 2
+    python bench/bench_predict.py --stage sim
+    python bench/bench_predict.py --stage report
     python bench/bench_predict.py --stage tiny
 """
 
@@ -288,7 +293,8 @@ def stage_report(args, meta, parts, split, path, work):
         "",
         f"{env['date_utc']}, commit {env['commit']}{' (+uncommitted bench changes)' if env['dirty'] else ''}, "
         f"torch {env['torch']}, Python {env['python']}, {env['threads']} CPU thread(s). "
-        "Produced by `python bench/bench_predict.py --stage all`.",
+        "Produced by `python bench/bench_predict.py --stage S` for S = baselines, xlayer (`--epochs 5`), "
+        "moe-beyond (`--epochs 2`), sim, report (each stage one process; training times below).",
         "",
         f"Trace: {meta.model_type}, {len(meta.layers)} MoE layers, E={meta.num_experts}, k={k}; "
         f"{result['trace']['sequences']} prompts split by prompt (seed {args.seed}): "
