@@ -15,7 +15,8 @@ its own window before it.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,7 +28,13 @@ from moert.predict.losses import NEEDS_SCORES, check_loss, get_loss, multi_hot
 from moert.predict.metrics import MetricAccumulator
 from moert.predict.train import TrainConfig, fit, pick_device
 
-__all__ = ["MoEBeyondConfig", "MoEBeyondNet", "MoEBeyondPredictor", "train_moe_beyond"]
+__all__ = [
+    "MoEBeyondConfig",
+    "MoEBeyondNet",
+    "MoEBeyondPredictor",
+    "train_moe_beyond",
+    "load_embedding_matrix",
+]
 
 
 @dataclass(frozen=True)
@@ -112,6 +119,40 @@ class MoEBeyondPredictor(NetPredictor):
         return self._run(self.vocab.encode(context), torch.arange(self.meta.num_layers))
 
 
+def load_embedding_matrix(model_dir: str | Path) -> torch.Tensor:
+    """(V, H) fp32 input embedding matrix of an HF checkpoint, read from its safetensors shards.
+
+    Only the ``*embed_tokens.weight`` tensor is read (memory-mapped), not the model.
+    """
+    from safetensors import safe_open
+
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"{model_dir}: no *.safetensors files; pass the directory of an HF checkpoint")
+    for f in files:
+        with safe_open(str(f), framework="pt") as st:
+            for key in st.keys():  # noqa: SIM118 (safe_open has no __iter__)
+                if key.endswith("embed_tokens.weight"):
+                    return st.get_tensor(key).float()
+    raise ValueError(f"{model_dir}: no '*embed_tokens.weight' tensor in {[f.name for f in files]}")
+
+
+def _frozen_rows(vocab: TokenVocab, embeddings: torch.Tensor) -> torch.Tensor:
+    """(len(vocab), H) rows of the model's embedding matrix for the vocabulary (row 0, unk, is zero)."""
+    if vocab.kind != "ids":
+        raise ValueError(
+            "token embeddings from the model need token ids in the trace, but it has only strings; "
+            "train without --embeddings-from (embeddings learned from the strings)"
+        )
+    ids = torch.tensor([int(key) for key in vocab.keys], dtype=torch.long)
+    if len(ids) and int(ids.max()) >= embeddings.shape[0]:
+        raise ValueError(
+            f"token id {int(ids.max())} is outside the model's embedding matrix ({embeddings.shape[0]} rows); "
+            "wrong model for this trace?"
+        )
+    return torch.cat([torch.zeros(1, embeddings.shape[1]), embeddings[ids].float()])
+
+
 def train_moe_beyond(
     trace_meta: Any,
     train_seqs: Sequence[Any],
@@ -120,10 +161,16 @@ def train_moe_beyond(
     net_cfg: MoEBeyondConfig | None = None,
     loss: str = "wbce",
     min_count: int = 2,
+    token_embeddings: torch.Tensor | None = None,
     cfg: TrainConfig | None = None,
     train_info: dict[str, Any] | None = None,
 ) -> tuple[MoEBeyondPredictor, dict[str, Any]]:
-    """Trains on (sequence window, layer) samples; one epoch visits every pair once."""
+    """Trains on (sequence window, layer) samples; one epoch visits every pair once.
+
+    Args:
+        token_embeddings: (V, H) the model's input embedding matrix (``load_embedding_matrix``); when
+            given, token embeddings are its rows (frozen, ``d_token = H``) instead of learned ones.
+    """
     cfg = cfg or TrainConfig(batch_size=32)
     net_cfg = net_cfg or MoEBeyondConfig()
     check_loss(loss, trace_meta.has_scores)
@@ -134,7 +181,16 @@ def train_moe_beyond(
     scores = [s.scores.float() for s in train_seqs] if loss in NEEDS_SCORES else None
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
-    net = MoEBeyondNet(len(vocab), L, E, net_cfg).to(device)
+    source = "learned"
+    if token_embeddings is not None:
+        rows = _frozen_rows(vocab, token_embeddings)
+        net_cfg = replace(net_cfg, d_token=rows.shape[1])
+        source = "model"
+    net = MoEBeyondNet(len(vocab), L, E, net_cfg)
+    if token_embeddings is not None:
+        net.tok.weight.data.copy_(rows)
+        net.tok.weight.requires_grad_(False)
+    net = net.to(device)
     loss_fn = get_loss(loss)
     max_len = net_cfg.max_len
     pairs = [(si, li) for si in range(len(train_seqs)) for li in range(L)]
@@ -173,7 +229,7 @@ def train_moe_beyond(
         logits = net(tok.to(device), layer.to(device))[valid.to(device)]  # [n_valid, E]
         return loss_fn(logits, labels[valid].to(device), sc[valid].to(device) if sc is not None else None)
 
-    predictor = MoEBeyondPredictor(_meta(trace_meta, net_cfg, loss, vocab, {}), net, vocab)
+    predictor = MoEBeyondPredictor(_meta(trace_meta, net_cfg, loss, vocab, {}, source), net, vocab)
 
     def validate() -> float:
         acc = MetricAccumulator(L, E, k, ())
@@ -186,11 +242,13 @@ def train_moe_beyond(
     history = fit(net, batches, batch_loss, validate, cfg, desc=f"moe-beyond/{loss}")
     n_tok = sum(t.shape[0] for t in tokens)
     info = {**(train_info or {}), "train_tokens": n_tok, "history": history}
-    return MoEBeyondPredictor(_meta(trace_meta, net_cfg, loss, vocab, info), net.cpu().eval(), vocab), history
+    return MoEBeyondPredictor(
+        _meta(trace_meta, net_cfg, loss, vocab, info, source), net.cpu().eval(), vocab
+    ), history
 
 
 def _meta(
-    trace_meta: Any, net_cfg: MoEBeyondConfig, loss: str, vocab: TokenVocab, info: dict
+    trace_meta: Any, net_cfg: MoEBeyondConfig, loss: str, vocab: TokenVocab, info: dict, source: str
 ) -> PredictorMeta:
     return PredictorMeta(
         kind="moe-beyond",
@@ -199,7 +257,7 @@ def _meta(
         num_experts=trace_meta.num_experts,
         top_k=trace_meta.top_k,
         arch="encoder",
-        dims={**asdict(net_cfg), "vocab": len(vocab), "token_embedding": "learned"},
+        dims={**asdict(net_cfg), "vocab": len(vocab), "token_embedding": source},
         loss=loss,
         train=info,
     )

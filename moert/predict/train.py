@@ -92,7 +92,8 @@ def fit(
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     gen = seed_everything(cfg.seed)
-    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    params = [p for p in net.parameters() if p.requires_grad]  # frozen ones (model embeddings) stay
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     best_score, best_state, best_epoch, bad = -math.inf, copy.deepcopy(net.state_dict()), 0, 0
     history: dict[str, Any] = {"train_loss": [], "val_score": [], "epochs_run": 0}
     t0 = time.perf_counter()

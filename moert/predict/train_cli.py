@@ -53,6 +53,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--d-layer", type=int, default=128)
     g.add_argument("--max-len", type=int, default=512)
     g.add_argument("--dropout", type=float, default=0.1)
+    g.add_argument(
+        "--embeddings-from", default=None, metavar="MODEL_DIR",
+        help="token embeddings = the rows of this HF checkpoint's embedding matrix (frozen; needs token ids)",
+    )  # fmt: skip
     g = p.add_argument_group("xlayer")
     g.add_argument("--no-prev-token", action="store_true", help="xlayer: do not use token t-1's experts")
     g.add_argument(
@@ -128,9 +132,14 @@ def train_from_args(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
             d_model=d_model, d_token=args.d_token or d_model, d_layer=args.d_layer, num_layers=args.enc_layers,
             num_heads=args.heads, ff=args.ff, dropout=args.dropout, max_len=args.max_len,
         )  # fmt: skip
+        emb = None
+        if args.embeddings_from:
+            from moert.predict.moe_beyond import load_embedding_matrix
+
+            emb = load_embedding_matrix(args.embeddings_from)
         pred, _ = train_moe_beyond(
-            meta, train_seqs, val_seqs, net_cfg=net_cfg, loss=args.loss, min_count=args.min_count, cfg=cfg,
-            train_info=info,
+            meta, train_seqs, val_seqs, net_cfg=net_cfg, loss=args.loss, min_count=args.min_count,
+            token_embeddings=emb, cfg=cfg, train_info=info,
         )  # fmt: skip
     val_metrics = evaluate(pred, val_seqs, overprovision=default_overprovision(meta.num_experts, meta.top_k))
     pred.meta = dataclasses.replace(pred.meta, metrics={"split": "val", **val_metrics["overall"]})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from moert.predict.baselines import FrequencyPredictor, NextGatePredictor, PrevTokenPredictor
 from moert.predict.data import open_sequences, split_sequences
@@ -45,3 +46,20 @@ def test_next_gate_uses_the_models_routers(tiny):
     # layer index 0 applies its own router to its own pre-attention row: top-1 is then nearly always right
     first = evaluate(pred, test)["per_layer"][0]
     assert first["top1"] > 0.8 and 0 < res["exact"] <= 1, res
+
+
+def test_moe_beyond_with_the_models_token_embeddings(tiny, tmp_path):
+    from moert.predict.moe_beyond import MoEBeyondConfig, load_embedding_matrix, train_moe_beyond
+    from moert.testing import save_tiny
+
+    model, meta, train, val, _ = tiny
+    emb = load_embedding_matrix(save_tiny(model, tmp_path / "model"))
+    assert torch.equal(emb, model.get_input_embeddings().weight.detach().float())
+    net_cfg = MoEBeyondConfig(d_model=16, d_token=16, d_layer=4, num_layers=1, num_heads=2, ff=32, max_len=64)
+    cfg = TrainConfig(epochs=1, batch_size=16, progress=False, threads=1)
+    pred, _ = train_moe_beyond(meta, train[:6], val[:2], net_cfg=net_cfg, token_embeddings=emb, cfg=cfg)
+    assert pred.meta.dims["token_embedding"] == "model" and pred.meta.dims["d_token"] == emb.shape[1]
+    ids = torch.tensor([int(key) for key in pred.vocab.keys])
+    assert torch.equal(pred.net.tok.weight[1:], emb[ids]), "model embeddings changed during training"
+    with pytest.raises(ValueError, match="outside the model's embedding matrix"):
+        train_moe_beyond(meta, train[:2], val[:1], net_cfg=net_cfg, token_embeddings=emb[:10], cfg=cfg)
