@@ -119,6 +119,20 @@ class PreattnPredictor(Predictor):
     def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         return {"w1": self.w1, "b1": self.b1, "w2": self.w2, "b2": self.b2}, {"act": self.act}
 
+    def kernel_weights(self, layer: int) -> dict[str, Any]:
+        """Layer ``layer``'s weights in the fused kernel's convention (``moert.kernels.predictive_norm``).
+
+        Returns:
+            ``{"w1": (D, H), "b1": (D,), "w2": (n·E, D), "b2": (n·E,), "act": "silu"|"gelu",
+            "lookahead": 0 or n}``: the kernel's ``lookahead`` counts all output blocks (n = 1 + d,
+            block 0 = this layer), and 0 means plain (T, E) logits.
+        """
+        d = self.meta.lookahead
+        return {
+            "w1": self.w1[layer], "b1": self.b1[layer], "w2": self.w2[layer], "b2": self.b2[layer],
+            "act": self.act, "lookahead": 0 if d == 0 else 1 + d,
+        }  # fmt: skip
+
     def forward_rows(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         """(N, 1+d, E) fp32 logits from rows x: (N, H) (any float dtype)."""
         h = _ACTS[self.act](F.linear(x.float(), self.w1[layer], self.b1[layer]))

@@ -111,3 +111,23 @@ def test_preattn_errors_are_clear():
     seqs[5].hidden = None
     with pytest.raises(ValueError, match="needs hidden rows"):
         pred.predict(0, seqs[5])
+
+
+@pytest.mark.parametrize("lookahead", [0, 2])
+def test_kernel_weights_follow_the_fused_kernels_convention(lookahead):
+    from moert.kernels.predictive_norm_reference import predictor_reference
+
+    from moert.predict.base import PredictorMeta
+
+    torch.manual_seed(lookahead)
+    L, H, D, E = 3, 16, 24, 8
+    net = PreattnNet(L, H, D, E, "linear2", lookahead)
+    tensors, act = net.export()
+    meta = PredictorMeta("preattn", "x", (0, 1, 2), E, 2, hidden_size=H, arch="linear2", lookahead=lookahead)
+    pred = PreattnPredictor(meta, tensors, act)
+    x = torch.randn(5, H)
+    for i in range(L):
+        ref = predictor_reference(x, **pred.kernel_weights(i))
+        ours = pred.forward_rows(i, x)
+        assert torch.allclose(ref.reshape(ours.shape), ours, atol=1e-6)
+        assert ref.dim() == (2 if lookahead == 0 else 3)
