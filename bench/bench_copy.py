@@ -20,7 +20,6 @@ import datetime as dt
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -29,6 +28,7 @@ import numpy as np
 import torch
 
 from moert import runtime
+from moert.provenance import device_name, git_commit
 from moert.runtime import CopyEngine, ExpertPool, SlabCache
 
 CHUNKS_MB = (1, 4, 16, 64)
@@ -38,28 +38,6 @@ LANES = (1, 2, 4)
 def _sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
-
-
-def _git_commit() -> str:
-    try:
-        root = Path(__file__).resolve().parent.parent
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def _device_name(device: str) -> str:
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip() + f" ({os.cpu_count()} cores)"
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
 
 
 def measure(device: str, chunk_mb: int, lanes: int, total_mb: int, repeats: int, warmup: int) -> dict:
@@ -182,10 +160,10 @@ def main(argv: list[str] | None = None) -> int:
 
     meta = {
         "device": args.device,
-        "device_name": _device_name(args.device),
+        "device_name": device_name(args.device),
         "torch": torch.__version__,
         "python": platform.python_version(),
-        "commit": _git_commit(),
+        "commit": git_commit(),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "torch_threads": torch.get_num_threads(),
         "loadavg_at_start": os.getloadavg()[0],

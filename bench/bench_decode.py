@@ -21,7 +21,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ import torch
 import moert
 from moert.models import get_adapter
 from moert.offload import ExpertLayout
+from moert.provenance import git_commit
 from moert.testing import deepseek_v2_lite_config, demo_config, prompt_ids, tiny_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -107,16 +107,7 @@ def build(device: str, seed: int, path: Path | None = None) -> tuple[Any, str]:
 def _versions() -> dict[str, str]:
     import transformers
 
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            cwd=RESULTS.parent,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
+    commit = git_commit()
     dev = (
         torch.cuda.get_device_name()
         if torch.cuda.is_available()

@@ -32,11 +32,12 @@ import datetime as dt
 import json
 import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 import torch
+
+from moert.provenance import git_commit
 
 # (H, E, top_k, norm kind, eps) from each model's config.json. Phi-mini-MoE: hidden 4096, 16
 # experts, top-2, LayerNorm eps 1e-5, as transformers' PhimoeConfig defaults; its card gives 7.6B
@@ -54,16 +55,6 @@ SWEEP = [
     for d_splits in (8, 32, 64, 128, 256)
     for num_warps in (4, 8)
 ]
-
-
-def _git_commit() -> str:
-    try:
-        root = Path(__file__).resolve().parent.parent
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def _model_norm(name: str, H: int, eps: float, dtype: torch.dtype, device: str) -> torch.nn.Module:
@@ -200,7 +191,7 @@ def write_results(rows: list[dict], out_dir: Path) -> Path:
         "torch": torch.__version__,
         "triton": triton.__version__,
         "cuda": torch.version.cuda,
-        "commit": _git_commit(),
+        "commit": git_commit(),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
     slug = re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")

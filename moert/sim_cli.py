@@ -15,7 +15,6 @@ import datetime
 import json
 import math
 import platform
-import subprocess
 import sys
 from pathlib import Path
 
@@ -88,16 +87,9 @@ def environment() -> dict:
     import numpy
     import torch
 
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-            cwd=Path(__file__).resolve().parent,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
+    from moert.provenance import git_commit
+
+    commit = git_commit()
     import moert
 
     return {

@@ -1,0 +1,61 @@
+"""What every recorded result carries beside it: commit, versions, date and device."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+__all__ = ["git_commit", "device_name", "versions", "utc_now"]
+
+_REPO = Path(__file__).resolve().parent.parent
+
+
+def git_commit() -> str:
+    """Short hash of the checkout's HEAD, ``+dirty`` when tracked files differ; ``unknown`` outside git."""
+    try:
+        run = lambda *a: subprocess.run(  # noqa: E731
+            ["git", *a], cwd=_REPO, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        commit = run("rev-parse", "--short", "HEAD")
+        return commit + ("+dirty" if run("status", "--porcelain", "--untracked-files=no") else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def device_name(device: str = "cpu") -> str:
+    """The GPU's name for ``cuda``; the CPU model and core count otherwise."""
+    if device.startswith("cuda"):
+        import torch
+
+        return torch.cuda.get_device_name()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+    except OSError:
+        pass
+    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
+
+
+def versions(*modules: str) -> dict[str, str]:
+    """python, moert and the named modules' versions (imported modules only are asked)."""
+    from moert import __version__
+
+    out = {"python": platform.python_version(), "moert": __version__}
+    for name in modules:
+        mod = sys.modules.get(name)
+        if mod is None:
+            try:
+                mod = __import__(name)
+            except ImportError:
+                continue
+        out[name] = getattr(mod, "__version__", "unknown")
+    return out
+
+
+def utc_now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
