@@ -11,7 +11,7 @@ DEPS := numpy safetensors tqdm pybind11 ninja setuptools wheel "$(TRANSFORMERS_S
 DEV_DEPS := pytest hypothesis ruff clang-format
 NATIVE := $(wildcard csrc/*.cc csrc/include/moert/*.h csrc/src/*.cc csrc/src/*.cu) CMakeLists.txt setup.py
 
-.PHONY: setup build demo test test-gpu lint format bench clean
+.PHONY: setup build demo test test-compat test-gpu lint format bench clean
 
 setup: $(VENV)/.deps build
 
@@ -34,6 +34,17 @@ demo: setup
 test: setup
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not gpu"
 
+# The oldest supported transformers (5.17) in a venv of its own: the model, patch, load and capture
+# tests, which are the ones that touch transformers' internals.
+COMPAT_VENV ?= .venv-tf517
+COMPAT_SPEC ?= transformers==5.17.0
+test-compat: $(VENV)/.deps
+	test -x $(COMPAT_VENV)/bin/python || $(PYTHON) -m venv $(COMPAT_VENV)
+	$(COMPAT_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)"
+	$(COMPAT_VENV)/bin/python -m pip install -q $(filter-out "$(TRANSFORMERS_SPEC)",$(DEPS)) "$(COMPAT_SPEC)" pytest hypothesis
+	$(COMPAT_VENV)/bin/python -m pip install -q --no-build-isolation --no-deps -e .
+	HF_HUB_OFFLINE=1 $(COMPAT_VENV)/bin/python -m pytest -q -m "not gpu" tests/models tests/test_patch.py tests/test_load.py tests/test_trace_capture.py
+
 test-gpu: setup
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m gpu
 
@@ -49,6 +60,10 @@ format: setup
 
 bench: setup
 	$(PY) bench/bench_copy.py
+	$(PY) bench/bench_copy.py --torch-threads 1 --tag _torch1thread
+	$(PY) bench/bench_sim.py
+	$(PY) bench/bench_decode.py
+	$(PY) bench/bench_predictive_norm.py
 
 clean:
-	rm -rf build moert/_C*.so $(VENV)/.built
+	rm -rf build moert/_C*.so $(VENV)/.built $(COMPAT_VENV)
