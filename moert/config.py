@@ -4,10 +4,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
-__all__ = ["OffloadConfig", "POLICIES", "BACKENDS"]
+__all__ = ["OffloadConfig", "POLICIES", "BACKENDS", "PREFETCH_MODES"]
 
-POLICIES = ("lru", "lfu")
+#: "score": eviction ordered by the predictor's scores for the coming layers, then recency (needs
+#: ``predictor``); it runs on the cache's "priority" policy with scores pushed per layer.
+POLICIES = ("lru", "lfu", "score")
+#: "async": prefetch the predicted experts while attention runs (CUDA: the copy engine waits on an
+#: event, the Python thread never blocks; CPU twin: queued synchronously); "off": the predictor only
+#: orders eviction and is scored (online recall), nothing is prefetched.
+PREFETCH_MODES = ("async", "off")
 #: "runtime": the C++ pool / slab cache / copy engine (moert.runtime); "reference": a pure-Python
 #: dict cache with synchronous copies (the obviously-correct reference, for tests); "naive": no
 #: cache, every selected expert copied on every use (the Accelerate-style baseline of bench/)
@@ -21,12 +28,23 @@ class OffloadConfig:
     Attributes:
         cache_experts: device cache size. An int is a number of slots (experts over all MoE layers);
             a float in (0, 1] is a fraction of all routed experts (rounded up).
-        policy: eviction policy, ``"lru"`` or ``"lfu"``.
+        policy: eviction policy, ``"lru"``, ``"lfu"`` or ``"score"`` (predictor scores, then recency;
+            needs ``predictor``).
         device: ``"cuda"``, ``"cpu"`` (the CPU twin: slots in host memory) or None (CUDA when one can
             run, else CPU; ``MOERT_DEVICE`` overrides).
         copy_streams: copy streams (CUDA) / worker threads (CPU twin); None reads ``MOERT_COPY_STREAMS``.
         backend: ``"runtime"`` (default), ``"reference"`` (pure-Python cache, for tests) or ``"naive"``
             (no cache: copy every selected expert on every use; a benchmark baseline).
+        predictor: a ``preattn`` predictor (a ``moert.predict`` predictor object or the path of its
+            ``.safetensors`` file) run fused with each MoE layer's ``input_layernorm``; None: no prediction.
+        overprovision: experts prefetched beyond the model's top-k per layer: an int ``m`` >= 0
+            (top-(k+m)), or ``"adaptive"``: every expert whose predicted probability exceeds
+            ``threshold``, at least k and at most ``k + max_overprovision``.
+        prefetch: ``"async"`` or ``"off"`` (see ``PREFETCH_MODES``).
+        threshold: the adaptive probability threshold tau, in (0, 1).
+        max_overprovision: ``m_max`` of the adaptive mode.
+        score_decay: policy ``"score"``: a lookahead prediction for layer l+j is weighted by
+            ``score_decay ** j`` (in (0, 1]).
     """
 
     cache_experts: int | float = 0.25
@@ -34,6 +52,12 @@ class OffloadConfig:
     device: str | None = None
     copy_streams: int | None = None
     backend: str = "runtime"
+    predictor: Any = None
+    overprovision: int | str = 2
+    prefetch: str = "async"
+    threshold: float = 0.3
+    max_overprovision: int = 4
+    score_decay: float = 0.5
 
     def __post_init__(self) -> None:
         ce = self.cache_experts
@@ -54,6 +78,36 @@ class OffloadConfig:
             raise ValueError(f"copy_streams={self.copy_streams} is out of range; use 1..16")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend={self.backend!r} is not one of {', '.join(BACKENDS)}")
+        self._check_prediction()
+
+    def _check_prediction(self) -> None:
+        om = self.overprovision
+        if om != "adaptive" and (isinstance(om, bool) or not isinstance(om, int) or om < 0):
+            raise ValueError(f"overprovision={om!r} must be an int m >= 0 or 'adaptive'")
+        if self.prefetch not in PREFETCH_MODES:
+            raise ValueError(f"prefetch={self.prefetch!r} is not one of {', '.join(PREFETCH_MODES)}")
+        if not (isinstance(self.threshold, (int, float)) and 0.0 < self.threshold < 1.0):
+            raise ValueError(f"threshold={self.threshold!r} must be a probability in (0, 1)")
+        mm = self.max_overprovision
+        if isinstance(mm, bool) or not isinstance(mm, int) or mm < 0:
+            raise ValueError(f"max_overprovision={mm!r} must be an int >= 0")
+        if not (isinstance(self.score_decay, (int, float)) and 0.0 < self.score_decay <= 1.0):
+            raise ValueError(f"score_decay={self.score_decay!r} must be in (0, 1]")
+        if self.policy == "score" and self.predictor is None:
+            raise ValueError(
+                "policy='score' orders eviction by a predictor's scores: pass predictor=PATH.safetensors "
+                "(train one with `moert train`), or use policy='lru'"
+            )
+        if self.predictor is not None and self.backend != "runtime":
+            raise ValueError(
+                f"predictor= needs backend='runtime' (the copy engine prefetches); backend={self.backend!r} "
+                "has no prefetch path"
+            )
+
+    @property
+    def cache_policy(self) -> str:
+        """The slab cache's policy: ``"score"`` runs on the cache's ``"priority"`` policy."""
+        return "priority" if self.policy == "score" else self.policy
 
     def num_slots(self, num_layers: int, num_experts: int, top_k: int) -> int:
         """Slots for a model with ``num_layers`` MoE layers of ``num_experts`` experts, top-``top_k``.

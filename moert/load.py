@@ -197,9 +197,13 @@ def load(
 
     handle = None
     try:
-        handle = install(model, cfg, adapter, refs, layout, dev, slots, streams, fill, restore_device=dev)
+        handle = install(
+            model, cfg, adapter, refs, layout, dev, slots, streams, fill, restore_device=dev, predictor=False
+        )
         t_experts = time.perf_counter() - t0
         non_expert = _load_rest(model, index, reader, dev, wdtype, bar)
+        if cfg.predictor is not None:  # the norms hold real weights only now
+            handle._attach_predictor(refs)
     except BaseException:
         if handle is not None:
             handle.discard()

@@ -108,14 +108,31 @@ def make_pool(backend: str, num_layers: int, num_experts: int, slab_bytes: int, 
 
 
 class Counters:
-    """Cumulative store counters: hits, misses, bytes loaded into slots, evictions."""
+    """Cumulative store counters: hits, misses, bytes loaded into slots, evictions, and (runtime
+    store only) prefetch counters and the engine's measured demand stall (``stall_s``, None when the
+    store does not measure it)."""
 
-    __slots__ = ("hits", "misses", "bytes_loaded", "evictions")
+    __slots__ = (
+        "hits",
+        "misses",
+        "bytes_loaded",
+        "evictions",
+        "prefetches",
+        "prefetch_hits",
+        "prefetch_late",
+        "prefetch_wasted",
+        "prefetch_wasted_bytes",
+        "prefetch_bytes",
+        "stall_s",
+    )
 
     def __init__(self) -> None:
         self.hits = self.misses = self.bytes_loaded = self.evictions = 0
+        self.prefetches = self.prefetch_hits = self.prefetch_late = 0
+        self.prefetch_wasted = self.prefetch_wasted_bytes = self.prefetch_bytes = 0
+        self.stall_s: float | None = None
 
-    def as_dict(self) -> dict[str, int]:
+    def as_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.__slots__}
 
 
@@ -156,14 +173,13 @@ class RuntimeStore:
         ]
         self._base = self._read()
 
-    def _read(self) -> dict[str, int]:
+    def _read(self) -> dict[str, Any]:
         st = self.cache.stats()
-        return {
-            "hits": int(st.get("hits", 0)),
-            "misses": int(st.get("misses", 0)),
-            "bytes_loaded": int(st.get("bytes_loaded", 0)),
-            "evictions": int(st.get("evictions", 0)),
-        }
+        # every counter but the two derived here has the cache's own name
+        out: dict[str, Any] = {k: int(st.get(k, 0)) for k in Counters.__slots__[:-2]}
+        out["prefetch_bytes"] = int(st.get("prefetch_loads", 0)) * self.pool.slab_bytes
+        out["stall_s"] = float(self.engine.stats()["demand_stall_s"])
+        return out
 
     @property
     def counters(self) -> Counters:
@@ -244,25 +260,55 @@ class OffloadState:
         self.layer_ids = list(layer_ids)
         self.num_experts = num_experts
         self.device = device
+        #: set by ``moert.prefetch.attach`` when a predictor runs (its ``observe`` scores each layer)
+        self.prefetcher: Any = None
         self.reset_stats()
 
     def reset_stats(self) -> None:
         self._base = self.store.counters.as_dict()
-        self._layer: dict[int, dict[str, int]] = {
-            i: {"hits": 0, "misses": 0, "bytes_copied": 0, "calls": 0, "waves": 0} for i in self.layer_ids
+        self._layer: dict[int, dict[str, Any]] = {
+            i: {
+                "hits": 0,
+                "misses": 0,
+                "bytes_copied": 0,
+                "calls": 0,
+                "waves": 0,
+                "prefetch_hits": 0,
+                "prefetch_late": 0,
+                "demand_stall_s": 0.0,
+            }
+            for i in self.layer_ids
         }
         self._stall = 0.0
+        if self.prefetcher is not None:
+            self.prefetcher.reset_stats()
 
     def stats(self) -> Stats:
         now = self.store.counters.as_dict()
-        d = {k: now[k] - self._base[k] for k in now}
+        d = {k: now[k] - self._base[k] for k in now if k != "stall_s"}
+        counts = (
+            self.prefetcher.recall() if self.prefetcher is not None else [(0, 0, 0)] * len(self.layer_ids)
+        )
+        per_layer = {
+            i: LayerStats(**v, recall=a / n if n else None, coverage=c / n if n else None)
+            for (i, v), (a, c, n) in zip(self._layer.items(), counts)
+        }
+        n_all = sum(n for _, _, n in counts)
         return Stats(
             hits=d["hits"],
             misses=d["misses"],
             bytes_copied=d["bytes_loaded"],
             demand_stall_s=self._stall,
             evictions=d["evictions"],
-            per_layer={i: LayerStats(**v) for i, v in self._layer.items()},
+            prefetches=d["prefetches"],
+            prefetch_hits=d["prefetch_hits"],
+            prefetch_late=d["prefetch_late"],
+            prefetch_wasted=d["prefetch_wasted"],
+            prefetch_wasted_bytes=d["prefetch_wasted_bytes"],
+            prefetch_bytes=d["prefetch_bytes"],
+            recall=sum(a for a, _, _ in counts) / n_all if n_all else None,
+            coverage=sum(c for _, c, _ in counts) / n_all if n_all else None,
+            per_layer=per_layer,
         )
 
     def count_call(self, ordinal: int) -> None:
@@ -282,8 +328,15 @@ class OffloadState:
         rec["misses"] += misses
         rec["bytes_copied"] += after.bytes_loaded - before.bytes_loaded
         rec["waves"] += 1
-        if misses:
-            self._stall += dt
+        rec["prefetch_hits"] += after.prefetch_hits - before.prefetch_hits
+        rec["prefetch_late"] += after.prefetch_late - before.prefetch_late
+        if after.stall_s is not None and before.stall_s is not None:
+            # the engine's own measure: acquire waited for copies (demand loads or late prefetches)
+            stall = after.stall_s - before.stall_s
+        else:
+            stall = dt if misses else 0.0
+        rec["demand_stall_s"] += stall
+        self._stall += stall
         return views
 
     def close(self) -> None:
@@ -355,6 +408,8 @@ class OffloadedLayer:
         wave = max(1, state.store.num_slots)
         gate_fn = module._apply_gate if hasattr(module, "_apply_gate") else lambda h: _gate(module, h)
         state.count_call(self.ordinal)
+        if state.prefetcher is not None:
+            state.prefetcher.observe(self.ordinal, top_k_index)
         for w0 in range(0, len(union), wave):
             chunk = union[w0 : w0 + wave]
             views = state.acquire(self.ordinal, chunk)

@@ -149,6 +149,30 @@ class PatchHandle:
         self.load_report: dict[str, Any] = {}
         self._moved_from: torch.device | None = None
         self._final: Stats | None = None
+        self._norms: list[tuple[Any, Any]] = []
+        #: the ``moert.prefetch.Prefetcher`` when a predictor runs, else None
+        self.prefetcher: Any = None
+
+    def _attach_predictor(self, refs: list[MoELayerRef]) -> None:
+        from moert import prefetch
+
+        assert self._state is not None
+        engine = self._state.store.engine
+        self.prefetcher, self._norms = prefetch.attach(
+            self.model, self.adapter, refs, self.config, engine, self.device
+        )
+        self._state.prefetcher = self.prefetcher
+
+    def _detach_predictor(self) -> None:
+        """Restores the original norm modules; waits for predictions in flight."""
+        from moert import prefetch
+
+        if self.prefetcher is not None:
+            self.prefetcher.close()
+        prefetch.detach(self._norms)
+        self._norms = []
+        if self._state is not None:
+            self._state.prefetcher = None
 
     @property
     def active(self) -> bool:
@@ -193,6 +217,7 @@ class PatchHandle:
         if self._state is None:
             return
         self._final = self._state.stats()
+        self._detach_predictor()
         for rel in self._released:
             rel.experts.__dict__.pop("_moert", None)
         self._state.close()
@@ -207,6 +232,7 @@ class PatchHandle:
             raise RuntimeError("moert.patch handle was already undone")
         state = self._state
         self._final = state.stats()
+        self._detach_predictor()
         if self._moved_from is not None:
             self.model.to(self._moved_from)
         for ordinal, rel in enumerate(self._released):
@@ -314,14 +340,16 @@ def install(
     streams: int,
     fill: Callable[[Any], None],
     restore_device: str | None = None,
+    predictor: bool = True,
 ) -> PatchHandle:
     """Build pool and store, fill the pool with ``fill(pool)``, release the experts' parameters and
     switch the model to the "moert" implementation. ``undo`` rebuilds the parameters on
-    ``restore_device`` (default: where they were)."""
+    ``restore_device`` (default: where they were). ``predictor=False`` leaves ``cfg.predictor`` for the
+    caller to attach (``handle._attach_predictor``) once the norms hold real weights (``moert.load``)."""
     pool = make_pool(cfg.backend, len(refs), adapter.num_experts, layout.slab_bytes, device)
     try:
         fill(pool)
-        store = make_store(cfg.backend, pool, layout, slots, cfg.policy, device, adapter.top_k, streams)
+        store = make_store(cfg.backend, pool, layout, slots, cfg.cache_policy, device, adapter.top_k, streams)
     except BaseException:
         pool.close()
         raise
@@ -340,6 +368,12 @@ def install(
     _set_impl(model, IMPLEMENTATION)
     handle = PatchHandle(model, adapter, cfg, state, released, previous, device, slots)
     _HANDLES[model] = handle
+    if predictor and cfg.predictor is not None:
+        try:
+            handle._attach_predictor(refs)
+        except BaseException:
+            handle.undo()
+            raise
     return handle
 
 
@@ -349,7 +383,10 @@ def patch(model: nn.Module, config: OffloadConfig | None = None, **kwargs: Any) 
     Args:
         model: a loaded model on one device (CPU or CUDA), e.g. ``AutoModelForCausalLM.from_pretrained``.
         config: a ``moert.OffloadConfig``; keyword arguments (``cache_experts``, ``policy``, ``device``,
-            ``copy_streams``, ``backend``) build one or override its fields. ``device`` (default: CUDA
+            ``copy_streams``, ``backend``, ``predictor``, ``overprovision``, ``prefetch``, ...) build one
+            or override its fields. With ``predictor`` (a ``preattn`` predictor or its file), each MoE
+            layer's ``input_layernorm`` becomes a ``moert.prefetch.PrefetchNorm`` that predicts the
+            layer's experts and prefetches them while attention runs (``undo`` restores the norms). ``device`` (default: CUDA
             when one can run, else CPU) is where the slab cache and the compute live: a model on
             another device has its non-expert weights moved there (``undo`` moves them back).
 
@@ -358,7 +395,8 @@ def patch(model: nn.Module, config: OffloadConfig | None = None, **kwargs: Any) 
 
     Raises:
         ValueError: unsupported model_type, module structure mismatch, cache smaller than one
-            layer's top-k, bad fraction, device-mapped or meta model, CUDA requested but unable to run.
+            layer's top-k, bad fraction, device-mapped or meta model, CUDA requested but unable to run,
+            a predictor for another model (model_type, layers, E, k or H differ) or of another kind.
         RuntimeError: the model is already patched.
     """
     cfg = _resolve_config(config, kwargs)

@@ -95,6 +95,10 @@ def _expert_ids(experts: Experts, name: str = "experts") -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
+def _int64_list(values: Sequence[int]) -> np.ndarray:
+    return np.asarray([int(v) for v in values], dtype=np.int64).reshape(-1)
+
+
 def _int32_array(x: Any, name: str, ndim: int) -> np.ndarray:
     """A (N,) or (N, k) integer array/tensor -> contiguous int32 numpy (range-checked)."""
     arr = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
@@ -412,13 +416,100 @@ class CopyEngine:
         """Records each slot's last use on ``stream`` and unpins it."""
         self._c.release(int(layer), _expert_ids(experts), self._stream(stream))
 
+    def predict(
+        self,
+        layers: Sequence[int],
+        ids: Any,
+        scores: Any = None,
+        clear: Sequence[int] = (),
+    ) -> int:
+        """Applies one prediction now (see ``predict_async``); returns how many copies were queued.
+
+        Args:
+            layers: (n,) cache layers predicted.
+            ids: (n, width) int32-convertible expert ids per layer, most likely first, -1 = padding.
+            scores: (n, E) float32 priorities replacing each predicted layer's (policy "priority"), or None.
+            clear: layers whose priorities are reset to 0 first (the layer that just ran).
+        """
+        ids_np = np.ascontiguousarray(torch.as_tensor(ids).cpu().numpy(), dtype=np.int32)
+        sc = (
+            None
+            if scores is None
+            else np.ascontiguousarray(torch.as_tensor(scores).cpu().numpy(), np.float32)
+        )
+        return self._c.predict(_int64_list(layers), ids_np, sc, _int64_list(clear))
+
+    def predict_async(
+        self,
+        layers: Sequence[int],
+        ids: torch.Tensor,
+        scores: torch.Tensor | None = None,
+        clear: Sequence[int] = (),
+        stream: int | None = None,
+    ) -> int:
+        """Queues a prediction whose ids (and scores) are still being copied to host memory.
+
+        Records an event on ``stream`` (default: torch's current stream, after the caller's
+        ``non_blocking`` device-to-host copy into ``ids``/``scores``); the engine's prediction
+        thread waits on it, then clears, sets priorities and prefetches as ``predict`` does. The
+        calling thread never blocks. ``ids``/``scores`` must stay alive and unchanged until
+        ``predictions_done() >= ticket``.
+
+        Args:
+            layers: (n,) cache layers.
+            ids: (n, width) int32 host tensor (pinned for a truly asynchronous copy), contiguous.
+            scores: (n, E) float32 host tensor or None.
+            clear: layers whose priorities are reset to 0 first.
+            stream: CUDA stream handle; the CPU twin's stream 0 means "already written".
+
+        Returns:
+            The request's ticket (1, 2, ...).
+        """
+        n = len(layers)
+        if ids.device.type != "cpu" or ids.dtype != torch.int32 or not ids.is_contiguous() or ids.dim() != 2:
+            raise ValueError(
+                f"ids must be a contiguous 2-D int32 host tensor, got {ids.dtype} {tuple(ids.shape)} on {ids.device}"
+            )
+        if ids.shape[0] != n:
+            raise ValueError(f"ids has {ids.shape[0]} rows for {n} layers")
+        sp = 0
+        if scores is not None:
+            E = self._cache.num_experts
+            if (
+                scores.device.type != "cpu"
+                or scores.dtype != torch.float32
+                or not scores.is_contiguous()
+                or tuple(scores.shape) != (n, E)
+            ):
+                raise ValueError(
+                    f"scores must be a contiguous ({n}, {E}) float32 host tensor, got {scores.dtype} "
+                    f"{tuple(scores.shape)} on {scores.device}"
+                )
+            sp = scores.data_ptr()
+        return self._c.predict_async(
+            _int64_list(layers),
+            ids.data_ptr(),
+            int(ids.shape[1]),
+            sp,
+            _int64_list(clear),
+            self._stream(stream),
+        )
+
+    def predictions_done(self) -> int:
+        """The ticket of the last prediction applied (requests apply in order)."""
+        return self._c.predictions_done()
+
+    def wait_predictions(self, ticket: int) -> None:
+        """Blocks until the prediction ``ticket`` has been applied."""
+        self._c.wait_predictions(int(ticket))
+
     def synchronize(self) -> None:
         """Blocks until no copy is queued or in flight."""
         self._c.synchronize()
 
     def stats(self) -> dict[str, Any]:
         """bytes, copies, demand_copies, prefetch_copies, acquires, releases, stale_requests,
-        queued, busy_s, demand_stall_s, lanes."""
+        queued, busy_s, demand_stall_s, predictions, prediction_wait_s, lanes."""
         return self._c.stats()
 
     def close(self) -> None:

@@ -18,6 +18,13 @@ class LayerStats:
         bytes_copied: bytes moved host -> device for this layer.
         calls: forward calls of the layer.
         waves: acquire/compute/release rounds (> calls when a union exceeded the cache).
+        prefetch_hits: first accesses of prefetched experts (counted in ``hits``).
+        prefetch_late: ... of which the copy had not finished when the layer needed it.
+        demand_stall_s: seconds the layer's acquires waited for copies (demand loads and late
+            prefetches; the runtime engine's measure, host side).
+        recall: online recall@k of the predictor at this layer (predicted top-k vs the router's),
+            None without a predictor.
+        coverage: fraction of the router's selected experts that were in the prefetched set.
     """
 
     hits: int = 0
@@ -25,6 +32,11 @@ class LayerStats:
     bytes_copied: int = 0
     calls: int = 0
     waves: int = 0
+    prefetch_hits: int = 0
+    prefetch_late: int = 0
+    demand_stall_s: float = 0.0
+    recall: float | None = None
+    coverage: float | None = None
 
 
 @dataclass(frozen=True)
@@ -35,8 +47,17 @@ class Stats:
         hits: expert acquisitions served from the cache.
         misses: acquisitions that had to load the expert (demand loads).
         bytes_copied: bytes copied into the device cache.
-        demand_stall_s: wall seconds spent waiting in acquire calls that had misses.
+        demand_stall_s: seconds acquires waited for copies (runtime: the engine's measure, demand
+            loads and late prefetches; reference store: wall time of acquires that had misses).
         evictions: experts evicted from the cache.
+        prefetches: prefetch loads queued.
+        prefetch_hits: first accesses of prefetched experts (counted in ``hits``).
+        prefetch_late: prefetch hits whose copy had not finished in time.
+        prefetch_wasted: prefetched experts evicted or cancelled before any use.
+        prefetch_wasted_bytes: bytes copied for those.
+        prefetch_bytes: bytes copied by prefetches (part of ``bytes_copied``).
+        recall: the predictor's online recall@k over all layers (None without a predictor).
+        coverage: fraction of selected experts that were in the prefetched set.
         per_layer: decoder layer index -> LayerStats.
     """
 
@@ -45,6 +66,14 @@ class Stats:
     bytes_copied: int = 0
     demand_stall_s: float = 0.0
     evictions: int = 0
+    prefetches: int = 0
+    prefetch_hits: int = 0
+    prefetch_late: int = 0
+    prefetch_wasted: int = 0
+    prefetch_wasted_bytes: int = 0
+    prefetch_bytes: int = 0
+    recall: float | None = None
+    coverage: float | None = None
     per_layer: dict[int, LayerStats] = field(default_factory=dict)
 
     @property

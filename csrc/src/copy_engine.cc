@@ -1,6 +1,7 @@
 #include "moert/copy_engine.h"
 
 #include <chrono>
+#include <cmath>
 
 #include "moert/common.h"
 
@@ -165,6 +166,151 @@ int CopyEngine::prefetch(int layer, const std::int32_t* experts, std::int64_t n)
   return static_cast<int>(queued.size());
 }
 
+void CopyEngine::check_prediction_args(const std::int32_t* layers, std::int64_t n,
+                                       const std::int32_t* ids, std::int64_t width,
+                                       const std::int32_t* clear, std::int64_t n_clear) const {
+  MOERT_CHECK(n >= 0 && width >= 0 && n_clear >= 0, "predict: negative size (layers ", n,
+              ", width ", width, ", clear ", n_clear, ")");
+  MOERT_CHECK(n == 0 || layers != nullptr, "predict: layer list is null");
+  MOERT_CHECK(n_clear == 0 || clear != nullptr, "predict: clear list is null");
+  MOERT_CHECK(n * width == 0 || ids != nullptr, "predict: the id buffer is null");
+  for (std::int64_t i = 0; i < n; ++i) c_.check_layer(layers[i]);
+  for (std::int64_t i = 0; i < n_clear; ++i) c_.check_layer(clear[i]);
+}
+
+int CopyEngine::apply_prediction_locked(const std::vector<std::int32_t>& layers,
+                                        const std::int32_t* ids, std::int64_t width,
+                                        const float* scores,
+                                        const std::vector<std::int32_t>& clear) {
+  const int E = c_.num_experts_;
+  if (scores != nullptr) {
+    for (std::size_t i = 0; i < layers.size() * static_cast<std::size_t>(E); ++i) {
+      MOERT_CHECK(std::isfinite(scores[i]), "predict: score ", scores[i], " of layer ",
+                  layers[i / E], ", expert ", i % E, " is not finite");
+    }
+  }
+  std::vector<std::int32_t> distinct, queued;
+  // Validate every id row before changing anything.
+  for (std::size_t i = 0; i < layers.size(); ++i) {
+    c_.distinct_locked(ids + i * width, width, true, &distinct);
+  }
+  for (int layer : clear) {
+    for (int e = 0; e < E; ++e) c_.set_priority_locked(layer, e, 0.0f);
+  }
+  if (scores != nullptr) {
+    for (std::size_t i = 0; i < layers.size(); ++i) {
+      for (int e = 0; e < E; ++e) c_.set_priority_locked(layers[i], e, scores[i * E + e]);
+    }
+  }
+  int total = 0;
+  for (std::size_t i = 0; i < layers.size(); ++i) {
+    c_.distinct_locked(ids + i * width, width, true, &distinct);
+    c_.prefetch_locked(layers[i], distinct, &queued);
+    for (int s : queued) push_locked(1, s);
+    total += static_cast<int>(queued.size());
+  }
+  if (total > 0) work_cv_.notify_all();
+  ++stats_.predictions;
+  return total;
+}
+
+int CopyEngine::predict(const std::int32_t* layers, std::int64_t n, const std::int32_t* ids,
+                        std::int64_t width, const float* scores, const std::int32_t* clear,
+                        std::int64_t n_clear) {
+  std::lock_guard<std::mutex> lock(c_.mu_);
+  check_usable_locked("predict");
+  check_prediction_args(layers, n, ids, width, clear, n_clear);
+  return apply_prediction_locked(std::vector<std::int32_t>(layers, layers + n), ids, width, scores,
+                                 std::vector<std::int32_t>(clear, clear + n_clear));
+}
+
+std::uint64_t CopyEngine::predict_async(const std::int32_t* layers, std::int64_t n,
+                                        const std::int32_t* ids, std::int64_t width,
+                                        const float* scores, const std::int32_t* clear,
+                                        std::int64_t n_clear, StreamHandle stream) {
+  std::unique_ptr<Event> event;
+  {
+    std::lock_guard<std::mutex> lock(c_.mu_);
+    check_usable_locked("predict_async");
+    check_prediction_args(layers, n, ids, width, clear, n_clear);
+    if (!spare_events_.empty()) {
+      event = std::move(spare_events_.back());
+      spare_events_.pop_back();
+    }
+  }
+  if (!event) event = backend_.create_event();
+  event->record(stream);  // after the caller's device-to-host copy of ids and scores
+  std::lock_guard<std::mutex> lock(c_.mu_);
+  check_usable_locked("predict_async");
+  if (!predictor_.joinable()) predictor_ = std::thread([this] { prediction_worker(); });
+  Prediction p{std::vector<std::int32_t>(layers, layers + n),
+               ids,
+               width,
+               scores,
+               std::vector<std::int32_t>(clear, clear + n_clear),
+               std::move(event),
+               ++submitted_};
+  predictions_.push_back(std::move(p));
+  pred_cv_.notify_all();
+  return submitted_;
+}
+
+void CopyEngine::prediction_worker() {
+  try {
+    backend_.bind_thread();
+  } catch (const std::exception& e) {
+    std::lock_guard<std::mutex> lock(c_.mu_);
+    error_ = e.what();
+    applied_ = submitted_;
+    pred_cv_.notify_all();
+    c_.cv_.notify_all();
+    return;
+  }
+  std::unique_lock<std::mutex> lk(c_.mu_);
+  while (true) {
+    pred_cv_.wait(lk, [&] { return stop_ || !predictions_.empty(); });
+    if (stop_) return;
+    Prediction p = std::move(predictions_.front());
+    predictions_.pop_front();
+    lk.unlock();
+    const auto t0 = Clock::now();
+    std::string failure;
+    try {
+      p.event->synchronize();  // the predicted ids have reached host memory
+    } catch (const std::exception& e) {
+      failure = e.what();
+    }
+    const double waited = seconds_since(t0);
+    lk.lock();
+    stats_.prediction_wait_s += waited;
+    if (failure.empty() && !stop_ && error_.empty()) {
+      try {
+        apply_prediction_locked(p.layers, p.ids, p.width, p.scores, p.clear);
+      } catch (const std::exception& e) {
+        failure = e.what();
+      }
+    }
+    if (!failure.empty() && error_.empty()) error_ = cat("prediction ", p.ticket, ": ", failure);
+    applied_ = p.ticket;
+    spare_events_.push_back(std::move(p.event));
+    pred_cv_.notify_all();
+    c_.cv_.notify_all();
+  }
+}
+
+std::uint64_t CopyEngine::predictions_done() {
+  std::lock_guard<std::mutex> lock(c_.mu_);
+  return applied_;
+}
+
+void CopyEngine::wait_predictions(std::uint64_t ticket) {
+  std::unique_lock<std::mutex> lk(c_.mu_);
+  MOERT_CHECK(ticket <= submitted_, "wait_predictions: ticket ", ticket, " was never issued (last ",
+              submitted_, ")");
+  pred_cv_.wait(lk, [&] { return applied_ >= ticket || stop_ || !error_.empty(); });
+  check_usable_locked("wait_predictions");
+}
+
 std::vector<std::int32_t> CopyEngine::acquire(int layer, const std::int32_t* experts,
                                               std::int64_t n, StreamHandle stream) {
   const auto t0 = Clock::now();
@@ -315,9 +461,14 @@ void CopyEngine::close() {
       c_.refresh_locked(r.slot);
       c_.free_.insert(r.slot);
     }
+    // Requests not applied yet are dropped: their host buffers may be gone after close.
+    predictions_.clear();
+    applied_ = submitted_;
     work_cv_.notify_all();
+    pred_cv_.notify_all();
     c_.cv_.notify_all();
   }
+  if (predictor_.joinable()) predictor_.join();
   for (auto& w : workers_) {
     if (w.joinable()) w.join();
   }

@@ -16,6 +16,17 @@
 // must be called with the same list (duplicates collapse the same way).
 // release(layer, experts, stream): records each slot's last-use event on `stream`, unpins.
 //
+// Predictions (DESIGN §3 step 2). A prediction is, for `n` layers, a row of `width` expert ids
+// (most likely first, -1 = padding) and optionally a row of E scores per layer. Applying one, under
+// the cache lock: the priorities of every expert of the `clear` layers are set to 0 (the layer
+// that just ran; recency orders them again), each predicted layer's E priorities are replaced by
+// its score row, then each id row is prefetched in order (own layer first). predict() applies at
+// once; predict_async() records an event on `stream` (after the device-to-host copy that fills
+// the caller's host buffers) and returns a ticket: the engine's prediction thread waits on that
+// event, then reads the buffers and applies, so the caller never blocks. The buffers must stay
+// valid and unchanged until predictions_done() >= ticket (wait_predictions blocks for that).
+// Requests are applied in submission order.
+//
 // Thread safety: every method may be called from many threads at once; blocking waits happen
 // without the Python GIL (see bindings.cc).
 #pragma once
@@ -23,6 +34,7 @@
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
+#include <deque>
 #include <memory>
 #include <queue>
 #include <string>
@@ -42,6 +54,8 @@ struct EngineStats {
   std::int64_t acquires = 0;
   std::int64_t releases = 0;
   std::int64_t stale_requests = 0;  // queue entries whose slot was cancelled or promoted
+  std::int64_t predictions = 0;     // predictions applied (predict + predict_async)
+  double prediction_wait_s = 0.0;   // prediction thread: waiting on the device for predicted ids
   std::int64_t queued = 0;          // copies waiting for a lane now
   double busy_s = 0.0;              // summed over lanes: issue to completion of every copy
   double demand_stall_s = 0.0;      // time acquire() waited for copies (summed over callers)
@@ -62,6 +76,16 @@ class CopyEngine {
   bool closed() const { return closed_.load(); }
 
   int prefetch(int layer, const std::int32_t* experts, std::int64_t n);
+  // See "Predictions" above. layers: (n,); ids: (n, width); scores: (n, E) or null; clear:
+  // (n_clear,). predict returns how many copies were queued.
+  int predict(const std::int32_t* layers, std::int64_t n, const std::int32_t* ids,
+              std::int64_t width, const float* scores, const std::int32_t* clear,
+              std::int64_t n_clear);
+  std::uint64_t predict_async(const std::int32_t* layers, std::int64_t n, const std::int32_t* ids,
+                              std::int64_t width, const float* scores, const std::int32_t* clear,
+                              std::int64_t n_clear, StreamHandle stream);
+  std::uint64_t predictions_done();
+  void wait_predictions(std::uint64_t ticket);
   // One slot per input position (duplicates map to the same slot).
   std::vector<std::int32_t> acquire(int layer, const std::int32_t* experts, std::int64_t n,
                                     StreamHandle stream);
@@ -85,7 +109,25 @@ class CopyEngine {
     }
   };
 
+  struct Prediction {
+    std::vector<std::int32_t> layers;
+    const std::int32_t* ids;
+    std::int64_t width;
+    const float* scores;
+    std::vector<std::int32_t> clear;
+    std::unique_ptr<Event> event;
+    std::uint64_t ticket;
+  };
+
   void worker(int lane);
+  void prediction_worker();
+  void check_prediction_args(const std::int32_t* layers, std::int64_t n, const std::int32_t* ids,
+                             std::int64_t width, const std::int32_t* clear,
+                             std::int64_t n_clear) const;
+  // Reads the host rows (validating every id and score) and applies them; returns copies queued.
+  int apply_prediction_locked(const std::vector<std::int32_t>& layers, const std::int32_t* ids,
+                              std::int64_t width, const float* scores,
+                              const std::vector<std::int32_t>& clear);
   void check_usable_locked(const char* what) const;
   void push_locked(int cls, int slot);
   bool pending_locked() const;
@@ -106,6 +148,14 @@ class CopyEngine {
   std::uint64_t seq_ = 0;
   int in_flight_ = 0;
   EngineStats stats_;
+
+  // Prediction thread (started by the first predict_async), its queue and spare events.
+  std::thread predictor_;
+  std::deque<Prediction> predictions_;
+  std::vector<std::unique_ptr<Event>> spare_events_;
+  std::condition_variable pred_cv_;  // with c_.mu_: a request queued, one applied, or stop
+  std::uint64_t submitted_ = 0;
+  std::uint64_t applied_ = 0;
 };
 
 }  // namespace moert

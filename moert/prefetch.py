@@ -1,0 +1,322 @@
+"""Predictive prefetch inside a patched model (DESIGN.md §3 steps 1-2, 6).
+
+``moert.patch(model, predictor=..., policy="score", overprovision=m | "adaptive")`` puts a
+``PrefetchNorm`` (the fused ``PredictiveNorm`` plus a hook) in place of every MoE layer's
+``input_layernorm``. For MoE layer ``l`` the hook turns the predictor's logits into:
+
+- prefetch ids: per predicted layer (``l``, and ``l+1..l+d`` for a lookahead predictor), the
+  top-(k+m) experts by probability (over a batch: the max over rows), or in the adaptive mode
+  every expert above ``threshold``, at least k, at most ``k + max_overprovision``; -1 pads a row;
+- priorities (policy ``"score"``): each predicted layer's E priorities become its probabilities of
+  the prefetched ids (0 for the rest), weighted ``score_decay ** j`` for layer ``l+j``; the layer
+  that just ran (``l-1``, cyclically) is reset to 0, so recency orders it again.
+
+On CUDA everything stays on the device until one non-blocking copy of ``(ids, scores)`` into a
+pinned ring buffer; ``CopyEngine.predict_async`` records an event after it and the engine's
+prediction thread applies the prediction once the bytes arrive, while attention runs: the Python
+thread never waits for the predictor. On the CPU twin there is nothing to overlap: the same C++
+``CopyEngine.predict`` is applied at once (deterministic, so tests can count hits).
+
+The hook also keeps the predictor's online recall per layer (``observe``, called by the experts
+forward with the router's real top-k): recall@k of the per-row top-k and the coverage of the
+prefetched set (true experts that were prefetched), accumulated on the device, read by ``stats``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from moert.kernels.predictive_norm import PredictiveNorm
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from moert.config import OffloadConfig
+    from moert.models import ModelAdapter, MoELayerRef
+
+__all__ = ["ModelDims", "Prefetcher", "PrefetchNorm", "load_pipeline_predictor", "attach", "detach"]
+
+_RING = 8  # pinned host buffers in flight per Prefetcher (a request holds one until applied)
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """What a predictor must match (the fields ``moert.predict.base.check_compatible`` reads)."""
+
+    model_type: str
+    layers: tuple[int, ...]
+    num_experts: int
+    top_k: int
+    hidden_size: int
+
+
+def load_pipeline_predictor(predictor: Any, dims: ModelDims) -> Any:
+    """A ``preattn`` predictor object from ``predictor`` (object or file path), checked against the model.
+
+    Raises:
+        ValueError: not a preattn predictor, or its header does not match the model (model_type,
+            layers, E, k, H), naming every mismatch.
+    """
+    from moert.predict.base import check_compatible
+
+    where = "predictor"
+    if isinstance(predictor, (str, os.PathLike)):
+        from moert.predict.io import load_predictor
+
+        where = str(predictor)
+        predictor = load_predictor(predictor)
+    meta = getattr(predictor, "meta", None)
+    if meta is None:
+        raise ValueError(
+            f"predictor={type(predictor).__name__} is neither a moert predictor nor a path to one; "
+            "pass the .safetensors file written by `moert train`"
+        )
+    if meta.kind != "preattn":
+        raise ValueError(
+            f"{where} is a {meta.kind!r} predictor; the patched pipeline runs a 'preattn' predictor fused "
+            "with the pre-attention norm: train one with `moert train --kind preattn`"
+        )
+    try:
+        check_compatible(meta, dims, where=where)
+    except ValueError as exc:
+        raise ValueError(str(exc).replace("the trace", "the model").replace("vs trace", "vs model")) from None
+    return predictor
+
+
+class PrefetchNorm(PredictiveNorm):
+    """``PredictiveNorm`` that hands its logits to a ``Prefetcher`` right after the norm (before
+    attention), then returns the normed rows unchanged."""
+
+    def set_hook(self, prefetcher: Prefetcher, ordinal: int) -> None:
+        object.__setattr__(self, "_prefetcher", prefetcher)  # not a submodule
+        self.ordinal = ordinal
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        normed = super().forward(hidden_states)
+        prefetcher = self.__dict__.get("_prefetcher")
+        if prefetcher is not None and self.last_logits is not None:
+            prefetcher.on_logits(self.ordinal, self.last_logits)
+        return normed
+
+
+class Prefetcher:
+    """Turns per-layer predictor logits into prefetches and priorities on one copy engine.
+
+    Args:
+        engine: the patched model's ``runtime.CopyEngine``.
+        cfg: the offload config (``overprovision``, ``threshold``, ``max_overprovision``,
+            ``prefetch``, ``policy``, ``score_decay``).
+        num_layers: L offloaded MoE layers (cache layers 0..L-1).
+        num_experts: E.
+        top_k: k.
+        lookahead: the predictor's d (its logits are (T, 1+d, E) when d > 0).
+        probabilities: ``"sigmoid"`` (logits of a BCE-style loss) or ``"clamp"`` (mse on router scores).
+        device: ``"cpu"`` or ``"cuda"``.
+    """
+
+    def __init__(
+        self,
+        engine: Any,
+        cfg: OffloadConfig,
+        num_layers: int,
+        num_experts: int,
+        top_k: int,
+        lookahead: int,
+        probabilities: str,
+        device: str,
+    ) -> None:
+        self.engine, self.cfg = engine, cfg
+        self.L, self.E, self.k, self.d = num_layers, num_experts, top_k, lookahead
+        self.adaptive = cfg.overprovision == "adaptive"
+        m = cfg.max_overprovision if self.adaptive else int(cfg.overprovision)
+        self.width = min(num_experts, top_k + m)
+        self.probabilities = probabilities
+        self.device = device
+        self.push_scores = cfg.policy == "score"
+        self.do_prefetch = cfg.prefetch == "async"
+        self._decay = torch.tensor([cfg.score_decay**j for j in range(lookahead + 1)], dtype=torch.float32)
+        self._pred_topk: list[torch.Tensor | None] = [None] * num_layers
+        self._pred_set: list[torch.Tensor | None] = [None] * num_layers
+        self._recall: torch.Tensor | None = None  # [L, 2] int64 on the device: top-k hits, covered
+        self._total = [0] * num_layers
+        self._ring: list[tuple[torch.Tensor, torch.Tensor, int]] = []
+        self._next = 0
+
+    # -- the hook ------------------------------------------------------------------------------
+
+    def plan(self, ordinal: int, logits: torch.Tensor) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+        """The prediction for MoE layer ``ordinal``: ``(layers, ids (n, width) int32, scores (n, E) fp32)``.
+
+        Args:
+            ordinal: cache layer of the norm that produced ``logits``.
+            logits: (..., E) or (..., 1+d, E) fp32 predictor logits, one row per token.
+        """
+        E = self.E
+        rows = logits.reshape(-1, self.d + 1, E)  # [T, 1+d, E]
+        n = min(self.d + 1, self.L - ordinal)  # lookahead past the last MoE layer is ignored
+        rows = rows[:, :n]
+        probs = torch.sigmoid(rows) if self.probabilities == "sigmoid" else rows.clamp(0.0, 1.0)
+        agg = probs.amax(dim=0)  # [n, E]: a batch needs an expert if any row does
+        vals, ids = agg.topk(self.width, dim=-1)  # [n, width], most likely first
+        if self.adaptive:
+            rank = torch.arange(self.width, device=ids.device)
+            keep = (rank < self.k) | (vals > self.cfg.threshold)  # [n, width]
+            ids = torch.where(keep, ids, torch.full_like(ids, -1))
+            vals = torch.where(keep, vals, torch.zeros_like(vals))
+        decay = self._decay[:n].to(vals.device).unsqueeze(-1)  # [n, 1]
+        scores = torch.zeros(n, E, dtype=torch.float32, device=vals.device)
+        scores.scatter_(1, ids.clamp(min=0), vals * decay)  # padded (-1) positions add 0 at expert 0
+        layers = list(range(ordinal, ordinal + n))
+        return layers, ids.to(torch.int32), scores
+
+    def on_logits(self, ordinal: int, logits: torch.Tensor) -> None:
+        """Called by ``PrefetchNorm`` of MoE layer ``ordinal`` before attention runs."""
+        with torch.no_grad():
+            logits = logits.detach()
+            layers, ids, scores = self.plan(ordinal, logits)
+            own = logits.reshape(-1, self.d + 1, self.E)[:, 0]  # [T, E]
+            self._pred_topk[ordinal] = own.topk(self.k, dim=-1).indices  # [T, k]
+            self._pred_set[ordinal] = ids[0] if self.do_prefetch else ids[0, : self.k]  # [width]
+            clear = [(ordinal - 1) % self.L] if self.push_scores and self.L > 1 else []
+            sc = scores if self.push_scores else None
+            if not self.do_prefetch:
+                ids = ids[:, :0]
+            if self.device == "cuda":
+                self._submit_async(layers, ids, sc, clear)
+            else:
+                self.engine.predict(layers, ids, sc, clear)
+
+    def _submit_async(
+        self, layers: list[int], ids: torch.Tensor, scores: torch.Tensor | None, clear: list[int]
+    ) -> None:
+        """One non-blocking device-to-host copy into a pinned ring slot, then ``predict_async``."""
+        if not self._ring:
+            for _ in range(_RING):
+                self._ring.append(
+                    (
+                        torch.empty(self.d + 1, self.width, dtype=torch.int32, pin_memory=True),
+                        torch.empty(self.d + 1, self.E, dtype=torch.float32, pin_memory=True),
+                        0,
+                    )
+                )
+        i = self._next
+        host_ids, host_scores, ticket = self._ring[i]
+        if ticket and self.engine.predictions_done() < ticket:
+            self.engine.wait_predictions(ticket)  # rare: the prediction thread is _RING requests behind
+        n, w = ids.shape  # w is self.width, or 0 with prefetch="off": a contiguous block either way
+        hid = host_ids[:n, :w]
+        hid.copy_(ids, non_blocking=True)
+        hsc = None
+        if scores is not None:
+            hsc = host_scores[:n]
+            hsc.copy_(scores, non_blocking=True)
+        ticket = self.engine.predict_async(layers, hid, hsc, clear)
+        self._ring[i] = (host_ids, host_scores, ticket)
+        self._next = (i + 1) % _RING
+
+    def observe(self, ordinal: int, top_k_index: torch.Tensor) -> None:
+        """Scores this layer's prediction against the router's selection (device ops, no host sync).
+
+        Args:
+            ordinal: cache layer.
+            top_k_index: (T, k) the router's selected experts.
+        """
+        pred = self._pred_topk[ordinal]
+        pset = self._pred_set[ordinal]
+        if pred is None or pset is None:
+            return
+        true = top_k_index.reshape(-1, top_k_index.shape[-1])  # [T, k]
+        if pred.shape[0] != true.shape[0] or pred.device != true.device:
+            return
+        if self._recall is None:
+            self._recall = torch.zeros(self.L, 2, dtype=torch.int64, device=true.device)
+        hit_k = (
+            (pred.unsqueeze(-1) == true.unsqueeze(1)).any(dim=-1).sum()
+        )  # predicted top-k that were chosen
+        covered = torch.isin(true, pset).sum()  # chosen experts that were in the prefetched set
+        self._recall[ordinal, 0] += hit_k
+        self._recall[ordinal, 1] += covered
+        self._total[ordinal] += true.numel()
+        self._pred_topk[ordinal] = self._pred_set[ordinal] = None
+
+    def recall(self) -> list[tuple[int, int, int]]:
+        """Per cache layer ``(top-k hits, covered, selections)`` since the last reset: recall@k is
+        ``hits / selections``, coverage ``covered / selections``."""
+        if self._recall is None:
+            return [(0, 0, 0)] * self.L
+        acc = self._recall.cpu().tolist()
+        return [(a, c, t) for (a, c), t in zip(acc, self._total)]
+
+    def reset_stats(self) -> None:
+        if self._recall is not None:
+            self._recall.zero_()
+        self._total = [0] * self.L
+
+    def close(self) -> None:
+        """Waits until every submitted prediction is applied (the ring buffers may then be freed)."""
+        if self._ring:
+            last = max(t for _, _, t in self._ring)
+            if last and not self.engine.closed:
+                self.engine.wait_predictions(last)
+        self._ring = []
+
+
+def attach(
+    model: nn.Module,
+    adapter: ModelAdapter,
+    refs: list[MoELayerRef],
+    cfg: OffloadConfig,
+    engine: Any,
+    device: str,
+) -> tuple[Prefetcher, list[tuple[nn.Module, nn.Module]]]:
+    """Installs a ``PrefetchNorm`` on every MoE layer of ``refs`` and returns the prefetcher and the
+    ``(layer, original norm)`` pairs that ``detach`` restores.
+
+    Raises:
+        ValueError: the predictor does not fit the model, or a norm is not one ``PredictiveNorm`` knows.
+    """
+    dims = ModelDims(
+        model_type=adapter.model_type,
+        layers=tuple(r.index for r in refs),
+        num_experts=adapter.num_experts,
+        top_k=adapter.top_k,
+        hidden_size=adapter.hidden_size,
+    )
+    predictor = load_pipeline_predictor(cfg.predictor, dims)
+    meta = predictor.meta
+    probabilities = "clamp" if meta.loss == "mse" else "sigmoid"
+    prefetcher = Prefetcher(
+        engine, cfg, len(refs), adapter.num_experts, adapter.top_k, meta.lookahead, probabilities, device
+    )
+    lookahead = meta.lookahead + 1 if meta.lookahead else 0  # PredictiveNorm's d: (T, d, E) blocks
+    norms = []
+    for ordinal, ref in enumerate(refs):
+        if getattr(ref.layer, "input_layernorm", None) is not ref.norm:
+            raise ValueError(
+                f"decoder layer {ref.index} has no input_layernorm module to replace (found "
+                f"{type(getattr(ref.layer, 'input_layernorm', None)).__name__}); the predictor pipeline needs it"
+            )
+        norm = PrefetchNorm(
+            ref.norm,
+            predictor.w1[ordinal],
+            predictor.b1[ordinal],
+            predictor.w2[ordinal],
+            predictor.b2[ordinal],
+            act=predictor.act,
+            lookahead=lookahead,
+        )
+        norm.set_hook(prefetcher, ordinal)
+        norms.append((ref.layer, ref.norm, norm))
+    for layer, _, norm in norms:
+        layer.input_layernorm = norm
+    return prefetcher, [(layer, original) for layer, original, _ in norms]
+
+
+def detach(pairs: list[tuple[nn.Module, nn.Module]]) -> None:
+    """Puts the original norm modules back (the inverse of ``attach``)."""
+    for layer, original in pairs:
+        layer.input_layernorm = original
