@@ -167,11 +167,19 @@ class Prefetcher:
             keep = (rank < self.k) | (vals > self.cfg.threshold)  # [n, width]
             ids = torch.where(keep, ids, torch.full_like(ids, -1))
             vals = torch.where(keep, vals, torch.zeros_like(vals))
-        decay = self._decay[:n].to(vals.device).unsqueeze(-1)  # [n, 1]
-        scores = torch.zeros(n, E, dtype=torch.float32, device=vals.device)
-        scores.scatter_(1, ids.clamp(min=0), vals * decay)  # padded (-1) positions add 0 at expert 0
+        decay = self._decay_on(vals.device)[:n].unsqueeze(-1)  # [n, 1]
+        # padding (-1) scatters into an extra column E, dropped after: expert 0 keeps its score
+        cols = torch.where(ids >= 0, ids, torch.full_like(ids, E))
+        scores = torch.zeros(n, E + 1, dtype=torch.float32, device=vals.device)
+        scores = scores.scatter_(1, cols, vals * decay)[:, :E].contiguous()  # [n, E]
         layers = list(range(ordinal, ordinal + n))
         return layers, ids.to(torch.int32), scores
+
+    def _decay_on(self, device: torch.device) -> torch.Tensor:
+        """(1+d,) fp32 decay weights, copied to ``device`` once (no per-layer host-to-device copy)."""
+        if self._decay.device != device:
+            self._decay = self._decay.to(device)
+        return self._decay
 
     def on_logits(self, ordinal: int, logits: torch.Tensor) -> None:
         """Called by ``PrefetchNorm`` of MoE layer ``ordinal`` before attention runs."""
