@@ -77,17 +77,21 @@ def stage_baselines(args, meta, parts, work):
     save_part(work, "baselines", out)
 
 
-def stage_learned(args, meta, parts, work, kind):
+def stage_learned(args, meta, parts, split, work, kind):
     cfg = TrainConfig(
         epochs=args.epochs, batch_size=1024 if kind == "xlayer" else 32, lr=args.lr or (2e-3 if kind != "xlayer" else 1e-3),
         patience=2, seed=args.seed, threads=args.threads, progress=False,
         max_steps_per_epoch=args.max_steps,
     )  # fmt: skip
+    # the split goes into the file's header, so `moert eval --predictor FILE` evaluates on the same test prompts
+    info = {"trace": meta.source, "seed": args.seed, "split": split.to_json()}
     t0 = time.perf_counter()
     if kind == "xlayer":
         from moert.predict.xlayer import train_xlayer
 
-        pred, hist = train_xlayer(meta, parts["train"], parts["val"], dim=args.hidden or 128, cfg=cfg)
+        pred, hist = train_xlayer(
+            meta, parts["train"], parts["val"], dim=args.hidden or 128, cfg=cfg, train_info=info
+        )
     else:
         from moert.predict.moe_beyond import MoEBeyondConfig, train_moe_beyond
 
@@ -95,7 +99,9 @@ def stage_learned(args, meta, parts, work, kind):
         net_cfg = MoEBeyondConfig(
             d_model=d, d_token=d, d_layer=32, num_layers=2, num_heads=4, ff=4 * d, max_len=512
         )
-        pred, hist = train_moe_beyond(meta, parts["train"], parts["val"], net_cfg=net_cfg, cfg=cfg)
+        pred, hist = train_moe_beyond(
+            meta, parts["train"], parts["val"], net_cfg=net_cfg, cfg=cfg, train_info=info
+        )
     train_s = time.perf_counter() - t0
     path = save_predictor(work / f"{kind}.safetensors", pred.meta, *pred.state())
     pred = load_predictor(path)  # evaluate what was saved
@@ -138,6 +144,28 @@ def stage_sim(args, meta, parts, work):
         report = simulate(trace, cfg, prefetchers=pre)
         rows += [{**{k: r.get(k) for k in keep}, "mode": mode} for r in report["results"]]
     save_part(work, "sim", {"rows": rows, "sim_s": time.perf_counter() - t0})
+
+
+def _plot_layers(rows: dict, k: int, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for ax, key in zip(axes, (f"recall@{k}", "top1")):
+        for name, r in rows.items():
+            per = r["metrics"]["per_layer"]
+            ax.plot([p["layer"] for p in per], [100 * p[key] for p in per], marker="o", ms=3, label=name)
+        ax.set_title(f"{key} per MoE layer (held-out prompts)")
+        ax.set_xlabel("MoE layer id")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("%")
+    axes[0].set_ylim(0, 100)
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 TINY_OVERPROVISION = {"deepseek_v2": 4, "qwen3_moe": 4, "phimoe": 1}
@@ -369,6 +397,9 @@ def stage_report(args, meta, parts, split, path, work):
             "6 slots = k, so a prefetch of k experts replaces the layer's whole cache and the hit rate is "
             "about the predictor's recall@6.",
         ]
+    if rows:
+        _plot_layers(rows, k, REPO / "bench/results/predict_puffin_layers.png")
+        lines += ["", "Per-layer recall@6 and top-1 of every predictor: `predict_puffin_layers.png`."]
     (REPO / "bench/results/predict_puffin.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -399,7 +430,7 @@ def main(argv=None) -> int:
         if st == "baselines":
             stage_baselines(args, meta, parts, work)
         elif st in ("xlayer", "moe-beyond"):
-            stage_learned(args, meta, parts, work, st)
+            stage_learned(args, meta, parts, split, work, st)
         elif st == "sim":
             stage_sim(args, meta, parts, work)
         else:
