@@ -6,6 +6,8 @@ Stages (each one process, each a few minutes on 2 CPU cores; run in order, or ``
   moe-beyond  train a small MoE-Beyond encoder (smaller than the paper's), evaluate
   sim         replay the held-out prompts through the simulator (lru, belady; lru + each predictor)
   report      bench/results/predict_puffin.{json,md} with versions, commit, date
+  ablation    (separate) xlayer without the history / previous-token features
+              -> bench/results/predict_puffin_xlayer_ablation.md
   tiny        (separate) traces captured with hidden rows from tiny random deepseek_v2 / qwen3_moe /
               phimoe models (6 layers): preattn for both archs and all four losses, lookahead by
               distance, next-gate / prev-token / frequency -> bench/results/predict_tiny.{json,md}
@@ -144,6 +146,41 @@ def stage_sim(args, meta, parts, work):
         report = simulate(trace, cfg, prefetchers=pre)
         rows += [{**{k: r.get(k) for k in keep}, "mode": mode} for r in report["results"]]
     save_part(work, "sim", {"rows": rows, "sim_s": time.perf_counter() - t0})
+
+
+def stage_ablation(args, meta, parts, work):
+    """xlayer with fewer features, same split, epochs and seed as the xlayer stage."""
+    from moert.predict.xlayer import train_xlayer
+
+    cfg = TrainConfig(epochs=args.epochs, batch_size=1024, lr=1e-3, patience=2, seed=args.seed, threads=args.threads,
+                      progress=False)  # fmt: skip
+    variants = {
+        "experts l-1, l-2 + token + position + prev token + history (default)": {},
+        "without history": {"use_history": False},
+        "without history and prev token (pure cross-layer + token)": {
+            "use_history": False,
+            "use_prev_token": False,
+        },
+    }
+    lines = [
+        "# xlayer feature ablation, held-out puffin prompts (CPU)",
+        "",
+        f"{_env(args)['date_utc']}, commit {_env(args)['commit']}. `python bench/bench_predict.py --stage ablation "
+        f"--epochs {args.epochs}`; split, seed and training as in predict_puffin.md.",
+        "",
+        "| features | exact | top1 | recall@6 | overprov_hit@6+4 | train s |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, kw in variants.items():
+        t0 = time.perf_counter()
+        pred, _ = train_xlayer(meta, parts["train"], parts["val"], dim=args.hidden or 128, cfg=cfg, **kw)
+        o = evaluate(pred, parts["test"], overprovision=(4,))["overall"]
+        lines.append(
+            f"| {name} | {100 * o['exact']:.2f}% | {100 * o['top1']:.2f}% | {100 * o['recall@6']:.2f}% | "
+            f"{100 * o['overprov_hit@6+4']:.2f}% | {time.perf_counter() - t0:.0f} |"
+        )
+        print(lines[-1], file=sys.stderr, flush=True)
+    (REPO / "bench/results/predict_puffin_xlayer_ablation.md").write_text("\n".join(lines) + "\n")
 
 
 def _plot_layers(rows: dict, k: int, path: Path) -> None:
@@ -406,7 +443,7 @@ def stage_report(args, meta, parts, split, path, work):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--stage", default="all", choices=(*STAGES, "all", "tiny"))
+    p.add_argument("--stage", default="all", choices=(*STAGES, "all", "tiny", "ablation"))
     p.add_argument("--tiny-prompts", type=int, default=60)
     p.add_argument("--trace", default=None)
     p.add_argument("--work", default="/tmp/moert-bench-predict")
@@ -424,7 +461,7 @@ def main(argv=None) -> int:
         stage_tiny(args, work)
         return 0
     meta, parts, split, path = load(args)
-    stages = STAGES if args.stage == "all" else (args.stage,)
+    stages = STAGES if args.stage == "all" else (args.stage,)  # "ablation" only when asked
     for st in stages:
         t0 = time.perf_counter()
         if st == "baselines":
@@ -433,6 +470,8 @@ def main(argv=None) -> int:
             stage_learned(args, meta, parts, split, work, st)
         elif st == "sim":
             stage_sim(args, meta, parts, work)
+        elif st == "ablation":
+            stage_ablation(args, meta, parts, work)
         else:
             stage_report(args, meta, parts, split, path, work)
         print(f"[{st}] {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
