@@ -47,6 +47,7 @@ from moert.predict.io import load_predictor, save_predictor
 from moert.predict.train import TrainConfig
 
 REPO = Path(__file__).resolve().parent.parent
+DEFAULT_EPOCHS = {"xlayer": 5, "moe-beyond": 2}
 STAGES = ("baselines", "xlayer", "moe-beyond", "sim", "report")
 M = (2, 4)
 
@@ -81,7 +82,7 @@ def stage_baselines(args, meta, parts, work):
 
 def stage_learned(args, meta, parts, split, work, kind):
     cfg = TrainConfig(
-        epochs=args.epochs, batch_size=1024 if kind == "xlayer" else 32, lr=args.lr or (2e-3 if kind != "xlayer" else 1e-3),
+        epochs=args.epochs or DEFAULT_EPOCHS[kind], batch_size=1024 if kind == "xlayer" else 32, lr=args.lr or (2e-3 if kind != "xlayer" else 1e-3),
         patience=2, seed=args.seed, threads=args.threads, progress=False,
         max_steps_per_epoch=args.max_steps,
     )  # fmt: skip
@@ -152,7 +153,7 @@ def stage_ablation(args, meta, parts, work):
     """xlayer with fewer features, same split, epochs and seed as the xlayer stage."""
     from moert.predict.xlayer import train_xlayer
 
-    cfg = TrainConfig(epochs=args.epochs, batch_size=1024, lr=1e-3, patience=2, seed=args.seed, threads=args.threads,
+    cfg = TrainConfig(epochs=args.epochs or DEFAULT_EPOCHS["xlayer"], batch_size=1024, lr=1e-3, patience=2, seed=args.seed, threads=args.threads,
                       progress=False)  # fmt: skip
     variants = {
         "experts l-1, l-2 + token + position + prev token + history (default)": {},
@@ -166,7 +167,7 @@ def stage_ablation(args, meta, parts, work):
         "# xlayer feature ablation, held-out puffin prompts (CPU)",
         "",
         f"{_env(args)['date_utc']}, commit {_env(args)['commit']}. `python bench/bench_predict.py --stage ablation "
-        f"--epochs {args.epochs}`; split, seed and training as in predict_puffin.md.",
+        f"--epochs {args.epochs or DEFAULT_EPOCHS['xlayer']}`; split, seed and training as in predict_puffin.md.",
         "",
         "| features | exact | top1 | recall@6 | overprov_hit@6+4 | train s |",
         "|---|---:|---:|---:|---:|---:|",
@@ -448,7 +449,9 @@ def main(argv=None) -> int:
     p.add_argument("--trace", default=None)
     p.add_argument("--work", default="/tmp/moert-bench-predict")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument(
+        "--epochs", type=int, default=None, help="default: xlayer 5, moe-beyond 2 (the recorded runs)"
+    )
     p.add_argument("--max-steps", type=int, default=0, help="cap steps per epoch (0: all)")
     p.add_argument("--hidden", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
