@@ -225,12 +225,14 @@ def _report(r: dict[str, Any]) -> str:
     else:
         lines.append("  tokens vs unpatched model: not checked (--no-check)")
     lines.append("")
-    lines.append(f"  {'layer':>5} {'hits':>7} {'misses':>7} {'hit rate':>8} {'MB copied':>10} {'waves':>6}")
+    lines.append(
+        f"  {'layer':>5} {'hits':>7} {'misses':>7} {'hit rate':>8} {'MB copied':>10} {'forwards':>8} {'waves':>6}"
+    )
     for layer, s in sorted(r["stats"]["per_layer"].items(), key=lambda kv: int(kv[0])):
         n = s["hits"] + s["misses"]
         rate = s["hits"] / n if n else 0.0
         lines.append(
-            f"  {layer:>5} {s['hits']:>7} {s['misses']:>7} {rate:>8.1%} {s['bytes_copied'] / _MB:>10.2f} {s['waves']:>6}"
+            f"  {layer:>5} {s['hits']:>7} {s['misses']:>7} {rate:>8.1%} {s['bytes_copied'] / _MB:>10.2f} {s['calls']:>8} {s['waves']:>6}"
         )
     st = r["stats"]
     lines.append(
