@@ -11,6 +11,14 @@ are timing only.
 
     python bench/bench_decode.py                      # CPU, writes bench/results/decode_cpu.{json,md}
     python bench/bench_decode.py --device cuda        # GPU, writes bench/results/decode_cuda.{json,md}
+
+Predictor variants (``--predictor-fractions``, default 0.25): the patched model with a ``preattn``
+predictor fused with each MoE layer's norm, policy ``score``, over-provisioning m=2, adaptive, and
+a lookahead-1 predictor. The predictors are trained in the run (seconds) on routing traces captured
+from the same model on other prompts (``--predictor PATH`` uses a trained file instead of the m=2
+and adaptive ones). The columns "prefetch hits", "wasted MB/token", "recall" and "exposed copy"
+(acquire stall / copy-lane busy time: the share of copy time not hidden behind compute) come from
+``handle.stats()``.
 """
 
 from __future__ import annotations
@@ -104,6 +112,30 @@ def build(device: str, seed: int, path: Path | None = None) -> tuple[Any, str]:
     return tiny_model(demo_config(), seed=seed), "demo_config(): DeepSeek-V2-Lite layout scaled down, fp32"
 
 
+def train_predictors(model: Any, seed: int, lookaheads: tuple[int, ...]) -> dict[int, Any]:
+    """Captures routing traces (with pre-attention rows) of ``model`` on 24 prompts that are not the
+    benchmark's, and trains one linear2/wbce ``preattn`` predictor per lookahead depth."""
+    import tempfile
+
+    from moert.predict.data import open_sequences
+    from moert.predict.preattn import train_preattn
+    from moert.predict.train import TrainConfig
+    from moert.trace_capture import capture
+
+    vocab = model.config.vocab_size
+    prompts = [prompt_ids(1, 16, vocab=vocab, seed=1000 + seed + i)[0] for i in range(24)]
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        capture(model, prompts, Path(tmp) / "trace", max_new_tokens=32, with_hidden=True)
+        meta, seqs = open_sequences(str(Path(tmp) / "trace"))
+        cfg = TrainConfig(epochs=20, batch_size=256, progress=False, seed=seed, device="cpu")
+        for d in lookaheads:
+            out[d], _ = train_preattn(
+                meta, seqs[:20], seqs[20:], arch="linear2", loss="wbce", lookahead=d, dim=256, cfg=cfg
+            )
+    return out
+
+
 def _versions() -> dict[str, str]:
     import transformers
 
@@ -134,22 +166,57 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     layout = ExpertLayout(hidden=gate_up.shape[2], intermediate=gate_up.shape[1] // 2, dtype=gate_up.dtype)
     cfg = model.config
     prompt = prompt_ids(args.batch, args.prompt_len, vocab=cfg.vocab_size, seed=args.seed + 1).to(device)
-    configs: list[tuple[str, float | None, str | None, str]] = [("all-resident", None, None, "")]
-    configs += [
-        (f"moert {frac:g} {pol}", frac, pol, "runtime") for frac in args.fractions for pol in args.policies
+    configs: list[tuple[str, float | None, str | None, str, dict[str, Any]]] = [
+        ("all-resident", None, None, "", {})
     ]
-    configs.append(("naive (copy every use)", 1.0, "lru", "naive"))
+    configs += [
+        (f"moert {frac:g} {pol}", frac, pol, "runtime", {})
+        for frac in args.fractions
+        for pol in args.policies
+    ]
+    if args.predictor_fractions:
+        t0 = time.perf_counter()
+        preds = train_predictors(model, args.seed, (0, 1))
+        train_s = time.perf_counter() - t0
+        main_pred: Any = str(args.predictor) if args.predictor is not None else preds[0]
+        for frac in args.predictor_fractions:
+            configs += [
+                (
+                    f"moert {frac:g} score+pred m=2",
+                    frac,
+                    "score",
+                    "runtime",
+                    dict(predictor=main_pred, overprovision=2),
+                ),
+                (
+                    f"moert {frac:g} score+pred adaptive",
+                    frac,
+                    "score",
+                    "runtime",
+                    dict(predictor=main_pred, overprovision="adaptive"),
+                ),
+                (
+                    f"moert {frac:g} score+pred lookahead-1 m=2",
+                    frac,
+                    "score",
+                    "runtime",
+                    dict(predictor=preds[1], overprovision=2),
+                ),
+            ]
+    configs.append(("naive (copy every use)", 1.0, "lru", "naive", {}))
     # Rounds interleave the configs so that drift in machine load hits all of them alike.
     lat: dict[str, list[float]] = {c[0]: [] for c in configs}
     last: dict[str, Any] = {}
     for _ in range(args.rounds):
-        for name, frac, pol, backend in configs:
+        for name, frac, pol, backend, extra in configs:
             if not backend:
                 res = decode(model, prompt, args.tokens, args.warmup, device)
                 lat[name] += res["latency_s"]
                 last[name] = (res, None, None)
                 continue
-            handle = moert.patch(model, cache_experts=frac, policy=pol, device=device, backend=backend)
+            handle = moert.patch(
+                model, cache_experts=frac, policy=pol, device=device, backend=backend, **extra
+            )
             try:
                 # counters cover the timed decode steps only (not prefill or warm-up)
                 res = decode(model, prompt, args.tokens, args.warmup, device, on_warm=handle.reset_stats)
@@ -163,7 +230,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     rows: list[dict[str, Any]] = [
         {"config": "all-resident", "cache": None, "policy": None, **resident, "tokens_match": True}
     ]
-    for name, frac, pol, backend in configs[1:]:
+    for name, frac, pol, backend, _extra in configs[1:]:
         res, st, slots = last[name]
         s = summarize(lat[name], args.batch)
         moved = st.bytes_copied / (args.tokens * args.batch)
@@ -178,6 +245,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "bytes_per_token": moved,
                 "copy_GB_s": st.bytes_copied / max(sum(res["latency_s"]), 1e-9) / 1e9,  # last round
                 "demand_stall_s": st.demand_stall_s,
+                "demand_misses_per_token": st.misses / (args.tokens * args.batch),
+                "prefetch_hits": st.prefetch_hits,
+                "prefetch_late": st.prefetch_late,
+                "wasted_bytes_per_token": st.prefetch_wasted_bytes / (args.tokens * args.batch),
+                "recall": st.recall,
+                "coverage": st.coverage,
+                "exposed_copy": st.demand_stall_s / st.copy_busy_s if st.copy_busy_s > 0 else None,
                 "tokens_match": bool(torch.equal(res["ids"], base["ids"])),
             }
         )
@@ -202,6 +276,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "tokens": args.tokens,
         "warmup": args.warmup,
         "rounds": args.rounds,
+        "predictor_train_s": train_s if args.predictor_fractions else None,
         "note": _note(device, args.model is not None),
         "versions": _versions(),
         "rows": rows,
@@ -229,16 +304,23 @@ def markdown(rec: dict[str, Any]) -> str:
         f"moert {v['moert']}, torch {v['torch']}, transformers {v['transformers']}, commit {v['commit']}, "
         f"{v['date']}, {v['device_name']}, {v['cpu_threads']} CPU threads, load average {v['load_avg_1m']} at the end.",
         "",
-        "| config | tok/s | x resident | latency ms median (p20-p80) | hit rate | MB/token | copy GB/s | tokens = resident |",
-        "|---|---:|---:|---|---:|---:|---:|---|",
+        "| config | tok/s | x resident | latency ms median (p20-p80) | hit rate | misses/token | MB/token "
+        "| copy GB/s | prefetch hits | wasted MB/token | recall | exposed copy | tokens = resident |",
+        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
+
+    def fmt(r: dict[str, Any], key: str, spec: str, scale: float = 1.0) -> str:
+        v = r.get(key)
+        return "-" if v is None else format(v * scale, spec)
+
     for r in rec["rows"]:
-        hit = f"{r['hit_rate']:.1%}" if "hit_rate" in r else "-"
-        mb = f"{r['bytes_per_token'] / 1e6:.2f}" if "bytes_per_token" in r else "-"
-        gbs = f"{r['copy_GB_s']:.2f}" if "copy_GB_s" in r else "-"
         out.append(
             f"| {r['config']} | {r['tok_s']:.1f} | {r['tok_s_ratio']:.2f} | {r['latency_ms_median']:.1f} "
-            f"({r['latency_ms_p20']:.1f}-{r['latency_ms_p80']:.1f}) | {hit} | {mb} | {gbs} | {r['tokens_match']} |"
+            f"({r['latency_ms_p20']:.1f}-{r['latency_ms_p80']:.1f}) | {fmt(r, 'hit_rate', '.1%')} "
+            f"| {fmt(r, 'demand_misses_per_token', '.2f')} | {fmt(r, 'bytes_per_token', '.2f', 1e-6)} "
+            f"| {fmt(r, 'copy_GB_s', '.2f')} | {fmt(r, 'prefetch_hits', '.0f')} "
+            f"| {fmt(r, 'wasted_bytes_per_token', '.2f', 1e-6)} | {fmt(r, 'recall', '.2f')} "
+            f"| {fmt(r, 'exposed_copy', '.2f')} | {r['tokens_match']} |"
         )
     return "\n".join(out) + "\n"
 
@@ -255,6 +337,16 @@ def main() -> None:
     p.add_argument("--prompt-len", type=int, default=16)
     p.add_argument("--fractions", type=float, nargs="+", default=[0.1, 0.25, 0.5])
     p.add_argument("--policies", nargs="+", default=["lru", "lfu"])
+    p.add_argument(
+        "--predictor-fractions",
+        type=float,
+        nargs="*",
+        default=[0.25],
+        help="cache fractions for the predictor variants (none: skip them and the predictor training)",
+    )
+    p.add_argument(
+        "--predictor", type=Path, default=None, help="a trained preattn predictor file for this model"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--rounds",

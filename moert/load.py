@@ -139,12 +139,13 @@ def load(
     Args:
         path: a local HF model directory (config.json + safetensors) of a supported model_type.
         cache_experts: slots (int) or fraction of routed experts (float in (0, 1]).
-        policy: ``"lru"`` or ``"lfu"``.
+        policy: ``"lru"``, ``"lfu"`` or ``"score"`` (with ``predictor=``).
         device: ``"cuda"``, ``"cpu"`` or None (CUDA when one can run).
         dtype: weight dtype (default: the config's dtype, else fp32).
         config: an ``OffloadConfig`` instead of the three fields above (keyword overrides still apply).
         progress: show a progress bar.
-        **kwargs: more ``OffloadConfig`` fields (``copy_streams``, ``backend``).
+        **kwargs: more ``OffloadConfig`` fields (``copy_streams``, ``backend``, ``predictor``,
+            ``overprovision``, ``prefetch``, ...; ``policy="score"`` needs ``predictor``).
 
     Returns:
         The model in eval mode; ``moert.handle_of(model)`` gives its ``PatchHandle`` (stats, undo,

@@ -107,30 +107,33 @@ def make_pool(backend: str, num_layers: int, num_experts: int, slab_bytes: int, 
     return runtime.ExpertPool(num_layers, num_experts, slab_bytes, pin=device == "cuda")
 
 
+#: counters the runtime reads from ``SlabCache.stats()`` under the same names
+_CACHE_COUNTERS = (
+    "hits",
+    "misses",
+    "bytes_loaded",
+    "evictions",
+    "prefetches",
+    "prefetch_hits",
+    "prefetch_late",
+    "prefetch_wasted",
+    "prefetch_wasted_bytes",
+)
+
+
 class Counters:
     """Cumulative store counters: hits, misses, bytes loaded into slots, evictions, and (runtime
-    store only) prefetch counters and the engine's measured demand stall (``stall_s``, None when the
-    store does not measure it)."""
+    store only) prefetch counters, the engine's measured demand stall (``stall_s``, None when the
+    store does not measure it) and its copy time (``copy_busy_s``, summed over lanes)."""
 
-    __slots__ = (
-        "hits",
-        "misses",
-        "bytes_loaded",
-        "evictions",
-        "prefetches",
-        "prefetch_hits",
-        "prefetch_late",
-        "prefetch_wasted",
-        "prefetch_wasted_bytes",
-        "prefetch_bytes",
-        "stall_s",
-    )
+    __slots__ = (*_CACHE_COUNTERS, "prefetch_bytes", "stall_s", "copy_busy_s")
 
     def __init__(self) -> None:
-        self.hits = self.misses = self.bytes_loaded = self.evictions = 0
-        self.prefetches = self.prefetch_hits = self.prefetch_late = 0
-        self.prefetch_wasted = self.prefetch_wasted_bytes = self.prefetch_bytes = 0
+        for k in _CACHE_COUNTERS:
+            setattr(self, k, 0)
+        self.prefetch_bytes = 0
         self.stall_s: float | None = None
+        self.copy_busy_s = 0.0
 
     def as_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.__slots__}
@@ -175,10 +178,11 @@ class RuntimeStore:
 
     def _read(self) -> dict[str, Any]:
         st = self.cache.stats()
-        # every counter but the two derived here has the cache's own name
-        out: dict[str, Any] = {k: int(st.get(k, 0)) for k in Counters.__slots__[:-2]}
+        out: dict[str, Any] = {k: int(st.get(k, 0)) for k in _CACHE_COUNTERS}
         out["prefetch_bytes"] = int(st.get("prefetch_loads", 0)) * self.pool.slab_bytes
-        out["stall_s"] = float(self.engine.stats()["demand_stall_s"])
+        eng = self.engine.stats()
+        out["stall_s"] = float(eng["demand_stall_s"])
+        out["copy_busy_s"] = float(eng["busy_s"])
         return out
 
     @property
@@ -299,6 +303,7 @@ class OffloadState:
             misses=d["misses"],
             bytes_copied=d["bytes_loaded"],
             demand_stall_s=self._stall,
+            copy_busy_s=d["copy_busy_s"],
             evictions=d["evictions"],
             prefetches=d["prefetches"],
             prefetch_hits=d["prefetch_hits"],

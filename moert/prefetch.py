@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from moert.kernels.predictive_norm import _MAX_LOGITS as MAX_KERNEL_LOGITS
 from moert.kernels.predictive_norm import PredictiveNorm
 
 if TYPE_CHECKING:
@@ -242,9 +243,8 @@ class Prefetcher:
             return
         if self._recall is None:
             self._recall = torch.zeros(self.L, 2, dtype=torch.int64, device=true.device)
-        hit_k = (
-            (pred.unsqueeze(-1) == true.unsqueeze(1)).any(dim=-1).sum()
-        )  # predicted top-k that were chosen
+        # predicted top-k that the router chose: [T, k, 1] == [T, 1, k] -> any over the router's k
+        hit_k = (pred.unsqueeze(-1) == true.unsqueeze(1)).any(dim=-1).sum()
         covered = torch.isin(true, pset).sum()  # chosen experts that were in the prefetched set
         self._recall[ordinal, 0] += hit_k
         self._recall[ordinal, 1] += covered
@@ -301,6 +301,12 @@ def attach(
         engine, cfg, len(refs), adapter.num_experts, adapter.top_k, meta.lookahead, probabilities, device
     )
     lookahead = meta.lookahead + 1 if meta.lookahead else 0  # PredictiveNorm's d: (T, d, E) blocks
+    outputs = (meta.lookahead + 1) * adapter.num_experts
+    if device == "cuda" and outputs > MAX_KERNEL_LOGITS:
+        raise ValueError(
+            f"the predictor has (1+lookahead)*E = {outputs} outputs per row; the fused kernel holds at most "
+            f"{MAX_KERNEL_LOGITS}: use a predictor with lookahead <= {MAX_KERNEL_LOGITS // adapter.num_experts - 1}"
+        )
     norms = []
     for ordinal, ref in enumerate(refs):
         if getattr(ref.layer, "input_layernorm", None) is not ref.norm:

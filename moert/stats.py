@@ -49,6 +49,9 @@ class Stats:
         bytes_copied: bytes copied into the device cache.
         demand_stall_s: seconds acquires waited for copies (runtime: the engine's measure, demand
             loads and late prefetches; reference store: wall time of acquires that had misses).
+        copy_busy_s: seconds the copy engine's lanes spent copying (issue to completion, summed over
+            lanes; 0 for the reference store). ``demand_stall_s / copy_busy_s`` is the exposed share
+            of copy time (the part not hidden behind compute).
         evictions: experts evicted from the cache.
         prefetches: prefetch loads queued.
         prefetch_hits: first accesses of prefetched experts (counted in ``hits``).
@@ -65,6 +68,7 @@ class Stats:
     misses: int = 0
     bytes_copied: int = 0
     demand_stall_s: float = 0.0
+    copy_busy_s: float = 0.0
     evictions: int = 0
     prefetches: int = 0
     prefetch_hits: int = 0
