@@ -307,10 +307,19 @@ def _env(args) -> dict:
         "torch": torch.__version__,
         "numpy": numpy.__version__,
         "safetensors": safetensors.__version__,
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": _device_name(),
         "threads": args.threads,
         "device": "cpu",
     }
+
+
+def _device_name() -> str:
+    try:
+        from moert.provenance import device_name
+
+        return device_name("cpu")
+    except ImportError:  # older checkouts
+        return platform.processor() or platform.machine()
 
 
 def _git(*cmd: str) -> str:
