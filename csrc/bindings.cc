@@ -303,35 +303,39 @@ PYBIND11_MODULE(_C, m) {
              py::gil_scoped_release nogil;
              e.release(l, ids.data(), static_cast<std::int64_t>(ids.size()), stream);
            })
-      .def("predict",
-           [](CopyEngine& e, const Int64Array& layers, const Int32CastArray& ids,
-              std::optional<Float32Array> scores, const Int64Array& clear) {
-             std::vector<std::int32_t> ls = expert_ids(layers, "layers");
-             std::vector<std::int32_t> cl = expert_ids(clear, "clear");
-             const auto n = static_cast<std::int64_t>(ls.size());
-             MOERT_CHECK(ids.ndim() == 2 && ids.shape(0) == n, "predict: ids must be (", n,
-                         ", width) for ", n, " layers, got ", ids.ndim(), " dimensions");
-             const float* sp = nullptr;
-             if (scores) {
-               const int E = e.cache()->num_experts();
-               MOERT_CHECK(scores->ndim() == 2 && scores->shape(0) == n && scores->shape(1) == E,
-                           "predict: scores must be (", n, ", ", E, ")");
-               sp = scores->data();
-             }
-             py::gil_scoped_release nogil;
-             return e.predict(ls.data(), n, ids.data(), ids.shape(1), sp, cl.data(),
-                              static_cast<std::int64_t>(cl.size()));
-           })
+      .def(
+          "predict",
+          [](CopyEngine& e, const Int64Array& layers, const Int32CastArray& ids,
+             std::optional<Float32Array> scores, const Int64Array& clear, float clear_score) {
+            std::vector<std::int32_t> ls = expert_ids(layers, "layers");
+            std::vector<std::int32_t> cl = expert_ids(clear, "clear");
+            const auto n = static_cast<std::int64_t>(ls.size());
+            MOERT_CHECK(ids.ndim() == 2 && ids.shape(0) == n, "predict: ids must be (", n,
+                        ", width) for ", n, " layers, got ", ids.ndim(), " dimensions");
+            const float* sp = nullptr;
+            if (scores) {
+              const int E = e.cache()->num_experts();
+              MOERT_CHECK(scores->ndim() == 2 && scores->shape(0) == n && scores->shape(1) == E,
+                          "predict: scores must be (", n, ", ", E, ")");
+              sp = scores->data();
+            }
+            py::gil_scoped_release nogil;
+            return e.predict(ls.data(), n, ids.data(), ids.shape(1), sp, cl.data(),
+                             static_cast<std::int64_t>(cl.size()), clear_score);
+          },
+          py::arg("layers"), py::arg("ids"), py::arg("scores"), py::arg("clear"),
+          py::arg("clear_score") = 0.0f)
       .def("predict_async",
            [](CopyEngine& e, const Int64Array& layers, std::uintptr_t ids_ptr, std::int64_t width,
-              std::uintptr_t scores_ptr, const Int64Array& clear, std::uintptr_t stream) {
+              std::uintptr_t scores_ptr, const Int64Array& clear, float clear_score,
+              std::uintptr_t stream) {
              std::vector<std::int32_t> ls = expert_ids(layers, "layers");
              std::vector<std::int32_t> cl = expert_ids(clear, "clear");
              py::gil_scoped_release nogil;
              return e.predict_async(ls.data(), static_cast<std::int64_t>(ls.size()),
                                     reinterpret_cast<const std::int32_t*>(ids_ptr), width,
                                     reinterpret_cast<const float*>(scores_ptr), cl.data(),
-                                    static_cast<std::int64_t>(cl.size()), stream);
+                                    static_cast<std::int64_t>(cl.size()), clear_score, stream);
            })
       .def("predictions_done", &CopyEngine::predictions_done)
       .def("wait_predictions",

@@ -7,15 +7,20 @@
 - prefetch ids: per predicted layer (``l``, and ``l+1..l+d`` for a lookahead predictor), the
   top-(k+m) experts by probability (over a batch: the max over rows), or in the adaptive mode
   every expert above ``threshold``, at least k, at most ``k + max_overprovision``; -1 pads a row;
-- priorities (policy ``"score"``): each predicted layer's E priorities become its probabilities of
-  the prefetched ids (0 for the rest), weighted ``score_decay ** j`` for layer ``l+j``; the layer
-  that just ran (``l-1``, cyclically) is reset to 0, so recency orders it again.
+- priorities (policy ``"score"``, evict the lowest first, ties by recency): each predicted layer's
+  E priorities become its probabilities of the prefetched ids (0 for the rest), weighted
+  ``score_decay ** j`` for layer ``l+j``; the layer that just ran (``l-1``, cyclically) gets a
+  negative score lower than every layer before it. In a decode cycle over L layers the layer that
+  ran last is needed again last, so it goes first (Belady's order over layers), where LRU would
+  evict the layer about to run. On the tiny DeepSeek-shaped demo model at a 25% cache this lifts
+  the hit rate with m=2 from 0.629 (LRU + the same prefetch) to 0.668, with fewer bytes.
 
 On CUDA everything stays on the device until one non-blocking copy of ``(ids, scores)`` into a
 pinned ring buffer; ``CopyEngine.predict_async`` records an event after it and the engine's
 prediction thread applies the prediction once the bytes arrive, while attention runs: the Python
 thread never waits for the predictor. On the CPU twin there is nothing to overlap: the same C++
-``CopyEngine.predict`` is applied at once (deterministic, so tests can count hits).
+``CopyEngine.predict`` is applied at once and its copies are waited for (deterministic, so tests
+can count hits).
 
 The hook also keeps the predictor's online recall per layer (``observe``, called by the experts
 forward with the router's real top-k): recall@k of the per-row top-k and the coverage of the
@@ -42,6 +47,9 @@ if TYPE_CHECKING:
 __all__ = ["ModelDims", "Prefetcher", "PrefetchNorm", "load_pipeline_predictor", "attach", "detach"]
 
 _RING = 8  # pinned host buffers in flight per Prefetcher (a request holds one until applied)
+# clear scores count down -1, -2, ... and wrap here (float32 holds these integers exactly); at a wrap
+# the order of the layers that ran before it is lost once, and recency orders them instead
+_CLEAR_WRAP = 1 << 22
 
 
 @dataclass(frozen=True)
@@ -146,6 +154,7 @@ class Prefetcher:
         self._total = [0] * num_layers
         self._ring: list[tuple[torch.Tensor, torch.Tensor, int]] = []
         self._next = 0
+        self._step = 0
 
     # -- the hook ------------------------------------------------------------------------------
 
@@ -191,16 +200,26 @@ class Prefetcher:
             self._pred_topk[ordinal] = own.topk(self.k, dim=-1).indices  # [T, k]
             self._pred_set[ordinal] = ids[0] if self.do_prefetch else ids[0, : self.k]  # [width]
             clear = [(ordinal - 1) % self.L] if self.push_scores and self.L > 1 else []
+            # the layer that just ran goes below every earlier one: its next use is the farthest
+            self._step = self._step % _CLEAR_WRAP + 1
+            clear_score = -float(self._step)
             sc = scores if self.push_scores else None
             if not self.do_prefetch:
                 ids = ids[:, :0]
             if self.device == "cuda":
-                self._submit_async(layers, ids, sc, clear)
-            else:
-                self.engine.predict(layers, ids, sc, clear)
+                self._submit_async(layers, ids, sc, clear, clear_score)
+            elif self.engine.predict(layers, ids, sc, clear, clear_score):
+                # CPU twin: synchronous, so every eviction decision (made among ready slots) and
+                # every count is the same from run to run
+                self.engine.synchronize()
 
     def _submit_async(
-        self, layers: list[int], ids: torch.Tensor, scores: torch.Tensor | None, clear: list[int]
+        self,
+        layers: list[int],
+        ids: torch.Tensor,
+        scores: torch.Tensor | None,
+        clear: list[int],
+        clear_score: float,
     ) -> None:
         """One non-blocking device-to-host copy into a pinned ring slot, then ``predict_async``."""
         if not self._ring:
@@ -223,7 +242,7 @@ class Prefetcher:
         if scores is not None:
             hsc = host_scores[:n]
             hsc.copy_(scores, non_blocking=True)
-        ticket = self.engine.predict_async(layers, hid, hsc, clear)
+        ticket = self.engine.predict_async(layers, hid, hsc, clear, clear_score)
         self._ring[i] = (host_ids, host_scores, ticket)
         self._next = (i + 1) % _RING
 

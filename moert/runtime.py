@@ -422,6 +422,7 @@ class CopyEngine:
         ids: Any,
         scores: Any = None,
         clear: Sequence[int] = (),
+        clear_score: float = 0.0,
     ) -> int:
         """Applies one prediction now (see ``predict_async``); returns how many copies were queued.
 
@@ -429,7 +430,8 @@ class CopyEngine:
             layers: (n,) cache layers predicted.
             ids: (n, width) int32-convertible expert ids per layer, most likely first, -1 = padding.
             scores: (n, E) float32 priorities replacing each predicted layer's (policy "priority"), or None.
-            clear: layers whose priorities are reset to 0 first (the layer that just ran).
+            clear: layers whose E priorities are all set to ``clear_score`` first (the layer that just ran).
+            clear_score: finite; ever lower values evict the most recently cleared layer first.
         """
         ids_np = np.ascontiguousarray(torch.as_tensor(ids).cpu().numpy(), dtype=np.int32)
         sc = (
@@ -437,7 +439,7 @@ class CopyEngine:
             if scores is None
             else np.ascontiguousarray(torch.as_tensor(scores).cpu().numpy(), np.float32)
         )
-        return self._c.predict(_int64_list(layers), ids_np, sc, _int64_list(clear))
+        return self._c.predict(_int64_list(layers), ids_np, sc, _int64_list(clear), float(clear_score))
 
     def predict_async(
         self,
@@ -445,6 +447,7 @@ class CopyEngine:
         ids: torch.Tensor,
         scores: torch.Tensor | None = None,
         clear: Sequence[int] = (),
+        clear_score: float = 0.0,
         stream: int | None = None,
     ) -> int:
         """Queues a prediction whose ids (and scores) are still being copied to host memory.
@@ -459,7 +462,8 @@ class CopyEngine:
             layers: (n,) cache layers.
             ids: (n, width) int32 host tensor (pinned for a truly asynchronous copy), contiguous.
             scores: (n, E) float32 host tensor or None.
-            clear: layers whose priorities are reset to 0 first.
+            clear: layers whose priorities are all set to ``clear_score`` first.
+            clear_score: as ``predict``.
             stream: CUDA stream handle; the CPU twin's stream 0 means "already written".
 
         Returns:
@@ -492,6 +496,7 @@ class CopyEngine:
             int(ids.shape[1]),
             sp,
             _int64_list(clear),
+            float(clear_score),
             self._stream(stream),
         )
 

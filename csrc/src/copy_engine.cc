@@ -180,9 +180,10 @@ void CopyEngine::check_prediction_args(const std::int32_t* layers, std::int64_t 
 
 int CopyEngine::apply_prediction_locked(const std::vector<std::int32_t>& layers,
                                         const std::int32_t* ids, std::int64_t width,
-                                        const float* scores,
-                                        const std::vector<std::int32_t>& clear) {
+                                        const float* scores, const std::vector<std::int32_t>& clear,
+                                        float clear_score) {
   const int E = c_.num_experts_;
+  MOERT_CHECK(std::isfinite(clear_score), "predict: clear_score ", clear_score, " is not finite");
   if (scores != nullptr) {
     for (std::size_t i = 0; i < layers.size() * static_cast<std::size_t>(E); ++i) {
       MOERT_CHECK(std::isfinite(scores[i]), "predict: score ", scores[i], " of layer ",
@@ -195,7 +196,7 @@ int CopyEngine::apply_prediction_locked(const std::vector<std::int32_t>& layers,
     c_.distinct_locked(ids + i * width, width, true, &distinct);
   }
   for (int layer : clear) {
-    for (int e = 0; e < E; ++e) c_.set_priority_locked(layer, e, 0.0f);
+    for (int e = 0; e < E; ++e) c_.set_priority_locked(layer, e, clear_score);
   }
   if (scores != nullptr) {
     for (std::size_t i = 0; i < layers.size(); ++i) {
@@ -216,18 +217,19 @@ int CopyEngine::apply_prediction_locked(const std::vector<std::int32_t>& layers,
 
 int CopyEngine::predict(const std::int32_t* layers, std::int64_t n, const std::int32_t* ids,
                         std::int64_t width, const float* scores, const std::int32_t* clear,
-                        std::int64_t n_clear) {
+                        std::int64_t n_clear, float clear_score) {
   std::lock_guard<std::mutex> lock(c_.mu_);
   check_usable_locked("predict");
   check_prediction_args(layers, n, ids, width, clear, n_clear);
   return apply_prediction_locked(std::vector<std::int32_t>(layers, layers + n), ids, width, scores,
-                                 std::vector<std::int32_t>(clear, clear + n_clear));
+                                 std::vector<std::int32_t>(clear, clear + n_clear), clear_score);
 }
 
 std::uint64_t CopyEngine::predict_async(const std::int32_t* layers, std::int64_t n,
                                         const std::int32_t* ids, std::int64_t width,
                                         const float* scores, const std::int32_t* clear,
-                                        std::int64_t n_clear, StreamHandle stream) {
+                                        std::int64_t n_clear, float clear_score,
+                                        StreamHandle stream) {
   std::unique_ptr<Event> event;
   {
     std::lock_guard<std::mutex> lock(c_.mu_);
@@ -248,6 +250,7 @@ std::uint64_t CopyEngine::predict_async(const std::int32_t* layers, std::int64_t
                width,
                scores,
                std::vector<std::int32_t>(clear, clear + n_clear),
+               clear_score,
                std::move(event),
                ++submitted_};
   predictions_.push_back(std::move(p));
@@ -285,7 +288,7 @@ void CopyEngine::prediction_worker() {
     stats_.prediction_wait_s += waited;
     if (failure.empty() && !stop_ && error_.empty()) {
       try {
-        apply_prediction_locked(p.layers, p.ids, p.width, p.scores, p.clear);
+        apply_prediction_locked(p.layers, p.ids, p.width, p.scores, p.clear, p.clear_score);
       } catch (const std::exception& e) {
         failure = e.what();
       }

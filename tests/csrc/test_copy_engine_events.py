@@ -51,9 +51,15 @@ def test_predict_sets_priorities_clears_and_prefetches():
         engine.release(2, [7])
         gone = [e for e in (0, 2, 3) if cache.lookup(0, e) == -1]
         assert len(gone) == 1 and cache.lookup(1, 5) >= 0, gone
+        # a negative clear score sends the cleared layer below every other: (1, 5) goes next,
+        # though it was used after both remaining layer-0 experts
+        engine.predict([2], np.zeros((1, 0), np.int32), clear=[1], clear_score=-1.0)
+        engine.acquire(2, [8])
+        engine.release(2, [8])
+        assert cache.lookup(1, 5) == -1 and sum(cache.lookup(0, e) >= 0 for e in (0, 2, 3)) == 2
         st = cache.stats()
         assert st["prefetches"] == 4 and st["prefetch_wasted"] == 2, st
-        assert engine.stats()["predictions"] == 2
+        assert engine.stats()["predictions"] == 3
     finally:
         engine.close()
         cache.close()
@@ -72,6 +78,7 @@ def test_predict_validates_before_changing_anything():
             (lambda: engine.predict([0, 1], [[1]]), "ids must be \\(2, width\\)"),
             (lambda: engine.predict([0], [[1]], torch.zeros(1, E - 1)), f"scores must be \\(1, {E}\\)"),
             (lambda: engine.predict([0], [[1]], torch.full((1, E), float("nan"))), "not finite"),
+            (lambda: engine.predict([0], [[1]], clear=[1], clear_score=float("inf")), "clear_score inf"),
             (
                 lambda: engine.predict_async([0], torch.zeros(1, 2, dtype=torch.int64)),
                 "contiguous 2-D int32 host tensor",
@@ -192,7 +199,9 @@ def test_predictions_race_demand_loads_and_evictions(policy):
                 ids.copy_(torch.from_numpy(rng.integers(-1, E, size=(2, 5)).astype(np.int32)))
                 sc.copy_(torch.from_numpy(rng.random((2, E)).astype(np.float32)))
                 layer = int(rng.integers(L - 1))
-                ticket = engine.predict_async([layer, layer + 1], ids, sc, clear=[(layer - 1) % L])
+                ticket = engine.predict_async(
+                    [layer, layer + 1], ids, sc, clear=[(layer - 1) % L], clear_score=-float(i + 1)
+                )
                 ring[i] = (ids, sc, ticket)
                 i = (i + 1) % len(ring)
                 engine.predict([int(rng.integers(L))], rng.integers(-1, E, size=(1, 4)))

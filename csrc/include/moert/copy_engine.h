@@ -18,14 +18,15 @@
 //
 // Predictions (DESIGN §3 step 2). A prediction is, for `n` layers, a row of `width` expert ids
 // (most likely first, -1 = padding) and optionally a row of E scores per layer. Applying one, under
-// the cache lock: the priorities of every expert of the `clear` layers are set to 0 (the layer
-// that just ran; recency orders them again), each predicted layer's E priorities are replaced by
-// its score row, then each id row is prefetched in order (own layer first). predict() applies at
-// once; predict_async() records an event on `stream` (after the device-to-host copy that fills
-// the caller's host buffers) and returns a ticket: the engine's prediction thread waits on that
-// event, then reads the buffers and applies, so the caller never blocks. The buffers must stay
-// valid and unchanged until predictions_done() >= ticket (wait_predictions blocks for that).
-// Requests are applied in submission order.
+// the cache lock: the priorities of every expert of the `clear` layers are set to `clear_score`
+// (the layer that just ran: a caller passing ever lower scores makes the most recently run layer,
+// whose next use is farthest away in a decode cycle, go first), each predicted layer's E priorities
+// are replaced by its score row, then each id row is prefetched in order (own layer first).
+// predict() applies at once; predict_async() records an event on `stream` (after the device-to-host
+// copy that fills the caller's host buffers) and returns a ticket: the engine's prediction thread
+// waits on that event, then reads the buffers and applies, so the caller never blocks. The buffers
+// must stay valid and unchanged until predictions_done() >= ticket (wait_predictions blocks for
+// that). Requests are applied in submission order.
 //
 // Thread safety: every method may be called from many threads at once; blocking waits happen
 // without the Python GIL (see bindings.cc).
@@ -80,10 +81,10 @@ class CopyEngine {
   // (n_clear,). predict returns how many copies were queued.
   int predict(const std::int32_t* layers, std::int64_t n, const std::int32_t* ids,
               std::int64_t width, const float* scores, const std::int32_t* clear,
-              std::int64_t n_clear);
+              std::int64_t n_clear, float clear_score = 0.0f);
   std::uint64_t predict_async(const std::int32_t* layers, std::int64_t n, const std::int32_t* ids,
                               std::int64_t width, const float* scores, const std::int32_t* clear,
-                              std::int64_t n_clear, StreamHandle stream);
+                              std::int64_t n_clear, float clear_score, StreamHandle stream);
   std::uint64_t predictions_done();
   void wait_predictions(std::uint64_t ticket);
   // One slot per input position (duplicates map to the same slot).
@@ -115,6 +116,7 @@ class CopyEngine {
     std::int64_t width;
     const float* scores;
     std::vector<std::int32_t> clear;
+    float clear_score;
     std::unique_ptr<Event> event;
     std::uint64_t ticket;
   };
@@ -127,7 +129,7 @@ class CopyEngine {
   // Reads the host rows (validating every id and score) and applies them; returns copies queued.
   int apply_prediction_locked(const std::vector<std::int32_t>& layers, const std::int32_t* ids,
                               std::int64_t width, const float* scores,
-                              const std::vector<std::int32_t>& clear);
+                              const std::vector<std::int32_t>& clear, float clear_score);
   void check_usable_locked(const char* what) const;
   void push_locked(int cls, int slot);
   bool pending_locked() const;
