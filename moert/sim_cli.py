@@ -4,7 +4,8 @@ Usage::
 
     moert simulate TRACE [--format moert|moe-beyond-csv|esft] --capacity 0.1,0.25,0.5
                    --policy lru,lfu,moe-infinity,belady[,lru+oracle] [--per-layer|--global]
-                   [--prefetch oracle|NAME] [--json OUT.json] [--plot OUT.png] [--markdown OUT.md]
+                   [--prefetch oracle|moe-infinity|PRED.safetensors[:m]|prev-token[:m]|frequency[:m]]
+                   [--split auto|test|all] [--json OUT.json] [--plot OUT.png] [--markdown OUT.md]
                    [--expert-mb 17.3] [--bandwidth-gbs 25] [--layer-compute-ms 0.2]
 """
 
@@ -62,7 +63,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.set_defaults(mode="per-layer")
     parser.add_argument(
-        "--prefetch", default=None, help="prefetcher for every policy without its own: oracle or NAME"
+        "--prefetch",
+        default=None,
+        help="prefetcher for every policy without its own: oracle, moe-infinity, a trained predictor "
+        "PRED.safetensors[:m] (prefetch its top-(k+m)), prev-token[:m] or frequency[:m]; a policy can "
+        "name its own as EVICT+PREFETCH, e.g. lru+xlayer.safetensors:2",
+    )
+    parser.add_argument(
+        "--split",
+        default="auto",
+        choices=["auto", "test", "all"],
+        help="which sequences to replay: test = the held-out sequences recorded in the (first) trained "
+        "predictor file, so it is judged on prompts it never saw; all = every sequence; auto (default) = "
+        "test when a trained predictor prefetches, else all",
     )
     parser.add_argument("--json", help="write the full report here")
     parser.add_argument("--plot", help="write hit rate vs capacity per policy here (PNG, matplotlib)")
@@ -169,9 +182,11 @@ def _run(args: argparse.Namespace) -> int:
     trace = open_trace(
         args.trace, fmt, **importer_options(fmt, args.num_experts, args.top_k, args.model_type)
     )
+    names = args.policy.split(",")
+    prefetchers, trace = _predictor_prefetchers(names, args.prefetch, trace, args.split)
     config = SimConfig(
         capacities=args.capacity,
-        policies=tuple(parse_policies(args.policy.split(","), args.prefetch)),
+        policies=tuple(parse_policies(names, args.prefetch, prefetchers=prefetchers)),
         mode=args.mode,
         cost=CostModel(
             expert_bytes=int(round(args.expert_mb * 1e6)),
@@ -179,7 +194,7 @@ def _run(args: argparse.Namespace) -> int:
             layer_compute_ms=args.layer_compute_ms,
         ),
     )
-    report = simulate(trace, config, progress=not args.no_progress)
+    report = simulate(trace, config, progress=not args.no_progress, prefetchers=prefetchers)
     report["environment"] = environment()
     print(markdown(report))
     slowest = min((r["accesses_per_s"] or math.inf) for r in report["results"])
@@ -191,3 +206,63 @@ def _run(args: argparse.Namespace) -> int:
     if args.plot:
         plot(report, args.plot)
     return 0
+
+
+def _predictor_prefetchers(names: list[str], default: str | None, trace, split: str):
+    """Builds the prefetchers that are predictors (files or baselines) rather than built-in names.
+
+    Returns:
+        ``({spec: Prefetcher}, trace)``; the trace is narrowed to the held-out sequences of the first
+        trained predictor file when ``split`` asks for it (``frequency`` then counts the others).
+    """
+    from moert.policy import get_prefetcher
+
+    specs = {default} if default not in (None, "", "none") else set()
+    specs |= {n.strip().partition("+")[2] for n in names if "+" in n}
+    external = []
+    for spec in sorted(specs):
+        try:
+            get_prefetcher(spec)
+        except ValueError:
+            external.append(spec)
+    if not external:
+        if split == "test":
+            raise ValueError(
+                "--split test needs a trained predictor (PRED.safetensors) to take the split from"
+            )
+        return {}, trace
+
+    from moert.predict.io import load_predictor
+    from moert.predict.prefetch import SequenceListTrace, parse_prefetch_spec, prefetcher_from_spec
+
+    files = [
+        parse_prefetch_spec(s)[0] for s in external if parse_prefetch_spec(s)[0].endswith(".safetensors")
+    ]
+    held_out: set[int] | None = None
+    if split == "test" or (split == "auto" and files):
+        if not files:
+            raise ValueError(
+                "--split test needs a trained predictor (PRED.safetensors) to take the split from"
+            )
+        recorded = load_predictor(files[0]).meta.train.get("split")
+        if not recorded:
+            raise ValueError(f"{files[0]} records no train/val/test split; use --split all")
+        held_out = {int(i) for i in recorded["test"]}
+    seqs = list(trace.sequences())
+    if held_out is not None:
+        replay = [q for q in seqs if q.seq_id in held_out]
+        if not replay:
+            raise ValueError(
+                f"none of the {len(held_out)} held-out sequences of {files[0]} are in this trace; "
+                "was it trained on another trace? use --split all"
+            )
+        fit = [q for q in seqs if q.seq_id not in held_out]
+        print(
+            f"replaying the {len(replay)} held-out sequences recorded in {files[0]} (--split all for every one)",
+            file=sys.stderr,
+        )
+        trace = SequenceListTrace(trace.meta, replay, path=str(trace.path))
+    else:
+        fit = seqs  # frequency counts the replayed sequences themselves: an optimistic baseline
+        trace = SequenceListTrace(trace.meta, seqs, path=str(trace.path))
+    return {spec: prefetcher_from_spec(spec, trace.meta, fit) for spec in external}, trace
