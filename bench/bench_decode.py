@@ -13,8 +13,10 @@ are timing only.
     python bench/bench_decode.py --device cuda        # GPU, writes bench/results/decode_cuda.{json,md}
 
 Predictor variants (``--predictor-fractions``, default 0.25): the patched model with a ``preattn``
-predictor fused with each MoE layer's norm, policy ``score``, over-provisioning m=2, adaptive, and
-a lookahead-1 predictor. The predictors are trained in the run (seconds) on routing traces captured
+predictor fused with each MoE layer's norm: LRU with m=2 prefetch, and policy ``score`` with
+over-provisioning m=2, adaptive, and a lookahead-1 predictor. On the CPU twin a prefetch is a
+memcpy on the same two cores as the model, waited for before attention (nothing overlaps), so
+these rows show hits and bytes, not the GPU's speed-up. The predictors are trained in the run (seconds) on routing traces captured
 from the same model on other prompts (``--predictor PATH`` uses a trained file instead of the m=2
 and adaptive ones). The columns "prefetch hits", "wasted MB/token", "recall" and "exposed copy"
 (acquire stall / copy-lane busy time: the share of copy time not hidden behind compute) come from
@@ -181,6 +183,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         main_pred: Any = str(args.predictor) if args.predictor is not None else preds[0]
         for frac in args.predictor_fractions:
             configs += [
+                (  # the same prefetches with LRU eviction: isolates what the score policy adds
+                    f"moert {frac:g} lru+pred m=2",
+                    frac,
+                    "lru",
+                    "runtime",
+                    dict(predictor=main_pred, overprovision=2),
+                ),
                 (
                     f"moert {frac:g} score+pred m=2",
                     frac,
