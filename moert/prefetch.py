@@ -145,6 +145,9 @@ class Prefetcher:
         self.width = min(num_experts, top_k + m)
         self.probabilities = probabilities
         self.device = device
+        #: submit through ``predict_async`` (pinned ring + event); the default on CUDA. On the CPU twin
+        #: tests set it to run the same path, with the prediction thread applying asynchronously.
+        self.asynchronous = device == "cuda"
         self.push_scores = cfg.policy == "score"
         self.do_prefetch = cfg.prefetch == "async"
         self._decay = torch.tensor([cfg.score_decay**j for j in range(lookahead + 1)], dtype=torch.float32)
@@ -206,7 +209,7 @@ class Prefetcher:
             sc = scores if self.push_scores else None
             if not self.do_prefetch:
                 ids = ids[:, :0]
-            if self.device == "cuda":
+            if self.asynchronous:
                 self._submit_async(layers, ids, sc, clear, clear_score)
             elif self.engine.predict(layers, ids, sc, clear, clear_score):
                 # CPU twin: synchronous, so every eviction decision (made among ready slots) and
@@ -223,11 +226,12 @@ class Prefetcher:
     ) -> None:
         """One non-blocking device-to-host copy into a pinned ring slot, then ``predict_async``."""
         if not self._ring:
+            pin = ids.is_cuda  # page-locked, so the device-to-host copy is truly asynchronous
             for _ in range(_RING):
                 self._ring.append(
                     (
-                        torch.empty(self.d + 1, self.width, dtype=torch.int32, pin_memory=True),
-                        torch.empty(self.d + 1, self.E, dtype=torch.float32, pin_memory=True),
+                        torch.empty(self.d + 1, self.width, dtype=torch.int32, pin_memory=pin),
+                        torch.empty(self.d + 1, self.E, dtype=torch.float32, pin_memory=pin),
                         0,
                     )
                 )

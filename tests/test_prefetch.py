@@ -174,6 +174,35 @@ def test_predictor_header_is_checked_against_the_model(refs):
         moert.patch(model, cache_experts=0.5, predictor="/nonexistent/p.safetensors")
 
 
+def test_asynchronous_submission_path_on_the_cpu_twin(refs):
+    """The CUDA submission path (ring of host buffers, ``predict_async``, the engine's prediction
+    thread) on the CPU twin: every prediction is applied, buffers are reused past the ring size, and
+    the numbers do not change (hit counts may: the thread applies asynchronously)."""
+    from moert.prefetch import _RING
+
+    ref = refs("deepseek_v2-greedy")
+    model = ref.copy()
+    handle = moert.patch(
+        model,
+        cache_experts=0.25,
+        policy="score",
+        predictor=random_predictor(model, lookahead=1),
+        device="cpu",
+    )
+    handle.prefetcher.asynchronous = True
+    engine = handle._state.store.engine
+    got = greedy(model, ref.prompt, ref.new_tokens)
+    handle.prefetcher.close()
+    applied = engine.predictions_done()
+    st = handle.stats()
+    stats = engine.stats()
+    handle.undo()
+    assert_same("async path", got, ref.out)
+    calls = sum(v.calls for v in st.per_layer.values())
+    assert applied == calls == stats["predictions"] > _RING, (applied, calls, stats)
+    assert st.prefetches > 0
+
+
 def test_stats_account_for_prefetch_bytes_and_recall(refs):
     ref = refs("qwen3_moe-nonorm-sparse")
     model = ref.copy()
