@@ -221,10 +221,12 @@ def capture(
 
 def capture_cli(args: argparse.Namespace) -> int:
     """``moert trace --model PATH ...`` (see :mod:`moert.trace_cli`)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     if args.max_new_tokens < 0:
         raise ValueError(f"--max-new-tokens={args.max_new_tokens} must be >= 0")
+    if args.random_prompts is not None:
+        return _capture_random(args)
     if args.builtin:
         texts = list(BUILTIN_PROMPTS)
     else:
@@ -238,9 +240,31 @@ def capture_cli(args: argparse.Namespace) -> int:
         tokenizer = AutoTokenizer.from_pretrained(args.model)
     except (OSError, ValueError) as exc:
         raise ValueError(f"--model {args.model}: no usable tokenizer there ({exc})") from None
-    dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).eval()
     prompts = [tokenizer(text, return_tensors="pt")["input_ids"][0] for text in texts]
+    return _capture_and_report(args, _load_model(args), prompts)
+
+
+def _load_model(args: argparse.Namespace) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
+    return AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).eval()
+
+
+def _capture_random(args: argparse.Namespace) -> int:
+    """``--random-prompts N``: seeded random token ids, for models that ship no tokenizer."""
+    if args.random_prompts < 1 or args.prompt_len < 1:
+        raise ValueError(
+            f"--random-prompts {args.random_prompts} --prompt-len {args.prompt_len}: both must be >= 1"
+        )
+    model = _load_model(args)
+    g = torch.Generator().manual_seed(args.seed)
+    vocab = int(model.config.vocab_size)
+    prompts = [torch.randint(0, vocab, (args.prompt_len,), generator=g) for _ in range(args.random_prompts)]
+    return _capture_and_report(args, model, prompts)
+
+
+def _capture_and_report(args: argparse.Namespace, model: nn.Module, prompts: list[torch.Tensor]) -> int:
     meta = capture(
         model,
         prompts,

@@ -2,7 +2,7 @@
 
 Usage::
 
-    moert trace --model PATH (--prompts FILE.txt | --builtin) --max-new-tokens N --out DIR [--with-hidden] [--with-scores]
+    moert trace --model PATH (--prompts FILE.txt | --builtin | --random-prompts N) --max-new-tokens N --out DIR [--with-hidden] [--with-scores]
     moert trace convert --format moe-beyond-csv|esft SRC --out DIR [--num-experts E] [--top-k K]
     moert trace info TRACE [--format ...]
 """
@@ -21,6 +21,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     src = parser.add_mutually_exclusive_group()
     src.add_argument("--prompts", help="text file, one prompt per line")
     src.add_argument("--builtin", action="store_true", help="use moert's small built-in prompt set")
+    src.add_argument(
+        "--random-prompts",
+        type=int,
+        metavar="N",
+        help="N prompts of seeded random token ids (for models without a tokenizer, e.g. test models)",
+    )
+    parser.add_argument("--prompt-len", type=int, default=16, help="tokens per --random-prompts prompt")
+    parser.add_argument("--seed", type=int, default=0, help="seed of --random-prompts")
     parser.add_argument(
         "--max-new-tokens", type=int, default=32, help="tokens generated per prompt (default 32)"
     )
@@ -127,9 +135,10 @@ def _run(args: argparse.Namespace) -> int:
         return _convert(args)
     if args.trace_command == "info":
         return _info(args)
-    if not args.model or not args.out or not (args.prompts or args.builtin):
+    if not args.model or not args.out or not (args.prompts or args.builtin or args.random_prompts):
         print(
-            "moert trace: capture needs --model PATH, --prompts FILE.txt or --builtin, and --out DIR "
+            "moert trace: capture needs --model PATH, --prompts FILE.txt, --builtin or --random-prompts N, "
+            "and --out DIR "
             "(or use `moert trace convert ...` / `moert trace info ...`)",
             file=sys.stderr,
         )
