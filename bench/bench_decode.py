@@ -115,27 +115,15 @@ def build(device: str, seed: int, path: Path | None = None) -> tuple[Any, str]:
 
 
 def train_predictors(model: Any, seed: int, lookaheads: tuple[int, ...]) -> dict[int, Any]:
-    """Captures routing traces (with pre-attention rows) of ``model`` on 24 prompts that are not the
-    benchmark's, and trains one linear2/wbce ``preattn`` predictor per lookahead depth."""
-    import tempfile
+    """One linear2/wbce ``preattn`` predictor per lookahead depth, trained on routing traces of
+    ``model`` captured on 24 prompts that are not the benchmark's (32 decode tokens each)."""
+    from moert.prefetch import capture_and_train
 
-    from moert.predict.data import open_sequences
-    from moert.predict.preattn import train_preattn
-    from moert.predict.train import TrainConfig
-    from moert.trace_capture import capture
-
-    vocab = model.config.vocab_size
-    prompts = [prompt_ids(1, 16, vocab=vocab, seed=1000 + seed + i)[0] for i in range(24)]
-    out = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        capture(model, prompts, Path(tmp) / "trace", max_new_tokens=32, with_hidden=True)
-        meta, seqs = open_sequences(str(Path(tmp) / "trace"))
-        cfg = TrainConfig(epochs=20, batch_size=256, progress=False, seed=seed, device="cpu")
-        for d in lookaheads:
-            out[d], _ = train_preattn(
-                meta, seqs[:20], seqs[20:], arch="linear2", loss="wbce", lookahead=d, dim=256, cfg=cfg
-            )
-    return out
+    prompts = [prompt_ids(1, 16, vocab=model.config.vocab_size, seed=1000 + seed + i)[0] for i in range(24)]
+    return {
+        d: capture_and_train(model, prompts, new_tokens=32, lookahead=d, dim=256, epochs=20, seed=seed)
+        for d in lookaheads
+    }
 
 
 def _versions() -> dict[str, str]:

@@ -44,7 +44,15 @@ if TYPE_CHECKING:
     from moert.config import OffloadConfig
     from moert.models import ModelAdapter, MoELayerRef
 
-__all__ = ["ModelDims", "Prefetcher", "PrefetchNorm", "load_pipeline_predictor", "attach", "detach"]
+__all__ = [
+    "ModelDims",
+    "Prefetcher",
+    "PrefetchNorm",
+    "load_pipeline_predictor",
+    "attach",
+    "detach",
+    "capture_and_train",
+]
 
 _RING = 8  # pinned host buffers in flight per Prefetcher (a request holds one until applied)
 # clear scores count down -1, -2, ... and wrap here (float32 holds these integers exactly); at a wrap
@@ -357,3 +365,52 @@ def detach(pairs: list[tuple[nn.Module, nn.Module]]) -> None:
     """Puts the original norm modules back (the inverse of ``attach``)."""
     for layer, original in pairs:
         layer.input_layernorm = original
+
+
+def capture_and_train(
+    model: nn.Module,
+    prompts: list[torch.Tensor],
+    *,
+    new_tokens: int = 16,
+    val_prompts: int = 4,
+    lookahead: int = 0,
+    dim: int = 64,
+    epochs: int = 15,
+    seed: int = 0,
+) -> Any:
+    """A ``preattn`` predictor for ``model`` in seconds (tiny models): captures its routing with the
+    pre-attention rows on ``prompts`` (greedy, ``new_tokens`` each), trains ``linear2`` / ``wbce``
+    on all but the last ``val_prompts`` sequences (validated on those) and returns it.
+
+    Args:
+        model: an unpatched model of a supported type.
+        prompts: (P,) int64 prompt ids each; they should not include the prompts it is judged on.
+        new_tokens: decode tokens generated per prompt (decode rows are what a decode cache sees).
+        val_prompts: sequences kept for early stopping.
+        lookahead: the predictor's d.
+        dim: predictor hidden width D.
+        epochs: training epochs (early-stopped).
+        seed: training seed.
+    """
+    import tempfile
+    from pathlib import Path
+
+    from moert.predict.data import open_sequences
+    from moert.predict.preattn import train_preattn
+    from moert.predict.train import TrainConfig
+    from moert.trace_capture import capture
+
+    if not 0 < val_prompts < len(prompts):
+        raise ValueError(
+            f"val_prompts={val_prompts} must be in 1..{len(prompts) - 1} for {len(prompts)} prompts"
+        )
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "trace"
+        capture(model, prompts, out, max_new_tokens=new_tokens, with_hidden=True)
+        meta, seqs = open_sequences(str(out))
+    cfg = TrainConfig(epochs=epochs, batch_size=128, progress=False, seed=seed, device="cpu")
+    n = len(seqs) - val_prompts
+    pred, _ = train_preattn(
+        meta, seqs[:n], seqs[n:], arch="linear2", loss="wbce", lookahead=lookahead, dim=dim, cfg=cfg
+    )
+    return pred

@@ -222,30 +222,18 @@ def test_stats_account_for_prefetch_bytes_and_recall(refs):
     assert st.as_dict()["prefetch_bytes"] == st.prefetch_bytes
 
 
-def _captured_predictor(tmp_path):
-    """A linear2 preattn predictor trained (seconds) on a trace captured from the tiny DeepSeek-V2."""
-    from moert.predict.data import open_sequences
-    from moert.predict.preattn import train_preattn
-    from moert.predict.train import TrainConfig
-    from moert.trace_capture import capture
-
-    model = tiny_model("deepseek_v2")
-    prompts = [prompt_ids(1, 16, seed=100 + i)[0] for i in range(24)]
-    capture(model, prompts, tmp_path / "trace", max_new_tokens=16, with_hidden=True)
-    meta, seqs = open_sequences(str(tmp_path / "trace"))
-    cfg = TrainConfig(epochs=15, batch_size=128, progress=False, threads=1, seed=0)
-    pred, _ = train_preattn(meta, seqs[:20], seqs[20:], arch="linear2", loss="wbce", dim=64, cfg=cfg)
-    return pred
-
-
-def test_trained_predictor_beats_lru_at_a_quarter_cache(tmp_path):
+def test_trained_predictor_beats_lru_at_a_quarter_cache():
     """The seeded tiny DeepSeek-V2 (2 MoE layers x 16 experts, top-4; 8 slots at 25%) routes nearly
     uniformly across tokens, so recency alone gets few hits: whatever prediction adds must come from
     the predictor having learned the routers' function of the pre-attention row. The comparison is
     fair: the same model, the same held-out prompts (seeds never seen in training), the same cache
     size and the same numbers (exactness is tested above); prediction may spend more bytes (reported,
     and bounded here) but must give a higher measured hit rate and fewer demand misses."""
-    pred = _captured_predictor(tmp_path)
+    from moert.prefetch import capture_and_train
+
+    # linear2 preattn trained (seconds) on decode traces of 24 training prompts (20 train + 4 val)
+    train_prompts = [prompt_ids(1, 16, seed=100 + i)[0] for i in range(24)]
+    pred = capture_and_train(tiny_model("deepseek_v2"), train_prompts, new_tokens=16, dim=64)
     held_out = [prompt_ids(1, 8, seed=500 + i) for i in range(3)]
     results = {}
     for name, kw in {
