@@ -9,7 +9,7 @@ import torch
 import moert
 from moert.predict.base import PredictorMeta
 from moert.predict.preattn import PreattnPredictor
-from moert.testing import Reference, greedy, prompt_ids, single_thread, tiny_model
+from moert.testing import VARIANTS, Reference, greedy, prompt_ids, single_thread, tiny_model
 
 # one routing variant per architecture: DeepSeek (shared experts, dense first layer), Qwen3 with a
 # dense MLP layer and unnormalised top-k, Phi (LayerNorm with bias, sparsemixer)
@@ -73,7 +73,7 @@ def assert_same(what: str, got, want) -> None:
         raise AssertionError(f"{what}: tokens differ first at (batch, pos) {diff[0].tolist()}")
 
 
-@pytest.mark.parametrize("name", ARCH_VARIANTS)
+@pytest.mark.parametrize("name", sorted(VARIANTS))
 def test_exact_with_prediction_on(name, refs):
     """Prediction changes which experts are resident, never the numbers: bit-identical logits to the
     all-resident patch, greedy tokens identical to (and logits within 1e-5 of) the unpatched model."""
