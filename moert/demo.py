@@ -54,6 +54,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-check", action="store_true", help="skip the unpatched reference run (large models)"
     )
+    parser.add_argument(
+        "--predictor",
+        default="auto",
+        help="pre-attention predictor for a second run with predictive prefetch (policy score, "
+        "over-provision 2): a PRED.safetensors from `moert train`, 'auto' (default: train one on the "
+        "built-in model's own routing over other prompts, ~10 s; skipped for --model) or 'none'",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON record instead of the report")
 
 
@@ -139,7 +146,8 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
             _generate(reference, prompt, 2)  # warm-up (kernel caches for these shapes)
             ref_seq, ref_logits, dt_ref = _generate(reference, prompt, args.tokens)
             tok_s_ref = args.batch * args.tokens / dt_ref
-            del reference
+        predictor, train_s = _predictor(args, reference)
+        del reference
 
         _generate(model, prompt, 2)  # warm-up (also warms the expert cache)
         handle.reset_stats()
@@ -155,6 +163,14 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
                 "first_difference": first,
                 "logits_rel_err": rel,
             }
+        predictive = None
+        if predictor is not None:
+            predictive = _predictive_run(args, path, cache, prompt, predictor)
+            predictive["train_s"] = train_s
+            if check["checked"]:
+                predictive["tokens_identical"] = bool(torch.equal(predictive.pop("seq"), ref_seq))
+            else:
+                predictive.pop("seq")
         rep = handle.load_report
         non_expert = rep["non_expert_bytes"]
         record = {
@@ -175,6 +191,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
             "check": check,
             "tokens_per_s": {"moert": args.batch * args.tokens / dt, "unpatched": tok_s_ref},
             "stats": stats.as_dict(),
+            "predictive": predictive,
             "memory_bytes": {
                 "device_without_offload": full_bytes
                 if full_bytes is not None
@@ -194,6 +211,51 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         if tmp is not None:
             tmp.cleanup()
+
+
+def _predictor(args: argparse.Namespace, reference: Any) -> tuple[Any, float | None]:
+    """The predictor of the predictive run: a file, or one trained on the built-in model's routing
+    over 24 prompts that are not the demo's (``auto``); None when skipped."""
+    if args.predictor == "none" or (
+        args.predictor == "auto" and (args.model is not None or reference is None)
+    ):
+        return None, None
+    if args.predictor != "auto":
+        if not Path(args.predictor).is_file():
+            raise FileNotFoundError(f"--predictor {args.predictor}: no such file (or use auto / none)")
+        return args.predictor, None
+    from moert.prefetch import capture_and_train
+    from moert.testing import prompt_ids
+
+    t0 = time.perf_counter()
+    vocab = reference.config.vocab_size
+    prompts = [prompt_ids(1, 16, vocab=vocab, seed=1000 + args.seed + i)[0] for i in range(24)]
+    pred = capture_and_train(reference, prompts, new_tokens=32, dim=256, epochs=20, seed=args.seed)
+    return pred, time.perf_counter() - t0
+
+
+def _predictive_run(args: argparse.Namespace, path: Any, cache: Any, prompt: Any, predictor: Any) -> dict:
+    """The same generation with the pre-attention predictor prefetching (policy ``score``, m=2)."""
+    import moert
+
+    model = moert.load(
+        path,
+        cache_experts=cache,
+        policy="score",
+        predictor=predictor,
+        overprovision=2,
+        device=args.device,
+        dtype=args.dtype,
+        progress=False,
+    )
+    handle = moert.handle_of(model)
+    try:
+        _generate(model, prompt, 2)
+        handle.reset_stats()
+        seq, _, dt = _generate(model, prompt, args.tokens)
+        return {"seq": seq, "tokens_per_s": args.batch * args.tokens / dt, "stats": handle.stats().as_dict()}
+    finally:
+        handle.undo()
 
 
 def _versions() -> dict[str, str]:
@@ -239,6 +301,17 @@ def _report(r: dict[str, Any]) -> str:
         f"  {'all':>5} {st['hits']:>7} {st['misses']:>7} {st['hit_rate']:>8.1%} {st['bytes_copied'] / _MB:>10.2f}"
         f"   demand stall {st['demand_stall_s'] * 1e3:.1f} ms"
     )
+    p = r["predictive"]
+    if p is not None:
+        ps, how = p["stats"], f"trained here in {p['train_s']:.1f} s" if p["train_s"] else "from file"
+        same = {True: "IDENTICAL", False: "DIFFERENT", None: "not checked"}[p.get("tokens_identical")]
+        lines.append("")
+        lines.append(f"  with the pre-attention predictor ({how}; policy score, prefetch top-(k+2)):")
+        lines.append(
+            f"    hit rate {st['hit_rate']:.1%} -> {ps['hit_rate']:.1%}, demand misses {st['misses']} -> "
+            f"{ps['misses']}, prefetch hits {ps['prefetch_hits']}, wasted prefetch "
+            f"{ps['prefetch_wasted_bytes'] / _MB:.1f} MB, online recall@k {ps['recall']:.2f}; tokens: {same}"
+        )
     lines.append("")
     tps = r["tokens_per_s"]
     ref = f"{tps['unpatched']:.1f}" if tps["unpatched"] else "n/a"
@@ -264,8 +337,8 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(record, indent=2))
     else:
         print(_report(record))
-    c = record["check"]
-    if c["checked"] and not c["tokens_identical"]:
+    c, p = record["check"], record["predictive"]
+    if c["checked"] and (not c["tokens_identical"] or (p is not None and not p["tokens_identical"])):
         print("moert demo: FAILED — offloaded tokens differ from the unpatched model", file=sys.stderr)
         return 1
     return 0

@@ -159,6 +159,7 @@ def test_demo_on_a_model_directory(ds, capsys):
     assert rec["check"]["logits_rel_err"] <= 1e-5
     assert rec["model_type"] == "deepseek_v2" and rec["cache_slots"] == 16
     assert set(rec["stats"]["per_layer"]) == {"1", "2"}
+    assert rec["predictive"] is None  # --predictor auto trains only for the built-in model
     mem = rec["memory_bytes"]
     assert mem["device_with_offload"] < mem["device_without_offload"]
 
@@ -182,6 +183,9 @@ def test_demo_default_cli(tmp_path):
     assert rec["model_type"] == "deepseek_v2" and rec["num_experts"] == 64 and rec["top_k"] == 6
     assert rec["cache_slots"] == 112  # 25% of 7 MoE layers x 64
     assert rec["stats"]["misses"] > 0
+    # the second run prefetches with a predictor trained on other prompts: same tokens, prefetches used
+    pred = rec["predictive"]
+    assert pred["tokens_identical"] is True and pred["stats"]["prefetch_hits"] > 0
 
 
 def test_demo_reports_bad_model_dir(tmp_path, capsys):
