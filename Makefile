@@ -11,7 +11,7 @@ DEPS := numpy safetensors tqdm pybind11 ninja setuptools wheel "$(TRANSFORMERS_S
 DEV_DEPS := pytest hypothesis ruff clang-format
 NATIVE := $(wildcard csrc/*.cc csrc/include/moert/*.h csrc/src/*.cc csrc/src/*.cu) CMakeLists.txt setup.py
 
-.PHONY: setup build demo test test-compat test-gpu lint format bench clean
+.PHONY: setup build demo test test-compat test-gpu test-gpu-here lint format bench clean
 
 setup: $(VENV)/.deps build
 
@@ -47,6 +47,13 @@ test-compat: $(VENV)/.deps
 
 test-gpu: setup
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m gpu
+
+# A lent GPU machine has no package index but a python3 with torch, transformers, triton, pybind11,
+# ninja and pytest: build against that interpreter and run the GPU suite there.
+SYSTEM_PY ?= python3
+test-gpu-here:
+	$(SYSTEM_PY) -m pip install -q --no-build-isolation --no-deps -e .
+	HF_HUB_OFFLINE=1 $(SYSTEM_PY) -m pytest -q -m gpu
 
 lint: setup
 	$(VENV)/bin/ruff check moert kernels tests bench setup.py
