@@ -98,60 +98,66 @@ void CopyEngine::worker(int lane) {
       ++stats_.stale_requests;
       continue;
     }
-    sl.state = SlotState::kIssuing;
-    c_.refresh_locked(req.slot);  // no longer cancellable
-    c_.on_issue_locked(req.slot);
-    ++in_flight_;
-    const bool wait_last_use = sl.last_use_recorded;
-    sl.last_use_recorded = false;
-    const bool demand = sl.demanded;
-    const int layer = sl.key / c_.num_experts_;
-    const int expert = sl.key % c_.num_experts_;
-    const void* src = c_.pool_->entry_ptr(layer, expert);
-    void* dst = c_.slots_mem_ + static_cast<std::size_t>(req.slot) * c_.stride_;
-    const std::size_t bytes = c_.slab_bytes_;
-    Event& ready = *ready_[req.slot];
-    Event& last_use = *last_use_[req.slot];
-    lk.unlock();
+    copy_locked(lk, req.slot, stream, host_copies);
+  }
+}
 
-    const auto t0 = Clock::now();
-    std::string failure;
+void CopyEngine::copy_locked(std::unique_lock<std::mutex>& lk, int slot, StreamHandle stream,
+                             bool host_copies) {
+  SlabCache::Slot& sl = c_.slots_[slot];
+  sl.state = SlotState::kIssuing;
+  c_.refresh_locked(slot);  // no longer cancellable
+  c_.on_issue_locked(slot);
+  ++in_flight_;
+  const bool wait_last_use = sl.last_use_recorded;
+  sl.last_use_recorded = false;
+  const bool demand = sl.demanded;
+  const int layer = sl.key / c_.num_experts_;
+  const int expert = sl.key % c_.num_experts_;
+  const void* src = c_.pool_->entry_ptr(layer, expert);
+  void* dst = c_.slots_mem_ + static_cast<std::size_t>(slot) * c_.stride_;
+  const std::size_t bytes = c_.slab_bytes_;
+  Event& ready = *ready_[slot];
+  Event& last_use = *last_use_[slot];
+  lk.unlock();
+
+  const auto t0 = Clock::now();
+  std::string failure;
+  try {
+    if (wait_last_use) last_use.wait(stream);
+    backend_.copy_async(dst, src, bytes, stream);
+    ready.record(stream);
+  } catch (const std::exception& e) {
+    failure = e.what();
+  }
+  if (failure.empty()) {
+    if (!host_copies) {  // CUDA: callers may go on as soon as the ready event is recorded
+      lk.lock();
+      sl.state = SlotState::kIssued;
+      c_.cv_.notify_all();
+      lk.unlock();
+    }
     try {
-      if (wait_last_use) last_use.wait(stream);
-      backend_.copy_async(dst, src, bytes, stream);
-      ready.record(stream);
+      ready.synchronize();
     } catch (const std::exception& e) {
       failure = e.what();
     }
-    if (failure.empty()) {
-      if (!host_copies) {  // CUDA: callers may go on as soon as the ready event is recorded
-        lk.lock();
-        sl.state = SlotState::kIssued;
-        c_.cv_.notify_all();
-        lk.unlock();
-      }
-      try {
-        ready.synchronize();
-      } catch (const std::exception& e) {
-        failure = e.what();
-      }
-    }
-    const double busy = seconds_since(t0);
-
-    lk.lock();
-    --in_flight_;
-    c_.on_ready_locked(req.slot);
-    if (failure.empty()) {
-      stats_.bytes += static_cast<std::int64_t>(bytes);
-      ++stats_.copies;
-      ++(demand ? stats_.demand_copies : stats_.prefetch_copies);
-      stats_.busy_s += busy;
-    } else if (error_.empty()) {
-      error_ = cat("copy of (layer ", layer, ", expert ", expert, ") into slot ", req.slot,
-                   " failed: ", failure);
-    }
-    c_.cv_.notify_all();
   }
+  const double busy = seconds_since(t0);
+
+  lk.lock();
+  --in_flight_;
+  c_.on_ready_locked(slot);
+  if (failure.empty()) {
+    stats_.bytes += static_cast<std::int64_t>(bytes);
+    ++stats_.copies;
+    ++(demand ? stats_.demand_copies : stats_.prefetch_copies);
+    stats_.busy_s += busy;
+  } else if (error_.empty()) {
+    error_ = cat("copy of (layer ", layer, ", expert ", expert, ") into slot ", slot,
+                 " failed: ", failure);
+  }
+  c_.cv_.notify_all();
 }
 
 int CopyEngine::prefetch(int layer, const std::int32_t* experts, std::int64_t n) {
@@ -345,10 +351,13 @@ std::vector<std::int32_t> CopyEngine::acquire(int layer, const std::int32_t* exp
   ++stats_.acquires;
   std::vector<std::uint32_t> gens(slots.size());
   for (std::size_t i = 0; i < slots.size(); ++i) gens[i] = c_.slots_[slots[i]].gen;
+  const bool host_copies = backend_.device_index() < 0;
   bool pushed = false;
-  for (int s : loads) {
-    push_locked(0, s);
-    pushed = true;
+  if (!host_copies) {
+    for (int s : loads) {
+      push_locked(0, s);
+      pushed = true;
+    }
   }
   for (int s : slots) {
     SlabCache::Slot& sl = c_.slots_[s];
@@ -368,7 +377,17 @@ std::vector<std::int32_t> CopyEngine::acquire(int layer, const std::int32_t* exp
     }
     c_.cv_.notify_all();
   };
-  const bool host_copies = backend_.device_index() < 0;
+  if (host_copies) {
+    // CPU twin: the caller would only sleep until a worker copied its demand loads, so it copies
+    // them itself (same states, events and counters as a worker; no hand-off between threads).
+    // Queued prefetches of this call's experts were promoted above and stay with the workers.
+    for (std::size_t i = 0; i < loads.size(); ++i) {
+      const int s = loads[i];
+      if (c_.slots_[s].state != SlotState::kLoading) continue;
+      copy_locked(lk, s, 0, true);
+      waited = true;  // a demand stall: the caller's compute waited for this copy
+    }
+  }
   const SlotState need = host_copies ? SlotState::kReady : SlotState::kIssued;
   auto done = [&] {
     for (int s : slots) {

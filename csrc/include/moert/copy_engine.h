@@ -9,8 +9,9 @@
 // the misses cannot all get a slot now, it pins nothing and waits for a release or a finished
 // copy, so concurrent acquires never deadlock holding partial pins). Hits that are ready need
 // nothing; misses get a slot (evicting by policy, or cancelling a queued prefetch) and a demand
-// copy; a hit on a still-queued prefetch is promoted to demand. Then it waits: the CPU twin
-// blocks until every slot is ready; CUDA blocks the host only until each copy is issued (its
+// copy; a hit on a still-queued prefetch is promoted to demand. Then it waits: on the CPU twin
+// the caller copies its own demand loads (no thread hand-off) and blocks until every slot is
+// ready; CUDA blocks the host only until each copy is issued (its
 // ready event recorded) and makes `stream` wait on the ready events (cudaStreamWaitEvent).
 // Duplicate experts in one call are collapsed: each distinct expert is pinned once, and release
 // must be called with the same list (duplicates collapse the same way).
@@ -122,6 +123,10 @@ class CopyEngine {
   };
 
   void worker(int lane);
+  // Issues the copy of `slot` (state loading) on `stream` and waits for it; `lk` holds the cache
+  // mutex on entry and exit and is released during the copy.
+  void copy_locked(std::unique_lock<std::mutex>& lk, int slot, StreamHandle stream,
+                   bool host_copies);
   void prediction_worker();
   void check_prediction_args(const std::int32_t* layers, std::int64_t n, const std::int32_t* ids,
                              std::int64_t width, const std::int32_t* clear,
