@@ -105,6 +105,8 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
             raise ValueError(f"--threads {threads} must be >= 1")
         torch.set_num_threads(threads)
     cache = _cache_arg(args.cache)
+    if args.predictor not in ("auto", "none") and not Path(args.predictor).is_file():
+        raise FileNotFoundError(f"--predictor {args.predictor}: no such file (or use auto / none)")
     tmp = None
     reference = None
     t_build = time.perf_counter()
@@ -221,9 +223,7 @@ def _predictor(args: argparse.Namespace, reference: Any) -> tuple[Any, float | N
     ):
         return None, None
     if args.predictor != "auto":
-        if not Path(args.predictor).is_file():
-            raise FileNotFoundError(f"--predictor {args.predictor}: no such file (or use auto / none)")
-        return args.predictor, None
+        return args.predictor, None  # a file, checked before anything was loaded
     from moert.prefetch import capture_and_train
     from moert.testing import prompt_ids
 

@@ -195,6 +195,13 @@ def test_demo_reports_bad_model_dir(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
+def test_demo_reports_a_missing_predictor_before_loading(tmp_path, capsys):
+    from moert import cli
+
+    assert cli.main(["demo", "--predictor", str(tmp_path / "none.safetensors")]) == 2
+    assert "no such file" in capsys.readouterr().err
+
+
 def test_tied_embeddings(tmp_path):
     """save_pretrained omits lm_head.weight when tied; load ties it back."""
     from moert.testing import prompt_ids, save_tiny, tiny_model
