@@ -50,3 +50,16 @@ def test_trace_random_prompts_then_eval_next_gate(tmp_path, capsys):
     assert (
         main(["trace", "--model", str(model_dir), "--random-prompts", "0", "--out", str(tmp_path / "x")]) == 2
     )
+
+
+def test_console_entry_point_in_a_fresh_interpreter():
+    """What the `moert` console script runs, in an interpreter where nothing imported importlib.util
+    for us (`python -m` and editable-install hooks do; a plain installed console script does not)."""
+    code = (
+        "import importlib, sys; sys.modules.pop('importlib.util', None); "
+        "hasattr(importlib, 'util') and delattr(importlib, 'util'); "
+        "from moert.cli import main; sys.exit(main(['--help']))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "simulate" in out.stdout
