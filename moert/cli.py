@@ -26,6 +26,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+# optional dependency -> the extra of pyproject.toml that installs it
+_EXTRAS = {"transformers": "models", "triton": "kernels", "matplotlib": "plot"}
+
+
 def _available() -> dict[str, tuple[str, str]]:
     found = {}
     for name, (module, help_text) in COMMANDS.items():
@@ -59,6 +63,16 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, FileExistsError) as exc:
         # Bad input (a missing or malformed file, a bad option): one line naming it, not a traceback.
         print(f"moert {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:
+        extra = _EXTRAS.get((exc.name or "").partition(".")[0])
+        if extra is None:
+            raise
+        print(
+            f"moert {args.command}: error: this needs {exc.name}, an optional dependency: "
+            f"pip install 'moert[{extra}]'",
+            file=sys.stderr,
+        )
         return 2
 
 

@@ -63,3 +63,20 @@ def test_console_entry_point_in_a_fresh_interpreter():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "simulate" in out.stdout
+
+
+def test_a_missing_optional_dependency_names_the_extra(monkeypatch, capsys):
+    import moert.tour
+
+    def missing(name):
+        def run(args):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+        return run
+
+    monkeypatch.setattr(moert.tour, "run", missing("transformers"))
+    assert main(["tour"]) == 2
+    assert "pip install 'moert[models]'" in capsys.readouterr().err
+    monkeypatch.setattr(moert.tour, "run", missing("not_a_moert_extra"))
+    with pytest.raises(ModuleNotFoundError):  # not an optional dependency of moert: a real bug
+        main(["tour"])
