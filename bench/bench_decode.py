@@ -26,10 +26,8 @@ and adaptive ones). The columns "prefetch hits", "wasted MB/token", "recall" and
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -40,7 +38,7 @@ import torch
 import moert
 from moert.models import get_adapter
 from moert.offload import ExpertLayout
-from moert.provenance import git_commit
+from moert.provenance import device_name, git_commit, utc_now, versions
 from moert.testing import deepseek_v2_lite_config, demo_config, prompt_ids, tiny_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -127,22 +125,12 @@ def train_predictors(model: Any, seed: int, lookaheads: tuple[int, ...]) -> dict
 
 
 def _versions() -> dict[str, str]:
-    import transformers
-
-    commit = git_commit()
-    dev = (
-        torch.cuda.get_device_name()
-        if torch.cuda.is_available()
-        else platform.processor() or platform.machine()
-    )
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
     return {
-        "moert": moert.__version__,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-        "commit": commit,
-        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "device_name": dev,
+        **versions("torch", "transformers"),
+        "commit": git_commit(),
+        "date": utc_now(),
+        "device_name": device_name(dev),
         "cpu_threads": str(torch.get_num_threads()),
         "load_avg_1m": f"{os.getloadavg()[0]:.2f}",
     }

@@ -259,12 +259,9 @@ def _predictive_run(args: argparse.Namespace, path: Any, cache: Any, prompt: Any
 
 
 def _versions() -> dict[str, str]:
-    import torch
-    import transformers
+    from moert.provenance import versions
 
-    import moert
-
-    return {"moert": moert.__version__, "torch": torch.__version__, "transformers": transformers.__version__}
+    return versions("torch", "transformers")
 
 
 def _report(r: dict[str, Any]) -> str:

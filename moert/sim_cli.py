@@ -12,10 +12,8 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
-import platform
 import sys
 from pathlib import Path
 
@@ -97,22 +95,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def environment() -> dict:
     """Versions, commit, date and device, recorded beside every result."""
-    import numpy
-    import torch
-
-    from moert.provenance import git_commit
-
-    commit = git_commit()
-    import moert
+    from moert import provenance
 
     return {
-        "device": f"CPU ({platform.processor() or platform.machine()}), simulated cache",
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "numpy": numpy.__version__,
-        "moert": moert.__version__,
-        "commit": commit,
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "device": f"{provenance.device_name('cpu')}, simulated cache",
+        **provenance.versions("torch", "numpy"),
+        "commit": provenance.git_commit(),
+        "date": provenance.utc_now(),
     }
 
 
