@@ -12,6 +12,8 @@ import triton
 import triton.language as tl
 from triton import knobs
 
+from ._prefetch_plan_kernel import _plan
+
 __all__ = ["INTERPRET", "predictive_norm_kernel"]
 
 INTERPRET: bool = bool(knobs.runtime.interpret)
@@ -93,6 +95,9 @@ def predictive_norm_kernel(
     b2_ptr,  # (EO,) or dummy
     y_ptr,  # (T, H) normed rows, x's dtype
     logits_ptr,  # (T, EO) fp32; zeroed beforehand when ATOMIC
+    ids_ptr,  # PLAN: (n, width) int32
+    scores_ptr,  # PLAN: (n, E) fp32
+    counter_ptr,  # PLAN: int32, zero: programs that finished their logits
     T,
     H,
     D,
@@ -100,6 +105,11 @@ def predictive_norm_kernel(
     h_float,  # float(H): H itself may be specialised to a constexpr
     eps,
     d_per_split,  # D columns per program along axis 1, a multiple of BLOCK_D
+    n_plan,  # PLAN: predicted layers n (EO = n * E)
+    width,  # PLAN: see moert.kernels.prefetch_plan.PlanSpec
+    top_k,
+    threshold,
+    score_decay,
     NORM: tl.constexpr,
     ACT: tl.constexpr,
     HAS_NB: tl.constexpr,
@@ -112,6 +122,9 @@ def predictive_norm_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_E: tl.constexpr,
+    PLAN: tl.constexpr,
+    PROB: tl.constexpr,
+    ADAPTIVE: tl.constexpr,
 ):
     """One program: BLOCK_T rows x one slice of the predictor's hidden width D.
 
@@ -120,6 +133,8 @@ def predictive_norm_kernel(
     3. For each BLOCK_D chunk of its D slice: hidden = act(normed @ w1[chunk].T + b1[chunk]),
        then logits += hidden @ w2[:, chunk].T. Slices are summed by fp32 atomics when D is
        split over several programs (ATOMIC), else stored directly.
+    4. PLAN: the last program to finish step 3 (counted by an atomic on ``counter_ptr``) reads
+       every row's logits back and writes the prefetch plan (``_prefetch_plan_kernel._plan``).
     """
     pid_t = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -211,3 +226,27 @@ def predictive_norm_kernel(
         tl.atomic_add(out, logits, mask=out_mask, sem="relaxed")
     else:
         tl.store(out, logits, mask=out_mask)
+
+    # -- 4. prefetch plan by the last program ---------------------------------------------------
+    if PLAN:
+        # Every thread's logits are written before the count is released (acq_rel at GPU scope);
+        # the program that takes the last count then sees every program's logits.
+        tl.debug_barrier()
+        done = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu")
+        if done == tl.num_programs(0) * tl.num_programs(1) - 1:
+            _plan(
+                logits_ptr,
+                ids_ptr,
+                scores_ptr,
+                T,
+                n_plan,
+                EO // n_plan,
+                width,
+                top_k,
+                threshold,
+                score_decay,
+                PROB,
+                ADAPTIVE,
+                BLOCK_T,
+                BLOCK_E,
+            )

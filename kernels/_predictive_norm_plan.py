@@ -12,6 +12,7 @@ import functools
 import torch
 
 from .predictive_norm_reference import ACTIVATIONS, NORM_KINDS
+from .prefetch_plan import PlanSpec, plan_constexprs, plan_scalars
 
 __all__ = ["PredictiveNormConfig", "LaunchPlan", "plan_launch"]
 
@@ -43,6 +44,9 @@ class PredictiveNormConfig:
             raise ValueError(f"PredictiveNormConfig.d_splits={self.d_splits} must be >= 1")
         if self.num_warps is not None and self.num_warps not in (1, 2, 4, 8, 16):
             raise ValueError(f"PredictiveNormConfig.num_warps={self.num_warps} must be one of 1, 2, 4, 8, 16")
+
+
+_NO_PLAN = PlanSpec(width=1, top_k=1)  # fills the unread plan arguments when there is no plan
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -94,12 +98,16 @@ def plan_launch(
     has_b1: bool,
     has_b2: bool,
     interpret: bool,
+    prefetch: PlanSpec | None = None,
+    depth: int = 1,
 ) -> LaunchPlan:
     """Block sizes, D split and grid for these shapes; ``None`` config fields get first guesses.
 
     The guesses keep every tile in registers without spills when compiled for sm_80/sm_90 (checked
     by ``tests/kernels/test_predictive_norm_compile.py``); their speed is untuned (no GPU was at
     hand): ``bench/bench_predictive_norm.py --sweep`` times the alternatives.
+
+    ``prefetch`` adds the prefetch-plan epilogue over ``depth`` predicted layers (EO = depth * E).
     """
     block_e = max(16, _next_pow2(EO))
     # Decode rows share every weight tile; the (rows x logits) fp32 accumulator is capped at 8K.
@@ -129,6 +137,8 @@ def plan_launch(
             "h_float": float(H),
             "eps": float(eps),
             "d_per_split": d_per_split,
+            "n_plan": depth,
+            **plan_scalars(prefetch or _NO_PLAN),
         },
         constexprs={
             "NORM": NORM_KINDS.index(norm_kind),
@@ -144,6 +154,8 @@ def plan_launch(
             "BLOCK_K": block_k,
             "BLOCK_D": block_d,
             "BLOCK_E": block_e,
+            "PLAN": prefetch is not None,
+            **plan_constexprs(prefetch or _NO_PLAN),
         },
         num_warps=num_warps,
     )

@@ -11,9 +11,11 @@ Layers: ``predictive_norm_kernel`` (``_predictive_norm_kernel.py``, imported laz
 never imports Triton) -> ``predictive_norm_forward`` (checks; block sizes and grid from
 ``_predictive_norm_plan.py``) -> ``PredictiveNorm`` (drop-in for ``input_layernorm``; Triton on
 CUDA, PyTorch on CPU). The reference, ``predictive_norm_reference``, lives in
-``predictive_norm_reference.py``. Top-(k+m) selection runs right after the kernel
-(``predictive_norm_topk``, ``torch.topk``); whether in-kernel selection is faster is for
-``bench/bench_predictive_norm.py`` on a GPU to show.
+``predictive_norm_reference.py``. With ``prefetch=PlanSpec(...)`` the last program of the launch
+also turns the logits into the prefetch plan (``moert.kernels.prefetch_plan``): one launch from
+the layer's input rows to the ids and scores the copy engine takes. ``predictive_norm_topk``
+(``torch.topk`` after the kernel) is the plain alternative; ``bench/bench_predictive_norm.py``
+times them all on a GPU.
 
 Inference only (no autograd). On CUDA, when D is split over several programs the logits are
 summed with fp32 atomics, so their last bits may vary from run to run; the normed rows never do.
@@ -35,6 +37,7 @@ from .predictive_norm_reference import (
     predictive_norm_reference,
     predictor_reference,
 )
+from .prefetch_plan import PlanSpec, prefetch_plan_reference
 
 __all__ = [
     "PredictiveNormConfig",
@@ -106,8 +109,9 @@ def predictive_norm_forward(
     lookahead: int = 0,
     *,
     config: PredictiveNormConfig | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Norm + predictor in one Triton launch.
+    prefetch: PlanSpec | None = None,
+) -> tuple[torch.Tensor, ...]:
+    """Norm + predictor (+ prefetch plan) in one Triton launch.
 
     Args:
         x: (T, H) fp32 / fp16 / bf16, contiguous, on CUDA (or CPU under ``TRITON_INTERPRET=1``).
@@ -119,11 +123,14 @@ def predictive_norm_forward(
         act: ``"silu"`` (``linear2``) or ``"gelu"`` (``mlp_bn``, erf GELU).
         lookahead: 0 for logits (T, E); d >= 1 for (T, d, E).
         config: block sizes / splits; default picked from the shapes.
+        prefetch: also make the prefetch plan of these logits (n = max(d, 1) predicted layers).
 
     All tensors share x's dtype and device and are contiguous.
 
     Returns:
-        ``(normed (T, H) x.dtype, logits (T, E) or (T, d, E) fp32)``.
+        ``(normed (T, H) x.dtype, logits (T, E) or (T, d, E) fp32)``; with ``prefetch`` also
+        ``ids (n, width) int32, scores (n, E) fp32`` (see ``moert.kernels.prefetch_plan``; T = 0
+        gives ids -1 and scores 0).
 
     Raises:
         ValueError: naming the offending argument and the fix.
@@ -177,6 +184,12 @@ def predictive_norm_forward(
             "or use predictive_norm_reference for gradients"
         )
 
+    if prefetch is not None:
+        if not isinstance(prefetch, PlanSpec):
+            raise ValueError(
+                f"prefetch must be a moert.kernels.prefetch_plan.PlanSpec, got {type(prefetch).__name__}"
+            )
+        prefetch.check(EO // depth)
     kernel = _load_kernel(x.device)
     plan = plan_launch(
         config or PredictiveNormConfig(),
@@ -193,9 +206,25 @@ def predictive_norm_forward(
         has_b1=b1 is not None,
         has_b2=b2 is not None,
         interpret=kernel.INTERPRET,
+        prefetch=prefetch,
+        depth=depth,
     )
     normed = torch.empty_like(x)
-    logits = (torch.zeros if plan.atomic else torch.empty)((T, EO), dtype=torch.float32, device=x.device)
+    if prefetch is None:
+        alloc = torch.zeros if plan.atomic else torch.empty
+        logits = alloc((T, EO), dtype=torch.float32, device=x.device)
+        ids = scores = counter = logits  # unread
+    else:
+        # one zeroed allocation (one memset) holds the logits and, as int32 bits, the counter
+        work = torch.zeros(T * EO + 1, dtype=torch.float32, device=x.device)
+        logits = work[: T * EO].view(T, EO)
+        counter = work[T * EO :].view(torch.int32)
+        # the plan writes every entry; with no rows there is no launch, and no expert is predicted
+        ids = torch.empty(depth, prefetch.width, dtype=torch.int32, device=x.device)
+        scores = torch.empty(depth, EO // depth, dtype=torch.float32, device=x.device)
+        if T == 0:
+            ids.fill_(-1)
+            scores.zero_()
     if T > 0:
         kernel.predictive_norm_kernel[plan.grid](
             x,
@@ -207,13 +236,18 @@ def predictive_norm_forward(
             b2 if b2 is not None else w2,
             normed,
             logits,
+            ids,
+            scores,
+            counter,
             **plan.scalars,
             **plan.constexprs,
             **plan.options,
         )
     if lookahead:
         logits = logits.view(T, lookahead, EO // lookahead)  # [T, d, E]
-    return normed, logits
+    if prefetch is None:
+        return normed, logits
+    return normed, logits, ids, scores
 
 
 def predictive_norm_topk(*args, k: int, **kwargs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -263,7 +297,9 @@ class PredictiveNorm(nn.Module):
     """Drop-in for a decoder layer's ``input_layernorm`` that also runs the expert predictor.
 
     ``forward(x)`` returns what the wrapped norm returns and stores the predictor's logits on
-    ``self.last_logits`` (``x.shape[:-1] + (E,)`` or ``+ (d, E)``, fp32). With ``backend="auto"``
+    ``self.last_logits`` (``x.shape[:-1] + (E,)`` or ``+ (d, E)``, fp32), and with ``prefetch`` set
+    the batch's prefetch plan on ``self.last_plan`` (``(ids, scores)``, see
+    ``moert.kernels.prefetch_plan``; made by the kernel's epilogue on the Triton path). With ``backend="auto"``
     CUDA inputs take the fused Triton kernel and other inputs the wrapped norm module itself plus
     ``predictor_reference``; ``"triton"`` or ``"torch"`` force one path (``"triton"`` on CPU
     needs ``TRITON_INTERPRET=1``: tests only).
@@ -280,6 +316,7 @@ class PredictiveNorm(nn.Module):
         lookahead: 0, or the depth d of a lookahead predictor.
         config: optional kernel launch parameters.
         backend: ``"auto"``, ``"triton"`` or ``"torch"``.
+        prefetch: a ``PlanSpec`` to also make the prefetch plan, or None.
     """
 
     def __init__(
@@ -294,6 +331,7 @@ class PredictiveNorm(nn.Module):
         lookahead: int = 0,
         config: PredictiveNormConfig | None = None,
         backend: str = "auto",
+        prefetch: PlanSpec | None = None,
     ) -> None:
         super().__init__()
         self.norm_kind, self.eps = describe_norm(norm)
@@ -312,7 +350,13 @@ class PredictiveNorm(nn.Module):
         self.lookahead = lookahead
         self.config = config
         self.backend = backend
+        if prefetch is not None:
+            if not isinstance(prefetch, PlanSpec):
+                raise ValueError(f"prefetch must be a PlanSpec, got {type(prefetch).__name__}")
+            prefetch.check(self.w2.shape[0] // max(lookahead, 1))
+        self.prefetch = prefetch
         self.last_logits: torch.Tensor | None = None
+        self.last_plan: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def norm(self) -> nn.Module:
@@ -323,8 +367,9 @@ class PredictiveNorm(nn.Module):
         """hidden_states: (..., H) -> normed (..., H); logits land on ``self.last_logits``."""
         lead = hidden_states.shape[:-1]
         use_triton = self.backend == "triton" or (self.backend == "auto" and hidden_states.is_cuda)
+        plan = None
         if use_triton:
-            normed, logits = predictive_norm_forward(
+            normed, logits, *plan = predictive_norm_forward(
                 hidden_states.reshape(-1, hidden_states.shape[-1]).contiguous(),
                 self.weight,
                 self.bias,
@@ -337,6 +382,7 @@ class PredictiveNorm(nn.Module):
                 self.act,
                 self.lookahead,
                 config=self.config,
+                prefetch=self.prefetch,
             )
             normed = normed.view(hidden_states.shape)
         else:
@@ -350,7 +396,12 @@ class PredictiveNorm(nn.Module):
                 self.act,
                 self.lookahead,
             )
+            if self.prefetch is not None:
+                depth = max(self.lookahead, 1)
+                rows = logits.reshape(-1, depth, self.w2.shape[0] // depth)  # [T, n, E]
+                plan = prefetch_plan_reference(rows, self.prefetch)
         self.last_logits = logits.view(*lead, *logits.shape[1:])
+        self.last_plan = tuple(plan) if plan else None
         return normed
 
     def extra_repr(self) -> str:

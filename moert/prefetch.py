@@ -15,12 +15,14 @@
   evict the layer about to run (``bench/results/decode_cpu.md``: rows "lru+pred m=2" vs
   "score+pred m=2", the same prefetches).
 
-On CUDA everything stays on the device until one non-blocking copy of ``(ids, scores)`` into a
-pinned ring buffer; ``CopyEngine.predict_async`` records an event after it and the engine's
-prediction thread applies the prediction once the bytes arrive, while attention runs: the Python
-thread never waits for the predictor. On the CPU twin there is nothing to overlap: the same C++
-``CopyEngine.predict`` is applied at once and its copies are waited for (deterministic, so tests
-can count hits).
+The ids and scores are made by ``moert.kernels.prefetch_plan`` (``PlanSpec``): on CUDA by the
+epilogue of the fused norm + predictor kernel, so one launch goes from the layer's rows to the
+plan; on CPU devices by its PyTorch reference. On CUDA everything stays on the device until one
+non-blocking copy of ``(ids, scores)`` into a pinned ring buffer; ``CopyEngine.predict_async``
+records an event after it and the engine's prediction thread applies the prediction once the
+bytes arrive, while attention runs: the Python thread never waits for the predictor. On the CPU
+twin there is nothing to overlap: the same C++ ``CopyEngine.predict`` is applied at once and its
+copies are waited for (deterministic, so tests can count hits).
 
 The hook also keeps the predictor's online recall per layer (``observe``, called by the experts
 forward with the router's real top-k): recall@k of the per-row top-k and the coverage of the
@@ -37,6 +39,7 @@ import torch
 
 from moert.kernels.predictive_norm import _MAX_LOGITS as MAX_KERNEL_LOGITS
 from moert.kernels.predictive_norm import PredictiveNorm
+from moert.kernels.prefetch_plan import PlanSpec, prefetch_plan_reference
 
 if TYPE_CHECKING:
     from torch import nn
@@ -116,7 +119,7 @@ class PrefetchNorm(PredictiveNorm):
         normed = super().forward(hidden_states)
         prefetcher = self.__dict__.get("_prefetcher")
         if prefetcher is not None and self.last_logits is not None:
-            prefetcher.on_logits(self.ordinal, self.last_logits)
+            prefetcher.on_logits(self.ordinal, self.last_logits, self.last_plan)
         return normed
 
 
@@ -158,7 +161,15 @@ class Prefetcher:
         self.asynchronous = device == "cuda"
         self.push_scores = cfg.policy == "score"
         self.do_prefetch = cfg.prefetch == "async"
-        self._decay = torch.tensor([cfg.score_decay**j for j in range(lookahead + 1)], dtype=torch.float32)
+        #: how logits become ids and scores (made by the fused kernel's epilogue on CUDA)
+        self.spec = PlanSpec(
+            width=self.width,
+            top_k=top_k,
+            adaptive=self.adaptive,
+            threshold=cfg.threshold,
+            probabilities=probabilities,
+            score_decay=cfg.score_decay,
+        )
         self._pred_topk: list[torch.Tensor | None] = [None] * num_layers
         self._pred_set: list[torch.Tensor | None] = [None] * num_layers
         self._recall: torch.Tensor | None = None  # [L, 2] int64 on the device: top-k hits, covered
@@ -176,37 +187,33 @@ class Prefetcher:
             ordinal: cache layer of the norm that produced ``logits``.
             logits: (..., E) or (..., 1+d, E) fp32 predictor logits, one row per token.
         """
-        E = self.E
-        rows = logits.reshape(-1, self.d + 1, E)  # [T, 1+d, E]
-        n = min(self.d + 1, self.L - ordinal)  # lookahead past the last MoE layer is ignored
-        rows = rows[:, :n]
-        probs = torch.sigmoid(rows) if self.probabilities == "sigmoid" else rows.clamp(0.0, 1.0)
-        agg = probs.amax(dim=0)  # [n, E]: a batch needs an expert if any row does
-        vals, ids = agg.topk(self.width, dim=-1)  # [n, width], most likely first
-        if self.adaptive:
-            rank = torch.arange(self.width, device=ids.device)
-            keep = (rank < self.k) | (vals > self.cfg.threshold)  # [n, width]
-            ids = torch.where(keep, ids, torch.full_like(ids, -1))
-            vals = torch.where(keep, vals, torch.zeros_like(vals))
-        decay = self._decay_on(vals.device)[:n].unsqueeze(-1)  # [n, 1]
-        # padding (-1) scatters into an extra column E, dropped after: expert 0 keeps its score
-        cols = torch.where(ids >= 0, ids, torch.full_like(ids, E))
-        scores = torch.zeros(n, E + 1, dtype=torch.float32, device=vals.device)
-        scores = scores.scatter_(1, cols, vals * decay)[:, :E].contiguous()  # [n, E]
-        layers = list(range(ordinal, ordinal + n))
-        return layers, ids.to(torch.int32), scores
+        rows = logits.reshape(-1, self.d + 1, self.E)  # [T, 1+d, E]
+        n = self._depth(ordinal)
+        ids, scores = prefetch_plan_reference(rows[:, :n], self.spec)
+        return list(range(ordinal, ordinal + n)), ids, scores
 
-    def _decay_on(self, device: torch.device) -> torch.Tensor:
-        """(1+d,) fp32 decay weights, copied to ``device`` once (no per-layer host-to-device copy)."""
-        if self._decay.device != device:
-            self._decay = self._decay.to(device)
-        return self._decay
+    def _depth(self, ordinal: int) -> int:
+        """Predicted layers of MoE layer ``ordinal``: lookahead past the last MoE layer is ignored."""
+        return min(self.d + 1, self.L - ordinal)
 
-    def on_logits(self, ordinal: int, logits: torch.Tensor) -> None:
-        """Called by ``PrefetchNorm`` of MoE layer ``ordinal`` before attention runs."""
+    def on_logits(
+        self, ordinal: int, logits: torch.Tensor, plan: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> None:
+        """Called by ``PrefetchNorm`` of MoE layer ``ordinal`` before attention runs.
+
+        Args:
+            ordinal: cache layer.
+            logits: (..., 1+d, E) or (..., E) fp32 logits of the batch's rows.
+            plan: ``(ids (1+d, width), scores (1+d, E))`` already made from ``logits`` by the fused
+                kernel with ``self.spec``, or None to make it here.
+        """
         with torch.no_grad():
             logits = logits.detach()
-            layers, ids, scores = self.plan(ordinal, logits)
+            if plan is None:
+                layers, ids, scores = self.plan(ordinal, logits)
+            else:
+                n = self._depth(ordinal)
+                layers, ids, scores = list(range(ordinal, ordinal + n)), plan[0][:n], plan[1][:n]
             own = logits.reshape(-1, self.d + 1, self.E)[:, 0]  # [T, E]
             self._pred_topk[ordinal] = own.topk(self.k, dim=-1).indices  # [T, k]
             self._pred_set[ordinal] = ids[0] if self.do_prefetch else ids[0, : self.k]  # [width]
@@ -353,6 +360,7 @@ def attach(
             predictor.b2[ordinal],
             act=predictor.act,
             lookahead=lookahead,
+            prefetch=prefetcher.spec,
         )
         norm.set_hook(prefetcher, ordinal)
         norms.append((ref.layer, ref.norm, norm))

@@ -35,6 +35,7 @@ __all__ = [
     "HostPool",
     "ReferenceStore",
     "NaiveStore",
+    "random_predictor",
 ]
 
 # name -> (model_type, config overrides)
@@ -447,3 +448,39 @@ class NaiveStore:
 
     def close(self) -> None:
         return None
+
+
+def random_predictor(
+    model: nn.Module, *, lookahead: int = 0, dim: int = 24, seed: int = 0, **meta_overrides: Any
+) -> Any:
+    """An untrained preattn predictor shaped for ``model`` (random, so it prefetches wrong experts too)."""
+    from moert.models import get_adapter
+    from moert.predict.base import PredictorMeta
+    from moert.predict.preattn import PreattnPredictor
+
+    adapter = get_adapter(model)
+    refs = adapter.moe_layers()
+    L, E, H = len(refs), adapter.num_experts, adapter.hidden_size
+    fields = dict(
+        kind="preattn",
+        model_type=adapter.model_type,
+        layers=tuple(r.index for r in refs),
+        num_experts=E,
+        top_k=adapter.top_k,
+        hidden_size=H,
+        arch="linear2",
+        dims={"hidden": dim, "act": "silu"},
+        lookahead=lookahead,
+        loss="wbce",
+    )
+    fields.update(meta_overrides)
+    meta = PredictorMeta(**fields)
+    g = torch.Generator().manual_seed(seed)
+    E2 = (1 + lookahead) * meta.num_experts
+    tensors = {
+        "w1": torch.randn(L, dim, meta.hidden_size, generator=g) / meta.hidden_size**0.5,
+        "b1": torch.randn(L, dim, generator=g) * 0.1,
+        "w2": torch.randn(L, E2, dim, generator=g),
+        "b2": torch.randn(L, E2, generator=g) * 0.1,
+    }
+    return PreattnPredictor(meta, tensors, "silu")

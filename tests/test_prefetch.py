@@ -7,9 +7,7 @@ import pytest
 import torch
 
 import moert
-from moert.predict.base import PredictorMeta
-from moert.predict.preattn import PreattnPredictor
-from moert.testing import VARIANTS, Reference, greedy, prompt_ids, single_thread, tiny_model
+from moert.testing import VARIANTS, Reference, greedy, prompt_ids, random_predictor, single_thread, tiny_model
 
 # one routing variant per architecture: DeepSeek (shared experts, dense first layer), Qwen3 with a
 # dense MLP layer and unnormalised top-k, Phi (LayerNorm with bias, sparsemixer)
@@ -33,36 +31,6 @@ def refs(tmp_path_factory):
         return cache[name]
 
     return get
-
-
-def random_predictor(model, *, lookahead: int = 0, dim: int = 24, seed: int = 0, **meta_overrides):
-    """An untrained preattn predictor shaped for ``model`` (random, so it prefetches wrong experts too)."""
-    adapter = moert.models.get_adapter(model)
-    refs = adapter.moe_layers()
-    L, E, H = len(refs), adapter.num_experts, adapter.hidden_size
-    fields = dict(
-        kind="preattn",
-        model_type=adapter.model_type,
-        layers=tuple(r.index for r in refs),
-        num_experts=E,
-        top_k=adapter.top_k,
-        hidden_size=H,
-        arch="linear2",
-        dims={"hidden": dim, "act": "silu"},
-        lookahead=lookahead,
-        loss="wbce",
-    )
-    fields.update(meta_overrides)
-    meta = PredictorMeta(**fields)
-    g = torch.Generator().manual_seed(seed)
-    E2 = (1 + lookahead) * meta.num_experts
-    tensors = {
-        "w1": torch.randn(L, dim, meta.hidden_size, generator=g) / meta.hidden_size**0.5,
-        "b1": torch.randn(L, dim, generator=g) * 0.1,
-        "w2": torch.randn(L, E2, dim, generator=g),
-        "b2": torch.randn(L, E2, generator=g) * 0.1,
-    }
-    return PreattnPredictor(meta, tensors, "silu")
 
 
 def assert_same(what: str, got, want) -> None:

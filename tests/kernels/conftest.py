@@ -16,7 +16,7 @@ import sys
 
 import pytest
 
-_KERNEL_MODULES = ("moert.kernels._predictive_norm_kernel",)
+_KERNEL_MODULES = ("moert.kernels._predictive_norm_kernel", "moert.kernels._prefetch_plan_kernel")
 
 
 def _drop_kernel_modules() -> None:

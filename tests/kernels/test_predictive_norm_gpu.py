@@ -60,3 +60,34 @@ def test_module_on_cuda_uses_the_kernel_and_matches_the_norm():
     want = norm(x)
     assert (out != want).float().mean().item() <= 1e-3
     assert pn.last_logits.shape == (1, 7, E) and pn.last_logits.is_cuda
+
+
+@pytest.mark.parametrize("T", [1, 8, 64, 300])
+@pytest.mark.parametrize("H, E, norm_kind", REAL)
+@pytest.mark.parametrize("lookahead", [0, 3])
+@pytest.mark.parametrize("adaptive", [False, True])
+@torch.no_grad()
+def test_fused_plan_epilogue_on_the_gpu(T, H, E, norm_kind, lookahead, adaptive):
+    """The last-program election and the plan on a real GPU (many programs, atomics, L2 reads):
+    the plan equals the PyTorch reference applied to the launch's own logits, every time."""
+    from moert.kernels.prefetch_plan import PlanSpec, prefetch_plan, prefetch_plan_reference
+
+    D, d, dtype = 2048, max(lookahead, 1), torch.bfloat16
+    g = torch.Generator(device="cuda").manual_seed(T + E)
+    x = torch.randn(T, H, generator=g, device="cuda").to(dtype)
+    nw = torch.ones(H, device="cuda", dtype=dtype)
+    nb = torch.zeros(H, device="cuda", dtype=dtype) if norm_kind == "layernorm" else None
+    w1 = (torch.randn(D, H, generator=g, device="cuda") * H**-0.5).to(dtype)
+    w2 = (torch.randn(d * E, D, generator=g, device="cuda") * 3 * D**-0.5).to(dtype)
+    k = 2 if E == 16 else 6
+    spec = PlanSpec(min(E, k + 4), k, adaptive=adaptive, threshold=0.7, score_decay=0.5)
+    for _ in range(5):  # the election must hold launch after launch
+        _, logits, ids, scores = predictive_norm_forward(
+            x, nw, nb, 1e-6, norm_kind, w1, None, w2, None, "silu", lookahead, prefetch=spec
+        )
+        want_ids, want_scores = prefetch_plan_reference(logits.reshape(T, d, E), spec)
+        assert torch.equal(ids, want_ids), f"ids {ids.tolist()} != {want_ids.tolist()}"
+        torch.testing.assert_close(scores, want_scores, atol=1e-6, rtol=1e-6)
+    alone_ids, alone_scores = prefetch_plan(logits.reshape(T, d, E).contiguous(), spec)
+    assert torch.equal(alone_ids, want_ids)
+    torch.testing.assert_close(alone_scores, want_scores, atol=1e-6, rtol=1e-6)
