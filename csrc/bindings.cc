@@ -78,6 +78,8 @@ py::dict engine_stats_dict(const moert::EngineStats& s) {
   d["queued"] = s.queued;
   d["busy_s"] = s.busy_s;
   d["demand_stall_s"] = s.demand_stall_s;
+  d["device_stall_s"] = s.device_stall_s;
+  d["device_stall_waits"] = s.device_stall_waits;
   d["predictions"] = s.predictions;
   d["prediction_wait_s"] = s.prediction_wait_s;
   d["lanes"] = s.lanes;
@@ -348,7 +350,15 @@ PYBIND11_MODULE(_C, m) {
              py::gil_scoped_release nogil;
              e.synchronize();
            })
-      .def("stats", [](CopyEngine& e) { return engine_stats_dict(e.stats()); })
+      .def("stats",
+           [](CopyEngine& e) {
+             moert::EngineStats s;
+             {
+               py::gil_scoped_release nogil;  // may wait for the device (stall marks)
+               s = e.stats();
+             }
+             return engine_stats_dict(s);
+           })
       .def("close", [](CopyEngine& e) {
         py::gil_scoped_release nogil;
         e.close();

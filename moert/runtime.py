@@ -514,7 +514,13 @@ class CopyEngine:
 
     def stats(self) -> dict[str, Any]:
         """bytes, copies, demand_copies, prefetch_copies, acquires, releases, stale_requests,
-        queued, busy_s, demand_stall_s, predictions, prediction_wait_s, lanes."""
+        queued, busy_s, demand_stall_s, device_stall_s, device_stall_waits, predictions,
+        prediction_wait_s, lanes.
+
+        ``demand_stall_s`` is host time ``acquire`` waited for copies (on the CPU twin, the whole
+        stall); ``device_stall_s`` is, on CUDA, device time the callers' streams waited for copies
+        not complete at ``acquire`` (timing events; this call first waits until the newest such
+        wait is passed), over ``device_stall_waits`` acquires."""
         return self._c.stats()
 
     def close(self) -> None:

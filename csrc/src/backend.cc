@@ -44,6 +44,13 @@ class CpuEvent final : public Event {
     const std::uint64_t target = recorded_;
     cv_.wait(lock, [&] { return completed_ >= target; });
   }
+  bool query() override {
+    std::lock_guard<std::mutex> lock(mu_);
+    return completed_ >= recorded_;
+  }
+  double seconds_since(Event&) override {
+    throw RuntimeFailure("the CPU twin's events do not time device work");
+  }
 
  private:
   std::mutex mu_;

@@ -23,8 +23,9 @@ cudaStream_t as_stream(StreamHandle s) { return reinterpret_cast<cudaStream_t>(s
 
 class CudaEvent final : public Event {
  public:
-  CudaEvent() {
-    check_cuda(cudaEventCreateWithFlags(&ev_, cudaEventDisableTiming), "cudaEventCreate");
+  explicit CudaEvent(bool timing) : timing_(timing) {
+    check_cuda(cudaEventCreateWithFlags(&ev_, timing ? cudaEventDefault : cudaEventDisableTiming),
+               "cudaEventCreate");
   }
   ~CudaEvent() override {
     if (ev_ != nullptr) cudaEventDestroy(ev_);  // errors ignored: may run at interpreter exit
@@ -36,9 +37,25 @@ class CudaEvent final : public Event {
     check_cuda(cudaStreamWaitEvent(as_stream(s), ev_, 0), "cudaStreamWaitEvent");
   }
   void synchronize() override { check_cuda(cudaEventSynchronize(ev_), "cudaEventSynchronize"); }
+  bool query() override {
+    const cudaError_t err = cudaEventQuery(ev_);
+    if (err == cudaErrorNotReady) return false;
+    check_cuda(err, "cudaEventQuery");
+    return true;
+  }
+  double seconds_since(Event& start) override {
+    auto* from = dynamic_cast<CudaEvent*>(&start);
+    if (!timing_ || from == nullptr || !from->timing_) {
+      throw RuntimeFailure("seconds_since needs two timing events of the CUDA backend");
+    }
+    float ms = 0.0f;
+    check_cuda(cudaEventElapsedTime(&ms, from->ev_, ev_), "cudaEventElapsedTime");
+    return static_cast<double>(ms) * 1e-3;
+  }
 
  private:
   cudaEvent_t ev_ = nullptr;
+  bool timing_ = false;
 };
 
 class CudaBackend final : public Backend {
@@ -85,7 +102,11 @@ class CudaBackend final : public Backend {
   }
   std::unique_ptr<Event> create_event() override {
     bind_thread();
-    return std::make_unique<CudaEvent>();
+    return std::make_unique<CudaEvent>(false);
+  }
+  std::unique_ptr<Event> create_timing_event() override {
+    bind_thread();
+    return std::make_unique<CudaEvent>(true);
   }
 
  private:

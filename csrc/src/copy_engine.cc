@@ -36,6 +36,10 @@ CopyEngine::CopyEngine(std::shared_ptr<SlabCache> cache, int num_streams, double
       last_use_.push_back(backend_.create_event());
     }
     for (int i = 0; i < num_streams; ++i) lanes_.push_back(backend_.create_stream());
+    if (auto probe = backend_.create_timing_event()) {
+      device_timing_ = true;
+      spare_timing_.push_back(std::move(probe));
+    }
   } catch (...) {
     for (StreamHandle s : lanes_) backend_.destroy_stream(s);
     std::lock_guard<std::mutex> lock(c_.mu_);
@@ -409,13 +413,55 @@ std::vector<std::int32_t> CopyEngine::acquire(int layer, const std::int32_t* exp
   if (waited) stats_.demand_stall_s += seconds_since(t0);
   if (!host_copies) {
     try {
+      // Time the stream's wait only when a copy may still be running (a ready slot's event is
+      // long complete and costs the stream nothing).
+      bool pending = false;
+      for (int s : slots) pending = pending || c_.slots_[s].state != SlotState::kReady;
+      std::unique_ptr<Event> before, after;
+      if (pending && device_timing_) {
+        before = take_timing_event_locked();
+        after = take_timing_event_locked();
+        before->record(stream);
+      }
       for (int s : slots) ready_[s]->wait(stream);
+      if (after) {
+        after->record(stream);
+        stall_marks_.emplace_back(std::move(before), std::move(after));
+        ++stats_.device_stall_waits;
+      }
+      harvest_stalls_locked(false);
     } catch (...) {
       unpin_all();
       throw;
     }
   }
   return out;
+}
+
+std::unique_ptr<Event> CopyEngine::take_timing_event_locked() {
+  if (spare_timing_.empty()) return backend_.create_timing_event();
+  std::unique_ptr<Event> e = std::move(spare_timing_.back());
+  spare_timing_.pop_back();
+  return e;
+}
+
+void CopyEngine::harvest_stalls_locked(bool block) {
+  // Marks complete in stream order per stream; with several caller streams an unfinished older
+  // mark only delays the harvest of newer ones. A stream far behind the host (more marks than
+  // this) is waited for rather than letting the marks grow without bound.
+  constexpr std::size_t kMaxMarks = 4096;
+  if (block && !stall_marks_.empty()) stall_marks_.back().second->synchronize();
+  while (!stall_marks_.empty()) {
+    auto& [before, after] = stall_marks_.front();
+    if (!after->query()) {
+      if (stall_marks_.size() < kMaxMarks) break;
+      after->synchronize();
+    }
+    stats_.device_stall_s += after->seconds_since(*before);
+    spare_timing_.push_back(std::move(before));
+    spare_timing_.push_back(std::move(after));
+    stall_marks_.pop_front();
+  }
 }
 
 void CopyEngine::release(int layer, const std::int32_t* experts, std::int64_t n,
@@ -454,6 +500,7 @@ void CopyEngine::synchronize() {
 
 EngineStats CopyEngine::stats() {
   std::lock_guard<std::mutex> lock(c_.mu_);
+  if (!closed_.load()) harvest_stalls_locked(true);
   EngineStats s = stats_;
   s.queued = static_cast<std::int64_t>(queue_.size());
   return s;

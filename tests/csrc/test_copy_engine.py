@@ -288,3 +288,45 @@ def test_cuda_acquire_orders_the_callers_stream_and_release_guards_reuse():
         _check_accounting(t)
     finally:
         t.close()
+
+
+def test_cpu_twin_reports_no_device_stall():
+    """The CPU twin has no device clock: every stall is host time (demand_stall_s)."""
+    t = Setup(1, 4, 1 << 16, 2, "cpu", lanes=1)
+    try:
+        for e in range(4):
+            t.engine.acquire(0, [e])
+            t.engine.release(0, [e])
+        st = t.engine.stats()
+        assert st["device_stall_s"] == 0.0 and st["device_stall_waits"] == 0
+        assert st["demand_copies"] == 4 and st["demand_stall_s"] > 0.0
+    finally:
+        t.close()
+
+
+@pytest.mark.gpu
+def test_cuda_device_stall_times_the_streams_wait_for_demand_copies():
+    """A demand load of a 64 MB expert makes the caller's stream wait for the copy: the timing
+    events see (most of) the copy's device time; a slot whose copy is complete costs nothing."""
+    slab = 64 << 20
+    t = Setup(1, 4, slab, 2, "cuda", lanes=1)
+    try:
+        stream = torch.cuda.current_stream()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record(stream)
+        t.engine.acquire(0, [0])  # a miss: the stream waits for the copy
+        end.record(stream)
+        t.engine.release(0, [0])
+        torch.cuda.synchronize()
+        st = t.engine.stats()
+        assert st["device_stall_waits"] == 1
+        window = start.elapsed_time(end) * 1e-3
+        assert 0.0 < st["device_stall_s"] <= window + 1e-4, (st["device_stall_s"], window)
+        # the stream was idle: it waited for most of the copy (busy_s: its issue-to-completion time)
+        assert st["device_stall_s"] >= 0.25 * st["busy_s"], (st["device_stall_s"], st["busy_s"])
+        t.engine.synchronize()
+        t.engine.acquire(0, [0])  # resident and ready: no wait is timed
+        t.engine.release(0, [0])
+        assert t.engine.stats()["device_stall_waits"] == 1
+    finally:
+        t.close()

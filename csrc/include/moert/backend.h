@@ -6,7 +6,8 @@
 //        thread (asynchronous to the thread that asked for it); events are a sequence counter
 //        plus a condition variable.
 //   cuda (backend_cuda.cu): slot memory from cudaMalloc, lanes are non-blocking streams, events
-//        are cudaEvent_t (timing disabled), host memory pinned with cudaHostRegister.
+//        are cudaEvent_t (timing disabled, except timing events), host memory pinned with
+//        cudaHostRegister.
 //
 // Nothing here runs at library load: a backend exists only once a cache or pool asks for one.
 #pragma once
@@ -30,6 +31,11 @@ class Event {
   virtual void record(StreamHandle stream) = 0;
   virtual void wait(StreamHandle stream) = 0;
   virtual void synchronize() = 0;  // the host blocks until the recorded work is done
+  // True once the recorded work is done (never blocks).
+  virtual bool query() = 0;
+  // Device seconds from `start`'s completion to this event's, both recorded and complete; only
+  // for events from Backend::create_timing_event (anything else throws RuntimeFailure).
+  virtual double seconds_since(Event& start) = 0;
 };
 
 class Backend {
@@ -54,6 +60,9 @@ class Backend {
   virtual void synchronize_stream(StreamHandle s) = 0;
 
   virtual std::unique_ptr<Event> create_event() = 0;
+  // An event that can time device work (CUDA), or nullptr where the device has no clock of its
+  // own (the CPU twin: the host does every copy, so host time is device time).
+  virtual std::unique_ptr<Event> create_timing_event() { return nullptr; }
 };
 
 // "cpu" always works. "cuda" throws RuntimeFailure("no CUDA device: ...") unless the CUDA

@@ -12,7 +12,9 @@
 // copy; a hit on a still-queued prefetch is promoted to demand. Then it waits: on the CPU twin
 // the caller copies its own demand loads (no thread hand-off) and blocks until every slot is
 // ready; CUDA blocks the host only until each copy is issued (its
-// ready event recorded) and makes `stream` wait on the ready events (cudaStreamWaitEvent).
+// ready event recorded) and makes `stream` wait on the ready events (cudaStreamWaitEvent); when a
+// slot's copy is not complete yet, timing events around those waits measure how long the stream
+// really waited (EngineStats::device_stall_s).
 // Duplicate experts in one call are collapsed: each distinct expert is pinned once, and release
 // must be called with the same list (duplicates collapse the same way).
 // release(layer, experts, stream): records each slot's last-use event on `stream`, unpins.
@@ -41,6 +43,7 @@
 #include <queue>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "moert/backend.h"
@@ -61,6 +64,11 @@ struct EngineStats {
   std::int64_t queued = 0;          // copies waiting for a lane now
   double busy_s = 0.0;              // summed over lanes: issue to completion of every copy
   double demand_stall_s = 0.0;      // time acquire() waited for copies (summed over callers)
+  // CUDA: device time the callers' streams waited in acquire() for copies not yet complete
+  // (timing events around the stream waits; counted once the stream has passed them). 0 on
+  // the CPU twin, where the host blocks for every copy and demand_stall_s is the whole stall.
+  double device_stall_s = 0.0;
+  std::int64_t device_stall_waits = 0;  // acquires whose stream had to wait (CUDA)
   int lanes = 0;
 };
 
@@ -136,6 +144,11 @@ class CopyEngine {
                               std::int64_t width, const float* scores,
                               const std::vector<std::int32_t>& clear, float clear_score);
   void check_usable_locked(const char* what) const;
+  // Adds the device stall of every timed acquire whose stream has passed its end mark, oldest
+  // first; with `block`, first waits until the newest mark is passed (with one caller stream,
+  // stats() then counts every acquire so far).
+  void harvest_stalls_locked(bool block);
+  std::unique_ptr<Event> take_timing_event_locked();
   void push_locked(int cls, int slot);
   bool pending_locked() const;
 
@@ -163,6 +176,11 @@ class CopyEngine {
   std::condition_variable pred_cv_;  // with c_.mu_: a request queued, one applied, or stop
   std::uint64_t submitted_ = 0;
   std::uint64_t applied_ = 0;
+
+  // Device-stall marks (CUDA): (before the waits, after them) on the caller's stream, oldest first.
+  bool device_timing_ = false;
+  std::deque<std::pair<std::unique_ptr<Event>, std::unique_ptr<Event>>> stall_marks_;
+  std::vector<std::unique_ptr<Event>> spare_timing_;
 };
 
 }  // namespace moert
