@@ -5,7 +5,14 @@ Every token's MoE layers are replayed in order (token-major) through
 loads completing at once. Caches are either one per MoE layer (``per-layer``, the default:
 capacity is a fraction of one layer's E, rounded, at least k) or one for all layers (``global``:
 a fraction of L * E). Policies are named ``EVICT[+PREFETCH]``: ``lru``, ``lfu``, ``moe-infinity``,
-``belady`` (see :mod:`moert.policy`), optionally with a prefetcher, e.g. ``lru+oracle``.
+``belady``, ``score`` (see :mod:`moert.policy`), optionally with a prefetcher, e.g. ``lru+oracle``;
+``score`` (the runtime's predictor-score eviction) needs a prefetcher that gives scores, e.g.
+``score+PRED.safetensors:2``.
+
+Most configurations replay a chunk of tokens per cache in one C++ call. Two go step by step (a few
+C++ calls per access, in the order the copy engine applies a prediction; see
+:class:`moert.policy.Predictions`): policy ``score``, whose priorities change before every access,
+and prefetchers with lookahead, which prefetch into layers other than the accessed one.
 
 A :class:`CostModel` turns the counts into bytes per token and predicted tokens/s (DESIGN.md §1):
 bytes per token ``B = ((1 - h) + w) * k * L * S`` gives the bandwidth ceiling ``BW / B``; the
@@ -23,7 +30,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from moert.policy import EvictionPolicy, Prefetcher, get_eviction_policy, get_prefetcher
+from moert.policy import EvictionPolicy, Predictions, Prefetcher, get_eviction_policy, get_prefetcher
 from moert.trace import SequenceTrace, Trace, TraceMeta
 
 __all__ = ["CostModel", "PolicySpec", "SimConfig", "num_slots", "parse_policies", "simulate"]
@@ -103,16 +110,26 @@ def parse_policies(
         if not name:
             continue
         evict, _, pre = name.partition("+")
-        get_eviction_policy(evict)  # validates the name
+        scored = get_eviction_policy(evict).predictor_scores  # validates the name
         pre = pre or prefetch
         if pre in ("", "none"):
             pre = None
         if pre is not None and pre not in extra:
+            if scored and not get_prefetcher(pre).gives_scores:
+                raise ValueError(f"{name!r}: prefetcher {pre!r} gives no scores; {_no_scores_help()}")
             get_prefetcher(pre)
+        if scored and pre is None:
+            raise ValueError(f"{name!r} has no prefetcher: {_no_scores_help()}")
         specs.append(PolicySpec(evict, pre))
     if not specs:
         raise ValueError("no policies given; e.g. --policy lru,lfu,moe-infinity,belady")
     return specs
+
+
+def _no_scores_help() -> str:
+    from moert.policy.score import NO_SCORES_HELP
+
+    return NO_SCORES_HELP
 
 
 @dataclass(frozen=True)
@@ -151,14 +168,25 @@ class _Run:
     """The caches of one (policy, capacity) pair and what they counted."""
 
     def __init__(
-        self, spec: PolicySpec, capacity: float, meta: TraceMeta, mode: str, cost: CostModel
+        self,
+        spec: PolicySpec,
+        capacity: float,
+        meta: TraceMeta,
+        mode: str,
+        cost: CostModel,
+        stepwise: bool = False,
     ) -> None:
         from moert import runtime
 
         self.spec, self.capacity, self.mode = spec, capacity, mode
         self.L, self.E, self.k = meta.num_layers, meta.num_experts, meta.top_k
         self.slots = num_slots(capacity, meta, mode)
-        cpp = get_eviction_policy(spec.evict).cpp_policy
+        policy = get_eviction_policy(spec.evict)
+        cpp = policy.cpp_policy
+        #: apply the prefetcher's scores and clears (policy ``score``)
+        self.predictor_scores = policy.predictor_scores
+        #: replay access by access from the prefetcher's Predictions (``score``, or lookahead)
+        self.stepwise = stepwise or policy.predictor_scores
         n_caches, layers_per_cache = (self.L, 1) if mode == "per-layer" else (1, self.L)
         self.caches = [
             runtime.SlabCache.simulated(
@@ -182,14 +210,21 @@ class _Run:
         access_prio: np.ndarray | None,
         token_prio: np.ndarray | None,
         prefetch: np.ndarray | None,
+        predictions: Predictions | None = None,
     ) -> None:
         """Replays one chunk. experts (L, T, k) int32; access_prio (L, T, k) f32; token_prio (T, L, E) f32;
-        prefetch (L, T, m) int32 (-1 = none)."""
+        prefetch (L, T, m) int32 (-1 = none); predictions: the prefetcher's, needed when ``stepwise``."""
         start = time.perf_counter()
         T = experts.shape[1]
         self.tokens += T
         self.accesses += (experts >= 0).sum(axis=(1, 2))
-        if token_prio is None:
+        if self.stepwise:
+            if predictions is None:
+                raise RuntimeError(
+                    f"{self.spec.label}: a step-by-step replay needs the prefetcher's predictions"
+                )
+            self._steps(experts, access_prio, token_prio, predictions)
+        elif token_prio is None:
             self._replay(experts, access_prio, prefetch)
         else:
             # Scores change only when the policy's prediction does: set them, then replay every
@@ -210,6 +245,53 @@ class _Run:
                     None if prefetch is None else prefetch[:, a:b],
                 )
         self.seconds += time.perf_counter() - start
+
+    def _cache(self, layer: int):
+        """(cache, layer index inside it) of MoE layer ``layer``."""
+        return (self.caches[layer], 0) if self.mode == "per-layer" else (self.caches[0], layer)
+
+    def _steps(
+        self,
+        experts: np.ndarray,
+        access_prio: np.ndarray | None,
+        token_prio: np.ndarray | None,
+        pred: Predictions,
+    ) -> None:
+        """Access by access, token-major: before each access the prediction is applied as the copy
+        engine applies one (clear, scores, then each row's prefetch, own layer first), then the access."""
+        L, T = experts.shape[0], experts.shape[1]
+        if pred.ids.shape[:2] != (T, L):
+            raise RuntimeError(f"predictions for {pred.ids.shape[:2]} (T, L) steps, experts for {(T, L)}")
+        all_ids = np.arange(self.E, dtype=np.int64)
+        n = pred.ids.shape[2]
+        scored = self.predictor_scores
+        for t in range(T):
+            if token_prio is not None:
+                for layer in range(L):
+                    cache, cl = self._cache(layer)
+                    cache.set_priority(cl, all_ids, token_prio[t, layer])
+            for layer in range(L):
+                rows = min(n, L - layer)  # lookahead past the last layer is ignored
+                if scored:
+                    clear = pred.clear[t, layer]
+                    if not np.isnan(clear):
+                        cache, cl = self._cache((layer - 1) % L)
+                        cache.set_priority(cl, all_ids, float(clear))
+                    for j in range(rows):
+                        cache, cl = self._cache(layer + j)
+                        cache.set_priority(cl, all_ids, pred.scores[t, layer, j])
+                for j in range(rows):
+                    ids = pred.ids[t, layer, j]
+                    ids = ids[ids >= 0]
+                    if ids.size:
+                        cache, cl = self._cache(layer + j)
+                        cache.sim_prefetch(cl, ids)
+                cache, cl = self._cache(layer)
+                ex = experts[layer, t]
+                valid = ex >= 0
+                self.hits[layer] += cache.sim_access(cl, ex[valid])
+                if access_prio is not None:
+                    cache.set_priority(cl, ex[valid], access_prio[layer, t][valid])
 
     def _replay(
         self, experts: np.ndarray, access_prio: np.ndarray | None, prefetch: np.ndarray | None
@@ -299,13 +381,18 @@ def _chunks(trace: Trace, chunk_tokens: int) -> Iterator[list[SequenceTrace]]:
         yield chunk
 
 
-def _prefetch_rows(prefetcher: Prefetcher, chunk: list[SequenceTrace], meta: TraceMeta) -> np.ndarray:
-    """(L, T, m) prefetch ids of a chunk; each sequence's rows come after the earlier ones have ended."""
-    rows = []
+def _prefetch_rows(
+    prefetcher: Prefetcher, chunk: list[SequenceTrace], meta: TraceMeta, with_predictions: bool
+) -> tuple[np.ndarray, Predictions | None]:
+    """(L, T, m) prefetch ids of a chunk, and its Predictions when asked for; each sequence's come
+    after the earlier ones have ended."""
+    rows, preds = [], []
     for s in chunk:
         rows.append(prefetcher.prefetch_sequence(s, meta))
+        if with_predictions:
+            preds.append(prefetcher.predictions(s, meta))
         prefetcher.end_sequence(s)
-    return np.concatenate(rows, axis=1)
+    return np.concatenate(rows, axis=1), Predictions.concatenate(preds) if preds else None
 
 
 def simulate(
@@ -341,8 +428,26 @@ def simulate(
         if spec.prefetch is not None and spec.prefetch not in pre_objs:
             pre_objs[spec.prefetch] = (prefetchers or {}).get(spec.prefetch) or get_prefetcher(spec.prefetch)
             pre_objs[spec.prefetch].prepare(meta)
+        if policies[spec.label].predictor_scores:
+            if spec.prefetch is None:
+                raise ValueError(f"{spec.label!r} has no prefetcher: {_no_scores_help()}")
+            if not pre_objs[spec.prefetch].gives_scores:
+                raise ValueError(
+                    f"{spec.label!r}: prefetcher {spec.prefetch!r} gives no scores; {_no_scores_help()}"
+                )
+    # Predictions (step-by-step replay) where a policy scores by them or a prefetcher looks ahead
+    stepwise = {
+        name: p.lookahead > 0
+        or any(s.prefetch == name and policies[s.label].predictor_scores for s in config.policies)
+        for name, p in pre_objs.items()
+    }
     runs = {
-        spec.label: [_Run(spec, c, meta, config.mode, config.cost) for c in config.capacities]
+        spec.label: [
+            _Run(spec, c, meta, config.mode, config.cost, stepwise=pre_objs[spec.prefetch].lookahead > 0)
+            if spec.prefetch is not None
+            else _Run(spec, c, meta, config.mode, config.cost)
+            for c in config.capacities
+        ]
         for spec in config.policies
     }
     bar = None
@@ -354,7 +459,7 @@ def simulate(
     try:
         for chunk in _chunks(trace, config.chunk_tokens):
             experts = np.concatenate([s.experts.numpy().astype(np.int32) for s in chunk], axis=1)  # [L, T, k]
-            prefetch_rows = {name: _prefetch_rows(p, chunk, meta) for name, p in pre_objs.items()}
+            predicted = {name: _prefetch_rows(p, chunk, meta, stepwise[name]) for name, p in pre_objs.items()}
             for spec in config.policies:
                 policy = policies[spec.label]
                 access, per_token, base = [], [], offset
@@ -366,9 +471,9 @@ def simulate(
                     base += s.num_tokens
                 access_prio = None if access[0] is None else np.concatenate(access, axis=1)
                 token_prio = None if per_token[0] is None else np.concatenate(per_token, axis=0)
-                pre = None if spec.prefetch is None else prefetch_rows[spec.prefetch]
+                pre, plan = (None, None) if spec.prefetch is None else predicted[spec.prefetch]
                 for run in runs[spec.label]:
-                    run.feed(experts, access_prio, token_prio, pre)
+                    run.feed(experts, access_prio, token_prio, pre, plan)
             n = experts.shape[1]
             offset += n
             if bar is not None:

@@ -3,10 +3,16 @@
 Usage::
 
     moert simulate TRACE [--format moert|moe-beyond-csv|esft] --capacity 0.1,0.25,0.5
-                   --policy lru,lfu,moe-infinity,belady[,lru+oracle] [--per-layer|--global]
-                   [--prefetch oracle|moe-infinity|PRED.safetensors[:m]|prev-token[:m]|frequency[:m]]
+                   --policy lru,lfu,moe-infinity,belady[,lru+oracle][,score+PRED.safetensors:2]
+                   [--per-layer|--global]
+                   [--prefetch oracle|moe-infinity|PRED.safetensors[:m|:adaptive]|prev-token[:m]|frequency[:m]]
+                   [--score-decay 0.5] [--threshold 0.3] [--max-overprovision 4]
                    [--split auto|test|all] [--json OUT.json] [--plot OUT.png] [--markdown OUT.md]
                    [--expert-mb 17.3] [--bandwidth-gbs 25] [--layer-compute-ms 0.2]
+
+Policy ``score`` is the runtime's predictor-score eviction (``moert.policy.score``): it needs a
+prefetcher that gives scores (a trained predictor, ``prev-token`` or ``frequency``), whose
+predictions are made by the runtime's own hook, so ``score+P`` and ``lru+P`` prefetch the same ids.
 """
 
 from __future__ import annotations
@@ -28,9 +34,11 @@ def _floats(text: str) -> tuple[float, ...]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from moert.config import OffloadConfig
     from moert.sim import CostModel
 
     d = CostModel()
+    oc = OffloadConfig()
     parser.add_argument("trace", help="trace directory (moert, MoE-Beyond CSV or ESFT) or one CSV")
     parser.add_argument("--format", default="auto", choices=["auto", "moert", "moe-beyond-csv", "esft"])
     parser.add_argument("--num-experts", type=int, default=64, help="E for imported formats (default 64)")
@@ -46,7 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--policy",
         default="lru,lfu,moe-infinity,belady",
-        help="comma-separated EVICT[+PREFETCH]: lru, lfu, moe-infinity, belady; e.g. lru+oracle",
+        help="comma-separated EVICT[+PREFETCH]: lru, lfu, moe-infinity, belady, score; e.g. lru+oracle, "
+        "score+PRED.safetensors:2 (score needs a predictor prefetcher: a trained file, prev-token or frequency)",
     )
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument(
@@ -64,8 +73,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--prefetch",
         default=None,
         help="prefetcher for every policy without its own: oracle, moe-infinity, a trained predictor "
-        "PRED.safetensors[:m] (prefetch its top-(k+m)), prev-token[:m] or frequency[:m]; a policy can "
-        "name its own as EVICT+PREFETCH, e.g. lru+xlayer.safetensors:2",
+        "PRED.safetensors[:m] (prefetch its top-(k+m); :adaptive for every expert above --threshold, at least "
+        "k, at most k + --max-overprovision), prev-token[:m] or frequency[:m]; a policy can name its own as "
+        "EVICT+PREFETCH, e.g. lru+xlayer.safetensors:2",
+    )
+    parser.add_argument(
+        "--score-decay",
+        type=float,
+        default=oc.score_decay,
+        help=f"policy score: weight decay**j of a lookahead prediction for layer l+j (default {oc.score_decay})",
+    )
+    parser.add_argument(
+        "--threshold",
+        type=float,
+        default=oc.threshold,
+        help=f"PRED:adaptive: the probability threshold (default {oc.threshold})",
+    )
+    parser.add_argument(
+        "--max-overprovision",
+        type=int,
+        default=oc.max_overprovision,
+        help=f"PRED:adaptive: the most experts prefetched beyond k (default {oc.max_overprovision})",
     )
     parser.add_argument(
         "--split",
@@ -172,7 +200,12 @@ def _run(args: argparse.Namespace) -> int:
         args.trace, fmt, **importer_options(fmt, args.num_experts, args.top_k, args.model_type)
     )
     names = args.policy.split(",")
-    prefetchers, trace = _predictor_prefetchers(names, args.prefetch, trace, args.split)
+    options = {
+        "threshold": args.threshold,
+        "max_overprovision": args.max_overprovision,
+        "score_decay": args.score_decay,
+    }
+    prefetchers, trace = _predictor_prefetchers(names, args.prefetch, trace, args.split, options)
     config = SimConfig(
         capacities=args.capacity,
         policies=tuple(parse_policies(names, args.prefetch, prefetchers=prefetchers)),
@@ -197,8 +230,11 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _predictor_prefetchers(names: list[str], default: str | None, trace, split: str):
-    """Builds the prefetchers that are predictors (files or baselines) rather than built-in names.
+def _predictor_prefetchers(
+    names: list[str], default: str | None, trace, split: str, options: dict | None = None
+):
+    """Builds the prefetchers that are predictors (files or baselines) rather than built-in names;
+    ``options`` (threshold, max_overprovision, score_decay) go to each.
 
     Returns:
         ``({spec: Prefetcher}, trace)``; the trace is narrowed to the held-out sequences of the first
@@ -254,4 +290,4 @@ def _predictor_prefetchers(names: list[str], default: str | None, trace, split: 
     else:
         fit = seqs  # frequency counts the replayed sequences themselves: an optimistic baseline
         trace = SequenceListTrace(trace.meta, seqs, path=str(trace.path))
-    return {spec: prefetcher_from_spec(spec, trace.meta, fit) for spec in external}, trace
+    return {spec: prefetcher_from_spec(spec, trace.meta, fit, **(options or {})) for spec in external}, trace

@@ -4,6 +4,8 @@ Eviction (the C++ cache chooses victims; Python only pushes scores):
   ``lru``, ``lfu``   the C++ policies as they are
   ``moe-infinity``   activation-matrix matching, scores for the C++ ``priority`` policy
   ``belady``         optimal offline eviction (simulator only), scores = -(next use)
+  ``score``          the runtime's predictor scores (needs a prefetcher that gives scores, e.g.
+                     ``score+PRED.safetensors:2``; see :mod:`moert.policy.score`)
 Prefetch (a hook before each layer's access):
   ``oracle``         the true expert set (the ceiling)
   ``moe-infinity``   the top experts of the best-matching earlier request's activation matrix
@@ -12,12 +14,13 @@ Prefetch (a hook before each layer's access):
 
 from __future__ import annotations
 
-from moert.policy.base import EvictionPolicy, Prefetcher, StaticPolicy, TokenContext
+from moert.policy.base import EvictionPolicy, Predictions, Prefetcher, StaticPolicy, TokenContext
 
 __all__ = [
     "EVICTION_POLICIES",
     "PREFETCHERS",
     "EvictionPolicy",
+    "Predictions",
     "Prefetcher",
     "StaticPolicy",
     "TokenContext",
@@ -26,7 +29,7 @@ __all__ = [
     "register_prefetcher",
 ]
 
-EVICTION_POLICIES = ("lru", "lfu", "moe-infinity", "belady")
+EVICTION_POLICIES = ("lru", "lfu", "moe-infinity", "belady", "score")
 PREFETCHERS: dict[str, type[Prefetcher]] = {}
 
 
@@ -42,6 +45,10 @@ def get_eviction_policy(name: str) -> EvictionPolicy:
         from moert.policy.belady import Belady
 
         return Belady()
+    if name == "score":
+        from moert.policy.score import ScorePolicy
+
+        return ScorePolicy()
     raise ValueError(f"unknown eviction policy {name!r}; use one of {', '.join(EVICTION_POLICIES)}")
 
 
