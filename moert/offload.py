@@ -9,11 +9,20 @@ A store hands out device views of experts for one layer at a time:
   obviously-correct reference for tests; ``moert.testing.NaiveStore`` (backend "naive"): no cache,
   every selected expert copied on every use (Accelerate-style offload), the benchmark baseline.
 
-``OffloadedLayer.forward`` computes one layer: union of the selected experts, acquired in waves of
-at most ``store.num_slots``; each expert's rows go through ``gate_up -> act * up -> down`` from the
-slab views; the products land in a ``(T, k, H)`` buffer at their routing positions and are reduced
-over ``k`` in routing order, so the result never depends on which experts were resident or in which
-wave they arrived.
+``OffloadedLayer.forward`` computes one layer: the union of the selected experts, resident ones
+first, acquired in waves (``wave_bounds``); each expert's rows go through ``gate_up -> act * up ->
+down`` from the slab views; the products land in a ``(T, k, H)`` buffer at their routing positions and
+are reduced over ``k`` in routing order, so the result never depends on which experts were resident or
+in which wave they arrived.
+
+A union that fits the cache is one wave: acquire, compute, release (every decode step at batch 1).
+A larger union (prefill of a long prompt, a big batch, a small cache) streams through the cache. With
+``OffloadState.overlap_waves`` and a store that can prefetch (the runtime store), the waves hold at
+most half the slots and wave ``i+1`` is prefetched (low priority, never evicting pinned slots) right
+after wave ``i`` is acquired, so its copies run while wave ``i`` computes; the next acquire finds it
+resident or still loading (a prefetch hit, late or not). Without overlap (or with the ``reference`` /
+``naive`` stores, which have no prefetch path) the waves hold all slots and each waits for its own
+copies.
 """
 
 from __future__ import annotations
@@ -36,6 +45,7 @@ __all__ = [
     "RuntimeStore",
     "OffloadState",
     "OffloadedLayer",
+    "wave_bounds",
     "moert_experts_forward",
     "make_pool",
     "make_store",
@@ -208,6 +218,11 @@ class RuntimeStore:
     def release(self, layer: int, experts: Sequence[int]) -> None:
         self.engine.release(layer, list(experts), stream=self._stream())
 
+    def prefetch(self, layer: int, experts: Sequence[int]) -> int:
+        """Queues low-priority copies of the experts not resident (never evicting a pinned slot);
+        returns how many were queued (the rest were resident, loading, or found no free slot)."""
+        return self.engine.prefetch(layer, list(experts))
+
     def close(self) -> None:
         self.engine.synchronize()
         if self.device == "cuda":
@@ -249,6 +264,12 @@ class OffloadState:
         layer_ids: decoder index of each MoE ordinal (pool layer ``l`` is decoder layer ``layer_ids[l]``).
         num_experts: routed experts per layer.
         device: ``"cpu"`` or ``"cuda"``.
+        overlap_waves: a union larger than the cache streams in waves of at most half the slots, the
+            next wave prefetched while the current one computes (needs a store with ``prefetch``;
+            other stores stream full-cache waves without overlap). Settable later as the attribute.
+
+    Raises:
+        ValueError: ``overlap_waves`` is not a bool.
     """
 
     def __init__(
@@ -259,14 +280,32 @@ class OffloadState:
         layer_ids: Sequence[int],
         num_experts: int,
         device: str,
+        overlap_waves: bool = False,
     ) -> None:
         self.pool, self.store, self.layout = pool, store, layout
         self.layer_ids = list(layer_ids)
         self.num_experts = num_experts
         self.device = device
+        self.overlap_waves = overlap_waves
         #: set by ``moert.prefetch.attach`` when a predictor runs (its ``observe`` scores each layer)
         self.prefetcher: Any = None
         self.reset_stats()
+
+    @property
+    def overlap_waves(self) -> bool:
+        """Whether a union larger than the cache overlaps wave ``i+1``'s copies with wave ``i``'s compute."""
+        return self._overlap_waves
+
+    @overlap_waves.setter
+    def overlap_waves(self, value: bool) -> None:
+        if not isinstance(value, bool):
+            raise ValueError(f"overlap_waves={value!r} must be True or False")
+        self._overlap_waves = value
+
+    @property
+    def can_prefetch(self) -> bool:
+        """Whether the store has a prefetch path (the runtime store; not ``reference`` or ``naive``)."""
+        return callable(getattr(self.store, "prefetch", None))
 
     def reset_stats(self) -> None:
         self._base = self.store.counters.as_dict()
@@ -277,6 +316,7 @@ class OffloadState:
                 "bytes_copied": 0,
                 "calls": 0,
                 "waves": 0,
+                "wave_prefetches": 0,
                 "prefetch_hits": 0,
                 "prefetch_late": 0,
                 "demand_stall_s": 0.0,
@@ -320,8 +360,18 @@ class OffloadState:
         """One forward call of MoE layer ``ordinal``."""
         self._layer[self.layer_ids[ordinal]]["calls"] += 1
 
-    def acquire(self, ordinal: int, experts: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """``store.acquire`` with per-layer hit/miss/byte/wave accounting and demand-stall timing."""
+    def acquire(
+        self, ordinal: int, experts: list[int], count_bytes: bool = True
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``store.acquire`` with per-layer hit/miss/byte/wave accounting and demand-stall timing.
+
+        Args:
+            ordinal: MoE layer.
+            experts: (n,) distinct experts, n <= ``store.num_slots``.
+            count_bytes: add the bytes loaded during the call to the layer's ``bytes_copied``; False
+                when the caller counts a wider window (overlapped waves: prefetch copies also run
+                between acquires, see ``bytes_loaded``).
+        """
         before = self.store.counters
         t0 = time.perf_counter()
         views = self.store.acquire(ordinal, experts)
@@ -331,7 +381,8 @@ class OffloadState:
         misses = after.misses - before.misses
         rec["hits"] += after.hits - before.hits
         rec["misses"] += misses
-        rec["bytes_copied"] += after.bytes_loaded - before.bytes_loaded
+        if count_bytes:
+            rec["bytes_copied"] += after.bytes_loaded - before.bytes_loaded
         rec["waves"] += 1
         rec["prefetch_hits"] += after.prefetch_hits - before.prefetch_hits
         rec["prefetch_late"] += after.prefetch_late - before.prefetch_late
@@ -343,6 +394,21 @@ class OffloadState:
         rec["demand_stall_s"] += stall
         self._stall += stall
         return views
+
+    def prefetch(self, ordinal: int, experts: list[int]) -> int:
+        """``store.prefetch`` of a later wave of MoE layer ``ordinal``; counts the copies queued as the
+        layer's ``wave_prefetches`` (their bytes are counted by the caller's ``bytes_loaded`` window)."""
+        queued = int(self.store.prefetch(ordinal, experts))
+        self._layer[self.layer_ids[ordinal]]["wave_prefetches"] += queued
+        return queued
+
+    def bytes_loaded(self) -> int:
+        """The store's cumulative bytes loaded into slots (demand and prefetch copies issued so far)."""
+        return int(self.store.counters.bytes_loaded)
+
+    def count_bytes(self, ordinal: int, nbytes: int) -> None:
+        """Adds ``nbytes`` to MoE layer ``ordinal``'s ``bytes_copied``."""
+        self._layer[self.layer_ids[ordinal]]["bytes_copied"] += nbytes
 
     def close(self) -> None:
         self.store.close()
@@ -410,15 +476,26 @@ class OffloadedLayer:
         weights = top_k_weights.reshape(-1)  # [T*k]
         out_dtype = torch.promote_types(hidden_states.dtype, weights.dtype)
         buf = torch.zeros(num_tokens * k, hidden, dtype=out_dtype, device=hidden_states.device)  # [T*k, H]
-        wave = max(1, state.store.num_slots)
         gate_fn = module._apply_gate if hasattr(module, "_apply_gate") else lambda h: _gate(module, h)
         state.count_call(self.ordinal)
         if state.prefetcher is not None:
             state.prefetcher.observe(self.ordinal, top_k_index)
-        for w0 in range(0, len(union), wave):
-            chunk = union[w0 : w0 + wave]
-            views = state.acquire(self.ordinal, chunk)
+        overlap = state.overlap_waves and state.can_prefetch
+        bounds = wave_bounds(len(union), state.store.num_slots, overlap)
+        overlap = overlap and len(bounds) > 1
+        # Overlapped waves: prefetch copies also run between acquires, so the layer's bytes are counted
+        # from before the first acquire to after the last one (every wave prefetch is acquired by then).
+        bytes_before = state.bytes_loaded() if overlap else 0
+        for i, (w0, w1) in enumerate(bounds):
+            chunk = union[w0:w1]
+            views = state.acquire(self.ordinal, chunk, count_bytes=not overlap)
             try:
+                if overlap:
+                    if i + 1 < len(bounds):
+                        # after this wave is pinned (a prefetch never evicts it), before it computes
+                        state.prefetch(self.ordinal, union[bounds[i + 1][0] : bounds[i + 1][1]])
+                    else:
+                        state.count_bytes(self.ordinal, state.bytes_loaded() - bytes_before)
                 for e, (gate_up, down) in zip(chunk, views):
                     pos = order[starts[e] : starts[e] + counts[e]]  # flat (token, k) positions of expert e
                     x = hidden_states[pos // k].to(gate_up.dtype)  # [n, H]
@@ -430,6 +507,33 @@ class OffloadedLayer:
                 state.store.release(self.ordinal, chunk)
         # Reduce over k in routing order, as transformers does: [T, k, H] -> [T, H]
         return buf.view(num_tokens, k, hidden).sum(dim=1).to(hidden_states.dtype)
+
+
+def wave_bounds(union: int, num_slots: int, overlap: bool) -> list[tuple[int, int]]:
+    """How a layer's union of ``union`` experts streams through a cache of ``num_slots`` slots.
+
+    Args:
+        union: distinct experts the layer needs (resident ones first).
+        num_slots: cache slots.
+        overlap: whether wave ``i+1`` is prefetched while wave ``i`` computes.
+
+    Returns:
+        ``[(start, end), ...]`` half-open ranges into the union, in order. A union that fits the cache is
+        one wave. Otherwise, without overlap, waves of ``num_slots``; with overlap, waves of
+        ``num_slots // 2`` (the pinned current wave plus the prefetched next one fit the cache), the
+        last one shorter. Full front waves put the resident experts (at most ``num_slots``; all but
+        one when it is odd) in the first two waves, which the first prefetch cannot evict (wave 0 is
+        pinned, wave 1 is the prefetch's own); a short last wave shortens the one compute that nothing
+        overlaps. With one slot there is nothing to overlap.
+    """
+    if union <= 0:
+        return []
+    if num_slots < 1:
+        raise ValueError(f"num_slots={num_slots} must be >= 1")
+    wave = num_slots
+    if overlap and union > num_slots and num_slots >= 2:
+        wave = num_slots // 2
+    return [(w0, min(w0 + wave, union)) for w0 in range(0, union, wave)]
 
 
 def _gate(module: nn.Module, gate_up_out: torch.Tensor) -> torch.Tensor:

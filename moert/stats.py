@@ -15,9 +15,12 @@ class LayerStats:
     Attributes:
         hits: expert acquisitions served from a resident slot.
         misses: acquisitions that demand-loaded the expert.
-        bytes_copied: bytes moved host -> device for this layer.
+        bytes_copied: bytes moved host -> device for this layer (its demand loads, and the copies of
+            its wave prefetches).
         calls: forward calls of the layer.
         waves: acquire/compute/release rounds (> calls when a union exceeded the cache).
+        wave_prefetches: experts of a later wave prefetched while an earlier wave computed
+            (overlapped waves; counted in ``Stats.prefetches``, their first use in ``prefetch_hits``).
         prefetch_hits: first accesses of prefetched experts (counted in ``hits``).
         prefetch_late: ... of which the copy had not finished when the layer needed it.
         demand_stall_s: seconds the layer's acquires waited for copies (demand loads and late
@@ -32,6 +35,7 @@ class LayerStats:
     bytes_copied: int = 0
     calls: int = 0
     waves: int = 0
+    wave_prefetches: int = 0
     prefetch_hits: int = 0
     prefetch_late: int = 0
     demand_stall_s: float = 0.0
@@ -53,7 +57,7 @@ class Stats:
             lanes; 0 for the reference store). ``demand_stall_s / copy_busy_s`` is the exposed share
             of copy time (the part not hidden behind compute).
         evictions: experts evicted from the cache.
-        prefetches: prefetch loads queued.
+        prefetches: prefetch loads queued (predictor and wave prefetches).
         prefetch_hits: first accesses of prefetched experts (counted in ``hits``).
         prefetch_late: prefetch hits whose copy had not finished in time.
         prefetch_wasted: prefetched experts evicted or cancelled before any use.
