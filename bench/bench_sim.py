@@ -236,6 +236,7 @@ def score(args: argparse.Namespace) -> int:
         **environment(),
         "threads": args.threads,
         "command": " ".join(["python", *sys.argv]),
+        "modified_tracked_files": _modified_files(),
     }
     stem = Path(args.out) if args.out else RESULTS / "sim_score_puffin"
     stem.parent.mkdir(parents=True, exist_ok=True)
@@ -244,6 +245,20 @@ def score(args: argparse.Namespace) -> int:
     _score_plot(out, ms, stem.with_suffix(".png"))
     print(stem.with_suffix(".md").read_text())
     return 0
+
+
+def _modified_files() -> list[str]:
+    """Tracked files that differ from the commit (``+dirty``): the shared checkout holds others' work too."""
+    import subprocess
+
+    try:
+        out = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, check=True,
+        ).stdout  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        return ["unknown"]
+    return [line[3:] for line in out.splitlines()]
 
 
 def _score_markdown(out: dict, ms: list[int], caps: tuple[float, ...]) -> str:
@@ -257,7 +272,9 @@ def _score_markdown(out: dict, ms: list[int], caps: tuple[float, ...]) -> str:
         f"{out['date']}, commit {out['commit']}, {out['device']}; torch {out['torch']}, numpy {out['numpy']}, "
         f"python {out['python']}. Produced by `{out['command']}` ({out['threads']} torch threads; simulation "
         + ", ".join(f"{k} {v:.0f} s" for k, v in out["sim_seconds"].items())
-        + ").",
+        + ")."
+        + (f" Tracked files modified at run time (other streams' work in the shared checkout): "
+           f"{', '.join(out['modified_tracked_files'])}." if out["modified_tracked_files"] else ""),
         "",
         f"Trace: {tr['model_type']}, {tr['layers']} MoE layers, E={tr['experts']}, k={tr['top_k']}; prompts split "
         f"by prompt (seed {tr['split_seed']}) as in `predict_puffin.md`; replayed: the "
