@@ -11,6 +11,7 @@ are timing only.
 
     python bench/bench_decode.py                      # CPU, writes bench/results/decode_cpu.{json,md}
     python bench/bench_decode.py --device cuda        # GPU, writes bench/results/decode_cuda.{json,md}
+    python bench/bench_decode.py --prefill-len 256    # prefill mode: bench/results/prefill_cpu.{json,md}
 
 Predictor variants (``--predictor-fractions``, default 0.25): the patched model with a ``preattn``
 predictor fused with each MoE layer's norm: LRU with m=2 prefetch, and policy ``score`` with
@@ -21,6 +22,14 @@ from the same model on other prompts (``--predictor PATH`` uses a trained file i
 and adaptive ones). The columns "prefetch hits", "wasted MB/token", "recall" and "exposed copy"
 (acquire stall / copy-lane busy time: the share of copy time not hidden behind compute) come from
 ``handle.stats()``.
+
+Prefill mode (``--prefill-len N``): the time of one forward over an N-token prompt (``--batch`` rows)
+at each ``--prefill-caches`` size (a fraction, or an int number of slots), with plain waves
+(acquire, wait for the copies, compute, release) and with overlapped waves (wave i+1 prefetched while
+wave i computes; ``moert.offload``), against the unpatched model and moert with every expert cached
+(warm), all in the same run over the same ``--prefill-prompts`` distinct prompts. A layer streams in
+waves only when its union of selected experts exceeds the cache; a union that fits is one wave and
+the two modes run the same code.
 """
 
 from __future__ import annotations
@@ -36,6 +45,7 @@ from typing import Any
 import torch
 
 import moert
+from moert import envs
 from moert.models import get_adapter
 from moert.offload import ExpertLayout
 from moert.provenance import device_name, git_commit, utc_now, versions
@@ -310,6 +320,192 @@ def markdown(rec: dict[str, Any]) -> str:
     return "\n".join(out) + "\n"
 
 
+# -- prefill mode ------------------------------------------------------------------------------
+
+
+def prefill(model: Any, prompts: list[torch.Tensor], device: str) -> tuple[list[float], torch.Tensor]:
+    """Times one forward (no KV cache kept) over each prompt.
+
+    Returns:
+        Seconds per prompt, and the first prompt's logits ``(B, N, V)`` fp32 on the CPU (for the
+        exactness check; copied after its timing).
+    """
+    lat: list[float] = []
+    first = torch.empty(0)
+    with torch.no_grad():
+        for i, p in enumerate(prompts):
+            _sync(device)
+            t0 = time.perf_counter()
+            out = model(p, use_cache=False)
+            _sync(device)
+            lat.append(time.perf_counter() - t0)
+            if i == 0:
+                first = out.logits.float().cpu()
+            del out
+    return lat, first
+
+
+def _cache_arg(text: str) -> int | float:
+    """``--prefill-caches`` values: ``"0.1"`` is a fraction, ``"32"`` a number of slots."""
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
+
+
+def run_prefill(args: argparse.Namespace) -> dict[str, Any]:
+    """Prefill latency: unpatched, moert with every expert cached, and per cache size plain vs
+    overlapped waves; rounds interleave the configs; counters from the last round."""
+    device = args.device
+    model, described = build(device, args.seed, args.model)
+    adapter = get_adapter(model)
+    gate_up = adapter.moe_layers()[0].experts.gate_up_proj
+    layout = ExpertLayout(hidden=gate_up.shape[2], intermediate=gate_up.shape[1] // 2, dtype=gate_up.dtype)
+    cfg = model.config
+    n_tok = args.batch * args.prefill_len
+
+    def prompt(seed: int) -> torch.Tensor:
+        return prompt_ids(args.batch, args.prefill_len, vocab=cfg.vocab_size, seed=seed).to(device)
+
+    warm = prompt(args.seed + 10_000)  # run once after each patch, untimed (also warms the cache)
+    prompts = [prompt(args.seed + 1 + i) for i in range(args.prefill_prompts)]
+    # (name, cache, overlap); cache None = unpatched
+    configs: list[tuple[str, int | float | None, bool]] = [
+        ("unpatched", None, False),
+        ("moert 1.0 (every expert cached)", 1.0, False),
+    ]
+    for c in args.prefill_caches:
+        configs += [(f"moert {c:g} waves", c, False), (f"moert {c:g} overlapped waves", c, True)]
+    lat: dict[str, list[float]] = {c[0]: [] for c in configs}
+    last: dict[str, Any] = {}
+    for _ in range(args.rounds):
+        for name, cache, overlap in configs:
+            if cache is None:
+                with torch.no_grad():
+                    model(warm, use_cache=False)
+                times, logits = prefill(model, prompts, device)
+                lat[name] += times
+                last[name] = (logits, None, None)
+                continue
+            handle = moert.patch(model, cache_experts=cache, policy="lru", device=device)
+            try:
+                # the switch lives on the offload state (OffloadConfig does not carry it yet)
+                handle._state.overlap_waves = overlap
+                with torch.no_grad():
+                    model(warm, use_cache=False)
+                handle.reset_stats()  # counters cover the timed prefills only
+                times, logits = prefill(model, prompts, device)
+                st = handle.stats()
+            finally:
+                handle.undo()
+            lat[name] += times
+            last[name] = (logits, st, handle.num_slots)
+    base = statistics.median(lat["unpatched"])
+    cached = statistics.median(lat[configs[1][0]])
+    ref_logits = last["unpatched"][0]
+    resident_logits = last[configs[1][0]][0]
+    n = args.prefill_prompts
+    rows: list[dict[str, Any]] = []
+    for name, cache, overlap in configs:
+        logits, st, slots = last[name]
+        med = statistics.median(lat[name])
+        row: dict[str, Any] = {
+            "config": name,
+            "cache": cache,
+            "overlap": overlap if cache is not None else None,
+            "slots": slots,
+            "prefill_ms_median": med * 1e3,
+            "prefill_ms_p20": _q(lat[name], 0.2) * 1e3,
+            "prefill_ms_p80": _q(lat[name], 0.8) * 1e3,
+            "tok_s": n_tok / med,
+            "x_unpatched": base / med,
+            "x_cached": cached / med,
+            "rel_err_vs_unpatched": ((logits - ref_logits).abs().max() / ref_logits.abs().max()).item(),
+            "identical_to_cached": bool(torch.equal(logits, resident_logits)) if cache is not None else None,
+        }
+        if st is not None:
+            calls = sum(v.calls for v in st.per_layer.values())
+            row.update(
+                {
+                    "hit_rate": st.hit_rate,
+                    "misses_per_prefill": st.misses / n,
+                    "prefetches_per_prefill": st.prefetches / n,
+                    "prefetch_hits_per_prefill": st.prefetch_hits / n,
+                    "prefetch_late_per_prefill": st.prefetch_late / n,
+                    "waves_per_layer_call": sum(v.waves for v in st.per_layer.values()) / max(calls, 1),
+                    "MB_per_prefill": st.bytes_copied / n / 1e6,
+                    "copy_GB_s": st.bytes_copied / max(st.copy_busy_s, 1e-9) / 1e9,
+                    "stall_ms_per_prefill": st.demand_stall_s / n * 1e3,
+                    "copy_busy_ms_per_prefill": st.copy_busy_s / n * 1e3,
+                    "exposed_copy": st.demand_stall_s / st.copy_busy_s if st.copy_busy_s > 0 else None,
+                }
+            )
+        rows.append(row)
+    plain = {r["cache"]: r["prefill_ms_median"] for r in rows if r["overlap"] is False}
+    for r in rows:
+        r["overlap_speedup"] = plain[r["cache"]] / r["prefill_ms_median"] if r["overlap"] else None
+    return {
+        "bench": "prefill",
+        "device": device,
+        "model": described,
+        "model_dims": {
+            "model_type": cfg.model_type,
+            "hidden": cfg.hidden_size,
+            "moe_intermediate": layout.intermediate,
+            "layers": cfg.num_hidden_layers,
+            "moe_layers": len(adapter.moe_layers()),
+            "experts": adapter.num_experts,
+            "top_k": adapter.top_k,
+            "expert_MB": layout.expert_bytes / 1e6,
+        },
+        "batch": args.batch,
+        "prefill_len": args.prefill_len,
+        "prompts": n,
+        "rounds": args.rounds,
+        "copy_lanes": envs.copy_streams(),
+        "note": _note(device, args.model is not None),
+        "versions": _versions(),
+        "rows": rows,
+    }
+
+
+def markdown_prefill(rec: dict[str, Any]) -> str:
+    v = rec["versions"]
+    d = rec["model_dims"]
+    out = [
+        f"# Prefill benchmark ({rec['device']}): plain vs overlapped waves",
+        "",
+        f"{rec['model']}; dims {d}; prompts of {rec['batch']} x {rec['prefill_len']} tokens, "
+        f"{rec['prompts']} distinct prompts timed per config after one untimed warm-up prompt, x {rec['rounds']} "
+        f"interleaved rounds (times pooled; counters from the last round, per prefill); {rec['copy_lanes']} copy lanes.",
+        f"Note: {rec['note']}.",
+        f"moert {v['moert']}, torch {v['torch']}, transformers {v['transformers']}, commit {v['commit']}, "
+        f"{v['date']}, {v['device_name']}, {v['cpu_threads']} CPU threads, load average {v['load_avg_1m']} at the end.",
+        "",
+        "| config | slots | prefill ms median (p20-p80) | tok/s | x unpatched | x cached | overlap speed-up "
+        "| waves/layer | misses | prefetch hits (late) | MB copied | copy GB/s | stall ms | exposed copy "
+        "| = cached | rel err vs unpatched |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|",
+    ]
+
+    def fmt(r: dict[str, Any], key: str, spec: str) -> str:
+        val = r.get(key)
+        return "-" if val is None else format(val, spec)
+
+    for r in rec["rows"]:
+        late = f" ({r['prefetch_late_per_prefill']:.0f})" if "prefetch_late_per_prefill" in r else ""
+        out.append(
+            f"| {r['config']} | {fmt(r, 'slots', 'd')} | {r['prefill_ms_median']:.1f} "
+            f"({r['prefill_ms_p20']:.1f}-{r['prefill_ms_p80']:.1f}) | {r['tok_s']:.0f} | {r['x_unpatched']:.2f} "
+            f"| {r['x_cached']:.2f} | {fmt(r, 'overlap_speedup', '.2f')} | {fmt(r, 'waves_per_layer_call', '.2f')} "
+            f"| {fmt(r, 'misses_per_prefill', '.0f')} | {fmt(r, 'prefetch_hits_per_prefill', '.0f')}{late} "
+            f"| {fmt(r, 'MB_per_prefill', '.1f')} | {fmt(r, 'copy_GB_s', '.1f')} | {fmt(r, 'stall_ms_per_prefill', '.1f')} "
+            f"| {fmt(r, 'exposed_copy', '.2f')} | {fmt(r, 'identical_to_cached', '')} "
+            f"| {r['rel_err_vs_unpatched']:.1e} |"
+        )
+    return "\n".join(out) + "\n"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -344,17 +540,42 @@ def main() -> None:
         "--threads", type=int, default=1, help="torch CPU threads (1: stable on a shared 2-core box)"
     )
     p.add_argument(
-        "--out", type=Path, default=None, help="output stem (default bench/results/decode_<device>)"
+        "--prefill-len",
+        type=int,
+        default=None,
+        help="prefill mode: time the prefill of prompts of this many tokens (plain vs overlapped waves)",
+    )
+    p.add_argument(
+        "--prefill-caches",
+        type=_cache_arg,
+        nargs="+",
+        default=[0.1, 0.25],
+        help="prefill mode: cache sizes, fractions (0.1) or slots (32)",
+    )
+    p.add_argument(
+        "--prefill-prompts",
+        type=int,
+        default=6,
+        help="prefill mode: distinct prompts timed per config and round",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="output stem (default bench/results/decode_<device>, or prefill_<device> in prefill mode)",
     )
     args = p.parse_args()
     if args.rounds is None:
         args.rounds = 1 if args.device == "cuda" else 3
+    if args.prefill_len is not None and (args.prefill_len < 1 or args.prefill_prompts < 1):
+        p.error(f"--prefill-len {args.prefill_len} and --prefill-prompts {args.prefill_prompts} must be >= 1")
     torch.set_num_threads(args.threads)
-    rec = run(args)
-    stem = args.out or RESULTS / f"decode_{args.device}"
+    mode = "decode" if args.prefill_len is None else "prefill"
+    rec = run(args) if mode == "decode" else run_prefill(args)
+    stem = args.out or RESULTS / f"{mode}_{args.device}"
     stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps(rec, indent=2) + "\n")
-    md = markdown(rec)
+    md = markdown(rec) if mode == "decode" else markdown_prefill(rec)
     stem.with_suffix(".md").write_text(md)
     print(md)
 
