@@ -86,16 +86,12 @@ def _generate(model: Any, prompt: Any, tokens: int) -> tuple[Any, Any, float]:
     return seq, logits, time.perf_counter() - t0
 
 
-def _tensor_bytes(model: Any) -> int:
-    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
-
-
 def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     """Run the demo and return its record (see ``--json``)."""
     import torch
 
     import moert
-    from moert.load import checkpoint_files
+    from moert.load import checkpoint_files, tensor_bytes
     from moert.testing import demo_config, prompt_ids, save_tiny, tiny_model
 
     torch.manual_seed(args.seed)
@@ -144,7 +140,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
 
                 reference = AutoModelForCausalLM.from_pretrained(str(path), dtype=model.dtype)
             reference = reference.to(device=device, dtype=model.dtype).eval()
-            full_bytes = _tensor_bytes(reference)
+            full_bytes = tensor_bytes(reference)
             _generate(reference, prompt, 2)  # warm-up (kernel caches for these shapes)
             ref_seq, ref_logits, dt_ref = _generate(reference, prompt, args.tokens)
             tok_s_ref = args.batch * args.tokens / dt_ref

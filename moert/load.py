@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
     from moert.models import ModelAdapter
 
-__all__ = ["load", "checkpoint_files"]
+__all__ = ["load", "checkpoint_files", "tensor_bytes"]
 
 
 def checkpoint_files(path: str | Path) -> list[Path]:
@@ -202,7 +202,14 @@ def load(
             model, cfg, adapter, refs, layout, dev, slots, streams, fill, restore_device=dev, predictor=False
         )
         t_experts = time.perf_counter() - t0
-        non_expert = _load_rest(model, index, reader, dev, wdtype, bar)
+        offloaded = {id(r.experts) for r in refs}
+        pooled = {  # the offloaded experts' state_dict entries: views of the pool, filled above
+            f"{name}.{param}"
+            for name, module in model.named_modules()
+            if id(module) in offloaded
+            for param in ("gate_up_proj", "down_proj")
+        }
+        non_expert = _load_rest(model, index, reader, dev, wdtype, bar, pooled)
         if cfg.predictor is not None:  # the norms hold real weights only now
             handle._attach_predictor(refs)
     except BaseException:
@@ -281,11 +288,18 @@ def _read_expert(
 
 
 def _load_rest(
-    model: nn.Module, index: _Index, reader: _Reader, device: str, dtype: torch.dtype, bar: Any
+    model: nn.Module,
+    index: _Index,
+    reader: _Reader,
+    device: str,
+    dtype: torch.dtype,
+    bar: Any,
+    pooled: set[str],
 ) -> int:
-    """Materialise every non-expert parameter and buffer on ``device``; returns their bytes."""
+    """Materialise every non-expert parameter and buffer on ``device`` (``pooled``: state_dict keys
+    that live in the expert pool); returns their bytes."""
     model.to_empty(device=device)
-    expected = dict(model.state_dict(keep_vars=True))
+    expected = {k: v for k, v in model.state_dict(keep_vars=True).items() if k not in pooled}
     missing = [k for k in expected if k not in index.others]
     tied = getattr(model.config, "tie_word_embeddings", False)
     if tied and missing == ["lm_head.weight"]:
@@ -316,9 +330,17 @@ def _load_rest(
     if tied and "lm_head.weight" not in index.others:
         model.tie_weights()
     _rebuild_nonpersistent(model, device)
-    return sum(t.numel() * t.element_size() for t in model.state_dict().values()) + sum(
-        b.numel() * b.element_size() for _, b in _nonpersistent(model)
-    )
+    return tensor_bytes(model)
+
+
+def tensor_bytes(model: nn.Module) -> int:
+    """Bytes of the model's own parameters and buffers (tied weights once). A patched model's
+    offloaded experts are not among them: they live in the pool (its state_dict shows them as
+    pool views)."""
+    seen: dict[int, int] = {}
+    for t in (*model.parameters(), *model.buffers()):
+        seen[id(t)] = t.numel() * t.element_size()
+    return sum(seen.values())
 
 
 def _nonpersistent(model: nn.Module) -> list[tuple[nn.Module, torch.Tensor]]:

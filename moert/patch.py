@@ -109,6 +109,33 @@ class _Released:
     gate_up_shape: torch.Size
     down_shape: torch.Size
     device: torch.device
+    hooks: tuple[Any, ...] = ()
+
+
+def _hook_experts_state(experts: nn.Module, pool: Any, layout: ExpertLayout, ordinal: int) -> tuple[Any, ...]:
+    """Keeps a patched experts module's ``state_dict`` whole: its ``gate_up_proj`` / ``down_proj``
+    entries become views of the host pool (no copy with the runtime's pool), so ``save_pretrained``
+    of a patched model writes the experts. Loading into them is refused with the fix named (the
+    device cache would otherwise keep the old bytes)."""
+
+    def add_experts(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+        state_dict[prefix + "gate_up_proj"] = pool.layer_view(ordinal, layout.dtype, layout.gate_up_shape, 0)
+        state_dict[prefix + "down_proj"] = pool.layer_view(
+            ordinal, layout.dtype, layout.down_shape, layout.down_offset
+        )
+
+    def refuse_experts(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
+        names = [prefix + n for n in ("gate_up_proj", "down_proj") if prefix + n in state_dict]
+        if names:
+            raise ValueError(
+                f"load_state_dict into a model patched by moert: {names[0]} lives in moert's expert pool "
+                "and the device cache; load weights before moert.patch, or handle.undo(), load, and patch again"
+            )
+
+    return (
+        experts.register_state_dict_post_hook(add_experts),
+        experts.register_load_state_dict_pre_hook(refuse_experts),
+    )
 
 
 class PatchHandle:
@@ -220,6 +247,8 @@ class PatchHandle:
         self._detach_predictor()
         for rel in self._released:
             rel.experts.__dict__.pop("_moert", None)
+            for hook in rel.hooks:
+                hook.remove()
         self._state.close()
         self._state = None
         self._released = []
@@ -247,6 +276,8 @@ class PatchHandle:
                 gate_up[e].copy_(gu)
                 down[e].copy_(dn)
             rel.experts.__dict__.pop("_moert", None)
+            for hook in rel.hooks:
+                hook.remove()
             rel.experts._parameters["gate_up_proj"] = _restore(rel.gate_up, gate_up)
             rel.experts._parameters["down_proj"] = _restore(rel.down, down)
         _set_impl(self.model, self._previous_impl)
@@ -358,7 +389,10 @@ def install(
     for ordinal, ref in enumerate(refs):
         ex = ref.experts
         gu, dn = ex._parameters.pop("gate_up_proj"), ex._parameters.pop("down_proj")
-        released.append(_Released(ex, gu, dn, gu.shape, dn.shape, torch.device(restore_device or gu.device)))
+        hooks = _hook_experts_state(ex, pool, layout, ordinal)
+        released.append(
+            _Released(ex, gu, dn, gu.shape, dn.shape, torch.device(restore_device or gu.device), hooks)
+        )
         with torch.no_grad():
             # Free the storage; the Parameter objects are kept so undo() can restore them in place.
             gu.data = torch.empty(0, dtype=gu.dtype, device=gu.device)

@@ -207,6 +207,32 @@ class ExpertPool:
         nbytes = _view_bytes(dtype, tuple(shape), int(offset), self.slab_bytes, "ExpertPool.view")
         return _host_view(address + int(offset), nbytes, self._c, dtype, tuple(shape))
 
+    def layer_view(
+        self, layer: int, dtype: torch.dtype, shape: tuple[int, ...], offset: int = 0
+    ) -> torch.Tensor:
+        """A CPU tensor ``dtype[E, *shape]`` aliasing every entry of ``layer`` from ``offset``: row
+        ``e`` is ``view(layer, e, dtype, shape, offset)`` (experts ``stride`` bytes apart; no copy).
+
+        Raises:
+            ValueError: ``stride`` or ``offset`` is not a multiple of the dtype's size, or the shape
+                does not fit an entry.
+        """
+        shape = tuple(int(d) for d in shape)
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        if not 0 <= int(layer) < self.num_layers:
+            raise ValueError(f"ExpertPool.layer_view: layer={layer} is out of range 0..{self.num_layers - 1}")
+        if self.stride % itemsize:
+            raise ValueError(
+                f"ExpertPool.layer_view: stride {self.stride} is not a multiple of {dtype}'s size"
+            )
+        nbytes = _view_bytes(dtype, shape, int(offset), self.slab_bytes, "ExpertPool.layer_view")
+        span = (self.num_experts - 1) * self.stride + nbytes  # first row's start to last row's end
+        flat = _host_view(
+            self._c.address(int(layer), 0) + int(offset), span, self._c, dtype, (span // itemsize,)
+        )
+        inner = torch.empty(shape, device="meta").stride()  # row-major strides of one expert
+        return flat.as_strided((self.num_experts, *shape), (self.stride // itemsize, *inner))
+
     def close(self) -> None:
         """Later calls raise; memory is returned once no cache or view refers to it."""
         self._c.close()

@@ -323,6 +323,12 @@ class HostPool:
         base = self._base(layer, expert) + offset
         return self._buf[base : base + n].view(dtype).view(tuple(shape))
 
+    def layer_view(
+        self, layer: int, dtype: torch.dtype, shape: Sequence[int], offset: int = 0
+    ) -> torch.Tensor:
+        """``(E, *shape)``: every expert's ``view`` of ``layer``, stacked (a copy, unlike the runtime's)."""
+        return torch.stack([self.view(layer, e, dtype, shape, offset) for e in range(self.num_experts)])
+
     def close(self) -> None:
         self._buf = torch.empty(0, dtype=torch.uint8)
 

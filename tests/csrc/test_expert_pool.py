@@ -66,3 +66,27 @@ def test_fill_validates_source():
     with pytest.raises(ValueError, match="runs past the end"):
         pool.fill(0, 1, torch.zeros(8, dtype=torch.float32), offset=40)
     pool.fill(0, 1, torch.zeros(0))  # empty is fine
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8], ids=str)
+def test_layer_view_stacks_every_expert_without_copying(dtype):
+    pool = ExpertPool(3, 5, 1008, pin=False)  # stride 1024: rows are not back to back
+    g = torch.Generator().manual_seed(0)
+    for layer in range(3):
+        for e in range(5):
+            pool.fill(layer, e, torch.randint(0, 256, (1008,), dtype=torch.uint8, generator=g))
+    shape, offset = (7, 9), 16
+    for layer in range(3):
+        stacked = pool.layer_view(layer, dtype, shape, offset)
+        assert stacked.shape == (5, *shape)
+        for e in range(5):
+            row = pool.view(layer, e, dtype, shape, offset)
+            assert torch.equal(stacked[e].view(torch.uint8), row.view(torch.uint8)), (layer, e)
+            assert stacked[e].data_ptr() == row.data_ptr()
+    stacked.zero_()  # writes go to the pool itself
+    assert pool.view(2, 4, dtype, shape, offset).view(torch.uint8).sum() == 0
+    with pytest.raises(ValueError, match="layer=3 is out of range 0..2"):
+        pool.layer_view(3, dtype, shape)
+    with pytest.raises(ValueError, match="runs past the 1008-byte slab"):
+        pool.layer_view(0, torch.float32, (253,))
+    pool.close()
