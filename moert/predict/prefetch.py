@@ -61,10 +61,17 @@ class _Recorder:
     closed = False
 
     def __init__(self) -> None:
-        self.last: tuple[list[int], torch.Tensor, torch.Tensor | None, list[int], float] | None = None
+        self.last: tuple[list[int], np.ndarray, np.ndarray | None, list[int], float] | None = None
 
     def predict(self, layers, ids, scores, clear, clear_score) -> int:
-        self.last = (list(layers), ids, scores, list(clear), float(clear_score))
+        """layers (n,); ids (n, w) int32; scores (n, E) fp32 or None; clear (0 or 1,): as ``CopyEngine.predict``."""
+        self.last = (
+            [int(x) for x in layers],
+            np.asarray(ids),
+            None if scores is None else np.asarray(scores),
+            [int(x) for x in clear],
+            float(clear_score),
+        )
         return 0  # nothing queued: the hook does not wait
 
     def synchronize(self) -> None:
@@ -184,9 +191,9 @@ class PredictorPrefetcher(Prefetcher):
                             f"layer {layer}; the simulator replays layers l..l+d and clears l-1"
                         )
                     w = got_ids.shape[1]
-                    ids[t, layer, :r, :w] = got_ids.numpy()
+                    ids[t, layer, :r, :w] = got_ids
                     if got_scores is not None:
-                        scores[t, layer, :r] = got_scores.numpy()
+                        scores[t, layer, :r] = got_scores
                     if cleared:
                         clear[t, layer] = clear_score
         out = Predictions(ids, scores, clear)
