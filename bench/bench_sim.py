@@ -190,6 +190,7 @@ def score(args: argparse.Namespace) -> int:
     from moert.sim import SimConfig, parse_policies, simulate
 
     args.seed = 0
+    env = {**environment(), "modified_tracked_files": _modified_files()}  # what runs: taken before the run
     src = envs.shared_dir() / "data" / "traces" / "deepseek-v2-lite-chat-puffin"
     meta, seqs = open_sequences(str(src))
     split = split_sequences([s.seq_id for s in seqs], 0.1, 0.1, seed=args.seed)
@@ -233,10 +234,9 @@ def score(args: argparse.Namespace) -> int:
         "cost_model": report["config"]["cost_model"],
         "sim_seconds": seconds,
         "results": [{k: v for k, v in r.items() if k != "cache_stats"} for r in results],
-        **environment(),
+        **env,
         "threads": args.threads,
         "command": " ".join(["python", *sys.argv]),
-        "modified_tracked_files": _modified_files(),
     }
     stem = Path(args.out) if args.out else RESULTS / "sim_score_puffin"
     stem.parent.mkdir(parents=True, exist_ok=True)
@@ -314,6 +314,16 @@ def _score_markdown(out: dict, ms: list[int], caps: tuple[float, ...]) -> str:
             label = f"**{name}**" if name.startswith("score") else name
             lines.append("| " + " | ".join([label, *hit, *loads, *tok]) + " |")
         lines.append("")
+        for m in ms:
+            sc, lr = rows.get((mode, f"score+xlayer:{m}")), rows.get((mode, f"lru+xlayer:{m}"))
+            if sc and lr:
+                dh = ", ".join(f"{100 * (sc[c]['hit_rate'] - lr[c]['hit_rate']):+.2f}" for c in caps)
+                dl = ", ".join(
+                    f"{100 * (sc[c]['bytes_loaded'] / lr[c]['bytes_loaded'] - 1):+.1f}%" for c in caps
+                )
+                lines.append(f"- m={m}, score vs lru (same prefetches), @{'/'.join(f'{c:g}' for c in caps)}: "
+                             f"hit rate {dh} points; experts loaded {dl}.")  # fmt: skip
+        lines.append("")
     lines += [
         "`lru`: demand only. `belady`: optimal eviction with demand loads only (the bound for every "
         "demand-only policy, not for prefetching ones). `E+xlayer:m`: before each layer's access the "
@@ -329,40 +339,50 @@ def _score_markdown(out: dict, ms: list[int], caps: tuple[float, ...]) -> str:
             out["cost_model"]["layer_compute_ms"],
         ),
         "",
-        "Plot: `sim_score_puffin.png` (hit rate vs capacity, both cache modes).",
+        "Plot: `sim_score_puffin.png` (hit rate and experts loaded per token vs capacity, both cache modes).",
         "",
     ]
     return "\n".join(lines)
 
 
 def _score_plot(out: dict, ms: list[int], path: Path) -> None:
+    """Hit rate (top) and experts loaded per token (bottom) vs capacity, per-layer and global."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5), sharex="col")
     m = 2 if 2 in ms else ms[0]
     names = ["lru", "belady", f"lru+xlayer:{m}", f"lfu+xlayer:{m}", f"score+xlayer:{m}"]
-    for ax, mode in zip(axes, ("per-layer", "global")):
+    expert = out["cost_model"]["expert_bytes"]
+    for col, mode in enumerate(("per-layer", "global")):
         for name in names:
-            pts = sorted(
-                (r["capacity"], r["hit_rate"])
-                for r in out["results"]
-                if r["mode"] == mode and r["policy"] == name
+            rs = sorted(
+                (r for r in out["results"] if r["mode"] == mode and r["policy"] == name),
+                key=lambda r: r["capacity"],
             )
-            if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name,
-                        linewidth=2.5 if name.startswith("score") else 1.5)  # fmt: skip
-        ax.set_title(f"{mode} cache")
-        ax.set_xlabel(
+            if not rs:
+                continue
+            caps = [r["capacity"] for r in rs]
+            width = 2.5 if name.startswith("score") else 1.5
+            axes[0, col].plot(caps, [r["hit_rate"] for r in rs], marker="o", label=name, linewidth=width)
+            loads = [r["bytes_loaded"] / r["tokens"] / expert for r in rs]
+            axes[1, col].plot(caps, loads, marker="o", label=name, linewidth=width)
+        axes[0, col].set_title(f"{mode} cache")
+        axes[0, col].set_ylim(0, 1)
+        axes[1, col].set_ylim(bottom=0)
+        axes[1, col].set_xlabel(
             "capacity (fraction of " + ("one layer's" if mode == "per-layer" else "all") + " experts)"
         )
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("hit rate")
-    axes[0].set_ylim(0, 1)
-    axes[1].legend(loc="lower right")
-    fig.suptitle(f"DeepSeek-V2-Lite-Chat puffin, {out['trace']['replayed']['prompts']} held-out prompts")
+        for ax in axes[:, col]:
+            ax.grid(alpha=0.3)
+    axes[0, 0].set_ylabel("hit rate")
+    axes[1, 0].set_ylabel("experts loaded per token")
+    axes[0, 1].legend(loc="lower right")
+    fig.suptitle(
+        f"DeepSeek-V2-Lite-Chat puffin, {out['trace']['replayed']['prompts']} held-out prompts, xlayer m={m}"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
