@@ -503,7 +503,47 @@ def markdown_prefill(rec: dict[str, Any]) -> str:
             f"| {fmt(r, 'exposed_copy', '.2f')} | {fmt(r, 'identical_to_cached', '')} "
             f"| {r['rel_err_vs_unpatched']:.1e} |"
         )
+    out += ["", *_prefill_notes(rec)]
     return "\n".join(out) + "\n"
+
+
+def _prefill_notes(rec: dict[str, Any]) -> list[str]:
+    """Reading notes computed from the rows (what overlapped waves gained at each cache size)."""
+    rows = rec["rows"]
+    plain = {r["cache"]: r for r in rows if r["overlap"] is False}
+    notes = []
+    for r in rows:
+        if not r["overlap"]:
+            continue
+        p = plain[r["cache"]]
+        if r.get("waves_per_layer_call", 1.0) <= 1.0:
+            notes.append(
+                f"- cache {r['cache']:g} ({r['slots']} slots): every layer's union fit the cache, one wave per "
+                f"layer, so plain and overlapped ran the same code; their ratio {r['overlap_speedup']:.2f} is noise."
+            )
+        else:
+            notes.append(
+                f"- cache {r['cache']:g} ({r['slots']} slots): overlapped waves {r['overlap_speedup']:.2f}x the "
+                f"plain waves' speed ({r['waves_per_layer_call']:.2f} waves per layer call; exposed copy "
+                f"{r['exposed_copy']:.2f} of the copy time). Plain waves stalled {p['stall_ms_per_prefill']:.1f} ms "
+                f"per prefill ({p['stall_ms_per_prefill'] / p['prefill_ms_median']:.0%} of it, the most overlap can "
+                f"save), overlapped {r['stall_ms_per_prefill']:.1f} ms."
+            )
+    if rec["device"] == "cpu":
+        notes.append(
+            "- On the CPU twin a copy is a memcpy by the copy engine's worker threads (host memory to host "
+            f"memory), so this measures the overlap of host copies with CPU compute (torch on "
+            f"{rec['versions']['cpu_threads']} thread(s), the copy lanes on the other core). GPU numbers "
+            "(PCIe copies on copy streams under GPU compute) come from `bench_decode.py --device cuda "
+            "--prefill-len N`."
+        )
+    notes.append(
+        "- 'x cached': speed relative to moert with every expert cached (the same per-expert compute, no "
+        "copies after warm-up); 'x unpatched': relative to the model's own experts implementation. "
+        "'= cached': logits bit-identical to the every-expert-cached run; 'exposed copy': acquire stall / "
+        "copy-lane busy time."
+    )
+    return notes
 
 
 def main() -> None:
