@@ -49,6 +49,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ModelDims",
+    "Prediction",
     "Prefetcher",
     "PrefetchNorm",
     "load_pipeline_predictor",
@@ -61,6 +62,28 @@ _RING = 8  # pinned host buffers in flight per Prefetcher (a request holds one u
 # clear scores count down -1, -2, ... and wrap here (float32 holds these integers exactly); at a wrap
 # the order of the layers that ran before it is lost once, and recency orders them instead
 _CLEAR_WRAP = 1 << 22
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One layer's prediction as the copy engine applies it (``CopyEngine.predict``'s arguments).
+
+    Attributes:
+        layers: the n predicted cache layers (the layer's own, then lookahead layers).
+        ids: (n, width) int32 experts to prefetch, most likely first, -1 pads ((n, 0) with
+            ``prefetch="off"``).
+        scores: (n, E) fp32 eviction priorities (policy ``"score"``), else None.
+        clear: the layers whose priorities drop to ``clear_score`` first (the layer that just ran).
+        clear_score: below every earlier clear.
+        planned: (n, width) the plan's ids, also when nothing is prefetched (online recall).
+    """
+
+    layers: list[int]
+    ids: torch.Tensor
+    scores: torch.Tensor | None
+    clear: list[int]
+    clear_score: float
+    planned: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -196,10 +219,11 @@ class Prefetcher:
         """Predicted layers of MoE layer ``ordinal``: lookahead past the last MoE layer is ignored."""
         return min(self.d + 1, self.L - ordinal)
 
-    def on_logits(
+    def prediction(
         self, ordinal: int, logits: torch.Tensor, plan: tuple[torch.Tensor, torch.Tensor] | None = None
-    ) -> None:
-        """Called by ``PrefetchNorm`` of MoE layer ``ordinal`` before attention runs.
+    ) -> Prediction:
+        """What MoE layer ``ordinal`` hands the copy engine for these logits (advances the clear
+        counter; applies nothing). The simulator replays exactly this.
 
         Args:
             ordinal: cache layer.
@@ -207,26 +231,37 @@ class Prefetcher:
             plan: ``(ids (1+d, width), scores (1+d, E))`` already made from ``logits`` by the fused
                 kernel with ``self.spec``, or None to make it here.
         """
+        if plan is None:
+            layers, ids, scores = self.plan(ordinal, logits)
+        else:
+            n = self._depth(ordinal)
+            layers, ids, scores = list(range(ordinal, ordinal + n)), plan[0][:n], plan[1][:n]
+        clear = [(ordinal - 1) % self.L] if self.push_scores and self.L > 1 else []
+        # the layer that just ran goes below every earlier one: its next use is the farthest
+        self._step = self._step % _CLEAR_WRAP + 1
+        return Prediction(
+            layers=layers,
+            ids=ids if self.do_prefetch else ids[:, :0],
+            scores=scores if self.push_scores else None,
+            clear=clear,
+            clear_score=-float(self._step),
+            planned=ids,
+        )
+
+    def on_logits(
+        self, ordinal: int, logits: torch.Tensor, plan: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> None:
+        """Called by ``PrefetchNorm`` of MoE layer ``ordinal`` before attention runs: the
+        ``prediction`` goes to the copy engine, and the online-recall bookkeeping is set up."""
         with torch.no_grad():
             logits = logits.detach()
-            if plan is None:
-                layers, ids, scores = self.plan(ordinal, logits)
-            else:
-                n = self._depth(ordinal)
-                layers, ids, scores = list(range(ordinal, ordinal + n)), plan[0][:n], plan[1][:n]
+            p = self.prediction(ordinal, logits, plan)
             own = logits.reshape(-1, self.d + 1, self.E)[:, 0]  # [T, E]
             self._pred_topk[ordinal] = own.topk(self.k, dim=-1).indices  # [T, k]
-            self._pred_set[ordinal] = ids[0] if self.do_prefetch else ids[0, : self.k]  # [width]
-            clear = [(ordinal - 1) % self.L] if self.push_scores and self.L > 1 else []
-            # the layer that just ran goes below every earlier one: its next use is the farthest
-            self._step = self._step % _CLEAR_WRAP + 1
-            clear_score = -float(self._step)
-            sc = scores if self.push_scores else None
-            if not self.do_prefetch:
-                ids = ids[:, :0]
+            self._pred_set[ordinal] = p.planned[0] if self.do_prefetch else p.planned[0, : self.k]  # [width]
             if self.asynchronous:
-                self._submit_async(layers, ids, sc, clear, clear_score)
-            elif self.engine.predict(layers, ids, sc, clear, clear_score):
+                self._submit_async(p.layers, p.ids, p.scores, p.clear, p.clear_score)
+            elif self.engine.predict(p.layers, p.ids, p.scores, p.clear, p.clear_score):
                 # CPU twin: synchronous, so every eviction decision (made among ready slots) and
                 # every count is the same from run to run
                 self.engine.synchronize()

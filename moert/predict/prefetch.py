@@ -2,7 +2,7 @@
 
 Before the access of MoE layer l for token t, the hook makes the prediction the runtime's hook makes
 in a patched model: the predictor's logits for that (layer, token) go through
-``moert.prefetch.Prefetcher.on_logits`` itself (with an engine that records instead of copying), so
+``moert.prefetch.Prefetcher.prediction`` itself (what ``on_logits`` hands the copy engine), so
 the prefetched ids (top-(k+m) by probability, or ``:adaptive``: above the threshold, at least k, at
 most k + max_overprovision; lookahead rows for l+1..l+d), the eviction scores of policy ``score``
 and the clear of the layer that just ran are the runtime's, bit for bit. Probabilities, per
@@ -52,30 +52,6 @@ def probability_mode(meta: Any) -> str | None:
     if meta.loss in _BCE_LOSSES:
         return "sigmoid"
     return None
-
-
-class _Recorder:
-    """Stands in for ``runtime.CopyEngine`` under ``moert.prefetch.Prefetcher``: keeps the last
-    ``predict(layers, ids, scores, clear, clear_score)`` instead of applying it."""
-
-    closed = False
-
-    def __init__(self) -> None:
-        self.last: tuple[list[int], np.ndarray, np.ndarray | None, list[int], float] | None = None
-
-    def predict(self, layers, ids, scores, clear, clear_score) -> int:
-        """layers (n,); ids (n, w) int32; scores (n, E) fp32 or None; clear (0 or 1,): as ``CopyEngine.predict``."""
-        self.last = (
-            [int(x) for x in layers],
-            np.asarray(ids),
-            None if scores is None else np.asarray(scores),
-            [int(x) for x in clear],
-            float(clear_score),
-        )
-        return 0  # nothing queued: the hook does not wait
-
-    def synchronize(self) -> None:
-        """Nothing to wait for."""
 
 
 class PredictorPrefetcher(Prefetcher):
@@ -142,7 +118,7 @@ class PredictorPrefetcher(Prefetcher):
         self.predictor.check_trace(meta, where=f"prefetcher {self.name!r}")
         pm = self.predictor.meta
         self._hook = RuntimeHook(
-            _Recorder(),
+            None,  # no engine: the simulator takes the hook's `prediction` and replays it itself
             self.cfg,
             pm.num_layers,
             pm.num_experts,
@@ -173,7 +149,7 @@ class PredictorPrefetcher(Prefetcher):
             return self._cached[1]
         if self._hook is None:
             self.prepare(meta)
-        hook, rec = self._hook, self._hook.engine
+        hook = self._hook
         logits = self.logits(seq)
         L, T, n, E = logits.shape
         ids = np.full((T, L, n, self.width), -1, dtype=np.int32)
@@ -182,8 +158,11 @@ class PredictorPrefetcher(Prefetcher):
         with torch.no_grad():
             for t in range(T):
                 for layer in range(L):
-                    hook.on_logits(layer, logits[layer, t])  # [1+d, E]: one row, a batch-1 decode step
-                    layers, got_ids, got_scores, cleared, clear_score = rec.last
+                    # [1+d, E]: one row, a batch-1 decode step
+                    p = hook.prediction(layer, logits[layer, t])
+                    layers, cleared, clear_score = p.layers, p.clear, p.clear_score
+                    got_ids = p.ids.numpy()
+                    got_scores = None if p.scores is None else p.scores.numpy()
                     r = len(layers)
                     if layers != list(range(layer, layer + r)) or cleared not in ([], [(layer - 1) % L]):
                         raise RuntimeError(
