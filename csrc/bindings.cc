@@ -350,15 +350,17 @@ PYBIND11_MODULE(_C, m) {
              py::gil_scoped_release nogil;
              e.synchronize();
            })
-      .def("stats",
-           [](CopyEngine& e) {
-             moert::EngineStats s;
-             {
-               py::gil_scoped_release nogil;  // may wait for the device (stall marks)
-               s = e.stats();
-             }
-             return engine_stats_dict(s);
-           })
+      .def(
+          "stats",
+          [](CopyEngine& e, bool wait_device) {
+            moert::EngineStats s;
+            {
+              py::gil_scoped_release nogil;  // with wait_device: waits for the device
+              s = e.stats(wait_device);
+            }
+            return engine_stats_dict(s);
+          },
+          py::arg("wait_device") = false)
       .def("close", [](CopyEngine& e) {
         py::gil_scoped_release nogil;
         e.close();

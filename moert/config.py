@@ -45,6 +45,9 @@ class OffloadConfig:
         max_overprovision: ``m_max`` of the adaptive mode.
         score_decay: policy ``"score"``: a lookahead prediction for layer l+j is weighted by
             ``score_decay ** j`` (in (0, 1]).
+        overlap_waves: when a layer's experts outnumber the slots (prefill, big batches), stream
+            them in waves of half the slots and prefetch wave i+1 while wave i computes (runtime
+            backend; the reference and naive stores stream plain waves). Numbers never change.
     """
 
     cache_experts: int | float = 0.25
@@ -58,6 +61,7 @@ class OffloadConfig:
     threshold: float = 0.3
     max_overprovision: int = 4
     score_decay: float = 0.5
+    overlap_waves: bool = True
 
     def __post_init__(self) -> None:
         ce = self.cache_experts
@@ -93,6 +97,8 @@ class OffloadConfig:
             raise ValueError(f"max_overprovision={mm!r} must be an int >= 0")
         if not (isinstance(self.score_decay, (int, float)) and 0.0 < self.score_decay <= 1.0):
             raise ValueError(f"score_decay={self.score_decay!r} must be in (0, 1]")
+        if not isinstance(self.overlap_waves, bool):
+            raise ValueError(f"overlap_waves={self.overlap_waves!r} must be True or False")
         if self.policy == "score" and self.predictor is None:
             raise ValueError(
                 "policy='score' orders eviction by a predictor's scores: pass predictor=PATH.safetensors "

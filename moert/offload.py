@@ -134,9 +134,10 @@ _CACHE_COUNTERS = (
 class Counters:
     """Cumulative store counters: hits, misses, bytes loaded into slots, evictions, and (runtime
     store only) prefetch counters, the engine's measured demand stall (``stall_s``, None when the
-    store does not measure it) and its copy time (``copy_busy_s``, summed over lanes)."""
+    store does not measure it), its copy time (``copy_busy_s``, summed over lanes) and, on CUDA,
+    the device time callers' streams waited for copies (``device_stall_s``)."""
 
-    __slots__ = (*_CACHE_COUNTERS, "prefetch_bytes", "stall_s", "copy_busy_s")
+    __slots__ = (*_CACHE_COUNTERS, "prefetch_bytes", "stall_s", "copy_busy_s", "device_stall_s")
 
     def __init__(self) -> None:
         for k in _CACHE_COUNTERS:
@@ -144,6 +145,7 @@ class Counters:
         self.prefetch_bytes = 0
         self.stall_s: float | None = None
         self.copy_busy_s = 0.0
+        self.device_stall_s = 0.0
 
     def as_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.__slots__}
@@ -186,14 +188,20 @@ class RuntimeStore:
         ]
         self._base = self._read()
 
-    def _read(self) -> dict[str, Any]:
+    def _read(self, wait_device: bool = False) -> dict[str, Any]:
         st = self.cache.stats()
         out: dict[str, Any] = {k: int(st.get(k, 0)) for k in _CACHE_COUNTERS}
         out["prefetch_bytes"] = int(st.get("prefetch_loads", 0)) * self.pool.slab_bytes
-        eng = self.engine.stats()
+        eng = self.engine.stats(wait_device=wait_device)
         out["stall_s"] = float(eng["demand_stall_s"])
         out["copy_busy_s"] = float(eng["busy_s"])
+        out["device_stall_s"] = float(eng["device_stall_s"])
         return out
+
+    def settle(self) -> None:
+        """Waits until the device has passed every timed stream wait, so ``counters`` include
+        all device stalls so far (blocks on the device; for reading final stats, not per layer)."""
+        self.engine.stats(wait_device=True)
 
     @property
     def counters(self) -> Counters:
@@ -328,6 +336,9 @@ class OffloadState:
             self.prefetcher.reset_stats()
 
     def stats(self) -> Stats:
+        settle = getattr(self.store, "settle", None)
+        if settle is not None:
+            settle()
         now = self.store.counters.as_dict()
         d = {k: now[k] - self._base[k] for k in now if k != "stall_s"}
         counts = (
@@ -344,6 +355,7 @@ class OffloadState:
             bytes_copied=d["bytes_loaded"],
             demand_stall_s=self._stall,
             copy_busy_s=d["copy_busy_s"],
+            device_stall_s=d["device_stall_s"],
             evictions=d["evictions"],
             prefetches=d["prefetches"],
             prefetch_hits=d["prefetch_hits"],

@@ -384,7 +384,15 @@ def install(
     except BaseException:
         pool.close()
         raise
-    state = OffloadState(pool, store, layout, [r.index for r in refs], adapter.num_experts, device)
+    state = OffloadState(
+        pool,
+        store,
+        layout,
+        [r.index for r in refs],
+        adapter.num_experts,
+        device,
+        overlap_waves=cfg.overlap_waves,
+    )
     released = []
     for ordinal, ref in enumerate(refs):
         ex = ref.experts

@@ -538,16 +538,17 @@ class CopyEngine:
         """Blocks until no copy is queued or in flight."""
         self._c.synchronize()
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self, wait_device: bool = False) -> dict[str, Any]:
         """bytes, copies, demand_copies, prefetch_copies, acquires, releases, stale_requests,
         queued, busy_s, demand_stall_s, device_stall_s, device_stall_waits, predictions,
         prediction_wait_s, lanes.
 
         ``demand_stall_s`` is host time ``acquire`` waited for copies (on the CPU twin, the whole
         stall); ``device_stall_s`` is, on CUDA, device time the callers' streams waited for copies
-        not complete at ``acquire`` (timing events; this call first waits until the newest such
-        wait is passed), over ``device_stall_waits`` acquires."""
-        return self._c.stats()
+        not complete at ``acquire`` (timing events), counted once the stream has passed the wait,
+        over ``device_stall_waits`` acquires. ``wait_device=True`` first waits until the newest
+        such wait is passed (it blocks on the device: not for a hot path)."""
+        return self._c.stats(bool(wait_device))
 
     def close(self) -> None:
         """Cancels queued copies, finishes those in flight, joins the lanes; later calls raise."""

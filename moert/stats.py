@@ -54,8 +54,11 @@ class Stats:
         demand_stall_s: seconds acquires waited for copies (runtime: the engine's measure, demand
             loads and late prefetches; reference store: wall time of acquires that had misses).
         copy_busy_s: seconds the copy engine's lanes spent copying (issue to completion, summed over
-            lanes; 0 for the reference store). ``demand_stall_s / copy_busy_s`` is the exposed share
-            of copy time (the part not hidden behind compute).
+            lanes; 0 for the reference store). ``exposed_copy`` is the share of it not hidden behind
+            compute.
+        device_stall_s: CUDA: device seconds the compute stream waited for copies that were not
+            complete at acquire (timing events around its waits; 0 on the CPU twin, whose host
+            waits are the whole stall).
         evictions: experts evicted from the cache.
         prefetches: prefetch loads queued (predictor and wave prefetches).
         prefetch_hits: first accesses of prefetched experts (counted in ``hits``).
@@ -73,6 +76,7 @@ class Stats:
     bytes_copied: int = 0
     demand_stall_s: float = 0.0
     copy_busy_s: float = 0.0
+    device_stall_s: float = 0.0
     evictions: int = 0
     prefetches: int = 0
     prefetch_hits: int = 0
@@ -89,9 +93,18 @@ class Stats:
         n = self.hits + self.misses
         return self.hits / n if n else 0.0
 
+    @property
+    def exposed_copy(self) -> float | None:
+        """Share of copy time not hidden behind compute: ``(demand_stall_s + device_stall_s) /
+        copy_busy_s`` (None when nothing was copied by the engine)."""
+        if self.copy_busy_s <= 0:
+            return None
+        return (self.demand_stall_s + self.device_stall_s) / self.copy_busy_s
+
     def as_dict(self) -> dict[str, Any]:
         """Plain dict (JSON-ready): per_layer keys become strings."""
         d = asdict(self)
         d["per_layer"] = {str(k): v for k, v in d["per_layer"].items()}
         d["hit_rate"] = self.hit_rate
+        d["exposed_copy"] = self.exposed_copy
         return d

@@ -188,6 +188,10 @@ def test_stats_account_for_prefetch_bytes_and_recall(refs):
         assert v.recall is not None and 0.0 <= v.recall <= 1.0, (layer, v)
         assert v.coverage is not None and v.coverage >= 0.0, (layer, v)
     assert st.as_dict()["prefetch_bytes"] == st.prefetch_bytes
+    # the CPU twin has no device clock: its host stall is the whole stall
+    assert st.device_stall_s == 0.0 and st.copy_busy_s > 0.0
+    assert st.exposed_copy == pytest.approx(st.demand_stall_s / st.copy_busy_s)
+    assert st.as_dict()["exposed_copy"] == st.exposed_copy
 
 
 def test_trained_predictor_beats_lru_at_a_quarter_cache():

@@ -55,8 +55,7 @@ def prefill(model, prompt, overlap: bool | None, **patch_kw):
     handle = None
     try:
         if patch_kw:
-            handle = moert.patch(model, device="cpu", **patch_kw)
-            handle._state.overlap_waves = bool(overlap)
+            handle = moert.patch(model, device="cpu", overlap_waves=bool(overlap), **patch_kw)
         with torch.no_grad():
             logits = model(prompt).logits
         st = handle.stats() if handle else None
@@ -170,8 +169,7 @@ def test_decode_is_unchanged_by_overlap():
     prompt = prompt_ids(1, 1, vocab=model.config.vocab_size, seed=3)
     runs = {}
     for overlap in (False, True):
-        handle = moert.patch(model, cache_experts=k + 2, device="cpu")
-        handle._state.overlap_waves = overlap
+        handle = moert.patch(model, cache_experts=k + 2, device="cpu", overlap_waves=overlap)
         seq, logits = moert.testing.greedy(model, prompt, 8)
         runs[overlap] = (seq, logits, handle.stats())
         handle.undo()
@@ -188,11 +186,13 @@ def test_decode_is_unchanged_by_overlap():
 
 def test_overlap_waves_must_be_a_bool():
     model = model_of("phimoe")
+    with pytest.raises(ValueError, match="overlap_waves='yes' must be True or False"):
+        moert.patch(model, cache_experts=4, device="cpu", overlap_waves="yes")
     handle = moert.patch(model, cache_experts=4, device="cpu")
     try:
+        assert handle._state.overlap_waves is True  # the default
         with pytest.raises(ValueError, match="overlap_waves='yes' must be True or False"):
             handle._state.overlap_waves = "yes"
-        assert handle._state.overlap_waves is False
     finally:
         handle.undo()
 

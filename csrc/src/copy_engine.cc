@@ -498,9 +498,9 @@ void CopyEngine::synchronize() {
   }
 }
 
-EngineStats CopyEngine::stats() {
+EngineStats CopyEngine::stats(bool wait_device) {
   std::lock_guard<std::mutex> lock(c_.mu_);
-  if (!closed_.load()) harvest_stalls_locked(true);
+  if (!closed_.load()) harvest_stalls_locked(wait_device);
   EngineStats s = stats_;
   s.queued = static_cast<std::int64_t>(queue_.size());
   return s;

@@ -102,7 +102,9 @@ class CopyEngine {
   void release(int layer, const std::int32_t* experts, std::int64_t n, StreamHandle stream);
   // Blocks until no copy is queued or in flight.
   void synchronize();
-  EngineStats stats();
+  // Counters so far. Device stalls are counted once the caller's stream has passed them;
+  // wait_device first waits until the newest timed wait is passed (blocks on the device).
+  EngineStats stats(bool wait_device = false);
   // Cancels queued copies, waits for the ones in flight, joins the workers. Idempotent.
   void close();
 
