@@ -298,6 +298,27 @@ PYBIND11_MODULE(_C, m) {
              }
              return slots;
            })
+      .def("acquire_deferred",
+           [](CopyEngine& e, std::int64_t layer, const Int64Array& experts, std::uintptr_t stream) {
+             std::vector<std::int32_t> ids = expert_ids(experts, "experts");
+             const int l = to_int(layer, "layer");
+             std::vector<std::int32_t> slots;
+             std::vector<std::uint8_t> pending;
+             {
+               py::gil_scoped_release nogil;
+               slots = e.acquire(l, ids.data(), static_cast<std::int64_t>(ids.size()), stream,
+                                 false, &pending);
+             }
+             std::vector<bool> flags(pending.begin(), pending.end());
+             return py::make_tuple(slots, flags);
+           })
+      .def("wait_ready",
+           [](CopyEngine& e, std::int64_t layer, const Int64Array& experts, std::uintptr_t stream) {
+             std::vector<std::int32_t> ids = expert_ids(experts, "experts");
+             const int l = to_int(layer, "layer");
+             py::gil_scoped_release nogil;
+             e.wait_ready(l, ids.data(), static_cast<std::int64_t>(ids.size()), stream);
+           })
       .def("release",
            [](CopyEngine& e, std::int64_t layer, const Int64Array& experts, std::uintptr_t stream) {
              std::vector<std::int32_t> ids = expert_ids(experts, "experts");

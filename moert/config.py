@@ -48,6 +48,9 @@ class OffloadConfig:
         overlap_waves: when a layer's experts outnumber the slots (prefill, big batches), stream
             them in waves of half the slots and prefetch wave i+1 while wave i computes (runtime
             backend; the reference and naive stores stream plain waves). Numbers never change.
+        deferred_waits: acquire a layer's experts without waiting for their copies, and wait for
+            each one right before it computes (on CUDA the compute stream waits per expert), so the
+            first experts compute while the later ones still copy (runtime backend).
     """
 
     cache_experts: int | float = 0.25
@@ -62,6 +65,7 @@ class OffloadConfig:
     max_overprovision: int = 4
     score_decay: float = 0.5
     overlap_waves: bool = True
+    deferred_waits: bool = True
 
     def __post_init__(self) -> None:
         ce = self.cache_experts
@@ -97,8 +101,9 @@ class OffloadConfig:
             raise ValueError(f"max_overprovision={mm!r} must be an int >= 0")
         if not (isinstance(self.score_decay, (int, float)) and 0.0 < self.score_decay <= 1.0):
             raise ValueError(f"score_decay={self.score_decay!r} must be in (0, 1]")
-        if not isinstance(self.overlap_waves, bool):
-            raise ValueError(f"overlap_waves={self.overlap_waves!r} must be True or False")
+        for name in ("overlap_waves", "deferred_waits"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r} must be True or False")
         if self.policy == "score" and self.predictor is None:
             raise ValueError(
                 "policy='score' orders eviction by a predictor's scores: pass predictor=PATH.safetensors "

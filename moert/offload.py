@@ -223,6 +223,16 @@ class RuntimeStore:
         slots = self.engine.acquire(layer, list(experts), stream=self._stream())
         return [self._views[s] for s in slots]
 
+    def acquire_deferred(
+        self, layer: int, experts: Sequence[int]
+    ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[bool]]:
+        """Pins and queues, waiting for nothing: ``(views, pending)`` (see ``CopyEngine.acquire_deferred``)."""
+        slots, pending = self.engine.acquire_deferred(layer, list(experts), stream=self._stream())
+        return [self._views[s] for s in slots], pending
+
+    def wait_ready(self, layer: int, experts: Sequence[int]) -> None:
+        self.engine.wait_ready(layer, list(experts), stream=self._stream())
+
     def release(self, layer: int, experts: Sequence[int]) -> None:
         self.engine.release(layer, list(experts), stream=self._stream())
 
@@ -275,6 +285,8 @@ class OffloadState:
         overlap_waves: a union larger than the cache streams in waves of at most half the slots, the
             next wave prefetched while the current one computes (needs a store with ``prefetch``;
             other stores stream full-cache waves without overlap). Settable later as the attribute.
+        deferred_waits: acquire pins and queues without waiting; each expert waits for its own copy
+            right before it computes, so compute overlaps the copies still running (runtime store).
 
     Raises:
         ValueError: ``overlap_waves`` is not a bool.
@@ -289,12 +301,17 @@ class OffloadState:
         num_experts: int,
         device: str,
         overlap_waves: bool = False,
+        deferred_waits: bool = False,
     ) -> None:
         self.pool, self.store, self.layout = pool, store, layout
         self.layer_ids = list(layer_ids)
         self.num_experts = num_experts
         self.device = device
         self.overlap_waves = overlap_waves
+        if not isinstance(deferred_waits, bool):
+            raise ValueError(f"deferred_waits={deferred_waits!r} must be True or False")
+        #: acquire without waiting, then wait for each expert right before it computes (runtime store)
+        self.deferred_waits = deferred_waits
         #: set by ``moert.prefetch.attach`` when a predictor runs (its ``observe`` scores each layer)
         self.prefetcher: Any = None
         self.reset_stats()
@@ -309,6 +326,11 @@ class OffloadState:
         if not isinstance(value, bool):
             raise ValueError(f"overlap_waves={value!r} must be True or False")
         self._overlap_waves = value
+
+    @property
+    def can_defer(self) -> bool:
+        """Whether the store can acquire without waiting (the runtime store)."""
+        return callable(getattr(self.store, "acquire_deferred", None))
 
     @property
     def can_prefetch(self) -> bool:
@@ -373,20 +395,29 @@ class OffloadState:
         self._layer[self.layer_ids[ordinal]]["calls"] += 1
 
     def acquire(
-        self, ordinal: int, experts: list[int], count_bytes: bool = True
-    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        self, ordinal: int, experts: list[int], count_bytes: bool = True, deferred: bool = False
+    ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[bool]]:
         """``store.acquire`` with per-layer hit/miss/byte/wave accounting and demand-stall timing.
 
         Args:
             ordinal: MoE layer.
             experts: (n,) distinct experts, n <= ``store.num_slots``.
             count_bytes: add the bytes loaded during the call to the layer's ``bytes_copied``; False
-                when the caller counts a wider window (overlapped waves: prefetch copies also run
-                between acquires, see ``bytes_loaded``).
+                when the caller counts a wider window (overlapped waves or deferred waits: copies
+                also run after the call, see ``bytes_loaded``).
+            deferred: ``store.acquire_deferred`` (needs ``can_defer``): wait for no copy; the caller
+                calls ``wait_ready`` for each pending expert before using it.
+
+        Returns:
+            ``(views, pending)``: per expert its ``(gate_up, down)`` slot views, and whether its copy
+            may still be running (always False without ``deferred``).
         """
         before = self.store.counters
         t0 = time.perf_counter()
-        views = self.store.acquire(ordinal, experts)
+        if deferred:
+            views, pending = self.store.acquire_deferred(ordinal, experts)
+        else:
+            views, pending = self.store.acquire(ordinal, experts), [False] * len(experts)
         dt = time.perf_counter() - t0
         after = self.store.counters
         rec = self._layer[self.layer_ids[ordinal]]
@@ -403,9 +434,18 @@ class OffloadState:
             stall = after.stall_s - before.stall_s
         else:
             stall = dt if misses else 0.0
-        rec["demand_stall_s"] += stall
-        self._stall += stall
-        return views
+        self._add_stall(ordinal, stall)
+        return views, pending
+
+    def wait_ready(self, ordinal: int, expert: int) -> None:
+        """``store.wait_ready`` of one expert of a deferred acquire; the host wait counts as stall."""
+        t0 = time.perf_counter()
+        self.store.wait_ready(ordinal, [expert])
+        self._add_stall(ordinal, time.perf_counter() - t0)
+
+    def _add_stall(self, ordinal: int, seconds: float) -> None:
+        self._layer[self.layer_ids[ordinal]]["demand_stall_s"] += seconds
+        self._stall += seconds
 
     def prefetch(self, ordinal: int, experts: list[int]) -> int:
         """``store.prefetch`` of a later wave of MoE layer ``ordinal``; counts the copies queued as the
@@ -495,20 +535,22 @@ class OffloadedLayer:
         overlap = state.overlap_waves and state.can_prefetch
         bounds = wave_bounds(len(union), state.store.num_slots, overlap)
         overlap = overlap and len(bounds) > 1
-        # Overlapped waves: prefetch copies also run between acquires, so the layer's bytes are counted
-        # from before the first acquire to after the last one (every wave prefetch is acquired by then).
-        bytes_before = state.bytes_loaded() if overlap else 0
+        deferred = state.deferred_waits and state.can_defer
+        # With overlapped waves prefetch copies run between acquires, and with deferred waits demand
+        # copies are issued after acquire returns: the layer's bytes are then counted from before its
+        # first acquire to after its last expert computed (every copy it waited for was issued by then).
+        window = overlap or deferred
+        bytes_before = state.bytes_loaded() if window else 0
         for i, (w0, w1) in enumerate(bounds):
             chunk = union[w0:w1]
-            views = state.acquire(self.ordinal, chunk, count_bytes=not overlap)
+            views, pending = state.acquire(self.ordinal, chunk, count_bytes=not window, deferred=deferred)
             try:
-                if overlap:
-                    if i + 1 < len(bounds):
-                        # after this wave is pinned (a prefetch never evicts it), before it computes
-                        state.prefetch(self.ordinal, union[bounds[i + 1][0] : bounds[i + 1][1]])
-                    else:
-                        state.count_bytes(self.ordinal, state.bytes_loaded() - bytes_before)
-                for e, (gate_up, down) in zip(chunk, views):
+                if overlap and i + 1 < len(bounds):
+                    # after this wave is pinned (a prefetch never evicts it), before it computes
+                    state.prefetch(self.ordinal, union[bounds[i + 1][0] : bounds[i + 1][1]])
+                for e, (gate_up, down), wait in zip(chunk, views, pending):
+                    if wait:  # deferred: this expert's copy may still run; the ones before it computed
+                        state.wait_ready(self.ordinal, e)
                     pos = order[starts[e] : starts[e] + counts[e]]  # flat (token, k) positions of expert e
                     x = hidden_states[pos // k].to(gate_up.dtype)  # [n, H]
                     h = torch.nn.functional.linear(x, gate_up)  # [n, 2I]
@@ -517,6 +559,8 @@ class OffloadedLayer:
                     buf[pos] = y * weights[pos].unsqueeze(-1)
             finally:
                 state.store.release(self.ordinal, chunk)
+        if window:
+            state.count_bytes(self.ordinal, state.bytes_loaded() - bytes_before)
         # Reduce over k in routing order, as transformers does: [T, k, H] -> [T, H]
         return buf.view(num_tokens, k, hidden).sum(dim=1).to(hidden_states.dtype)
 

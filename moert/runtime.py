@@ -438,6 +438,21 @@ class CopyEngine:
         """
         return self._c.acquire(int(layer), _expert_ids(experts), self._stream(stream))
 
+    def acquire_deferred(
+        self, layer: int, experts: Experts, stream: int | None = None
+    ) -> tuple[list[int], list[bool]]:
+        """Pins every expert and queues its copy, waiting for none: ``(slots, pending)``, one entry per
+        input position, ``pending[i]`` True where the copy was not complete at return. Call
+        ``wait_ready`` for a pending expert before reading its slot (experts one at a time, so the
+        compute of the first overlaps the copies of the rest); ``release`` as after ``acquire``."""
+        slots, pending = self._c.acquire_deferred(int(layer), _expert_ids(experts), self._stream(stream))
+        return list(slots), list(pending)
+
+    def wait_ready(self, layer: int, experts: Experts, stream: int | None = None) -> None:
+        """For experts pinned by ``acquire_deferred``: the CPU twin blocks until their copies are
+        complete; CUDA blocks the host until they are issued and makes ``stream`` wait on them."""
+        self._c.wait_ready(int(layer), _expert_ids(experts), self._stream(stream))
+
     def release(self, layer: int, experts: Experts, stream: int | None = None) -> None:
         """Records each slot's last use on ``stream`` and unpins it."""
         self._c.release(int(layer), _expert_ids(experts), self._stream(stream))

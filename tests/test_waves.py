@@ -197,13 +197,17 @@ def test_overlap_waves_must_be_a_bool():
         handle.undo()
 
 
-def test_race_model_prefills_slot_bytes_intact():
+@pytest.mark.parametrize("deferred", [False, True], ids=["waiting-acquire", "deferred-waits"])
+def test_race_model_prefills_slot_bytes_intact(deferred):
     """Four copy lanes, a 2k+1 slot cache, overlap on, prefills of 24 random prompts: every slot view
-    handed to the compute holds exactly its expert's pool bytes at acquire and still at release
-    (a wave prefetch never overwrites a pinned slot while its wave computes)."""
+    handed to the compute holds exactly its expert's pool bytes when it may be read (at acquire, or
+    with deferred waits after its own wait) and still at release (a wave prefetch never overwrites a
+    pinned slot while its wave computes)."""
     model = model_of("qwen3_moe-nonorm-sparse")
     k = model.config.num_experts_per_tok
-    handle = moert.patch(model, cache_experts=2 * k + 1, device="cpu", copy_streams=4)
+    handle = moert.patch(
+        model, cache_experts=2 * k + 1, device="cpu", copy_streams=4, deferred_waits=deferred
+    )
     state = handle._state
     state.overlap_waves = True
     layout, pool = state.layout, state.pool
@@ -219,29 +223,37 @@ def test_race_model_prefills_slot_bytes_intact():
         if not (torch.equal(gate_up, want_gu) and torch.equal(down, want_dn)):
             bad.append(f"{when}: (layer {layer}, expert {e}) slot bytes differ from the pool")
 
-    acquire, release = state.acquire, state.store.release
+    acquire, wait_ready, release = state.acquire, state.wait_ready, state.store.release
 
-    def checked_acquire(ordinal, experts, count_bytes=True):
-        views = acquire(ordinal, experts, count_bytes)
-        for e, v in zip(experts, views):
-            verify(ordinal, e, v, "acquire")
+    def checked_acquire(ordinal, experts, count_bytes=True, deferred=False):
+        views, pending = acquire(ordinal, experts, count_bytes, deferred)
+        for e, v, p in zip(experts, views, pending):
+            if not p:
+                verify(ordinal, e, v, "acquire")
             held[(ordinal, e)] = v
-        return views
+        return views, pending
+
+    def checked_wait_ready(ordinal, expert):
+        wait_ready(ordinal, expert)
+        verify(ordinal, expert, held[(ordinal, expert)], "wait_ready")
 
     def checked_release(layer, experts):
         for e in experts:
             verify(layer, e, held.pop((layer, e)), "release")
         release(layer, experts)
 
-    state.acquire = checked_acquire
-    state.store.release = checked_release
+    state.acquire, state.wait_ready, state.store.release = (
+        checked_acquire,
+        checked_wait_ready,
+        checked_release,
+    )
     try:
         with torch.no_grad():
             for seed in range(24):
                 model(prompt_ids(3, 16, vocab=model.config.vocab_size, seed=100 + seed))
         st = handle.stats()
     finally:
-        del state.acquire, state.store.release
+        del state.acquire, state.wait_ready, state.store.release
         handle.undo()
     assert not bad, f"{len(bad)} of {checks[0]} checks failed, first: {bad[:3]}"
     assert not held and checks[0] > 0

@@ -325,7 +325,8 @@ void CopyEngine::wait_predictions(std::uint64_t ticket) {
 }
 
 std::vector<std::int32_t> CopyEngine::acquire(int layer, const std::int32_t* experts,
-                                              std::int64_t n, StreamHandle stream) {
+                                              std::int64_t n, StreamHandle stream, bool wait,
+                                              std::vector<std::uint8_t>* pending) {
   const auto t0 = Clock::now();
   std::unique_lock<std::mutex> lk(c_.mu_);
   check_usable_locked("acquire");
@@ -356,8 +357,11 @@ std::vector<std::int32_t> CopyEngine::acquire(int layer, const std::int32_t* exp
   std::vector<std::uint32_t> gens(slots.size());
   for (std::size_t i = 0; i < slots.size(); ++i) gens[i] = c_.slots_[slots[i]].gen;
   const bool host_copies = backend_.device_index() < 0;
+  // The CPU twin's caller copies its own demand loads when it waits for them anyway (no hand-off
+  // to a worker thread); deferred waits hand them to the workers, to overlap the caller's compute.
+  const bool caller_copies = host_copies && wait;
   bool pushed = false;
-  if (!host_copies) {
+  if (!caller_copies) {
     for (int s : loads) {
       push_locked(0, s);
       pushed = true;
@@ -381,9 +385,19 @@ std::vector<std::int32_t> CopyEngine::acquire(int layer, const std::int32_t* exp
     }
     c_.cv_.notify_all();
   };
-  if (host_copies) {
-    // CPU twin: the caller would only sleep until a worker copied its demand loads, so it copies
-    // them itself (same states, events and counters as a worker; no hand-off between threads).
+  std::vector<std::int32_t> out(static_cast<std::size_t>(n));
+  for (std::int64_t i = 0; i < n; ++i) out[i] = c_.table_[c_.key_of(layer, experts[i])];
+  if (!wait) {
+    if (pending != nullptr) {
+      pending->assign(static_cast<std::size_t>(n), 0);
+      for (std::int64_t i = 0; i < n; ++i) {
+        (*pending)[i] = c_.slots_[out[i]].state != SlotState::kReady ? 1 : 0;
+      }
+    }
+    if (waited) stats_.demand_stall_s += seconds_since(t0);
+    return out;
+  }
+  if (caller_copies) {
     // Queued prefetches of this call's experts were promoted above and stay with the workers.
     for (std::size_t i = 0; i < loads.size(); ++i) {
       const int s = loads[i];
@@ -392,50 +406,84 @@ std::vector<std::int32_t> CopyEngine::acquire(int layer, const std::int32_t* exp
       waited = true;  // a demand stall: the caller's compute waited for this copy
     }
   }
-  const SlotState need = host_copies ? SlotState::kReady : SlotState::kIssued;
-  auto done = [&] {
-    for (int s : slots) {
-      if (c_.slots_[s].state < need) return false;
-    }
-    return true;
-  };
-  while (!done()) {
-    if (closed_.load() || !error_.empty() || c_.closed()) {
-      unpin_all();
-      check_usable_locked("acquire");
-      throw RuntimeFailure("CopyEngine.acquire: the engine was closed while waiting");
-    }
-    waited = true;
-    c_.cv_.wait(lk);
+  try {
+    waited = wait_slots_locked(lk, slots, host_copies ? SlotState::kReady : SlotState::kIssued) ||
+             waited;
+  } catch (...) {
+    unpin_all();
+    throw;
   }
-  std::vector<std::int32_t> out(static_cast<std::size_t>(n));
-  for (std::int64_t i = 0; i < n; ++i) out[i] = c_.table_[c_.key_of(layer, experts[i])];
   if (waited) stats_.demand_stall_s += seconds_since(t0);
   if (!host_copies) {
     try {
-      // Time the stream's wait only when a copy may still be running (a ready slot's event is
-      // long complete and costs the stream nothing).
-      bool pending = false;
-      for (int s : slots) pending = pending || c_.slots_[s].state != SlotState::kReady;
-      std::unique_ptr<Event> before, after;
-      if (pending && device_timing_) {
-        before = take_timing_event_locked();
-        after = take_timing_event_locked();
-        before->record(stream);
-      }
-      for (int s : slots) ready_[s]->wait(stream);
-      if (after) {
-        after->record(stream);
-        stall_marks_.emplace_back(std::move(before), std::move(after));
-        ++stats_.device_stall_waits;
-      }
-      harvest_stalls_locked(false);
+      stream_wait_locked(slots, stream);
     } catch (...) {
       unpin_all();
       throw;
     }
   }
   return out;
+}
+
+void CopyEngine::wait_ready(int layer, const std::int32_t* experts, std::int64_t n,
+                            StreamHandle stream) {
+  const auto t0 = Clock::now();
+  std::unique_lock<std::mutex> lk(c_.mu_);
+  check_usable_locked("wait_ready");
+  c_.check_layer(layer);
+  std::vector<std::int32_t> distinct, slots;
+  c_.distinct_locked(experts, n, false, &distinct);
+  for (int e : distinct) {
+    const int s = c_.table_[c_.key_of(layer, e)];
+    MOERT_CHECK(s >= 0 && c_.slots_[s].pins > 0, "wait_ready: (layer ", layer, ", expert ", e,
+                ") is not acquired; call acquire(..., wait=False) first");
+    slots.push_back(s);
+  }
+  const bool host_copies = backend_.device_index() < 0;
+  if (wait_slots_locked(lk, slots, host_copies ? SlotState::kReady : SlotState::kIssued)) {
+    stats_.demand_stall_s += seconds_since(t0);
+  }
+  if (!host_copies) stream_wait_locked(slots, stream);
+}
+
+bool CopyEngine::wait_slots_locked(std::unique_lock<std::mutex>& lk,
+                                   const std::vector<std::int32_t>& slots, SlotState need) {
+  auto done = [&] {
+    for (int s : slots) {
+      if (c_.slots_[s].state < need) return false;
+    }
+    return true;
+  };
+  bool waited = false;
+  while (!done()) {
+    if (closed_.load() || !error_.empty() || c_.closed()) {
+      check_usable_locked("acquire");
+      throw RuntimeFailure("CopyEngine.acquire: the engine was closed while waiting");
+    }
+    waited = true;
+    c_.cv_.wait(lk);
+  }
+  return waited;
+}
+
+void CopyEngine::stream_wait_locked(const std::vector<std::int32_t>& slots, StreamHandle stream) {
+  // Time the stream's wait only when a copy may still be running (a ready slot's event is long
+  // complete and costs the stream nothing).
+  bool pending = false;
+  for (int s : slots) pending = pending || c_.slots_[s].state != SlotState::kReady;
+  std::unique_ptr<Event> before, after;
+  if (pending && device_timing_) {
+    before = take_timing_event_locked();
+    after = take_timing_event_locked();
+    before->record(stream);
+  }
+  for (int s : slots) ready_[s]->wait(stream);
+  if (after) {
+    after->record(stream);
+    stall_marks_.emplace_back(std::move(before), std::move(after));
+    ++stats_.device_stall_waits;
+  }
+  harvest_stalls_locked(false);
 }
 
 std::unique_ptr<Event> CopyEngine::take_timing_event_locked() {

@@ -69,9 +69,23 @@ def _check_accounting(t: Setup) -> None:
     assert es["queued"] == 0 or es["stale_requests"] >= 0
 
 
+def _acquire(t: Setup, layer: int, ids: list[int], deferred: bool) -> list[int]:
+    """``acquire``, or ``acquire_deferred`` then ``wait_ready`` for each pending expert on its own
+    (the order a layer computes them in)."""
+    if not deferred:
+        return t.engine.acquire(layer, ids)
+    slots, pending = t.engine.acquire_deferred(layer, ids)
+    assert len(slots) == len(pending) == len(ids)
+    for e, p in zip(ids, pending):
+        if p:
+            t.engine.wait_ready(layer, [e])
+    return slots
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("policy", ["lru", "lfu"])
-def test_single_thread_decisions_match_reference(device, policy):
+@pytest.mark.parametrize("deferred", [False, True], ids=["acquire", "deferred"])
+def test_single_thread_decisions_match_reference(device, policy, deferred):
     rng = np.random.default_rng(11)
     t = Setup(3, 9, 1040, 6, device, policy)
     ref = RefCache(3, 9, 6, policy, slab_bytes=1040)
@@ -84,7 +98,7 @@ def test_single_thread_decisions_match_reference(device, policy):
                 t.engine.synchronize()
                 continue
             hits_before = t.cache.stats()["hits"]
-            slots = t.engine.acquire(layer, ids)
+            slots = _acquire(t, layer, ids, deferred)
             assert t.cache.stats()["hits"] - hits_before == ref.access(layer, ids), (
                 f"step {step}: {layer} {ids}"
             )
@@ -103,7 +117,8 @@ def test_single_thread_decisions_match_reference(device, policy):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("policy", ["lru", "lfu", "priority"])
-def test_threads_random_interleavings_zero_mismatches(device, policy):
+@pytest.mark.parametrize("deferred", [False, True], ids=["acquire", "deferred"])
+def test_threads_random_interleavings_zero_mismatches(device, policy, deferred):
     t = Setup(3, 12, 4112, 8, device, policy, lanes=3)
     errors: list[str] = []
     accessed = [0]
@@ -121,7 +136,7 @@ def test_threads_random_interleavings_zero_mismatches(device, policy):
                     t.cache.set_priority(layer, rng.integers(12, size=3), torch.randn(3))
                     continue
                 ids = rng.integers(12, size=int(rng.integers(1, 4))).tolist()
-                slots = t.engine.acquire(layer, ids)
+                slots = _acquire(t, layer, ids, deferred)
                 bad = t.mismatches(layer, ids, slots)
                 with lock:
                     errors.extend(bad)
@@ -328,5 +343,53 @@ def test_cuda_device_stall_times_the_streams_wait_for_demand_copies():
         t.engine.acquire(0, [0])  # resident and ready: no wait is timed
         t.engine.release(0, [0])
         assert t.engine.stats()["device_stall_waits"] == 1
+    finally:
+        t.close()
+
+
+def test_deferred_acquire_flags_pending_copies_and_checks_its_arguments():
+    t = Setup(2, 8, 1 << 20, 4, "cpu", lanes=2)
+    try:
+        t.engine.acquire(0, [1])
+        t.engine.release(0, [1])
+        slots, pending = t.engine.acquire_deferred(0, [1, 5, 6])
+        assert pending[0] is False  # resident and ready: nothing to wait for
+        t.engine.wait_ready(0, [5, 6])
+        assert not t.mismatches(0, [1, 5, 6], slots)
+        with pytest.raises(ValueError, match="\\(layer 0, expert 2\\) is not acquired"):
+            t.engine.wait_ready(0, [2])
+        t.engine.release(0, [1, 5, 6])
+        st = t.engine.stats()
+        assert st["demand_copies"] == 3 and st["acquires"] == 2
+        _check_accounting(t)
+    finally:
+        t.close()
+
+
+@pytest.mark.gpu
+def test_cuda_deferred_waits_order_each_expert_on_the_stream():
+    """Deferred acquire on CUDA: a side stream reads each slot right after its own wait_ready (no
+    host sync); every sum must be the expert's."""
+    slab = 8 << 20
+    t = Setup(2, 8, slab, 4, "cuda", lanes=2)
+    try:
+        want = {k: int(v.sum(dtype=torch.int64)) for k, v in t.expected.items()}
+        side = torch.cuda.Stream()
+        sums = []
+        with torch.cuda.stream(side):
+            for i in range(40):
+                layer, ids = i % 2, [i % 8, (i + 3) % 8, (i + 5) % 8]
+                slots, pending = t.engine.acquire_deferred(layer, ids)
+                for e, s, p in zip(ids, slots, pending):
+                    if p:
+                        t.engine.wait_ready(layer, [e])
+                    sums.append(
+                        ((layer, e), t.cache.slot_view(s, torch.uint8, (slab,)).sum(dtype=torch.int64))
+                    )
+                t.engine.release(layer, ids)
+        torch.cuda.synchronize()
+        bad = [(k, int(v), want[k]) for k, v in sums if int(v) != want[k]]
+        assert not bad, f"{len(bad)} wrong sums, first: {bad[:3]}"
+        _check_accounting(t)
     finally:
         t.close()

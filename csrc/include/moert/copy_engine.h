@@ -96,9 +96,19 @@ class CopyEngine {
                               std::int64_t n_clear, float clear_score, StreamHandle stream);
   std::uint64_t predictions_done();
   void wait_predictions(std::uint64_t ticket);
-  // One slot per input position (duplicates map to the same slot).
+  // One slot per input position (duplicates map to the same slot). With wait=false (deferred
+  // waits) acquire returns once every expert is pinned and its copy queued: nothing waits for the
+  // copies, the CPU twin's demand loads go to the workers too, and `pending` (when given) gets, per
+  // input position, 1 where the copy was not complete at return. The caller calls wait_ready for
+  // those before reading them, one at a time if it likes, so compute on the first experts overlaps
+  // the copies of the later ones.
   std::vector<std::int32_t> acquire(int layer, const std::int32_t* experts, std::int64_t n,
-                                    StreamHandle stream);
+                                    StreamHandle stream, bool wait = true,
+                                    std::vector<std::uint8_t>* pending = nullptr);
+  // For experts acquired (pinned) by a deferred acquire: the CPU twin blocks until their copies are
+  // complete; CUDA blocks the host until they are issued and makes `stream` wait on their ready
+  // events (timed, as in acquire). Host waits count in demand_stall_s.
+  void wait_ready(int layer, const std::int32_t* experts, std::int64_t n, StreamHandle stream);
   void release(int layer, const std::int32_t* experts, std::int64_t n, StreamHandle stream);
   // Blocks until no copy is queued or in flight.
   void synchronize();
@@ -151,6 +161,13 @@ class CopyEngine {
   // stats() then counts every acquire so far).
   void harvest_stalls_locked(bool block);
   std::unique_ptr<Event> take_timing_event_locked();
+  // Blocks (cache lock released while waiting) until every slot reaches `need`; throws, unpinning
+  // nothing, when the engine closes or a copy fails meanwhile. Returns whether it waited.
+  bool wait_slots_locked(std::unique_lock<std::mutex>& lk, const std::vector<std::int32_t>& slots,
+                         SlotState need);
+  // Makes `stream` wait on the slots' ready events (CUDA), timing the wait when a copy may still
+  // run (device_stall_s).
+  void stream_wait_locked(const std::vector<std::int32_t>& slots, StreamHandle stream);
   void push_locked(int cls, int slot);
   bool pending_locked() const;
 
