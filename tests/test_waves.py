@@ -116,7 +116,13 @@ def test_prefill_overlapped_waves_exact_and_counted(name):
     full, _, _, _, _ = prefill(model, prompt, False, cache_experts=1.0)
     plain, st_p, unions, slots, slab = prefill(model, prompt, False, cache_experts=k + 2)
     ovl, st_o, unions_o, _, _ = prefill(model, prompt, True, cache_experts=k + 2)
+    # overlapped waves with deferred waits (the CUDA default): each expert waits for its own copy
+    dfr, st_d, _, _, _ = prefill(model, prompt, True, cache_experts=k + 2, deferred_waits=True)
     assert unions == unions_o  # the same routing
+    assert_identical(f"{name} overlapped waves with deferred waits vs all-resident", dfr, full)
+    key = lambda st: (st.hits, st.misses, st.prefetches, st.prefetch_hits, st.bytes_copied)  # noqa: E731
+    assert key(st_d) == key(st_o), (st_d, st_o)  # decisions are made at pin time, in program order
+    assert st_d.bytes_copied == sum(v.bytes_copied for v in st_d.per_layer.values()), st_d
     err = ((full - ref).abs().max() / ref.abs().max()).item()
     assert err <= 1e-5, f"{name}: all-resident vs unpatched relative error {err:.3e}"
     assert_identical(f"{name} plain waves vs all-resident", plain, full)
@@ -188,9 +194,12 @@ def test_overlap_waves_must_be_a_bool():
     model = model_of("phimoe")
     with pytest.raises(ValueError, match="overlap_waves='yes' must be True or False"):
         moert.patch(model, cache_experts=4, device="cpu", overlap_waves="yes")
+    with pytest.raises(ValueError, match="deferred_waits='yes' must be True, False or None"):
+        moert.patch(model, cache_experts=4, device="cpu", deferred_waits="yes")
     handle = moert.patch(model, cache_experts=4, device="cpu")
     try:
         assert handle._state.overlap_waves is True  # the default
+        assert handle._state.deferred_waits is False  # auto: off on the CPU twin, on for CUDA
         with pytest.raises(ValueError, match="overlap_waves='yes' must be True or False"):
             handle._state.overlap_waves = "yes"
     finally:
