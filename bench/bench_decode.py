@@ -163,6 +163,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for frac in args.fractions
         for pol in args.policies
     ]
+    # acquire waiting for every copy (deferred waits off) at the middle cache size: one run shows
+    # what waiting per expert (the default) costs or saves here
+    mid = sorted(args.fractions)[len(args.fractions) // 2]
+    configs.append(
+        (f"moert {mid:g} lru, deferred waits off", mid, "lru", "runtime", dict(deferred_waits=False))
+    )
     if args.predictor_fractions:
         t0 = time.perf_counter()
         preds = train_predictors(model, args.seed, (0, 1))

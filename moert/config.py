@@ -50,9 +50,8 @@ class OffloadConfig:
             backend; the reference and naive stores stream plain waves). Numbers never change.
         deferred_waits: acquire a layer's experts without waiting for their copies, and wait for
             each one right before it computes (on CUDA the compute stream waits per expert), so the
-            first experts compute while the later ones still copy (runtime backend). None (default):
-            on for CUDA; off for the CPU twin, where the caller copies its own demand loads instead
-            (handing them to worker threads measured ~5% slower decode on 2 cores).
+            first experts compute while the later ones still copy (runtime backend). False: acquire
+            waits for every copy of the wave (the CPU twin's caller then copies its own demand loads).
     """
 
     cache_experts: int | float = 0.25
@@ -67,7 +66,7 @@ class OffloadConfig:
     max_overprovision: int = 4
     score_decay: float = 0.5
     overlap_waves: bool = True
-    deferred_waits: bool | None = None
+    deferred_waits: bool = True
 
     def __post_init__(self) -> None:
         ce = self.cache_experts
@@ -105,8 +104,8 @@ class OffloadConfig:
             raise ValueError(f"score_decay={self.score_decay!r} must be in (0, 1]")
         if not isinstance(self.overlap_waves, bool):
             raise ValueError(f"overlap_waves={self.overlap_waves!r} must be True or False")
-        if self.deferred_waits is not None and not isinstance(self.deferred_waits, bool):
-            raise ValueError(f"deferred_waits={self.deferred_waits!r} must be True, False or None (auto)")
+        if not isinstance(self.deferred_waits, bool):
+            raise ValueError(f"deferred_waits={self.deferred_waits!r} must be True or False")
         if self.policy == "score" and self.predictor is None:
             raise ValueError(
                 "policy='score' orders eviction by a predictor's scores: pass predictor=PATH.safetensors "

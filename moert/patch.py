@@ -392,7 +392,7 @@ def install(
         adapter.num_experts,
         device,
         overlap_waves=cfg.overlap_waves,
-        deferred_waits=cfg.deferred_waits if cfg.deferred_waits is not None else device == "cuda",
+        deferred_waits=cfg.deferred_waits,
     )
     released = []
     for ordinal, ref in enumerate(refs):
