@@ -17,7 +17,10 @@ and prefetchers with lookahead, which prefetch into layers other than the access
 A :class:`CostModel` turns the counts into bytes per token and predicted tokens/s (DESIGN.md §1):
 bytes per token ``B = ((1 - h) + w) * k * L * S`` gives the bandwidth ceiling ``BW / B``; the
 prediction adds compute: prefetched bytes hide behind the layers' compute, demand bytes stall,
-``t_token = max(L * t_layer, B_prefetch / BW) + B_demand / BW``.
+``t_token = max(L * t_layer, B_prefetch / BW) + B_demand / BW``. With ``CostModel.cpu_expert_ms`` set
+(heterogeneous mode, DESIGN.md §7) each run also counts the demand misses of every (token, layer) step
+(from the replay's hits per step; not counted otherwise), and each row adds the prediction when some of
+a step's misses are computed on the host CPU instead of copied (:func:`cpu_split`).
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ import numpy as np
 from moert.policy import EvictionPolicy, Predictions, Prefetcher, get_eviction_policy, get_prefetcher
 from moert.trace import SequenceTrace, Trace, TraceMeta
 
-__all__ = ["CostModel", "PolicySpec", "SimConfig", "num_slots", "parse_policies", "simulate"]
+__all__ = ["CostModel", "PolicySpec", "SimConfig", "cpu_split", "num_slots", "parse_policies", "simulate"]
 
 MODES = ("per-layer", "global")
 
@@ -42,6 +45,32 @@ MODES = ("per-layer", "global")
 class CostModel:
     """Turns simulated traffic into time. Defaults: DeepSeek-V2-Lite on PCIe Gen4, batch 1 decode.
 
+    Copy only (the default): ``t_token = max(L * t_layer, B_prefetch / BW) + B_demand / BW``.
+
+    Heterogeneous (``cpu_expert_ms`` set; DESIGN.md §7, the MoE-SpAc / Fiddler mode): at each (token,
+    MoE layer) step with ``n`` demand misses, ``c`` of them are computed on the host CPU from the pool
+    (the activation row goes to the host, the experts run there, the result comes back) while the other
+    ``n - c`` are copied; the step stalls for ``min over c of max(c * t_cpu + t_act, (n - c) * t_copy)``
+    (``t_act`` only when ``c > 0``; ``t_copy = S / BW``), and ``t_token = max(L * t_layer, B_prefetch /
+    BW) + (sum of those stalls) / tokens``. ``c = 0`` is always allowed, so it is never slower than
+    copy only. See :func:`cpu_split`.
+
+    What the heterogeneous model assumes and leaves out:
+
+    - the cache evolves as in the copy-only replay: an expert computed on the CPU is treated, for later
+      accesses, as if it had been loaded (its copy is neither made nor charged). This is optimistic for
+      the heterogeneous rows; a runtime that never caches CPU-computed experts has fewer later hits;
+    - batch 1: one token's row per step; the CPU computes the ``c`` experts one after another
+      (``c * t_cpu``); computing several tokens' rows of one expert in a batch (prefill, batch > 1,
+      speculative verify) is not modelled;
+    - no contention: the CPU's reads of the pool and the copy engine's DMA reads of the same host memory
+      are assumed not to slow each other, and the GPU's own compute of the resident experts is assumed
+      not to shrink when some experts move to the CPU;
+    - one activation round trip per step (``t_act``: the row to the host and the weighted sum of the
+      ``c`` outputs back), whatever ``c`` is;
+    - prefetches are unchanged (they hide behind compute as in copy only); a CPU expert never replaces
+      one.
+
     Attributes:
         expert_bytes: bytes of one routed expert (DeepSeek-V2-Lite bf16 gate+up+down: 3 * 2048 * 1408 * 2
             = 17.3 MB).
@@ -49,20 +78,48 @@ class CostModel:
         layer_compute_ms: GPU time of one MoE decoder layer at batch 1 with every expert resident.
             Assumption, to be calibrated from bench/: decode is memory-bound, ~2.4 B active
             parameters (bf16) over 27 layers at ~1 TB/s is ~0.18 ms; we use 0.2 ms.
+        cpu_expert_ms: host CPU time of one expert for one token, reading its weights from the pool
+            (measure it with ``bench/bench_cpu_expert.py``); None (default) = heterogeneous off.
+        activation_us: round trip of one activation row between device and host, µs (default 20).
     """
 
     expert_bytes: int = 3 * 2048 * 1408 * 2
     bandwidth_gbs: float = 25.0
     layer_compute_ms: float = 0.2
+    cpu_expert_ms: float | None = None
+    activation_us: float = 20.0
 
     def __post_init__(self) -> None:
         if self.expert_bytes <= 0 or self.bandwidth_gbs <= 0 or self.layer_compute_ms < 0:
             raise ValueError(f"CostModel values must be positive, got {self}")
+        if self.cpu_expert_ms is not None and not (
+            math.isfinite(self.cpu_expert_ms) and self.cpu_expert_ms > 0
+        ):
+            raise ValueError(
+                f"cpu_expert_ms={self.cpu_expert_ms!r} must be a positive number of milliseconds (one "
+                "expert, one token, on the host CPU; measure it with bench/bench_cpu_expert.py), or None "
+                "to turn the CPU path off"
+            )
+        if not (math.isfinite(self.activation_us) and self.activation_us >= 0):
+            raise ValueError(
+                f"activation_us={self.activation_us!r} must be a finite number of microseconds >= 0 (the "
+                "activation row's round trip to the host; e.g. 20)"
+            )
+
+    @property
+    def heterogeneous(self) -> bool:
+        """Whether misses may be computed on the CPU (``cpu_expert_ms`` is set)."""
+        return self.cpu_expert_ms is not None
+
+    @property
+    def copy_s(self) -> float:
+        """Seconds to copy one expert host-to-device: ``expert_bytes / BW``."""
+        return self.expert_bytes / (self.bandwidth_gbs * 1e9)
 
     def predict(
         self, demand_bytes_per_token: float, prefetch_bytes_per_token: float, num_layers: int
     ) -> dict:
-        """Seconds per token and tokens/s for the given traffic per token.
+        """Seconds per token and tokens/s for the given traffic per token (copy only).
 
         Returns:
             ``{"ceiling_tok_s", "predicted_tok_s", "resident_tok_s", "token_ms"}``: the bandwidth
@@ -79,6 +136,81 @@ class CostModel:
             "resident_tok_s": 1.0 / compute if compute > 0 else None,
             "token_ms": t * 1e3,
         }
+
+    def predict_heterogeneous(
+        self, misses_per_step: np.ndarray, tokens: int, prefetch_bytes_per_token: float, num_layers: int
+    ) -> dict:
+        """The heterogeneous prediction from how many steps had each number of demand misses.
+
+        Args:
+            misses_per_step: (n_max + 1,) int histogram: entry ``n`` = the (token, layer) steps with
+                ``n`` demand misses.
+            tokens: tokens replayed.
+            prefetch_bytes_per_token: bytes prefetched per token (unchanged by the CPU path).
+            num_layers: MoE layers L.
+
+        Returns:
+            ``{"cpu_predicted_tok_s", "cpu_token_ms", "cpu_misses", "cpu_miss_share",
+            "cpu_experts_per_token", "cpu_bytes_saved", "cpu_bytes_saved_per_token"}``: tok/s with the
+            CPU path, the misses computed on the CPU (count and share of all demand misses), and the
+            demand bytes they keep off PCIe.
+        """
+        if not self.heterogeneous:
+            raise ValueError("predict_heterogeneous needs cpu_expert_ms; set CostModel(cpu_expert_ms=...)")
+        hist = np.asarray(misses_per_step, dtype=np.int64)
+        n = np.arange(hist.size)
+        c, step_s = cpu_split(n, self.cpu_expert_ms * 1e-3, self.copy_s, self.activation_us * 1e-6)
+        tokens = max(int(tokens), 1)
+        compute = num_layers * self.layer_compute_ms * 1e-3
+        stall = float((hist * step_s).sum()) / tokens
+        t = max(compute, prefetch_bytes_per_token / (self.bandwidth_gbs * 1e9)) + stall
+        on_cpu, misses = int((hist * c).sum()), int((hist * n).sum())
+        return {
+            "cpu_predicted_tok_s": 1.0 / t if t > 0 else None,
+            "cpu_token_ms": t * 1e3,
+            "cpu_misses": on_cpu,
+            "cpu_miss_share": on_cpu / misses if misses else 0.0,
+            "cpu_experts_per_token": on_cpu / tokens,
+            "cpu_bytes_saved": on_cpu * self.expert_bytes,
+            "cpu_bytes_saved_per_token": on_cpu * self.expert_bytes / tokens,
+        }
+
+
+def cpu_split(
+    n: np.ndarray | int, cpu_s: float, copy_s: float, activation_s: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """The split of one step's ``n`` demand misses between the CPU and the copy engine.
+
+    Minimises ``T(c) = max(c * cpu_s + activation_s, (n - c) * copy_s)`` over ``1 <= c <= n`` and
+    ``T(0) = n * copy_s``. On ``c >= 1`` the first term rises and the second falls, so the best
+    integer sits next to where they cross, ``c* = (n * copy_s - activation_s) / (cpu_s + copy_s)``;
+    the integers around it (and 0) are compared, ties going to the fewest CPU experts.
+
+    Args:
+        n: () or (S,) int demand misses of each step, >= 0.
+        cpu_s: seconds of one expert on the CPU, > 0.
+        copy_s: seconds of one expert's copy, > 0.
+        activation_s: seconds of the activation round trip, >= 0 (paid once per step that uses the CPU).
+
+    Returns:
+        ``(c, seconds)``: (S,) int64 experts computed on the CPU and (S,) float64 step stall.
+    """
+    n = np.atleast_1d(np.asarray(n, dtype=np.int64))
+    if cpu_s <= 0 or copy_s <= 0 or activation_s < 0 or (n < 0).any():
+        raise ValueError(
+            f"cpu_split: cpu_s={cpu_s}, copy_s={copy_s} must be > 0, activation_s={activation_s} >= 0 and "
+            f"n >= 0 (min {n.min() if n.size else 0})"
+        )
+    cross = np.floor((n * copy_s - activation_s) / (cpu_s + copy_s)).astype(np.int64)  # [S]
+    best_c = np.zeros_like(n)
+    best_t = n * copy_s
+    for d in (-1, 0, 1, 2):  # floor(c*) +- rounding; the argmin is floor(c*) or floor(c*) + 1
+        c = np.clip(cross + d, 1, np.maximum(n, 1))
+        t = np.maximum(c * cpu_s + activation_s, (n - c) * copy_s)
+        better = (n > 0) & ((t < best_t) | ((t == best_t) & (c < best_c)))
+        best_c = np.where(better, c, best_c)
+        best_t = np.where(better, t, best_t)
+    return best_c, best_t.astype(np.float64)
 
 
 @dataclass(frozen=True)
@@ -203,6 +335,10 @@ class _Run:
         self.accesses = np.zeros(self.L, dtype=np.int64)
         self.tokens = 0
         self.seconds = 0.0
+        #: heterogeneous cost model: count the demand misses of every (token, layer) step
+        self.count_steps = cost.heterogeneous
+        #: entry n = the steps with n demand misses (grown as needed)
+        self.misses_per_step = np.zeros(0, dtype=np.int64)
 
     def feed(
         self,
@@ -218,14 +354,15 @@ class _Run:
         T = experts.shape[1]
         self.tokens += T
         self.accesses += (experts >= 0).sum(axis=(1, 2))
+        distinct = _distinct_counts(experts) if self.count_steps else None  # [L, T]
         if self.stepwise:
             if predictions is None:
                 raise RuntimeError(
                     f"{self.spec.label}: a step-by-step replay needs the prefetcher's predictions"
                 )
-            self._steps(experts, access_prio, token_prio, predictions)
+            self._steps(experts, access_prio, token_prio, predictions, distinct)
         elif token_prio is None:
-            self._replay(experts, access_prio, prefetch)
+            self._replay(experts, access_prio, prefetch, distinct)
         else:
             # Scores change only when the policy's prediction does: set them, then replay every
             # token up to the next change in one C++ call (setting equal scores again is a no-op).
@@ -243,6 +380,7 @@ class _Run:
                     experts[:, a:b],
                     None if access_prio is None else access_prio[:, a:b],
                     None if prefetch is None else prefetch[:, a:b],
+                    None if distinct is None else distinct[:, a:b],
                 )
         self.seconds += time.perf_counter() - start
 
@@ -256,15 +394,18 @@ class _Run:
         access_prio: np.ndarray | None,
         token_prio: np.ndarray | None,
         pred: Predictions,
+        distinct: np.ndarray | None = None,
     ) -> None:
         """Access by access, token-major: before each access the prediction is applied as the copy
-        engine applies one (clear, scores, then each row's prefetch, own layer first), then the access."""
+        engine applies one (clear, scores, then each row's prefetch, own layer first), then the access.
+        ``distinct`` (L, T): distinct experts of each step, given when misses per step are counted."""
         L, T = experts.shape[0], experts.shape[1]
         if pred.ids.shape[:2] != (T, L):
             raise RuntimeError(f"predictions for {pred.ids.shape[:2]} (T, L) steps, experts for {(T, L)}")
         all_ids = np.arange(self.E, dtype=np.int64)
         n = pred.ids.shape[2]
         scored = self.predictor_scores
+        step_hits = np.zeros((L, T), dtype=np.int64)  # [L, T]
         for t in range(T):
             if token_prio is not None:
                 for layer in range(L):
@@ -289,14 +430,30 @@ class _Run:
                 cache, cl = self._cache(layer)
                 ex = experts[layer, t]
                 valid = ex >= 0
-                self.hits[layer] += cache.sim_access(cl, ex[valid])
+                h = cache.sim_access(cl, ex[valid])
+                self.hits[layer] += h
+                step_hits[layer, t] = h
                 if access_prio is not None:
                     cache.set_priority(cl, ex[valid], access_prio[layer, t][valid])
+        if distinct is not None:
+            self._count_misses(distinct - step_hits)
+
+    def _count_misses(self, misses: np.ndarray) -> None:
+        """Adds demand misses per step (any shape, >= 0) to the histogram ``misses_per_step``."""
+        hist = np.bincount(misses.ravel().astype(np.int64))
+        if hist.size > self.misses_per_step.size:
+            self.misses_per_step = np.pad(self.misses_per_step, (0, hist.size - self.misses_per_step.size))
+        self.misses_per_step[: hist.size] += hist
 
     def _replay(
-        self, experts: np.ndarray, access_prio: np.ndarray | None, prefetch: np.ndarray | None
+        self,
+        experts: np.ndarray,
+        access_prio: np.ndarray | None,
+        prefetch: np.ndarray | None,
+        distinct: np.ndarray | None = None,
     ) -> None:
-        """One C++ replay per cache over (L, T, .) slices, token-major."""
+        """One C++ replay per cache over (L, T, .) slices, token-major; ``distinct`` (L, T): distinct
+        experts of each step, given when misses per step are counted."""
         T = experts.shape[1]
         if self.mode == "per-layer":
             zeros = np.zeros(T, dtype=np.int32)
@@ -307,7 +464,10 @@ class _Run:
                     prefetch=None if prefetch is None else prefetch[layer],
                     priorities=None if access_prio is None else access_prio[layer],
                 )
-                self.hits[layer] += int(np.asarray(out["hits_per_step"]).sum())
+                hits = out["hits_per_step"].numpy()  # [T]
+                self.hits[layer] += int(hits.sum())
+                if distinct is not None:
+                    self._count_misses(distinct[layer] - hits)
         else:
             layers = np.tile(np.arange(self.L, dtype=np.int32), T)  # [T*L] token-major
             out = self.caches[0].replay(
@@ -316,7 +476,10 @@ class _Run:
                 prefetch=None if prefetch is None else _token_major(prefetch),
                 priorities=None if access_prio is None else _token_major(access_prio),
             )
-            self.hits += np.asarray(out["hits_per_step"]).reshape(T, self.L).sum(0)
+            hits = out["hits_per_step"].numpy().reshape(T, self.L)  # [T, L]
+            self.hits += hits.sum(0)
+            if distinct is not None:
+                self._count_misses(distinct.T - hits)
 
     def result(self, cost: CostModel) -> dict:
         stats: dict[str, int] = {}
@@ -355,11 +518,22 @@ class _Run:
             "accesses_per_s": accesses / self.seconds if self.seconds > 0 else None,
         }
         row.update(cost.predict(demand_bpt, prefetch_bpt, self.L))
+        if self.count_steps:
+            row["demand_misses_per_step"] = self.misses_per_step.tolist()
+            row.update(cost.predict_heterogeneous(self.misses_per_step, self.tokens, prefetch_bpt, self.L))
         return row
 
     def close(self) -> None:
         for cache in self.caches:
             cache.close()
+
+
+def _distinct_counts(experts: np.ndarray) -> np.ndarray:
+    """(L, T, k) expert ids (-1 pads) -> (L, T) int64 distinct valid ids per step (the cache's accesses)."""
+    s = np.sort(experts, axis=-1)
+    new = s >= 0  # [L, T, k]
+    new[..., 1:] &= s[..., 1:] != s[..., :-1]
+    return new.sum(axis=-1, dtype=np.int64)
 
 
 def _token_major(a: np.ndarray) -> np.ndarray:
@@ -516,4 +690,34 @@ def result_table(report: dict) -> str:
         hit = [f"{by_cap[c]['hit_rate']:.3f}" if c in by_cap else "" for c in caps]
         tok = [f"{by_cap[c]['predicted_tok_s']:.1f}" if c in by_cap else "" for c in caps]
         lines.append("| " + " | ".join([policy, *hit, *tok]) + " |")
+    if any("cpu_predicted_tok_s" in r for r in report["results"]):
+        lines += ["", heterogeneous_table(report).rstrip("\n")]
+    return "\n".join(lines) + "\n"
+
+
+def heterogeneous_table(report: dict) -> str:
+    """Markdown: per policy and capacity, tok/s copy only and with CPU experts, the share of demand misses
+    computed on the CPU and the demand MB per token kept off PCIe."""
+    caps = report["config"]["capacities"]
+    rows: dict[str, dict[float, dict]] = {}
+    for r in report["results"]:
+        if "cpu_predicted_tok_s" in r:
+            rows.setdefault(r["policy"], {})[r["capacity"]] = r
+    head = ["policy"]
+    for what in ("tok/s copy", "tok/s +CPU", "misses on CPU", "MB/token saved"):
+        head += [f"{what} @{c:g}" for c in caps]
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+
+    def cell(r: dict | None, key: str, fmt: str) -> str:
+        return "" if r is None or r.get(key) is None else format(r[key], fmt)
+
+    for policy, by_cap in rows.items():
+        cells = [policy]
+        cells += [cell(by_cap.get(c), "predicted_tok_s", ".1f") for c in caps]
+        cells += [cell(by_cap.get(c), "cpu_predicted_tok_s", ".1f") for c in caps]
+        cells += [cell(by_cap.get(c), "cpu_miss_share", ".1%") for c in caps]
+        cells += [
+            "" if c not in by_cap else f"{by_cap[c]['cpu_bytes_saved_per_token'] / 1e6:.0f}" for c in caps
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

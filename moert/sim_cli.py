@@ -9,10 +9,16 @@ Usage::
                    [--score-decay 0.5] [--threshold 0.3] [--max-overprovision 4]
                    [--split auto|test|all] [--json OUT.json] [--plot OUT.png] [--markdown OUT.md]
                    [--expert-mb 17.3] [--bandwidth-gbs 25] [--layer-compute-ms 0.2]
+                   [--cpu-expert-ms X [--activation-us 20]]
 
 Policy ``score`` is the runtime's predictor-score eviction (``moert.policy.score``): it needs a
 prefetcher that gives scores (a trained predictor, ``prev-token`` or ``frequency``), whose
 predictions are made by the runtime's own hook, so ``score+P`` and ``lru+P`` prefetch the same ids.
+
+``--cpu-expert-ms X`` adds the heterogeneous prediction (DESIGN.md §7): a step's demand misses are split
+between the host CPU (X ms per expert per token, plus one activation round trip) and the copy engine so
+that the step's stall is smallest (``moert.sim.CostModel``). Calibrate X on your host with
+``python bench/bench_cpu_expert.py``.
 """
 
 from __future__ import annotations
@@ -31,6 +37,32 @@ def _floats(text: str) -> tuple[float, ...]:
         return tuple(float(x) for x in text.split(",") if x.strip())
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
+
+
+def _positive_ms(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a CPU time: give the host CPU's time for one expert and one token in ms, a "
+            "number > 0 (e.g. 2.5); measure it with `python bench/bench_cpu_expert.py`"
+        )
+    return value
+
+
+def _activation_us(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a round-trip time: give the activation row's device-host round trip in µs, a number "
+            ">= 0 (default 20)"
+        )
+    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -118,6 +150,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=d.layer_compute_ms,
         help="compute per MoE layer, ms (default 0.2)",
     )
+    parser.add_argument(
+        "--cpu-expert-ms",
+        type=_positive_ms,
+        default=None,
+        help="heterogeneous mode: host CPU time of one expert for one token, ms, read from the host pool "
+        "(calibrate with bench/bench_cpu_expert.py). Each step's demand misses are then split between the "
+        "CPU and PCIe copies to minimise the stall; rows add tok/s with CPU experts, the share of misses "
+        "computed on the CPU and the bytes kept off PCIe (default: off)",
+    )
+    parser.add_argument(
+        "--activation-us",
+        type=_activation_us,
+        default=None,
+        help=f"with --cpu-expert-ms: the activation row's round trip device->host->device, µs "
+        f"(default {d.activation_us:g})",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -140,17 +188,32 @@ def plot(report: dict, out: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    by_policy: dict[str, list[tuple[float, float]]] = {}
+    hetero = any("cpu_predicted_tok_s" in r for r in report["results"])
+    fig, axes = plt.subplots(1, 2 if hetero else 1, figsize=(12 if hetero else 6, 4), squeeze=False)
+    ax = axes[0, 0]
+    by_policy: dict[str, list[dict]] = {}
     for r in report["results"]:
-        by_policy.setdefault(r["policy"], []).append((r["capacity"], r["hit_rate"]))
-    for policy, points in by_policy.items():
-        points.sort()
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=policy)
+        by_policy.setdefault(r["policy"], []).append(r)
+    xlabel = f"cache capacity (fraction of {'one layer' if report['config']['mode'] == 'per-layer' else 'all'} experts)"
+    for policy, rows in by_policy.items():
+        rows.sort(key=lambda r: r["capacity"])
+        caps = [r["capacity"] for r in rows]
+        line = ax.plot(caps, [r["hit_rate"] for r in rows], marker="o", label=policy)[0]
+        if hetero:
+            tok = axes[0, 1]
+            tok.plot(
+                caps, [r["predicted_tok_s"] for r in rows], marker="o", color=line.get_color(), label=policy
+            )
+            tok.plot(
+                caps,
+                [r["cpu_predicted_tok_s"] for r in rows],
+                marker="s",
+                linestyle="--",
+                color=line.get_color(),
+                label=f"{policy} +CPU experts",
+            )
     meta = report["trace"]
-    ax.set_xlabel(
-        f"cache capacity (fraction of {'one layer' if report['config']['mode'] == 'per-layer' else 'all'} experts)"
-    )
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("hit rate")
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
@@ -158,6 +221,19 @@ def plot(report: dict, out: str) -> None:
         f"{meta['model_type']}: {meta['num_sequences']} seqs, {meta['num_tokens']} tokens, {report['config']['mode']}"
     )
     ax.legend()
+    if hetero:
+        cost = report["config"]["cost_model"]
+        tok = axes[0, 1]
+        tok.set_xlabel(xlabel)
+        tok.set_ylabel("predicted decode tok/s")
+        tok.set_ylim(bottom=0)
+        tok.grid(alpha=0.3)
+        tok.set_title(
+            f"copy only (solid) vs CPU experts (dashed): {cost['cpu_expert_ms']:g} ms/expert, "
+            f"{cost['activation_us']:g} µs activation",
+            fontsize=9,
+        )
+        tok.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     plt.close(fig)
@@ -175,6 +251,7 @@ def markdown(report: dict) -> str:
         f"E={meta['num_experts']}, k={meta['top_k']}; caches: {cfg['mode']}.",
         f"Cost model: expert {cost['expert_bytes'] / 1e6:.1f} MB, {cost['bandwidth_gbs']:g} GB/s, "
         f"{cost['layer_compute_ms']:g} ms compute per MoE layer (tok/s = predicted decode speed).",
+        *_heterogeneous_note(cost),
         "",
         result_table(report),
         f"device: {env['device']}; torch {env['torch']}, numpy {env['numpy']}, python {env['python']}; "
@@ -182,6 +259,17 @@ def markdown(report: dict) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _heterogeneous_note(cost: dict) -> list[str]:
+    if cost.get("cpu_expert_ms") is None:
+        return []
+    return [
+        f"CPU experts (heterogeneous): {cost['cpu_expert_ms']:g} ms per expert per token on the host, "
+        f"{cost['activation_us']:g} µs activation round trip; each step's demand misses are split between "
+        "the CPU and PCIe copies to minimise the step's stall (`moert.sim.CostModel`; the cache is assumed "
+        "to evolve as with copies only)."
+    ]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -195,6 +283,14 @@ def _run(args: argparse.Namespace) -> int:
     from moert.trace import detect_format, open_trace
     from moert.trace_cli import importer_options
 
+    if args.activation_us is not None and args.cpu_expert_ms is None:
+        raise ValueError(
+            f"--activation-us {args.activation_us:g} only applies to the CPU path; add --cpu-expert-ms X "
+            "(measure X with `python bench/bench_cpu_expert.py`) or drop --activation-us"
+        )
+    cpu = {} if args.cpu_expert_ms is None else {"cpu_expert_ms": args.cpu_expert_ms}
+    if args.activation_us is not None:
+        cpu["activation_us"] = args.activation_us
     fmt = detect_format(args.trace) if args.format == "auto" else args.format
     trace = open_trace(
         args.trace, fmt, **importer_options(fmt, args.num_experts, args.top_k, args.model_type)
@@ -214,6 +310,7 @@ def _run(args: argparse.Namespace) -> int:
             expert_bytes=int(round(args.expert_mb * 1e6)),
             bandwidth_gbs=args.bandwidth_gbs,
             layer_compute_ms=args.layer_compute_ms,
+            **cpu,
         ),
     )
     report = simulate(trace, config, progress=not args.no_progress, prefetchers=prefetchers)
