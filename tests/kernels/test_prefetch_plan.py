@@ -173,7 +173,9 @@ def test_reference_without_rows_predicts_nothing():
 
 def test_patched_model_on_the_kernel_path_prefetches_as_on_the_torch_path(tmp_path):
     """The CUDA code path of the pipeline (fused kernel + plan epilogue, interpreted) inside a patched
-    tiny model on the CPU twin: the same prefetches, hits and tokens as the PyTorch path."""
+    tiny model on the CPU twin: the same prefetches, hits and tokens as the PyTorch path; and with
+    every CUDA default at once (kernel plan, asynchronous submission through the pinned ring and the
+    engine's prediction thread, deferred waits, overlapped waves) the tokens stay identical."""
     import moert
     from moert.prefetch import PrefetchNorm
     from moert.testing import Reference, greedy, random_predictor, single_thread
@@ -181,7 +183,7 @@ def test_patched_model_on_the_kernel_path_prefetches_as_on_the_torch_path(tmp_pa
     with single_thread():
         ref = Reference("deepseek_v2-greedy", tmp_path, batch=1, new_tokens=6)
         runs = {}
-        for backend in ("torch", "triton"):
+        for backend, asynchronous in (("torch", False), ("triton", False), ("triton", True)):
             model = ref.copy()
             handle = moert.patch(
                 model,
@@ -195,12 +197,24 @@ def test_patched_model_on_the_kernel_path_prefetches_as_on_the_torch_path(tmp_pa
             assert norms and all(n.prefetch is handle.prefetcher.spec for n in norms)
             for norm in norms:
                 norm.backend = backend
+            handle.prefetcher.asynchronous = asynchronous
             out = greedy(model, ref.prompt, ref.new_tokens)
+            handle.prefetcher.close()
+            applied = handle._state.store.engine.predictions_done() if asynchronous else None
             st = handle.stats()
             handle.undo()
-            runs[backend] = (out[0], st.hits, st.misses, st.prefetches, st.prefetch_hits)
-    assert torch.equal(runs["triton"][0], ref.out[0]), "tokens changed on the kernel path"
-    assert runs["triton"][1:] == runs["torch"][1:], (
-        f"kernel path {runs['triton'][1:]} != torch {runs['torch'][1:]}"
-    )
-    assert runs["triton"][2] > 0 and runs["triton"][3] > 0, runs["triton"]
+            runs[(backend, asynchronous)] = (
+                out[0],
+                st.hits,
+                st.misses,
+                st.prefetches,
+                st.prefetch_hits,
+                applied,
+            )
+    for key, run in runs.items():
+        assert torch.equal(run[0], ref.out[0]), f"tokens changed on {key}"
+    kernel, torch_path, cuda_like = runs[("triton", False)], runs[("torch", False)], runs[("triton", True)]
+    assert kernel[1:5] == torch_path[1:5], f"kernel path {kernel[1:5]} != torch {torch_path[1:5]}"
+    assert kernel[2] > 0 and kernel[3] > 0, kernel
+    calls = ref.new_tokens * len(norms)  # one prediction per MoE layer and forward (prefill included)
+    assert cuda_like[5] == calls and cuda_like[2] > 0 and cuda_like[3] > 0, (cuda_like, calls)
