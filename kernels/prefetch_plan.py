@@ -80,33 +80,34 @@ def prefetch_plan_reference(logits: torch.Tensor, spec: PlanSpec) -> tuple[torch
     """The plan in plain PyTorch.
 
     Args:
-        logits: (T, n, E) fp32 predictor logits, n predicted layers.
+        logits: (..., T, n, E) fp32 predictor logits: T rows (one batch), n predicted layers; any
+            leading dims are independent batches (the simulator plans every decode step at once).
         spec: see :class:`PlanSpec`.
 
     Returns:
-        ``(ids (n, width) int32, scores (n, E) fp32)`` on logits' device; with T = 0 every id is
-        -1 and every score 0.
+        ``(ids (..., n, width) int32, scores (..., n, E) fp32)`` on logits' device; with T = 0 every
+        id is -1 and every score 0.
     """
-    if logits.dim() != 3:
-        raise ValueError(f"logits must be (T, n, E), got {tuple(logits.shape)}")
-    T, n, E = logits.shape
+    if logits.dim() < 3:
+        raise ValueError(f"logits must be (..., T, n, E), got {tuple(logits.shape)}")
+    *lead, T, n, E = logits.shape
     spec.check(E)
     if T == 0:
-        ids = torch.full((n, spec.width), -1, dtype=torch.int32, device=logits.device)
-        return ids, torch.zeros(n, E, dtype=torch.float32, device=logits.device)
-    agg = logits.float().amax(dim=0)  # [n, E]: a batch needs an expert if any row does
-    top, ids = agg.topk(spec.width, dim=-1)  # [n, width], most likely first
+        ids = torch.full((*lead, n, spec.width), -1, dtype=torch.int32, device=logits.device)
+        return ids, torch.zeros(*lead, n, E, dtype=torch.float32, device=logits.device)
+    agg = logits.float().amax(dim=-3)  # [..., n, E]: a batch needs an expert if any row does
+    top, ids = agg.topk(spec.width, dim=-1)  # [..., n, width], most likely first
     probs = torch.sigmoid(top) if spec.probabilities == "sigmoid" else top.clamp(0.0, 1.0)
     if spec.adaptive:
         rank = torch.arange(spec.width, device=ids.device)
-        keep = (rank < spec.top_k) | (probs > spec.threshold)  # [n, width]
+        keep = (rank < spec.top_k) | (probs > spec.threshold)  # [..., n, width]
         ids = torch.where(keep, ids, torch.full_like(ids, -1))
         probs = torch.where(keep, probs, torch.zeros_like(probs))
     decay = spec.score_decay ** torch.arange(n, dtype=torch.float32, device=probs.device)
     # padding (-1) scatters into an extra column E, dropped after: expert 0 keeps its score
     cols = torch.where(ids >= 0, ids, torch.full_like(ids, E))
-    scores = torch.zeros(n, E + 1, dtype=torch.float32, device=probs.device)
-    scores = scores.scatter_(1, cols, probs * decay[:, None])[:, :E].contiguous()  # [n, E]
+    scores = torch.zeros(*lead, n, E + 1, dtype=torch.float32, device=probs.device)
+    scores = scores.scatter_(-1, cols, probs * decay[:, None])[..., :E].contiguous()  # [..., n, E]
     return ids.to(torch.int32), scores
 
 

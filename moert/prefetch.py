@@ -248,6 +248,46 @@ class Prefetcher:
             planned=ids,
         )
 
+    def predict_sequence(
+        self, logits: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, list[int]]:
+        """Every decode step of one sequence at once: what ``prediction(l, logits[l, t])`` returns
+        for t = 0..T-1 and, within a step, l = 0..L-1 (token-major, as a decode runs), one row per
+        step (batch 1). Advances the clear counter as those T*L calls would.
+
+        Args:
+            logits: (L, T, 1+d, E) fp32.
+
+        Returns:
+            ``(ids (T, L, 1+d, width) int32, scores (T, L, 1+d, E) fp32 or None, clear_score (T, L)
+            fp32, clear_layers)``: row j of layer l is for layer l+j (rows past the last layer are
+            -1 / 0); ``clear_layers[l]`` is the layer cleared at layer l (-1: none).
+        """
+        L, T, depth, E = logits.shape
+        if (L, depth, E) != (self.L, self.d + 1, self.E):
+            raise ValueError(
+                f"predict_sequence: logits {tuple(logits.shape)} must be (L={self.L}, T, {self.d + 1}, E={self.E})"
+            )
+        # [L, T, 1, 1+d, E]: every step is a batch of one row
+        ids, scores = prefetch_plan_reference(logits.unsqueeze(2), self.spec)  # [L, T, 1+d, w|E]
+        for ordinal in range(L):  # lookahead past the last MoE layer is ignored
+            n = self._depth(ordinal)
+            ids[ordinal, :, n:] = -1
+            scores[ordinal, :, n:] = 0.0
+        if not self.do_prefetch:
+            ids = ids[..., :0]
+        steps = self._step + 1 + torch.arange(T * L, dtype=torch.float64).view(T, L)
+        steps = torch.remainder(steps - 1, _CLEAR_WRAP) + 1  # the counter wraps as in `prediction`
+        self._step = int(steps[-1, -1].item()) if T else self._step
+        clear = -steps.to(torch.float32)
+        clear_layers = [(o - 1) % L if self.push_scores and L > 1 else -1 for o in range(L)]
+        return (
+            ids.transpose(0, 1).contiguous(),
+            scores.transpose(0, 1).contiguous() if self.push_scores else None,
+            clear,
+            clear_layers,
+        )
+
     def on_logits(
         self, ordinal: int, logits: torch.Tensor, plan: tuple[torch.Tensor, torch.Tensor] | None = None
     ) -> None:

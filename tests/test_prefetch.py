@@ -262,3 +262,42 @@ def test_cuda_pipeline_is_exact_and_asynchronous(name, refs):
     if not torch.equal(outs[0.25][1], outs[1.0][1]):
         worst = (outs[0.25][1] - outs[1.0][1]).abs().max().item()
         raise AssertionError(f"{name}: cuda 0.25 not bit-identical to all-resident (max diff {worst:.3e})")
+
+
+@pytest.mark.parametrize("policy", ["score", "lru"])
+@pytest.mark.parametrize("overprovision", [2, "adaptive"])
+@pytest.mark.parametrize("lookahead", [0, 2])
+@pytest.mark.parametrize("prefetch", ["async", "off"])
+def test_predict_sequence_is_every_step_of_prediction(policy, overprovision, lookahead, prefetch):
+    """The simulator's vectorised path equals ``prediction`` called per (token, layer), token-major,
+    including the clear counter (started just below its wrap) and lookahead rows past the last layer."""
+    from moert.config import OffloadConfig
+    from moert.prefetch import _CLEAR_WRAP, Prefetcher
+
+    L, T, E, k = 4, 5, 12, 2
+    cfg = OffloadConfig(
+        policy=policy,
+        predictor="unused.safetensors",
+        overprovision=overprovision,
+        prefetch=prefetch,
+        threshold=0.6,
+    )
+    one, seq = (Prefetcher(None, cfg, L, E, k, lookahead, "sigmoid", "cpu") for _ in range(2))
+    one._step = seq._step = _CLEAR_WRAP - 7
+    logits = torch.randn(L, T, lookahead + 1, E, generator=torch.Generator().manual_seed(3)) * 2
+    ids, scores, clear, cleared = seq.predict_sequence(logits)
+    for t in range(T):
+        for layer in range(L):
+            p = one.prediction(layer, logits[layer, t])
+            n = len(p.layers)
+            assert torch.equal(ids[t, layer, :n], p.ids), (t, layer)
+            assert (ids[t, layer, n:] == -1).all()
+            if p.scores is None:
+                assert scores is None
+            else:
+                # vectorised sigmoid may round the last bit differently
+                torch.testing.assert_close(scores[t, layer, :n], p.scores, rtol=1e-6, atol=0)
+                assert (scores[t, layer, n:] == 0).all()
+            assert cleared[layer] == (p.clear[0] if p.clear else -1)
+            assert clear[t, layer].item() == p.clear_score, (t, layer)
+    assert one._step == seq._step

@@ -2,7 +2,8 @@
 
 Before the access of MoE layer l for token t, the hook makes the prediction the runtime's hook makes
 in a patched model: the predictor's logits for that (layer, token) go through
-``moert.prefetch.Prefetcher.prediction`` itself (what ``on_logits`` hands the copy engine), so
+``moert.prefetch.Prefetcher`` itself (``predict_sequence``: what ``on_logits`` would hand the copy
+engine at every decode step), so
 the prefetched ids (top-(k+m) by probability, or ``:adaptive``: above the threshold, at least k, at
 most k + max_overprovision; lookahead rows for l+1..l+d), the eviction scores of policy ``score``
 and the clear of the layer that just ran are the runtime's, bit for bit. Probabilities, per
@@ -152,29 +153,17 @@ class PredictorPrefetcher(Prefetcher):
         hook = self._hook
         logits = self.logits(seq)
         L, T, n, E = logits.shape
-        ids = np.full((T, L, n, self.width), -1, dtype=np.int32)
-        scores = np.zeros((T, L, n, E), dtype=np.float32)
-        clear = np.full((T, L), np.nan, dtype=np.float32)
         with torch.no_grad():
-            for t in range(T):
-                for layer in range(L):
-                    # [1+d, E]: one row, a batch-1 decode step
-                    p = hook.prediction(layer, logits[layer, t])
-                    layers, cleared, clear_score = p.layers, p.clear, p.clear_score
-                    got_ids = p.ids.numpy()
-                    got_scores = None if p.scores is None else p.scores.numpy()
-                    r = len(layers)
-                    if layers != list(range(layer, layer + r)) or cleared not in ([], [(layer - 1) % L]):
-                        raise RuntimeError(
-                            f"moert.prefetch.Prefetcher predicted layers {layers} and cleared {cleared} at "
-                            f"layer {layer}; the simulator replays layers l..l+d and clears l-1"
-                        )
-                    w = got_ids.shape[1]
-                    ids[t, layer, :r, :w] = got_ids
-                    if got_scores is not None:
-                        scores[t, layer, :r] = got_scores
-                    if cleared:
-                        clear[t, layer] = clear_score
+            # the hook's own prediction of every (token, layer) step, token-major as a decode runs
+            got_ids, got_scores, clear_score, cleared = hook.predict_sequence(logits)
+        if any(c not in (-1, (layer - 1) % L) for layer, c in enumerate(cleared)):
+            raise RuntimeError(
+                f"moert.prefetch.Prefetcher clears layers {cleared}; the simulator replays a clear of l-1"
+            )
+        ids = np.full((T, L, n, self.width), -1, dtype=np.int32)
+        ids[..., : got_ids.shape[-1]] = got_ids.numpy()
+        scores = np.zeros((T, L, n, E), dtype=np.float32) if got_scores is None else got_scores.numpy()
+        clear = np.where(np.array(cleared)[None, :] >= 0, clear_score.numpy(), np.nan).astype(np.float32)
         out = Predictions(ids, scores, clear)
         self._cached = (seq, out)
         return out

@@ -218,3 +218,14 @@ def test_patched_model_on_the_kernel_path_prefetches_as_on_the_torch_path(tmp_pa
     assert kernel[2] > 0 and kernel[3] > 0, kernel
     calls = ref.new_tokens * len(norms)  # one prediction per MoE layer and forward (prefill included)
     assert cuda_like[5] == calls and cuda_like[2] > 0 and cuda_like[3] > 0, (cuda_like, calls)
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=str)
+def test_reference_plans_leading_batches_independently(spec):
+    logits = _logits(5 * 3, 2, 20, seed=9, probabilities=spec.probabilities).view(5, 3, 2, 20)
+    ids, scores = prefetch_plan_reference(logits, spec)
+    assert ids.shape == (5, 2, spec.width) and scores.shape == (5, 2, 20)
+    for b in range(5):
+        want_ids, want_scores = prefetch_plan_reference(logits[b], spec)
+        assert torch.equal(ids[b], want_ids), b
+        torch.testing.assert_close(scores[b], want_scores, atol=0, rtol=0)
