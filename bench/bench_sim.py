@@ -608,14 +608,23 @@ def _hetero_reading(out: dict, rows: dict, copy_ms: float) -> list[str]:
     """Reading notes computed from the rows: the speed-up range, and how optimistic the cache assumption is."""
     cpu_ms = out["cost_model"]["cpu_expert_ms"]
     gains = [r["cpu_predicted_tok_s"] / r["predicted_tok_s"] for r in rows.values()]
+    shares = [r["cpu_miss_share"] for r in rows.values()]
+    slowest = max(s["cpu_expert_ms"] for s in out["sensitivity"])
+    slow_gains = [
+        s["cpu_predicted_tok_s"] / rows[s["policy"], s["capacity"]]["predicted_tok_s"]
+        for s in out["sensitivity"]
+        if s["cpu_expert_ms"] == slowest
+    ]
     lines = [
         f"- At the calibrated {cpu_ms:.2f} ms per expert (one copy: {copy_ms:.2f} ms) the CPU path raises the "
-        f"predicted decode speed {min(gains):.2f}-{max(gains):.2f}x, and takes "
-        f"{min(r['cpu_miss_share'] for r in rows.values()):.0%}-{max(r['cpu_miss_share'] for r in rows.values()):.0%} "
-        "of the demand misses: with the CPU about as fast as a copy, a step's misses split about evenly. "
-        "This VM's two threads read an expert from DRAM at about the assumed PCIe bandwidth; with a copy engine "
-        "reading the same memory at once (not modelled) the CPU would be slower: the sensitivity table shows "
-        "the gain shrinking to a few percent at 4x the CPU time.",
+        f"predicted decode speed {min(gains):.2f}-{max(gains):.2f}x and takes {min(shares):.0%}-{max(shares):.0%} "
+        "of the demand misses. With the CPU about as fast as a copy, at most about half of a step's misses go "
+        "to the CPU (none at a step with a single miss when one CPU expert plus the round trip is slower than "
+        "one copy). The gain is largest where steps have many misses (small caches, weak policies).",
+        f"- This VM's two threads read an expert from DRAM at about the assumed PCIe bandwidth. A copy engine "
+        "reading the same host memory at the same time (not modelled) would slow the CPU: at "
+        f"{slowest:.2f} ms per expert the gain falls to {min(slow_gains):.2f}-{max(slow_gains):.2f}x "
+        "(sensitivity table).",
     ]
     ex = out["exact_uncached"]
     if ex:
