@@ -180,14 +180,16 @@ PYBIND11_MODULE(_C, m) {
            [](SlabCache& c, std::int64_t layer, std::int64_t expert) {
              return c.lookup(to_int(layer, "layer"), to_int(expert, "expert"));
            })
-      .def("resident",
-           [](SlabCache& c, std::int64_t layer) {
-             std::vector<std::uint8_t> r = c.resident(to_int(layer, "layer"));
-             py::array_t<bool> out(static_cast<py::ssize_t>(r.size()));
-             bool* o = out.mutable_data();
-             for (std::size_t i = 0; i < r.size(); ++i) o[i] = r[i] != 0;
-             return out;
-           })
+      .def(
+          "resident",
+          [](SlabCache& c, std::int64_t layer, bool in_flight) {
+            std::vector<std::uint8_t> r = c.resident(to_int(layer, "layer"), in_flight);
+            py::array_t<bool> out(static_cast<py::ssize_t>(r.size()));
+            bool* o = out.mutable_data();
+            for (std::size_t i = 0; i < r.size(); ++i) o[i] = r[i] != 0;
+            return out;
+          },
+          py::arg("layer"), py::arg("in_flight") = false)
       .def("set_priority",
            [](SlabCache& c, std::int64_t layer, const Int64Array& experts,
               const Float32Array& scores) {

@@ -52,6 +52,13 @@ class OffloadConfig:
             each one right before it computes (on CUDA the compute stream waits per expert), so the
             first experts compute while the later ones still copy (runtime backend). False: acquire
             waits for every copy of the wave (the CPU twin's caller then copies its own demand loads).
+        cpu_experts: heterogeneous mode (DESIGN §7, ``moert.hetero``): per layer call, some missed
+            experts run on the host CPU from the pool instead of being copied, as many as minimise
+            ``max(c * cpu + activation, (n - c) * copy)``. Off by default: on CUDA a host expert is
+            within fp tolerance of the device result, not bit-identical.
+        cpu_expert_ms: one expert's host forward for one token; None: measured at patch time.
+        copy_expert_ms: one expert's copy into the cache; None: measured at patch time.
+        activation_us: moving a layer call's rows to the host and the products back.
     """
 
     cache_experts: int | float = 0.25
@@ -67,6 +74,10 @@ class OffloadConfig:
     score_decay: float = 0.5
     overlap_waves: bool = True
     deferred_waits: bool = True
+    cpu_experts: bool = False
+    cpu_expert_ms: float | None = None
+    copy_expert_ms: float | None = None
+    activation_us: float = 20.0
 
     def __post_init__(self) -> None:
         ce = self.cache_experts
@@ -106,6 +117,19 @@ class OffloadConfig:
             raise ValueError(f"overlap_waves={self.overlap_waves!r} must be True or False")
         if not isinstance(self.deferred_waits, bool):
             raise ValueError(f"deferred_waits={self.deferred_waits!r} must be True or False")
+        if not isinstance(self.cpu_experts, bool):
+            raise ValueError(f"cpu_experts={self.cpu_experts!r} must be True or False")
+        for name in ("cpu_expert_ms", "copy_expert_ms"):
+            v = getattr(self, name)
+            if v is not None and (
+                isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf
+            ):
+                raise ValueError(
+                    f"{name}={v!r} must be a positive number of milliseconds, or None to measure it"
+                )
+        a = self.activation_us
+        if isinstance(a, bool) or not isinstance(a, (int, float)) or not 0 <= a < math.inf:
+            raise ValueError(f"activation_us={a!r} must be a number of microseconds >= 0")
         if self.policy == "score" and self.predictor is None:
             raise ValueError(
                 "policy='score' orders eviction by a predictor's scores: pass predictor=PATH.safetensors "

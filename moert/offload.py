@@ -223,6 +223,10 @@ class RuntimeStore:
         slots = self.engine.acquire(layer, list(experts), stream=self._stream())
         return [self._views[s] for s in slots]
 
+    def present(self, layer: int) -> set[int]:
+        """Experts of ``layer`` that need no load: ready, or with a copy queued or running."""
+        return set(torch.nonzero(self.cache.resident(layer, in_flight=True)).flatten().tolist())
+
     def acquire_deferred(
         self, layer: int, experts: Sequence[int]
     ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[bool]]:
@@ -314,6 +318,8 @@ class OffloadState:
         self.deferred_waits = deferred_waits
         #: set by ``moert.prefetch.attach`` when a predictor runs (its ``observe`` scores each layer)
         self.prefetcher: Any = None
+        #: ``moert.hetero.CpuExperts`` in heterogeneous mode (set by ``moert.patch``), else None
+        self.cpu_experts: Any = None
         self.reset_stats()
 
     @property
@@ -349,6 +355,7 @@ class OffloadState:
                 "wave_prefetches": 0,
                 "prefetch_hits": 0,
                 "prefetch_late": 0,
+                "cpu_experts": 0,
                 "demand_stall_s": 0.0,
             }
             for i in self.layer_ids
@@ -387,6 +394,7 @@ class OffloadState:
             prefetch_bytes=d["prefetch_bytes"],
             recall=sum(a for a, _, _ in counts) / n_all if n_all else None,
             coverage=sum(c for _, c, _ in counts) / n_all if n_all else None,
+            cpu_experts=sum(v["cpu_experts"] for v in self._layer.values()),
             per_layer=per_layer,
         )
 
@@ -458,6 +466,10 @@ class OffloadState:
         """The store's cumulative bytes loaded into slots (demand and prefetch copies issued so far)."""
         return int(self.store.counters.bytes_loaded)
 
+    def count_cpu_experts(self, ordinal: int, n: int) -> None:
+        """``n`` experts of MoE layer ``ordinal`` computed on the host (heterogeneous mode)."""
+        self._layer[self.layer_ids[ordinal]]["cpu_experts"] += n
+
     def count_bytes(self, ordinal: int, nbytes: int) -> None:
         """Adds ``nbytes`` to MoE layer ``ordinal``'s ``bytes_copied``."""
         self._layer[self.layer_ids[ordinal]]["bytes_copied"] += nbytes
@@ -524,11 +536,25 @@ class OffloadedLayer:
         # Resident experts first: later waves may evict them otherwise. Numerics do not depend on it.
         resident = state.store.resident(self.ordinal)
         union.sort(key=lambda e: (e not in resident, e))
+        host: list[int] = []
+        if state.cpu_experts is not None and len(union) <= state.store.num_slots:
+            # heterogeneous mode (one wave): some misses run on the host from the pool (moert.hetero)
+            present = getattr(state.store, "present", state.store.resident)(self.ordinal)
+            host = state.cpu_experts.choose(union, present)
+            if host:
+                union = [e for e in union if e not in set(host)]
 
         weights = top_k_weights.reshape(-1)  # [T*k]
         out_dtype = torch.promote_types(hidden_states.dtype, weights.dtype)
         buf = torch.zeros(num_tokens * k, hidden, dtype=out_dtype, device=hidden_states.device)  # [T*k, H]
         gate_fn = module._apply_gate if hasattr(module, "_apply_gate") else lambda h: _gate(module, h)
+        if host:
+            # their rows go to the host now (the router's host sync above made them final), before
+            # the device experts are queued, so the host never waits for those
+            host_pos = torch.cat(
+                [order[starts[e] : starts[e] + counts[e]] for e in host]
+            )  # [m] flat positions
+            host_rows = state.cpu_experts.rows_to_host(hidden_states, host_pos // k)  # [m, H] on the host
         state.count_call(self.ordinal)
         if state.prefetcher is not None:
             state.prefetcher.observe(self.ordinal, top_k_index)
@@ -561,6 +587,12 @@ class OffloadedLayer:
                 state.store.release(self.ordinal, chunk)
         if window:
             state.count_bytes(self.ordinal, state.bytes_loaded() - bytes_before)
+        if host:
+            y = state.cpu_experts.compute(
+                self.ordinal, host, host_rows, [counts[e] for e in host], gate_fn, hidden_states.device
+            )  # [m, H], the same ops as on a slot
+            buf[host_pos] = y * weights[host_pos].unsqueeze(-1)
+            state.count_cpu_experts(self.ordinal, len(host))
         # Reduce over k in routing order, as transformers does: [T, k, H] -> [T, H]
         return buf.view(num_tokens, k, hidden).sum(dim=1).to(hidden_states.dtype)
 

@@ -202,6 +202,13 @@ class PatchHandle:
             self._state.prefetcher = None
 
     @property
+    def cpu_expert_ms(self) -> tuple[float, float] | None:
+        """Heterogeneous mode: ``(host expert ms, copy ms)`` the misses are split by (measured at
+        patch time unless the config gave them); None when the mode is off."""
+        hetero = self._state.cpu_experts if self._state is not None else None
+        return None if hetero is None else (hetero.cpu_s * 1e3, hetero.copy_s * 1e3)
+
+    @property
     def active(self) -> bool:
         return self._state is not None
 
@@ -360,6 +367,19 @@ def prepare(
     return adapter, refs, layout, device, slots, streams
 
 
+def _cpu_experts(cfg: OffloadConfig, pool: Any, layout: ExpertLayout, device: str) -> Any:
+    """The heterogeneous mode's chooser, with the times measured here unless the config gives them."""
+    from moert.hetero import CpuExperts, calibrate
+
+    cpu_s = None if cfg.cpu_expert_ms is None else cfg.cpu_expert_ms * 1e-3
+    copy_s = None if cfg.copy_expert_ms is None else cfg.copy_expert_ms * 1e-3
+    if cpu_s is None or copy_s is None:
+        measured_cpu, measured_copy = calibrate(pool, layout, device)
+        cpu_s = measured_cpu if cpu_s is None else cpu_s
+        copy_s = measured_copy if copy_s is None else copy_s
+    return CpuExperts(pool, layout, cpu_s, copy_s, cfg.activation_us * 1e-6)
+
+
 def install(
     model: nn.Module,
     cfg: OffloadConfig,
@@ -394,6 +414,12 @@ def install(
         overlap_waves=cfg.overlap_waves,
         deferred_waits=cfg.deferred_waits,
     )
+    if cfg.cpu_experts:
+        try:
+            state.cpu_experts = _cpu_experts(cfg, pool, layout, device)
+        except BaseException:
+            state.close()
+            raise
     released = []
     for ordinal, ref in enumerate(refs):
         ex = ref.experts

@@ -305,9 +305,10 @@ class SlabCache:
         """Slot of a ready entry, or -1 when it is not resident (or still loading)."""
         return self._c.lookup(int(layer), int(expert))
 
-    def resident(self, layer: int) -> torch.Tensor:
-        """(E,) bool: which experts of ``layer`` are ready in the cache."""
-        return torch.from_numpy(self._c.resident(int(layer)))
+    def resident(self, layer: int, in_flight: bool = False) -> torch.Tensor:
+        """(E,) bool: which experts of ``layer`` are ready in the cache (``in_flight``: or have a
+        copy queued or running into their slot, so they need no further load)."""
+        return torch.from_numpy(self._c.resident(int(layer), bool(in_flight)))
 
     def set_priority(
         self, layer: int, experts: Experts, scores: float | Sequence[float] | torch.Tensor

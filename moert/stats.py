@@ -23,6 +23,8 @@ class LayerStats:
             (overlapped waves; counted in ``Stats.prefetches``, their first use in ``prefetch_hits``).
         prefetch_hits: first accesses of prefetched experts (counted in ``hits``).
         prefetch_late: ... of which the copy had not finished when the layer needed it.
+        cpu_experts: selected experts computed on the host from the pool instead of loaded
+            (heterogeneous mode; neither hits nor misses).
         demand_stall_s: seconds the layer's acquires waited for copies (demand loads and late
             prefetches; the runtime engine's measure, host side).
         recall: online recall@k of the predictor at this layer (predicted top-k vs the router's),
@@ -38,6 +40,7 @@ class LayerStats:
     wave_prefetches: int = 0
     prefetch_hits: int = 0
     prefetch_late: int = 0
+    cpu_experts: int = 0
     demand_stall_s: float = 0.0
     recall: float | None = None
     coverage: float | None = None
@@ -68,6 +71,8 @@ class Stats:
         prefetch_bytes: bytes copied by prefetches (part of ``bytes_copied``).
         recall: the predictor's online recall@k over all layers (None without a predictor).
         coverage: fraction of selected experts that were in the prefetched set.
+        cpu_experts: selected experts computed on the host instead of loaded (heterogeneous mode;
+            ``hits + misses + cpu_experts`` = the union of selected experts, summed over layer calls).
         per_layer: decoder layer index -> LayerStats.
     """
 
@@ -86,6 +91,7 @@ class Stats:
     prefetch_bytes: int = 0
     recall: float | None = None
     coverage: float | None = None
+    cpu_experts: int = 0
     per_layer: dict[int, LayerStats] = field(default_factory=dict)
 
     @property

@@ -359,14 +359,14 @@ int SlabCache::lookup(int layer, int expert) {
   return (s >= 0 && slots_[s].state == SlotState::kReady) ? s : -1;
 }
 
-std::vector<std::uint8_t> SlabCache::resident(int layer) {
+std::vector<std::uint8_t> SlabCache::resident(int layer, bool in_flight) {
   check_open("resident");
   check_layer(layer);
   std::lock_guard<std::mutex> lock(mu_);
   std::vector<std::uint8_t> out(num_experts_, 0);
   for (int e = 0; e < num_experts_; ++e) {
     const int s = table_[key_of(layer, e)];
-    out[e] = (s >= 0 && slots_[s].state == SlotState::kReady) ? 1 : 0;
+    out[e] = (s >= 0 && (in_flight || slots_[s].state == SlotState::kReady)) ? 1 : 0;
   }
   return out;
 }

@@ -101,7 +101,9 @@ class SlabCache {
   bool closed() const { return closed_.load(); }
 
   int lookup(int layer, int expert);
-  std::vector<std::uint8_t> resident(int layer);
+  // Per expert of `layer`: 1 when its slot is ready; with `in_flight`, also when a copy into its
+  // slot is queued or running (it will be ready without another load).
+  std::vector<std::uint8_t> resident(int layer, bool in_flight = false);
   void set_priority(int layer, const std::int32_t* experts, const float* scores, std::int64_t n);
   std::uintptr_t slot_address(int slot);
   CacheStats stats();
