@@ -163,12 +163,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for frac in args.fractions
         for pol in args.policies
     ]
-    # acquire waiting for every copy (deferred waits off) at the middle cache size: one run shows
-    # what waiting per expert (the default) costs or saves here
+    # the wait protocol the device does not use by default (deferred waits: on for CUDA, off for the
+    # CPU twin) at the middle cache size, so one run shows what it costs or saves here
     mid = sorted(args.fractions)[len(args.fractions) // 2]
+    other = device != "cuda"
     configs.append(
-        (f"moert {mid:g} lru, deferred waits off", mid, "lru", "runtime", dict(deferred_waits=False))
+        (
+            f"moert {mid:g} lru, deferred waits {'on' if other else 'off'}",
+            mid,
+            "lru",
+            "runtime",
+            dict(deferred_waits=other),
+        )
     )
+    # heterogeneous mode: misses split between the host CPU and copies by times measured at patch time
+    configs.append((f"moert {mid:g} lru + cpu experts", mid, "lru", "runtime", dict(cpu_experts=True)))
     if args.predictor_fractions:
         t0 = time.perf_counter()
         preds = train_predictors(model, args.seed, (0, 1))
@@ -248,6 +257,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "copy_GB_s": st.bytes_copied / max(sum(res["latency_s"]), 1e-9) / 1e9,  # last round
                 "demand_stall_s": st.demand_stall_s,
                 "demand_misses_per_token": st.misses / (args.tokens * args.batch),
+                "cpu_experts_per_token": st.cpu_experts / (args.tokens * args.batch),
                 "prefetch_hits": st.prefetch_hits,
                 "prefetch_late": st.prefetch_late,
                 "wasted_bytes_per_token": st.prefetch_wasted_bytes / (args.tokens * args.batch),
@@ -307,9 +317,9 @@ def markdown(rec: dict[str, Any]) -> str:
         f"moert {v['moert']}, torch {v['torch']}, transformers {v['transformers']}, commit {v['commit']}, "
         f"{v['date']}, {v['device_name']}, {v['cpu_threads']} CPU threads, load average {v['load_avg_1m']} at the end.",
         "",
-        "| config | tok/s | x resident | latency ms median (p20-p80) | hit rate | misses/token | MB/token "
-        "| copy GB/s | prefetch hits | wasted MB/token | recall | exposed copy | tokens = resident |",
-        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| config | tok/s | x resident | latency ms median (p20-p80) | hit rate | misses/token | host experts/token "
+        "| MB/token | copy GB/s | prefetch hits | wasted MB/token | recall | exposed copy | tokens = resident |",
+        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
 
     def fmt(r: dict[str, Any], key: str, spec: str, scale: float = 1.0) -> str:
@@ -320,7 +330,8 @@ def markdown(rec: dict[str, Any]) -> str:
         out.append(
             f"| {r['config']} | {r['tok_s']:.1f} | {r['tok_s_ratio']:.2f} | {r['latency_ms_median']:.1f} "
             f"({r['latency_ms_p20']:.1f}-{r['latency_ms_p80']:.1f}) | {fmt(r, 'hit_rate', '.1%')} "
-            f"| {fmt(r, 'demand_misses_per_token', '.2f')} | {fmt(r, 'bytes_per_token', '.2f', 1e-6)} "
+            f"| {fmt(r, 'demand_misses_per_token', '.2f')} | {fmt(r, 'cpu_experts_per_token', '.2f')} "
+            f"| {fmt(r, 'bytes_per_token', '.2f', 1e-6)} "
             f"| {fmt(r, 'copy_GB_s', '.2f')} | {fmt(r, 'prefetch_hits', '.0f')} "
             f"| {fmt(r, 'wasted_bytes_per_token', '.2f', 1e-6)} | {fmt(r, 'recall', '.2f')} "
             f"| {fmt(r, 'exposed_copy', '.2f')} | {r['tokens_match']} |"

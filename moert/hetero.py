@@ -53,6 +53,7 @@ class CpuExperts:
         cpu_split(0, cpu_s, copy_s, activation_s)  # validates the times
         self.pool, self.layout = pool, layout
         self.cpu_s, self.copy_s, self.activation_s = cpu_s, copy_s, activation_s
+        self._views: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def choose(self, union: Sequence[int], present: set[int]) -> list[int]:
         """The experts of ``union`` to compute on the host: the last ``c`` of its misses."""
@@ -63,10 +64,14 @@ class CpuExperts:
         return misses[len(misses) - c :] if c else []
 
     def weights(self, ordinal: int, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Host views ``(gate_up (2I, H), down (H, I))`` of one expert in the pool."""
-        return self.layout.views(
-            lambda dtype, shape, offset: self.pool.view(ordinal, expert, dtype, tuple(shape), offset)
-        )
+        """Host views ``(gate_up (2I, H), down (H, I))`` of one expert in the pool (made once: a
+        view of native memory costs tens of microseconds)."""
+        key = (ordinal, expert)
+        if key not in self._views:
+            self._views[key] = self.layout.views(
+                lambda dtype, shape, offset: self.pool.view(ordinal, expert, dtype, tuple(shape), offset)
+            )
+        return self._views[key]
 
     def rows_to_host(self, hidden_states: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """(n, H) host copy of ``hidden_states[rows]`` (one transfer per layer call)."""

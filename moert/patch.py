@@ -412,7 +412,7 @@ def install(
         adapter.num_experts,
         device,
         overlap_waves=cfg.overlap_waves,
-        deferred_waits=cfg.deferred_waits,
+        deferred_waits=device == "cuda" if cfg.deferred_waits is None else cfg.deferred_waits,
     )
     if cfg.cpu_experts:
         try:

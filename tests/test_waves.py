@@ -194,12 +194,12 @@ def test_overlap_waves_must_be_a_bool():
     model = model_of("phimoe")
     with pytest.raises(ValueError, match="overlap_waves='yes' must be True or False"):
         moert.patch(model, cache_experts=4, device="cpu", overlap_waves="yes")
-    with pytest.raises(ValueError, match="deferred_waits='yes' must be True or False"):
+    with pytest.raises(ValueError, match="deferred_waits='yes' must be True, False or None"):
         moert.patch(model, cache_experts=4, device="cpu", deferred_waits="yes")
     handle = moert.patch(model, cache_experts=4, device="cpu")
     try:
         assert handle._state.overlap_waves is True  # the default
-        assert handle._state.deferred_waits is True  # the default
+        assert handle._state.deferred_waits is False  # auto: on for CUDA, off for the CPU twin
         with pytest.raises(ValueError, match="overlap_waves='yes' must be True or False"):
             handle._state.overlap_waves = "yes"
     finally:

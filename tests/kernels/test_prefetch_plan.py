@@ -192,6 +192,7 @@ def test_patched_model_on_the_kernel_path_prefetches_as_on_the_torch_path(tmp_pa
                 predictor=random_predictor(model, lookahead=1),
                 overprovision=2,
                 device="cpu",
+                deferred_waits=asynchronous,  # the CUDA default with the CUDA-like submission
             )
             norms = [m for m in model.modules() if isinstance(m, PrefetchNorm)]
             assert norms and all(n.prefetch is handle.prefetcher.spec for n in norms)
