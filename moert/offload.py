@@ -558,6 +558,31 @@ class OffloadedLayer:
         state.count_call(self.ordinal)
         if state.prefetcher is not None:
             state.prefetcher.observe(self.ordinal, top_k_index)
+        self._device_experts(union, order, starts, counts, k, hidden_states, weights, gate_fn, buf)
+        if host:
+            y = state.cpu_experts.compute(
+                self.ordinal, host, host_rows, [counts[e] for e in host], gate_fn, hidden_states.device
+            )  # [m, H], the same ops as on a slot
+            buf[host_pos] = y * weights[host_pos].unsqueeze(-1)
+            state.count_cpu_experts(self.ordinal, len(host))
+        # Reduce over k in routing order, as transformers does: [T, k, H] -> [T, H]
+        return buf.view(num_tokens, k, hidden).sum(dim=1).to(hidden_states.dtype)
+
+    def _device_experts(
+        self,
+        union: list[int],
+        order: torch.Tensor,
+        starts: list[int],
+        counts: list[int],
+        k: int,
+        hidden_states: torch.Tensor,
+        weights: torch.Tensor,
+        gate_fn: Any,
+        buf: torch.Tensor,
+    ) -> None:
+        """Streams ``union`` through the cache in waves and writes each expert's weighted products
+        into ``buf`` at its flat (token, k) positions ``order[starts[e] : starts[e] + counts[e]]``."""
+        state = self.state
         overlap = state.overlap_waves and state.can_prefetch
         bounds = wave_bounds(len(union), state.store.num_slots, overlap)
         overlap = overlap and len(bounds) > 1
@@ -587,14 +612,6 @@ class OffloadedLayer:
                 state.store.release(self.ordinal, chunk)
         if window:
             state.count_bytes(self.ordinal, state.bytes_loaded() - bytes_before)
-        if host:
-            y = state.cpu_experts.compute(
-                self.ordinal, host, host_rows, [counts[e] for e in host], gate_fn, hidden_states.device
-            )  # [m, H], the same ops as on a slot
-            buf[host_pos] = y * weights[host_pos].unsqueeze(-1)
-            state.count_cpu_experts(self.ordinal, len(host))
-        # Reduce over k in routing order, as transformers does: [T, k, H] -> [T, H]
-        return buf.view(num_tokens, k, hidden).sum(dim=1).to(hidden_states.dtype)
 
 
 def wave_bounds(union: int, num_slots: int, overlap: bool) -> list[tuple[int, int]]:
