@@ -21,6 +21,21 @@ prediction adds compute: prefetched bytes hide behind the layers' compute, deman
 (heterogeneous mode, DESIGN.md §7) each run also counts the demand misses of every (token, layer) step
 (from the replay's hits per step; not counted otherwise), and each row adds the prediction when some of
 a step's misses are computed on the host CPU instead of copied (:func:`cpu_split`).
+
+Speculative decoding (``SimConfig.verify_tokens = N = gamma + 1``, DESIGN.md §7, MoE-SpAc): each
+sequence's tokens are grouped into consecutive verify passes of N tokens (the last one shorter); each MoE
+layer of a pass is one call that accesses the union of the pass's experts once (hits and misses counted
+per distinct expert, as the runtime counts a layer call). A union larger than a per-layer cache streams in
+waves of at most the cache's slots, resident experts first (``moert.offload.wave_bounds`` without
+overlap), replayed step by step. Simplifications: every drafted token is accepted (the trace is the
+accepted sequence), so no rejected draft token's experts are loaded; the draft model is not simulated
+(neither its time nor its memory). Rows count per generated token, so they compare across N: ``tokens``
+(generated), ``loads_per_token``, ``bytes_per_token``, and ``token_hit_rate = 1 - demand misses / (tokens
+* k)`` (the share of the tokens' expert selections that needed no demand load; equal to ``hit_rate`` at
+N = 1); ``hit_rate`` stays per distinct access of a layer call. The cost model charges one verify pass the
+compute of one token (see :class:`CostModel`). Supported at N > 1: eviction ``lru``, ``lfu``, ``belady``,
+``utility``; prefetchers ``utility[:m]`` and ``oracle``; per-layer or global caches; not the
+heterogeneous mode.
 """
 
 from __future__ import annotations
@@ -30,16 +45,35 @@ import math
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
+import torch
 
 from moert.cost import cpu_split
 from moert.policy import EvictionPolicy, Predictions, Prefetcher, get_eviction_policy, get_prefetcher
 from moert.trace import SequenceTrace, Trace, TraceMeta
 
-__all__ = ["CostModel", "PolicySpec", "SimConfig", "cpu_split", "num_slots", "parse_policies", "simulate"]
+if TYPE_CHECKING:
+    from pathlib import Path
+
+__all__ = [
+    "CostModel",
+    "PassSequence",
+    "PassTrace",
+    "PolicySpec",
+    "SimConfig",
+    "cpu_split",
+    "group_verify_passes",
+    "num_slots",
+    "parse_policies",
+    "simulate",
+]
 
 MODES = ("per-layer", "global")
+#: what a replay with verify passes (``verify_tokens`` > 1) supports
+SPECULATIVE_EVICTION = ("lru", "lfu", "belady", "utility")
+SPECULATIVE_PREFETCH = ("utility", "oracle")
 
 
 @dataclass(frozen=True)
@@ -71,6 +105,12 @@ class CostModel:
       ``c`` outputs back), whatever ``c`` is;
     - prefetches are unchanged (they hide behind compute as in copy only); a CPU expert never replaces
       one.
+
+    Speculative decoding (``verify_tokens = N > 1``, copy only): one verify pass of N tokens costs the
+    compute of one token, ``L * t_layer`` (at batch 1 and N <= ~8 a decoder layer is memory-bound: it
+    reads the same weights for N rows), and moves the pass's bytes, so per generated token ``t_token =
+    max(L * t_layer / N, B_prefetch / BW) + B_demand / BW`` with B per generated token. The draft
+    model's time is not counted and every drafted token is accepted: an upper bound on SD's speed.
 
     Attributes:
         expert_bytes: bytes of one routed expert (DeepSeek-V2-Lite bf16 gate+up+down: 3 * 2048 * 1408 * 2
@@ -118,9 +158,15 @@ class CostModel:
         return self.expert_bytes / (self.bandwidth_gbs * 1e9)
 
     def predict(
-        self, demand_bytes_per_token: float, prefetch_bytes_per_token: float, num_layers: int
+        self,
+        demand_bytes_per_token: float,
+        prefetch_bytes_per_token: float,
+        num_layers: int,
+        verify_tokens: int = 1,
     ) -> dict:
-        """Seconds per token and tokens/s for the given traffic per token (copy only).
+        """Seconds per token and tokens/s for the given traffic per (generated) token (copy only).
+
+        ``verify_tokens`` N: tokens per verify pass (1 = autoregressive), whose compute is that of one token.
 
         Returns:
             ``{"ceiling_tok_s", "predicted_tok_s", "resident_tok_s", "token_ms"}``: the bandwidth
@@ -128,7 +174,7 @@ class CostModel:
             all-resident speed.
         """
         bw = self.bandwidth_gbs * 1e9
-        compute = num_layers * self.layer_compute_ms * 1e-3
+        compute = num_layers * self.layer_compute_ms * 1e-3 / verify_tokens
         total = demand_bytes_per_token + prefetch_bytes_per_token
         t = max(compute, prefetch_bytes_per_token / bw) + demand_bytes_per_token / bw
         return {
@@ -238,6 +284,8 @@ class SimConfig:
         mode: ``per-layer`` or ``global``.
         cost: the cost model.
         chunk_tokens: sequences are replayed in chunks of about this many tokens (one C++ call each).
+        verify_tokens: N = gamma + 1 tokens per speculative verify pass (1 = autoregressive decode).
+        utility_decay: weight of the past in policy / prefetcher ``utility``'s moving average, in (0, 1).
     """
 
     capacities: tuple[float, ...] = (0.1, 0.25, 0.5)
@@ -245,8 +293,29 @@ class SimConfig:
     mode: str = "per-layer"
     cost: CostModel = field(default_factory=CostModel)
     chunk_tokens: int = 8192
+    verify_tokens: int = 1
+    utility_decay: float = 0.7
 
     def __post_init__(self) -> None:
+        from moert.policy.utility import check_decay
+
+        if isinstance(self.verify_tokens, bool) or not isinstance(self.verify_tokens, (int, np.integer)):
+            raise ValueError(
+                f"verify_tokens={self.verify_tokens!r} must be an integer >= 1: gamma + 1 tokens per verify "
+                "pass (e.g. --verify-tokens 3 for gamma = 2; 1 = autoregressive)"
+            )
+        if self.verify_tokens < 1:
+            raise ValueError(
+                f"verify_tokens={self.verify_tokens} must be >= 1: gamma + 1 tokens per verify pass (e.g. "
+                "--verify-tokens 3 for gamma = 2; 1 = autoregressive)"
+            )
+        check_decay(self.utility_decay)
+        if self.verify_tokens > 1 and self.cost.heterogeneous:
+            raise ValueError(
+                f"verify_tokens={self.verify_tokens} with cpu_expert_ms: the heterogeneous cost model is for "
+                "batch-1 steps; a verify pass computes several rows per CPU expert, which is not modelled. "
+                "Drop --cpu-expert-ms or use --verify-tokens 1"
+            )
         if self.mode not in MODES:
             raise ValueError(f"mode={self.mode!r}; use one of {', '.join(MODES)}")
         for c in self.capacities:
@@ -260,6 +329,72 @@ def num_slots(capacity: float, meta: TraceMeta, mode: str) -> int:
     return max(meta.top_k, int(round(capacity * experts)))
 
 
+@dataclass
+class PassSequence(SequenceTrace):
+    """A sequence grouped into verify passes: ``experts`` (L, P, N * k), each row one pass's union of
+    experts, sorted, -1 pads; ``positions`` (P,) of each pass's first token. ``generated``: the tokens of
+    the original sequence; ``token_experts``: its valid (token, layer, expert) selections;
+    ``multiplicity``: (L, P, N * k) int64, how many of the pass's tokens selected each entry (0 at pads)."""
+
+    generated: int = 0
+    token_experts: int = 0
+    multiplicity: torch.Tensor | None = None
+
+
+def group_verify_passes(seq: SequenceTrace, verify_tokens: int) -> PassSequence:
+    """Groups a sequence's tokens into consecutive verify passes of ``verify_tokens`` (the last shorter).
+
+    Args:
+        seq: experts (L, T, k), -1 pads allowed.
+        verify_tokens: N >= 1.
+
+    Returns:
+        A :class:`PassSequence` with P = ceil(T / N) passes, experts (L, P, N * k): the distinct experts
+        of each layer and pass, ascending, then -1.
+    """
+    ex = seq.experts.numpy().astype(np.int64)  # [L, T, k]
+    L, T, k = ex.shape
+    n = verify_tokens
+    P = -(-T // n)
+    padded = np.full((L, P * n, k), -1, dtype=np.int64)
+    padded[:, :T] = ex
+    rows = np.sort(padded.reshape(L, P, n * k), axis=-1)  # [L, P, N*k]
+    dup = np.zeros(rows.shape, dtype=bool)
+    dup[..., 1:] = rows[..., 1:] == rows[..., :-1]
+    big = np.iinfo(np.int64).max
+    rows = np.sort(np.where(dup | (rows < 0), big, rows), axis=-1)  # distinct ids ascending, then pads
+    rows = np.where(rows == big, -1, rows)
+    flat = padded.reshape(L, P, n * k)
+    mult = (flat[..., None, :] == rows[..., :, None]).sum(-1) * (rows >= 0)  # [L, P, N*k]
+    idx = np.arange(P) * n
+    return PassSequence(
+        seq.seq_id,
+        seq.positions[idx].clone(),
+        torch.from_numpy(np.ascontiguousarray(rows)),
+        seq.is_prefill[idx].clone(),
+        generated=T,
+        token_experts=int((ex >= 0).sum()),
+        multiplicity=torch.from_numpy(mult.astype(np.int64)),
+    )
+
+
+class PassTrace(Trace):
+    """A trace whose sequences are grouped into verify passes of N tokens (:func:`group_verify_passes`),
+    streamed; ``meta`` is the original trace's (k = experts per token)."""
+
+    def __init__(self, trace: Trace, verify_tokens: int) -> None:
+        self._trace, self.verify_tokens = trace, verify_tokens
+        self.path: Path = trace.path
+
+    @property
+    def meta(self) -> TraceMeta:
+        return self._trace.meta
+
+    def sequences(self) -> Iterator[SequenceTrace]:
+        for seq in self._trace.sequences():
+            yield group_verify_passes(seq, self.verify_tokens)
+
+
 class _Run:
     """The caches of one (policy, capacity) pair and what they counted."""
 
@@ -271,6 +406,7 @@ class _Run:
         mode: str,
         cost: CostModel,
         stepwise: bool = False,
+        verify_tokens: int = 1,
     ) -> None:
         from moert import runtime
 
@@ -298,6 +434,10 @@ class _Run:
         self.hits = np.zeros(self.L, dtype=np.int64)
         self.accesses = np.zeros(self.L, dtype=np.int64)
         self.tokens = 0
+        #: tokens per verify pass; passes replayed; the tokens' valid expert selections
+        self.verify_tokens = verify_tokens
+        self.passes = 0
+        self.token_accesses = 0
         self.seconds = 0.0
         #: heterogeneous cost model: count the demand misses of every (token, layer) step
         self.count_steps = cost.heterogeneous
@@ -311,15 +451,24 @@ class _Run:
         token_prio: np.ndarray | None,
         prefetch: np.ndarray | None,
         predictions: Predictions | None = None,
+        generated: int | None = None,
+        token_accesses: int | None = None,
     ) -> None:
         """Replays one chunk. experts (L, T, k) int32; access_prio (L, T, k) f32; token_prio (T, L, E) f32;
-        prefetch (L, T, m) int32 (-1 = none); predictions: the prefetcher's, needed when ``stepwise``."""
+        prefetch (L, T, m) int32 (-1 = none); predictions: the prefetcher's, needed when ``stepwise``.
+        With verify passes, T counts passes (rows: their unions) and ``generated`` / ``token_accesses``
+        the tokens and their expert selections (default: one token per row)."""
         start = time.perf_counter()
         T = experts.shape[1]
-        self.tokens += T
-        self.accesses += (experts >= 0).sum(axis=(1, 2))
+        valid = (experts >= 0).sum(axis=(1, 2))  # [L]
+        self.passes += T
+        self.tokens += T if generated is None else generated
+        self.token_accesses += int(valid.sum()) if token_accesses is None else token_accesses
+        self.accesses += valid
         distinct = _distinct_counts(experts) if self.count_steps else None  # [L, T]
-        if self.stepwise:
+        if self.verify_tokens > 1 and self.mode == "per-layer":
+            self._replay_layers(experts, access_prio, token_prio, prefetch)
+        elif self.stepwise:
             if predictions is None:
                 raise RuntimeError(
                     f"{self.spec.label}: a step-by-step replay needs the prefetcher's predictions"
@@ -347,6 +496,65 @@ class _Run:
                     None if distinct is None else distinct[:, a:b],
                 )
         self.seconds += time.perf_counter() - start
+
+    def _replay_layers(
+        self,
+        experts: np.ndarray,
+        access_prio: np.ndarray | None,
+        token_prio: np.ndarray | None,
+        prefetch: np.ndarray | None,
+    ) -> None:
+        """Per-layer caches, layer by layer: runs of steps in one C++ replay each, broken where the
+        policy's per-token priorities change (set first) and at steps whose union exceeds the cache
+        (:meth:`_waves`). experts (L, T, w) distinct ids per row; the rest as in :meth:`feed`."""
+        T = experts.shape[1]
+        all_ids = np.arange(self.E, dtype=np.int64)
+        for layer, cache in enumerate(self.caches):
+            ex = experts[layer]  # [T, w]
+            pre = None if prefetch is None else prefetch[layer]
+            prio = None if access_prio is None else access_prio[layer]
+            wave = (ex >= 0).sum(axis=1) > self.slots  # [T]
+            changed = np.zeros(T, dtype=bool)
+            if token_prio is not None:
+                tp = token_prio[:, layer]  # [T, E]
+                changed[0] = True
+                changed[1:] = (tp[1:] != tp[:-1]).any(axis=1)
+            cut = changed | wave
+            cut[1:] |= wave[:-1]
+            cut[0] = True
+            bounds = [*np.flatnonzero(cut).tolist(), T]
+            for a, b in zip(bounds[:-1], bounds[1:]):
+                if changed[a]:
+                    cache.set_priority(0, all_ids, np.ascontiguousarray(tp[a]))
+                if wave[a]:
+                    self.hits[layer] += self._waves(
+                        cache, ex[a], None if pre is None else pre[a], None if prio is None else prio[a]
+                    )
+                    continue
+                out = cache.replay(
+                    np.zeros(b - a, dtype=np.int32),
+                    np.ascontiguousarray(ex[a:b]),
+                    prefetch=None if pre is None else np.ascontiguousarray(pre[a:b]),
+                    priorities=None if prio is None else np.ascontiguousarray(prio[a:b]),
+                )
+                self.hits[layer] += int(out["hits_per_step"].numpy().sum())
+
+    def _waves(self, cache, ex: np.ndarray, pre: np.ndarray | None, prio: np.ndarray | None) -> int:
+        """One layer call whose union (w,) exceeds the cache's slots: the prefetch row, then the union
+        in waves of at most ``slots``, resident experts first (then by id), as the runtime streams it
+        (``moert.offload``, no overlap); then the call's priorities. Returns the hits."""
+        if pre is not None and (pre >= 0).any():
+            cache.sim_prefetch(0, pre[pre >= 0].astype(np.int64))
+        valid = ex >= 0
+        union = np.sort(ex[valid]).astype(np.int64)
+        resident = cache.resident(0)[union]
+        union = np.concatenate([union[resident], union[~resident]])
+        hits = 0
+        for w0 in range(0, union.size, self.slots):
+            hits += cache.sim_access(0, union[w0 : w0 + self.slots])
+        if prio is not None:
+            cache.set_priority(0, ex[valid].astype(np.int64), np.ascontiguousarray(prio[valid]))
+        return hits
 
     def _cache(self, layer: int):
         """(cache, layer index inside it) of MoE layer ``layer``."""
@@ -457,6 +665,7 @@ class _Run:
         prefetch_loads = stats.get("prefetch_loads", 0)
         demand_bpt = demand_loads * cost.expert_bytes / n
         prefetch_bpt = prefetch_loads * cost.expert_bytes / n
+        misses = int(stats.get("misses", 0))
         row = {
             "policy": self.spec.label,
             "evict": self.spec.evict,
@@ -470,6 +679,12 @@ class _Run:
             "hits": hits,
             "hit_rate": hits / accesses if accesses else math.nan,
             "hit_rate_per_layer": [float(h / a) if a else math.nan for h, a in zip(self.hits, self.accesses)],
+            "verify_tokens": self.verify_tokens,
+            "passes": self.passes,
+            "token_accesses": self.token_accesses,
+            "token_hit_rate": 1.0 - misses / self.token_accesses if self.token_accesses else math.nan,
+            "loads_per_token": (demand_loads + prefetch_loads) / n,
+            "demand_loads_per_token": demand_loads / n,
             "demand_misses": int(stats.get("misses", 0)),
             "prefetches": int(stats.get("prefetches", 0)),
             "prefetch_hits": int(stats.get("prefetch_hits", 0)),
@@ -481,7 +696,7 @@ class _Run:
             "replay_seconds": self.seconds,
             "accesses_per_s": accesses / self.seconds if self.seconds > 0 else None,
         }
-        row.update(cost.predict(demand_bpt, prefetch_bpt, self.L))
+        row.update(cost.predict(demand_bpt, prefetch_bpt, self.L, self.verify_tokens))
         if self.count_steps:
             row["demand_misses_per_step"] = self.misses_per_step.tolist()
             row.update(cost.predict_heterogeneous(self.misses_per_step, self.tokens, prefetch_bpt, self.L))
@@ -556,15 +771,21 @@ def simulate(
         bytes, bytes per token, predicted tokens/s, the C++ cache stats and the replay speed.
     """
     meta = trace.meta
+    n_verify = int(config.verify_tokens)
+    if n_verify > 1:
+        _check_speculative(config, prefetchers or {})
+        trace = PassTrace(trace, n_verify)
     policies: dict[str, EvictionPolicy] = {}
     pre_objs: dict[str, Prefetcher] = {}
     for spec in config.policies:
         if spec.label in policies:
             raise ValueError(f"policy {spec.label!r} is listed twice")
         policies[spec.label] = get_eviction_policy(spec.evict)
+        _set_decay(policies[spec.label], config.utility_decay)
         policies[spec.label].prepare(trace)
         if spec.prefetch is not None and spec.prefetch not in pre_objs:
             pre_objs[spec.prefetch] = (prefetchers or {}).get(spec.prefetch) or get_prefetcher(spec.prefetch)
+            _set_decay(pre_objs[spec.prefetch], config.utility_decay)
             pre_objs[spec.prefetch].prepare(meta)
         if policies[spec.label].predictor_scores:
             if spec.prefetch is None:
@@ -581,9 +802,15 @@ def simulate(
     }
     runs = {
         spec.label: [
-            _Run(spec, c, meta, config.mode, config.cost, stepwise=pre_objs[spec.prefetch].lookahead > 0)
-            if spec.prefetch is not None
-            else _Run(spec, c, meta, config.mode, config.cost)
+            _Run(
+                spec,
+                c,
+                meta,
+                config.mode,
+                config.cost,
+                stepwise=spec.prefetch is not None and pre_objs[spec.prefetch].lookahead > 0,
+                verify_tokens=n_verify,
+            )
             for c in config.capacities
         ]
         for spec in config.policies
@@ -597,6 +824,9 @@ def simulate(
     try:
         for chunk in _chunks(trace, config.chunk_tokens):
             experts = np.concatenate([s.experts.numpy().astype(np.int32) for s in chunk], axis=1)  # [L, T, k]
+            # with verify passes: T passes, rows their unions; count the generated tokens
+            generated = sum(getattr(s, "generated", s.num_tokens) for s in chunk)
+            selections = sum(getattr(s, "token_experts", 0) for s in chunk) if n_verify > 1 else None
             predicted = {name: _prefetch_rows(p, chunk, meta, stepwise[name]) for name, p in pre_objs.items()}
             for spec in config.policies:
                 policy = policies[spec.label]
@@ -611,9 +841,9 @@ def simulate(
                 token_prio = None if per_token[0] is None else np.concatenate(per_token, axis=0)
                 pre, plan = (None, None) if spec.prefetch is None else predicted[spec.prefetch]
                 for run in runs[spec.label]:
-                    run.feed(experts, access_prio, token_prio, pre, plan)
-            n = experts.shape[1]
-            offset += n
+                    run.feed(experts, access_prio, token_prio, pre, plan, generated, selections)
+            n = generated
+            offset += experts.shape[1]  # rows (tokens, or passes), as the policies count them
             if bar is not None:
                 bar.update(n)
             if on_chunk is not None:
@@ -632,9 +862,36 @@ def simulate(
             "policies": [s.label for s in config.policies],
             "mode": config.mode,
             "cost_model": dataclasses.asdict(config.cost),
+            "verify_tokens": n_verify,
+            "utility_decay": config.utility_decay,
         },
         "results": results,
     }
+
+
+def _set_decay(obj: EvictionPolicy | Prefetcher, decay: float) -> None:
+    """Gives ``utility`` policies and prefetchers the configured moving-average decay."""
+    from moert.policy.utility import UtilityPolicy, UtilityPrefetcher
+
+    if isinstance(obj, (UtilityPolicy, UtilityPrefetcher)):
+        obj.decay = decay
+
+
+def _check_speculative(config: SimConfig, prefetchers: dict[str, Prefetcher]) -> None:
+    """Raises ValueError for a configuration that verify passes (``verify_tokens`` > 1) do not support."""
+    n = config.verify_tokens
+    for spec in config.policies:
+        if spec.evict not in SPECULATIVE_EVICTION:
+            raise ValueError(
+                f"--verify-tokens {n}: eviction policy {spec.evict!r} ({spec.label!r}) is not simulated with "
+                f"verify passes; use one of {', '.join(SPECULATIVE_EVICTION)}, or --verify-tokens 1"
+            )
+        pre = spec.prefetch
+        if pre is not None and (pre in prefetchers or pre.partition(":")[0] not in SPECULATIVE_PREFETCH):
+            raise ValueError(
+                f"--verify-tokens {n}: prefetcher {pre!r} ({spec.label!r}) is not simulated with verify passes "
+                "(a predictor predicts per token); use utility[:m] or oracle, or --verify-tokens 1"
+            )
 
 
 def result_table(report: dict) -> str:
@@ -649,10 +906,16 @@ def result_table(report: dict) -> str:
         + [f"hit rate @{c:g} ({slots.get(c)} slots)" for c in caps]
         + [f"tok/s @{c:g}" for c in caps]
     )
+    speculative = report["config"].get("verify_tokens", 1) > 1
+    if speculative:
+        head += [f"token hit rate @{c:g}" for c in caps] + [f"loads/token @{c:g}" for c in caps]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for policy, by_cap in rows.items():
         hit = [f"{by_cap[c]['hit_rate']:.3f}" if c in by_cap else "" for c in caps]
         tok = [f"{by_cap[c]['predicted_tok_s']:.1f}" if c in by_cap else "" for c in caps]
+        if speculative:
+            tok += [f"{by_cap[c]['token_hit_rate']:.3f}" if c in by_cap else "" for c in caps]
+            tok += [f"{by_cap[c]['loads_per_token']:.2f}" if c in by_cap else "" for c in caps]
         lines.append("| " + " | ".join([policy, *hit, *tok]) + " |")
     if any("cpu_predicted_tok_s" in r for r in report["results"]):
         lines += ["", heterogeneous_table(report).rstrip("\n")]

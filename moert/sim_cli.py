@@ -10,6 +10,7 @@ Usage::
                    [--split auto|test|all] [--json OUT.json] [--plot OUT.png] [--markdown OUT.md]
                    [--expert-mb 17.3] [--bandwidth-gbs 25] [--layer-compute-ms 0.2]
                    [--cpu-expert-ms X [--activation-us 20]]
+                   [--verify-tokens N] [--utility-decay 0.7]
 
 Policy ``score`` is the runtime's predictor-score eviction (``moert.policy.score``): it needs a
 prefetcher that gives scores (a trained predictor, ``prev-token`` or ``frequency``), whose
@@ -19,6 +20,12 @@ predictions are made by the runtime's own hook, so ``score+P`` and ``lru+P`` pre
 between the host CPU (X ms per expert per token, plus one activation round trip) and the copy engine so
 that the step's stall is smallest (``moert.sim.CostModel``). Calibrate X on your host with
 ``python bench/bench_cpu_expert.py``.
+
+``--verify-tokens N`` (N = gamma + 1) replays speculative decoding's verify passes: each sequence's tokens
+in consecutive groups of N, each MoE layer accessing the union of a pass's experts once (every drafted
+token accepted, the draft model not simulated; see :mod:`moert.sim`). Policy ``utility`` and prefetcher
+``utility[:m]`` (MoE-SpAc; ``--utility-decay``) evict and prefetch by a moving average of each expert's
+count per call, e.g. ``--policy lru,utility,utility+utility:2,lru+utility:2 --verify-tokens 3``.
 """
 
 from __future__ import annotations
@@ -65,6 +72,32 @@ def _activation_us(text: str) -> float:
     return value
 
 
+def _verify_tokens(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a verify-pass size: give gamma + 1, an integer >= 1 (e.g. 3 for gamma = 2; 1 = "
+            "autoregressive decode)"
+        )
+    return value
+
+
+def _decay(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and 0 < value < 1):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a decay: give the weight of the past in the utility's moving average, a number "
+            "in (0, 1) (e.g. 0.7)"
+        )
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from moert.config import OffloadConfig
     from moert.sim import CostModel
@@ -86,7 +119,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--policy",
         default="lru,lfu,moe-infinity,belady",
-        help="comma-separated EVICT[+PREFETCH]: lru, lfu, moe-infinity, belady, score; e.g. lru+oracle, "
+        help="comma-separated EVICT[+PREFETCH]: lru, lfu, moe-infinity, belady, score, utility; e.g. lru+oracle, "
+        "utility+utility:2, "
         "score+PRED.safetensors:2 (score needs a predictor prefetcher: a trained file, prev-token or frequency)",
     )
     mode = parser.add_mutually_exclusive_group()
@@ -165,6 +199,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help=f"with --cpu-expert-ms: the activation row's round trip device->host->device, µs "
         f"(default {d.activation_us:g})",
+    )
+    parser.add_argument(
+        "--verify-tokens",
+        type=_verify_tokens,
+        default=1,
+        help="speculative decoding: gamma + 1 tokens per verify pass; each MoE layer of a pass accesses the "
+        "union of its tokens' experts once (every draft accepted, draft model not simulated; eviction lru, "
+        "lfu, belady, utility; prefetch utility[:m] or oracle). Default 1 = autoregressive",
+    )
+    parser.add_argument(
+        "--utility-decay",
+        type=_decay,
+        default=0.7,
+        help="policy/prefetcher utility: weight of the past in the moving average of each expert's count "
+        "per layer call, in (0, 1) (default 0.7)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -252,6 +301,7 @@ def markdown(report: dict) -> str:
         f"Cost model: expert {cost['expert_bytes'] / 1e6:.1f} MB, {cost['bandwidth_gbs']:g} GB/s, "
         f"{cost['layer_compute_ms']:g} ms compute per MoE layer (tok/s = predicted decode speed).",
         *_heterogeneous_note(cost),
+        *_speculative_note(cfg),
         "",
         result_table(report),
         f"device: {env['device']}; torch {env['torch']}, numpy {env['numpy']}, python {env['python']}; "
@@ -259,6 +309,18 @@ def markdown(report: dict) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _speculative_note(cfg: dict) -> list[str]:
+    n = cfg.get("verify_tokens", 1)
+    if n == 1:
+        return []
+    return [
+        f"Speculative decoding: verify passes of {n} tokens (gamma = {n - 1}); each MoE layer of a pass "
+        "accesses the union of its experts once; every draft accepted, the draft model not simulated; a pass "
+        "costs one token's compute. Hit rate: per distinct expert of a layer call; token hit rate = 1 - demand "
+        "misses / (tokens * k); tok/s per generated token."
+    ]
 
 
 def _heterogeneous_note(cost: dict) -> list[str]:
@@ -312,6 +374,8 @@ def _run(args: argparse.Namespace) -> int:
             layer_compute_ms=args.layer_compute_ms,
             **cpu,
         ),
+        verify_tokens=args.verify_tokens,
+        utility_decay=args.utility_decay,
     )
     report = simulate(trace, config, progress=not args.no_progress, prefetchers=prefetchers)
     report["environment"] = environment()

@@ -6,9 +6,12 @@ Eviction (the C++ cache chooses victims; Python only pushes scores):
   ``belady``         optimal offline eviction (simulator only), scores = -(next use)
   ``score``          the runtime's predictor scores (needs a prefetcher that gives scores, e.g.
                      ``score+PRED.safetensors:2``; see :mod:`moert.policy.score`)
+  ``utility``        MoE-SpAc's utility: a moving average of each expert's count per call
+                     (see :mod:`moert.policy.utility`; for speculative verify passes)
 Prefetch (a hook before each layer's access):
   ``oracle``         the true expert set (the ceiling)
   ``moe-infinity``   the top experts of the best-matching earlier request's activation matrix
+  ``utility[:m]``    the layer's top-(k+m) experts by utility (MoE-SpAc), from past calls only
   anything with ``prefetch(layer, ctx) -> expert ids`` (see :class:`Prefetcher`), e.g. a predictor.
 """
 
@@ -29,7 +32,7 @@ __all__ = [
     "register_prefetcher",
 ]
 
-EVICTION_POLICIES = ("lru", "lfu", "moe-infinity", "belady", "score")
+EVICTION_POLICIES = ("lru", "lfu", "moe-infinity", "belady", "score", "utility")
 PREFETCHERS: dict[str, type[Prefetcher]] = {}
 
 
@@ -49,6 +52,10 @@ def get_eviction_policy(name: str) -> EvictionPolicy:
         from moert.policy.score import ScorePolicy
 
         return ScorePolicy()
+    if name == "utility":
+        from moert.policy.utility import UtilityPolicy
+
+        return UtilityPolicy()
     raise ValueError(f"unknown eviction policy {name!r}; use one of {', '.join(EVICTION_POLICIES)}")
 
 
@@ -58,7 +65,8 @@ def register_prefetcher(name: str, cls: type[Prefetcher]) -> None:
 
 
 def get_prefetcher(name: str) -> Prefetcher:
-    """A fresh prefetcher by name: ``oracle`` or one registered with :func:`register_prefetcher`."""
+    """A fresh prefetcher by name: ``oracle``, ``moe-infinity``, ``utility[:m]`` or one registered with
+    :func:`register_prefetcher`."""
     if name == "oracle":
         from moert.policy.oracle import OraclePrefetcher
 
@@ -67,7 +75,14 @@ def get_prefetcher(name: str) -> Prefetcher:
         from moert.policy.moe_infinity import MoEInfinityPrefetcher
 
         return MoEInfinityPrefetcher()
+    base, colon, extra = name.partition(":")
+    if base == "utility":
+        from moert.policy.utility import UtilityPrefetcher
+
+        if colon and not extra.isdigit():
+            raise ValueError(f"prefetcher {name!r}: m must be an integer >= 0, e.g. utility:2")
+        return UtilityPrefetcher(int(extra) if colon else 0)
     if name in PREFETCHERS:
         return PREFETCHERS[name]()
-    known = ", ".join(["oracle", "moe-infinity", *PREFETCHERS])
+    known = ", ".join(["oracle", "moe-infinity", "utility[:m]", *PREFETCHERS])
     raise ValueError(f"unknown prefetcher {name!r}; use one of {known} (or register_prefetcher(name, cls))")

@@ -32,7 +32,8 @@ def next_use(experts: np.ndarray) -> np.ndarray:
     """Next token at which each (layer, expert) is used again.
 
     Args:
-        experts: (N, L, k) integer expert ids of N tokens, token-major.
+        experts: (N, L, k) integer expert ids of N tokens (or verify passes), token-major; -1 pads
+            (their entries are meaningless).
 
     Returns:
         (N, L, k) int64: for entry (t, l, j), the smallest t' > t whose layer-l experts include
@@ -41,7 +42,8 @@ def next_use(experts: np.ndarray) -> np.ndarray:
     N, L, k = experts.shape
     t = np.broadcast_to(np.arange(N)[:, None, None], experts.shape).reshape(-1)
     layer = np.broadcast_to(np.arange(L)[None, :, None], experts.shape).reshape(-1)
-    key = layer.astype(np.int64) * (int(experts.max(initial=0)) + 1) + experts.reshape(-1)
+    # ids shifted by one so that -1 pads (grouped verify passes) never share a key with a real expert
+    key = layer.astype(np.int64) * (int(experts.max(initial=0)) + 2) + experts.reshape(-1) + 1
     order = np.lexsort((t, key))  # grouped by (layer, expert), then by time
     sk, st = key[order], t[order]
     nxt_sorted = np.full(sk.shape, -1, dtype=np.int64)
