@@ -18,7 +18,12 @@ changes no order; so the priority pushed is ``log u + c * log(1/decay)`` with ``
 the start of the current sequence, which changes only for the experts the call selected
 (:meth:`UtilityPolicy.access_priorities`). At each sequence start every priority is rebased (``c = 0``)
 by :meth:`UtilityPolicy.token_priorities`, which keeps the float32 priorities exact to ~1e-6 relative.
-An expert never selected has u = 0 and the lowest priority (:data:`NEVER`).
+An expert never selected has u = 0 and the lowest priority (:data:`NEVER`). A verify pass's counts come
+from ``moert.sim.PassSequence.multiplicity`` (the pass's union alone would give 0/1).
+
+One global cache compares layers: there the pushed priority of every layer carries the same clock
+(calls of the pass so far), so a layer that already ran in the current pass is compared with one yet to
+run as if both had decayed the same number of passes (per-layer caches are exact either way).
 
 The prefetcher's rows are applied right before the layer's next call (``Prefetcher`` contract): in a
 per-layer cache nothing else touches the layer's cache in between, so that is the same as right
