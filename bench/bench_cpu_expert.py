@@ -138,7 +138,7 @@ def main() -> int:
         "date": provenance.utc_now(),
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "loadavg_at_start": os.getloadavg()[0],
-        "modified_tracked_files": _modified_files(),
+        "modified_tracked_files": provenance.modified_files(),
     }
     pools = {
         (m.name, d): PoolExperts(m, dt, args.pool_mb << 20, seed=i)
@@ -222,20 +222,6 @@ def main() -> int:
         print(f"{c['model']}: --cpu-expert-ms {c['cpu_expert_ms']:.2f} --expert-mb {c['expert_mb']:.1f}")
     print(f"wrote {stem}.json and .md", file=sys.stderr)
     return 0
-
-
-def _modified_files() -> list[str]:
-    """Tracked files that differ from the commit (``+dirty``): the shared checkout holds others' work too."""
-    import subprocess
-
-    try:
-        out = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, check=True,
-        ).stdout  # fmt: skip
-    except (OSError, subprocess.CalledProcessError):
-        return ["unknown"]
-    return [line[3:] for line in out.splitlines()]
 
 
 def _calibration(results: list[dict]) -> list[dict]:

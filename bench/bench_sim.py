@@ -51,6 +51,7 @@ import numpy as np
 import torch
 
 from moert import envs, runtime
+from moert.provenance import modified_files
 from moert.sim import SimConfig, parse_policies, simulate
 from moert.sim_cli import environment
 from moert.trace import InMemoryTrace, SequenceTrace, TraceMeta, TraceWriter, open_trace
@@ -242,7 +243,7 @@ def score(args: argparse.Namespace) -> int:
     from moert.sim import SimConfig, parse_policies, simulate
 
     args.seed = 0
-    env = {**environment(), "modified_tracked_files": _modified_files()}  # what runs: taken before the run
+    env = {**environment(), "modified_tracked_files": modified_files()}  # what runs: taken before the run
     src = envs.shared_dir() / "data" / "traces" / "deepseek-v2-lite-chat-puffin"
     meta, seqs = open_sequences(str(src))
     split = split_sequences([s.seq_id for s in seqs], 0.1, 0.1, seed=args.seed)
@@ -298,20 +299,6 @@ def score(args: argparse.Namespace) -> int:
     _score_plot(out, ms, stem.with_suffix(".png"))
     print(stem.with_suffix(".md").read_text())
     return 0
-
-
-def _modified_files() -> list[str]:
-    """Tracked files that differ from the commit (``+dirty``): the shared checkout holds others' work too."""
-    import subprocess
-
-    try:
-        out = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, check=True,
-        ).stdout  # fmt: skip
-    except (OSError, subprocess.CalledProcessError):
-        return ["unknown"]
-    return [line[3:] for line in out.splitlines()]
 
 
 def _score_markdown(out: dict, ms: list[int], caps: tuple[float, ...]) -> str:
@@ -554,7 +541,7 @@ def hetero(args: argparse.Namespace) -> int:
     from moert.sim import CostModel
     from moert.sim_cli import plot
 
-    env = {**environment(), "modified_tracked_files": _modified_files()}  # what runs: taken before the run
+    env = {**environment(), "modified_tracked_files": modified_files()}  # what runs: taken before the run
     cpu_ms, calibration = _cpu_calibration(args)
     cost = CostModel(cpu_expert_ms=cpu_ms, activation_us=args.activation_us)
     caps = tuple(float(x) for x in (args.capacity or "0.1,0.25,0.5").split(","))
@@ -793,7 +780,7 @@ def speculative(args: argparse.Namespace) -> int:
     from moert.predict.data import open_sequences
     from moert.predict.prefetch import SequenceListTrace
 
-    env = {**environment(), "modified_tracked_files": _modified_files()}  # what runs: taken before the run
+    env = {**environment(), "modified_tracked_files": modified_files()}  # what runs: taken before the run
     caps = tuple(float(x) for x in (args.capacity or "0.1,0.25,0.5").split(","))
     ns = [int(x) for x in args.verify_tokens.split(",")]
     src = envs.shared_dir() / "data" / "traces" / "deepseek-v2-lite-chat-puffin"

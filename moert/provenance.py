@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-__all__ = ["git_commit", "device_name", "versions", "utc_now"]
+__all__ = ["git_commit", "modified_files", "device_name", "versions", "utc_now"]
 
 _REPO = Path(__file__).resolve().parent.parent
 
@@ -24,6 +24,18 @@ def git_commit() -> str:
         return commit + ("+dirty" if run("status", "--porcelain", "--untracked-files=no") else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+def modified_files() -> list[str]:
+    """Tracked files that differ from HEAD (what ``+dirty`` stands for); ``["unknown"]`` outside git."""
+    try:
+        out = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=_REPO, capture_output=True, text=True, check=True,
+        ).stdout  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        return ["unknown"]
+    return [line[3:] for line in out.splitlines()]
 
 
 def device_name(device: str = "cpu") -> str:
