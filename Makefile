@@ -11,7 +11,7 @@ DEPS := numpy safetensors tqdm pybind11 ninja setuptools wheel "$(TRANSFORMERS_S
 DEV_DEPS := pytest hypothesis ruff clang-format
 NATIVE := $(wildcard csrc/*.cc csrc/include/moert/*.h csrc/src/*.cc csrc/src/*.cu) CMakeLists.txt setup.py
 
-.PHONY: setup build demo test test-compat test-gpu test-gpu-here lint format bench clean
+.PHONY: setup build demo test test-compat test-gpu test-gpu-here lint format bench bench-sim-studies clean
 
 setup: $(VENV)/.deps build
 
@@ -71,7 +71,15 @@ bench: setup
 	$(PY) bench/bench_copy.py --torch-threads 1 --tag _torch1thread
 	$(PY) bench/bench_sim.py
 	$(PY) bench/bench_decode.py
+	$(PY) bench/bench_decode.py --prefill-len 128 --prefill-caches 0.05 0.1 0.25
+	$(PY) bench/bench_cpu_expert.py
 	$(PY) bench/bench_predictive_norm.py
+
+# the simulator studies on the shared traces (minutes each): score policy, CPU experts, speculative
+bench-sim-studies: setup
+	$(PY) bench/bench_sim.py --what score
+	$(PY) bench/bench_sim.py --what hetero
+	$(PY) bench/bench_sim.py --what speculative
 
 clean:
 	rm -rf build moert/_C*.so $(VENV)/.built $(COMPAT_VENV)
