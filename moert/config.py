@@ -10,7 +10,9 @@ __all__ = ["OffloadConfig", "POLICIES", "BACKENDS", "PREFETCH_MODES"]
 
 #: "score": eviction ordered by the predictor's scores for the coming layers, then recency (needs
 #: ``predictor``); it runs on the cache's "priority" policy with scores pushed per layer.
-POLICIES = ("lru", "lfu", "score")
+#: "utility": MoE-SpAc's speculative utility (``moert.speculative``): an EMA of each expert's use per
+#: layer call orders eviction and picks prefetches (runtime backend).
+POLICIES = ("lru", "lfu", "score", "utility")
 #: "async": prefetch the predicted experts while attention runs (CUDA: the copy engine waits on an
 #: event, the Python thread never blocks; CPU twin: queued synchronously); "off": the predictor only
 #: orders eviction and is scored (online recall), nothing is prefetched.
@@ -61,6 +63,8 @@ class OffloadConfig:
         cpu_expert_ms: one expert's host forward for one token; None: measured at patch time.
         copy_expert_ms: one expert's copy into the cache; None: measured at patch time.
         activation_us: moving a layer call's rows to the host and the products back.
+        utility_decay: policy ``"utility"``: weight of the past in each expert's moving average of
+            use, in (0, 1); its prefetch width is ``k + overprovision`` (``prefetch="off"``: none).
     """
 
     cache_experts: int | float = 0.25
@@ -80,6 +84,7 @@ class OffloadConfig:
     cpu_expert_ms: float | None = None
     copy_expert_ms: float | None = None
     activation_us: float = 20.0
+    utility_decay: float = 0.7
 
     def __post_init__(self) -> None:
         ce = self.cache_experts
@@ -132,6 +137,25 @@ class OffloadConfig:
         a = self.activation_us
         if isinstance(a, bool) or not isinstance(a, (int, float)) or not 0 <= a < math.inf:
             raise ValueError(f"activation_us={a!r} must be a number of microseconds >= 0")
+        ud = self.utility_decay
+        if isinstance(ud, bool) or not isinstance(ud, (int, float)) or not 0.0 < ud < 1.0:
+            raise ValueError(f"utility_decay={ud!r} must be in (0, 1), e.g. 0.7")
+        if self.policy == "utility":
+            if self.predictor is not None:
+                raise ValueError(
+                    "policy='utility' orders eviction by the experts' recent use and cannot also take a "
+                    "predictor's scores: use policy='score' (or 'lru') with predictor=, or drop predictor="
+                )
+            if self.backend != "runtime":
+                raise ValueError(
+                    f"policy='utility' needs backend='runtime' (cache priorities and the copy engine's "
+                    f"prefetch); backend={self.backend!r} has neither"
+                )
+            if self.overprovision == "adaptive":
+                raise ValueError(
+                    "policy='utility' prefetches its top k + m experts: give an int overprovision=m "
+                    "('adaptive' is for a predictor's probabilities)"
+                )
         if self.policy == "score" and self.predictor is None:
             raise ValueError(
                 "policy='score' orders eviction by a predictor's scores: pass predictor=PATH.safetensors "
@@ -145,8 +169,8 @@ class OffloadConfig:
 
     @property
     def cache_policy(self) -> str:
-        """The slab cache's policy: ``"score"`` runs on the cache's ``"priority"`` policy."""
-        return "priority" if self.policy == "score" else self.policy
+        """The slab cache's policy: ``"score"`` and ``"utility"`` run on its ``"priority"`` policy."""
+        return "priority" if self.policy in ("score", "utility") else self.policy
 
     def num_slots(self, num_layers: int, num_experts: int, top_k: int) -> int:
         """Slots for a model with ``num_layers`` MoE layers of ``num_experts`` experts, top-``top_k``.

@@ -320,6 +320,8 @@ class OffloadState:
         self.prefetcher: Any = None
         #: ``moert.hetero.CpuExperts`` in heterogeneous mode (set by ``moert.patch``), else None
         self.cpu_experts: Any = None
+        #: ``moert.speculative.UtilityTracker`` under policy "utility" (set by ``moert.patch``), else None
+        self.utility: Any = None
         self.reset_stats()
 
     @property
@@ -565,6 +567,8 @@ class OffloadedLayer:
             )  # [m, H], the same ops as on a slot
             buf[host_pos] = y * weights[host_pos].unsqueeze(-1)
             state.count_cpu_experts(self.ordinal, len(host))
+        if state.utility is not None:
+            state.utility.observe(self.ordinal, counts)  # priorities and prefetches for the next call
         # Reduce over k in routing order, as transformers does: [T, k, H] -> [T, H]
         return buf.view(num_tokens, k, hidden).sum(dim=1).to(hidden_states.dtype)
 

@@ -420,6 +420,13 @@ def install(
         except BaseException:
             state.close()
             raise
+    if cfg.policy == "utility":
+        from moert.speculative import UtilityTracker
+
+        width = (
+            min(adapter.num_experts, adapter.top_k + int(cfg.overprovision)) if cfg.prefetch == "async" else 0
+        )
+        state.utility = UtilityTracker(store, len(refs), adapter.num_experts, width, cfg.utility_decay)
     released = []
     for ordinal, ref in enumerate(refs):
         ex = ref.experts
