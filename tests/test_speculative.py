@@ -132,3 +132,24 @@ def test_utility_without_prefetch_only_orders_eviction(tmp_path):
 def test_bad_settings_are_named(kw, message):
     with pytest.raises(ValueError, match=message):
         moert.OffloadConfig(**kw)
+
+
+@pytest.mark.gpu
+def test_cuda_assisted_generation_with_utility_is_exact_across_cache_sizes():
+    """bf16 on CUDA: the patched target's assisted generation gives the unpatched greedy tokens, and
+    its logits are bit-identical between a 25% cache (utility policy, prefetches) and every expert."""
+    target = tiny_model("deepseek_v2", topk_method="greedy").to("cuda", torch.bfloat16)
+    draft = tiny_model("deepseek_v2", topk_method="greedy", seed=1, num_hidden_layers=2).to(
+        "cuda", torch.bfloat16
+    )
+    prompt = prompt_ids(1, 6, vocab=target.config.vocab_size).cuda()
+    want, _ = greedy(target, prompt, 16)
+    outs = {}
+    for cache, policy in ((1.0, "lru"), (0.25, "utility")):
+        h = moert.patch(target, cache_experts=cache, device="cuda", policy=policy)
+        outs[cache] = _assisted(target, draft, prompt, 16)
+        st = h.stats()
+        h.undo()
+    assert torch.equal(outs[0.25][0], want) and torch.equal(outs[1.0][0], want)
+    assert torch.equal(outs[0.25][1], outs[1.0][1]), "not bit-identical across cache sizes on CUDA"
+    assert st.misses > 0 and st.prefetches > 0
