@@ -33,7 +33,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=0.25,
         help="cache size: fraction of routed experts (<= 1.0) or, when > 1, a number of slots (default 0.25)",
     )
-    parser.add_argument("--policy", choices=("lru", "lfu"), default="lru")
+    parser.add_argument(
+        "--policy",
+        choices=("lru", "lfu", "utility"),
+        default="lru",
+        help="eviction for the main run (utility: moving average of each expert's use, with prefetch)",
+    )
     parser.add_argument(
         "--device", choices=("cpu", "cuda"), default=None, help="default: CUDA when one can run"
     )

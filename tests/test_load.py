@@ -164,6 +164,15 @@ def test_demo_on_a_model_directory(ds, capsys):
     assert mem["device_with_offload"] < mem["device_without_offload"]
 
 
+def test_demo_with_the_utility_policy(ds, capsys):
+    from moert import cli
+
+    rc = cli.main(["demo", "--model", str(ds.path), "--tokens", "8", "--policy", "utility", "--json"])
+    rec = json.loads(capsys.readouterr().out)
+    assert rc == 0 and rec["check"]["tokens_identical"] is True
+    assert rec["stats"]["prefetches"] > 0 and rec["stats"]["misses"] > 0
+
+
 def test_demo_default_cli(tmp_path):
     """`moert demo` (what `make demo` runs) on the built-in model, shortened to 4 tokens."""
     import subprocess
