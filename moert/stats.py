@@ -96,7 +96,9 @@ class Stats:
 
     @property
     def hit_rate(self) -> float:
-        n = self.hits + self.misses
+        """Share of the layer calls' experts served from the cache: ``hits / (hits + misses +
+        cpu_experts)`` (a host-computed expert is neither loaded nor a hit)."""
+        n = self.hits + self.misses + self.cpu_experts
         return self.hits / n if n else 0.0
 
     @property

@@ -51,6 +51,7 @@ def test_host_experts_keep_the_numbers_and_replace_loads(name, tmp_path):
     slab = (st_off.bytes_copied - st_off.prefetch_bytes) // st_off.misses
     assert st.bytes_copied == st.misses * slab + st.prefetch_bytes  # host experts copy nothing
     assert st.as_dict()["cpu_experts"] == st.cpu_experts
+    assert st.hit_rate == st.hits / (st.hits + st.misses + st.cpu_experts)
 
 
 def test_choose_takes_the_last_misses_by_the_cost_split():
