@@ -55,7 +55,7 @@ class OffloadConfig:
             first experts compute while the later ones still copy (runtime backend). False: acquire
             waits for every copy of the wave (the CPU twin's caller then copies its own demand
             loads). None (default): on for CUDA, off for the CPU twin, where copies and compute
-            share the cores (bench_decode, same run: 0.89x vs 0.93x all-resident with it off).
+            share the cores (bench_decode on 2 cores: the same speed or a few percent slower).
         cpu_experts: heterogeneous mode (DESIGN §7, ``moert.hetero``): per layer call, some missed
             experts run on the host CPU from the pool instead of being copied, as many as minimise
             ``max(c * cpu + activation, (n - c) * copy)``. Off by default: on CUDA a host expert is
