@@ -147,6 +147,20 @@ def _versions() -> dict[str, str]:
     }
 
 
+def _model_dims(cfg: Any, adapter: Any, layout: ExpertLayout) -> dict[str, Any]:
+    """The benchmarked model's dimensions, recorded beside every table."""
+    return {
+        "model_type": cfg.model_type,
+        "hidden": cfg.hidden_size,
+        "moe_intermediate": layout.intermediate,
+        "layers": cfg.num_hidden_layers,
+        "moe_layers": len(adapter.moe_layers()),
+        "experts": adapter.num_experts,
+        "top_k": adapter.top_k,
+        "expert_MB": layout.expert_bytes / 1e6,
+    }
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     device = args.device
     model, described = build(device, args.seed, args.model)
@@ -275,15 +289,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "bench": "decode",
         "device": device,
         "model": described,
-        "model_dims": {
-            "model_type": cfg.model_type,
-            "hidden": cfg.hidden_size,
-            "moe_intermediate": layout.intermediate,
-            "layers": cfg.num_hidden_layers,
-            "experts": adapter.num_experts,
-            "top_k": adapter.top_k,
-            "expert_MB": layout.expert_bytes / 1e6,
-        },
+        "model_dims": _model_dims(cfg, adapter, layout),
         "batch": args.batch,
         "prompt_len": args.prompt_len,
         "tokens": args.tokens,
@@ -518,16 +524,7 @@ def run_prefill(args: argparse.Namespace) -> dict[str, Any]:
         "bench": "prefill",
         "device": device,
         "model": described,
-        "model_dims": {
-            "model_type": cfg.model_type,
-            "hidden": cfg.hidden_size,
-            "moe_intermediate": layout.intermediate,
-            "layers": cfg.num_hidden_layers,
-            "moe_layers": len(adapter.moe_layers()),
-            "experts": adapter.num_experts,
-            "top_k": adapter.top_k,
-            "expert_MB": layout.expert_bytes / 1e6,
-        },
+        "model_dims": _model_dims(cfg, adapter, layout),
         "batch": args.batch,
         "prefill_len": args.prefill_len,
         "prompts": n,

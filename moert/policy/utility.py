@@ -142,7 +142,21 @@ def _priorities(u: np.ndarray, calls: np.ndarray | int, decay: float) -> np.ndar
     return np.where(u > 0, p, NEVER).astype(np.float32)
 
 
-class UtilityPolicy(EvictionPolicy):
+class _UtilityDecay:
+    """The ``decay`` of a policy or prefetcher that keeps a ``_UtilityState`` (validated on set)."""
+
+    _state: _UtilityState
+
+    @property
+    def decay(self) -> float:
+        return self._state.decay
+
+    @decay.setter
+    def decay(self, value: float) -> None:
+        self._state.decay = check_decay(value)
+
+
+class UtilityPolicy(_UtilityDecay, EvictionPolicy):
     """Evicts the lowest utility first, ties by recency (see the module doc).
 
     Args:
@@ -156,14 +170,6 @@ class UtilityPolicy(EvictionPolicy):
     def __init__(self, decay: float = DEFAULT_DECAY) -> None:
         self._state = _UtilityState()
         self.decay = decay
-
-    @property
-    def decay(self) -> float:
-        return self._state.decay
-
-    @decay.setter
-    def decay(self, value: float) -> None:
-        self._state.decay = check_decay(value)
 
     def prepare(self, trace: Trace) -> None:
         self._state.reset(trace.meta.num_layers, trace.meta.num_experts)
@@ -188,7 +194,7 @@ class UtilityPolicy(EvictionPolicy):
         self._state.advance(seq)
 
 
-class UtilityPrefetcher(Prefetcher):
+class UtilityPrefetcher(_UtilityDecay, Prefetcher):
     """Before each call of a layer, the top-(k + m) experts of that layer by utility (only those with
     utility > 0; the most useful first); the cache skips the resident ones.
 
@@ -205,14 +211,6 @@ class UtilityPrefetcher(Prefetcher):
         self.extra = extra
         self._state = _UtilityState()
         self.decay = decay
-
-    @property
-    def decay(self) -> float:
-        return self._state.decay
-
-    @decay.setter
-    def decay(self, value: float) -> None:
-        self._state.decay = check_decay(value)
 
     def prepare(self, meta: TraceMeta) -> None:
         self.width = min(meta.top_k + self.extra, meta.num_experts)
