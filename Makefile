@@ -43,8 +43,8 @@ test-compat: $(VENV)/.deps
 	$(COMPAT_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)"
 	$(COMPAT_VENV)/bin/python -m pip install -q $(filter-out "$(TRANSFORMERS_SPEC)",$(DEPS)) "$(COMPAT_SPEC)" pytest hypothesis
 	$(COMPAT_VENV)/bin/python -m pip install -q --no-build-isolation --no-deps -e .
-	HF_HUB_OFFLINE=1 $(COMPAT_VENV)/bin/python -m pytest -q -m "not gpu" tests/models tests/test_patch.py tests/test_load.py tests/test_trace_capture.py \
-		tests/test_patch_state_dict.py tests/test_hetero.py tests/test_waves.py tests/test_prefetch.py tests/test_speculative.py
+	HF_HUB_OFFLINE=1 $(COMPAT_VENV)/bin/python -m pytest -q -m "not gpu" tests/models tests/api tests/trace/test_capture.py \
+		tests/engine
 
 test-gpu: setup
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m gpu

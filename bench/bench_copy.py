@@ -27,9 +27,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from moert import runtime
+from moert.engine import runtime
+from moert.engine.runtime import CopyEngine, ExpertPool, SlabCache
 from moert.provenance import device_name, git_commit
-from moert.runtime import CopyEngine, ExpertPool, SlabCache
 
 CHUNKS_MB = (1, 4, 16, 64)
 LANES = (1, 2, 4)

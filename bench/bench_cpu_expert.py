@@ -2,8 +2,8 @@
 
 In heterogeneous mode (DESIGN.md §7) a missed expert may run on the host CPU from its pool entry
 instead of being copied to the GPU. This measures that computation as the runtime would run it:
-the weights are views of a ``moert.runtime.ExpertPool`` entry in the runtime's layout
-(``moert.offload.ExpertLayout``: gate_up (2I, H), then down (H, I)), the rows ``x: (B, H)`` are cast to
+the weights are views of a ``moert.engine.runtime.ExpertPool`` entry in the runtime's layout
+(``moert.engine.offload.ExpertLayout``: gate_up (2I, H), then down (H, I)), the rows ``x: (B, H)`` are cast to
 the weights' dtype, and ``y = down(silu(gate) * up)`` with ``gate, up = gate_up(x).chunk(2)``.
 
 Real dims: DeepSeek-V2-Lite (H=2048, I=1408) and Qwen3-30B-A3B (H=2048, I=768); fp32 and bf16; B = 1
@@ -39,8 +39,8 @@ import torch
 import torch.nn.functional as F
 
 from moert import provenance
-from moert.offload import ExpertLayout
-from moert.runtime import ExpertPool
+from moert.engine.offload import ExpertLayout
+from moert.engine.runtime import ExpertPool
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,7 @@ CALIBRATE = ("DeepSeek-V2-Lite", "bf16", 1)
 
 
 def expert_forward(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
-    """One expert, as ``moert.offload`` computes it.
+    """One expert, as ``moert.engine.offload`` computes it.
 
     Args:
         x: (B, H) rows, in the weights' dtype.
@@ -264,7 +264,7 @@ def markdown(out: dict) -> str:
         "you calibrate it on your own host: run `python bench/bench_cpu_expert.py` there.",
         "",
         "One expert's forward `y = down(silu(gate) * up)`, `gate, up = gate_up(x).chunk(2)`, with the weights "
-        "read through `moert.runtime.ExpertPool.view` in the runtime's layout (gate_up (2I, H) then down (H, I), "
+        "read through `moert.engine.runtime.ExpertPool.view` in the runtime's layout (gate_up (2I, H) then down (H, I), "
         f"one entry each; pool {'page-locked' if out['results'][0]['pinned'] else 'not page-locked (no CUDA device: the runtime pins only for a GPU)'}). "
         "`cold`: every call the next entry of a rotation larger than the last-level cache (a missed expert "
         "comes from DRAM: the case the simulator models); `hot`: the same entry every call. ms = median "

@@ -27,7 +27,7 @@ waited for copies, over copy-lane busy time: the share of copy time not hidden b
 Prefill mode (``--prefill-len N``): the time of one forward over an N-token prompt (``--batch`` rows)
 at each ``--prefill-caches`` size (a fraction, or an int number of slots), with plain waves
 (acquire, wait for the copies, compute, release) and with overlapped waves (wave i+1 prefetched while
-wave i computes; ``moert.offload``), against the unpatched model and moert with every expert cached
+wave i computes; ``moert.engine.offload``), against the unpatched model and moert with every expert cached
 (warm), all in the same run over the same ``--prefill-prompts`` distinct prompts. A layer streams in
 waves only when its union of selected experts exceeds the cache; a union that fits is one wave and
 the two modes run the same code.
@@ -47,10 +47,10 @@ import torch
 
 import moert
 from moert import envs
+from moert.engine.offload import ExpertLayout
 from moert.models import get_adapter
-from moert.offload import ExpertLayout
+from moert.models.tiny import deepseek_v2_lite_config, demo_config, prompt_ids, tiny_model
 from moert.provenance import device_name, git_commit, utc_now, versions
-from moert.testing import deepseek_v2_lite_config, demo_config, prompt_ids, tiny_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -126,7 +126,7 @@ def build(device: str, seed: int, path: Path | None = None) -> tuple[Any, str]:
 def train_predictors(model: Any, seed: int, lookaheads: tuple[int, ...]) -> dict[int, Any]:
     """One linear2/wbce ``preattn`` predictor per lookahead depth, trained on routing traces of
     ``model`` captured on 24 prompts that are not the benchmark's (32 decode tokens each)."""
-    from moert.prefetch import capture_and_train
+    from moert.engine.prefetch import capture_and_train
 
     prompts = [prompt_ids(1, 16, vocab=model.config.vocab_size, seed=1000 + seed + i)[0] for i in range(24)]
     return {

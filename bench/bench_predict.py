@@ -124,7 +124,7 @@ def stage_learned(args, meta, parts, split, work, kind):
 
 
 def stage_sim(args, meta, parts, work):
-    from moert.predict.prefetch import PredictorPrefetcher, SequenceListTrace
+    from moert.policy.predictor import PredictorPrefetcher, SequenceListTrace
     from moert.sim import PolicySpec, SimConfig, simulate
 
     trace = SequenceListTrace(meta, parts["test"], path="puffin-test")
@@ -211,10 +211,10 @@ TINY_OVERPROVISION = {"deepseek_v2": 4, "qwen3_moe": 4, "phimoe": 1}
 
 def stage_tiny(args, work):
     """The analogue of the pre-attention paper's Tables 3-4 on tiny random models (not real weights)."""
+    from moert.models.tiny import prompt_ids, tiny_model
     from moert.predict.baselines import NextGatePredictor
     from moert.predict.preattn import train_preattn
-    from moert.testing import prompt_ids, tiny_model
-    from moert.trace_capture import capture
+    from moert.trace.record import capture
 
     results = {}
     for model_type, m in TINY_OVERPROVISION.items():
@@ -264,7 +264,7 @@ def stage_tiny(args, work):
         "",
         f"{env['date_utc']}, commit {env['commit']}, torch {env['torch']}, {env['threads']} CPU thread(s). "
         "`python bench/bench_predict.py --stage tiny`. Tiny random models of the real classes "
-        f"(`moert.testing.tiny_model(..., num_hidden_layers=6)`), {args.tiny_prompts} random prompts x 64 "
+        f"(`moert.models.tiny.tiny_model(..., num_hidden_layers=6)`), {args.tiny_prompts} random prompts x 64 "
         "tokens (prefill), split by prompt 70/10/20 (test); D=256, lookahead 2, up to 30 epochs with "
         "early stopping. Random weights, so these show the pipeline and relative ordering, not the "
         "paper's absolute numbers on trained models.",

@@ -50,10 +50,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from moert import envs, runtime
+from moert import envs
+from moert.cli.simulate import environment
+from moert.engine import runtime
 from moert.provenance import modified_files
 from moert.sim import SimConfig, parse_policies, simulate
-from moert.sim_cli import environment
 from moert.trace import InMemoryTrace, SequenceTrace, TraceMeta, TraceWriter, open_trace
 
 
@@ -237,9 +238,9 @@ def _predictor(args: argparse.Namespace, meta, parts: dict, split) -> tuple[str,
 
 
 def score(args: argparse.Namespace) -> int:
+    from moert.policy.predictor import SequenceListTrace, prefetcher_from_spec
     from moert.predict.data import open_sequences, split_sequences
     from moert.predict.evaluate import select_sequences
-    from moert.predict.prefetch import SequenceListTrace, prefetcher_from_spec
     from moert.sim import SimConfig, parse_policies, simulate
 
     args.seed = 0
@@ -325,7 +326,7 @@ def _score_markdown(out: dict, ms: list[int], caps: tuple[float, ...]) -> str:
            if out["predictor"].get("trained_here") else f"file {out['predictor']['source']}")
         + "); probabilities = sigmoid(logits). The puffin traces have no pre-attention rows, so the runtime's "
         "own preattn predictor cannot be trained on them; the prediction is made by the runtime's hook "
-        "(`moert.prefetch.Prefetcher.on_logits`) from xlayer's logits.",
+        "(`moert.engine.prefetch.Prefetcher.on_logits`) from xlayer's logits.",
         "",
     ]  # fmt: skip
     for mode in ("per-layer", "global"):
@@ -536,10 +537,10 @@ def exact_uncached(seqs: list, meta, policy: str, capacity: float, cost) -> dict
 
 
 def hetero(args: argparse.Namespace) -> int:
+    from moert.cli.simulate import plot
+    from moert.policy.predictor import SequenceListTrace
     from moert.predict.data import open_sequences
-    from moert.predict.prefetch import SequenceListTrace
     from moert.sim import CostModel
-    from moert.sim_cli import plot
 
     env = {**environment(), "modified_tracked_files": modified_files()}  # what runs: taken before the run
     cpu_ms, calibration = _cpu_calibration(args)
@@ -777,8 +778,8 @@ SPEC_KEYS = (
 
 
 def speculative(args: argparse.Namespace) -> int:
+    from moert.policy.predictor import SequenceListTrace
     from moert.predict.data import open_sequences
-    from moert.predict.prefetch import SequenceListTrace
 
     env = {**environment(), "modified_tracked_files": modified_files()}  # what runs: taken before the run
     caps = tuple(float(x) for x in (args.capacity or "0.1,0.25,0.5").split(","))

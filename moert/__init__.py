@@ -19,20 +19,20 @@ __all__ = ["__version__", "patch", "load", "OffloadConfig", "Stats", "LayerStats
 
 # public name -> module that defines it
 _LAZY = {
-    "patch": "moert.patch",
-    "PatchHandle": "moert.patch",
-    "handle_of": "moert.patch",
-    "load": "moert.load",
-    "OffloadConfig": "moert.config",
-    "Stats": "moert.stats",
-    "LayerStats": "moert.stats",
+    "patch": "moert.api.patch",
+    "PatchHandle": "moert.api.patch",
+    "handle_of": "moert.api.patch",
+    "load": "moert.api.load",
+    "OffloadConfig": "moert.api.config",
+    "Stats": "moert.engine.stats",
+    "LayerStats": "moert.engine.stats",
 }
 
 if TYPE_CHECKING:
-    from moert.config import OffloadConfig
-    from moert.load import load
-    from moert.patch import PatchHandle, handle_of, patch
-    from moert.stats import LayerStats, Stats
+    from moert.api.config import OffloadConfig
+    from moert.api.load import load
+    from moert.api.patch import PatchHandle, handle_of, patch
+    from moert.engine.stats import LayerStats, Stats
 
 
 def __getattr__(name: str) -> Any:

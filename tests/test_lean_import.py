@@ -16,7 +16,7 @@ def test_import_touches_no_cuda_and_no_network():
         socket.socket.connect = refuse
         socket.create_connection = refuse
         import moert
-        import moert.runtime
+        import moert.engine.runtime
         import moert.kernels
         import torch
         assert not torch.cuda.is_initialized(), "importing moert initialised CUDA"

@@ -10,7 +10,7 @@ A :class:`Prefetcher` is asked, before the access of MoE layer ``layer`` for tok
 which experts of that layer to prefetch. A learned predictor implements ``prefetch``; the
 simulator calls ``prefetch_sequence`` (default: ``prefetch`` for every layer and token).
 
-A prefetcher that predicts like the runtime's hook (``moert.prefetch.Prefetcher``) also gives
+A prefetcher that predicts like the runtime's hook (``moert.engine.prefetch.Prefetcher``) also gives
 :class:`Predictions`: per access, prefetch rows for the layer and the layers after it (lookahead)
 and the eviction scores of policy ``score``. The simulator replays those step by step, in the
 order the copy engine applies a prediction (csrc/include/moert/copy_engine.h, "Predictions").

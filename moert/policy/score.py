@@ -1,7 +1,7 @@
 """The runtime's ``score`` eviction policy in the simulator: a predictor's scores, then recency.
 
 ``moert.patch(model, predictor=..., policy="score")`` orders eviction by the predictor
-(``moert.prefetch``): before MoE layer l runs, its prediction sets the priorities of layer l (and
+(``moert.engine.prefetch``): before MoE layer l runs, its prediction sets the priorities of layer l (and
 of l+1..l+d for a lookahead predictor) to the probabilities of the prefetched experts (0 for the
 rest), weighted ``score_decay ** j`` for layer l+j, and gives the layer that just ran (l-1,
 cyclically) a score below every earlier one (-1, -2, ...: in a decode cycle it is needed again
@@ -9,7 +9,7 @@ last). The C++ cache's ``priority`` policy evicts the lowest score first, ties b
 
 Here the scores come from the prefetcher: ``score+PRED.safetensors[:m]`` replays, before every
 access, exactly the prediction the runtime's hook would apply (the hook's own code makes it:
-:class:`moert.predict.prefetch.PredictorPrefetcher`), so ``score+P`` and ``lru+P`` prefetch the
+:class:`moert.policy.predictor.PredictorPrefetcher`), so ``score+P`` and ``lru+P`` prefetch the
 same ids and differ only in eviction. Which prefetchers give scores, and what they are:
 
 | prefetcher | scores of the prefetched ids |

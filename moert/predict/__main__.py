@@ -6,7 +6,7 @@ import argparse
 import importlib
 import sys
 
-MODULES = {"train": "moert.predict.train_cli", "eval": "moert.predict.eval_cli"}
+MODULES = {"train": "moert.cli.train", "eval": "moert.cli.eval"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from moert import _C
-from moert.runtime import CopyEngine, ExpertPool, SlabCache
+from moert.engine.runtime import CopyEngine, ExpertPool, SlabCache
 
 
 @pytest.fixture

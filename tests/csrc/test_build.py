@@ -6,7 +6,8 @@ import shutil
 
 import pytest
 
-from moert import _C, runtime
+from moert import _C
+from moert.engine import runtime
 
 
 def test_cuda_backend_compiled_whenever_nvcc_exists():

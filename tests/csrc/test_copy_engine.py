@@ -10,7 +10,7 @@ import pytest
 import torch
 from slab_cache_reference import RefCache
 
-from moert.runtime import CopyEngine, ExpertPool, SlabCache
+from moert.engine.runtime import CopyEngine, ExpertPool, SlabCache
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 

@@ -1,6 +1,6 @@
 """CopyEngine predictions (DESIGN §3 step 2): ``predict`` (applied at once) and ``predict_async``
 (the engine's prediction thread waits on an event, then applies), and the planning of
-``moert.prefetch.Prefetcher``; race checks on the CPU twin with every slot's bytes verified at use."""
+``moert.engine.prefetch.Prefetcher``; race checks on the CPU twin with every slot's bytes verified at use."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from moert import runtime
-from moert.config import OffloadConfig
-from moert.prefetch import Prefetcher
+from moert.api.config import OffloadConfig
+from moert.engine import runtime
+from moert.engine.prefetch import Prefetcher
 
 L, E, SLAB = 3, 16, 256
 

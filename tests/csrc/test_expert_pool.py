@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from moert.runtime import ExpertPool
+from moert.engine.runtime import ExpertPool
 
 
 @pytest.mark.parametrize(("layers", "experts", "slab"), [(1, 1, 16), (2, 3, 272), (3, 5, 4096), (1, 7, 1008)])

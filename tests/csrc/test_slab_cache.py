@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from slab_cache_reference import RefCache
 
-from moert.runtime import SlabCache
+from moert.engine.runtime import SlabCache
 
 KEYS = [
     "hits",

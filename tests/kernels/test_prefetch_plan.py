@@ -177,8 +177,8 @@ def test_patched_model_on_the_kernel_path_prefetches_as_on_the_torch_path(tmp_pa
     every CUDA default at once (kernel plan, asynchronous submission through the pinned ring and the
     engine's prediction thread, deferred waits, overlapped waves) the tokens stay identical."""
     import moert
-    from moert.prefetch import PrefetchNorm
-    from moert.testing import Reference, greedy, random_predictor, single_thread
+    from moert.engine.prefetch import PrefetchNorm
+    from moert.models.tiny import Reference, greedy, random_predictor, single_thread
 
     with single_thread():
         ref = Reference("deepseek_v2-greedy", tmp_path, batch=1, new_tokens=6)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from moert.testing import Reference, single_thread
+from moert.models.tiny import Reference, single_thread
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from moert.models import SUPPORTED, get_adapter
-from moert.testing import VARIANTS, tiny_model
+from moert.models.tiny import VARIANTS, tiny_model
 
 EXPECTED_MOE_LAYERS = {
     "deepseek_v2-greedy": [1, 2],

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import moert
-from moert.testing import VARIANTS, greedy
+from moert.models.tiny import VARIANTS, greedy
 
 POLICIES = ("lru", "lfu")
 
@@ -75,7 +75,7 @@ def test_load_exact(name, references):
     model = moert.load(ref.path, cache_experts=0.25, policy="lru", progress=False)
     handle = moert.handle_of(model)
     got = greedy(model, ref.prompt)
-    assert_matches(name, "moert.load 0.25", got, ref.out)
+    assert_matches(name, "moert.api.load 0.25", got, ref.out)
     assert handle.stats().misses > 0
     # bit-identical to the in-memory patch with every expert resident
     resident = ref.copy()

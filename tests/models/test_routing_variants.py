@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from moert.models import get_adapter
-from moert.testing import VARIANTS, tiny_model
+from moert.models.tiny import VARIANTS, tiny_model
 
 
 def routed(name: str, tokens: int = 64):

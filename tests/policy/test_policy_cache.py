@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from policy_reference import ReferenceCache, reference_belady_hits
 
-from moert import runtime
+from moert.engine import runtime
 from moert.policy.belady import NEVER, next_use
 
 

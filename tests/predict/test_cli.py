@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 from predict_synth import make_trace, write_trace
 
+from moert.cli import eval as eval_cli
+from moert.cli import train as train_cli
 from moert.policy.base import TokenContext
-from moert.predict import eval_cli, train_cli
+from moert.policy.predictor import SequenceListTrace, parse_prefetch_spec, prefetcher_from_spec
 from moert.predict.io import load_predictor
-from moert.predict.prefetch import SequenceListTrace, parse_prefetch_spec, prefetcher_from_spec
 
 
 def _args(module, argv: list[str]) -> argparse.Namespace:
@@ -127,7 +128,7 @@ def test_prefetch_hook_matches_token_by_token_and_runs_in_the_simulator(tmp_path
 
 
 def test_simulate_prefetches_with_a_trained_predictor_on_its_held_out_sequences(tmp_path, synth_dir, capsys):
-    from moert import sim_cli
+    from moert.cli import simulate as sim_cli
 
     out = tmp_path / "pre.safetensors"
     assert _train(synth_dir, out, "--predictor", "preattn", "--loss", "wbce", "--epochs", "20") == 0
@@ -149,7 +150,7 @@ def test_simulate_prefetches_with_a_trained_predictor_on_its_held_out_sequences(
 
 
 def test_simulate_rejects_an_unknown_prefetcher(synth_dir):
-    from moert import sim_cli
+    from moert.cli import simulate as sim_cli
 
     argv = [str(synth_dir), "--policy", "lru+nope", "--no-progress"]
     with pytest.raises(ValueError) as err:

@@ -14,8 +14,8 @@ from moert.predict.train import TrainConfig
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from moert.testing import prompt_ids, tiny_model
-    from moert.trace_capture import capture
+    from moert.models.tiny import prompt_ids, tiny_model
+    from moert.trace.record import capture
 
     model = tiny_model("deepseek_v2")
     prompts = [prompt_ids(1, 64, seed=i)[0] for i in range(40)]  # 2,560 prefill tokens
@@ -49,8 +49,8 @@ def test_next_gate_uses_the_models_routers(tiny):
 
 
 def test_moe_beyond_with_the_models_token_embeddings(tiny, tmp_path):
+    from moert.models.tiny import save_tiny
     from moert.predict.moe_beyond import MoEBeyondConfig, load_embedding_matrix, train_moe_beyond
-    from moert.testing import save_tiny
 
     model, meta, train, val, _ = tiny
     emb = load_embedding_matrix(save_tiny(model, tmp_path / "model"))

@@ -1,0 +1,367 @@
+"""``moert.load``: load a local HF model directory with its routed experts streamed into the host pool.
+
+The model skeleton is built on the meta device. Routed experts are read one at a time from the
+memory-mapped safetensors files (``safe_open``) straight into the expert pool, so they are never all
+on the device (nor all in one host tensor) at once; every other weight is read onto ``device``.
+Checkpoint layouts handled: per-expert keys as transformers' ``save_pretrained`` writes them
+(``mlp.experts.{e}.gate_proj/up_proj/down_proj.weight``; Phi's ``block_sparse_moe.experts.{e}.w1/w3/w2``)
+and fused ``mlp.experts.gate_up_proj [E, 2I, H]`` / ``down_proj [E, H, I]``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from moert.api.config import OffloadConfig
+from moert.api.patch import install, prepare
+from moert.models import adapter_class
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from moert.models import ModelAdapter
+
+__all__ = ["load", "checkpoint_files", "tensor_bytes"]
+
+
+def checkpoint_files(path: str | Path) -> list[Path]:
+    """The safetensors files of a model directory, checked to exist.
+
+    Raises:
+        FileNotFoundError: no directory, no config.json, no safetensors, or a shard named in the index is missing.
+    """
+    root = Path(path)
+    if not root.is_dir():
+        raise FileNotFoundError(
+            f"model directory {str(root)!r} does not exist; pass a local HF model directory"
+        )
+    if not (root / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{root} has no config.json; is it an HF model directory (save_pretrained output)?"
+        )
+    index = root / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        files = [root / n for n in names]
+    else:
+        files = sorted(root.glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(
+                f"{root} has no *.safetensors files (moert.load reads safetensors only; convert .bin checkpoints "
+                "with save_pretrained(safe_serialization=True))"
+            )
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{root}: shard(s) {', '.join(missing)} listed in {index.name} are missing")
+    return files
+
+
+def _dtype_of(config: Any, dtype: torch.dtype | str | None) -> torch.dtype:
+    value = dtype if dtype is not None else getattr(config, "dtype", None)
+    if value is None:
+        return torch.float32
+    if isinstance(value, str):
+        resolved = getattr(torch, value, None)
+        if not isinstance(resolved, torch.dtype):
+            raise ValueError(f"dtype={value!r} is not a torch dtype name (e.g. 'bfloat16')")
+        return resolved
+    return value
+
+
+class _Index:
+    """Which file holds which key, and which keys are routed-expert weights."""
+
+    def __init__(self, files: list[Path], adapter: ModelAdapter) -> None:
+        from safetensors import safe_open
+
+        self.where: dict[str, Path] = {}
+        self.experts: dict[tuple[int, int | None], dict[str, str]] = defaultdict(dict)
+        self.others: dict[str, str] = {}  # model name -> checkpoint key
+        for f in files:
+            with safe_open(str(f), framework="pt") as h:
+                for key in h.keys():  # noqa: SIM118 (safe_open handles are not iterable)
+                    self.where[key] = f
+                    ek = adapter.parse_expert_key(key)
+                    if ek is not None:
+                        self.experts[(ek.layer, ek.expert)][ek.part] = key
+                    else:
+                        self.others[adapter.rename_key(key)] = key
+
+
+class _Reader:
+    """Keeps one ``safe_open`` handle per file (memory-mapped)."""
+
+    def __init__(self) -> None:
+        self._open: dict[Path, Any] = {}
+
+    def handle(self, path: Path) -> Any:
+        from safetensors import safe_open
+
+        if path not in self._open:
+            self._open[path] = safe_open(str(path), framework="pt")
+        return self._open[path]
+
+    def close(self) -> None:
+        for h in self._open.values():
+            exit_ = getattr(h, "__exit__", None)
+            if exit_ is not None:
+                exit_(None, None, None)
+        self._open.clear()
+
+
+def _progress(total: int, enabled: bool, desc: str) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="tensor", disable=not enabled, leave=False)
+
+
+def load(
+    path: str | Path,
+    cache_experts: int | float = 0.25,
+    policy: str = "lru",
+    device: str | None = None,
+    dtype: torch.dtype | str | None = None,
+    *,
+    config: OffloadConfig | None = None,
+    progress: bool = True,
+    **kwargs: Any,
+) -> nn.Module:
+    """Load a local model directory with its routed experts offloaded.
+
+    Args:
+        path: a local HF model directory (config.json + safetensors) of a supported model_type.
+        cache_experts: slots (int) or fraction of routed experts (float in (0, 1]).
+        policy: ``"lru"``, ``"lfu"`` or ``"score"`` (with ``predictor=``).
+        device: ``"cuda"``, ``"cpu"`` or None (CUDA when one can run).
+        dtype: weight dtype (default: the config's dtype, else fp32).
+        config: an ``OffloadConfig`` instead of the three fields above (keyword overrides still apply).
+        progress: show a progress bar.
+        **kwargs: more ``OffloadConfig`` fields (``copy_streams``, ``backend``, ``predictor``,
+            ``overprovision``, ``prefetch``, ...; ``policy="score"`` needs ``predictor``).
+
+    Returns:
+        The model in eval mode; ``moert.handle_of(model)`` gives its ``PatchHandle`` (stats, undo,
+        ``load_report`` with the peak device memory).
+
+    Raises:
+        FileNotFoundError: missing directory, config.json or safetensors shards.
+        ValueError: unsupported model_type, bad cache size or policy, a checkpoint that lacks weights.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    t0 = time.perf_counter()
+    files = checkpoint_files(path)
+    # our error (listing the supported types) before transformers parses the config
+    adapter_class(json.loads((Path(path) / "config.json").read_text()).get("model_type"))
+    hf_config = AutoConfig.from_pretrained(str(path))
+    if config is None:
+        cfg = OffloadConfig(cache_experts=cache_experts, policy=policy, device=device, **kwargs)
+    else:
+        from dataclasses import replace
+
+        cfg = replace(config, **kwargs)
+    wdtype = _dtype_of(hf_config, dtype)
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=wdtype)
+    adapter, refs, layout, dev, slots, streams = prepare(model, cfg)
+    index = _Index(files, adapter)
+    moe_ids = [r.index for r in refs]
+    E = adapter.num_experts
+    _check_expert_keys(index, moe_ids, E, path)
+
+    cuda = dev == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base_alloc = torch.cuda.memory_allocated()
+        base_free = torch.cuda.mem_get_info()[0]
+    reader = _Reader()
+    n_other = len([k for k in index.others if not k.endswith("rotary_emb.inv_freq")])
+    bar = _progress(len(moe_ids) * E + n_other, progress, f"moert.load {Path(path).name}")
+
+    def fill(pool: Any) -> None:
+        for ordinal, layer in enumerate(moe_ids):
+            for e in range(E):
+                gate_up, down = _read_expert(reader, index, layer, e, layout)
+                pool.fill(ordinal, e, gate_up, 0)
+                pool.fill(ordinal, e, down, layout.down_offset)
+                bar.update(1)
+
+    handle = None
+    try:
+        handle = install(
+            model, cfg, adapter, refs, layout, dev, slots, streams, fill, restore_device=dev, predictor=False
+        )
+        t_experts = time.perf_counter() - t0
+        offloaded = {id(r.experts) for r in refs}
+        pooled = {  # the offloaded experts' state_dict entries: views of the pool, filled above
+            f"{name}.{param}"
+            for name, module in model.named_modules()
+            if id(module) in offloaded
+            for param in ("gate_up_proj", "down_proj")
+        }
+        non_expert = _load_rest(model, index, reader, dev, wdtype, bar, pooled)
+        if cfg.predictor is not None:  # the norms hold real weights only now
+            handle._attach_predictor(refs)
+    except BaseException:
+        if handle is not None:
+            handle.discard()
+        raise
+    finally:
+        reader.close()
+        bar.close()
+    gen = Path(path) / "generation_config.json"
+    if gen.is_file():
+        model.generation_config = GenerationConfig.from_pretrained(str(path))
+    model.eval()
+
+    if cuda:
+        torch.cuda.synchronize()
+        # the runtime allocates the slab cache itself (not through torch's allocator)
+        peak = torch.cuda.max_memory_allocated() - base_alloc + handle.cache_bytes
+        method = "torch.cuda.max_memory_allocated (non-expert tensors) + slab cache bytes"
+        extra = {"device_used_bytes_mem_get_info": int(base_free - torch.cuda.mem_get_info()[0])}
+    else:
+        extra = {}
+        peak = non_expert + handle.cache_bytes
+        method = "accounted: non-expert tensors + slab cache (CPU twin: the 'device' is host memory)"
+    handle.load_report = {
+        "seconds": time.perf_counter() - t0,
+        "experts_seconds": t_experts,
+        "files": [f.name for f in files],
+        "device": dev,
+        "dtype": str(wdtype).replace("torch.", ""),
+        "non_expert_bytes": non_expert,
+        "cache_bytes": handle.cache_bytes,
+        "pool_bytes": handle.pool_bytes,
+        "all_experts_bytes": len(moe_ids) * E * layout.expert_bytes,
+        "peak_device_bytes": int(peak),
+        "peak_method": method,
+        **extra,
+    }
+    return model
+
+
+def _check_expert_keys(index: _Index, moe_ids: list[int], num_experts: int, path: Any) -> None:
+    for layer in moe_ids:
+        fused = index.experts.get((layer, None), {})
+        if {"gate_up", "down"} <= fused.keys():
+            continue
+        for e in range(num_experts):
+            parts = index.experts.get((layer, e), {}).keys()
+            if not ({"gate", "up", "down"} <= parts or {"gate_up", "down"} <= parts):
+                raise ValueError(
+                    f"{path}: the checkpoint lacks weights of expert {e} of layer {layer} (found parts "
+                    f"{sorted(parts)}); expected gate_proj/up_proj/down_proj (or w1/w3/w2) per expert, or fused "
+                    "experts.gate_up_proj/down_proj"
+                )
+
+
+def _read_expert(
+    reader: _Reader, index: _Index, layer: int, e: int, layout: Any
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One expert from the memory-mapped files: ``(gate_up (2I, H), down (H, I))`` in the layout dtype, CPU."""
+    parts = index.experts.get((layer, e))
+    if parts and "down" in parts:
+
+        def get(part: str) -> torch.Tensor:
+            key = parts[part]
+            return reader.handle(index.where[key]).get_tensor(key)
+
+        gate_up = get("gate_up") if "gate_up" in parts else torch.cat([get("gate"), get("up")], dim=0)
+        down = get("down")
+    else:
+        fused = index.experts[(layer, None)]
+        gate_up = reader.handle(index.where[fused["gate_up"]]).get_slice(fused["gate_up"])[e]
+        down = reader.handle(index.where[fused["down"]]).get_slice(fused["down"])[e]
+    gate_up, down = gate_up.reshape(layout.gate_up_shape), down.reshape(layout.down_shape)
+    return gate_up.to(layout.dtype).contiguous(), down.to(layout.dtype).contiguous()
+
+
+def _load_rest(
+    model: nn.Module,
+    index: _Index,
+    reader: _Reader,
+    device: str,
+    dtype: torch.dtype,
+    bar: Any,
+    pooled: set[str],
+) -> int:
+    """Materialise every non-expert parameter and buffer on ``device`` (``pooled``: state_dict keys
+    that live in the expert pool); returns their bytes."""
+    model.to_empty(device=device)
+    expected = {k: v for k, v in model.state_dict(keep_vars=True).items() if k not in pooled}
+    missing = [k for k in expected if k not in index.others]
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    if tied and missing == ["lm_head.weight"]:
+        missing = []
+    if missing:
+        raise ValueError(
+            f"the checkpoint lacks {len(missing)} weight(s) the model needs, e.g. {missing[:3]}; is it a complete "
+            f"{model.config.model_type} checkpoint?"
+        )
+    unexpected = [k for k in index.others if k not in expected and not k.endswith("rotary_emb.inv_freq")]
+    if unexpected:
+        raise ValueError(
+            f"the checkpoint has {len(unexpected)} weight(s) this {model.config.model_type} model does not know, "
+            f"e.g. {unexpected[:3]}; was it saved by another architecture or transformers version?"
+        )
+    with torch.no_grad():
+        for name, target in expected.items():
+            if name not in index.others:
+                continue
+            key = index.others[name]
+            src = reader.handle(index.where[key]).get_tensor(key)
+            if tuple(src.shape) != tuple(target.shape):
+                raise ValueError(
+                    f"checkpoint {key} has shape {tuple(src.shape)}, the model expects {tuple(target.shape)}"
+                )
+            target.copy_(src.to(target.dtype) if target.is_floating_point() else src)
+            bar.update(1)
+    if tied and "lm_head.weight" not in index.others:
+        model.tie_weights()
+    _rebuild_nonpersistent(model, device)
+    return tensor_bytes(model)
+
+
+def tensor_bytes(model: nn.Module) -> int:
+    """Bytes of the model's own parameters and buffers (tied weights once). A patched model's
+    offloaded experts are not among them: they live in the pool (its state_dict shows them as
+    pool views)."""
+    seen: dict[int, int] = {}
+    for t in (*model.parameters(), *model.buffers()):
+        seen[id(t)] = t.numel() * t.element_size()
+    return sum(seen.values())
+
+
+def _nonpersistent(model: nn.Module) -> list[tuple[nn.Module, torch.Tensor]]:
+    out = []
+    for mod in model.modules():
+        for name in mod._non_persistent_buffers_set:
+            buf = mod._buffers.get(name)
+            if buf is not None:
+                out.append((mod, buf))
+    return out
+
+
+def _rebuild_nonpersistent(model: nn.Module, device: str) -> None:
+    """Non-persistent buffers are not in checkpoints; recompute them (rotary inv_freq) on ``device``."""
+    for mod in model.modules():
+        names = [n for n in mod._non_persistent_buffers_set if mod._buffers.get(n) is not None]
+        if not names:
+            continue
+        if not type(mod).__name__.endswith("RotaryEmbedding"):
+            raise ValueError(
+                f"{type(mod).__name__} has non-persistent buffers {names} that moert.load cannot recompute; "
+                "load this model with transformers and use moert.patch instead"
+            )
+        fresh = type(mod)(mod.config)
+        for n in names:
+            mod._buffers[n] = fresh._buffers[n].to(device)
