@@ -11,7 +11,7 @@ DEPS := numpy safetensors tqdm pybind11 ninja setuptools wheel "$(TRANSFORMERS_S
 DEV_DEPS := pytest hypothesis ruff clang-format
 NATIVE := $(wildcard csrc/*.cc csrc/include/moert/*.h csrc/src/*.cc csrc/src/*.cu) CMakeLists.txt setup.py
 
-.PHONY: setup build demo test test-compat test-gpu test-gpu-here lint format bench bench-sim-studies clean
+.PHONY: setup build demo test test-compat test-gpu test-gpu-here gpu-dry-run lint format bench bench-sim-studies clean
 
 setup: $(VENV)/.deps build
 
@@ -48,6 +48,11 @@ test-compat: $(VENV)/.deps
 
 test-gpu: setup
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m gpu
+
+# bench/gpu_session.sh with every GPU-only step replaced by its CPU equivalent: the script is tested
+# before a GPU is ever lent (CI runs it; about 2 minutes)
+gpu-dry-run: setup
+	bash bench/gpu_session.sh --dry-run
 
 # A lent GPU machine has no package index but a python3 with torch, transformers, triton, pybind11,
 # ninja and pytest: build against that interpreter and run the GPU suite there.

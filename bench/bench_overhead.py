@@ -15,7 +15,7 @@ Two figures per model, both measured in the same run:
    untimed pass over the same decode, per token and per MoE layer call (goal <= 12), with a
    breakdown by method. The counter proves itself on a known sequence of native calls first.
 
-Models (``--models``): ``demo`` (``moert.testing.demo_config()``, fp32: hidden 256, 7 MoE layers of
+Models (``--models``): ``demo`` (``moert.models.tiny.demo_config()``, fp32: hidden 256, 7 MoE layers of
 64 experts, top-6) and ``v2lite`` (DeepSeek-V2-Lite's real dimensions with 3 layers: 1 dense + 2 MoE
 at hidden 2048, expert intermediate 1408, 64 experts top-6; vocab cut to ``--v2lite-vocab``; bf16 by
 default, ~2.5 GB of weights, ~7.5 GB peak RSS while patched: pool, slots and undo's rebuilt experts).
@@ -46,10 +46,11 @@ import numpy as np
 import torch
 
 import moert
-from moert import envs, runtime
+from moert import envs
+from moert.engine import runtime
 from moert.models import get_adapter
+from moert.models.tiny import deepseek_v2_lite_config, demo_config, prompt_ids, tiny_model
 from moert.provenance import device_name, git_commit, modified_files, utc_now, versions
-from moert.testing import deepseek_v2_lite_config, demo_config, prompt_ids, tiny_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
 GOAL_RATIO = 1.15  # patched / unpatched host time per token, every expert cached

@@ -3,33 +3,107 @@
 # scarce; the machine stays warm between them only briefly, so each part builds):
 #   run(command="bash bench/gpu_session.sh tests", timeout_s=600)   # gpu tests, copy + kernel benches
 #   run(command="bash bench/gpu_session.sh decode", timeout_s=600)  # decode + prefill benches
-# Builds moert._C with the machine's own python3 (no package index there), runs the tests marked
-# gpu, then the GPU benchmarks. Only 8 files come back from $OUT, so the result tables are packed
-# into $OUT/results_PART.tar.gz beside the log: unpack it into bench/results/ here and commit the
-# tables with the device, versions and commit they record.
+# Builds moert._C with the machine's own python3 (MOERT_CUDA=ON: a build without the CUDA backend is
+# an error there), runs the tests marked gpu (pytest-xdist workers), then the GPU benchmarks. Only 8
+# files come back from $OUT, so the result tables are packed into $OUT/results_PART.tar.gz beside the
+# log: unpack it into bench/results/ here and commit the tables with the device, versions and commit
+# they record.
+#
+# It cannot pass silently: every step runs under its own time budget; a failed or timed-out step is
+# named and makes the script exit 1 (the later steps still run, so one failure does not cost the
+# rest of the session's results); a failed install stops it at once. `--dry-run` runs every step's
+# command on the CPU, each GPU-only step replaced by its CPU equivalent (CI runs it, so the script
+# itself is tested):
+#   bash bench/gpu_session.sh --dry-run [tests|decode|all]
 set -uo pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-PART=${1:-all}
-case "$PART" in tests|decode|all) ;; *) echo "usage: $0 [tests|decode|all]" >&2; exit 2 ;; esac
+PART=all
+DRY=0
+for arg in "$@"; do
+  case "$arg" in
+    tests | decode | all) PART=$arg ;;
+    --dry-run) DRY=1 ;;
+    *) echo "usage: $0 [--dry-run] [tests|decode|all]" >&2; exit 2 ;;
+  esac
+done
 OUT=${OUT:-/tmp/moert-gpu}
-PY=${PY:-python3}
+if [ "$DRY" = 1 ]; then
+  PY=${PY:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
+  OUT=${OUT%/}/dry-run
+else
+  PY=${PY:-python3}
+fi
 RES="$OUT/results"
 mkdir -p "$RES"
 log="$OUT/gpu_session_$PART.log"
-step() { echo "== $* (budget ${STEP_S:-150} s)" | tee -a "$log"; timeout "${STEP_S:-150}" "$@" 2>&1 | tee -a "$log"; }
+: >"$log"
+FAILED=()
 
-STEP_S=90 step $PY -m pip install -q --no-build-isolation --no-deps -e .
-STEP_S=20 step $PY -m moert info
+# step NAME BUDGET_S CMD...: runs CMD under `timeout`, output to the log; a failure is remembered.
+step() {
+  local name=$1 budget=$2
+  shift 2
+  echo "== $name: $* (budget $budget s)" | tee -a "$log"
+  local t0=$SECONDS
+  timeout "$budget" "$@" 2>&1 | tee -a "$log"
+  local rc=${PIPESTATUS[0]}
+  if [ "$rc" -ne 0 ]; then
+    local why="exit $rc"
+    [ "$rc" -eq 124 ] && why="timed out after $budget s"
+    echo "!! step '$name' FAILED ($why)" | tee -a "$log"
+    FAILED+=("$name ($why)")
+  else
+    echo "== $name: ok in $((SECONDS - t0)) s" | tee -a "$log"
+  fi
+  return "$rc"
+}
+
+finish() {
+  ls -la "$RES" | tee -a "$log"
+  if ! tar -czf "$OUT/results_$PART.tar.gz" -C "$RES" .; then
+    FAILED+=("pack results")
+  fi
+  rm -rf "$RES"
+  if [ ${#FAILED[@]} -gt 0 ]; then
+    echo "gpu_session $PART: ${#FAILED[@]} step(s) FAILED: ${FAILED[*]}" | tee -a "$log"
+    exit 1
+  fi
+  echo "gpu_session $PART: every step passed$([ "$DRY" = 1 ] && echo ' (dry run on the CPU)')" | tee -a "$log"
+  exit 0
+}
+
+if [ "$DRY" = 1 ]; then
+  # the same install, with the CUDA backend compiled (nvcc is on CI machines too); nothing runs on a GPU
+  MOERT_CUDA=ON step install 300 $PY -m pip install -q --no-build-isolation --no-deps -e . || finish
+  step info 30 $PY -m moert info
+  if [ "$PART" != decode ]; then
+    # the GPU tests cannot run here: collect them (imports, markers, parametrisation) instead
+    step gpu-tests-collect 120 $PY -m pytest -q -m gpu --collect-only -p no:cacheprovider
+    step bench-copy 120 $PY bench/bench_copy.py --device cpu --total-mb 8 --repeats 1 --warmup 0 \
+      --chunks 1 --lanes 1 2 --out "$RES"
+    # the kernel benchmark's GPU code path with a stand-in timer (tests/kernels)
+    step bench-predictive-norm 180 $PY -m pytest -q -p no:cacheprovider tests/kernels/test_bench_predictive_norm.py
+  fi
+  if [ "$PART" != tests ]; then
+    step bench-decode 300 $PY bench/bench_decode.py --device cpu --tokens 3 --warmup 1 --rounds 1 \
+      --fractions 0.25 --policies lru --predictor-fractions --out "$RES/decode_cpu_dry"
+    step bench-prefill 300 $PY bench/bench_decode.py --device cpu --prefill-len 16 --prefill-caches 0.1 \
+      --prefill-prompts 1 --rounds 1 --out "$RES/prefill_cpu_dry"
+  fi
+  finish
+fi
+
+MOERT_CUDA=ON step install 120 $PY -m pip install -q --no-build-isolation --no-deps -e . || finish
+step info 20 $PY -m moert info
 if [ "$PART" != decode ]; then
-  STEP_S=180 step $PY -m pytest -q -m gpu -p no:cacheprovider
-  STEP_S=60 step $PY bench/bench_copy.py --device cuda --out "$RES"
-  STEP_S=120 step $PY bench/bench_predictive_norm.py --out "$RES"
+  step gpu-tests 240 $PY -m pytest -q -m gpu -p no:cacheprovider -n 8
+  step bench-copy 60 $PY bench/bench_copy.py --device cuda --out "$RES"
+  step bench-predictive-norm 120 $PY bench/bench_predictive_norm.py --out "$RES"
 fi
 if [ "$PART" != tests ]; then
-  STEP_S=150 step $PY bench/bench_decode.py --device cuda --out "$RES/decode_cuda"
+  step bench-decode 150 $PY bench/bench_decode.py --device cuda --out "$RES/decode_cuda"
   # real DeepSeek-V2-Lite dims: a layer's union (<= 64 experts) exceeds the cache only below 64 slots
-  STEP_S=240 step $PY bench/bench_decode.py --device cuda --prefill-len 512 --prefill-caches 32 48 0.1 \
+  step bench-prefill 240 $PY bench/bench_decode.py --device cuda --prefill-len 512 --prefill-caches 32 48 0.1 \
     --prefill-prompts 3 --out "$RES/prefill_cuda"
 fi
-ls -la "$RES" | tee -a "$log"
-tar -czf "$OUT/results_$PART.tar.gz" -C "$RES" . && rm -rf "$RES"
+finish

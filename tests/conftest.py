@@ -23,6 +23,13 @@ def _cuda_can_run() -> bool:
 def pytest_collection_modifyitems(config, items):
     if _cuda_can_run():
         return
+    if config.getoption("markexpr", "").strip() == "gpu" and not config.getoption("collectonly", False):
+        # `make test-gpu` / `pytest -m gpu` must not "pass" with every test skipped
+        raise pytest.UsageError(
+            "pytest -m gpu: no usable CUDA device here (torch.cuda.is_available() is False), so every GPU "
+            "test would be skipped; run it on a machine with a GPU (bench/gpu_session.sh), or use "
+            "--collect-only to check that the GPU tests collect"
+        )
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device; run `make test-gpu` on a GPU machine")
     for item in items:
         if "gpu" in item.keywords:

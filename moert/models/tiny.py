@@ -27,6 +27,7 @@ __all__ = [
     "demo_config",
     "prompt_ids",
     "greedy",
+    "agree_until_near_tie",
     "Reference",
     "single_thread",
     "random_predictor",
@@ -215,6 +216,50 @@ def demo_config(**overrides: Any):
     )
     kw.update(overrides)
     return deepseek_v2_lite_config(**kw)
+
+
+def agree_until_near_tie(
+    want_seq: Any, want_logits: Any, seq: Any, logits: Any, *, rel_tol: float = 2e-2
+) -> list[int]:
+    """Compares a run with a reference run whose numerics differ by rounding (bf16: the unpatched
+    model's grouped GEMM with a bf16 combine vs moert's per-expert GEMMs with an fp32 sum), step by
+    step while both runs still share a prefix.
+
+    With ``tol = rel_tol * max|want_logits|``, at every step whose prefix is shared the logits must
+    agree within ``tol``; the step's token must agree too unless the reference's top-2 margin is
+    below ``2 * tol`` (a near tie, which rounding may flip), where the comparison of that row ends:
+    after a flipped token the two runs continue from different prefixes.
+
+    Args:
+        want_seq, seq: (B, P+N) int64 sequences of the reference and the run (P prompt tokens).
+        want_logits, logits: (N, B, V) logits of the N generated steps.
+        rel_tol: tolerance relative to the reference's largest logit.
+
+    Returns:
+        Per row, the number of steps compared (N when no near tie came first).
+
+    Raises:
+        AssertionError: naming the row, the step and the error or the tokens.
+    """
+    ref, got = want_logits.float(), logits.float()
+    n, batch, _ = ref.shape
+    prompt_len = want_seq.shape[1] - n
+    tol = rel_tol * ref.abs().max().item()
+    top2 = ref.topk(2, dim=-1).values  # [N, B, 2]
+    margin = top2[..., 0] - top2[..., 1]  # [N, B]
+    compared = []
+    for b in range(batch):
+        steps = n
+        for t in range(n):
+            err = (got[t, b] - ref[t, b]).abs().max().item()
+            assert err <= tol, f"row {b} step {t}: logits differ by {err:.3e} > tol {tol:.3e} (shared prefix)"
+            if margin[t, b].item() < 2 * tol:
+                steps = t + 1  # a near tie: the token may flip, and the prefixes part here
+                break
+            a, w = int(seq[b, prompt_len + t]), int(want_seq[b, prompt_len + t])
+            assert a == w, f"row {b} step {t}: token {a} != reference {w} with margin {margin[t, b]:.3e}"
+        compared.append(steps)
+    return compared
 
 
 def greedy(model: nn.Module, prompt: Any, new_tokens: int = 32) -> tuple[Any, Any]:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import moert
-from moert.models.tiny import VARIANTS, Reference, greedy, prompt_ids, single_thread, tiny_model
+from moert.models.tiny import VARIANTS, Reference, agree_until_near_tie, greedy, prompt_ids, single_thread, tiny_model
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -225,10 +225,11 @@ def test_cuda_bf16_equivalence(name):
         torch.cuda.synchronize()
         assert torch.cuda.memory_allocated() <= before - experts + handle.cache_bytes + (1 << 20)
         seq, logits = greedy(model, prompt)
+        misses = handle.stats().misses
         handle.undo()
-        assert torch.equal(seq, want_seq), f"{name} cache={slots}: tokens differ"
-        err = ((logits.float() - want_logits.float()).abs().max() / want_logits.float().abs().max()).item()
-        assert err < 2e-2, f"{name} cache={slots}: bf16 logits relative error {err:.3e}"
+        assert misses > 0, f"{name} cache={slots}: nothing was loaded"
+        # the unpatched model rounds differently (grouped GEMM, bf16 combine): tolerance, up to a near tie
+        agree_until_near_tie(want_seq, want_logits, seq, logits)
         outs.append(logits)
     assert all(torch.equal(outs[0], o) for o in outs[1:]), "not bit-identical across cache sizes on CUDA"
 

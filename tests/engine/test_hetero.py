@@ -9,7 +9,7 @@ import torch
 
 import moert
 from moert.engine.hetero import CpuExperts
-from moert.models.tiny import Reference, greedy, prompt_ids, single_thread, tiny_model
+from moert.models.tiny import Reference, agree_until_near_tie, greedy, prompt_ids, single_thread, tiny_model
 from moert.sim.cost import cpu_split
 
 ARCH_VARIANTS = ("deepseek_v2-greedy", "qwen3_moe-nonorm-sparse", "phimoe")
@@ -107,7 +107,5 @@ def test_cuda_host_experts_within_bf16_tolerance():
     seq, logits = greedy(model, prompt)
     st = handle.stats()
     handle.undo()
-    assert st.cpu_experts > 0
-    err = ((logits.float() - want_logits.float()).abs().max() / want_logits.float().abs().max()).item()
-    assert err < 2e-2, f"bf16 logits relative error {err:.3e} with host experts"
-    assert torch.equal(seq, want_seq)
+    assert st.cpu_experts > 0 and st.misses > 0
+    agree_until_near_tie(want_seq, want_logits, seq, logits)  # host experts: within bf16 tolerance

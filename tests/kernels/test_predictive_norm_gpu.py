@@ -16,10 +16,19 @@ REAL = [(2048, 64, "rms"), (2048, 128, "rms"), (4096, 16, "layernorm")]
 TOLERANCES = {torch.float32: (1e-4, 1e-4), torch.float16: (1e-2, 1e-2), torch.bfloat16: (6e-2, 4e-2)}
 
 
-@pytest.mark.parametrize("T", [1, 8, 64, 300])
-@pytest.mark.parametrize("H, E, norm_kind", REAL)
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
-@pytest.mark.parametrize("act, lookahead", [("silu", 0), ("gelu", 3)])
+# A grid sized for a few-minute GPU session: each case may JIT-compile a new kernel variant (1-2 s on
+# a fresh machine), so instead of the full product (72 cases) every model runs decode (T=1) and a
+# multi-block prefill (T=300) in bf16, and the other dtypes, activations and lookahead run once each.
+KERNEL_CASES = [
+    *[(T, *shape, torch.bfloat16, "silu", 0) for shape in REAL for T in (1, 300)],
+    (8, *REAL[0], torch.float16, "gelu", 3),
+    (64, *REAL[0], torch.float32, "gelu", 3),
+    (64, *REAL[1], torch.bfloat16, "gelu", 3),
+    (8, *REAL[2], torch.float32, "silu", 0),
+]
+
+
+@pytest.mark.parametrize("T, H, E, norm_kind, dtype, act, lookahead", KERNEL_CASES)
 @torch.no_grad()
 def test_compiled_kernel_matches_reference(T, H, E, norm_kind, dtype, act, lookahead):
     D, d = 2048, max(lookahead, 1)
@@ -62,10 +71,9 @@ def test_module_on_cuda_uses_the_kernel_and_matches_the_norm():
     assert pn.last_logits.shape == (1, 7, E) and pn.last_logits.is_cuda
 
 
-@pytest.mark.parametrize("T", [1, 8, 64, 300])
+@pytest.mark.parametrize("T", [1, 300])
 @pytest.mark.parametrize("H, E, norm_kind", REAL)
-@pytest.mark.parametrize("lookahead", [0, 3])
-@pytest.mark.parametrize("adaptive", [False, True])
+@pytest.mark.parametrize("lookahead, adaptive", [(0, False), (3, True)])
 @torch.no_grad()
 def test_fused_plan_epilogue_on_the_gpu(T, H, E, norm_kind, lookahead, adaptive):
     """The last-program election and the plan on a real GPU (many programs, atomics, L2 reads):
