@@ -9,7 +9,15 @@ import pytest
 import torch
 
 import moert
-from moert.models.tiny import VARIANTS, Reference, agree_until_near_tie, greedy, prompt_ids, single_thread, tiny_model
+from moert.models.tiny import (
+    VARIANTS,
+    Reference,
+    agree_until_near_tie,
+    greedy,
+    prompt_ids,
+    single_thread,
+    tiny_model,
+)
 
 
 @pytest.fixture(autouse=True, scope="module")
