@@ -96,8 +96,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     import moert
-    from moert.api.load import checkpoint_files, tensor_bytes
-    from moert.models.tiny import demo_config, prompt_ids, save_tiny, tiny_model
+    from moert.models.tiny import prompt_ids
 
     torch.manual_seed(args.seed)
     threads = args.threads if args.threads is not None else (1 if args.model is None else None)
@@ -108,20 +107,9 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     cache = _cache_arg(args.cache)
     if args.predictor not in ("auto", "none") and not Path(args.predictor).is_file():
         raise FileNotFoundError(f"--predictor {args.predictor}: no such file (or use auto / none)")
-    tmp = None
-    reference = None
     t_build = time.perf_counter()
-    if args.model is None:
-        tmp = tempfile.TemporaryDirectory(prefix="moert-demo-")
-        reference = tiny_model(demo_config(), seed=args.seed)
-        path = save_tiny(reference, Path(tmp.name) / "deepseek-v2-lite-tiny")
-        source = "built-in: DeepSeek-V2-Lite layout scaled down, seeded random weights"
-    else:
-        path = args.model
-        source = str(path)
-        checkpoint_files(path)  # clear errors before loading anything
+    tmp, path, source, reference = _model_source(args)
     t_build = time.perf_counter() - t_build
-
     try:
         model = moert.load(
             path,
@@ -132,23 +120,11 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
             progress=not args.json,
         )
         handle = moert.handle_of(model)
-        device = handle.device
-        cfg = model.config
-        prompt = prompt_ids(args.batch, args.prompt_len, vocab=cfg.vocab_size, seed=args.seed + 1).to(device)
-
-        check: dict[str, Any] = {"checked": False}
-        full_bytes = None
-        tok_s_ref = None
-        if not args.no_check:
-            if reference is None:
-                from transformers import AutoModelForCausalLM
-
-                reference = AutoModelForCausalLM.from_pretrained(str(path), dtype=model.dtype)
-            reference = reference.to(device=device, dtype=model.dtype).eval()
-            full_bytes = tensor_bytes(reference)
-            _generate(reference, prompt, 2)  # warm-up (kernel caches for these shapes)
-            ref_seq, ref_logits, dt_ref = _generate(reference, prompt, args.tokens)
-            tok_s_ref = args.batch * args.tokens / dt_ref
+        prompt = prompt_ids(args.batch, args.prompt_len, vocab=model.config.vocab_size, seed=args.seed + 1)
+        prompt = prompt.to(handle.device)
+        ref = None if args.no_check else _reference_run(args, path, reference, model, prompt)
+        if ref is not None:
+            reference = ref.pop("model")  # on the model's device and dtype
         predictor, train_s = _predictor(args, reference)
         del reference
 
@@ -156,64 +132,119 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         handle.reset_stats()
         seq, logits, dt = _generate(model, prompt, args.tokens)
         stats = handle.stats()
-        if not args.no_check:
-            rel = ((logits.float() - ref_logits.float()).abs().max() / ref_logits.float().abs().max()).item()
-            same = bool(torch.equal(seq, ref_seq))
-            first = None if same else (seq != ref_seq).nonzero()[0].tolist()
-            check = {
-                "checked": True,
-                "tokens_identical": same,
-                "first_difference": first,
-                "logits_rel_err": rel,
-            }
+        check = {"checked": False} if ref is None else _check(seq, logits, ref["seq"], ref["logits"])
         predictive = None
         if predictor is not None:
             predictive = _predictive_run(args, path, cache, prompt, predictor)
             predictive["train_s"] = train_s
-            if check["checked"]:
-                predictive["tokens_identical"] = bool(torch.equal(predictive.pop("seq"), ref_seq))
-            else:
-                predictive.pop("seq")
-        rep = handle.load_report
-        non_expert = rep["non_expert_bytes"]
-        record = {
-            "model": source,
-            "model_type": cfg.model_type,
-            "moe_layers": handle.layer_ids,
-            "num_experts": handle.adapter.num_experts,
-            "top_k": handle.adapter.top_k,
-            "cache_slots": handle.num_slots,
-            "cache_experts": cache,
-            "policy": args.policy,
-            "device": device,
-            "cpu_threads": torch.get_num_threads(),
-            "dtype": rep["dtype"],
-            "batch": args.batch,
-            "prompt_len": args.prompt_len,
-            "new_tokens": args.tokens,
-            "check": check,
-            "tokens_per_s": {"moert": args.batch * args.tokens / dt, "unpatched": tok_s_ref},
-            "stats": stats.as_dict(),
-            "predictive": predictive,
-            "memory_bytes": {
-                "device_without_offload": full_bytes
-                if full_bytes is not None
-                else non_expert + rep["all_experts_bytes"],
-                "device_with_offload": non_expert + handle.cache_bytes,
-                "device_peak_during_load": rep["peak_device_bytes"],
-                "device_peak_method": rep["peak_method"],
-                "host_pool": handle.pool_bytes,
-                "experts_all": rep["all_experts_bytes"],
-                "slab_cache": handle.cache_bytes,
-                "non_expert": non_expert,
-            },
-            "seconds": {"build_and_save": t_build, "load": rep["seconds"], "generate": dt},
-            "versions": _versions(),
-        }
+            pred_seq = predictive.pop("seq")
+            if ref is not None:
+                predictive["tokens_identical"] = bool(torch.equal(pred_seq, ref["seq"]))
+        record = _record(args, source, model, handle, cache, check, stats, predictive, ref)
+        record["tokens_per_s"]["moert"] = args.batch * args.tokens / dt
+        record["seconds"] = {"build_and_save": t_build, "load": handle.load_report["seconds"], "generate": dt}
         return record
     finally:
         if tmp is not None:
             tmp.cleanup()
+
+
+def _model_source(args: argparse.Namespace) -> tuple[Any, Any, str, Any]:
+    """``(temporary dir or None, model path, description, unpatched reference model or None)``: the
+    built-in model saved into a temporary directory, or ``--model PATH`` checked before loading."""
+    from moert.api.load import checkpoint_files
+    from moert.models.tiny import demo_config, save_tiny, tiny_model
+
+    if args.model is None:
+        tmp = tempfile.TemporaryDirectory(prefix="moert-demo-")
+        reference = tiny_model(demo_config(), seed=args.seed)
+        path = save_tiny(reference, Path(tmp.name) / "deepseek-v2-lite-tiny")
+        return tmp, path, "built-in: DeepSeek-V2-Lite layout scaled down, seeded random weights", reference
+    checkpoint_files(args.model)  # clear errors before loading anything
+    return None, args.model, str(args.model), None
+
+
+def _reference_run(
+    args: argparse.Namespace, path: Any, reference: Any, model: Any, prompt: Any
+) -> dict[str, Any]:
+    """The unpatched model's greedy run on the same prompt: ``seq``, ``logits``, ``tok_s``, ``bytes`` and
+    the ``model`` itself (moved to the prompt's device and the patched model's dtype)."""
+    from moert.api.load import tensor_bytes
+
+    if reference is None:
+        from transformers import AutoModelForCausalLM
+
+        reference = AutoModelForCausalLM.from_pretrained(str(path), dtype=model.dtype)
+    reference = reference.to(device=prompt.device, dtype=model.dtype).eval()
+    _generate(reference, prompt, 2)  # warm-up (kernel caches for these shapes)
+    seq, logits, dt = _generate(reference, prompt, args.tokens)
+    return {
+        "seq": seq,
+        "logits": logits,
+        "tok_s": args.batch * args.tokens / dt,
+        "bytes": tensor_bytes(reference),
+        "model": reference,
+    }
+
+
+def _check(seq: Any, logits: Any, ref_seq: Any, ref_logits: Any) -> dict[str, Any]:
+    """Tokens identical to the unpatched model's (and where they first differ), logits' relative error."""
+    import torch
+
+    rel = ((logits.float() - ref_logits.float()).abs().max() / ref_logits.float().abs().max()).item()
+    same = bool(torch.equal(seq, ref_seq))
+    first = None if same else (seq != ref_seq).nonzero()[0].tolist()
+    return {"checked": True, "tokens_identical": same, "first_difference": first, "logits_rel_err": rel}
+
+
+def _record(
+    args: argparse.Namespace,
+    source: str,
+    model: Any,
+    handle: Any,
+    cache: Any,
+    check: dict[str, Any],
+    stats: Any,
+    predictive: dict[str, Any] | None,
+    ref: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """The demo's JSON record (``tokens_per_s["moert"]`` and ``seconds`` are added by the caller)."""
+    import torch
+
+    rep = handle.load_report
+    non_expert = rep["non_expert_bytes"]
+    full_bytes = ref["bytes"] if ref is not None else non_expert + rep["all_experts_bytes"]
+    return {
+        "model": source,
+        "model_type": model.config.model_type,
+        "moe_layers": handle.layer_ids,
+        "num_experts": handle.adapter.num_experts,
+        "top_k": handle.adapter.top_k,
+        "cache_slots": handle.num_slots,
+        "cache_experts": cache,
+        "policy": args.policy,
+        "device": handle.device,
+        "cpu_threads": torch.get_num_threads(),
+        "dtype": rep["dtype"],
+        "batch": args.batch,
+        "prompt_len": args.prompt_len,
+        "new_tokens": args.tokens,
+        "check": check,
+        "tokens_per_s": {"moert": None, "unpatched": None if ref is None else ref["tok_s"]},
+        "stats": stats.as_dict(),
+        "predictive": predictive,
+        "memory_bytes": {
+            "device_without_offload": full_bytes,
+            "device_with_offload": non_expert + handle.cache_bytes,
+            "device_peak_during_load": rep["peak_device_bytes"],
+            "device_peak_method": rep["peak_method"],
+            "host_pool": handle.pool_bytes,
+            "experts_all": rep["all_experts_bytes"],
+            "slab_cache": handle.cache_bytes,
+            "non_expert": non_expert,
+        },
+        "versions": _versions(),
+    }
 
 
 def _predictor(args: argparse.Namespace, reference: Any) -> tuple[Any, float | None]:
