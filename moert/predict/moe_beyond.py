@@ -195,37 +195,11 @@ def train_moe_beyond(
     max_len = net_cfg.max_len
     pairs = [(si, li) for si in range(len(train_seqs)) for li in range(L)]
 
-    def batches(gen: torch.Generator):
-        # windows of similar length share a batch (little padding): shuffle, sort within pools of
-        # 64 batches by length, cut batches, shuffle the batch order
-        perm = torch.randperm(len(pairs), generator=gen).tolist()
-        items = []
-        for p in perm:
-            si, li = pairs[p]
-            T = tokens[si].shape[0]
-            start = int(torch.randint(0, T - max_len + 1, (1,), generator=gen)) if max_len < T else 0
-            items.append((si, li, start, min(T, start + max_len)))
-        pool = 64 * cfg.batch_size
-        out = []
-        for s in range(0, len(items), pool):
-            chunk = sorted(items[s : s + pool], key=lambda it: it[3] - it[2])
-            out += [chunk[i : i + cfg.batch_size] for i in range(0, len(chunk), cfg.batch_size)]
-        order = torch.randperm(len(out), generator=gen).tolist()
-        return [out[i] for i in order]
+    def batches(gen: torch.Generator) -> list[list[tuple[int, int, int, int]]]:
+        return _window_batches(pairs, [t.shape[0] for t in tokens], max_len, cfg.batch_size, gen)
 
-    def batch_loss(items) -> torch.Tensor:
-        T = max(b - a for _, _, a, b in items)
-        tok = torch.zeros(len(items), T, dtype=torch.long)
-        valid = torch.zeros(len(items), T, dtype=torch.bool)
-        labels = torch.zeros(len(items), T, E)
-        sc = torch.zeros(len(items), T, E) if scores is not None else None
-        for r, (si, li, a, b) in enumerate(items):
-            tok[r, : b - a] = tokens[si][a:b]
-            valid[r, : b - a] = True
-            labels[r, : b - a] = multi_hot(experts[si][li, a:b], E)
-            if sc is not None:
-                sc[r, : b - a] = scores[si][li, a:b]
-        layer = torch.tensor([li for _, li, _, _ in items])
+    def batch_loss(items: list[tuple[int, int, int, int]]) -> torch.Tensor:
+        tok, valid, labels, sc, layer = _window_batch(items, tokens, experts, scores, E)
         logits = net(tok.to(device), layer.to(device))[valid.to(device)]  # [n_valid, E]
         return loss_fn(logits, labels[valid].to(device), sc[valid].to(device) if sc is not None else None)
 
@@ -245,6 +219,53 @@ def train_moe_beyond(
     return MoEBeyondPredictor(
         _meta(trace_meta, net_cfg, loss, vocab, info, source), net.cpu().eval(), vocab
     ), history
+
+
+def _window_batches(
+    pairs: list[tuple[int, int]], lengths: list[int], max_len: int, batch_size: int, gen: torch.Generator
+) -> list[list[tuple[int, int, int, int]]]:
+    """One epoch of ``(sequence, layer, start, end)`` windows in batches: every (sequence, layer) pair
+    once, a random window of at most ``max_len`` tokens each; windows of similar length share a batch
+    (little padding): shuffle, sort within pools of 64 batches by length, cut batches, shuffle the
+    batch order."""
+    perm = torch.randperm(len(pairs), generator=gen).tolist()
+    items = []
+    for p in perm:
+        si, li = pairs[p]
+        T = lengths[si]
+        start = int(torch.randint(0, T - max_len + 1, (1,), generator=gen)) if max_len < T else 0
+        items.append((si, li, start, min(T, start + max_len)))
+    pool = 64 * batch_size
+    out = []
+    for s in range(0, len(items), pool):
+        chunk = sorted(items[s : s + pool], key=lambda it: it[3] - it[2])
+        out += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+    order = torch.randperm(len(out), generator=gen).tolist()
+    return [out[i] for i in order]
+
+
+def _window_batch(
+    items: list[tuple[int, int, int, int]],
+    tokens: list[torch.Tensor],
+    experts: list[torch.Tensor],
+    scores: list[torch.Tensor] | None,
+    num_experts: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """A padded batch of windows: ``(tokens [B, T] int64, valid [B, T] bool, labels [B, T, E] multi-hot,
+    router scores [B, T, E] or None, layer [B] int64)``."""
+    T = max(b - a for _, _, a, b in items)
+    tok = torch.zeros(len(items), T, dtype=torch.long)
+    valid = torch.zeros(len(items), T, dtype=torch.bool)
+    labels = torch.zeros(len(items), T, num_experts)
+    sc = torch.zeros(len(items), T, num_experts) if scores is not None else None
+    for r, (si, li, a, b) in enumerate(items):
+        tok[r, : b - a] = tokens[si][a:b]
+        valid[r, : b - a] = True
+        labels[r, : b - a] = multi_hot(experts[si][li, a:b], num_experts)
+        if sc is not None:
+            sc[r, : b - a] = scores[si][li, a:b]
+    layer = torch.tensor([li for _, li, _, _ in items])
+    return tok, valid, labels, sc, layer
 
 
 def _meta(
