@@ -47,7 +47,10 @@ def checkpoint_files(path: str | Path) -> list[Path]:
         )
     index = root / "model.safetensors.index.json"
     if index.is_file():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index} has no 'weight_map' object; the model directory is damaged")
+        names = sorted(set(weight_map.values()))
         files = [root / n for n in names]
     else:
         files = sorted(root.glob("*.safetensors"))
@@ -74,17 +77,47 @@ def _dtype_of(config: Any, dtype: torch.dtype | str | None) -> torch.dtype:
     return value
 
 
+def _open_shard(path: Path) -> Any:
+    """``safe_open`` of one checkpoint file, its errors turned into one that names the file and the fix.
+
+    Raises:
+        FileNotFoundError: the file vanished since the directory was listed.
+        ValueError: not a readable safetensors file (truncated, empty, a garbled header).
+    """
+    from safetensors import safe_open
+
+    try:
+        return safe_open(str(path), framework="pt")
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"checkpoint file {path} vanished while loading; is another process writing it?"
+        ) from None
+    except Exception as exc:  # safetensors raises its own error types for corrupt files
+        raise ValueError(
+            f"checkpoint file {path} is not a readable safetensors file ({type(exc).__name__}: {exc}); it is "
+            "truncated or corrupt: copy or download it again (or save_pretrained the model again)"
+        ) from None
+
+
+def _read_json(path: Path) -> Any:
+    """A JSON file of the checkpoint (config.json, the shard index), with an error naming it."""
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(
+            f"{path} is not valid JSON ({exc}); the model directory is damaged: copy it again, or save_pretrained the model again"
+        ) from None
+
+
 class _Index:
     """Which file holds which key, and which keys are routed-expert weights."""
 
     def __init__(self, files: list[Path], adapter: ModelAdapter) -> None:
-        from safetensors import safe_open
-
         self.where: dict[str, Path] = {}
         self.experts: dict[tuple[int, int | None], dict[str, str]] = defaultdict(dict)
         self.others: dict[str, str] = {}  # model name -> checkpoint key
         for f in files:
-            with safe_open(str(f), framework="pt") as h:
+            with _open_shard(f) as h:
                 for key in h.keys():  # noqa: SIM118 (safe_open handles are not iterable)
                     self.where[key] = f
                     ek = adapter.parse_expert_key(key)
@@ -101,10 +134,8 @@ class _Reader:
         self._open: dict[Path, Any] = {}
 
     def handle(self, path: Path) -> Any:
-        from safetensors import safe_open
-
         if path not in self._open:
-            self._open[path] = safe_open(str(path), framework="pt")
+            self._open[path] = _open_shard(path)
         return self._open[path]
 
     def close(self) -> None:
@@ -158,7 +189,7 @@ def load(
     t0 = time.perf_counter()
     files = checkpoint_files(path)
     # our error (listing the supported types) before transformers parses the config
-    adapter_class(json.loads((Path(path) / "config.json").read_text()).get("model_type"))
+    adapter_class(_read_json(Path(path) / "config.json").get("model_type"))
     hf_config = AutoConfig.from_pretrained(str(path))
     if config is None:
         cfg = OffloadConfig(cache_experts=cache_experts, policy=policy, device=device, **kwargs)

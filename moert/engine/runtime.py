@@ -95,6 +95,13 @@ def _expert_ids(experts: Experts, name: str = "experts") -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
+def _count(value: Any, name: str) -> int:
+    """An integer argument (a count or size) as int, without silently truncating 1.5 or parsing "3"."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{name}={value!r} must be an integer")
+    return int(value)
+
+
 def _int64_list(values: Sequence[int]) -> np.ndarray:
     return np.asarray([int(v) for v in values], dtype=np.int64).reshape(-1)
 
@@ -169,7 +176,12 @@ class ExpertPool:
     ) -> None:
         if pin is None:
             pin = backends()["cuda"]["can_run"]
-        self._c = _native().ExpertPool(int(num_layers), int(num_experts), int(slab_bytes), bool(pin))
+        self._c = _native().ExpertPool(
+            _count(num_layers, "num_layers"),
+            _count(num_experts, "num_experts"),
+            _count(slab_bytes, "slab_bytes"),
+            bool(pin),
+        )
 
     num_layers = property(lambda self: self._c.num_layers)
     num_experts = property(lambda self: self._c.num_experts)
@@ -270,7 +282,9 @@ class SlabCache:
         if str(device) not in DEVICES:
             raise ValueError(f"unknown device {device!r}; use one of {', '.join(DEVICES)}")
         self._pool = pool
-        self._c = _native().SlabCache(pool._c, int(num_slots), str(policy), str(device), int(min_slots))
+        self._c = _native().SlabCache(
+            pool._c, _count(num_slots, "num_slots"), str(policy), str(device), _count(min_slots, "min_slots")
+        )
 
     @classmethod
     def simulated(
@@ -287,7 +301,12 @@ class SlabCache:
         self = cls.__new__(cls)
         self._pool = None
         self._c = _native().SlabCache.simulated(
-            int(num_layers), int(num_experts), int(num_slots), str(policy), int(slab_bytes), int(min_slots)
+            _count(num_layers, "num_layers"),
+            _count(num_experts, "num_experts"),
+            _count(num_slots, "num_slots"),
+            str(policy),
+            _count(slab_bytes, "slab_bytes"),
+            _count(min_slots, "min_slots"),
         )
         return self
 
@@ -411,7 +430,7 @@ class CopyEngine:
         if not isinstance(cache, SlabCache):
             raise ValueError(f"CopyEngine needs a SlabCache, got {type(cache).__name__}")
         self._cache = cache
-        self._c = _native().CopyEngine(cache._c, int(num_streams), float(slot_timeout_s))
+        self._c = _native().CopyEngine(cache._c, _count(num_streams, "num_streams"), float(slot_timeout_s))
 
     num_streams = property(lambda self: self._c.num_streams)
     closed = property(lambda self: self._c.closed)

@@ -45,7 +45,8 @@ def adapter_class(model_type: str | None) -> type[ModelAdapter]:
     target = _REGISTRY.get(model_type or "")
     if target is None:
         raise ValueError(
-            f"moert does not support model_type {model_type!r}; supported: {', '.join(sorted(_REGISTRY))}"
+            f"moert does not support model_type {model_type!r}; supported: {', '.join(sorted(_REGISTRY))}. "
+            "Use a model of a supported type, or add an adapter for it in moert/models/"
         )
     module, name = target.split(":")
     return getattr(importlib.import_module(module), name)

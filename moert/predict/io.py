@@ -79,7 +79,8 @@ def read_predictor_file(
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
     except Exception as exc:  # safetensors raises its own error types for corrupt files
         raise ValueError(
-            f"{path}: not a readable safetensors file ({type(exc).__name__}: {exc}); is it corrupt?"
+            f"{path}: not a readable safetensors file ({type(exc).__name__}: {exc}); it is truncated or corrupt: "
+            "copy it again, or train it again with `moert train`"
         ) from None
     raw = metadata.get(HEADER_KEY)
     if raw is None:
