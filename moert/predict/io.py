@@ -52,11 +52,17 @@ def save_predictor(
             )
     header = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "meta": meta.to_json(), "extra": extra or {}}
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(
-        {k: v.detach().cpu().contiguous() for k, v in tensors.items()},
-        str(path),
-        metadata={HEADER_KEY: json.dumps(header)},
-    )
+    cpu = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    tmp = path.with_name(path.name + ".tmp")
+    try:  # a failed write (a full disk) leaves neither a partial file nor the tmp behind
+        save_file(cpu, str(tmp), metadata={HEADER_KEY: json.dumps(header)})
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise OSError(
+            exc.errno,
+            f"writing the predictor {path} failed ({exc.strerror or exc}); free disk space or choose another --out",
+        ) from exc
     return path
 
 

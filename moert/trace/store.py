@@ -22,10 +22,11 @@ validated as it is read, with errors naming the file and the field.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -292,6 +293,7 @@ class TraceWriter:
             for old in self.out_dir.glob("shard_*.safetensors"):
                 old.unlink()
             (self.out_dir / MANIFEST).unlink()
+        self._created_dir = not self.out_dir.exists()
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self._shard_tokens = shard_tokens
         self._pending: list[SequenceTrace] = []
@@ -355,7 +357,7 @@ class TraceWriter:
         if self.meta.has_hidden:
             tensors["hidden"] = torch.cat([s.hidden.half() for s in seqs], dim=1).contiguous()
         name = f"shard_{len(self._shards):05d}.safetensors"
-        save_file(tensors, str(self.out_dir / name))
+        _write_atomically(self.out_dir / name, lambda tmp: save_file(tensors, str(tmp)), "trace shard")
         T = int(offsets[-1])
         self._shards.append({"file": name, "num_tokens": T, "num_sequences": len(seqs)})
         self._num_tokens += T
@@ -382,11 +384,20 @@ class TraceWriter:
             "has_tokens": bool(self._has_tokens),
             "shards": self._shards,
         }
-        tmp = self.out_dir / (MANIFEST + ".tmp")
-        tmp.write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
-        os.replace(tmp, self.out_dir / MANIFEST)
+        text = json.dumps(manifest, indent=1, ensure_ascii=False) + "\n"
+        _write_atomically(self.out_dir / MANIFEST, lambda tmp: tmp.write_text(text), "trace manifest")
         self._closed = True
         return self.meta
+
+    def abort(self) -> None:
+        """Removes what this writer wrote (its shards; the folder when it made it and it is empty): a
+        trace that failed half-way leaves nothing behind that looks like a trace."""
+        for shard in self._shards:
+            (self.out_dir / shard["file"]).unlink(missing_ok=True)
+        self._shards, self._pending, self._closed = [], [], True
+        if self._created_dir:
+            with contextlib.suppress(OSError):
+                self.out_dir.rmdir()
 
     def __enter__(self) -> TraceWriter:
         return self
@@ -394,3 +405,21 @@ class TraceWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
             self.close()
+        else:
+            self.abort()
+
+
+def _write_atomically(path: Path, write: Callable[[Path], object], what: str) -> None:
+    """``write(tmp)`` into a temporary file beside ``path``, then renames it to ``path``: a failure (a
+    full disk) leaves no partial file and raises OSError naming ``path``."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise OSError(
+            exc.errno,
+            f"writing the {what} {path} failed ({exc.strerror or exc}); free disk space or "
+            "choose another --out",
+        ) from exc
