@@ -11,7 +11,7 @@ DEPS := numpy safetensors tqdm pybind11 ninja setuptools wheel "$(TRANSFORMERS_S
 DEV_DEPS := pytest hypothesis ruff clang-format
 NATIVE := $(wildcard csrc/*.cc csrc/include/moert/*.h csrc/src/*.cc csrc/src/*.cu) CMakeLists.txt setup.py
 
-.PHONY: setup build demo test test-compat test-gpu test-gpu-here gpu-dry-run lint format bench bench-sim-studies clean
+.PHONY: setup build demo test test-compat test-gpu test-gpu-here gpu-dry-run stress sanitize lint format bench bench-sim-studies clean
 
 setup: $(VENV)/.deps build
 
@@ -53,6 +53,17 @@ test-gpu: setup
 # before a GPU is ever lent (CI runs it; about 2 minutes)
 gpu-dry-run: setup
 	bash bench/gpu_session.sh --dry-run
+
+# a million randomized pool/cache/engine operations over 4 threads, every slot checksummed at every use;
+# records bench/results/stress_cpu.{json,md} (about 2 minutes; CI runs a 10^5 slice in make test)
+stress: setup
+	$(PY) bench/stress.py --ops 1000000
+
+# moert._C with AddressSanitizer + UBSan, then with ThreadSanitizer, each running the native-facing
+# tests (build/sanitize-*; the regular build is untouched)
+sanitize: setup
+	bash tools/sanitize.sh address
+	bash tools/sanitize.sh thread
 
 # A lent GPU machine has no package index but a python3 with torch, transformers, triton, pybind11,
 # ninja and pytest: build against that interpreter and run the GPU suite there.

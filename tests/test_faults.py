@@ -71,10 +71,10 @@ def test_a_full_disk_while_writing_a_trace_leaves_nothing(tmp_path, monkeypatch)
         real_save(tensors, path, *args, **kwargs)
 
     monkeypatch.setattr("safetensors.torch.save_file", save_then_fail)
-    with pytest.raises(OSError, match="trace shard .*shard_00001.safetensors failed .*free disk space"):
-        with TraceWriter(out, meta, shard_tokens=2) as w:
-            for i in range(3):
-                w.add(_seq(i))
+    full = pytest.raises(OSError, match="trace shard .*shard_00001.safetensors failed .*free disk space")
+    with full, TraceWriter(out, meta, shard_tokens=2) as w:
+        for i in range(3):
+            w.add(_seq(i))
     assert not out.exists(), f"a failed trace left {sorted(p.name for p in out.iterdir())}"
     monkeypatch.undo()
     with TraceWriter(out, meta, shard_tokens=2) as w:  # the next call works

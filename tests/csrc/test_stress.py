@@ -1,0 +1,30 @@
+"""The CI slice of ``bench/stress.py`` (``make stress`` runs the million): 10^5 randomized pool /
+cache / engine operations over 4 threads, every slot's bytes checked against the pool at every use,
+a close racing the last tenth, counters' invariants at the end."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+_SPEC = importlib.util.spec_from_file_location(
+    "moert_stress", Path(__file__).parents[2] / "bench" / "stress.py"
+)
+stress = importlib.util.module_from_spec(_SPEC)
+sys.modules[_SPEC.name] = stress  # dataclasses look their module up
+_SPEC.loader.exec_module(stress)
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu", "priority"])
+def test_stress_slice_zero_mismatches(policy):
+    seed = {"lru": 11, "lfu": 12, "priority": 13}[policy]
+    rep = stress.run_stress(33_334, threads=4, seed=seed, policy=policy)
+    print(f"stress seed {seed}: {rep.counts}")
+    assert rep.ok, (
+        f"seed {seed} (python bench/stress.py --seed {seed}): {len(rep.errors)} problems: {rep.errors[:3]}"
+    )
+    assert rep.counts.get("acquire", 0) > 5000 and rep.counts.get("acquire_deferred", 0) > 5000
+    assert rep.checked_bytes > 0
