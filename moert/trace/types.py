@@ -220,12 +220,14 @@ class InMemoryTrace(Trace):
 
 def _has(directory: Path, pattern: str, depth: int) -> bool:
     """Whether ``directory`` or a folder up to ``depth`` levels below it holds a file matching ``pattern``."""
-    if next(directory.glob(pattern), None) is not None:
-        return True
-    return depth > 0 and any(
-        _has(sub, pattern, depth - 1)
-        for sub in sorted(directory.iterdir())[:256]
-        if sub.is_dir() and not sub.name.startswith(".")
+    try:
+        if next(directory.glob(pattern), None) is not None:
+            return True
+        subdirs = sorted(directory.iterdir())[:256] if depth > 0 else []
+    except OSError:  # an unreadable folder holds nothing we can read
+        return False
+    return any(
+        _has(sub, pattern, depth - 1) for sub in subdirs if sub.is_dir() and not sub.name.startswith(".")
     )
 
 

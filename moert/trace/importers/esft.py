@@ -95,11 +95,14 @@ def parse_line(line: str, top_k: int, num_experts: int) -> torch.Tensor:
         raise ValueError(f"{len(ids)} expert ids but {len(weights)} gate weights")
     if not all(math.isfinite(w) for w in weights):
         raise ValueError("gate weights contain NaN or inf")
-    experts = torch.from_numpy(np.asarray(ids, dtype=np.int64).reshape(-1, top_k))  # [T, k]
 
     def error(msg: str) -> ValueError:
         return ValueError(msg + ("; pass --num-experts" if "range" in msg else ""))
 
+    bad = next((i for i in ids if not 0 <= i < num_experts), None)
+    if bad is not None:  # before numpy: an id past int64 must be a clear error, not an OverflowError
+        raise error(f"expert id {str(bad)[:40]} is out of range [0, {num_experts})")
+    experts = torch.from_numpy(np.asarray(ids, dtype=np.int64).reshape(-1, top_k))  # [T, k]
     check_expert_ids(experts, num_experts, error)
     return experts
 

@@ -113,8 +113,8 @@ def _check_ids(ids: list[int], column: str, num_experts: int) -> None:
     for e in ids:
         if not 0 <= e < num_experts:
             raise ValueError(
-                f"{column}: expert id {e} is out of range [0, {num_experts}); pass --num-experts if the model has "
-                "more experts"
+                f"{column}: expert id {str(e)[:40]} is out of range [0, {num_experts}); pass --num-experts if the "
+                "model has more experts"
             )
     if len(set(ids)) != len(ids):
         raise ValueError(f"{column}: expert ids {ids} repeat an id")

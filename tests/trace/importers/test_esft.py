@@ -57,6 +57,10 @@ def rewrite_line(path, i, new):
             rf"line 2: expert id {E} is out of range",
         ),
         (lambda f: rewrite_line(f, 1, "1\t2\t-1\t\t0.1\t0.2\t0.3"), r"line 2: expert id -1 is out of range"),
+        (  # past int64 (found by fuzz/fuzz_esft.py: was an OverflowError)
+            lambda f: rewrite_line(f, 1, f"1\t2\t{10**30}\t\t0.1\t0.2\t0.3"),
+            rf"line 2: expert id {10**30} is out of range",
+        ),
         (lambda f: rewrite_line(f, 1, "1\t1\t3\t\t0.1\t0.2\t0.3"), r"line 2: row 0 repeats an expert id"),
         (lambda f: rewrite_line(f, 1, "1\t2\t3\t4\t\t0.1\t0.2\t0.3\t0.4"), r"not a multiple of top_k"),
         (lambda f: rewrite_line(f, 1, "1\t2\t3\t\t0.1\t0.2"), r"3 expert ids but 2 gate weights"),
