@@ -11,7 +11,7 @@ DEPS := numpy safetensors tqdm pybind11 ninja setuptools wheel "$(TRANSFORMERS_S
 DEV_DEPS := pytest hypothesis ruff clang-format
 NATIVE := $(wildcard csrc/*.cc csrc/include/moert/*.h csrc/src/*.cc csrc/src/*.cu) CMakeLists.txt setup.py
 
-.PHONY: setup build demo test test-compat test-gpu test-gpu-here gpu-dry-run stress sanitize lint format bench bench-sim-studies clean
+.PHONY: setup build demo test test-compat test-gpu test-gpu-here gpu-dry-run stress sanitize fuzz fuzz-smoke lint format bench bench-sim-studies clean
 
 setup: $(VENV)/.deps build
 
@@ -73,13 +73,13 @@ test-gpu-here:
 	HF_HUB_OFFLINE=1 $(SYSTEM_PY) -m pytest -q -m gpu
 
 lint: setup
-	$(VENV)/bin/ruff check moert kernels tests bench setup.py
-	$(VENV)/bin/ruff format --check moert kernels tests bench setup.py
+	$(VENV)/bin/ruff check moert kernels tests bench fuzz setup.py
+	$(VENV)/bin/ruff format --check moert kernels tests bench fuzz setup.py
 	$(VENV)/bin/clang-format --dry-run --Werror $(filter %.cc %.h %.cu,$(NATIVE))
 
 format: setup
-	$(VENV)/bin/ruff check --fix moert kernels tests bench setup.py
-	$(VENV)/bin/ruff format moert kernels tests bench setup.py
+	$(VENV)/bin/ruff check --fix moert kernels tests bench fuzz setup.py
+	$(VENV)/bin/ruff format moert kernels tests bench fuzz setup.py
 	$(VENV)/bin/clang-format -i $(filter %.cc %.h %.cu,$(NATIVE))
 
 bench: setup
@@ -96,6 +96,20 @@ bench-sim-studies: setup
 	$(PY) bench/bench_sim.py --what score
 	$(PY) bench/bench_sim.py --what hetero
 	$(PY) bench/bench_sim.py --what speculative
+
+# Fuzzing with atheris (fuzz/README.md): one target per parser and one for the native bindings' checks,
+# FUZZ_RUNS inputs each from the committed seeds (fuzz/corpus/); findings and logs go to out/fuzz/.
+FUZZ_RUNS ?= 100000
+$(VENV)/.fuzz: $(VENV)/.deps
+	$(PIP) install -q atheris
+	touch $@
+
+fuzz: build $(VENV)/.fuzz
+	$(PY) fuzz/run.py --runs $(FUZZ_RUNS)
+
+# a short slice of the same (2,000 inputs per target)
+fuzz-smoke: build $(VENV)/.fuzz
+	$(PY) fuzz/run.py --runs 2000
 
 clean:
 	rm -rf build moert/_C*.so $(VENV)/.built $(COMPAT_VENV)

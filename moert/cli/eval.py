@@ -1,9 +1,17 @@
-"""``moert eval``: metrics of a trained predictor or a baseline on a trace, as a table, JSON and a plot.
+"""``moert eval``: metrics of a trained predictor, a baseline or recorded predictions on a trace, as a
+table, JSON and a plot.
 
 Which sequences: ``--split test`` (default) evaluates on the held-out sequences — the ones recorded in
 a trained predictor's header, or for baselines the same split ``moert train`` makes from
 ``--val-split/--test-split/--seed`` (``frequency`` counts on the other sequences). ``--split all``
 evaluates on every sequence (e.g. a different trace of the same model).
+
+``--predictions DIR`` evaluates predictions recorded by a peer instead of a moert predictor:
+MoE-Beyond's ``test_datasets/predicted_csvs`` (``prompt_<n>_data_predicted.csv``, column
+``Predicted Expert IDs``). The routing they are judged against is ``--trace``, by default the same
+folder's ``Activated Expert IDs``; every sequence the predictions cover is evaluated. The metrics are
+``moert.predict.metrics``' (the recorded ids taken in order as the ranking; over-provision columns only
+for m the recording is wide enough for).
 """
 
 from __future__ import annotations
@@ -19,15 +27,31 @@ BASELINES = ("prev-token", "frequency", "next-gate")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--trace", required=True, help="trace directory")
+    p.add_argument(
+        "--trace", default=None, help="trace directory (with --predictions: default the predictions folder)"
+    )
     p.add_argument("--format", default="auto", help="trace format: auto, moert, moe-beyond-csv, esft")
-    p.add_argument(
-        "--predictor", required=True, help="PRED.safetensors, or a baseline: " + ", ".join(BASELINES)
+    p.add_argument("--num-experts", type=int, default=64, help="E for imported formats (default 64)")
+    p.add_argument("--top-k", type=int, default=None, help="k for imported formats (CSV: inferred; ESFT: 6)")
+    p.add_argument("--model-type", default="deepseek_v2", help="model_type recorded for imported formats")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--predictor", help="PRED.safetensors, or a baseline: " + ", ".join(BASELINES))
+    what.add_argument(
+        "--predictions",
+        metavar="DIR",
+        help="predictions recorded by a peer: a MoE-Beyond predicted folder (prompt_<n>_data_predicted.csv)",
     )
     p.add_argument(
-        "--overprovision", default=None, help="m values for top-(k+m), comma separated (default 2,4)"
+        "--overprovision",
+        default=None,
+        help="m values for top-(k+m), comma separated (default 2,4; recorded predictions: those recorded)",
     )
-    p.add_argument("--split", default="test", choices=["test", "val", "train", "all"])
+    p.add_argument(
+        "--split",
+        default=None,
+        choices=["test", "val", "train", "all"],
+        help="sequences to evaluate (default test; --predictions: all)",
+    )
     p.add_argument("--val-split", type=float, default=0.1, help="baselines: as in `moert train`")
     p.add_argument("--test-split", type=float, default=0.1, help="baselines: as in `moert train`")
     p.add_argument("--seed", type=int, default=0, help="baselines: split seed, as in `moert train`")
@@ -56,21 +80,65 @@ def _parse_m(text: str | None, E: int, k: int) -> tuple[int, ...]:
     return ms
 
 
+def _open(args: argparse.Namespace, path: str) -> tuple[Any, list[Any]]:
+    from moert.cli.trace import importer_options
+    from moert.predict.data import open_sequences
+    from moert.trace import detect_format
+
+    fmt = detect_format(path) if args.format == "auto" else args.format
+    options = importer_options(fmt, args.num_experts, args.top_k, args.model_type)
+    return open_sequences(path, fmt, args.max_sequences, **options)
+
+
+def _recorded_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """Evaluates ``--predictions DIR`` against ``--trace`` (default: DIR's own routing)."""
+    from moert.predict.evaluate import evaluate_recorded, recorded_overprovision
+    from moert.trace import InMemoryTrace
+    from moert.trace.importers import recorded_predictions
+
+    if args.split not in (None, "all"):
+        raise ValueError(
+            f"--split {args.split}: recorded predictions are evaluated on every sequence they cover; drop "
+            "--split (or use --split all)"
+        )
+    trace_path = args.trace if args.trace is not None else args.predictions
+    meta, seqs = _open(args, trace_path)
+    trace = InMemoryTrace(meta, seqs, path=str(trace_path))
+    preds = recorded_predictions(args.predictions, trace, num_experts=meta.num_experts)
+    width = max(int(p.shape[-1]) for p in preds.values())
+    if args.overprovision is None:
+        ms = recorded_overprovision(width, meta.top_k)
+    else:
+        ms = _parse_m(args.overprovision, meta.num_experts, meta.top_k)
+    result = evaluate_recorded(preds, seqs, meta, overprovision=ms)
+    result["predictor"] = {"name": str(args.predictions), "kind": "recorded", "arch": "", "loss": ""}
+    result["trace"] = str(Path(trace_path).resolve())
+    result["split"] = "all"
+    result["sequence_ids"] = [int(s.seq_id) for s in seqs]
+    return result
+
+
 def eval_from_args(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
-    """Loads the trace and predictor, evaluates; returns ``(predictor, result)``."""
+    """Loads the trace and predictor (or recorded predictions), evaluates; returns ``(predictor, result)``
+    (``predictor`` is None for ``--predictions``)."""
     import torch
 
-    from moert.predict.data import Split, open_sequences, split_sequences
+    from moert.predict.data import Split, split_sequences
     from moert.predict.evaluate import evaluate, select_sequences
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    meta, seqs = open_sequences(args.trace, args.format, args.max_sequences)
+    if args.predictions is not None:
+        return None, _recorded_from_args(args)
+    if args.trace is None:
+        raise ValueError("--predictor needs --trace DIR (the routing to evaluate it on)")
+    split_name = args.split or "test"
+    meta, seqs = _open(args, args.trace)
     ids = [s.seq_id for s in seqs]
     name = args.predictor
     if name in BASELINES:
         split = (
-            split_sequences(ids, args.val_split, args.test_split, args.seed) if args.split != "all" else None
+            split_sequences(ids, args.val_split, args.test_split, args.seed) if split_name != "all" else None
         )
         fit_ids = (set(split.train) | set(split.val)) if split is not None else set(ids)
         from moert.predict import baselines
@@ -93,19 +161,19 @@ def eval_from_args(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
         pred.check_trace(meta, where=name)
         split = None
         recorded = pred.meta.train.get("split")
-        if args.split != "all":
+        if split_name != "all":
             if not recorded:
                 raise ValueError(f"{name} records no train/val/test split; use --split all")
             split = Split(*(tuple(recorded[k]) for k in ("train", "val", "test")))
-            missing = sorted(set(getattr(split, args.split)) - set(ids))
+            missing = sorted(set(getattr(split, split_name)) - set(ids))
             if missing:
                 raise ValueError(
-                    f"{len(missing)} of {name}'s {args.split} sequences (e.g. {missing[:5]}) are not in "
+                    f"{len(missing)} of {name}'s {split_name} sequences (e.g. {missing[:5]}) are not in "
                     f"{args.trace}; was it trained on another trace? use --split all"
                 )
-    chosen = seqs if split is None else select_sequences(seqs, getattr(split, args.split))
+    chosen = seqs if split is None else select_sequences(seqs, getattr(split, split_name))
     if not chosen:
-        raise ValueError(f"the {args.split} split is empty; use --split all or a larger --test-split")
+        raise ValueError(f"the {split_name} split is empty; use --split all or a larger --test-split")
     ms = _parse_m(args.overprovision, meta.num_experts, meta.top_k)
     result = evaluate(pred, chosen, overprovision=ms, progress=True)
     result["predictor"] = {
@@ -115,7 +183,7 @@ def eval_from_args(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
         "loss": pred.meta.loss,
     }
     result["trace"] = str(Path(args.trace).resolve())
-    result["split"] = args.split
+    result["split"] = split_name
     result["sequence_ids"] = [int(s.seq_id) for s in chosen]
     return pred, result
 
@@ -124,9 +192,16 @@ def run(args: argparse.Namespace) -> int:
     from moert.predict.evaluate import plot_per_layer
     from moert.predict.metrics import format_table
 
-    pred, result = eval_from_args(args)
-    title = f"{args.predictor} ({pred.meta.kind}) on {result['sequences']} {args.split} sequences"
+    _, result = eval_from_args(args)
+    who = result["predictor"]
+    title = f"{who['name']} ({who['kind']}) on {result['sequences']} {result['split']} sequences"
     print(format_table(result, title=title, per_layer=args.per_layer))
+    if result.get("sorted_ids"):
+        print(
+            "note: every recorded list is sorted by expert id (a set, not a ranking): top-1 counts the smallest "
+            f"predicted id; exact, recall@{result['top_k']} and macro F1 do not depend on the order where a row "
+            f"holds {result['top_k']} ids"
+        )
     if "by_distance" in result:
         k = result["top_k"]
         print("accuracy by lookahead distance (layer l predicting l+j):")

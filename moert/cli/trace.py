@@ -3,7 +3,7 @@
 Usage::
 
     moert trace --model PATH (--prompts FILE.txt | --builtin | --random-prompts N) --max-new-tokens N --out DIR [--with-hidden] [--with-scores]
-    moert trace convert --format moe-beyond-csv|esft SRC --out DIR [--num-experts E] [--top-k K]
+    moert trace convert [--format moe-beyond-csv|esft] SRC --out DIR [--num-experts E] [--top-k K]
     moert trace info TRACE [--format ...]
 """
 
@@ -91,6 +91,11 @@ def _convert(args: argparse.Namespace) -> int:
         f"wrote {args.convert_out}: {final.num_sequences} sequences, {final.num_tokens} tokens, "
         f"L={final.num_layers}, E={final.num_experts}, k={final.top_k}"
     )
+    if getattr(trace, "has_predictions", False):
+        print(
+            f"note: {args.src} also records predictions (Predicted Expert IDs); the moert format keeps the routing "
+            f"only: evaluate them with `moert eval --predictions {args.src}`"
+        )
     return 0
 
 

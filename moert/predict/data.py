@@ -206,15 +206,19 @@ def require_hidden(sequences: Iterable[Any]) -> None:
             )
 
 
-def open_sequences(path: str, fmt: str = "auto", max_sequences: int | None = None) -> tuple[Any, list[Any]]:
+def open_sequences(
+    path: str, fmt: str = "auto", max_sequences: int | None = None, **options: Any
+) -> tuple[Any, list[Any]]:
     """Opens a trace with ``moert.trace.open_trace`` and reads its sequences into memory.
+
+    ``options`` go to the importer of an imported format (``num_experts``, ``top_k``, ``model_type``).
 
     Returns:
         ``(meta, sequences)``; with ``max_sequences``, the first that many (in trace order).
     """
     from moert.trace import open_trace
 
-    trace = open_trace(path, format=fmt)
+    trace = open_trace(path, format=fmt, **options)
     seqs = []
     for s in trace.sequences():
         seqs.append(s)

@@ -8,7 +8,14 @@ from typing import Any
 from moert.predict.base import Predictor
 from moert.predict.metrics import MetricAccumulator
 
-__all__ = ["evaluate", "plot_per_layer", "select_sequences", "default_overprovision"]
+__all__ = [
+    "evaluate",
+    "evaluate_recorded",
+    "plot_per_layer",
+    "select_sequences",
+    "default_overprovision",
+    "recorded_overprovision",
+]
 
 
 def evaluate(
@@ -53,6 +60,64 @@ def evaluate(
         for j in range(1, d + 1):
             result["by_distance"][str(j)] = ahead[j - 1].result(meta.layers)["overall"]
     return result
+
+
+def evaluate_recorded(
+    predictions: dict[int, Any],
+    sequences: Iterable[Any],
+    meta: Any,
+    *,
+    overprovision: tuple[int, ...] = (),
+) -> dict[str, Any]:
+    """Metrics of predictions recorded elsewhere (e.g. MoE-Beyond's ``Predicted Expert IDs``).
+
+    Args:
+        predictions: ``{seq_id: (L, T, m) int}`` expert ids per (layer, token), taken in order as the
+            ranking, -1 pads (:func:`moert.trace.importers.recorded_predictions`).
+        sequences: the SequenceTraces they predict (each seq_id must be in ``predictions``).
+        meta: the trace's TraceMeta (layers, E, k).
+        overprovision: m values for top-(k+m); each needs k+m <= the recorded width m
+            (:func:`recorded_overprovision`).
+
+    Returns:
+        ``MetricAccumulator.result()`` plus ``"sequences"``, ``"width"`` (ids per row recorded) and
+        ``"sorted_ids"``: True when every recorded row lists its ids in ascending order (a set, not a
+        ranking: top-1 then measures the smallest predicted id).
+    """
+    L, E, k = meta.num_layers, meta.num_experts, meta.top_k
+    width = max((int(p.shape[-1]) for p in predictions.values()), default=0)
+    too_wide = [m for m in overprovision if k + m > width]
+    if too_wide:
+        raise ValueError(
+            f"the recorded predictions list at most {width} ids per row, so over-provision m={too_wide} "
+            f"(top-(k+m) with k={k}) is not recorded; use m <= {max(width - k, 0)}"
+        )
+    acc = MetricAccumulator(L, E, k, overprovision)
+    n_seq, ascending = 0, True
+    for s in sequences:
+        pred = predictions.get(int(s.seq_id))
+        if pred is None:
+            raise ValueError(f"no recorded predictions for sequence {s.seq_id}")
+        if tuple(pred.shape[:2]) != tuple(s.experts.shape[:2]):
+            raise ValueError(
+                f"sequence {s.seq_id}: predictions {tuple(pred.shape)} do not cover experts {tuple(s.experts.shape)}"
+            )
+        for i in range(L):
+            acc.update_ids(i, pred[i], s.experts[i])
+        valid = pred[..., 1:] >= 0
+        ascending = ascending and bool(((pred[..., 1:] > pred[..., :-1]) | ~valid).all())
+        n_seq += 1
+    result = acc.result(meta.layers)
+    result["sequences"] = n_seq
+    result["width"] = width
+    result["sorted_ids"] = ascending
+    return result
+
+
+def recorded_overprovision(width: int, top_k: int) -> tuple[int, ...]:
+    """The over-provision m values reported by default for recorded predictions ``width`` ids wide:
+    2 and 4 where the recording holds top-(k+m)."""
+    return tuple(m for m in (2, 4) if top_k + m <= width)
 
 
 def default_overprovision(num_experts: int, top_k: int) -> tuple[int, ...]:

@@ -133,7 +133,8 @@ def load_predictor(path: str | os.PathLike) -> Predictor:
         raise ValueError(f"{path}: predictor kind {meta.kind!r} cannot be loaded from a file")
     try:
         return cls.from_state(meta, tensors, extra)
-    except (KeyError, RuntimeError) as exc:
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as exc:
+        # the classes check their tensors against the header; the file is what is wrong, so name it
         raise ValueError(
             f"{path}: tensors do not match the header ({type(exc).__name__}: {exc}); corrupt file?"
         ) from None

@@ -6,12 +6,16 @@ For a token at one layer with true selected set ``S`` (``|S| = k``) and predicte
 - over-provision hit (m): ``S ⊆`` predicted top-(k+m);
 - top-1: the predicted argmax is in ``S``;
 - recall@k: ``|top-k ∩ S| / k`` (equal to precision and F1 of the top-k set, since both sets have k);
-- precision / recall / F1 at k+m: of the over-provisioned set top-(k+m), micro-averaged over tokens;
+- precision / recall / F1 at k+m: of the over-provisioned set top-(k+m), micro-averaged over tokens
+  (precision divides by the ids predicted: k+m per token from scores, fewer where recorded
+  predictions list fewer);
 - macro F1: per expert F1 of "expert in top-k" vs "expert in S" over tokens, averaged over the
   experts (MoE-Beyond's macro F1, with top-k instead of a 0.5 threshold).
 
 Ties in scores are broken towards the lower expert id (stable sort), so baselines with flat scores
-are deterministic. "overall" pools every (token, layer) sample.
+are deterministic. Recorded predictions (ids, not scores: ``MetricAccumulator.update_ids``) go
+through the same counting, their ids taken in order as the ranking. "overall" pools every
+(token, layer) sample.
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ class MetricAccumulator:
         self.n, self.exact, self.top1, self.inter_k = z(), z(), z(), z()
         self.hit = {m: z() for m in self.ms}
         self.inter = {m: z() for m in self.ms}
+        self.size = {m: z() for m in self.ms}  # predicted ids counted in top-(k+m) (k+m each from scores)
         self.tp = torch.zeros(num_layers, num_experts, dtype=torch.float64)
         self.fp = torch.zeros_like(self.tp)
         self.fn = torch.zeros_like(self.tp)
@@ -72,20 +77,54 @@ class MetricAccumulator:
         scores = scores.detach().float().cpu()
         if not bool(torch.isfinite(scores).all()):
             raise ValueError(f"predicted scores for layer index {layer} contain NaN or inf")
-        true = true.long().cpu()
         n_max = self.k + (self.ms[-1] if self.ms else 0)
-        pred = ranked(scores, n_max)  # [N, k+m_max]
-        ov_k = overlap(pred[:, : self.k], true)
-        self.n[layer] += scores.shape[0]
-        self.exact[layer] += (ov_k == self.k).sum()
+        self._add(layer, ranked(scores, n_max), true.long().cpu())  # [N, k+m_max]
+
+    def update_ids(self, layer: int, pred: torch.Tensor, true: torch.Tensor) -> None:
+        """Adds N samples of one layer from predicted ids instead of scores (recorded predictions).
+
+        Args:
+            layer: index of the layer's row.
+            pred: (N, p) int expert ids, taken as a ranking (first = most likely), -1 pads; p may be
+                smaller or larger than k. Top-k is the first k ids, top-(k+m) the first k+m: a row
+                with fewer ids predicts fewer experts (never padded with guesses).
+            true: (N, k) int expert ids.
+        """
+        if pred.dim() != 2 or true.shape != (pred.shape[0], self.k):
+            raise ValueError(
+                f"predicted ids must be (N, p) and true experts (N, k={self.k}), got {tuple(pred.shape)} and "
+                f"{tuple(true.shape)}"
+            )
+        if pred.is_floating_point() or pred.dtype == torch.bool:
+            raise ValueError(f"predicted ids must be integers, got {pred.dtype}")
+        if pred.shape[0] == 0:
+            return
+        pred = pred.long().cpu()
+        if pred.numel() and (int(pred.min()) < -1 or int(pred.max()) >= self.E):
+            raise ValueError(
+                f"predicted ids for layer index {layer} must be in [0, E={self.E}) or -1 (padding)"
+            )
+        self._add(layer, pred, true.long().cpu())
+
+    def _add(self, layer: int, pred: torch.Tensor, true: torch.Tensor) -> None:
+        """Counts N samples: pred (N, p) int64 ids most likely first (-1 pads), true (N, k) int64."""
+        N, k = pred.shape[0], self.k
+        ov_k = overlap(pred[:, :k], true)
+        self.n[layer] += N
+        self.exact[layer] += (ov_k == k).sum()
         self.top1[layer] += overlap(pred[:, :1], true).sum()
         self.inter_k[layer] += ov_k.sum()
         for m in self.ms:
-            ov = overlap(pred[:, : self.k + m], true)
-            self.hit[m][layer] += (ov == self.k).sum()
+            chosen = pred[:, : k + m]
+            ov = overlap(chosen, true)
+            self.hit[m][layer] += (ov == k).sum()
             self.inter[m][layer] += ov.sum()
-        p_hot = torch.zeros(scores.shape[0], self.E, dtype=torch.bool).scatter_(1, pred[:, : self.k], True)
-        t_hot = torch.zeros(scores.shape[0], self.E, dtype=torch.bool).scatter_(1, true, True)
+            self.size[m][layer] += (chosen >= 0).sum()
+        top = pred[:, :k]
+        p_hot = (
+            torch.zeros(N, self.E, dtype=torch.int64).scatter_add_(1, top.clamp(min=0), (top >= 0).long()) > 0
+        )
+        t_hot = torch.zeros(N, self.E, dtype=torch.bool).scatter_(1, true, True)
         self.tp[layer] += (p_hot & t_hot).sum(0)
         self.fp[layer] += (p_hot & ~t_hot).sum(0)
         self.fn[layer] += (~p_hot & t_hot).sum(0)
@@ -102,8 +141,8 @@ class MetricAccumulator:
             f"recall@{k}": float(self.inter_k[sl].sum()) / (n * k),
         }
         for m in self.ms:
-            inter = float(self.inter[m][sl].sum())
-            prec, rec = inter / (n * (k + m)), inter / (n * k)
+            inter, size = float(self.inter[m][sl].sum()), float(self.size[m][sl].sum())
+            prec, rec = (inter / size if size else 0.0), inter / (n * k)
             row[f"overprov_hit@{k}+{m}"] = float(self.hit[m][sl].sum()) / n
             row[f"precision@{k}+{m}"] = prec
             row[f"f1@{k}+{m}"] = 0.0 if prec + rec == 0 else 2 * prec * rec / (prec + rec)

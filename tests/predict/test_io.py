@@ -115,5 +115,6 @@ def test_tensor_shape_mismatch_is_reported(tmp_path):
     meta, seqs = make_trace(num_seqs=4, seq_len=6)
     pred = FrequencyPredictor.fit(meta, seqs)
     save_predictor(tmp_path / "f.safetensors", pred.meta, {"counts": torch.zeros(3, 16)})
-    with pytest.raises(ValueError, match=r"counts must be \(L, E\)"):
+    with pytest.raises(ValueError, match=r"counts must be \(L, E\)") as info:
         load_predictor(tmp_path / "f.safetensors")
+    assert str(tmp_path / "f.safetensors") in str(info.value)  # found by fuzz/fuzz_predictor_io.py

@@ -73,3 +73,47 @@ def test_bad_inputs_raise():
         acc.update(0, torch.zeros(1, 5), torch.tensor([[0, 1]]))
     with pytest.raises(ValueError, match="overprovision"):
         MetricAccumulator(1, 4, 2, overprovision=(3,))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_ids_count_exactly_like_the_scores_they_rank(seed):
+    g = torch.Generator().manual_seed(seed)
+    E, k, ms, N = 11, 3, (1, 4), 17
+    scores = torch.randn(2, N, E, generator=g)
+    true = torch.rand(2, N, E, generator=g).argsort(-1)[..., :k]
+    by_scores = MetricAccumulator(2, E, k, ms)
+    by_ids = MetricAccumulator(2, E, k, ms)
+    for i in range(2):
+        by_scores.update(i, scores[i], true[i])
+        by_ids.update_ids(i, ranked(scores[i], k + max(ms)), true[i])
+    assert by_ids.result() == by_scores.result()
+
+
+def test_recorded_ids_with_fewer_or_more_than_k():
+    # row 0: [0] (fewer than k) ; row 1: [2, 1, 0, 5] (more) ; row 2: [] (nothing predicted)
+    E, k = 6, 2
+    pred = torch.tensor([[0, -1, -1, -1], [2, 1, 0, 5], [-1, -1, -1, -1]])
+    true = torch.tensor([[0, 1], [1, 0], [3, 4]])
+    acc = MetricAccumulator(1, E, k, overprovision=(1,))
+    acc.update_ids(0, pred, true)
+    r = acc.result()["overall"]
+    assert r["exact"] == 0 and r["top1"] == pytest.approx(1 / 3)
+    assert r["recall@2"] == pytest.approx(2 / 6)  # missing ids are never filled with guesses
+    assert r["overprov_hit@2+1"] == pytest.approx(1 / 3)  # row 1: {2, 1, 0} covers {0, 1}
+    assert r["precision@2+1"] == pytest.approx(3 / 4)  # 1 of 1 and 2 of 3 predicted ids; row 2 predicts none
+    prec, rec = 3 / 4, 3 / 6
+    assert r["f1@2+1"] == pytest.approx(2 * prec * rec / (prec + rec))
+    # top-2 sets {0}, {2, 1}, {} vs {0, 1}, {0, 1}, {3, 4}: e0 2/3, e1 2/3, e2 0, e3 0, e4 0 (e5 absent)
+    assert r["macro_f1"] == pytest.approx((2 / 3 + 2 / 3) / 5)
+
+
+def test_bad_ids_raise():
+    acc = MetricAccumulator(1, 4, 2, overprovision=())
+    with pytest.raises(ValueError, match=r"in \[0, E=4\) or -1"):
+        acc.update_ids(0, torch.tensor([[0, 4]]), torch.tensor([[0, 1]]))
+    with pytest.raises(ValueError, match=r"in \[0, E=4\) or -1"):
+        acc.update_ids(0, torch.tensor([[0, -2]]), torch.tensor([[0, 1]]))
+    with pytest.raises(ValueError, match="integers"):
+        acc.update_ids(0, torch.tensor([[0.0, 1.0]]), torch.tensor([[0, 1]]))
+    with pytest.raises(ValueError, match=r"\(N, p\)"):
+        acc.update_ids(0, torch.tensor([0, 1]), torch.tensor([[0, 1]]))
