@@ -209,6 +209,14 @@ BINDING_CASES = {
     "negative expert id": (lambda pool: _engine(pool).acquire(0, [-1]), "expert -1"),
     "layer >= L": (lambda pool: _engine(pool).acquire(2, [0]), "layer 2"),
     "float expert ids": (lambda pool: _engine(pool).acquire(0, [0.5]), "float"),
+    "expert id past int64": (
+        lambda pool: runtime.SlabCache.simulated(2, 4, 4).set_priority(0, 2**64, 0.5),
+        str(2**64),
+    ),
+    "expert id 2**63 in a list": (
+        lambda pool: runtime.SlabCache.simulated(2, 4, 4).sim_access(0, [2**63]),
+        str(2**63),
+    ),
 }
 
 

@@ -77,6 +77,9 @@ def backends() -> dict[str, dict[str, Any]]:
     }
 
 
+_INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
+
+
 def _expert_ids(experts: Experts, name: str = "experts") -> np.ndarray:
     """Any 1-D integer collection (or one int) -> (n,) int64 numpy, without silent casts."""
     if isinstance(experts, torch.Tensor):
@@ -84,13 +87,21 @@ def _expert_ids(experts: Experts, name: str = "experts") -> np.ndarray:
             raise ValueError(f"{name} must be integers, got a {experts.dtype} tensor")
         arr = experts.detach().to("cpu", torch.int64).reshape(-1).numpy()
     elif isinstance(experts, (int, np.integer)) and not isinstance(experts, bool):
+        if not _INT64_MIN <= int(experts) <= _INT64_MAX:
+            raise ValueError(f"{name}: expert id {int(experts)} is out of range (ids are 0 .. E-1)")
         arr = np.array([int(experts)], dtype=np.int64)
     else:
         arr = np.asarray(experts)
         if arr.size == 0:
             return np.zeros(0, dtype=np.int64)
         if arr.dtype.kind not in "iu":
+            # ints past int64 make an object array: name the value rather than its dtype
+            big = [v for v in arr.reshape(-1).tolist() if isinstance(v, int) and not isinstance(v, bool)]
+            if arr.dtype.kind == "O" and len(big) == arr.size:
+                raise ValueError(f"{name}: expert id {max(big, key=abs)} is out of range (ids are 0 .. E-1)")
             raise ValueError(f"{name} must be integers, got {arr.dtype} values: {experts!r}"[:200])
+        if arr.dtype.kind == "u" and arr.max() > _INT64_MAX:  # would wrap to a negative id
+            raise ValueError(f"{name}: expert id {int(arr.max())} is out of range (ids are 0 .. E-1)")
         arr = arr.astype(np.int64).reshape(-1)
     return np.ascontiguousarray(arr)
 
