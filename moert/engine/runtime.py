@@ -310,6 +310,11 @@ class SlabCache:
         copy queued or running into their slot, so they need no further load)."""
         return torch.from_numpy(self._c.resident(int(layer), bool(in_flight)))
 
+    def resident_ids(self, layer: int, in_flight: bool = False) -> list[int]:
+        """The experts ``resident`` flags, ascending, as Python ints (no torch on the way: the
+        layer forward asks once per call)."""
+        return np.flatnonzero(self._c.resident(int(layer), bool(in_flight))).tolist()
+
     def set_priority(
         self, layer: int, experts: Experts, scores: float | Sequence[float] | torch.Tensor
     ) -> None:
@@ -334,13 +339,19 @@ class SlabCache:
             return raw.view(dtype).view(tuple(shape))
         return _host_view(address + int(offset), nbytes, self._c, dtype, tuple(shape))
 
-    def stats(self) -> dict[str, int]:
+    def stats(self, per_layer: bool = False) -> dict[str, Any]:
         """hits, misses, evictions, prefetches, prefetch_hits, prefetch_late, prefetch_wasted,
         prefetch_wasted_bytes, prefetch_cancelled, prefetch_dropped, loads, demand_loads,
-        prefetch_loads, bytes_loaded (== loads * slab_bytes)."""
-        return self._c.stats()
+        prefetch_loads, bytes_loaded (== loads * slab_bytes).
+
+        With ``per_layer``, also ``"per_layer"``: ``{counter: (L,) int64 ndarray}`` read under the
+        same lock, each counter's rows summing to its total. A count belongs to the layer of the
+        entry it is about (an eviction to the evicted entry's layer, a dropped prefetch to the layer
+        it was for; csrc/include/moert/slab_cache.h)."""
+        return self._c.stats(bool(per_layer))
 
     def reset_stats(self) -> None:
+        """Zeroes the totals and the per-layer rows."""
         self._c.reset_stats()
 
     def sim_prefetch(self, layer: int, experts: Experts) -> int:
@@ -554,17 +565,25 @@ class CopyEngine:
         """Blocks until no copy is queued or in flight."""
         self._c.synchronize()
 
-    def stats(self, wait_device: bool = False) -> dict[str, Any]:
+    def stats(self, wait_device: bool = False, per_layer: bool = False) -> dict[str, Any]:
         """bytes, copies, demand_copies, prefetch_copies, acquires, releases, stale_requests,
         queued, busy_s, demand_stall_s, device_stall_s, device_stall_waits, predictions,
         prediction_wait_s, lanes.
 
-        ``demand_stall_s`` is host time ``acquire`` waited for copies (on the CPU twin, the whole
-        stall); ``device_stall_s`` is, on CUDA, device time the callers' streams waited for copies
-        not complete at ``acquire`` (timing events), counted once the stream has passed the wait,
-        over ``device_stall_waits`` acquires. ``wait_device=True`` first waits until the newest
-        such wait is passed (it blocks on the device: not for a hot path)."""
-        return self._c.stats(bool(wait_device))
+        ``demand_stall_s`` is host time ``acquire`` and ``wait_ready`` waited for copies (on the CPU
+        twin, the whole stall); ``device_stall_s`` is, on CUDA, device time the callers' streams
+        waited for copies not complete at ``acquire`` (timing events), counted once the stream has
+        passed the wait, over ``device_stall_waits`` acquires. ``wait_device=True`` first waits until
+        the newest such wait is passed (it blocks on the device: not for a hot path).
+
+        With ``per_layer`` (one native call, one lock: a consistent snapshot), also ``"per_layer"``:
+        ``{"acquires": (L,) int64, "demand_stall_s": (L,) float64}`` by the layer passed to
+        ``acquire`` / ``wait_ready``, and ``"cache"``: the cache's ``stats(per_layer=True)``."""
+        return self._c.stats(bool(wait_device), bool(per_layer))
+
+    def reset_stats(self) -> None:
+        """Zeroes the engine's counters, totals and per layer (not the cache's: ``SlabCache.reset_stats``)."""
+        self._c.reset_stats()
 
     def close(self) -> None:
         """Cancels queued copies, finishes those in flight, joins the lanes; later calls raise."""
