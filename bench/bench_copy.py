@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from moert.engine import runtime
+from moert.engine.native_args import CudaArray, host_view
 from moert.engine.runtime import CopyEngine, ExpertPool, SlabCache
 from moert.provenance import device_name, git_commit
 
@@ -56,16 +56,11 @@ def measure(device: str, chunk_mb: int, lanes: int, total_mb: int, repeats: int,
     # the same bytes as one region each (stride == chunk here): torch's best case, a single copy_
     assert pool.stride == chunk
     total = n * chunk
-    src_all = [
-        runtime._host_view(pool.address(layer, 0), total, pool._c, torch.uint8, (total,))
-        for layer in range(2)
-    ]
+    src_all = [host_view(pool.address(layer, 0), total, pool._c, torch.uint8, (total,)) for layer in range(2)]
     if device == "cuda":
-        dst_all = torch.as_tensor(
-            runtime._CudaArray(cache._c.slot_address(0), total, cache._c), device="cuda"
-        )
+        dst_all = torch.as_tensor(CudaArray(cache._c.slot_address(0), total, cache._c), device="cuda")
     else:
-        dst_all = runtime._host_view(cache._c.slot_address(0), total, cache._c, torch.uint8, (total,))
+        dst_all = host_view(cache._c.slot_address(0), total, cache._c, torch.uint8, (total,))
 
     def run_engine(layer: int) -> float:
         t0 = time.perf_counter()

@@ -3,7 +3,7 @@
 In heterogeneous mode (DESIGN.md §7) a missed expert may run on the host CPU from its pool entry
 instead of being copied to the GPU. This measures that computation as the runtime would run it:
 the weights are views of a ``moert.engine.runtime.ExpertPool`` entry in the runtime's layout
-(``moert.engine.offload.ExpertLayout``: gate_up (2I, H), then down (H, I)), the rows ``x: (B, H)`` are cast to
+(``moert.engine.layout.ExpertLayout``: gate_up (2I, H), then down (H, I)), the rows ``x: (B, H)`` are cast to
 the weights' dtype, and ``y = down(silu(gate) * up)`` with ``gate, up = gate_up(x).chunk(2)``.
 
 Real dims: DeepSeek-V2-Lite (H=2048, I=1408) and Qwen3-30B-A3B (H=2048, I=768); fp32 and bf16; B = 1
@@ -39,7 +39,8 @@ import torch
 import torch.nn.functional as F
 
 from moert import provenance
-from moert.engine.offload import ExpertLayout
+from moert.engine.layout import ExpertLayout
+from moert.engine.layout import expert_forward as layout_expert_forward
 from moert.engine.runtime import ExpertPool
 
 
@@ -62,20 +63,15 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 CALIBRATE = ("DeepSeek-V2-Lite", "bf16", 1)
 
 
-def expert_forward(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
-    """One expert, as ``moert.engine.offload`` computes it.
-
-    Args:
-        x: (B, H) rows, in the weights' dtype.
-        gate_up: (2I, H) weights (a pool view).
-        down: (H, I) weights (a pool view).
-
-    Returns:
-        (B, H).
-    """
-    h = F.linear(x, gate_up)  # [B, 2I]
+def silu_gate(h: torch.Tensor) -> torch.Tensor:
+    """(B, 2I) -> (B, I): ``silu(gate) * up``, the gate of DeepSeek / Qwen / Phi experts."""
     gate, up = h.chunk(2, dim=-1)  # [B, I] each
-    return F.linear(F.silu(gate) * up, down)  # [B, H]
+    return F.silu(gate) * up
+
+
+def expert_forward(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """One expert, computed by the runtime's own ``moert.engine.layout.expert_forward``: (B, H) -> (B, H)."""
+    return layout_expert_forward(x, gate_up, down, silu_gate)
 
 
 class PoolExperts:

@@ -27,7 +27,7 @@ waited for copies, over copy-lane busy time: the share of copy time not hidden b
 Prefill mode (``--prefill-len N``): the time of one forward over an N-token prompt (``--batch`` rows)
 at each ``--prefill-caches`` size (a fraction, or an int number of slots), with plain waves
 (acquire, wait for the copies, compute, release) and with overlapped waves (wave i+1 prefetched while
-wave i computes; ``moert.engine.offload``), against the unpatched model and moert with every expert cached
+wave i computes; ``moert.engine.layer``), against the unpatched model and moert with every expert cached
 (warm), all in the same run over the same ``--prefill-prompts`` distinct prompts. A layer streams in
 waves only when its union of selected experts exceeds the cache; a union that fits is one wave and
 the two modes run the same code.
@@ -47,7 +47,7 @@ import torch
 
 import moert
 from moert import envs
-from moert.engine.offload import ExpertLayout
+from moert.engine.layout import ExpertLayout
 from moert.models import get_adapter
 from moert.models.tiny import deepseek_v2_lite_config, demo_config, prompt_ids, tiny_model
 from moert.provenance import device_name, git_commit, utc_now, versions

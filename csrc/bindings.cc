@@ -49,20 +49,29 @@ int to_int(std::int64_t v, const char* what) {
 
 py::dict cache_stats_dict(const moert::CacheStats& s) {
   py::dict d;
-  d["hits"] = s.hits;
-  d["misses"] = s.misses;
-  d["evictions"] = s.evictions;
-  d["prefetches"] = s.prefetches;
-  d["prefetch_hits"] = s.prefetch_hits;
-  d["prefetch_late"] = s.prefetch_late;
-  d["prefetch_wasted"] = s.prefetch_wasted;
-  d["prefetch_wasted_bytes"] = s.prefetch_wasted_bytes;
-  d["prefetch_cancelled"] = s.prefetch_cancelled;
-  d["prefetch_dropped"] = s.prefetch_dropped;
-  d["loads"] = s.loads;
-  d["demand_loads"] = s.demand_loads;
-  d["prefetch_loads"] = s.prefetch_loads;
-  d["bytes_loaded"] = s.bytes_loaded;
+  for (const auto& field : moert::CacheStats::fields()) d[field.first] = s.*field.second;
+  return d;
+}
+
+// {counter: (L,) array}, row l of every counter from rows[l].
+template <typename T, typename Row>
+py::array_t<T> column(const std::vector<Row>& rows, T Row::* field) {
+  py::array_t<T> out(static_cast<py::ssize_t>(rows.size()));
+  T* o = out.mutable_data();
+  for (std::size_t l = 0; l < rows.size(); ++l) o[l] = rows[l].*field;
+  return out;
+}
+
+py::dict cache_layer_dict(const std::vector<moert::CacheStats>& rows) {
+  py::dict d;
+  for (const auto& field : moert::CacheStats::fields()) d[field.first] = column(rows, field.second);
+  return d;
+}
+
+py::dict engine_layer_dict(const std::vector<moert::EngineLayerStats>& rows) {
+  py::dict d;
+  d["acquires"] = column(rows, &moert::EngineLayerStats::acquires);
+  d["demand_stall_s"] = column(rows, &moert::EngineLayerStats::demand_stall_s);
   return d;
 }
 
@@ -203,7 +212,17 @@ PYBIND11_MODULE(_C, m) {
            })
       .def("slot_address",
            [](SlabCache& c, std::int64_t slot) { return c.slot_address(to_int(slot, "slot")); })
-      .def("stats", [](SlabCache& c) { return cache_stats_dict(c.stats()); })
+      .def(
+          "stats",
+          [](SlabCache& c, bool per_layer) {
+            if (!per_layer) return cache_stats_dict(c.stats());
+            CacheStats total;
+            const std::vector<CacheStats> rows = c.layer_stats(&total);
+            py::dict d = cache_stats_dict(total);
+            d["per_layer"] = cache_layer_dict(rows);
+            return d;
+          },
+          py::arg("per_layer") = false)
       .def("reset_stats", &SlabCache::reset_stats)
       .def("sim_prefetch",
            [](SlabCache& c, std::int64_t layer, const Int64Array& experts) {
@@ -375,15 +394,27 @@ PYBIND11_MODULE(_C, m) {
            })
       .def(
           "stats",
-          [](CopyEngine& e, bool wait_device) {
-            moert::EngineStats s;
+          [](CopyEngine& e, bool wait_device, bool per_layer) {
+            moert::StatsSnapshot s;
             {
               py::gil_scoped_release nogil;  // with wait_device: waits for the device
-              s = e.stats(wait_device);
+              if (per_layer) {
+                s = e.snapshot(wait_device);
+              } else {
+                s.engine = e.stats(wait_device);
+              }
             }
-            return engine_stats_dict(s);
+            py::dict d = engine_stats_dict(s.engine);
+            if (per_layer) {
+              d["per_layer"] = engine_layer_dict(s.engine_layers);
+              py::dict cache = cache_stats_dict(s.cache);
+              cache["per_layer"] = cache_layer_dict(s.cache_layers);
+              d["cache"] = cache;
+            }
+            return d;
           },
-          py::arg("wait_device") = false)
+          py::arg("wait_device") = false, py::arg("per_layer") = false)
+      .def("reset_stats", &CopyEngine::reset_stats)
       .def("close", [](CopyEngine& e) {
         py::gil_scoped_release nogil;
         e.close();

@@ -20,8 +20,8 @@ __all__ = ["__version__", "patch", "load", "OffloadConfig", "Stats", "LayerStats
 # public name -> module that defines it
 _LAZY = {
     "patch": "moert.api.patch",
-    "PatchHandle": "moert.api.patch",
-    "handle_of": "moert.api.patch",
+    "PatchHandle": "moert.api.handle",
+    "handle_of": "moert.api.handle",
     "load": "moert.api.load",
     "OffloadConfig": "moert.api.config",
     "Stats": "moert.engine.stats",
@@ -30,8 +30,9 @@ _LAZY = {
 
 if TYPE_CHECKING:
     from moert.api.config import OffloadConfig
+    from moert.api.handle import PatchHandle, handle_of
     from moert.api.load import load
-    from moert.api.patch import PatchHandle, handle_of, patch
+    from moert.api.patch import patch
     from moert.engine.stats import LayerStats, Stats
 
 

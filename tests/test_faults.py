@@ -12,7 +12,7 @@ import torch
 
 import moert
 from moert.api import load as load_mod
-from moert.api.patch import _HANDLES
+from moert.api.handle import _HANDLES
 from moert.engine import runtime
 from moert.models.tiny import random_predictor, save_tiny, tiny_model
 from moert.predict import io as predict_io

@@ -47,6 +47,7 @@ CopyEngine::CopyEngine(std::shared_ptr<SlabCache> cache, int num_streams, double
     throw;
   }
   stats_.lanes = num_streams;
+  layer_stats_.assign(c_.num_layers_, EngineLayerStats{});
   for (int i = 0; i < num_streams; ++i) workers_.emplace_back([this, i] { worker(i); });
 }
 
@@ -67,6 +68,11 @@ void CopyEngine::check_usable_locked(const char* what) const {
 
 void CopyEngine::push_locked(int cls, int slot) {
   queue_.push(Request{cls, ++seq_, slot, c_.slots_[slot].gen});
+}
+
+void CopyEngine::add_stall_locked(int layer, double seconds) {
+  stats_.demand_stall_s += seconds;
+  layer_stats_[layer].demand_stall_s += seconds;
 }
 
 bool CopyEngine::pending_locked() const {
@@ -354,6 +360,7 @@ std::vector<std::int32_t> CopyEngine::acquire(int layer, const std::int32_t* exp
   }
   c_.pin_access_locked(layer, distinct, &slots, &loads);
   ++stats_.acquires;
+  ++layer_stats_[layer].acquires;
   std::vector<std::uint32_t> gens(slots.size());
   for (std::size_t i = 0; i < slots.size(); ++i) gens[i] = c_.slots_[slots[i]].gen;
   const bool host_copies = backend_.device_index() < 0;
@@ -394,7 +401,7 @@ std::vector<std::int32_t> CopyEngine::acquire(int layer, const std::int32_t* exp
         (*pending)[i] = c_.slots_[out[i]].state != SlotState::kReady ? 1 : 0;
       }
     }
-    if (waited) stats_.demand_stall_s += seconds_since(t0);
+    if (waited) add_stall_locked(layer, seconds_since(t0));
     return out;
   }
   if (caller_copies) {
@@ -413,7 +420,7 @@ std::vector<std::int32_t> CopyEngine::acquire(int layer, const std::int32_t* exp
     unpin_all();
     throw;
   }
-  if (waited) stats_.demand_stall_s += seconds_since(t0);
+  if (waited) add_stall_locked(layer, seconds_since(t0));
   if (!host_copies) {
     try {
       stream_wait_locked(slots, stream);
@@ -441,7 +448,7 @@ void CopyEngine::wait_ready(int layer, const std::int32_t* experts, std::int64_t
   }
   const bool host_copies = backend_.device_index() < 0;
   if (wait_slots_locked(lk, slots, host_copies ? SlotState::kReady : SlotState::kIssued)) {
-    stats_.demand_stall_s += seconds_since(t0);
+    add_stall_locked(layer, seconds_since(t0));
   }
   if (!host_copies) stream_wait_locked(slots, stream);
 }
@@ -554,6 +561,22 @@ EngineStats CopyEngine::stats(bool wait_device) {
   return s;
 }
 
+StatsSnapshot CopyEngine::snapshot(bool wait_device) {
+  std::lock_guard<std::mutex> lock(c_.mu_);
+  if (!closed_.load()) harvest_stalls_locked(wait_device);
+  StatsSnapshot out{stats_, layer_stats_, c_.stats_, c_.layer_stats_};
+  out.engine.queued = static_cast<std::int64_t>(queue_.size());
+  return out;
+}
+
+void CopyEngine::reset_stats() {
+  std::lock_guard<std::mutex> lock(c_.mu_);
+  const int lanes = stats_.lanes;
+  stats_ = EngineStats{};
+  stats_.lanes = lanes;
+  layer_stats_.assign(layer_stats_.size(), EngineLayerStats{});
+}
+
 void CopyEngine::close() {
   {
     std::lock_guard<std::mutex> lock(c_.mu_);
@@ -566,8 +589,9 @@ void CopyEngine::close() {
       SlabCache::Slot& sl = c_.slots_[r.slot];
       if (sl.gen != r.gen || sl.state != SlotState::kLoading) continue;
       if (sl.prefetched && !sl.accessed) {
-        ++c_.stats_.prefetch_cancelled;
-        ++c_.stats_.prefetch_wasted;
+        const int layer = c_.layer_of(sl.key);
+        c_.count_locked(layer, &CacheStats::prefetch_cancelled);
+        c_.count_locked(layer, &CacheStats::prefetch_wasted);
       }
       c_.table_[sl.key] = -1;
       sl.key = -1;

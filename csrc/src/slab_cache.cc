@@ -9,22 +9,29 @@
 
 namespace moert {
 
+const std::array<std::pair<const char*, CacheStats::Field>, 14>& CacheStats::fields() {
+  static const std::array<std::pair<const char*, Field>, 14> kFields{{
+      {"hits", &CacheStats::hits},
+      {"misses", &CacheStats::misses},
+      {"evictions", &CacheStats::evictions},
+      {"prefetches", &CacheStats::prefetches},
+      {"prefetch_hits", &CacheStats::prefetch_hits},
+      {"prefetch_late", &CacheStats::prefetch_late},
+      {"prefetch_wasted", &CacheStats::prefetch_wasted},
+      {"prefetch_wasted_bytes", &CacheStats::prefetch_wasted_bytes},
+      {"prefetch_cancelled", &CacheStats::prefetch_cancelled},
+      {"prefetch_dropped", &CacheStats::prefetch_dropped},
+      {"loads", &CacheStats::loads},
+      {"demand_loads", &CacheStats::demand_loads},
+      {"prefetch_loads", &CacheStats::prefetch_loads},
+      {"bytes_loaded", &CacheStats::bytes_loaded},
+  }};
+  return kFields;
+}
+
 CacheStats CacheStats::operator-(const CacheStats& o) const {
   CacheStats d;
-  d.hits = hits - o.hits;
-  d.misses = misses - o.misses;
-  d.evictions = evictions - o.evictions;
-  d.prefetches = prefetches - o.prefetches;
-  d.prefetch_hits = prefetch_hits - o.prefetch_hits;
-  d.prefetch_late = prefetch_late - o.prefetch_late;
-  d.prefetch_wasted = prefetch_wasted - o.prefetch_wasted;
-  d.prefetch_wasted_bytes = prefetch_wasted_bytes - o.prefetch_wasted_bytes;
-  d.prefetch_cancelled = prefetch_cancelled - o.prefetch_cancelled;
-  d.prefetch_dropped = prefetch_dropped - o.prefetch_dropped;
-  d.loads = loads - o.loads;
-  d.demand_loads = demand_loads - o.demand_loads;
-  d.prefetch_loads = prefetch_loads - o.prefetch_loads;
-  d.bytes_loaded = bytes_loaded - o.bytes_loaded;
+  for (const auto& field : fields()) d.*field.second = this->*field.second - o.*field.second;
   return d;
 }
 
@@ -80,6 +87,7 @@ SlabCache::SlabCache(std::shared_ptr<ExpertPool> pool, int num_slots, const std:
   table_.assign(static_cast<std::size_t>(num_layers_) * num_experts_, -1);
   priority_.assign(table_.size(), 0.0f);
   mark_.assign(num_experts_, 0);
+  layer_stats_.assign(num_layers_, CacheStats{});
   for (int s = 0; s < num_slots; ++s) free_.insert(s);
 }
 
@@ -99,6 +107,7 @@ SlabCache::SlabCache(int num_layers, int num_experts, int num_slots, const std::
   table_.assign(static_cast<std::size_t>(num_layers_) * num_experts_, -1);
   priority_.assign(table_.size(), 0.0f);
   mark_.assign(num_experts_, 0);
+  layer_stats_.assign(num_layers_, CacheStats{});
   for (int s = 0; s < num_slots; ++s) free_.insert(s);
 }
 
@@ -160,14 +169,14 @@ void SlabCache::touch_locked(int s, bool count) {
 void SlabCache::evict_locked(int s) {
   Slot& sl = slots_[s];
   const bool cancelled = sl.state == SlotState::kLoading;
-  if (cancelled) {
-    ++stats_.prefetch_cancelled;
-  } else {
-    ++stats_.evictions;
-  }
+  const int layer = layer_of(sl.key);
+  count_locked(layer, cancelled ? &CacheStats::prefetch_cancelled : &CacheStats::evictions);
   if (sl.prefetched && !sl.accessed) {
-    ++stats_.prefetch_wasted;
-    if (!cancelled) stats_.prefetch_wasted_bytes += static_cast<std::int64_t>(slab_bytes_);
+    count_locked(layer, &CacheStats::prefetch_wasted);
+    if (!cancelled) {
+      count_locked(layer, &CacheStats::prefetch_wasted_bytes,
+                   static_cast<std::int64_t>(slab_bytes_));
+    }
   }
   table_[sl.key] = -1;
   sl.key = -1;
@@ -204,7 +213,7 @@ void SlabCache::place_locked(int s, int key, bool prefetch) {
   sl.demanded = !prefetch;
   sl.freq = 0;
   table_[key] = s;
-  if (prefetch) ++stats_.prefetches;
+  if (prefetch) count_locked(layer_of(key), &CacheStats::prefetches);
   if (simulated_) {
     sl.state = SlotState::kReady;
     on_issue_locked(s);
@@ -215,13 +224,11 @@ void SlabCache::place_locked(int s, int key, bool prefetch) {
 }
 
 void SlabCache::on_issue_locked(int s) {
-  ++stats_.loads;
-  stats_.bytes_loaded += static_cast<std::int64_t>(slab_bytes_);
-  if (slots_[s].prefetched) {
-    ++stats_.prefetch_loads;
-  } else {
-    ++stats_.demand_loads;
-  }
+  const int layer = layer_of(slots_[s].key);
+  count_locked(layer, &CacheStats::loads);
+  count_locked(layer, &CacheStats::bytes_loaded, static_cast<std::int64_t>(slab_bytes_));
+  count_locked(layer,
+               slots_[s].prefetched ? &CacheStats::prefetch_loads : &CacheStats::demand_loads);
 }
 
 void SlabCache::on_ready_locked(int s) {
@@ -273,10 +280,10 @@ int SlabCache::pin_access_locked(int layer, const std::vector<std::int32_t>& dis
     if (s < 0) continue;
     Slot& sl = slots_[s];
     ++hits;
-    ++stats_.hits;
+    count_locked(layer, &CacheStats::hits);
     if (sl.prefetched && !sl.accessed) {
-      ++stats_.prefetch_hits;
-      if (sl.state != SlotState::kReady) ++stats_.prefetch_late;
+      count_locked(layer, &CacheStats::prefetch_hits);
+      if (sl.state != SlotState::kReady) count_locked(layer, &CacheStats::prefetch_late);
     }
     sl.accessed = true;
     ++sl.pins;
@@ -291,7 +298,7 @@ int SlabCache::pin_access_locked(int layer, const std::vector<std::int32_t>& dis
       throw RuntimeFailure(cat("internal: no slot for a demand load of layer ", layer,
                                " (can_place was not checked)"));
     }
-    ++stats_.misses;
+    count_locked(layer, &CacheStats::misses);
     place_locked(s, key_of(layer, distinct[i]), false);
     Slot& sl = slots_[s];
     sl.accessed = true;
@@ -327,7 +334,7 @@ int SlabCache::prefetch_locked(int layer, const std::vector<std::int32_t>& disti
     if (table_[key] >= 0) continue;
     const int s = take_slot_locked(false);
     if (s < 0) {
-      ++stats_.prefetch_dropped;
+      count_locked(layer, &CacheStats::prefetch_dropped);
       continue;
     }
     place_locked(s, key, true);
@@ -398,9 +405,16 @@ CacheStats SlabCache::stats() {
   return stats_;
 }
 
+std::vector<CacheStats> SlabCache::layer_stats(CacheStats* total) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (total != nullptr) *total = stats_;
+  return layer_stats_;
+}
+
 void SlabCache::reset_stats() {
   std::lock_guard<std::mutex> lock(mu_);
   stats_ = CacheStats{};
+  layer_stats_.assign(num_layers_, CacheStats{});
 }
 
 int SlabCache::sim_prefetch(int layer, const std::int32_t* experts, std::int64_t n) {

@@ -10,21 +10,23 @@ previous experts implementation.
 
 from __future__ import annotations
 
-import weakref
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from moert.api.config import OffloadConfig
-from moert.engine.offload import (
-    ExpertLayout,
-    OffloadedLayer,
-    OffloadState,
-    make_pool,
-    make_store,
-    moert_experts_forward,
+from moert.api.handle import (
+    IMPLEMENTATION,
+    PatchHandle,
+    Released,
+    get_impl,
+    handle_of,
+    register_handle,
+    set_impl,
 )
+from moert.engine.layer import OffloadedLayer, moert_experts_forward
+from moert.engine.layout import ExpertLayout
+from moert.engine.offloader import make_offloader, make_pool
 from moert.models import MoELayerRef, get_adapter
 
 if TYPE_CHECKING:
@@ -32,14 +34,11 @@ if TYPE_CHECKING:
 
     from torch import nn
 
-    from moert.engine.stats import Stats
     from moert.models import ModelAdapter
 
 __all__ = ["patch", "PatchHandle", "handle_of", "MIN_TRANSFORMERS", "register_experts_implementation"]
 
 MIN_TRANSFORMERS = (5, 17)
-IMPLEMENTATION = "moert"
-_HANDLES: weakref.WeakKeyDictionary[Any, PatchHandle] = weakref.WeakKeyDictionary()
 
 
 def _version_tuple(v: str) -> tuple[int, ...]:
@@ -71,11 +70,6 @@ def register_experts_implementation() -> None:
         ExpertsInterface.register(IMPLEMENTATION, moert_experts_forward)
 
 
-def handle_of(model: nn.Module) -> PatchHandle | None:
-    """The active ``PatchHandle`` of ``model`` (from ``patch`` or ``load``), or None."""
-    return _HANDLES.get(model)
-
-
 def _check_placement(model: nn.Module, refs: list[MoELayerRef]) -> torch.device:
     device_map = getattr(model, "hf_device_map", None)
     if device_map and len({str(v) for v in device_map.values()}) > 1:
@@ -97,17 +91,6 @@ def _check_placement(model: nn.Module, refs: list[MoELayerRef]) -> torch.device:
             "put the model on one device with one dtype before patching"
         )
     return devices.pop()
-
-
-@dataclass
-class _Released:
-    experts: nn.Module
-    gate_up: torch.nn.Parameter
-    down: torch.nn.Parameter
-    gate_up_shape: torch.Size
-    down_shape: torch.Size
-    device: torch.device
-    hooks: tuple[Any, ...] = ()
 
 
 def _hook_experts_state(experts: nn.Module, pool: Any, layout: ExpertLayout, ordinal: int) -> tuple[Any, ...]:
@@ -134,190 +117,6 @@ def _hook_experts_state(experts: nn.Module, pool: Any, layout: ExpertLayout, ord
         experts.register_state_dict_post_hook(add_experts),
         experts.register_load_state_dict_pre_hook(refuse_experts),
     )
-
-
-class PatchHandle:
-    """The result of ``moert.patch``: stats and undo.
-
-    Attributes:
-        model: the patched model.
-        adapter: its adapter.
-        config: the offload config.
-        device: where the slab cache lives (``"cpu"`` or ``"cuda"``).
-        num_slots: cache slots.
-        freed_bytes: bytes of expert parameters released from the model.
-        layer_ids: decoder indices of the offloaded MoE layers.
-        load_report: filled by ``moert.load`` (timings, peak device memory), else empty.
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        adapter: ModelAdapter,
-        config: OffloadConfig,
-        state: OffloadState,
-        released: list[_Released],
-        previous_impl: Any,
-        device: str,
-        num_slots: int,
-    ) -> None:
-        self.model, self.adapter, self.config = model, adapter, config
-        self._state: OffloadState | None = state
-        self._released = released
-        self._previous_impl = previous_impl
-        self.device, self.num_slots = device, num_slots
-        self.layout = state.layout
-        self.layer_ids = list(state.layer_ids)
-        self.freed_bytes = sum(
-            (r.gate_up_shape.numel() + r.down_shape.numel()) * state.layout.itemsize for r in released
-        )
-        self.load_report: dict[str, Any] = {}
-        self._moved_from: torch.device | None = None
-        self._final: Stats | None = None
-        self._norms: list[tuple[Any, Any]] = []
-        #: the ``moert.engine.prefetch.Prefetcher`` when a predictor runs, else None
-        self.prefetcher: Any = None
-
-    def _attach_predictor(self, refs: list[MoELayerRef]) -> None:
-        from moert.engine import prefetch
-
-        assert self._state is not None
-        engine = self._state.store.engine
-        self.prefetcher, self._norms = prefetch.attach(
-            self.model, self.adapter, refs, self.config, engine, self.device
-        )
-        self._state.prefetcher = self.prefetcher
-
-    def _detach_predictor(self) -> None:
-        """Restores the original norm modules; waits for predictions in flight."""
-        from moert.engine import prefetch
-
-        if self.prefetcher is not None:
-            self.prefetcher.close()
-        prefetch.detach(self._norms)
-        self._norms = []
-        if self._state is not None:
-            self._state.prefetcher = None
-
-    @property
-    def cpu_expert_ms(self) -> tuple[float, float] | None:
-        """Heterogeneous mode: ``(host expert ms, copy ms)`` the misses are split by (measured at
-        patch time unless the config gave them); None when the mode is off."""
-        hetero = self._state.cpu_experts if self._state is not None else None
-        return None if hetero is None else (hetero.cpu_s * 1e3, hetero.copy_s * 1e3)
-
-    @property
-    def active(self) -> bool:
-        return self._state is not None
-
-    @property
-    def pool_bytes(self) -> int:
-        """Bytes of the host expert pool."""
-        return int(self._state.pool.nbytes) if self._state else 0
-
-    @property
-    def cache_bytes(self) -> int:
-        """Bytes of the device slab cache."""
-        return self.num_slots * self.layout.slab_bytes
-
-    def stats(self) -> Stats:
-        """Counters since patching (or ``reset_stats``); after ``undo`` the final values."""
-        if self._state is None:
-            assert self._final is not None
-            return self._final
-        return self._state.stats()
-
-    def reset_stats(self) -> None:
-        if self._state is not None:
-            self._state.reset_stats()
-
-    def expert_weights(self, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Host views ``(gate_up (2I, H), down (H, I))`` of one expert in the pool (decoder layer index)."""
-        if self._state is None:
-            raise RuntimeError("this handle was undone; the pool is gone")
-        if layer not in self.layer_ids:
-            raise ValueError(f"layer {layer} is not an offloaded MoE layer; offloaded: {self.layer_ids}")
-        ordinal = self.layer_ids.index(layer)
-        pool = self._state.pool
-        return self.layout.views(
-            lambda dtype, shape, offset: pool.view(ordinal, expert, dtype, tuple(shape), offset)
-        )
-
-    def discard(self) -> None:
-        """Free the pool and cache without restoring the experts (the model cannot run afterwards);
-        for a model that is being thrown away, e.g. after a failed load."""
-        if self._state is None:
-            return
-        self._final = self._state.stats()
-        self._detach_predictor()
-        for rel in self._released:
-            rel.experts.__dict__.pop("_moert", None)
-            for hook in rel.hooks:
-                hook.remove()
-        self._state.close()
-        self._state = None
-        self._released = []
-        _HANDLES.pop(self.model, None)
-
-    def undo(self) -> None:
-        """Copy every expert back into its original parameter object, restore the previous experts
-        implementation and free the pool and cache. Raises RuntimeError when already undone."""
-        if self._state is None:
-            raise RuntimeError("moert.patch handle was already undone")
-        state = self._state
-        self._final = state.stats()
-        self._detach_predictor()
-        if self._moved_from is not None:
-            self.model.to(self._moved_from)
-        for ordinal, rel in enumerate(self._released):
-            gate_up = torch.empty(rel.gate_up_shape, dtype=self.layout.dtype, device=rel.device)
-            down = torch.empty(rel.down_shape, dtype=self.layout.dtype, device=rel.device)
-            for e in range(rel.gate_up_shape[0]):
-                gu, dn = self.layout.views(
-                    lambda dtype, shape, offset, o=ordinal, e=e: state.pool.view(
-                        o, e, dtype, tuple(shape), offset
-                    )
-                )
-                gate_up[e].copy_(gu)
-                down[e].copy_(dn)
-            rel.experts.__dict__.pop("_moert", None)
-            for hook in rel.hooks:
-                hook.remove()
-            rel.experts._parameters["gate_up_proj"] = _restore(rel.gate_up, gate_up)
-            rel.experts._parameters["down_proj"] = _restore(rel.down, down)
-        _set_impl(self.model, self._previous_impl)
-        state.close()
-        self._state = None
-        self._released = []
-        _HANDLES.pop(self.model, None)
-
-    def __repr__(self) -> str:
-        status = "active" if self.active else "undone"
-        return (
-            f"PatchHandle({self.adapter.model_type}, {len(self.layer_ids)} MoE layers, {self.num_slots} slots, "
-            f"policy={self.config.policy}, device={self.device}, {status})"
-        )
-
-
-def _restore(param: torch.nn.Parameter, value: torch.Tensor) -> torch.nn.Parameter:
-    """The original Parameter object with ``value`` (a new one when it was built on another device,
-    e.g. meta by ``moert.load``)."""
-    if param.device == value.device:
-        with torch.no_grad():
-            param.data = value
-        return param
-    return torch.nn.Parameter(value, requires_grad=param.requires_grad)
-
-
-def _get_impl(model: nn.Module) -> Any:
-    return model.config._experts_implementation
-
-
-def _set_impl(model: nn.Module, impl: Any) -> None:
-    if hasattr(model, "set_experts_implementation"):
-        model.set_experts_implementation(impl)
-    else:
-        model.config._experts_implementation = impl
 
 
 def _resolve_config(config: OffloadConfig | None, overrides: dict[str, Any]) -> OffloadConfig:
@@ -391,32 +190,35 @@ def install(
     restore_device: str | None = None,
     predictor: bool = True,
 ) -> PatchHandle:
-    """Build pool and store, fill the pool with ``fill(pool)``, release the experts' parameters and
+    """Build pool and offloader, fill the pool with ``fill(pool)``, release the experts' parameters and
     switch the model to the "moert" implementation. ``undo`` rebuilds the parameters on
     ``restore_device`` (default: where they were). ``predictor=False`` leaves ``cfg.predictor`` for the
     caller to attach (``handle._attach_predictor``) once the norms hold real weights (``moert.load``)."""
     pool = make_pool(cfg.backend, len(refs), adapter.num_experts, layout.slab_bytes, device)
     try:
         fill(pool)
-        store = make_store(cfg.backend, pool, layout, slots, cfg.cache_policy, device, adapter.top_k, streams)
+        off = make_offloader(
+            cfg.backend,
+            pool,
+            layout,
+            slots,
+            [r.index for r in refs],
+            adapter.num_experts,
+            device,
+            policy=cfg.cache_policy,
+            min_slots=adapter.top_k,
+            copy_streams=streams,
+            overlap_waves=cfg.overlap_waves,
+            deferred_waits=device == "cuda" if cfg.deferred_waits is None else cfg.deferred_waits,
+        )
     except BaseException:
         pool.close()
         raise
-    state = OffloadState(
-        pool,
-        store,
-        layout,
-        [r.index for r in refs],
-        adapter.num_experts,
-        device,
-        overlap_waves=cfg.overlap_waves,
-        deferred_waits=device == "cuda" if cfg.deferred_waits is None else cfg.deferred_waits,
-    )
     if cfg.cpu_experts:
         try:
-            state.cpu_experts = _cpu_experts(cfg, pool, layout, device)
+            off.placement = _cpu_experts(cfg, pool, layout, device)
         except BaseException:
-            state.close()
+            off.close()
             raise
     if cfg.policy == "utility":
         from moert.engine.speculative import UtilityTracker
@@ -424,24 +226,24 @@ def install(
         width = (
             min(adapter.num_experts, adapter.top_k + int(cfg.overprovision)) if cfg.prefetch == "async" else 0
         )
-        state.utility = UtilityTracker(store, len(refs), adapter.num_experts, width, cfg.utility_decay)
+        off.utility = UtilityTracker(off, len(refs), adapter.num_experts, width, cfg.utility_decay)
     released = []
     for ordinal, ref in enumerate(refs):
         ex = ref.experts
         gu, dn = ex._parameters.pop("gate_up_proj"), ex._parameters.pop("down_proj")
         hooks = _hook_experts_state(ex, pool, layout, ordinal)
         released.append(
-            _Released(ex, gu, dn, gu.shape, dn.shape, torch.device(restore_device or gu.device), hooks)
+            Released(ex, gu, dn, gu.shape, dn.shape, torch.device(restore_device or gu.device), hooks)
         )
         with torch.no_grad():
             # Free the storage; the Parameter objects are kept so undo() can restore them in place.
             gu.data = torch.empty(0, dtype=gu.dtype, device=gu.device)
             dn.data = torch.empty(0, dtype=dn.dtype, device=dn.device)
-        ex.__dict__["_moert"] = OffloadedLayer(state, ordinal)
-    previous = _get_impl(model)
-    _set_impl(model, IMPLEMENTATION)
-    handle = PatchHandle(model, adapter, cfg, state, released, previous, device, slots)
-    _HANDLES[model] = handle
+        ex.__dict__["_moert"] = OffloadedLayer(off, ordinal)
+    previous = get_impl(model)
+    set_impl(model, IMPLEMENTATION)
+    handle = PatchHandle(model, adapter, cfg, off, released, previous, device, slots)
+    register_handle(model, handle)
     if predictor and cfg.predictor is not None:
         try:
             handle._attach_predictor(refs)

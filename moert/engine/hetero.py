@@ -11,6 +11,9 @@ products come back once, into the same ``(T, k, H)`` buffer at their routing pos
 reduction order over k does not change. The device computes its experts meanwhile (its kernels
 are queued before the host starts).
 
+In the layer forward this is a placement strategy (``place`` then ``finish``), like ``DEVICE_ONLY``,
+the placement without heterogeneous mode: the forward always calls its offloader's placement.
+
 Numbers: on the CPU twin the host expert runs the same ops on the same bytes as the slot would,
 so outputs stay bit-identical; on CUDA a host expert is computed by the CPU's kernels, within the
 fp tolerance of the device result (DESIGN §8 allows this one exception; the mode is off by
@@ -26,14 +29,58 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from moert.engine.layout import expert_forward
 from moert.sim.cost import cpu_split
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
 
-    from moert.engine.offload import ExpertLayout
+    from moert.engine.layout import ExpertLayout
 
-__all__ = ["CpuExperts", "calibrate"]
+__all__ = ["CpuExperts", "DeviceOnly", "DEVICE_ONLY", "calibrate"]
+
+
+class _NoHostWork:
+    def finish(self, ys: torch.Tensor, gate_fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        return None
+
+
+_NO_HOST_WORK = _NoHostWork()
+
+
+class DeviceOnly:
+    """The placement without heterogeneous mode: every selected expert computes on the device."""
+
+    def place(
+        self, off: Any, ordinal: int, union: list[int], route: Any, hidden_states: torch.Tensor
+    ) -> tuple[list[int], _NoHostWork]:
+        return union, _NO_HOST_WORK
+
+
+DEVICE_ONLY = DeviceOnly()
+
+
+class _HostWork:
+    """Host experts of one layer call whose rows are already on the host; ``finish`` computes them."""
+
+    def __init__(
+        self,
+        cpu: CpuExperts,
+        ordinal: int,
+        experts: list[int],
+        rows: torch.Tensor,
+        spans: list[tuple[int, int]],
+    ) -> None:
+        self.cpu, self.ordinal, self.experts, self.rows, self.spans = cpu, ordinal, experts, rows, spans
+
+    def finish(self, ys: torch.Tensor, gate_fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Writes each host expert's products into ``ys`` (T*k, H) at its span (grouped by expert)."""
+        sizes = [t - s for s, t in self.spans]
+        y = self.cpu.compute(self.ordinal, self.experts, self.rows, sizes, gate_fn, ys.device)  # [m, H]
+        done = 0
+        for s, t in self.spans:
+            ys[s:t] = y[done : done + t - s]
+            done += t - s
 
 
 class CpuExperts:
@@ -54,6 +101,32 @@ class CpuExperts:
         self.pool, self.layout = pool, layout
         self.cpu_s, self.copy_s, self.activation_s = cpu_s, copy_s, activation_s
         self._views: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def place(
+        self, off: Any, ordinal: int, union: list[int], route: Any, hidden_states: torch.Tensor
+    ) -> tuple[list[int], Any]:
+        """Splits a layer call's union into device experts and host ones (only when it fits the cache:
+        one wave) and sends the host ones' rows to the host now, before the device experts are queued,
+        so the host never waits for those.
+
+        Args:
+            off: the offloader (``present``, ``num_slots``, ``counters``).
+            ordinal: MoE layer.
+            union: the experts selected, in acquire order.
+            route: the call's ``moert.engine.layer.Route``.
+            hidden_states: (T, H) the layer's rows.
+
+        Returns:
+            ``(device experts, work)``; ``work.finish(ys, gate_fn)`` computes the host experts.
+        """
+        host = self.choose(union, off.present(ordinal)) if len(union) <= off.num_slots else []
+        if not host:
+            return union, _NO_HOST_WORK
+        off.counters.cpu_experts[ordinal] += len(host)
+        spans = [route.span(e) for e in host]
+        rows = self.rows_to_host(hidden_states, torch.cat([route.rows[s:t] for s, t in spans]))  # [m, H]
+        chosen = set(host)
+        return [e for e in union if e not in chosen], _HostWork(self, ordinal, host, rows, spans)
 
     def choose(self, union: Sequence[int], present: set[int]) -> list[int]:
         """The experts of ``union`` to compute on the host: the last ``c`` of its misses."""
@@ -101,10 +174,9 @@ class CpuExperts:
         """
         out, start = [], 0
         for e, n in zip(experts, spans):
-            gate_up, down = self.weights(ordinal, e)
-            x = host_rows[start : start + n].to(gate_up.dtype)  # [n, H]
-            h = gate_fn(torch.nn.functional.linear(x, gate_up))  # [n, I]
-            out.append(torch.nn.functional.linear(h, down))  # [n, H]
+            out.append(
+                expert_forward(host_rows[start : start + n], *self.weights(ordinal, e), gate_fn)
+            )  # [n, H]
             start += n
         return torch.cat(out).to(device)
 

@@ -3,16 +3,19 @@
 ``ReferenceStore`` is a slab cache as a dict with synchronous copies, the obviously-correct reference
 the runtime is tested against; ``NaiveStore`` copies every selected expert on every use (the
 Accelerate-style baseline of ``bench/``). ``HostPool`` is a pure-PyTorch twin of the runtime's pool.
+Both stores present the ``OffloaderBase`` interface to the layer forward and count everything in
+Python, per layer, with the runtime's attribution (an eviction counts in the evicted expert's layer).
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from moert.engine.offload import Counters, ExpertLayout
+from moert.engine.offloader import OffloaderBase
 
 __all__ = ["HostPool", "ReferenceStore", "NaiveStore"]
 
@@ -61,30 +64,53 @@ class HostPool:
         self._buf = torch.empty(0, dtype=torch.uint8)
 
 
-class ReferenceStore:
+class _PythonCounted(OffloaderBase):
+    """A store that counts everything in Python (``counters``); totals are the sums of the rows."""
+
+    python_counts = (
+        *OffloaderBase.python_counts,
+        "hits",
+        "misses",
+        "bytes_copied",
+        "evictions",
+        "waves",
+        "demand_stall_s",
+    )
+
+    def _counts(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        rows = self.counters.rows()
+        totals = {k: sum(rows[k]) for k in ("hits", "misses", "bytes_copied", "evictions", "demand_stall_s")}
+        return totals, {}
+
+    def _count_acquire(self, layer: int, misses: int, seconds: float) -> None:
+        c = self.counters
+        c.waves[layer] += 1
+        c.misses[layer] += misses
+        c.bytes_copied[layer] += misses * self.pool.slab_bytes
+        if misses:
+            c.demand_stall_s[layer] += seconds
+
+
+class ReferenceStore(_PythonCounted):
     """A slab cache as a dict with synchronous copies: the independent reference.
 
     Args:
-        pool: the host pool.
-        layout: expert layout.
-        num_slots: device slots.
+        *args, **kwargs: ``OffloaderBase``'s (pool: the host pool).
         policy: ``"lru"`` (evict the least recently used unpinned slot) or ``"lfu"`` (fewest uses
             while resident, then least recently used).
-        device: where the slots live.
     """
 
-    def __init__(self, pool: Any, layout: ExpertLayout, num_slots: int, policy: str, device: str) -> None:
-        self.pool, self.layout, self.num_slots, self.policy = pool, layout, num_slots, policy
-        self.device = torch.device(device)
-        self._slots = torch.empty(num_slots, pool.slab_bytes, dtype=torch.uint8, device=self.device)
-        self._views = [layout.views(self._slot_getter(s)) for s in range(num_slots)]
+    def __init__(self, *args: Any, policy: str, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.policy = policy
+        self._slots = torch.empty(self.num_slots, self.pool.slab_bytes, dtype=torch.uint8, device=self.device)
+        self._views = [self.layout.views(self._slot_getter(s)) for s in range(self.num_slots)]
         self._table: dict[tuple[int, int], int] = {}
-        self._owner: list[tuple[int, int] | None] = [None] * num_slots
-        self._last = [0] * num_slots
-        self._uses = [0] * num_slots
+        self._owner: list[tuple[int, int] | None] = [None] * self.num_slots
+        self._last = [0] * self.num_slots
+        self._uses = [0] * self.num_slots
         self._pinned: set[int] = set()
         self._clock = 0
-        self.counters = Counters()
 
     def _slot_getter(self, slot: int) -> Any:
         def get(dtype: torch.dtype, shape: Sequence[int], offset: int) -> torch.Tensor:
@@ -110,29 +136,30 @@ class ReferenceStore:
     def acquire(self, layer: int, experts: Sequence[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         if len(experts) > self.num_slots:
             raise ValueError(f"acquire of {len(experts)} experts exceeds the {self.num_slots} slots")
-        out = []
+        t0 = time.perf_counter()
+        out, misses = [], 0
         for e in experts:
             self._clock += 1
             slot = self._table.get((layer, e))
             if slot is None:
-                self.counters.misses += 1
+                misses += 1
                 slot = self._victim()
                 old = self._owner[slot]
                 if old is not None:
                     del self._table[old]
-                    self.counters.evictions += 1
+                    self.counters.evictions[old[0]] += 1
                 src = self.pool.view(layer, e, torch.uint8, (self.pool.slab_bytes,))
                 self._slots[slot].copy_(src)
-                self.counters.bytes_loaded += self.pool.slab_bytes
                 self._table[(layer, e)] = slot
                 self._owner[slot] = (layer, e)
                 self._uses[slot] = 0
             else:
-                self.counters.hits += 1
+                self.counters.hits[layer] += 1
             self._uses[slot] += 1
             self._last[slot] = self._clock
             self._pinned.add(slot)
             out.append(self._views[slot])
+        self._count_acquire(layer, misses, time.perf_counter() - t0)
         return out
 
     def release(self, layer: int, experts: Sequence[int]) -> None:
@@ -144,29 +171,24 @@ class ReferenceStore:
     def close(self) -> None:
         self._slots = torch.empty(0, dtype=torch.uint8)
         self._views = []
+        super().close()
 
 
-class NaiveStore:
+class NaiveStore(_PythonCounted):
     """No cache: every acquire copies each expert from the host pool into a fresh device buffer.
 
     ``num_slots`` only bounds how many experts one wave holds.
     """
 
-    def __init__(self, pool: Any, layout: ExpertLayout, num_slots: int, device: str) -> None:
-        self.pool, self.layout, self.num_slots = pool, layout, num_slots
-        self.device = torch.device(device)
-        self.counters = Counters()
-
     def resident(self, layer: int) -> set[int]:
         return set()
 
     def acquire(self, layer: int, experts: Sequence[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        t0 = time.perf_counter()
         out = []
         for e in experts:
             src = self.pool.view(layer, e, torch.uint8, (self.pool.slab_bytes,))
             buf = src.to(self.device, non_blocking=False, copy=True)
-            self.counters.misses += 1
-            self.counters.bytes_loaded += self.pool.slab_bytes
 
             def get(
                 dtype: torch.dtype, shape: Sequence[int], offset: int, buf: torch.Tensor = buf
@@ -175,10 +197,8 @@ class NaiveStore:
                 return buf[offset : offset + n].view(dtype).view(tuple(shape))
 
             out.append(self.layout.views(get))
+        self._count_acquire(layer, len(experts), time.perf_counter() - t0)
         return out
 
     def release(self, layer: int, experts: Sequence[int]) -> None:
-        return None
-
-    def close(self) -> None:
         return None

@@ -2,8 +2,8 @@
 
 The extension never links libtorch: tensors cross as addresses, byte counts and stream handles.
 This module turns torch tensors, numpy arrays and Python ints into those, and wraps slab memory
-back into ``torch.Tensor`` views (CPU: ``torch.frombuffer``; CUDA: ``__cuda_array_interface__``)
-that keep their owner alive, so a view never dangles.
+back into ``torch.Tensor`` views that keep their owner alive, so a view never dangles (the
+conversions live in ``moert.engine.native_args``).
 
 Importing it touches no CUDA: the CUDA runtime is first asked for devices by ``backends()`` or
 when a pool/cache needs it.
@@ -21,12 +21,22 @@ Example::
 
 from __future__ import annotations
 
-import ctypes
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
+
+from moert.engine.native_args import (
+    CudaArray,
+    Experts,
+    count,
+    expert_ids,
+    host_view,
+    int32_array,
+    int64_list,
+    view_bytes,
+)
 
 try:
     from moert import _C
@@ -40,8 +50,6 @@ __all__ = ["POLICIES", "DEVICES", "backends", "ExpertPool", "SlabCache", "CopyEn
 
 POLICIES = ("lru", "lfu", "priority")
 DEVICES = ("cpu", "cuda")
-
-Experts = int | Sequence[int] | np.ndarray | torch.Tensor
 
 
 def _native() -> Any:
@@ -77,98 +85,6 @@ def backends() -> dict[str, dict[str, Any]]:
     }
 
 
-_INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
-
-
-def _expert_ids(experts: Experts, name: str = "experts") -> np.ndarray:
-    """Any 1-D integer collection (or one int) -> (n,) int64 numpy, without silent casts."""
-    if isinstance(experts, torch.Tensor):
-        if experts.is_floating_point() or experts.is_complex() or experts.dtype == torch.bool:
-            raise ValueError(f"{name} must be integers, got a {experts.dtype} tensor")
-        arr = experts.detach().to("cpu", torch.int64).reshape(-1).numpy()
-    elif isinstance(experts, (int, np.integer)) and not isinstance(experts, bool):
-        if not _INT64_MIN <= int(experts) <= _INT64_MAX:
-            raise ValueError(f"{name}: expert id {int(experts)} is out of range (ids are 0 .. E-1)")
-        arr = np.array([int(experts)], dtype=np.int64)
-    else:
-        arr = np.asarray(experts)
-        if arr.size == 0:
-            return np.zeros(0, dtype=np.int64)
-        if arr.dtype.kind not in "iu":
-            # ints past int64 make an object array: name the value rather than its dtype
-            big = [v for v in arr.reshape(-1).tolist() if isinstance(v, int) and not isinstance(v, bool)]
-            if arr.dtype.kind == "O" and len(big) == arr.size:
-                raise ValueError(f"{name}: expert id {max(big, key=abs)} is out of range (ids are 0 .. E-1)")
-            raise ValueError(f"{name} must be integers, got {arr.dtype} values: {experts!r}"[:200])
-        if arr.dtype.kind == "u" and arr.max() > _INT64_MAX:  # would wrap to a negative id
-            raise ValueError(f"{name}: expert id {int(arr.max())} is out of range (ids are 0 .. E-1)")
-        arr = arr.astype(np.int64).reshape(-1)
-    return np.ascontiguousarray(arr)
-
-
-def _count(value: Any, name: str) -> int:
-    """An integer argument (a count or size) as int, without silently truncating 1.5 or parsing "3"."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise ValueError(f"{name}={value!r} must be an integer")
-    return int(value)
-
-
-def _int64_list(values: Sequence[int]) -> np.ndarray:
-    return np.asarray([int(v) for v in values], dtype=np.int64).reshape(-1)
-
-
-def _int32_array(x: Any, name: str, ndim: int) -> np.ndarray:
-    """A (N,) or (N, k) integer array/tensor -> contiguous int32 numpy (range-checked)."""
-    arr = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
-    if arr.dtype.kind not in "iu":
-        raise ValueError(f"{name} must be an integer array, got dtype {arr.dtype}")
-    if arr.ndim != ndim:
-        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(arr.shape)}")
-    if arr.dtype != np.int32:
-        if arr.size and (arr.min() < np.iinfo(np.int32).min or arr.max() > np.iinfo(np.int32).max):
-            raise ValueError(f"{name} has values outside int32: min {arr.min()}, max {arr.max()}")
-        arr = arr.astype(np.int32)
-    return np.ascontiguousarray(arr)
-
-
-def _host_view(
-    address: int, nbytes: int, owner: Any, dtype: torch.dtype, shape: tuple[int, ...]
-) -> torch.Tensor:
-    """A CPU tensor aliasing ``nbytes`` at ``address``; keeps ``owner`` alive."""
-    buf = (ctypes.c_uint8 * nbytes).from_address(address)
-    buf._moert_owner = owner  # the tensor holds buf, buf holds the native object
-    return torch.frombuffer(buf, dtype=torch.uint8, count=nbytes).view(dtype).view(shape)
-
-
-class _CudaArray:
-    """The minimal ``__cuda_array_interface__`` (v3) of slot bytes; holds the owner."""
-
-    def __init__(self, address: int, nbytes: int, owner: Any) -> None:
-        self.__cuda_array_interface__ = {
-            "shape": (nbytes,),
-            "typestr": "|u1",
-            "data": (address, False),
-            "strides": None,
-            "version": 3,
-        }
-        self._owner = owner
-
-
-def _view_bytes(dtype: torch.dtype, shape: tuple[int, ...], offset: int, limit: int, what: str) -> int:
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    shape = tuple(int(s) for s in shape)
-    if any(s < 0 for s in shape):
-        raise ValueError(f"{what}: negative dimension in shape {shape}")
-    nbytes = itemsize * int(np.prod(shape, dtype=np.int64))
-    if offset < 0 or offset % itemsize:
-        raise ValueError(f"{what}: offset {offset} must be >= 0 and a multiple of {itemsize} ({dtype})")
-    if offset + nbytes > limit:
-        raise ValueError(
-            f"{what}: offset {offset} + {nbytes} bytes of {dtype}{list(shape)} runs past the {limit}-byte slab"
-        )
-    return nbytes
-
-
 class ExpertPool:
     """Every expert of every MoE layer in one page-aligned host allocation.
 
@@ -188,9 +104,9 @@ class ExpertPool:
         if pin is None:
             pin = backends()["cuda"]["can_run"]
         self._c = _native().ExpertPool(
-            _count(num_layers, "num_layers"),
-            _count(num_experts, "num_experts"),
-            _count(slab_bytes, "slab_bytes"),
+            count(num_layers, "num_layers"),
+            count(num_experts, "num_experts"),
+            count(slab_bytes, "slab_bytes"),
             bool(pin),
         )
 
@@ -227,8 +143,8 @@ class ExpertPool:
     ) -> torch.Tensor:
         """A CPU tensor ``dtype[shape]`` aliasing the entry's bytes from ``offset``."""
         address = self._c.address(int(layer), int(expert))
-        nbytes = _view_bytes(dtype, tuple(shape), int(offset), self.slab_bytes, "ExpertPool.view")
-        return _host_view(address + int(offset), nbytes, self._c, dtype, tuple(shape))
+        nbytes = view_bytes(dtype, tuple(shape), int(offset), self.slab_bytes, "ExpertPool.view")
+        return host_view(address + int(offset), nbytes, self._c, dtype, tuple(shape))
 
     def layer_view(
         self, layer: int, dtype: torch.dtype, shape: tuple[int, ...], offset: int = 0
@@ -248,9 +164,9 @@ class ExpertPool:
             raise ValueError(
                 f"ExpertPool.layer_view: stride {self.stride} is not a multiple of {dtype}'s size"
             )
-        nbytes = _view_bytes(dtype, shape, int(offset), self.slab_bytes, "ExpertPool.layer_view")
+        nbytes = view_bytes(dtype, shape, int(offset), self.slab_bytes, "ExpertPool.layer_view")
         span = (self.num_experts - 1) * self.stride + nbytes  # first row's start to last row's end
-        flat = _host_view(
+        flat = host_view(
             self._c.address(int(layer), 0) + int(offset), span, self._c, dtype, (span // itemsize,)
         )
         inner = torch.empty(shape, device="meta").stride()  # row-major strides of one expert
@@ -294,7 +210,7 @@ class SlabCache:
             raise ValueError(f"unknown device {device!r}; use one of {', '.join(DEVICES)}")
         self._pool = pool
         self._c = _native().SlabCache(
-            pool._c, _count(num_slots, "num_slots"), str(policy), str(device), _count(min_slots, "min_slots")
+            pool._c, count(num_slots, "num_slots"), str(policy), str(device), count(min_slots, "min_slots")
         )
 
     @classmethod
@@ -312,12 +228,12 @@ class SlabCache:
         self = cls.__new__(cls)
         self._pool = None
         self._c = _native().SlabCache.simulated(
-            _count(num_layers, "num_layers"),
-            _count(num_experts, "num_experts"),
-            _count(num_slots, "num_slots"),
+            count(num_layers, "num_layers"),
+            count(num_experts, "num_experts"),
+            count(num_slots, "num_slots"),
             str(policy),
-            _count(slab_bytes, "slab_bytes"),
-            _count(min_slots, "min_slots"),
+            count(slab_bytes, "slab_bytes"),
+            count(min_slots, "min_slots"),
         )
         return self
 
@@ -340,11 +256,16 @@ class SlabCache:
         copy queued or running into their slot, so they need no further load)."""
         return torch.from_numpy(self._c.resident(int(layer), bool(in_flight)))
 
+    def resident_ids(self, layer: int, in_flight: bool = False) -> list[int]:
+        """The experts ``resident`` flags, ascending, as Python ints (no torch on the way: the
+        layer forward asks once per call)."""
+        return np.flatnonzero(self._c.resident(int(layer), bool(in_flight))).tolist()
+
     def set_priority(
         self, layer: int, experts: Experts, scores: float | Sequence[float] | torch.Tensor
     ) -> None:
         """Policy ``priority``: sets the eviction score of (layer, e) for each expert (lowest goes first)."""
-        ids = _expert_ids(experts)
+        ids = expert_ids(experts)
         if isinstance(scores, torch.Tensor):
             vals = scores.detach().to("cpu", torch.float32).reshape(-1).numpy()
         else:
@@ -358,28 +279,34 @@ class SlabCache:
     ) -> torch.Tensor:
         """A tensor ``dtype[shape]`` on the cache's device aliasing slot memory from ``offset``."""
         address = self._c.slot_address(int(slot))
-        nbytes = _view_bytes(dtype, tuple(shape), int(offset), self.slab_bytes, "SlabCache.slot_view")
+        nbytes = view_bytes(dtype, tuple(shape), int(offset), self.slab_bytes, "SlabCache.slot_view")
         if self.device == "cuda":
-            raw = torch.as_tensor(_CudaArray(address + int(offset), nbytes, self._c), device="cuda")
+            raw = torch.as_tensor(CudaArray(address + int(offset), nbytes, self._c), device="cuda")
             return raw.view(dtype).view(tuple(shape))
-        return _host_view(address + int(offset), nbytes, self._c, dtype, tuple(shape))
+        return host_view(address + int(offset), nbytes, self._c, dtype, tuple(shape))
 
-    def stats(self) -> dict[str, int]:
+    def stats(self, per_layer: bool = False) -> dict[str, Any]:
         """hits, misses, evictions, prefetches, prefetch_hits, prefetch_late, prefetch_wasted,
         prefetch_wasted_bytes, prefetch_cancelled, prefetch_dropped, loads, demand_loads,
-        prefetch_loads, bytes_loaded (== loads * slab_bytes)."""
-        return self._c.stats()
+        prefetch_loads, bytes_loaded (== loads * slab_bytes).
+
+        With ``per_layer``, also ``"per_layer"``: ``{counter: (L,) int64 ndarray}`` read under the
+        same lock, each counter's rows summing to its total. A count belongs to the layer of the
+        entry it is about (an eviction to the evicted entry's layer, a dropped prefetch to the layer
+        it was for; csrc/include/moert/slab_cache.h)."""
+        return self._c.stats(bool(per_layer))
 
     def reset_stats(self) -> None:
+        """Zeroes the totals and the per-layer rows."""
         self._c.reset_stats()
 
     def sim_prefetch(self, layer: int, experts: Experts) -> int:
         """Simulated cache: loads the experts not resident, never evicting a pinned slot; returns how many."""
-        return self._c.sim_prefetch(int(layer), _expert_ids(experts))
+        return self._c.sim_prefetch(int(layer), expert_ids(experts))
 
     def sim_access(self, layer: int, experts: Experts) -> int:
         """Simulated cache: pins all, demand-loads the misses, unpins; returns the hits."""
-        return self._c.sim_access(int(layer), _expert_ids(experts))
+        return self._c.sim_access(int(layer), expert_ids(experts))
 
     def replay(
         self,
@@ -402,10 +329,10 @@ class SlabCache:
         Returns:
             The stats delta (see ``stats``) plus ``hits_per_step``: (N,) int32 tensor.
         """
-        lay = _int32_array(layers, "layers", 1)
-        exp = _int32_array(experts, "experts", 2)
-        pre = None if prefetch is None else _int32_array(prefetch, "prefetch", 2)
-        pre_l = None if prefetch_layers is None else _int32_array(prefetch_layers, "prefetch_layers", 1)
+        lay = int32_array(layers, "layers", 1)
+        exp = int32_array(experts, "experts", 2)
+        pre = None if prefetch is None else int32_array(prefetch, "prefetch", 2)
+        pre_l = None if prefetch_layers is None else int32_array(prefetch_layers, "prefetch_layers", 1)
         pri = None
         if priorities is not None:
             pri_t = priorities.detach().cpu().numpy() if isinstance(priorities, torch.Tensor) else priorities
@@ -441,7 +368,7 @@ class CopyEngine:
         if not isinstance(cache, SlabCache):
             raise ValueError(f"CopyEngine needs a SlabCache, got {type(cache).__name__}")
         self._cache = cache
-        self._c = _native().CopyEngine(cache._c, _count(num_streams, "num_streams"), float(slot_timeout_s))
+        self._c = _native().CopyEngine(cache._c, count(num_streams, "num_streams"), float(slot_timeout_s))
 
     num_streams = property(lambda self: self._c.num_streams)
     closed = property(lambda self: self._c.closed)
@@ -459,7 +386,7 @@ class CopyEngine:
 
     def prefetch(self, layer: int, experts: Experts) -> int:
         """Queues low-priority copies for the experts not resident; returns how many were queued."""
-        return self._c.prefetch(int(layer), _expert_ids(experts))
+        return self._c.prefetch(int(layer), expert_ids(experts))
 
     def acquire(self, layer: int, experts: Experts, stream: int | None = None) -> list[int]:
         """Pins every expert and returns its slot (one per input position).
@@ -467,7 +394,7 @@ class CopyEngine:
         CPU twin: returns when all are ready. CUDA: ``stream`` (default: torch's current stream)
         waits on each slot's ready event; the host blocks only until the copies are issued.
         """
-        return self._c.acquire(int(layer), _expert_ids(experts), self._stream(stream))
+        return self._c.acquire(int(layer), expert_ids(experts), self._stream(stream))
 
     def acquire_deferred(
         self, layer: int, experts: Experts, stream: int | None = None
@@ -476,17 +403,17 @@ class CopyEngine:
         input position, ``pending[i]`` True where the copy was not complete at return. Call
         ``wait_ready`` for a pending expert before reading its slot (experts one at a time, so the
         compute of the first overlaps the copies of the rest); ``release`` as after ``acquire``."""
-        slots, pending = self._c.acquire_deferred(int(layer), _expert_ids(experts), self._stream(stream))
+        slots, pending = self._c.acquire_deferred(int(layer), expert_ids(experts), self._stream(stream))
         return list(slots), list(pending)
 
     def wait_ready(self, layer: int, experts: Experts, stream: int | None = None) -> None:
         """For experts pinned by ``acquire_deferred``: the CPU twin blocks until their copies are
         complete; CUDA blocks the host until they are issued and makes ``stream`` wait on them."""
-        self._c.wait_ready(int(layer), _expert_ids(experts), self._stream(stream))
+        self._c.wait_ready(int(layer), expert_ids(experts), self._stream(stream))
 
     def release(self, layer: int, experts: Experts, stream: int | None = None) -> None:
         """Records each slot's last use on ``stream`` and unpins it."""
-        self._c.release(int(layer), _expert_ids(experts), self._stream(stream))
+        self._c.release(int(layer), expert_ids(experts), self._stream(stream))
 
     def predict(
         self,
@@ -511,7 +438,7 @@ class CopyEngine:
             if scores is None
             else np.ascontiguousarray(torch.as_tensor(scores).cpu().numpy(), np.float32)
         )
-        return self._c.predict(_int64_list(layers), ids_np, sc, _int64_list(clear), float(clear_score))
+        return self._c.predict(int64_list(layers), ids_np, sc, int64_list(clear), float(clear_score))
 
     def predict_async(
         self,
@@ -563,11 +490,11 @@ class CopyEngine:
                 )
             sp = scores.data_ptr()
         return self._c.predict_async(
-            _int64_list(layers),
+            int64_list(layers),
             ids.data_ptr(),
             int(ids.shape[1]),
             sp,
-            _int64_list(clear),
+            int64_list(clear),
             float(clear_score),
             self._stream(stream),
         )
@@ -584,17 +511,25 @@ class CopyEngine:
         """Blocks until no copy is queued or in flight."""
         self._c.synchronize()
 
-    def stats(self, wait_device: bool = False) -> dict[str, Any]:
+    def stats(self, wait_device: bool = False, per_layer: bool = False) -> dict[str, Any]:
         """bytes, copies, demand_copies, prefetch_copies, acquires, releases, stale_requests,
         queued, busy_s, demand_stall_s, device_stall_s, device_stall_waits, predictions,
         prediction_wait_s, lanes.
 
-        ``demand_stall_s`` is host time ``acquire`` waited for copies (on the CPU twin, the whole
-        stall); ``device_stall_s`` is, on CUDA, device time the callers' streams waited for copies
-        not complete at ``acquire`` (timing events), counted once the stream has passed the wait,
-        over ``device_stall_waits`` acquires. ``wait_device=True`` first waits until the newest
-        such wait is passed (it blocks on the device: not for a hot path)."""
-        return self._c.stats(bool(wait_device))
+        ``demand_stall_s`` is host time ``acquire`` and ``wait_ready`` waited for copies (on the CPU
+        twin, the whole stall); ``device_stall_s`` is, on CUDA, device time the callers' streams
+        waited for copies not complete at ``acquire`` (timing events), counted once the stream has
+        passed the wait, over ``device_stall_waits`` acquires. ``wait_device=True`` first waits until
+        the newest such wait is passed (it blocks on the device: not for a hot path).
+
+        With ``per_layer`` (one native call, one lock: a consistent snapshot), also ``"per_layer"``:
+        ``{"acquires": (L,) int64, "demand_stall_s": (L,) float64}`` by the layer passed to
+        ``acquire`` / ``wait_ready``, and ``"cache"``: the cache's ``stats(per_layer=True)``."""
+        return self._c.stats(bool(wait_device), bool(per_layer))
+
+    def reset_stats(self) -> None:
+        """Zeroes the engine's counters, totals and per layer (not the cache's: ``SlabCache.reset_stats``)."""
+        self._c.reset_stats()
 
     def close(self) -> None:
         """Cancels queued copies, finishes those in flight, joins the lanes; later calls raise."""

@@ -2,31 +2,47 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-__all__ = ["Stats", "LayerStats"]
+__all__ = ["Stats", "LayerStats", "LayerCounters", "assemble"]
 
 
 @dataclass(frozen=True)
 class LayerStats:
     """Counters of one MoE layer.
 
+    The cache and copy-engine counts are kept per layer by the native runtime, where the events
+    happen: each belongs to the layer of the expert it is about, whichever layer was running at the
+    time. So every field but ``recall`` / ``coverage`` sums over the layers to the ``Stats`` field of
+    the same name (``waves`` and ``calls`` have no total).
+
     Attributes:
         hits: expert acquisitions served from a resident slot.
         misses: acquisitions that demand-loaded the expert.
-        bytes_copied: bytes moved host -> device for this layer (its demand loads, and the copies of
-            its wave prefetches).
+        bytes_copied: bytes moved host -> device into this layer's experts: its demand loads, its
+            wave prefetches, and every prefetch of its experts by a predictor or policy, counted when
+            the copy is issued. A prefetch for layer l queued while layer l-1 runs counts here, in
+            layer l (before the runtime kept per-layer counts it counted in the layer whose acquire
+            window it fell into).
         calls: forward calls of the layer.
         waves: acquire/compute/release rounds (> calls when a union exceeded the cache).
         wave_prefetches: experts of a later wave prefetched while an earlier wave computed
-            (overlapped waves; counted in ``Stats.prefetches``, their first use in ``prefetch_hits``).
+            (overlapped waves; counted in ``prefetches``, their first use in ``prefetch_hits``).
         prefetch_hits: first accesses of prefetched experts (counted in ``hits``).
         prefetch_late: ... of which the copy had not finished when the layer needed it.
         cpu_experts: selected experts computed on the host from the pool instead of loaded
             (heterogeneous mode; neither hits nor misses).
-        demand_stall_s: seconds the layer's acquires waited for copies (demand loads and late
-            prefetches; the runtime engine's measure, host side).
+        demand_stall_s: seconds the layer's acquires and per-expert waits (deferred waits) waited
+            for copies (demand loads and late prefetches; the runtime engine's measure, host side,
+            counted only when a wait happened; reference store: wall time of acquires with misses).
+        evictions: this layer's experts evicted from the cache (by whichever layer's load).
+        prefetches: prefetch loads of this layer's experts queued (predictor, policy and wave
+            prefetches).
+        prefetch_wasted: ... evicted or cancelled before any use.
+        prefetch_wasted_bytes: bytes copied for those.
+        prefetch_bytes: bytes copied by prefetches of this layer's experts (part of ``bytes_copied``).
         recall: online recall@k of the predictor at this layer (predicted top-k vs the router's),
             None without a predictor.
         coverage: fraction of the router's selected experts that were in the prefetched set.
@@ -42,6 +58,11 @@ class LayerStats:
     prefetch_late: int = 0
     cpu_experts: int = 0
     demand_stall_s: float = 0.0
+    evictions: int = 0
+    prefetches: int = 0
+    prefetch_wasted: int = 0
+    prefetch_wasted_bytes: int = 0
+    prefetch_bytes: int = 0
     recall: float | None = None
     coverage: float | None = None
 
@@ -116,3 +137,73 @@ class Stats:
         d["hit_rate"] = self.hit_rate
         d["exposed_copy"] = self.exposed_copy
         return d
+
+
+#: LayerStats fields that are plain per-layer counts (not derived from the predictor)
+_LAYER_COUNTS = tuple(f.name for f in fields(LayerStats) if f.name not in ("recall", "coverage"))
+#: Stats fields summed from the per-layer rows
+_SUMMED = ("cpu_experts",)
+
+
+class LayerCounters:
+    """Per-layer counts kept in Python, one list of L values per name, incremented in place
+    (``counters.calls[ordinal] += 1``): what only Python sees (calls, wave prefetches, host
+    experts), or everything for the reference stores.
+
+    Args:
+        num_layers: L.
+        names: LayerStats field names.
+    """
+
+    def __init__(self, num_layers: int, names: Sequence[str]) -> None:
+        unknown = set(names) - set(_LAYER_COUNTS)
+        if unknown:
+            raise ValueError(f"{sorted(unknown)} are not LayerStats counts; known: {_LAYER_COUNTS}")
+        self.names = tuple(names)
+        self.num_layers = num_layers
+        self.reset()
+
+    def reset(self) -> None:
+        for name in self.names:
+            setattr(self, name, [0] * self.num_layers)
+
+    def rows(self) -> dict[str, list[Any]]:
+        """``{name: (L,) values}``."""
+        return {name: list(getattr(self, name)) for name in self.names}
+
+
+def assemble(
+    layer_ids: Sequence[int],
+    totals: Mapping[str, Any],
+    rows: Mapping[str, Sequence[Any]],
+    recall: Sequence[tuple[int, int, int]] | None = None,
+) -> Stats:
+    """A ``Stats`` from totals and per-layer rows.
+
+    Args:
+        layer_ids: decoder index of each MoE ordinal.
+        totals: ``Stats`` fields (``cpu_experts`` is summed from ``rows``).
+        rows: ``{LayerStats field: (L,) values}``; missing fields are 0.
+        recall: per ordinal ``(top-k hits, covered, selections)`` of the predictor, or None.
+    """
+    counts = list(recall) if recall is not None else [(0, 0, 0)] * len(layer_ids)
+    per_layer = {}
+    for o, layer in enumerate(layer_ids):
+        a, c, n = counts[o]
+        values = {name: _plain(v[o]) for name, v in rows.items()}
+        values["demand_stall_s"] = float(values.get("demand_stall_s", 0.0))
+        per_layer[layer] = LayerStats(**values, recall=a / n if n else None, coverage=c / n if n else None)
+    n_all = sum(n for _, _, n in counts)
+    summed = {name: sum(_plain(v) for v in rows.get(name, ())) for name in _SUMMED}
+    return Stats(
+        **totals,
+        **summed,
+        recall=sum(a for a, _, _ in counts) / n_all if n_all else None,
+        coverage=sum(c for _, c, _ in counts) / n_all if n_all else None,
+        per_layer=per_layer,
+    )
+
+
+def _plain(value: Any) -> Any:
+    """A numpy scalar as the Python number (JSON-ready stats)."""
+    return value.item() if hasattr(value, "item") else value

@@ -32,7 +32,7 @@ def test_save_pretrained_of_a_patched_model_round_trips(name, backend, tmp_path)
     bad = [k for k in want if not torch.equal(state[k], want[k])]
     assert not bad, f"{len(bad)} tensors differ from the unpatched model, first {bad[:3]}"
     if backend == "runtime":
-        pool = handle._state.pool
+        pool = handle.offloader.pool
         lo = pool._c.address(0, 0)
         experts = [k for k in state if k.endswith(("gate_up_proj", "down_proj"))]
         assert experts and all(lo <= state[k].data_ptr() < lo + pool.nbytes for k in experts), (

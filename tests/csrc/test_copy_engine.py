@@ -8,7 +8,7 @@ import threading
 import numpy as np
 import pytest
 import torch
-from slab_cache_reference import RefCache
+from layer_accounting import LayerRef, check_layer_rows
 
 from moert.engine.runtime import CopyEngine, ExpertPool, SlabCache
 
@@ -67,6 +67,12 @@ def _check_accounting(t: Setup) -> None:
     assert s["prefetches"] == s["prefetch_loads"] + s["prefetch_cancelled"], s
     assert es["bytes"] == s["bytes_loaded"] and es["copies"] == s["loads"], (s, es)
     assert es["queued"] == 0 or es["stale_requests"] >= 0
+    # per layer, from one snapshot: the rows sum to the totals and keep the invariants
+    snap = t.engine.stats(per_layer=True)
+    check_layer_rows(snap["cache"], t.slab)
+    rows = snap["per_layer"]
+    assert rows["acquires"].sum() == snap["acquires"], snap
+    assert rows["demand_stall_s"].sum() == pytest.approx(snap["demand_stall_s"], rel=1e-9, abs=1e-12)
 
 
 def _acquire(t: Setup, layer: int, ids: list[int], deferred: bool) -> list[int]:
@@ -88,7 +94,8 @@ def _acquire(t: Setup, layer: int, ids: list[int], deferred: bool) -> list[int]:
 def test_single_thread_decisions_match_reference(device, policy, deferred):
     rng = np.random.default_rng(11)
     t = Setup(3, 9, 1040, 6, device, policy)
-    ref = RefCache(3, 9, 6, policy, slab_bytes=1040)
+    ref = LayerRef(3, 9, 6, policy, slab_bytes=1040)
+    acquires = [0, 0, 0]
     try:
         for step in range(400):
             layer = int(rng.integers(3))
@@ -99,6 +106,7 @@ def test_single_thread_decisions_match_reference(device, policy, deferred):
                 continue
             hits_before = t.cache.stats()["hits"]
             slots = _acquire(t, layer, ids, deferred)
+            acquires[layer] += 1
             assert t.cache.stats()["hits"] - hits_before == ref.access(layer, ids), (
                 f"step {step}: {layer} {ids}"
             )
@@ -110,6 +118,9 @@ def test_single_thread_decisions_match_reference(device, policy, deferred):
         assert {k: t.cache.stats()[k] for k in keys} == ref.stats_dict(keys)
         for layer in range(3):
             assert t.cache.resident(layer).tolist() == ref.resident(layer)
+        rows = t.cache.stats(per_layer=True)["per_layer"]
+        assert {k: rows[k].tolist() for k in keys} == ref.layer_rows(keys)
+        assert t.engine.stats(per_layer=True)["per_layer"]["acquires"].tolist() == acquires
         _check_accounting(t)
     finally:
         t.close()

@@ -10,6 +10,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from layer_accounting import check_layer_rows
 
 from moert.api.config import OffloadConfig
 from moert.engine import runtime
@@ -230,6 +231,7 @@ def test_predictions_race_demand_loads_and_evictions(policy):
         assert st["misses"] == st["demand_loads"], st
         assert st["prefetches"] == st["prefetch_loads"] + st["prefetch_cancelled"], st
         assert st["prefetches"] > 0 and st["hits"] > 0 and engine.stats()["predictions"] > 0, st
+        check_layer_rows(cache.stats(per_layer=True), SLAB)
     finally:
         engine.close()
         cache.close()

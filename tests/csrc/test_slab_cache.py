@@ -1,4 +1,5 @@
-"""SlabCache bookkeeping (simulated mode) against the plain-Python reference in slab_cache_reference.py."""
+"""SlabCache bookkeeping (simulated mode) against the plain-Python reference in slab_cache_reference.py,
+totals and per-layer rows (layer_accounting.LayerRef)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import torch
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+from layer_accounting import LayerRef, check_layer_rows
 from slab_cache_reference import RefCache
 
 from moert.engine.runtime import SlabCache
@@ -28,11 +30,16 @@ KEYS = [
 ]
 
 
-def _compare(cache: SlabCache, ref: RefCache, where: str) -> None:
-    got = {k: cache.stats()[k] for k in KEYS}
+def _compare(cache: SlabCache, ref: LayerRef, where: str) -> None:
+    stats = cache.stats(per_layer=True)
+    got = {k: stats[k] for k in KEYS}
     want = ref.stats_dict(KEYS)
     bad = {k: (got[k], want[k]) for k in KEYS if got[k] != want[k]}
     assert not bad, f"{where}: stats differ (got, reference): {bad}"
+    check_layer_rows(stats, cache.slab_bytes)
+    rows, want_rows = {k: stats["per_layer"][k].tolist() for k in KEYS}, ref.layer_rows(KEYS)
+    bad = {k: (rows[k], want_rows[k]) for k in KEYS if rows[k] != want_rows[k]}
+    assert not bad, f"{where}: per-layer rows differ (got, reference): {bad}"
     for layer in range(ref.num_layers):
         res = cache.resident(layer).tolist()
         assert res == ref.resident(layer), (
@@ -60,7 +67,7 @@ def test_random_operations_match_reference(policy, layers, experts, slots, k):
     rng = np.random.default_rng(layers * 1000 + slots)
     slab = 48
     cache = SlabCache.simulated(layers, experts, slots, policy=policy, slab_bytes=slab, min_slots=k)
-    ref = RefCache(layers, experts, slots, policy, slab_bytes=slab)
+    ref = LayerRef(layers, experts, slots, policy, slab_bytes=slab)
     for step in range(1500):
         layer = int(rng.integers(layers))
         op = rng.random()
@@ -162,6 +169,45 @@ def test_replay_matches_step_by_step_and_reference():
         assert out["hits_per_step"].dtype == torch.int32 and out["hits"] == sum(got) > 0
 
 
+def test_replay_per_layer_rows_match_step_by_step_and_reset():
+    """Replay files its counts per layer exactly as stepping does; reset_stats zeroes the rows."""
+    rng = np.random.default_rng(5)
+    layers, experts, slots, k, m = 4, 20, 13, 3, 2
+    lay, exp = _zipf_stream(rng, 600, layers, experts, k)
+    pre = rng.integers(-1, experts, size=(len(lay), m)).astype(np.int32)
+    pre_layers = ((lay + 1) % layers).astype(np.int32)
+    batch = SlabCache.simulated(layers, experts, slots, policy="lru", slab_bytes=8, min_slots=k)
+    batch.replay(lay, exp, prefetch=pre, prefetch_layers=pre_layers)
+    step = SlabCache.simulated(layers, experts, slots, policy="lru", slab_bytes=8, min_slots=k)
+    ref = LayerRef(layers, experts, slots, "lru", slab_bytes=8)
+    for i in range(len(lay)):
+        row_pre = [e for e in pre[i].tolist() if e >= 0]
+        step.sim_prefetch(int(pre_layers[i]), row_pre)
+        ref.prefetch(int(pre_layers[i]), row_pre)
+        step.sim_access(int(lay[i]), exp[i].tolist())
+        ref.access(int(lay[i]), exp[i].tolist())
+    got, want = batch.stats(per_layer=True), step.stats(per_layer=True)
+    assert {k_: v.tolist() for k_, v in got["per_layer"].items()} == {
+        k_: v.tolist() for k_, v in want["per_layer"].items()
+    }
+    _compare(batch, ref, "replay")
+    assert got["evictions"] > 0 and got["prefetch_wasted"] > 0 and got["prefetch_hits"] > 0, got
+    batch.reset_stats()
+    zero = batch.stats(per_layer=True)
+    assert all(zero[k_] == 0 for k_ in KEYS) and all(not v.any() for v in zero["per_layer"].values())
+
+
+def test_evictions_count_in_the_evicted_entrys_layer():
+    cache = SlabCache.simulated(2, 4, 2, policy="lru", slab_bytes=4)
+    cache.sim_access(0, [0, 1])
+    cache.sim_prefetch(1, [2])  # evicts (0, 0): layer 0's eviction, layer 1's prefetch
+    cache.sim_access(1, [3])  # evicts (0, 1)
+    cache.sim_access(1, [0])  # evicts the prefetched (1, 2) unused: layer 1's eviction and waste
+    rows = cache.stats(per_layer=True)["per_layer"]
+    assert rows["evictions"].tolist() == [2, 1] and rows["prefetch_wasted"].tolist() == [0, 1]
+    assert rows["prefetches"].tolist() == [0, 1] and rows["bytes_loaded"].tolist() == [8, 12]
+
+
 def test_replay_without_prefetch_and_stats_delta():
     lay, exp = _zipf_stream(np.random.default_rng(3), 300, 2, 16, 2)
     cache = SlabCache.simulated(2, 16, 4, policy="lru")
@@ -182,7 +228,7 @@ class _CacheMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.cache = SlabCache.simulated(self.L, self.E, self.S, policy=self.policy, slab_bytes=16)
-        self.ref = RefCache(self.L, self.E, self.S, self.policy, slab_bytes=16)
+        self.ref = LayerRef(self.L, self.E, self.S, self.policy, slab_bytes=16)
 
     @rule(layer=st.integers(0, 1), ids=st.lists(st.integers(0, 5), min_size=1, max_size=3))
     def access(self, layer, ids):

@@ -166,7 +166,7 @@ def test_asynchronous_submission_path_on_the_cpu_twin(refs):
         device="cpu",
     )
     handle.prefetcher.asynchronous = True
-    engine = handle._state.store.engine
+    engine = handle.offloader.engine
     got = greedy(model, ref.prompt, ref.new_tokens)
     handle.prefetcher.close()
     applied = engine.predictions_done()
@@ -261,7 +261,7 @@ def test_cuda_pipeline_is_exact_and_asynchronous(name, refs):
             device="cuda",
         )
         seq, logits = greedy(model, prompt, ref.new_tokens)
-        engine = handle._state.store.engine.stats()
+        engine = handle.offloader.engine.stats()
         st = handle.stats()
         handle.undo()
         outs[cache] = (seq.cpu(), logits.cpu())

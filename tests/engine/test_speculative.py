@@ -85,7 +85,7 @@ def test_utility_is_the_moving_average_of_each_calls_counts(tmp_path):
     model = ref.copy()
     decay = 0.6
     h = moert.patch(model, cache_experts=0.25, device="cpu", policy="utility", utility_decay=decay)
-    tracker = h._state.utility
+    tracker = h.offloader.utility
     seen: list[tuple[int, list[int]]] = []
     observe = tracker.observe
     tracker.observe = lambda ordinal, counts: (

@@ -1,4 +1,4 @@
-"""Overlapped waves (``moert.engine.offload``): a layer whose union of experts exceeds the cache streams it in
+"""Overlapped waves (``moert.engine.layer``): a layer whose union of experts exceeds the cache streams it in
 waves of half the slots, prefetching wave i+1 while wave i computes. The numbers never change
 (DESIGN §8), the counters stay true, decode (one wave) is untouched, and under several copy lanes and
 threads every slot holds its expert's bytes from acquire to release."""
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import moert
-from moert.engine.offload import wave_bounds
+from moert.engine.layer import wave_bounds
 from moert.engine.runtime import CopyEngine, ExpertPool, SlabCache
 from moert.models import get_adapter
 from moert.models.tiny import VARIANTS, prompt_ids, single_thread, tiny_model
@@ -198,10 +198,10 @@ def test_overlap_waves_must_be_a_bool():
         moert.patch(model, cache_experts=4, device="cpu", deferred_waits="yes")
     handle = moert.patch(model, cache_experts=4, device="cpu")
     try:
-        assert handle._state.overlap_waves is True  # the default
-        assert handle._state.deferred_waits is False  # auto: on for CUDA, off for the CPU twin
+        assert handle.offloader.overlap_waves is True  # the default
+        assert handle.offloader.deferred_waits is False  # auto: on for CUDA, off for the CPU twin
         with pytest.raises(ValueError, match="overlap_waves='yes' must be True or False"):
-            handle._state.overlap_waves = "yes"
+            handle.offloader.overlap_waves = "yes"
     finally:
         handle.undo()
 
@@ -217,9 +217,9 @@ def test_race_model_prefills_slot_bytes_intact(deferred):
     handle = moert.patch(
         model, cache_experts=2 * k + 1, device="cpu", copy_streams=4, deferred_waits=deferred
     )
-    state = handle._state
-    state.overlap_waves = True
-    layout, pool = state.layout, state.pool
+    off = handle.offloader
+    off.overlap_waves = True
+    layout, pool = off.layout, off.pool
     held: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
     bad: list[str] = []
     checks = [0]
@@ -232,28 +232,37 @@ def test_race_model_prefills_slot_bytes_intact(deferred):
         if not (torch.equal(gate_up, want_gu) and torch.equal(down, want_dn)):
             bad.append(f"{when}: (layer {layer}, expert {e}) slot bytes differ from the pool")
 
-    acquire, wait_ready, release = state.acquire, state.wait_ready, state.store.release
+    acquire, acquire_deferred, wait, release = off.acquire, off.acquire_deferred, off.wait, off.release
 
-    def checked_acquire(ordinal, experts, count_bytes=True, deferred=False):
-        views, pending = acquire(ordinal, experts, count_bytes, deferred)
+    def hold(ordinal, experts, views, pending):
         for e, v, p in zip(experts, views, pending):
             if not p:
                 verify(ordinal, e, v, "acquire")
             held[(ordinal, e)] = v
+
+    def checked_acquire(ordinal, experts):
+        views = acquire(ordinal, experts)
+        hold(ordinal, experts, views, [False] * len(experts))
+        return views
+
+    def checked_acquire_deferred(ordinal, experts):
+        views, pending = acquire_deferred(ordinal, experts)
+        hold(ordinal, experts, views, pending)
         return views, pending
 
-    def checked_wait_ready(ordinal, expert):
-        wait_ready(ordinal, expert)
-        verify(ordinal, expert, held[(ordinal, expert)], "wait_ready")
+    def checked_wait(ordinal, expert):
+        wait(ordinal, expert)
+        verify(ordinal, expert, held[(ordinal, expert)], "wait")
 
     def checked_release(layer, experts):
         for e in experts:
             verify(layer, e, held.pop((layer, e)), "release")
         release(layer, experts)
 
-    state.acquire, state.wait_ready, state.store.release = (
+    off.acquire, off.acquire_deferred, off.wait, off.release = (
         checked_acquire,
-        checked_wait_ready,
+        checked_acquire_deferred,
+        checked_wait,
         checked_release,
     )
     try:
@@ -262,7 +271,7 @@ def test_race_model_prefills_slot_bytes_intact(deferred):
                 model(prompt_ids(3, 16, vocab=model.config.vocab_size, seed=100 + seed))
         st = handle.stats()
     finally:
-        del state.acquire, state.wait_ready, state.store.release
+        del off.acquire, off.acquire_deferred, off.wait, off.release
         handle.undo()
     assert not bad, f"{len(bad)} of {checks[0]} checks failed, first: {bad[:3]}"
     assert not held and checks[0] > 0

@@ -201,7 +201,7 @@ def test_patched_model_on_the_kernel_path_prefetches_as_on_the_torch_path(tmp_pa
             handle.prefetcher.asynchronous = asynchronous
             out = greedy(model, ref.prompt, ref.new_tokens)
             handle.prefetcher.close()
-            applied = handle._state.store.engine.predictions_done() if asynchronous else None
+            applied = handle.offloader.engine.predictions_done() if asynchronous else None
             st = handle.stats()
             handle.undo()
             runs[(backend, asynchronous)] = (

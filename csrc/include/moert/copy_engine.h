@@ -63,13 +63,28 @@ struct EngineStats {
   double prediction_wait_s = 0.0;   // prediction thread: waiting on the device for predicted ids
   std::int64_t queued = 0;          // copies waiting for a lane now
   double busy_s = 0.0;              // summed over lanes: issue to completion of every copy
-  double demand_stall_s = 0.0;      // time acquire() waited for copies (summed over callers)
+  double demand_stall_s = 0.0;      // time acquire()/wait_ready() waited for copies (summed)
   // CUDA: device time the callers' streams waited in acquire() for copies not yet complete
   // (timing events around the stream waits; counted once the stream has passed them). 0 on
   // the CPU twin, where the host blocks for every copy and demand_stall_s is the whole stall.
   double device_stall_s = 0.0;
   std::int64_t device_stall_waits = 0;  // acquires whose stream had to wait (CUDA)
   int lanes = 0;
+};
+
+// Per layer (the layer passed to acquire / wait_ready): acquire calls and the host time they and
+// wait_ready waited for copies. The rows sum to EngineStats' acquires and demand_stall_s.
+struct EngineLayerStats {
+  std::int64_t acquires = 0;
+  double demand_stall_s = 0.0;
+};
+
+// Everything the engine and its cache count, read under one lock (a consistent snapshot).
+struct StatsSnapshot {
+  EngineStats engine;
+  std::vector<EngineLayerStats> engine_layers;  // (num_layers,)
+  CacheStats cache;
+  std::vector<CacheStats> cache_layers;  // (num_layers,)
 };
 
 class CopyEngine {
@@ -115,6 +130,11 @@ class CopyEngine {
   // Counters so far. Device stalls are counted once the caller's stream has passed them;
   // wait_device first waits until the newest timed wait is passed (blocks on the device).
   EngineStats stats(bool wait_device = false);
+  // stats() plus the per-layer rows and the cache's counters, all under the cache lock.
+  StatsSnapshot snapshot(bool wait_device = false);
+  // Zeroes the engine's counters (totals and per layer); the cache's are reset by its own
+  // reset_stats. Device stalls of waits not yet harvested count after the reset.
+  void reset_stats();
   // Cancels queued copies, waits for the ones in flight, joins the workers. Idempotent.
   void close();
 
@@ -169,6 +189,7 @@ class CopyEngine {
   // run (device_stall_s).
   void stream_wait_locked(const std::vector<std::int32_t>& slots, StreamHandle stream);
   void push_locked(int cls, int slot);
+  void add_stall_locked(int layer, double seconds);
   bool pending_locked() const;
 
   std::shared_ptr<SlabCache> cache_;
@@ -187,6 +208,7 @@ class CopyEngine {
   std::uint64_t seq_ = 0;
   int in_flight_ = 0;
   EngineStats stats_;
+  std::vector<EngineLayerStats> layer_stats_;  // (num_layers,)
 
   // Prediction thread (started by the first predict_async), its queue and spare events.
   std::thread predictor_;

@@ -20,6 +20,7 @@
 // Thread safety: every public method takes the cache mutex; CopyEngine shares that mutex.
 #pragma once
 
+#include <array>
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
@@ -41,9 +42,16 @@ enum class SlotState : std::uint8_t { kEmpty, kLoading, kIssuing, kIssued, kRead
 
 enum class Policy { kLru, kLfu, kPriority };
 
-// Every count since construction or reset_stats(). Invariants (once the engine is idle):
+// Every count since construction or reset_stats(), in total and per layer. Invariants (once the
+// engine is idle), for the totals and for each layer's row alike:
 //   bytes_loaded == loads * slab_bytes;  loads == demand_loads + prefetch_loads;
-//   misses == demand_loads;  prefetches == prefetch_loads + prefetch_cancelled.
+//   misses == demand_loads;  prefetches == prefetch_loads + prefetch_cancelled;
+// and every counter's rows sum to its total. A count goes to the layer of the entry it is about:
+// hits, misses, loads and their bytes, prefetches and their hits, lateness, waste and
+// cancellation to the entry's own layer (a prefetch for layer l counts in l's row, whichever layer
+// was running when it was queued or copied); an eviction to the evicted entry's layer (the layer
+// that lost the slot, not the one that took it); a dropped prefetch request to the layer it was
+// for.
 struct CacheStats {
   std::int64_t hits = 0;
   std::int64_t misses = 0;
@@ -60,6 +68,9 @@ struct CacheStats {
   std::int64_t prefetch_loads = 0;
   std::int64_t bytes_loaded = 0;
 
+  using Field = std::int64_t CacheStats::*;
+  // Every counter with its name, for code that treats them alike (differences, bindings).
+  static const std::array<std::pair<const char*, Field>, 14>& fields();
   CacheStats operator-(const CacheStats& o) const;
 };
 
@@ -107,6 +118,9 @@ class SlabCache {
   void set_priority(int layer, const std::int32_t* experts, const float* scores, std::int64_t n);
   std::uintptr_t slot_address(int slot);
   CacheStats stats();
+  // One row per layer (see CacheStats); with `total`, also stats(), read under the same lock
+  // (the rows then sum to it exactly).
+  std::vector<CacheStats> layer_stats(CacheStats* total = nullptr);
   void reset_stats();
 
   int sim_prefetch(int layer, const std::int32_t* experts, std::int64_t n);
@@ -155,6 +169,12 @@ class SlabCache {
   int key_of(int layer, int expert) const { return layer * num_experts_ + expert; }
 
   // All *_locked methods need mu_ held.
+  // Adds n to `field` of the totals and of `layer`'s row.
+  void count_locked(int layer, CacheStats::Field field, std::int64_t n = 1) {
+    stats_.*field += n;
+    layer_stats_[layer].*field += n;
+  }
+  int layer_of(int key) const { return key / num_experts_; }
   void refresh_locked(int slot);  // re-files the slot in the evict / cancel sets
   void touch_locked(int slot, bool count);
   int take_slot_locked(bool demand);
@@ -205,6 +225,7 @@ class SlabCache {
   std::uint64_t tick_ = 0;
   std::uint64_t queue_seq_ = 0;
   CacheStats stats_;
+  std::vector<CacheStats> layer_stats_;  // (num_layers,)
 };
 
 }  // namespace moert
