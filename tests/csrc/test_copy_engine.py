@@ -12,7 +12,7 @@ from slab_cache_reference import RefCache
 
 from moert.engine.runtime import CopyEngine, ExpertPool, SlabCache
 
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+DEVICES = ["cpu", "sim", pytest.param("cuda", marks=pytest.mark.gpu)]
 
 
 class Setup:
