@@ -114,7 +114,7 @@ def make_pool(backend: str, num_layers: int, num_experts: int, slab_bytes: int, 
         return HostPool(num_layers, num_experts, slab_bytes)
     from moert.engine import runtime
 
-    return runtime.ExpertPool(num_layers, num_experts, slab_bytes, pin=device == "cuda")
+    return runtime.ExpertPool(num_layers, num_experts, slab_bytes, pin=device.startswith("cuda"))
 
 
 #: counters the runtime reads from ``SlabCache.stats()`` under the same names
@@ -212,9 +212,9 @@ class RuntimeStore:
         return c
 
     def _stream(self) -> int | None:
-        if self.device == "cuda":
-            return torch.cuda.current_stream().cuda_stream
-        return None
+        if self.device.startswith("cuda"):
+            return torch.cuda.current_stream(self.device).cuda_stream
+        return None  # the CPU twin's and the device model's host stream
 
     def resident(self, layer: int) -> set[int]:
         return set(torch.nonzero(self.cache.resident(layer)).flatten().tolist())
@@ -247,8 +247,8 @@ class RuntimeStore:
 
     def close(self) -> None:
         self.engine.synchronize()
-        if self.device == "cuda":
-            torch.cuda.synchronize()  # no kernel may still read a slot when the cache frees it
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize(self.device)  # no kernel may still read a slot when the cache frees it
         self._views = []
         self.engine.close()
         self.cache.close()
@@ -311,6 +311,10 @@ class OffloadState:
         self.layer_ids = list(layer_ids)
         self.num_experts = num_experts
         self.device = device
+        from moert.engine.runtime import tensor_device
+
+        #: where activations must be: the host for "cpu" and "sim", cuda:N for CUDA
+        self.tensor_device = tensor_device(device)
         self.overlap_waves = overlap_waves
         if not isinstance(deferred_waits, bool):
             raise ValueError(f"deferred_waits={deferred_waits!r} must be True or False")
@@ -512,7 +516,7 @@ class OffloadedLayer:
             (T, H) in ``hidden_states.dtype``.
         """
         state = self.state
-        if hidden_states.device.type != state.device:
+        if hidden_states.device != state.tensor_device:
             raise RuntimeError(
                 f"layer {state.layer_ids[self.ordinal]}: activations are on {hidden_states.device} but the expert "
                 f"cache is on {state.device}; the model was moved after moert.patch: undo(), move, patch again"

@@ -47,6 +47,7 @@ __all__ = [
     "DEVICES",
     "backends",
     "parse_device",
+    "tensor_device",
     "SimTiming",
     "SimDevice",
     "ExpertPool",
@@ -112,6 +113,14 @@ def parse_device(device: str | torch.device) -> tuple[str, int]:
             return "cuda", int(index)
         return "cuda", torch.cuda.current_device() if torch.cuda.is_available() else 0
     raise ValueError(f"unknown device {device!r}; use one of cpu, sim, cuda, cuda:N")
+
+
+def tensor_device(device: str) -> torch.device:
+    """Where the tensors computed with a cache on ``device`` live: ``cuda:N`` for CUDA, else the
+    host (``"sim"`` models the device's protocol, while torch computes on the calling thread: the
+    model's stream handle 0)."""
+    kind, index = parse_device(device)
+    return torch.device("cuda", index) if kind == "cuda" else torch.device("cpu")
 
 
 @dataclass(frozen=True)
