@@ -101,6 +101,9 @@ struct SimEventRef {
 };
 
 SimDeviceRef sim_device_of(const std::shared_ptr<moert::SlabCache>& c) {
+  MOERT_CHECK(!c->simulated(),
+              "sim_device: a simulated cache (SlabCache.simulated) has no device; ",
+              "make a SlabCache with device='sim'");
   auto* dev = dynamic_cast<moert::SimBackend*>(c->backend());
   MOERT_CHECK(dev != nullptr, "sim_device: this cache's device is '", c->device(),
               "'; only a cache made with device='sim' has the device model");

@@ -98,12 +98,17 @@ class CudaBackend final : public Backend {
     void* p = nullptr;
     check_cuda(cudaMalloc(&p, bytes), "cudaMalloc");
     // The copy lanes are non-blocking streams, which do not order after the legacy default
-    // stream: the zero fill must be complete before any lane may copy into the slots.
-    cudaError_t err = cudaMemsetAsync(p, 0, bytes, nullptr);
-    if (err == cudaSuccess) err = cudaStreamSynchronize(nullptr);
+    // stream (where cudaMemset runs): the zero fill runs on a stream of its own and is complete
+    // before any lane may copy into the slots; torch's work on the default stream is not waited
+    // for.
+    cudaStream_t fill = nullptr;
+    cudaError_t err = cudaStreamCreateWithFlags(&fill, cudaStreamNonBlocking);
+    if (err == cudaSuccess) err = cudaMemsetAsync(p, 0, bytes, fill);
+    if (err == cudaSuccess) err = cudaStreamSynchronize(fill);
+    if (fill != nullptr) cudaStreamDestroy(fill);
     if (err != cudaSuccess) {
       cudaFree(p);
-      check_cuda(err, "cudaMemsetAsync");
+      check_cuda(err, "zero fill of the slots (cudaMemsetAsync)");
     }
     return p;
   }

@@ -580,7 +580,8 @@ class CopyEngine:
 
     Args:
         cache: a real (not simulated) SlabCache; one open engine per cache.
-        num_streams: lanes (CUDA streams, or worker threads on the CPU twin), 1..16.
+        num_streams: lanes (CUDA or device-model streams, each with an issuing and a completion
+            thread; worker threads on the CPU twin), 1..16.
         slot_timeout_s: how long ``acquire`` waits while every slot stays pinned before it raises.
     """
 
@@ -611,8 +612,9 @@ class CopyEngine:
     def acquire(self, layer: int, experts: Experts, stream: int | None = None) -> list[int]:
         """Pins every expert and returns its slot (one per input position).
 
-        CPU twin: returns when all are ready. CUDA: ``stream`` (default: torch's current stream)
-        waits on each slot's ready event; the host blocks only until the copies are issued.
+        CPU twin, and the device model's stream 0 (the host): returns when all are ready. CUDA and
+        the device model's streams: ``stream`` (default: torch's current stream; the device model:
+        0) waits on each slot's ready event; the host blocks only until the copies are issued.
         """
         return self._c.acquire(int(layer), _expert_ids(experts), self._stream(stream))
 
@@ -627,8 +629,9 @@ class CopyEngine:
         return list(slots), list(pending)
 
     def wait_ready(self, layer: int, experts: Experts, stream: int | None = None) -> None:
-        """For experts pinned by ``acquire_deferred``: the CPU twin blocks until their copies are
-        complete; CUDA blocks the host until they are issued and makes ``stream`` wait on them."""
+        """For experts pinned by ``acquire_deferred``: the CPU twin (and a host stream) blocks until
+        their copies are complete; CUDA and the device model's streams block the host until they are
+        issued and make ``stream`` wait on them."""
         self._c.wait_ready(int(layer), _expert_ids(experts), self._stream(stream))
 
     def release(self, layer: int, experts: Experts, stream: int | None = None) -> None:
@@ -737,7 +740,8 @@ class CopyEngine:
         prediction_wait_s, lanes.
 
         ``demand_stall_s`` is host time ``acquire`` waited for copies (on the CPU twin, the whole
-        stall); ``device_stall_s`` is, on CUDA, device time the callers' streams waited for copies
+        stall); ``device_stall_s`` is, on CUDA and the device model (modelled time), device time the
+        callers' streams waited for copies
         not complete at ``acquire`` (timing events), counted once the stream has passed the wait,
         over ``device_stall_waits`` acquires. ``wait_device=True`` first waits until the newest
         such wait is passed (it blocks on the device: not for a hot path)."""

@@ -190,6 +190,8 @@ def test_sim_config_from_env_and_cache_device(monkeypatch):
         SimTiming.from_env()
     with pytest.raises(ValueError, match="only a cache made with device='sim'"):
         SlabCache(pool, 2, device="cpu").sim_device()
+    with pytest.raises(ValueError, match="a simulated cache .* has no device"):
+        SlabCache.simulated(1, 2, 2).sim_device()
 
 
 # ---- the engine's protocol on the model ----------------------------------------------------

@@ -72,11 +72,12 @@ struct EngineStats {
   std::int64_t queued = 0;          // copies waiting for a lane now
   double busy_s = 0.0;              // summed over lanes: time the lane had a copy in flight
   double demand_stall_s = 0.0;      // time acquire() waited for copies (summed over callers)
-  // CUDA: device time the callers' streams waited in acquire() for copies not yet complete
-  // (timing events around the stream waits; counted once the stream has passed them). 0 on
-  // the CPU twin, where the host blocks for every copy and demand_stall_s is the whole stall.
+  // CUDA and sim (modelled time): device time the callers' streams waited in acquire() for
+  // copies not yet complete (timing events around the stream waits; counted once the stream has
+  // passed them). 0 on the CPU twin and on host streams, where the host blocks for every copy and
+  // demand_stall_s is the whole stall.
   double device_stall_s = 0.0;
-  std::int64_t device_stall_waits = 0;  // acquires whose stream had to wait (CUDA)
+  std::int64_t device_stall_waits = 0;  // acquires whose stream had to wait (CUDA, sim)
   int lanes = 0;
 };
 
@@ -113,9 +114,10 @@ class CopyEngine {
   std::vector<std::int32_t> acquire(int layer, const std::int32_t* experts, std::int64_t n,
                                     StreamHandle stream, bool wait = true,
                                     std::vector<std::uint8_t>* pending = nullptr);
-  // For experts acquired (pinned) by a deferred acquire: the CPU twin blocks until their copies are
-  // complete; CUDA blocks the host until they are issued and makes `stream` wait on their ready
-  // events (timed, as in acquire). Host waits count in demand_stall_s.
+  // For experts acquired (pinned) by a deferred acquire: the CPU twin (and a host stream) blocks
+  // until their copies are complete; CUDA and sim streams block the host until they are issued and
+  // make `stream` wait on their ready events (timed, as in acquire). Host waits count in
+  // demand_stall_s.
   void wait_ready(int layer, const std::int32_t* experts, std::int64_t n, StreamHandle stream);
   void release(int layer, const std::int32_t* experts, std::int64_t n, StreamHandle stream);
   // Blocks until no copy is queued or in flight.
