@@ -126,13 +126,14 @@ def test_model_copies_take_time_and_events_order_streams(rig_factory):
     """A copy lands at its modelled end; an event completes when its stream reaches it; a stream
     waiting on it runs after; a stream that does not wait reads the old bytes; timing events give
     modelled time."""
-    r = rig_factory(1, 2, MB, 2, timing=SimTiming(bandwidth_gbs=0.05, latency_us=20.0))  # ~21 ms
+    r = rig_factory(1, 2, MB, 2, timing=SimTiming(bandwidth_gbs=0.02, latency_us=20.0))  # ~52 ms
     dev, slot0 = r.dev, r.cache.slot_view(0, torch.uint8, (MB,))
     src = r.pool.view(0, 1, torch.uint8, (MB,))
     copier, waiter, racer = dev.create_stream(), dev.create_stream(), dev.create_stream()
     t0, copied, t1 = dev.event(timing=True), dev.event(), dev.event(timing=True)
     never = dev.event()
     never.wait(waiter)  # never recorded: no wait (as cudaStreamWaitEvent)
+    dev.enqueue_sleep(copier, 0.05)  # what follows is queued behind it: its times are the model's alone
     t0.record(copier)
     dev.enqueue_copy(copier, slot0, src)
     copied.record(copier)
@@ -149,7 +150,7 @@ def test_model_copies_take_time_and_events_order_streams(rig_factory):
     assert dev.read_result(after)["checksum_start"] == r.want[(0, 1)]
     assert dev.read_result(after)["start_s"] >= dev.read_result(before)["end_s"]
     elapsed = t1.seconds_since(t0)
-    assert r.copy_s <= elapsed <= r.copy_s + 1e-3, (elapsed, r.copy_s)
+    assert abs(elapsed - r.copy_s) < 1e-6, (elapsed, r.copy_s)
     with pytest.raises(RuntimeError, match="two timing events"):
         copied.seconds_since(t0)
     with pytest.raises(ValueError, match="not inside the cache's slot memory"):
@@ -201,7 +202,7 @@ def test_sim_config_from_env_and_cache_device(monkeypatch):
 def test_acquire_returns_issued_not_ready_and_the_stream_waits(rig_factory, deferred):
     """A miss: acquire returns once the copy is issued (the slot is not ready yet), long before the
     copy ends; the compute stream's kernel, enqueued right after, still reads the right bytes."""
-    r = rig_factory(1, 4, 16 * MB, 2, timing=SimTiming(bandwidth_gbs=0.8, latency_us=20.0))  # 21 ms
+    r = rig_factory(1, 4, 16 * MB, 2, timing=SimTiming(bandwidth_gbs=0.16, latency_us=20.0))  # 105 ms
     t = time.perf_counter()
     if deferred:
         slots, pending = r.engine.acquire_deferred(0, [2], stream=r.compute)
@@ -258,7 +259,7 @@ def test_last_use_guards_slot_reuse(rig_factory):
 def test_deferred_waits_let_compute_overlap_later_copies(rig_factory):
     """acquire_deferred + wait_ready per expert: the first expert's kernel starts while the later
     experts still copy, and each kernel reads its own expert's bytes."""
-    r = rig_factory(1, 6, MB, 4, lanes=1, timing=SimTiming(bandwidth_gbs=0.1, latency_us=20.0))  # ~10 ms
+    r = rig_factory(1, 6, MB, 4, lanes=1, timing=SimTiming(bandwidth_gbs=0.05, latency_us=20.0))  # ~21 ms
     ids = [1, 3, 5]
     slots, pending = r.engine.acquire_deferred(0, ids, stream=r.compute)
     assert pending == [True, True, True]
@@ -294,26 +295,22 @@ def test_predict_async_waits_for_the_modelled_device_to_host_copy(rig_factory):
 
 def test_device_stall_is_the_streams_modelled_wait(rig_factory):
     """device_stall_s (the engine's timing events around the stream's waits) is the modelled time
-    the compute stream waited, as our own timing events around the acquire see it: at most one
-    copy when it is idle, about nothing when it is busier than the copy, and nothing is timed for
-    a ready hit. (How much of the copy the idle stream waits for depends on how soon the host gets
-    to the acquire's waits after the copy was issued: host time, so not asserted.)"""
-    r = rig_factory(1, 4, 4 * MB, 2, timing=SimTiming(bandwidth_gbs=0.4, latency_us=20.0))  # ~10.5 ms
+    the compute stream waited: inside our own timing events around the acquire and at most the
+    copy (the engine's first mark is recorded after the copy was issued) when the stream is idle,
+    about nothing when the stream is busier than the copy, and nothing is timed for a ready hit.
+    (How much of the copy the idle stream waits for depends on how soon the host gets to the
+    acquire's waits after the copy was issued: host time, so not asserted.)"""
+    r = rig_factory(1, 4, 4 * MB, 2, timing=SimTiming(bandwidth_gbs=0.08, latency_us=20.0))  # ~52 ms
     before, after = r.dev.event(timing=True), r.dev.event(timing=True)
-    t = time.perf_counter()
     before.record(r.compute)
     r.engine.acquire(0, [0], stream=r.compute)  # idle stream: it waits for the rest of the copy
-    host = time.perf_counter() - t  # the copy was issued within this much after `before`
     after.record(r.compute)
     r.engine.release(0, [0], stream=r.compute)
     st = r.engine.stats(wait_device=True)
+    after.synchronize()
     window = after.seconds_since(before)
     assert st["device_stall_waits"] == 1
-    assert 0 < st["device_stall_s"] <= window <= r.copy_s + host + 1e-3, (
-        st["device_stall_s"],
-        window,
-        r.copy_s,
-    )
+    assert 0 < st["device_stall_s"] <= min(window, r.copy_s + 1e-6), (st["device_stall_s"], window, r.copy_s)
     r.dev.enqueue_sleep(r.compute, 3 * r.copy_s)  # busy stream: the copy ends before it gets there
     r.engine.acquire(0, [1], stream=r.compute)
     r.engine.release(0, [1], stream=r.compute)
@@ -331,7 +328,7 @@ def test_pipelined_lanes_n_misses_cost_ceil_n_over_l_copies(rig_factory, lanes, 
     """Pipelined lanes: acquire of n misses returns before the first copy ends (every copy issued
     at once), and from just before the acquire to the last copy's end the compute stream sees
     about ceil(n / lanes) copy times, not more (best of three: host noise only adds)."""
-    r = rig_factory(2, n, MB, n, lanes=lanes, timing=SimTiming(bandwidth_gbs=0.25, latency_us=20.0))  # ~4 ms
+    r = rig_factory(2, n, MB, n, lanes=lanes, timing=SimTiming(bandwidth_gbs=0.05, latency_us=20.0))  # ~21 ms
     want = math.ceil(n / lanes) * r.copy_s
     hosts, spans = [], []
     for i in range(3):
@@ -349,7 +346,8 @@ def test_pipelined_lanes_n_misses_cost_ceil_n_over_l_copies(rig_factory, lanes, 
         spans.append(after.seconds_since(before))
     r.check()
     assert min(spans) >= want - 1e-4, f"copies faster than modelled: {spans} < {want}"
-    assert min(spans) <= 1.1 * want + 1e-3, (
+    # unbalanced lanes would take a whole copy more (n=4 over 2 lanes: 3 copies, not 2)
+    assert min(spans) <= 1.25 * want + 2e-3, (
         f"n={n} misses over {lanes} lanes took {min(spans) * 1e3:.2f} ms, ceil(n/l) copies {want * 1e3:.2f} ms"
     )
     host = min(hosts)
