@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "moert/backend_sim.h"
 #include "moert/common.h"
 #include "moert/copy_engine.h"
 #include "moert/cuda_probe.h"
@@ -95,6 +96,38 @@ py::dict engine_stats_dict(const moert::EngineStats& s) {
   return d;
 }
 
+// The device model behind a "sim" cache (tests, benchmarks); holds the cache, so the model lives
+// as long as the handle.
+struct SimDeviceRef {
+  std::shared_ptr<moert::SlabCache> cache;
+  moert::SimBackend* dev;
+};
+
+// An event of the device model; holds the cache like SimDeviceRef.
+struct SimEventRef {
+  std::shared_ptr<moert::SlabCache> cache;
+  std::unique_ptr<moert::Event> event;
+};
+
+SimDeviceRef sim_device_of(const std::shared_ptr<moert::SlabCache>& c) {
+  MOERT_CHECK(!c->simulated(),
+              "sim_device: a simulated cache (SlabCache.simulated) has no device; ",
+              "make a SlabCache with device='sim'");
+  auto* dev = dynamic_cast<moert::SimBackend*>(c->backend());
+  MOERT_CHECK(dev != nullptr, "sim_device: this cache's device is '", c->device(),
+              "'; only a cache made with device='sim' has the device model");
+  return SimDeviceRef{c, dev};
+}
+
+py::dict sim_config_dict(const moert::SimConfig& c) {
+  py::dict d;
+  d["bandwidth_gbs"] = c.bandwidth_gbs;
+  d["latency_us"] = c.latency_us;
+  d["jitter_us"] = c.jitter_us;
+  d["seed"] = c.seed;
+  return d;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -158,13 +191,26 @@ PYBIND11_MODULE(_C, m) {
 
   py::class_<SlabCache, std::shared_ptr<SlabCache>>(m, "SlabCache")
       .def(py::init([](std::shared_ptr<ExpertPool> pool, std::int64_t num_slots,
-                       const std::string& policy, const std::string& device,
-                       std::int64_t min_slots) {
-             return std::make_shared<SlabCache>(std::move(pool), to_int(num_slots, "num_slots"),
-                                                policy, device, to_int(min_slots, "min_slots"));
+                       const std::string& policy, const std::string& device, std::int64_t min_slots,
+                       double sim_bandwidth_gbs, double sim_latency_us, double sim_jitter_us,
+                       std::uint64_t sim_seed) {
+             const int slots = to_int(num_slots, "num_slots");
+             const int min = to_int(min_slots, "min_slots");
+             if (device != "sim") {
+               return std::make_shared<SlabCache>(std::move(pool), slots, policy, device, min);
+             }
+             moert::SimConfig cfg;
+             cfg.bandwidth_gbs = sim_bandwidth_gbs;
+             cfg.latency_us = sim_latency_us;
+             cfg.jitter_us = sim_jitter_us;
+             cfg.seed = sim_seed;
+             return std::make_shared<SlabCache>(std::move(pool), slots, policy,
+                                                std::make_unique<moert::SimBackend>(cfg), min);
            }),
            py::arg("pool"), py::arg("num_slots"), py::arg("policy"), py::arg("device"),
-           py::arg("min_slots"))
+           py::arg("min_slots"), py::arg("sim_bandwidth_gbs") = moert::SimConfig{}.bandwidth_gbs,
+           py::arg("sim_latency_us") = moert::SimConfig{}.latency_us,
+           py::arg("sim_jitter_us") = 0.0, py::arg("sim_seed") = 0)
       .def_static(
           "simulated",
           [](std::int64_t layers, std::int64_t experts, std::int64_t num_slots,
@@ -183,6 +229,10 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("policy",
                              [](SlabCache& c) { return SlabCache::policy_name(c.policy()); })
       .def_property_readonly("device", &SlabCache::device)
+      .def_property_readonly(
+          "device_index",
+          [](SlabCache& c) { return c.backend() ? c.backend()->device_index() : -1; })
+      .def("sim_device", [](std::shared_ptr<SlabCache> c) { return sim_device_of(c); })
       .def_property_readonly("is_simulated", &SlabCache::simulated)
       .def_property_readonly("closed", &SlabCache::closed)
       .def("lookup",
@@ -286,6 +336,101 @@ PYBIND11_MODULE(_C, m) {
       .def("close", [](SlabCache& c) {
         py::gil_scoped_release nogil;
         c.close();
+      });
+
+  py::class_<SimEventRef>(m, "SimEvent")
+      .def("record", [](SimEventRef& e, std::uintptr_t stream) { e.event->record(stream); })
+      .def("wait",
+           [](SimEventRef& e, std::uintptr_t stream) {
+             py::gil_scoped_release nogil;  // stream 0 (the host) blocks
+             e.event->wait(stream);
+           })
+      .def("query", [](SimEventRef& e) { return e.event->query(); })
+      .def("synchronize",
+           [](SimEventRef& e) {
+             py::gil_scoped_release nogil;
+             e.event->synchronize();
+           })
+      .def("seconds_since",
+           [](SimEventRef& e, SimEventRef& start) { return e.event->seconds_since(*start.event); });
+
+  py::class_<SimDeviceRef>(m, "SimDevice")
+      .def_property_readonly("config",
+                             [](SimDeviceRef& d) { return sim_config_dict(d.dev->config()); })
+      .def("now", [](SimDeviceRef& d) { return d.dev->now(); })
+      .def("copy_seconds",
+           [](SimDeviceRef& d, std::int64_t nbytes) {
+             MOERT_CHECK(nbytes >= 0, "copy_seconds: nbytes must be >= 0, got ", nbytes);
+             return d.dev->copy_seconds(static_cast<std::size_t>(nbytes));
+           })
+      .def("create_stream", [](SimDeviceRef& d) { return d.dev->create_stream(); })
+      .def("destroy_stream",
+           [](SimDeviceRef& d, std::uintptr_t stream) {
+             py::gil_scoped_release nogil;
+             d.dev->destroy_stream(stream);
+           })
+      .def(
+          "synchronize",
+          [](SimDeviceRef& d, std::optional<std::uintptr_t> stream) {
+            py::gil_scoped_release nogil;
+            if (stream) {
+              d.dev->synchronize_stream(*stream);
+            } else {
+              d.dev->synchronize();
+            }
+          },
+          py::arg("stream") = py::none())
+      .def(
+          "create_event",
+          [](SimDeviceRef& d, bool timing) {
+            return SimEventRef{d.cache,
+                               timing ? d.dev->create_timing_event() : d.dev->create_event()};
+          },
+          py::arg("timing") = false)
+      .def("enqueue_read",
+           [](SimDeviceRef& d, std::uintptr_t stream, std::uintptr_t address, std::int64_t nbytes,
+              double seconds) {
+             // kernels read slot memory: anything else would let Python read any address
+             const std::uintptr_t base = d.cache->slot_address(0);
+             const std::uintptr_t end =
+                 base + static_cast<std::uintptr_t>(d.cache->num_slots()) * d.cache->stride();
+             MOERT_CHECK(nbytes >= 0 && address >= base &&
+                             address + static_cast<std::uintptr_t>(nbytes) <= end,
+                         "enqueue_read: [", address, ", +", nbytes,
+                         ") is not inside the cache's slot memory [", base, ", ", end, ")");
+             py::gil_scoped_release nogil;  // stream 0 (the host) reads now
+             return d.dev->enqueue_read(stream, reinterpret_cast<const void*>(address),
+                                        static_cast<std::size_t>(nbytes), seconds);
+           })
+      .def("read_result",
+           [](SimDeviceRef& d, std::int64_t ticket) {
+             const moert::SimRead r = d.dev->read_result(ticket);
+             py::dict out;
+             out["done"] = r.done;
+             out["start_s"] = r.start_s;
+             out["end_s"] = r.end_s;
+             out["checksum_start"] = r.checksum_start;
+             out["checksum_end"] = r.checksum_end;
+             return out;
+           })
+      .def("enqueue_sleep",
+           [](SimDeviceRef& d, std::uintptr_t stream, double seconds) {
+             py::gil_scoped_release nogil;
+             d.dev->enqueue_sleep(stream, seconds);
+           })
+      .def("enqueue_copy",
+           [](SimDeviceRef& d, std::uintptr_t stream, std::uintptr_t dst, std::uintptr_t src,
+              std::int64_t nbytes) {
+             MOERT_CHECK(nbytes >= 0, "enqueue_copy: nbytes must be >= 0, got ", nbytes);
+             py::gil_scoped_release nogil;
+             d.dev->copy_async(reinterpret_cast<void*>(dst), reinterpret_cast<const void*>(src),
+                               static_cast<std::size_t>(nbytes), stream);
+           })
+      .def_static("checksum", [](std::uintptr_t address, std::int64_t nbytes) {
+        MOERT_CHECK(address != 0 && nbytes >= 0, "checksum: bad buffer (address ", address,
+                    ", nbytes ", nbytes, ")");
+        return moert::SimBackend::checksum(reinterpret_cast<const void*>(address),
+                                           static_cast<std::size_t>(nbytes));
       });
 
   py::class_<CopyEngine, std::shared_ptr<CopyEngine>>(m, "CopyEngine")

@@ -7,6 +7,7 @@
 #include <cstring>
 #include <mutex>
 
+#include "moert/backend_sim.h"
 #include "moert/common.h"
 #include "moert/cuda_probe.h"
 
@@ -81,11 +82,24 @@ class CpuBackend final : public Backend {
 
 std::unique_ptr<Backend> make_backend(const std::string& device) {
   if (device == "cpu") return std::make_unique<CpuBackend>();
-  MOERT_CHECK(device == "cuda", "unknown device '", device, "'; use 'cpu' or 'cuda'");
+  if (device == "sim") return std::make_unique<SimBackend>(SimConfig{});
+  const bool cuda = device == "cuda" || device.rfind("cuda:", 0) == 0;
+  MOERT_CHECK(cuda, "unknown device '", device, "'; use 'cpu', 'sim', 'cuda' or 'cuda:N'");
+  int index = -1;
+  if (device != "cuda") {
+    const std::string digits = device.substr(5);
+    MOERT_CHECK(!digits.empty() && digits.size() <= 4 &&
+                    digits.find_first_not_of("0123456789") == std::string::npos,
+                "device '", device, "': the index after 'cuda:' must be a number, e.g. 'cuda:1'");
+    index = std::stoi(digits);
+  }
   CudaProbe probe = cuda_probe();
   if (probe.device_count <= 0) throw RuntimeFailure(probe.message);
 #ifdef MOERT_WITH_CUDA
-  return make_cuda_backend();
+  if (index < 0) index = cuda_current_device();
+  MOERT_CHECK(index < probe.device_count, "device '", device, "': there are only ",
+              probe.device_count, " CUDA devices (cuda:0..cuda:", probe.device_count - 1, ")");
+  return make_cuda_backend(index);
 #else
   throw RuntimeFailure("no CUDA device: moert was built without the CUDA backend");
 #endif

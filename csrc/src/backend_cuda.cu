@@ -2,6 +2,10 @@
 // events, cudaHostRegister for the pool. Every CUDA call is checked; a failure becomes a
 // RuntimeFailure naming the call and cudaGetErrorString. Created only on request (no global
 // constructors): the module loads on machines without a driver.
+//
+// One backend serves one device, whose index the caller names (torch's device of its tensors).
+// Calls made on a caller's thread switch to that device only for their duration (DeviceGuard);
+// bind_thread() sets it for good, and only the engine's own threads call it.
 #include <cuda_runtime.h>
 
 #include "moert/backend.h"
@@ -21,19 +25,43 @@ void check_cuda(cudaError_t err, const char* call) {
 
 cudaStream_t as_stream(StreamHandle s) { return reinterpret_cast<cudaStream_t>(s); }
 
+// Makes `device` current on this thread for the guard's lifetime and then restores the thread's
+// device; sets nothing when it is current already (no context is touched needlessly).
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int device) : device_(device) {
+    check_cuda(cudaGetDevice(&previous_), "cudaGetDevice");
+    if (previous_ != device_) check_cuda(cudaSetDevice(device_), "cudaSetDevice");
+  }
+  ~DeviceGuard() {
+    if (previous_ != device_) cudaSetDevice(previous_);
+  }
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+ private:
+  int device_;
+  int previous_ = 0;
+};
+
 class CudaEvent final : public Event {
  public:
-  explicit CudaEvent(bool timing) : timing_(timing) {
-    check_cuda(cudaEventCreateWithFlags(&ev_, timing ? cudaEventDefault : cudaEventDisableTiming),
-               "cudaEventCreate");
+  // Blocking sync: a thread waiting in synchronize() sleeps instead of spinning a core.
+  CudaEvent(int device, bool timing) : device_(device), timing_(timing) {
+    DeviceGuard guard(device_);
+    const unsigned flags = cudaEventBlockingSync | (timing ? 0u : cudaEventDisableTiming);
+    check_cuda(cudaEventCreateWithFlags(&ev_, flags), "cudaEventCreate");
   }
   ~CudaEvent() override {
     if (ev_ != nullptr) cudaEventDestroy(ev_);  // errors ignored: may run at interpreter exit
   }
+  // Handle 0 is the legacy default stream of the current device: made this event's device.
   void record(StreamHandle s) override {
+    DeviceGuard guard(device_);
     check_cuda(cudaEventRecord(ev_, as_stream(s)), "cudaEventRecord");
   }
   void wait(StreamHandle s) override {
+    DeviceGuard guard(device_);
     check_cuda(cudaStreamWaitEvent(as_stream(s), ev_, 0), "cudaStreamWaitEvent");
   }
   void synchronize() override { check_cuda(cudaEventSynchronize(ev_), "cudaEventSynchronize"); }
@@ -55,36 +83,52 @@ class CudaEvent final : public Event {
 
  private:
   cudaEvent_t ev_ = nullptr;
+  int device_ = 0;
   bool timing_ = false;
 };
 
 class CudaBackend final : public Backend {
  public:
-  CudaBackend() { check_cuda(cudaGetDevice(&device_), "cudaGetDevice"); }
+  explicit CudaBackend(int device) : device_(device) {}
   const char* name() const override { return "cuda"; }
   int device_index() const override { return device_; }
 
   void* alloc(std::size_t bytes) override {
-    bind_thread();
+    DeviceGuard guard(device_);
     void* p = nullptr;
     check_cuda(cudaMalloc(&p, bytes), "cudaMalloc");
-    cudaError_t err = cudaMemset(p, 0, bytes);
+    // The copy lanes are non-blocking streams, which do not order after the legacy default
+    // stream (where cudaMemset runs): the zero fill runs on a stream of its own and is complete
+    // before any lane may copy into the slots; torch's work on the default stream is not waited
+    // for.
+    cudaStream_t fill = nullptr;
+    cudaError_t err = cudaStreamCreateWithFlags(&fill, cudaStreamNonBlocking);
+    if (err == cudaSuccess) err = cudaMemsetAsync(p, 0, bytes, fill);
+    if (err == cudaSuccess) err = cudaStreamSynchronize(fill);
+    if (fill != nullptr) cudaStreamDestroy(fill);
     if (err != cudaSuccess) {
       cudaFree(p);
-      check_cuda(err, "cudaMemset");
+      check_cuda(err, "zero fill of the slots (cudaMemsetAsync)");
     }
     return p;
   }
   void free(void* p, std::size_t) noexcept override {
-    if (p != nullptr) cudaFree(p);
+    if (p == nullptr) return;
+    try {
+      DeviceGuard guard(device_);
+      cudaFree(p);
+    } catch (...) {
+    }
   }
   void pin_host(void* p, std::size_t bytes) override {
-    check_cuda(cudaHostRegister(p, bytes, cudaHostRegisterDefault), "cudaHostRegister");
+    DeviceGuard guard(device_);
+    // Portable: page-locked for every device, whichever one a cache copies to.
+    check_cuda(cudaHostRegister(p, bytes, cudaHostRegisterPortable), "cudaHostRegister");
   }
   void unpin_host(void* p) noexcept override { cudaHostUnregister(p); }
 
   StreamHandle create_stream() override {
-    bind_thread();
+    DeviceGuard guard(device_);
     cudaStream_t s = nullptr;
     check_cuda(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), "cudaStreamCreate");
     return reinterpret_cast<StreamHandle>(s);
@@ -98,15 +142,14 @@ class CudaBackend final : public Backend {
                "cudaMemcpyAsync");
   }
   void synchronize_stream(StreamHandle s) override {
+    DeviceGuard guard(device_);
     check_cuda(cudaStreamSynchronize(as_stream(s)), "cudaStreamSynchronize");
   }
   std::unique_ptr<Event> create_event() override {
-    bind_thread();
-    return std::make_unique<CudaEvent>(false);
+    return std::make_unique<CudaEvent>(device_, false);
   }
   std::unique_ptr<Event> create_timing_event() override {
-    bind_thread();
-    return std::make_unique<CudaEvent>(true);
+    return std::make_unique<CudaEvent>(device_, true);
   }
 
  private:
@@ -115,6 +158,14 @@ class CudaBackend final : public Backend {
 
 }  // namespace
 
-std::unique_ptr<Backend> make_cuda_backend() { return std::make_unique<CudaBackend>(); }
+std::unique_ptr<Backend> make_cuda_backend(int index) {
+  return std::make_unique<CudaBackend>(index);
+}
+
+int cuda_current_device() {
+  int device = 0;
+  check_cuda(cudaGetDevice(&device), "cudaGetDevice");
+  return device;
+}
 
 }  // namespace moert

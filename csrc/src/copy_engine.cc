@@ -30,7 +30,6 @@ CopyEngine::CopyEngine(std::shared_ptr<SlabCache> cache, int num_streams, double
     c_.engine_ = this;
   }
   try {
-    backend_.bind_thread();
     for (int i = 0; i < c_.num_slots_; ++i) {
       ready_.push_back(backend_.create_event());
       last_use_.push_back(backend_.create_event());
@@ -48,7 +47,14 @@ CopyEngine::CopyEngine(std::shared_ptr<SlabCache> cache, int num_streams, double
   }
   stats_.lanes = num_streams;
   layer_stats_.assign(c_.num_layers_, EngineLayerStats{});
+  async_copies_ = backend_.device_index() >= 0;
+  flights_.resize(num_streams);
+  lane_load_.assign(num_streams, 0);
+  lane_done_.assign(num_streams, Clock::time_point{});
   for (int i = 0; i < num_streams; ++i) workers_.emplace_back([this, i] { worker(i); });
+  if (async_copies_) {
+    for (int i = 0; i < num_streams; ++i) completers_.emplace_back([this, i] { completer(i); });
+  }
 }
 
 CopyEngine::~CopyEngine() {
@@ -87,8 +93,6 @@ bool CopyEngine::pending_locked() const {
 }
 
 void CopyEngine::worker(int lane) {
-  const StreamHandle stream = lanes_[lane];
-  const bool host_copies = backend_.device_index() < 0;
   try {
     backend_.bind_thread();
   } catch (const std::exception& e) {
@@ -99,7 +103,8 @@ void CopyEngine::worker(int lane) {
   }
   std::unique_lock<std::mutex> lk(c_.mu_);
   while (true) {
-    work_cv_.wait(lk, [&] { return stop_ || !queue_.empty(); });
+    work_cv_.wait(
+        lk, [&] { return stop_ || (async_copies_ ? can_take_locked(lane) : !queue_.empty()); });
     if (stop_) return;
     const Request req = queue_.top();
     queue_.pop();
@@ -108,12 +113,15 @@ void CopyEngine::worker(int lane) {
       ++stats_.stale_requests;
       continue;
     }
-    copy_locked(lk, req.slot, stream, host_copies);
+    if (async_copies_) {
+      issue_locked(lk, req.slot, lane);
+    } else {
+      copy_locked(lk, req.slot);
+    }
   }
 }
 
-void CopyEngine::copy_locked(std::unique_lock<std::mutex>& lk, int slot, StreamHandle stream,
-                             bool host_copies) {
+void CopyEngine::copy_locked(std::unique_lock<std::mutex>& lk, int slot) {
   SlabCache::Slot& sl = c_.slots_[slot];
   sl.state = SlotState::kIssuing;
   c_.refresh_locked(slot);  // no longer cancellable
@@ -134,19 +142,13 @@ void CopyEngine::copy_locked(std::unique_lock<std::mutex>& lk, int slot, StreamH
   const auto t0 = Clock::now();
   std::string failure;
   try {
-    if (wait_last_use) last_use.wait(stream);
-    backend_.copy_async(dst, src, bytes, stream);
-    ready.record(stream);
+    if (wait_last_use) last_use.wait(0);
+    backend_.copy_async(dst, src, bytes, 0);
+    ready.record(0);
   } catch (const std::exception& e) {
     failure = e.what();
   }
   if (failure.empty()) {
-    if (!host_copies) {  // CUDA: callers may go on as soon as the ready event is recorded
-      lk.lock();
-      sl.state = SlotState::kIssued;
-      c_.cv_.notify_all();
-      lk.unlock();
-    }
     try {
       ready.synchronize();
     } catch (const std::exception& e) {
@@ -363,10 +365,13 @@ std::vector<std::int32_t> CopyEngine::acquire(int layer, const std::int32_t* exp
   ++layer_stats_[layer].acquires;
   std::vector<std::uint32_t> gens(slots.size());
   for (std::size_t i = 0; i < slots.size(); ++i) gens[i] = c_.slots_[slots[i]].gen;
-  const bool host_copies = backend_.device_index() < 0;
+  const bool host_copies = !async_copies_;
   // The CPU twin's caller copies its own demand loads when it waits for them anyway (no hand-off
   // to a worker thread); deferred waits hand them to the workers, to overlap the caller's compute.
   const bool caller_copies = host_copies && wait;
+  // The host itself as the stream (CPU twin, the device model's handle 0) waits until the copies
+  // are complete; a device stream only until they are issued, then waits on their ready events.
+  const bool host_waits = backend_.is_host_stream(stream);
   bool pushed = false;
   if (!caller_copies) {
     for (int s : loads) {
@@ -409,19 +414,19 @@ std::vector<std::int32_t> CopyEngine::acquire(int layer, const std::int32_t* exp
     for (std::size_t i = 0; i < loads.size(); ++i) {
       const int s = loads[i];
       if (c_.slots_[s].state != SlotState::kLoading) continue;
-      copy_locked(lk, s, 0, true);
+      copy_locked(lk, s);
       waited = true;  // a demand stall: the caller's compute waited for this copy
     }
   }
   try {
-    waited = wait_slots_locked(lk, slots, host_copies ? SlotState::kReady : SlotState::kIssued) ||
-             waited;
+    waited =
+        wait_slots_locked(lk, slots, host_waits ? SlotState::kReady : SlotState::kIssued) || waited;
   } catch (...) {
     unpin_all();
     throw;
   }
   if (waited) add_stall_locked(layer, seconds_since(t0));
-  if (!host_copies) {
+  if (!host_waits) {
     try {
       stream_wait_locked(slots, stream);
     } catch (...) {
@@ -446,11 +451,11 @@ void CopyEngine::wait_ready(int layer, const std::int32_t* experts, std::int64_t
                 ") is not acquired; call acquire(..., wait=False) first");
     slots.push_back(s);
   }
-  const bool host_copies = backend_.device_index() < 0;
-  if (wait_slots_locked(lk, slots, host_copies ? SlotState::kReady : SlotState::kIssued)) {
+  const bool host_waits = backend_.is_host_stream(stream);
+  if (wait_slots_locked(lk, slots, host_waits ? SlotState::kReady : SlotState::kIssued)) {
     add_stall_locked(layer, seconds_since(t0));
   }
-  if (!host_copies) stream_wait_locked(slots, stream);
+  if (!host_waits) stream_wait_locked(slots, stream);
 }
 
 bool CopyEngine::wait_slots_locked(std::unique_lock<std::mutex>& lk,
@@ -612,6 +617,14 @@ void CopyEngine::close() {
   if (predictor_.joinable()) predictor_.join();
   for (auto& w : workers_) {
     if (w.joinable()) w.join();
+  }
+  {
+    std::lock_guard<std::mutex> lock(c_.mu_);
+    lanes_stopped_ = true;  // the copies in flight complete before the completion threads exit
+    flight_cv_.notify_all();
+  }
+  for (auto& t : completers_) {
+    if (t.joinable()) t.join();
   }
   for (StreamHandle s : lanes_) backend_.destroy_stream(s);
   std::lock_guard<std::mutex> lock(c_.mu_);

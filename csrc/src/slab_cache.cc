@@ -70,6 +70,19 @@ void check_sizes(int num_layers, int num_experts, int num_slots, int min_slots) 
 SlabCache::SlabCache(std::shared_ptr<ExpertPool> pool, int num_slots, const std::string& policy,
                      const std::string& device, int min_slots)
     : pool_(std::move(pool)), simulated_(false) {
+  check_pool_args(num_slots, policy, min_slots);
+  attach_backend(make_backend(device));
+}
+
+SlabCache::SlabCache(std::shared_ptr<ExpertPool> pool, int num_slots, const std::string& policy,
+                     std::unique_ptr<Backend> backend, int min_slots)
+    : pool_(std::move(pool)), simulated_(false) {
+  check_pool_args(num_slots, policy, min_slots);
+  MOERT_CHECK(backend != nullptr, "SlabCache needs a device backend, got none");
+  attach_backend(std::move(backend));
+}
+
+void SlabCache::check_pool_args(int num_slots, const std::string& policy, int min_slots) {
   MOERT_CHECK(pool_ != nullptr, "SlabCache needs an ExpertPool, got None");
   pool_->check_open("(used by SlabCache)");
   num_layers_ = pool_->num_layers();
@@ -79,16 +92,20 @@ SlabCache::SlabCache(std::shared_ptr<ExpertPool> pool, int num_slots, const std:
   stride_ = pool_->stride();
   policy_ = parse_policy(policy);
   check_sizes(num_layers_, num_experts_, num_slots, min_slots);
-  backend_ = make_backend(device);
-  device_ = device;
-  slots_bytes_ = static_cast<std::size_t>(num_slots) * stride_;
+}
+
+void SlabCache::attach_backend(std::unique_ptr<Backend> backend) {
+  backend_ = std::move(backend);
+  device_ = backend_->name();
+  if (device_ == "cuda") device_ = cat("cuda:", backend_->device_index());
+  slots_bytes_ = static_cast<std::size_t>(num_slots_) * stride_;
   slots_mem_ = static_cast<std::uint8_t*>(backend_->alloc(slots_bytes_));
-  slots_.resize(num_slots);
+  slots_.resize(num_slots_);
   table_.assign(static_cast<std::size_t>(num_layers_) * num_experts_, -1);
   priority_.assign(table_.size(), 0.0f);
   mark_.assign(num_experts_, 0);
   layer_stats_.assign(num_layers_, CacheStats{});
-  for (int s = 0; s < num_slots; ++s) free_.insert(s);
+  for (int s = 0; s < num_slots_; ++s) free_.insert(s);
 }
 
 SlabCache::SlabCache(int num_layers, int num_experts, int num_slots, const std::string& policy,

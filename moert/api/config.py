@@ -32,8 +32,11 @@ class OffloadConfig:
             a float in (0, 1] is a fraction of all routed experts (rounded up).
         policy: eviction policy, ``"lru"``, ``"lfu"`` or ``"score"`` (predictor scores, then recency;
             needs ``predictor``).
-        device: ``"cuda"``, ``"cpu"`` (the CPU twin: slots in host memory) or None (CUDA when one can
-            run, else CPU; ``MOERT_DEVICE`` overrides).
+        device: ``"cuda"`` (the experts' CUDA device, else torch's current one), ``"cuda:N"``,
+            ``"cpu"`` (the CPU twin: slots in host memory), ``"sim"`` (the asynchronous device model:
+            the CUDA protocol with modelled copy times, slots in host memory, torch computing on the
+            host thread as its stream 0; runtime backend) or None (CUDA when one can run, else CPU;
+            ``MOERT_DEVICE`` overrides).
         copy_streams: copy streams (CUDA) / worker threads (CPU twin); None reads ``MOERT_COPY_STREAMS``.
         backend: ``"runtime"`` (default), ``"reference"`` (pure-Python cache, for tests) or ``"naive"``
             (no cache: copy every selected expert on every use; a benchmark baseline).
@@ -99,8 +102,13 @@ class OffloadConfig:
             raise ValueError(f"cache_experts={ce} slots must be positive (at least one layer's top-k)")
         if self.policy not in POLICIES:
             raise ValueError(f"policy={self.policy!r} is not one of {', '.join(POLICIES)}")
-        if self.device is not None and self.device not in ("cpu", "cuda"):
-            raise ValueError(f"device={self.device!r} must be 'cpu', 'cuda' or None (auto)")
+        d = self.device
+        if (
+            d is not None
+            and d not in ("cpu", "sim", "cuda")
+            and not (isinstance(d, str) and d.startswith("cuda:") and d[5:].isdigit())
+        ):
+            raise ValueError(f"device={d!r} must be 'cpu', 'sim', 'cuda', 'cuda:N' or None (auto)")
         if self.copy_streams is not None and not 1 <= self.copy_streams <= 16:
             raise ValueError(f"copy_streams={self.copy_streams} is out of range; use 1..16")
         if self.backend not in BACKENDS:

@@ -55,7 +55,7 @@ class PatchHandle:
         model: the patched model.
         adapter: its adapter.
         config: the offload config.
-        device: where the slab cache lives (``"cpu"`` or ``"cuda"``).
+        device: where the slab cache lives (``"cpu"``, ``"sim"`` or ``"cuda:N"``).
         num_slots: cache slots.
         freed_bytes: bytes of expert parameters released from the model.
         layer_ids: decoder indices of the offloaded MoE layers.

@@ -169,7 +169,7 @@ def load(
         path: a local HF model directory (config.json + safetensors) of a supported model_type.
         cache_experts: slots (int) or fraction of routed experts (float in (0, 1]).
         policy: ``"lru"``, ``"lfu"`` or ``"score"`` (with ``predictor=``).
-        device: ``"cuda"``, ``"cpu"`` or None (CUDA when one can run).
+        device: ``"cuda"``, ``"cuda:N"``, ``"cpu"``, ``"sim"`` (the device model) or None (CUDA when one can run).
         dtype: weight dtype (default: the config's dtype, else fp32).
         config: an ``OffloadConfig`` instead of the three fields above (keyword overrides still apply).
         progress: show a progress bar.
@@ -207,12 +207,15 @@ def load(
     E = adapter.num_experts
     _check_expert_keys(index, moe_ids, E, path)
 
-    cuda = dev == "cuda"
+    from moert.engine.runtime import tensor_device
+
+    where = str(tensor_device(dev))  # "sim" computes on the host
+    cuda = dev.startswith("cuda")
     if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base_alloc = torch.cuda.memory_allocated()
-        base_free = torch.cuda.mem_get_info()[0]
+        torch.cuda.synchronize(where)
+        torch.cuda.reset_peak_memory_stats(where)
+        base_alloc = torch.cuda.memory_allocated(where)
+        base_free = torch.cuda.mem_get_info(where)[0]
     reader = _Reader()
     n_other = len([k for k in index.others if not k.endswith("rotary_emb.inv_freq")])
     bar = _progress(len(moe_ids) * E + n_other, progress, f"moert.load {Path(path).name}")
@@ -228,7 +231,17 @@ def load(
     handle = None
     try:
         handle = install(
-            model, cfg, adapter, refs, layout, dev, slots, streams, fill, restore_device=dev, predictor=False
+            model,
+            cfg,
+            adapter,
+            refs,
+            layout,
+            dev,
+            slots,
+            streams,
+            fill,
+            restore_device=where,
+            predictor=False,
         )
         t_experts = time.perf_counter() - t0
         offloaded = {id(r.experts) for r in refs}
@@ -238,7 +251,7 @@ def load(
             if id(module) in offloaded
             for param in ("gate_up_proj", "down_proj")
         }
-        non_expert = _load_rest(model, index, reader, dev, wdtype, bar, pooled)
+        non_expert = _load_rest(model, index, reader, where, wdtype, bar, pooled)
         if cfg.predictor is not None:  # the norms hold real weights only now
             handle._attach_predictor(refs)
     except BaseException:
@@ -254,11 +267,11 @@ def load(
     model.eval()
 
     if cuda:
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(where)
         # the runtime allocates the slab cache itself (not through torch's allocator)
-        peak = torch.cuda.max_memory_allocated() - base_alloc + handle.cache_bytes
+        peak = torch.cuda.max_memory_allocated(where) - base_alloc + handle.cache_bytes
         method = "torch.cuda.max_memory_allocated (non-expert tensors) + slab cache bytes"
-        extra = {"device_used_bytes_mem_get_info": int(base_free - torch.cuda.mem_get_info()[0])}
+        extra = {"device_used_bytes_mem_get_info": int(base_free - torch.cuda.mem_get_info(where)[0])}
     else:
         extra = {}
         peak = non_expert + handle.cache_bytes

@@ -149,9 +149,20 @@ def prepare(
         hidden=int(gate_up.shape[2]), intermediate=int(gate_up.shape[1]) // 2, dtype=gate_up.dtype
     )
     device = cfg.resolve_device()
-    if device == "cuda" and not torch.cuda.is_available():
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"device={device!r} was requested but no CUDA device can run; use device='cpu' (the CPU "
+                "twin) or 'sim' (the device model)"
+            )
+        if device == "cuda":  # the experts' CUDA device, else torch's current one
+            where = refs[0].experts.gate_up_proj.device
+            device = str(where) if where.type == "cuda" else f"cuda:{torch.cuda.current_device()}"
+        elif int(device[5:]) >= torch.cuda.device_count():
+            raise ValueError(f"device={device!r}: there are only {torch.cuda.device_count()} CUDA devices")
+    if device == "sim" and cfg.backend != "runtime":
         raise ValueError(
-            "device='cuda' was requested but no CUDA device can run; use device='cpu' (the CPU twin)"
+            f"device='sim' models the runtime's device; use backend='runtime', not {cfg.backend!r}"
         )
     slots = cfg.num_slots(len(refs), adapter.num_experts, adapter.top_k)
     if cfg.copy_streams is not None:
@@ -209,7 +220,7 @@ def install(
             min_slots=adapter.top_k,
             copy_streams=streams,
             overlap_waves=cfg.overlap_waves,
-            deferred_waits=device == "cuda" if cfg.deferred_waits is None else cfg.deferred_waits,
+            deferred_waits=device.startswith("cuda") if cfg.deferred_waits is None else cfg.deferred_waits,
         )
     except BaseException:
         pool.close()
@@ -291,8 +302,11 @@ def patch(model: nn.Module, config: OffloadConfig | None = None, **kwargs: Any) 
     handle = install(
         model, cfg, adapter, refs, layout, device, slots, streams, fill, restore_device=str(where)
     )
-    if where.type != device:
+    from moert.engine.runtime import tensor_device
+
+    target = tensor_device(device)
+    if where != target:
         # e.g. a model loaded on the CPU, offloaded onto a GPU: the rest of the model follows the cache
-        model.to(device)
+        model.to(target)
         handle._moved_from = where
     return handle

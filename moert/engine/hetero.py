@@ -187,7 +187,9 @@ def calibrate(pool: Any, layout: ExpertLayout, device: str, reps: int = 5) -> tu
     pool into device memory (CUDA: pinned host to device; CPU twin: a memcpy). Medians of ``reps``."""
     ordinal, experts = 0, pool.num_experts
     cpu, copy = [], []
-    dev = torch.device(device)
+    from moert.engine.runtime import tensor_device
+
+    dev = tensor_device(device)
     slab = torch.empty(pool.slab_bytes, dtype=torch.uint8, device=dev)
     x = torch.zeros(1, layout.hidden, dtype=layout.dtype)
     with torch.no_grad():

@@ -133,7 +133,7 @@ class OffloadedLayer:
 
     def _check_device(self, hidden_states: torch.Tensor) -> None:
         off = self.offloader
-        if hidden_states.device.type != off.device:
+        if hidden_states.device != off.tensor_device:
             raise RuntimeError(
                 f"layer {off.layer_ids[self.ordinal]}: activations are on {hidden_states.device} but the expert "
                 f"cache is on {off.device}; the model was moved after moert.patch: undo(), move, patch again"

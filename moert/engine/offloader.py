@@ -32,6 +32,7 @@ import torch
 
 from moert.engine.hetero import DEVICE_ONLY
 from moert.engine.layout import ExpertLayout
+from moert.engine.runtime import tensor_device
 from moert.engine.stats import LayerCounters, Stats, assemble
 
 __all__ = ["Plan", "OffloaderBase", "Offloader", "make_pool", "make_offloader"]
@@ -68,7 +69,7 @@ class OffloaderBase:
         num_slots: device slots.
         layer_ids: decoder index of each MoE ordinal (cache layer ``l`` is decoder layer ``layer_ids[l]``).
         num_experts: routed experts per layer.
-        device: ``"cpu"`` or ``"cuda"``.
+        device: ``"cpu"`` (the CPU twin), ``"sim"`` (the device model) or ``"cuda:N"``.
         overlap_waves: a union larger than the cache streams in waves of at most half the slots, the
             next wave prefetched while the current one computes (needs ``can_prefetch``; other stores
             stream full-cache waves without overlap). Settable later as the attribute.
@@ -99,6 +100,11 @@ class OffloaderBase:
         self.layer_ids = list(layer_ids)
         self.num_experts = num_experts
         self.device = device
+        #: where activations must be: the host for "cpu" and "sim", cuda:N for CUDA
+        self.tensor_device = tensor_device(device)
+        #: the device's copies run asynchronously to the host (CUDA); "sim" models that but is
+        #: driven synchronously here, like the CPU twin, so counts stay reproducible
+        self.is_cuda = device.startswith("cuda")
         self.overlap_waves = overlap_waves
         if not isinstance(deferred_waits, bool):
             raise ValueError(f"deferred_waits={deferred_waits!r} must be True or False")
@@ -211,7 +217,8 @@ class Offloader(OffloaderBase):
 
     def _stream(self) -> int:
         """The caller's stream: torch's current CUDA stream, or 0 (the CPU twin)."""
-        return torch.cuda.current_stream().cuda_stream if self.device == "cuda" else 0
+        # the CPU twin's and the device model's host stream: 0
+        return torch.cuda.current_stream(self.tensor_device).cuda_stream if self.is_cuda else 0
 
     def acquire(self, layer: int, experts: Sequence[int]) -> list[Views]:
         slots = self.engine.acquire(layer, experts, stream=self._stream())
@@ -236,7 +243,7 @@ class Offloader(OffloaderBase):
         later eviction decision (made among ready slots) and count stays reproducible."""
         ids = plan.ids if plan.ids is not None else np.zeros((len(plan.layers), 0), dtype=np.int32)
         queued = int(self.engine.predict(plan.layers, ids, plan.scores, plan.clear, plan.clear_score))
-        if queued and self.device != "cuda":
+        if queued and not self.is_cuda:
             self.engine.synchronize()
         return queued
 
@@ -274,8 +281,8 @@ class Offloader(OffloaderBase):
 
     def close(self) -> None:
         self.engine.synchronize()
-        if self.device == "cuda":
-            torch.cuda.synchronize()  # no kernel may still read a slot when the cache frees it
+        if self.is_cuda:
+            torch.cuda.synchronize(self.tensor_device)  # no kernel may still read a slot when the cache frees it
         self._views = []
         self.engine.close()
         self.cache.close()
@@ -304,7 +311,7 @@ def make_pool(backend: str, num_layers: int, num_experts: int, slab_bytes: int, 
         return HostPool(num_layers, num_experts, slab_bytes)
     from moert.engine import runtime
 
-    return runtime.ExpertPool(num_layers, num_experts, slab_bytes, pin=device == "cuda")
+    return runtime.ExpertPool(num_layers, num_experts, slab_bytes, pin=device.startswith("cuda"))
 
 
 def make_offloader(

@@ -181,7 +181,7 @@ class Prefetcher:
         self.device = device
         #: submit through ``predict_async`` (pinned ring + event); the default on CUDA. On the CPU twin
         #: tests set it to run the same path, with the prediction thread applying asynchronously.
-        self.asynchronous = device == "cuda"
+        self.asynchronous = device.startswith("cuda")
         self.push_scores = cfg.policy == "score"
         self.do_prefetch = cfg.prefetch == "async"
         #: how logits become ids and scores (made by the fused kernel's epilogue on CUDA)
@@ -415,7 +415,7 @@ def attach(
     )
     lookahead = meta.lookahead + 1 if meta.lookahead else 0  # PredictiveNorm's d: (T, d, E) blocks
     outputs = (meta.lookahead + 1) * adapter.num_experts
-    if device == "cuda" and outputs > MAX_KERNEL_LOGITS:
+    if device.startswith("cuda") and outputs > MAX_KERNEL_LOGITS:
         raise ValueError(
             f"the predictor has (1+lookahead)*E = {outputs} outputs per row; the fused kernel holds at most "
             f"{MAX_KERNEL_LOGITS}: use a predictor with lookahead <= {MAX_KERNEL_LOGITS // adapter.num_experts - 1}"

@@ -5,6 +5,11 @@ This module turns torch tensors, numpy arrays and Python ints into those, and wr
 back into ``torch.Tensor`` views that keep their owner alive, so a view never dangles (the
 conversions live in ``moert.engine.native_args``).
 
+Devices: ``"cpu"`` (the CPU twin), ``"sim"`` (the asynchronous device model: the CUDA protocol on
+the host with modelled copy times; slots are host memory, stream handle 0 is the calling thread,
+``SlabCache.sim_device()`` gives its streams, events and modelled kernels), ``"cuda"`` (torch's
+current device) or ``"cuda:N"``.
+
 Importing it touches no CUDA: the CUDA runtime is first asked for devices by ``backends()`` or
 when a pool/cache needs it.
 
@@ -22,6 +27,7 @@ Example::
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -46,10 +52,22 @@ except ImportError as _err:  # the extension is built by `make build`; fail at u
 else:
     _IMPORT_ERROR = None
 
-__all__ = ["POLICIES", "DEVICES", "backends", "ExpertPool", "SlabCache", "CopyEngine"]
+__all__ = [
+    "POLICIES",
+    "DEVICES",
+    "backends",
+    "parse_device",
+    "tensor_device",
+    "SimTiming",
+    "SimDevice",
+    "ExpertPool",
+    "SlabCache",
+    "CopyEngine",
+]
 
 POLICIES = ("lru", "lfu", "priority")
-DEVICES = ("cpu", "cuda")
+#: device kinds; "cuda" also as "cuda:N"
+DEVICES = ("cpu", "sim", "cuda")
 
 
 def _native() -> Any:
@@ -75,6 +93,7 @@ def backends() -> dict[str, dict[str, Any]]:
     can_run = compiled and probe["device_count"] > 0
     return {
         "cpu": {"compiled": True, "can_run": True, "reason": ""},
+        "sim": {"compiled": True, "can_run": True, "reason": ""},
         "cuda": {
             "compiled": compiled,
             "can_run": can_run,
@@ -83,6 +102,136 @@ def backends() -> dict[str, dict[str, Any]]:
             "device_name": probe["message"] if can_run else "",
         },
     }
+
+
+def parse_device(device: str | torch.device) -> tuple[str, int]:
+    """``(kind, index)`` of a cache device: ``"cpu"`` -> ("cpu", -1), ``"sim"`` -> ("sim", 0),
+    ``"cuda:N"`` -> ("cuda", N), ``"cuda"`` -> ("cuda", torch's current device; 0 when CUDA cannot
+    run, so that the native layer reports why).
+
+    Raises:
+        ValueError: any other name.
+    """
+    text = str(device)
+    kind, _, index = text.partition(":")
+    if kind in ("cpu", "sim") and not index:
+        return kind, -1 if kind == "cpu" else 0
+    if kind == "cuda" and (not index or index.isdigit()):
+        if index:
+            return "cuda", int(index)
+        return "cuda", torch.cuda.current_device() if torch.cuda.is_available() else 0
+    raise ValueError(f"unknown device {device!r}; use one of cpu, sim, cuda, cuda:N")
+
+
+def tensor_device(device: str) -> torch.device:
+    """Where the tensors computed with a cache on ``device`` live: ``cuda:N`` for CUDA, else the
+    host (``"sim"`` models the device's protocol, while torch computes on the calling thread: the
+    model's stream handle 0)."""
+    kind, index = parse_device(device)
+    return torch.device("cuda", index) if kind == "cuda" else torch.device("cpu")
+
+
+@dataclass(frozen=True)
+class SimTiming:
+    """The device model's timing (``device="sim"``; csrc/include/moert/backend_sim.h).
+
+    Attributes:
+        bandwidth_gbs: each copy stream's bandwidth, 1e9 bytes/s.
+        latency_us: latency of each copy.
+        jitter_us: each operation on a stream starts up to this much later (uniform, seeded):
+            randomises the interleavings of streams.
+        seed: seed of the jitter (each stream draws from its own generator).
+    """
+
+    bandwidth_gbs: float = 25.0
+    latency_us: float = 10.0
+    jitter_us: float = 0.0
+    seed: int = 0
+
+    @classmethod
+    def from_env(cls) -> SimTiming:
+        """``MOERT_SIM_BANDWIDTH_GBS``, ``MOERT_SIM_LATENCY_US``, ``MOERT_SIM_JITTER_US``, ``MOERT_SIM_SEED``."""
+        from moert import envs
+
+        return cls(**envs.sim_timing())
+
+    def copy_seconds(self, nbytes: int) -> float:
+        """Modelled time of one copy of ``nbytes`` (without jitter)."""
+        return self.latency_us * 1e-6 + nbytes / (self.bandwidth_gbs * 1e9)
+
+
+class SimDevice:
+    """The device model behind a ``device="sim"`` cache: its streams, events, clock and modelled
+    kernels, to drive the CUDA protocol from tests and benchmarks (``SlabCache.sim_device()``).
+
+    Stream handles are ints; 0 is the calling thread (records complete at once, waits block).
+    Times are modelled device seconds (``now()``). Holds the cache alive.
+    """
+
+    def __init__(self, native: Any) -> None:
+        self._c = native
+
+    @property
+    def timing(self) -> SimTiming:
+        return SimTiming(**self._c.config)
+
+    def now(self) -> float:
+        """The device clock, seconds since the device was made."""
+        return self._c.now()
+
+    def copy_seconds(self, nbytes: int) -> float:
+        """Modelled time of one copy of ``nbytes`` (without jitter)."""
+        return self._c.copy_seconds(int(nbytes))
+
+    def create_stream(self) -> int:
+        """A new stream (its own FIFO and thread); e.g. the modelled compute stream."""
+        return self._c.create_stream()
+
+    def destroy_stream(self, stream: int) -> None:
+        """Runs what is queued on ``stream``, then ends it."""
+        self._c.destroy_stream(int(stream))
+
+    def synchronize(self, stream: int | None = None) -> None:
+        """Blocks until ``stream`` (None: every stream) has run everything queued on it."""
+        self._c.synchronize(None if stream is None else int(stream))
+
+    def event(self, timing: bool = False) -> Any:
+        """A new event: ``record(stream)``, ``wait(stream)``, ``query()``, ``synchronize()``,
+        ``seconds_since(start)`` (timing events only: modelled seconds between two records)."""
+        return self._c.create_event(bool(timing))
+
+    def enqueue_read(self, stream: int, address: int, nbytes: int, seconds: float = 0.0) -> int:
+        """A modelled kernel on ``stream`` that reads ``nbytes`` of slot memory at ``address`` for
+        ``seconds``, checksumming them when it starts and when it ends; returns a ticket for
+        ``read_result``. ValueError when the range is not inside the cache's slots."""
+        return self._c.enqueue_read(int(stream), int(address), int(nbytes), float(seconds))
+
+    def read_result(self, ticket: int) -> dict[str, Any]:
+        """``done``, ``start_s``, ``end_s`` (device time), ``checksum_start``, ``checksum_end``."""
+        return self._c.read_result(int(ticket))
+
+    def enqueue_sleep(self, stream: int, seconds: float) -> None:
+        """A modelled kernel that only holds ``stream`` for ``seconds``."""
+        self._c.enqueue_sleep(int(stream), float(seconds))
+
+    def enqueue_copy(self, stream: int, dst: torch.Tensor, src: torch.Tensor) -> None:
+        """A modelled copy (e.g. device-to-host of predicted ids) of ``src``'s bytes into ``dst``,
+        taking the modelled copy time; both contiguous host tensors of the same size that stay
+        alive until the stream has run it."""
+        for name, t in (("dst", dst), ("src", src)):
+            if t.device.type != "cpu" or not t.is_contiguous():
+                raise ValueError(f"enqueue_copy: {name} must be a contiguous host tensor, got {t.device}")
+        nbytes = dst.numel() * dst.element_size()
+        if src.numel() * src.element_size() != nbytes:
+            raise ValueError(f"enqueue_copy: dst has {nbytes} bytes, src {src.numel() * src.element_size()}")
+        self._c.enqueue_copy(int(stream), dst.data_ptr(), src.data_ptr(), nbytes)
+
+    @staticmethod
+    def checksum(data: torch.Tensor) -> int:
+        """The checksum ``enqueue_read`` takes, of a contiguous host tensor's bytes."""
+        if data.device.type != "cpu" or not data.is_contiguous():
+            raise ValueError(f"checksum: need a contiguous host tensor, got {data.device}")
+        return _native().SimDevice.checksum(data.data_ptr(), data.numel() * data.element_size())
 
 
 class ExpertPool:
@@ -191,8 +340,11 @@ class SlabCache:
         num_slots: S; at least ``min_slots`` and at most layers * experts.
         policy: ``"lru"``, ``"lfu"`` or ``"priority"`` (scores from ``set_priority``; lowest
             evicted first; ties go to the least recently used).
-        device: ``"cpu"`` (the CPU twin: slots in host memory) or ``"cuda"``.
+        device: ``"cpu"`` (the CPU twin: slots in host memory), ``"sim"`` (the device model: slots
+            in host memory, copies asynchronous and timed), ``"cuda"`` (torch's current device) or
+            ``"cuda:N"``.
         min_slots: one layer's top-k; fewer slots raise ValueError.
+        sim: the device model's timing (``device="sim"``); None: ``SimTiming.from_env()``.
     """
 
     def __init__(
@@ -203,14 +355,21 @@ class SlabCache:
         policy: str = "lru",
         device: str = "cpu",
         min_slots: int = 1,
+        sim: SimTiming | None = None,
     ) -> None:
         if not isinstance(pool, ExpertPool):
             raise ValueError(f"SlabCache needs an ExpertPool, got {type(pool).__name__}")
-        if str(device) not in DEVICES:
-            raise ValueError(f"unknown device {device!r}; use one of {', '.join(DEVICES)}")
+        kind, index = parse_device(device)
+        native = f"cuda:{index}" if kind == "cuda" else kind
+        timing = asdict(sim if sim is not None else SimTiming.from_env()) if kind == "sim" else {}
         self._pool = pool
         self._c = _native().SlabCache(
-            pool._c, count(num_slots, "num_slots"), str(policy), str(device), count(min_slots, "min_slots")
+            pool._c,
+            count(num_slots, "num_slots"),
+            str(policy),
+            native,
+            count(min_slots, "min_slots"),
+            **{f"sim_{k}": v for k, v in timing.items()},
         )
 
     @classmethod
@@ -242,7 +401,21 @@ class SlabCache:
     num_experts = property(lambda self: self._c.num_experts)
     slab_bytes = property(lambda self: self._c.slab_bytes)
     policy = property(lambda self: self._c.policy)
-    device = property(lambda self: self._c.device)  # "cpu", "cuda" or "sim"
+    #: "cpu", "sim" or "cuda" (the simulated cache, which has no memory, also says "sim")
+    device = property(lambda self: self._c.device.partition(":")[0])
+    device_index = property(lambda self: self._c.device_index)  # -1 for the CPU twin
+
+    @property
+    def torch_device(self) -> torch.device:
+        """Where slot views live: ``cuda:N`` for a CUDA cache, else the host."""
+        if self.device == "cuda":
+            return torch.device("cuda", self.device_index)
+        return torch.device("cpu")
+
+    def sim_device(self) -> SimDevice:
+        """The device model of a ``device="sim"`` cache (ValueError for any other cache)."""
+        return SimDevice(self._c.sim_device())
+
     is_simulated = property(lambda self: self._c.is_simulated)
     closed = property(lambda self: self._c.closed)
     pool = property(lambda self: self._pool)
@@ -281,7 +454,9 @@ class SlabCache:
         address = self._c.slot_address(int(slot))
         nbytes = view_bytes(dtype, tuple(shape), int(offset), self.slab_bytes, "SlabCache.slot_view")
         if self.device == "cuda":
-            raw = torch.as_tensor(CudaArray(address + int(offset), nbytes, self._c), device="cuda")
+            raw = torch.as_tensor(
+                CudaArray(address + int(offset), nbytes, self._c), device=self.torch_device
+            )
             return raw.view(dtype).view(tuple(shape))
         return host_view(address + int(offset), nbytes, self._c, dtype, tuple(shape))
 
@@ -360,7 +535,8 @@ class CopyEngine:
 
     Args:
         cache: a real (not simulated) SlabCache; one open engine per cache.
-        num_streams: lanes (CUDA streams, or worker threads on the CPU twin), 1..16.
+        num_streams: lanes (CUDA or device-model streams, each with an issuing and a completion
+            thread; worker threads on the CPU twin), 1..16.
         slot_timeout_s: how long ``acquire`` waits while every slot stays pinned before it raises.
     """
 
@@ -381,8 +557,8 @@ class CopyEngine:
                 raise ValueError(f"stream handle must be >= 0, got {value}")
             return value
         if self._cache.device == "cuda":
-            return torch.cuda.current_stream().cuda_stream
-        return 0
+            return torch.cuda.current_stream(self._cache.torch_device).cuda_stream
+        return 0  # the CPU twin's and the device model's host stream
 
     def prefetch(self, layer: int, experts: Experts) -> int:
         """Queues low-priority copies for the experts not resident; returns how many were queued."""
@@ -391,8 +567,9 @@ class CopyEngine:
     def acquire(self, layer: int, experts: Experts, stream: int | None = None) -> list[int]:
         """Pins every expert and returns its slot (one per input position).
 
-        CPU twin: returns when all are ready. CUDA: ``stream`` (default: torch's current stream)
-        waits on each slot's ready event; the host blocks only until the copies are issued.
+        CPU twin, and the device model's stream 0 (the host): returns when all are ready. CUDA and
+        the device model's streams: ``stream`` (default: torch's current stream; the device model:
+        0) waits on each slot's ready event; the host blocks only until the copies are issued.
         """
         return self._c.acquire(int(layer), expert_ids(experts), self._stream(stream))
 
@@ -407,8 +584,9 @@ class CopyEngine:
         return list(slots), list(pending)
 
     def wait_ready(self, layer: int, experts: Experts, stream: int | None = None) -> None:
-        """For experts pinned by ``acquire_deferred``: the CPU twin blocks until their copies are
-        complete; CUDA blocks the host until they are issued and makes ``stream`` wait on them."""
+        """For experts pinned by ``acquire_deferred``: the CPU twin (and a host stream) blocks until
+        their copies are complete; CUDA and the device model's streams block the host until they are
+        issued and make ``stream`` wait on them."""
         self._c.wait_ready(int(layer), expert_ids(experts), self._stream(stream))
 
     def release(self, layer: int, experts: Experts, stream: int | None = None) -> None:
@@ -517,7 +695,7 @@ class CopyEngine:
         prediction_wait_s, lanes.
 
         ``demand_stall_s`` is host time ``acquire`` and ``wait_ready`` waited for copies (on the CPU
-        twin, the whole stall); ``device_stall_s`` is, on CUDA, device time the callers' streams
+        twin, the whole stall); ``device_stall_s`` is, on CUDA and the device model (modelled time), device time the callers' streams
         waited for copies not complete at ``acquire`` (timing events), counted once the stream has
         passed the wait, over ``device_stall_waits`` acquires. ``wait_device=True`` first waits until
         the newest such wait is passed (it blocks on the device: not for a hot path).

@@ -84,7 +84,13 @@ def test_pool_entry_and_fill(rt):
             ValueError,
             "unknown policy 'fifo'; use one of: lru, lfu, priority",
         ),
-        ({"num_slots": 2, "device": "tpu"}, ValueError, "unknown device 'tpu'; use one of cpu, cuda"),
+        (
+            {"num_slots": 2, "device": "tpu"},
+            ValueError,
+            "unknown device 'tpu'; use one of cpu, sim, cuda, cuda:N",
+        ),
+        ({"num_slots": 2, "device": "cuda:x"}, ValueError, "unknown device 'cuda:x'"),
+        ({"num_slots": 2, "device": "sim:1"}, ValueError, "unknown device 'sim:1'"),
     ],
 )
 def test_cache_constructor(rt, kwargs, exc, match):
@@ -95,8 +101,14 @@ def test_cache_constructor(rt, kwargs, exc, match):
 
 def test_cache_constructor_raw(rt):
     pool, _, _ = rt
-    with pytest.raises(ValueError, match="unknown device 'tpu'; use 'cpu' or 'cuda'"):
+    with pytest.raises(ValueError, match="unknown device 'tpu'; use 'cpu', 'sim', 'cuda' or 'cuda:N'"):
         _C.SlabCache(pool._c, 2, "lru", "tpu", 1)
+    with pytest.raises(ValueError, match="the index after 'cuda:' must be a number"):
+        _C.SlabCache(pool._c, 2, "lru", "cuda:", 1)
+    with pytest.raises(ValueError, match="sim bandwidth_gbs=0 must be a positive number of GB/s"):
+        _C.SlabCache(pool._c, 2, "lru", "sim", 1, sim_bandwidth_gbs=0.0)
+    with pytest.raises(ValueError, match="sim latency_us=-1 must be"):
+        _C.SlabCache(pool._c, 2, "lru", "sim", 1, sim_latency_us=-1.0)
     with pytest.raises(ValueError, match="needs an ExpertPool, got None"):
         _C.SlabCache(None, 2, "lru", "cpu", 1)
     with pytest.raises(ValueError, match="needs an ExpertPool"):

@@ -12,7 +12,7 @@ from layer_accounting import LayerRef, check_layer_rows
 
 from moert.engine.runtime import CopyEngine, ExpertPool, SlabCache
 
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+DEVICES = ["cpu", "sim", pytest.param("cuda", marks=pytest.mark.gpu)]
 
 
 class Setup:

@@ -6,8 +6,11 @@
 //        thread (asynchronous to the thread that asked for it); events are a sequence counter
 //        plus a condition variable.
 //   cuda (backend_cuda.cu): slot memory from cudaMalloc, lanes are non-blocking streams, events
-//        are cudaEvent_t (timing disabled, except timing events), host memory pinned with
-//        cudaHostRegister.
+//        are cudaEvent_t (blocking sync; timing disabled, except timing events), host memory
+//        pinned with cudaHostRegister. One device, named by the caller ("cuda:N"); every call
+//        made on a caller's thread leaves that thread's current device as it found it.
+//   sim  (backend_sim.cc): the asynchronous device model, the CUDA protocol executed on the
+//        host with modelled time (see backend_sim.h); what CI runs the CUDA path on.
 //
 // Nothing here runs at library load: a backend exists only once a cache or pool asks for one.
 #pragma once
@@ -43,6 +46,13 @@ class Backend {
   virtual ~Backend() = default;
   virtual const char* name() const = 0;
   virtual int device_index() const = 0;  // -1 for the CPU twin
+  // True when `s` stands for the calling thread itself, which computes synchronously (the CPU
+  // twin; the sim's handle 0): the host waits for copies, and events recorded on it complete at
+  // once. False on CUDA, where 0 is the legacy default stream.
+  virtual bool is_host_stream(StreamHandle s) const {
+    (void)s;
+    return device_index() < 0;
+  }
 
   // Slot arena: one allocation of `bytes`, aligned to at least 256 bytes, zero-filled.
   virtual void* alloc(std::size_t bytes) = 0;
@@ -65,13 +75,15 @@ class Backend {
   virtual std::unique_ptr<Event> create_timing_event() { return nullptr; }
 };
 
-// "cpu" always works. "cuda" throws RuntimeFailure("no CUDA device: ...") unless the CUDA
-// backend was compiled and a device can run; any other name is an ArgumentError.
+// "cpu" and "sim" (the device model with its default timing) always work. "cuda:N" (or "cuda":
+// the calling thread's current device) throws RuntimeFailure("no CUDA device: ...") unless the
+// CUDA backend was compiled and device N can run; any other name is an ArgumentError.
 std::unique_ptr<Backend> make_backend(const std::string& device);
 
-// The CUDA backend (backend_cuda.cu), only declared when it is compiled in.
+// The CUDA backend (backend_cuda.cu) of device `index`, only declared when it is compiled in.
 #ifdef MOERT_WITH_CUDA
-std::unique_ptr<Backend> make_cuda_backend();
+std::unique_ptr<Backend> make_cuda_backend(int index);
+int cuda_current_device();
 #endif
 
 // Page-aligned, zero-filled host memory (mmap); throws RuntimeFailure when the OS refuses.

@@ -1,9 +1,15 @@
 // CopyEngine: moves experts from the ExpertPool into SlabCache slots.
 //
-// K lanes, each served by one worker thread (CUDA: a non-blocking stream per lane; CPU twin: the
-// worker memcpy's). One priority queue holds the copies to do: demand loads before prefetches,
-// FIFO within a class. A copy into a slot first waits on that slot's last-use event, so no slot
-// is overwritten while a kernel that read the previous expert may still run.
+// K lanes, each served by one worker thread (CUDA and the device model: a stream per lane; CPU
+// twin: the worker memcpy's). One priority queue holds the copies to do: demand loads before
+// prefetches, FIFO within a class. A copy into a slot first waits on that slot's last-use event,
+// so no slot is overwritten while a kernel that read the previous expert may still run.
+// Pipelined lanes (CUDA, sim): a worker issues a copy (last-use wait, copy, ready event) and goes
+// on to the next without waiting for it; the lane's completion thread waits on the ready events in
+// issue order (blocking sync: no spinning core) and marks the slots ready. A lane takes the next
+// request only while no other lane has fewer copies in flight (n misses spread over the lanes);
+// demand copies are issued at once, prefetches only while the lane has fewer than
+// kPrefetchDepth in flight, so a later demand load waits behind at most that many prefetches.
 //
 // acquire(layer, experts, stream): under the cache lock, pins every expert (all or nothing: if
 // the misses cannot all get a slot now, it pins nothing and waits for a release or a finished
@@ -11,10 +17,11 @@
 // nothing; misses get a slot (evicting by policy, or cancelling a queued prefetch) and a demand
 // copy; a hit on a still-queued prefetch is promoted to demand. Then it waits: on the CPU twin
 // the caller copies its own demand loads (no thread hand-off) and blocks until every slot is
-// ready; CUDA blocks the host only until each copy is issued (its
-// ready event recorded) and makes `stream` wait on the ready events (cudaStreamWaitEvent); when a
+// ready; CUDA and the device model block the host only until each copy is issued (its
+// ready event recorded) and make `stream` wait on the ready events (cudaStreamWaitEvent); when a
 // slot's copy is not complete yet, timing events around those waits measure how long the stream
-// really waited (EngineStats::device_stall_s).
+// really waited (EngineStats::device_stall_s). A stream that is the host itself
+// (Backend::is_host_stream: the device model's handle 0) blocks until the slots are ready.
 // Duplicate experts in one call are collapsed: each distinct expert is pinned once, and release
 // must be called with the same list (duplicates collapse the same way).
 // release(layer, experts, stream): records each slot's last-use event on `stream`, unpins.
@@ -36,6 +43,7 @@
 #pragma once
 
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
@@ -62,13 +70,14 @@ struct EngineStats {
   std::int64_t predictions = 0;     // predictions applied (predict + predict_async)
   double prediction_wait_s = 0.0;   // prediction thread: waiting on the device for predicted ids
   std::int64_t queued = 0;          // copies waiting for a lane now
-  double busy_s = 0.0;              // summed over lanes: issue to completion of every copy
+  double busy_s = 0.0;              // summed over lanes: time the lane had a copy in flight
   double demand_stall_s = 0.0;      // time acquire()/wait_ready() waited for copies (summed)
-  // CUDA: device time the callers' streams waited in acquire() for copies not yet complete
-  // (timing events around the stream waits; counted once the stream has passed them). 0 on
-  // the CPU twin, where the host blocks for every copy and demand_stall_s is the whole stall.
+  // CUDA and sim (modelled time): device time the callers' streams waited in acquire() for
+  // copies not yet complete (timing events around the stream waits; counted once the stream has
+  // passed them). 0 on the CPU twin and on host streams, where the host blocks for every copy and
+  // demand_stall_s is the whole stall.
   double device_stall_s = 0.0;
-  std::int64_t device_stall_waits = 0;  // acquires whose stream had to wait (CUDA)
+  std::int64_t device_stall_waits = 0;  // acquires whose stream had to wait (CUDA, sim)
   int lanes = 0;
 };
 
@@ -120,9 +129,10 @@ class CopyEngine {
   std::vector<std::int32_t> acquire(int layer, const std::int32_t* experts, std::int64_t n,
                                     StreamHandle stream, bool wait = true,
                                     std::vector<std::uint8_t>* pending = nullptr);
-  // For experts acquired (pinned) by a deferred acquire: the CPU twin blocks until their copies are
-  // complete; CUDA blocks the host until they are issued and makes `stream` wait on their ready
-  // events (timed, as in acquire). Host waits count in demand_stall_s.
+  // For experts acquired (pinned) by a deferred acquire: the CPU twin (and a host stream) blocks
+  // until their copies are complete; CUDA and sim streams block the host until they are issued and
+  // make `stream` wait on their ready events (timed, as in acquire). Host waits count in
+  // demand_stall_s.
   void wait_ready(int layer, const std::int32_t* experts, std::int64_t n, StreamHandle stream);
   void release(int layer, const std::int32_t* experts, std::int64_t n, StreamHandle stream);
   // Blocks until no copy is queued or in flight.
@@ -163,10 +173,25 @@ class CopyEngine {
   };
 
   void worker(int lane);
-  // Issues the copy of `slot` (state loading) on `stream` and waits for it; `lk` holds the cache
-  // mutex on entry and exit and is released during the copy.
-  void copy_locked(std::unique_lock<std::mutex>& lk, int slot, StreamHandle stream,
-                   bool host_copies);
+  // CPU twin: copies `slot` (state loading) on the calling thread; `lk` holds the cache mutex on
+  // entry and exit and is released during the copy.
+  void copy_locked(std::unique_lock<std::mutex>& lk, int slot);
+
+  // Pipelined lanes (copy_lanes.cc). Copies a lane may have in flight before it stops taking
+  // prefetches.
+  static constexpr int kPrefetchDepth = 2;
+  struct Flight {
+    int slot;
+    bool demand;
+    std::chrono::steady_clock::time_point issued;
+  };
+  // Whether `lane` should take the head of the queue now (see the header comment).
+  bool can_take_locked(int lane) const;
+  // Issues the copy of `slot` (state loading) on `lane` without waiting for it: state issued,
+  // handed to the lane's completion thread. `lk` is released while the copy is enqueued.
+  void issue_locked(std::unique_lock<std::mutex>& lk, int slot, int lane);
+  // The lane's completion thread: waits for its copies in issue order, marks them ready.
+  void completer(int lane);
   void prediction_worker();
   void check_prediction_args(const std::int32_t* layers, std::int64_t n, const std::int32_t* ids,
                              std::int64_t width, const std::int32_t* clear,
@@ -200,6 +225,13 @@ class CopyEngine {
   std::vector<std::unique_ptr<Event>> ready_;
   std::vector<std::unique_ptr<Event>> last_use_;
   std::vector<std::thread> workers_;
+  bool async_copies_ = false;  // pipelined lanes (CUDA, sim), not the CPU twin's memcpy
+  std::vector<std::thread> completers_;
+  std::vector<std::deque<Flight>> flights_;  // per lane, in issue order
+  std::vector<int> lane_load_;               // per lane: copies taken and not yet complete
+  std::vector<std::chrono::steady_clock::time_point> lane_done_;  // per lane: last completion
+  std::condition_variable flight_cv_;  // with c_.mu_: a copy issued, or the lanes stopped
+  bool lanes_stopped_ = false;         // no worker will issue again: completers drain and exit
   std::priority_queue<Request, std::vector<Request>, Later> queue_;
   std::condition_variable work_cv_;  // with c_.mu_
   bool stop_ = false;

@@ -91,9 +91,13 @@ class SlabCache {
   static Policy parse_policy(const std::string& name);
   static const char* policy_name(Policy p);
 
-  // A cache of num_slots slots on `device` ("cpu" or "cuda") holding entries of `pool`.
+  // A cache of num_slots slots on `device` ("cpu", "sim", "cuda" or "cuda:N"; see make_backend)
+  // holding entries of `pool`.
   SlabCache(std::shared_ptr<ExpertPool> pool, int num_slots, const std::string& policy,
             const std::string& device, int min_slots);
+  // The same on a backend made by the caller (the device model with its own timing).
+  SlabCache(std::shared_ptr<ExpertPool> pool, int num_slots, const std::string& policy,
+            std::unique_ptr<Backend> backend, int min_slots);
   // The simulated cache: no pool, no memory, loads instant.
   SlabCache(int num_layers, int num_experts, int num_slots, const std::string& policy,
             std::int64_t slab_bytes, int min_slots);
@@ -107,7 +111,8 @@ class SlabCache {
   std::size_t slab_bytes() const { return slab_bytes_; }
   std::size_t stride() const { return stride_; }
   Policy policy() const { return policy_; }
-  const std::string& device() const { return device_; }
+  const std::string& device() const { return device_; }  // "cpu", "sim" or "cuda:N"
+  Backend* backend() const { return backend_.get(); }    // null for the simulated cache
   bool simulated() const { return simulated_; }
   bool closed() const { return closed_.load(); }
 
@@ -162,6 +167,9 @@ class SlabCache {
     EvictKey ekey{0.0, 0, 0};
   };
 
+  // The constructors' halves: validate the pool and sizes; take the backend and its slot memory.
+  void check_pool_args(int num_slots, const std::string& policy, int min_slots);
+  void attach_backend(std::unique_ptr<Backend> backend);
   void check_open(const char* what) const;
   void check_layer(int layer) const;
   void check_expert(int expert) const;
