@@ -101,6 +101,7 @@ std::unique_ptr<Backend> make_backend(const std::string& device) {
               probe.device_count, " CUDA devices (cuda:0..cuda:", probe.device_count - 1, ")");
   return make_cuda_backend(index);
 #else
+  (void)index;
   throw RuntimeFailure("no CUDA device: moert was built without the CUDA backend");
 #endif
 }

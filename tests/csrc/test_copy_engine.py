@@ -1,5 +1,7 @@
-"""CopyEngine semantics on the CPU twin (and, marked gpu, the CUDA backend), against a synchronous
-copy plus a dict: every acquired slot must hold exactly its expert's bytes at use."""
+"""CopyEngine semantics on the CPU twin, the device model (``sim``: asynchronous copies; these tests
+use its host stream 0, tests/csrc/test_device_model.py its modelled streams) and, marked gpu, the
+CUDA backend, against a synchronous copy plus a dict: every acquired slot must hold exactly its
+expert's bytes at use."""
 
 from __future__ import annotations
 
