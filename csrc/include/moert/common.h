@@ -2,9 +2,10 @@
 // MOERT_CHECK so that bad input from Python becomes a ValueError naming the value, never a crash.
 #pragma once
 
-#include <sstream>
+#include <cstdio>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 namespace moert {
 
@@ -21,19 +22,31 @@ class RuntimeFailure : public std::runtime_error {
 };
 
 namespace detail {
-inline void format_into(std::ostringstream&) {}
-template <typename T, typename... Rest>
-void format_into(std::ostringstream& os, const T& v, const Rest&... rest) {
-  os << v;
-  format_into(os, rest...);
+// Messages are built without iostreams: an ostringstream consults the process's global locale,
+// and where moert._C carries its own copy of libstdc++ (a toolchain that links it statically, as
+// on one GPU image) that locale belongs to another copy and formatting a number crashes.
+inline void append(std::string& s, const std::string& v) { s += v; }
+inline void append(std::string& s, const char* v) { s += v; }
+inline void append(std::string& s, char v) { s += v; }
+inline void append(std::string& s, bool v) { s += v ? '1' : '0'; }  // as an ostream prints it
+template <typename T>
+std::enable_if_t<std::is_integral_v<T> && !std::is_same_v<T, bool> && !std::is_same_v<T, char>>
+append(std::string& s, T v) {
+  s += std::to_string(v);
+}
+template <typename T>
+std::enable_if_t<std::is_floating_point_v<T>> append(std::string& s, T v) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%g", static_cast<double>(v));  // an ostream's default format
+  s += buf;
 }
 }  // namespace detail
 
 template <typename... Args>
 std::string cat(const Args&... args) {
-  std::ostringstream os;
-  detail::format_into(os, args...);
-  return os.str();
+  std::string s;
+  (detail::append(s, args), ...);
+  return s;
 }
 
 }  // namespace moert
