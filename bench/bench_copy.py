@@ -104,7 +104,7 @@ def measure(device: str, chunk_mb: int, lanes: int, total_mb: int, repeats: int,
     engine.prefetch(check, experts)
     engine.synchronize()
     ok = all(
-        torch.equal(cache.slot_view(cache.lookup(check, e), torch.uint8, (chunk,)), src[check][e])
+        torch.equal(cache.slot_view(cache.lookup(check, e), torch.uint8, (chunk,)).cpu(), src[check][e].cpu())
         for e in experts[:4]
     )
     stats = cache.stats()
@@ -173,7 +173,7 @@ def measure_sim(
     last = (warmup + repeats - 1) % 2
     ok = all(
         torch.equal(
-            cache.slot_view(cache.lookup(last, e), torch.uint8, (chunk,)),
+            cache.slot_view(cache.lookup(last, e), torch.uint8, (chunk,)).cpu(),
             pool.view(last, e, torch.uint8, (chunk,)),
         )
         for e in experts

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Everything a lent GPU machine should run, in two calls of under 10 minutes each (device time is
 # scarce; the machine stays warm between them only briefly, so each part builds):
-#   run(command="bash bench/gpu_session.sh tests", timeout_s=600)   # gpu tests, copy + kernel benches
-#   run(command="bash bench/gpu_session.sh decode", timeout_s=600)  # decode + prefill benches
+#   run(command="MOERT_COMMIT=<sha> bash bench/gpu_session.sh tests", timeout_s=600)   # gpu tests, copy + kernel benches
+#   run(command="MOERT_COMMIT=<sha> bash bench/gpu_session.sh decode", timeout_s=600)  # decode + prefill benches
+# (<sha>: `git rev-parse --short HEAD` here; the machine gets the tree with stale git metadata)
 # Builds moert._C with the machine's own python3 (MOERT_CUDA=ON: a build without the CUDA backend is
 # an error there), runs the tests marked gpu (pytest-xdist workers), then the GPU benchmarks. Only 8
 # files come back from $OUT, so the result tables are packed into $OUT/results_PART.tar.gz beside the

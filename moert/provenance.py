@@ -15,7 +15,14 @@ _REPO = Path(__file__).resolve().parent.parent
 
 
 def git_commit() -> str:
-    """Short hash of the checkout's HEAD, ``+dirty`` when tracked files differ; ``unknown`` outside git."""
+    """Short hash of the checkout's HEAD, ``+dirty`` when tracked files differ; ``unknown`` outside git.
+
+    ``MOERT_COMMIT`` overrides it: a lent GPU machine receives the working tree with the git metadata
+    of the session's first commit, so ``bench/gpu_session.sh`` is run as ``MOERT_COMMIT=<sha> bash
+    bench/gpu_session.sh ...`` with the commit the tree really is (see ``moert.envs``)."""
+    given = os.environ.get("MOERT_COMMIT", "").strip()
+    if given:
+        return f"{given} (MOERT_COMMIT)"
     try:
         run = lambda *a: subprocess.run(  # noqa: E731
             ["git", *a], cwd=_REPO, capture_output=True, text=True, check=True

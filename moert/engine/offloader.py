@@ -282,7 +282,9 @@ class Offloader(OffloaderBase):
     def close(self) -> None:
         self.engine.synchronize()
         if self.is_cuda:
-            torch.cuda.synchronize(self.tensor_device)  # no kernel may still read a slot when the cache frees it
+            torch.cuda.synchronize(
+                self.tensor_device
+            )  # no kernel may still read a slot when the cache frees it
         self._views = []
         self.engine.close()
         self.cache.close()

@@ -454,9 +454,7 @@ class SlabCache:
         address = self._c.slot_address(int(slot))
         nbytes = view_bytes(dtype, tuple(shape), int(offset), self.slab_bytes, "SlabCache.slot_view")
         if self.device == "cuda":
-            raw = torch.as_tensor(
-                CudaArray(address + int(offset), nbytes, self._c), device=self.torch_device
-            )
+            raw = torch.as_tensor(CudaArray(address + int(offset), nbytes, self._c), device=self.torch_device)
             return raw.view(dtype).view(tuple(shape))
         return host_view(address + int(offset), nbytes, self._c, dtype, tuple(shape))
 
