@@ -124,19 +124,19 @@ def stage_learned(args, meta, parts, split, work, kind):
 
 
 def stage_sim(args, meta, parts, work):
-    from moert.policy.predictor import PredictorPrefetcher, SequenceListTrace
+    from moert.policy.predictor import PredictorPolicy, SequenceListTrace
     from moert.sim import PolicySpec, SimConfig, simulate
 
     trace = SequenceListTrace(meta, parts["test"], path="puffin-test")
     pre = {
-        "prev-token": PredictorPrefetcher(PrevTokenPredictor.for_trace(meta), 0, "prev-token"),
-        "frequency": PredictorPrefetcher(load_predictor(work / "frequency.safetensors"), 0, "frequency"),
+        "prev-token": PredictorPolicy(PrevTokenPredictor.for_trace(meta), 0, "prev-token"),
+        "frequency": PredictorPolicy(load_predictor(work / "frequency.safetensors"), 0, "frequency"),
     }
     for kind in ("xlayer", "moe-beyond"):
         f = work / f"{kind}.safetensors"
         if f.is_file():
             for m in (0, 2, 4):
-                pre[f"{kind}:{m}" if m else kind] = PredictorPrefetcher(load_predictor(f), m, kind)
+                pre[f"{kind}:{m}" if m else kind] = PredictorPolicy(load_predictor(f), m, kind)
     policies = [PolicySpec("lru"), PolicySpec("belady"), PolicySpec("lru", "oracle")]
     policies += [PolicySpec("lru", name) for name in pre]
     t0 = time.perf_counter()

@@ -238,7 +238,7 @@ def _predictor(args: argparse.Namespace, meta, parts: dict, split) -> tuple[str,
 
 
 def score(args: argparse.Namespace) -> int:
-    from moert.policy.predictor import SequenceListTrace, prefetcher_from_spec
+    from moert.policy.predictor import SequenceListTrace, policy_from_spec
     from moert.predict.data import open_sequences, split_sequences
     from moert.predict.evaluate import select_sequences
     from moert.sim import SimConfig, parse_policies, simulate
@@ -260,7 +260,7 @@ def score(args: argparse.Namespace) -> int:
         names += [f"{e}+xlayer:{m}" for e in ("lru", "lfu", "score")]
     results, seconds = [], {}
     for mode in ("per-layer", "global"):
-        pre = {f"xlayer:{m}": prefetcher_from_spec(f"{path}:{m}", meta) for m in ms}
+        pre = {f"xlayer:{m}": policy_from_spec(f"{path}:{m}", meta) for m in ms}
         for name, hook in pre.items():
             hook.name = name
         config = SimConfig(capacities=caps, policies=tuple(parse_policies(names, prefetchers=pre)), mode=mode)

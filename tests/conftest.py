@@ -1,4 +1,5 @@
-"""Seeding, the ``gpu`` / ``slow`` markers and the shared-data fixture, in one place."""
+"""Seeding, the ``gpu`` / ``slow`` markers (slow tests run only with ``-m slow``) and the shared-data
+fixture, in one place."""
 
 from __future__ import annotations
 
@@ -21,6 +22,12 @@ def _cuda_can_run() -> bool:
 
 
 def pytest_collection_modifyitems(config, items):
+    # slow tests (minutes) run only when asked for by name: pytest -m slow
+    if "slow" not in (config.option.markexpr or ""):
+        skip_slow = pytest.mark.skip(reason="slow (minutes): run with `pytest -m slow`")
+        for item in items:
+            if "slow" in item.keywords:
+                item.add_marker(skip_slow)
     if _cuda_can_run():
         return
     if config.getoption("markexpr", "").strip() == "gpu" and not config.getoption("collectonly", False):

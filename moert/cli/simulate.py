@@ -3,7 +3,7 @@
 Usage::
 
     moert simulate TRACE [--format moert|moe-beyond-csv|esft] --capacity 0.1,0.25,0.5
-                   --policy lru,lfu,moe-infinity,belady[,lru+oracle][,score+PRED.safetensors:2]
+                   --policy lru,lfu,fifo,moe-infinity,belady[,lru+oracle][,score+PRED.safetensors:2]
                    [--per-layer|--global]
                    [--prefetch oracle|moe-infinity|PRED.safetensors[:m|:adaptive]|prev-token[:m]|frequency[:m]]
                    [--score-decay 0.5] [--threshold 0.3] [--max-overprovision 4]
@@ -119,7 +119,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--policy",
         default="lru,lfu,moe-infinity,belady",
-        help="comma-separated EVICT[+PREFETCH]: lru, lfu, moe-infinity, belady, score, utility; e.g. lru+oracle, "
+        help="comma-separated EVICT[+PREFETCH]: lru, lfu, fifo, moe-infinity, belady, score, utility; e.g. lru+oracle, "
         "utility+utility:2, "
         "score+PRED.safetensors:2 (score needs a predictor prefetcher: a trained file, prev-token or frequency)",
     )
@@ -398,17 +398,17 @@ def _predictor_prefetchers(
     ``options`` (threshold, max_overprovision, score_decay) go to each.
 
     Returns:
-        ``({spec: Prefetcher}, trace)``; the trace is narrowed to the held-out sequences of the first
+        ``({spec: PredictorPolicy}, trace)``; the trace is narrowed to the held-out sequences of the first
         trained predictor file when ``split`` asks for it (``frequency`` then counts the others).
     """
-    from moert.policy import get_prefetcher
+    from moert.policy import REGISTRY
 
     specs = {default} if default not in (None, "", "none") else set()
     specs |= {n.strip().partition("+")[2] for n in names if "+" in n}
     external = []
     for spec in sorted(specs):
         try:
-            get_prefetcher(spec)
+            REGISTRY.build(spec, "prefetch")
         except ValueError:
             external.append(spec)
     if not external:
@@ -418,7 +418,7 @@ def _predictor_prefetchers(
             )
         return {}, trace
 
-    from moert.policy.predictor import SequenceListTrace, parse_prefetch_spec, prefetcher_from_spec
+    from moert.policy.predictor import SequenceListTrace, parse_prefetch_spec, policy_from_spec
     from moert.predict.io import load_predictor
 
     files = [
@@ -451,4 +451,4 @@ def _predictor_prefetchers(
     else:
         fit = seqs  # frequency counts the replayed sequences themselves: an optimistic baseline
         trace = SequenceListTrace(trace.meta, seqs, path=str(trace.path))
-    return {spec: prefetcher_from_spec(spec, trace.meta, fit, **(options or {})) for spec in external}, trace
+    return {spec: policy_from_spec(spec, trace.meta, fit, **(options or {})) for spec in external}, trace

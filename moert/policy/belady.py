@@ -9,6 +9,11 @@ This is the optimum for any demand-only cache of that capacity (no prefetch), he
 bound every demand policy is measured against. It needs the future: :meth:`Belady.prepare` reads
 the whole trace once and keeps one float32 per (token, layer, k) in memory. Scores are float32,
 exact up to 2^24 steps (~640k tokens of a 26-layer model); beyond that ties can cost a little.
+
+Hook: ``after_call`` (simulator only: ``offline``). A plan replaces a layer's E priorities, so the
+policy keeps the row it last pushed per layer and changes only the accessed experts' entries: the
+other experts keep what the cache already holds for them. Fast path: the same scores as
+``access_scores`` (the C++ replay sets the accessed experts' priorities after each step).
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from moert.policy.base import EvictionPolicy
+from moert.policy.base import Plan, Policy, SequencePlan
 
 if TYPE_CHECKING:
     from moert.trace import SequenceTrace, Trace
@@ -54,15 +59,23 @@ def next_use(experts: np.ndarray) -> np.ndarray:
     return out.reshape(N, L, k)
 
 
-class Belady(EvictionPolicy):
+class Belady(Policy):
     """Optimal offline eviction (needs the whole trace; see the module doc)."""
 
     name = "belady"
-    cpp_policy = "priority"
+    cache_policy = "priority"
+    offline = True
+    fast_path = True
+    verify_passes = True
 
     def __init__(self) -> None:
         self._scores: np.ndarray | None = None  # (N, L, k) float32
-        self._offset = 0
+        self._experts: np.ndarray | None = None  # (N, L, k) int32
+        self._offset = self._t = 0
+
+    def bind(self, num_layers: int, num_experts: int, top_k: int) -> None:
+        super().bind(num_layers, num_experts, top_k)
+        self._pushed = np.zeros((num_layers, num_experts), dtype=np.float32)  # [L, E] as in the cache
 
     def prepare(self, trace: Trace) -> None:
         experts = np.concatenate(
@@ -71,16 +84,34 @@ class Belady(EvictionPolicy):
         L = experts.shape[1]
         nxt = next_use(experts)
         step = nxt * L + np.arange(L)[None, :, None]
+        self._experts = experts
         self._scores = np.where(nxt >= 0, -step.astype(np.float64), NEVER).astype(np.float32)
 
     def begin_sequence(self, seq: SequenceTrace, token_offset: int) -> None:
         self._offset = token_offset
 
-    def access_priorities(self, seq: SequenceTrace) -> np.ndarray:
+    def begin_token(self, t: int) -> None:
+        self._t = t
+
+    def _block(self, seq: SequenceTrace) -> np.ndarray:
         if self._scores is None:
             raise RuntimeError("Belady.prepare(trace) must run before the replay")
         T = seq.num_tokens
         block = self._scores[self._offset : self._offset + T]  # [T, L, k]
         if block.shape[0] != T:
             raise RuntimeError("Belady: the trace yielded different sequences than during prepare()")
-        return np.ascontiguousarray(block.transpose(1, 0, 2))  # [L, T, k]
+        return block
+
+    def after_call(self, layer: int, counts: np.ndarray) -> Plan:
+        assert self._scores is not None and self._experts is not None, "Belady.prepare(trace) must run first"
+        i = self._offset + self._t
+        ex = self._experts[i, layer]  # [k] the step's experts, as prepare() saw them
+        valid = ex >= 0
+        if not np.array_equal(np.flatnonzero(np.asarray(counts) > 0), np.unique(ex[valid])):
+            raise RuntimeError(f"Belady: step {i} of layer {layer} is not the one prepare() saw")
+        self._pushed[layer, ex[valid]] = self._scores[i, layer][valid]
+        return Plan(layers=(layer,), scores=self._pushed[layer : layer + 1].copy())
+
+    def sequence_plan(self, seq: SequenceTrace) -> SequencePlan:
+        block = self._block(seq)  # [T, L, k]
+        return SequencePlan(access_scores=np.ascontiguousarray(block.transpose(1, 0, 2)))  # [L, T, k]

@@ -18,21 +18,28 @@ Choices made here, where the paper leaves room:
   has no effect there; it matters for one global cache.
 - No leakage: only earlier, finished requests enter the collection, and a request's own counts
   are used only for tokens before the one being served.
+
+One class, both roles: as ``EVICT`` (``moe-infinity``) it sets every layer's priorities before a
+token's first layer; as ``PREFETCH`` (``lru+moe-infinity``) it prefetches, before each layer, the
+``width`` experts of that layer with the highest activation ratio in the best match (experts never
+activated there are not prefetched). Hook: ``on_prediction`` without logits (simulator only: it needs
+request boundaries, ``offline``). Rows are computed once per sequence from the counts of its earlier
+tokens (causal), for stepping and for the fast path alike.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from moert.policy.base import EvictionPolicy, Prefetcher, TokenContext
+from moert.policy.base import Plan, Policy, Predictions, SequencePlan
 
 if TYPE_CHECKING:
-    from moert.trace import SequenceTrace, Trace, TraceMeta
+    from moert.trace import SequenceTrace
 
-__all__ = ["MoEInfinity", "MoEInfinityPrefetcher", "activation_matrix"]
+__all__ = ["MoEInfinity", "activation_matrix"]
 
 
 def activation_matrix(experts: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -51,30 +58,40 @@ def activation_matrix(experts: torch.Tensor, num_experts: int) -> torch.Tensor:
     return counts
 
 
-class MoEInfinity(EvictionPolicy):
+class MoEInfinity(Policy):
     """Activation-matrix matching (see the module doc).
 
     Args:
         capacity: the most EAMs kept in the collection (oldest dropped first).
+        evict: push the matched ratios as priorities (role ``EVICT``).
+        width: experts prefetched per layer (role ``PREFETCH``); 0: none; None: the trace's top-k.
     """
 
     name = "moe-infinity"
-    cpp_policy = "priority"
-    per_token = True
+    cache_policy = "priority"
+    roles = ("evict", "prefetch")
+    offline = True
+    fast_path = True
 
-    def __init__(self, capacity: int = 512) -> None:
+    def __init__(self, capacity: int = 512, *, evict: bool = True, width: int | None = 0) -> None:
         if capacity < 1:
             raise ValueError(f"MoEInfinity capacity={capacity} must be >= 1")
-        self.capacity = capacity
+        self.capacity, self.evict, self.width = capacity, evict, width
         self._size = 0  # EAMs in the collection
         self._next = 0  # ring position of the next one
         self._counts = self._keys = self._ratios = self._aggregate = torch.zeros(0)
+        self._seq: SequenceTrace | None = None
+        self._rows: tuple[np.ndarray | None, np.ndarray | None] | None = None
+        self._t = 0
 
-    def prepare(self, trace: Trace) -> None:
-        self.reset(trace.meta.num_layers, trace.meta.num_experts)
+    @classmethod
+    def from_spec(cls, arg: str | None, *, role: str, **options: Any) -> MoEInfinity:
+        super().from_spec(arg, role=role)  # no argument
+        return cls(evict=role == "evict", width=None if role == "prefetch" else 0)
 
-    def reset(self, num_layers: int, num_experts: int) -> None:
+    def bind(self, num_layers: int, num_experts: int, top_k: int) -> None:
         """Empties the collection for a trace of ``num_layers`` MoE layers with ``num_experts`` experts."""
+        super().bind(num_layers, num_experts, top_k)
         L, E = num_layers, num_experts
         self._num_experts = E
         self._size = self._next = 0
@@ -82,6 +99,7 @@ class MoEInfinity(EvictionPolicy):
         self._keys = torch.zeros(self.capacity, L * E)  # the same, flattened and L2-normalized
         self._ratios = torch.zeros(self.capacity, L, E)  # per-layer activation ratios
         self._aggregate = torch.zeros(L, E)  # sum of the collection
+        self._seq, self._rows = None, None
 
     def predicted_ratios(self, seq: SequenceTrace) -> torch.Tensor:
         """(T, L, E) float32: per token, the per-layer activation ratios of the best-matching EAM."""
@@ -99,9 +117,42 @@ class MoEInfinity(EvictionPolicy):
         return pred
 
     def token_priorities(self, seq: SequenceTrace) -> np.ndarray:
+        """(T, L, E) float32: the matched ratios scaled by the layer-distance decay."""
         L = seq.experts.shape[0]
         decay = 1.0 - torch.arange(L, dtype=torch.float32) / (L + 1)  # [L], distance from layer 0
         return (self.predicted_ratios(seq) * decay[None, :, None]).numpy()
+
+    def _sequence_rows(self, seq: SequenceTrace) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """(token priorities (T, L, E) or None, prefetch ids (T, L, m) or None), once per sequence."""
+        if self._rows is None or self._seq is not seq:
+            prio = self.token_priorities(seq) if self.evict else None
+            ids = None
+            width = self.top_k if self.width is None else self.width
+            if width:
+                top = self.predicted_ratios(seq).topk(width, dim=-1)  # [T, L, m]
+                ids = torch.where(top.values > 0, top.indices, -1).numpy().astype(np.int32)
+            self._seq, self._rows = seq, (prio, ids)
+        return self._rows
+
+    def begin_sequence(self, seq: SequenceTrace, token_offset: int) -> None:
+        self._seq, self._rows = seq, None
+
+    def begin_token(self, t: int) -> None:
+        self._t = t
+
+    def on_prediction(self, layer: int, logits: Any = None, kernel_plan: Any = None) -> Plan | None:
+        assert self._seq is not None, "MoEInfinity: begin_sequence must run first"
+        prio, ids = self._sequence_rows(self._seq)
+        scores = None
+        if prio is not None and layer == 0:  # every layer's priorities, before the token's first layer
+            scores = Plan(tuple(range(self.num_layers)), scores=prio[self._t])
+        fetch = None if ids is None else Plan((layer,), ids=ids[self._t, layer][None])
+        return Plan.merge(scores, fetch)
+
+    def sequence_plan(self, seq: SequenceTrace) -> SequencePlan:
+        prio, ids = self._sequence_rows(seq)
+        before = None if ids is None else Predictions(ids[:, :, None, :])
+        return SequencePlan(token_scores=prio, before=before)
 
     def end_sequence(self, seq: SequenceTrace) -> None:
         counts = activation_matrix(seq.experts, self._num_experts)  # [L, E]
@@ -112,51 +163,9 @@ class MoEInfinity(EvictionPolicy):
         self._ratios[i] = _row_ratios(counts)
         self._next = (i + 1) % self.capacity
         self._size = min(self._size + 1, self.capacity)
+        self._seq, self._rows = None, None
 
 
 def _row_ratios(counts: torch.Tensor) -> torch.Tensor:
     """(L, E) counts -> (L, E) per-layer activation ratios (rows sum to 1, or 0 when empty)."""
     return counts / counts.sum(-1, keepdim=True).clamp_min(1.0)
-
-
-class MoEInfinityPrefetcher(Prefetcher):
-    """MoE-Infinity's prefetch side: before each layer, the ``width`` experts of that layer with the
-    highest activation ratio in the best-matching earlier request's EAM (see :class:`MoEInfinity`;
-    the same matching, the same no-leakage rule). Experts never activated in the match are not
-    prefetched.
-
-    Args:
-        width: experts prefetched per layer (default: top-k of the trace).
-        capacity: the most EAMs kept in the collection.
-    """
-
-    name = "moe-infinity"
-
-    def __init__(self, width: int = 0, capacity: int = 512) -> None:
-        self.width = width
-        self._matcher = MoEInfinity(capacity=capacity)
-        self._cached_seq: SequenceTrace | None = None
-        self._cached = torch.zeros(0)
-
-    def prepare(self, meta: TraceMeta) -> None:
-        super().prepare(meta)
-        self._matcher.reset(meta.num_layers, meta.num_experts)
-
-    def _top(self, seq: SequenceTrace) -> torch.Tensor:
-        """(T, L, m) predicted ids of ``seq`` (-1 = none), computed once per sequence."""
-        if self._cached_seq is not seq:
-            top = self._matcher.predicted_ratios(seq).topk(self.width, dim=-1)  # [T, L, m]
-            self._cached = torch.where(top.values > 0, top.indices, -1)
-            self._cached_seq = seq
-        return self._cached
-
-    def prefetch(self, layer: int, ctx: TokenContext) -> torch.Tensor:
-        ids = self._top(ctx.seq)[ctx.t, layer]
-        return ids[ids >= 0]
-
-    def prefetch_sequence(self, seq: SequenceTrace, meta: TraceMeta) -> np.ndarray:
-        return self._top(seq).permute(1, 0, 2).contiguous().numpy().astype(np.int32)  # [L, T, m]
-
-    def end_sequence(self, seq: SequenceTrace) -> None:
-        self._matcher.end_sequence(seq)
-        self._cached_seq = None

@@ -1,19 +1,19 @@
-"""Any predictor as a simulator prefetch hook: ``moert simulate --prefetch PRED.safetensors[:m]``.
+"""Any predictor as a simulator policy: ``moert simulate --policy lru+PRED.safetensors[:m]``.
 
-Before the access of MoE layer l for token t, the hook makes the prediction the runtime's hook makes
-in a patched model: the predictor's logits for that (layer, token) go through
-``moert.engine.prefetch.Prefetcher`` itself (``predict_sequence``: what ``on_logits`` would hand the copy
-engine at every decode step), so
-the prefetched ids (top-(k+m) by probability, or ``:adaptive``: above the threshold, at least k, at
-most k + max_overprovision; lookahead rows for l+1..l+d), the eviction scores of policy ``score``
-and the clear of the layer that just ran are the runtime's, bit for bit. Probabilities, per
-predictor (see :func:`probability_mode`): ``sigmoid`` of the logits of a BCE-style loss,
-``clamp`` for ``mse``; ``prev-token`` scores are 0/1 already; ``frequency`` counts become selection
-rates (count / tokens, in [0, 1]).
+:class:`PredictorPolicy` is the runtime's planner (:class:`moert.policy.score.ScorePlanner`, the same
+object a patched model calls from its ``PrefetchNorm``) fed with the predictor's logits of the trace:
+before the access of MoE layer l for token t it gets the logits the runtime's hook would get at that
+step (``sequence_logits``), so the prefetched ids (top-(k+m) by probability, or ``:adaptive``: above the
+threshold, at least k, at most k + max_overprovision; lookahead rows for l+1..l+d), the eviction scores
+of policy ``score`` and the clear of the layer that just ran are the runtime's. Probabilities, per
+predictor (see :func:`probability_mode`): ``sigmoid`` of the logits of a BCE-style loss, ``clamp`` for
+``mse``; ``prev-token`` scores are 0/1 already; ``frequency`` counts become selection rates (count /
+tokens, in [0, 1]).
 
 Which fields of the sequence a predictor reads is causal by construction (see
 :mod:`moert.predict.base`), so predicting a whole sequence at once gives the same logits as asking
-token by token; the hook then takes them token by token, as the runtime does (batch 1 decode).
+token by token; the plans then go token by token, as the runtime does (batch 1 decode). Fast path:
+:meth:`ScorePlanner.predict_sequence` over the sequence's logits.
 """
 
 from __future__ import annotations
@@ -23,17 +23,19 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from moert.policy.base import Predictions, Prefetcher, TokenContext
+from moert.policy.base import SequencePlan
+from moert.policy.score import ScorePlanner
+from moert.predict import baselines
 from moert.predict.base import Predictor
+from moert.predict.io import load_predictor
 
 __all__ = [
-    "PredictorPrefetcher",
+    "PredictorPolicy",
     "SequenceListTrace",
     "parse_prefetch_spec",
-    "prefetcher_from_spec",
+    "policy_from_spec",
     "probability_mode",
 ]
 
@@ -55,17 +57,20 @@ def probability_mode(meta: Any) -> str | None:
     return None
 
 
-class PredictorPrefetcher(Prefetcher):
-    """Prefetches what the runtime's hook would, from any predictor (see the module doc).
+class PredictorPolicy(ScorePlanner):
+    """Prefetches (and scores) what the runtime's planner would, from any predictor (see the module doc).
 
     Args:
         predictor: any :class:`~moert.predict.base.Predictor` (trained file or baseline).
-        overprovision: ``m`` (the hook prefetches the top-(k+m)), or ``"adaptive"``.
+        overprovision: ``m`` (prefetch the top-(k+m)), or ``"adaptive"``.
         name: label in simulator tables (default: the predictor's kind).
         threshold: the adaptive mode's probability threshold.
         max_overprovision: the adaptive mode's most experts beyond k.
         score_decay: weight ``score_decay ** j`` of the scores of lookahead layer l+j.
     """
+
+    offline = True  # in a model the fused kernel predicts; here the trace feeds the predictor
+    fast_path = True
 
     def __init__(
         self,
@@ -77,8 +82,6 @@ class PredictorPrefetcher(Prefetcher):
         max_overprovision: int = 4,
         score_decay: float = 0.5,
     ):
-        from moert.api.config import OffloadConfig
-
         meta = predictor.meta
         E, k = meta.num_experts, meta.top_k
         adaptive = overprovision == "adaptive"
@@ -94,45 +97,23 @@ class PredictorPrefetcher(Prefetcher):
                 f"{meta.kind} predictor outputs are not probabilities, so the adaptive width (a probability "
                 "threshold) does not apply; give an integer over-provision m"
             )
-        # the runtime's own config checks (threshold, max_overprovision, score_decay)
-        self.cfg = OffloadConfig(
-            policy="score",
-            predictor=predictor,
+        super().__init__(
+            lookahead=meta.lookahead,
+            probabilities=self.mode or "sigmoid",  # no probabilities: only the ranking (monotone) is used
             overprovision=overprovision,
-            prefetch="async",
             threshold=threshold,
             max_overprovision=max_overprovision,
             score_decay=score_decay,
         )
         self.predictor = predictor
         self.m = overprovision
-        self.width = min(E, k + (max_overprovision if adaptive else int(overprovision)))
-        self.lookahead = meta.lookahead
         self.gives_scores = self.mode is not None
         self.name = name or meta.kind
-        self._hook: Any = (
-            None  # moert.engine.prefetch.Prefetcher, made by prepare (its clear counter runs on)
-        )
-        self._cached: tuple[Any, Predictions] | None = None
 
-    def prepare(self, meta: Any) -> None:
-        from moert.engine.prefetch import Prefetcher as RuntimeHook
+    def prepare(self, trace: Any) -> None:
+        self.predictor.check_trace(trace.meta, where=f"prefetcher {self.name!r}")
 
-        self.predictor.check_trace(meta, where=f"prefetcher {self.name!r}")
-        pm = self.predictor.meta
-        self._hook = RuntimeHook(
-            None,  # no engine: the simulator takes the hook's `prediction` and replays it itself
-            self.cfg,
-            pm.num_layers,
-            pm.num_experts,
-            pm.top_k,
-            pm.lookahead,
-            self.mode or "sigmoid",  # no probabilities: only the ranking (monotone in the logit) is used
-            "cpu",
-        )
-        self._cached = None
-
-    def logits(self, seq: Any) -> torch.Tensor:
+    def sequence_logits(self, seq: Any) -> torch.Tensor:
         """(L, T, 1+d, E) fp32: what the runtime's hook gets at each (layer, token) of ``seq``."""
         pred, pm = self.predictor, self.predictor.meta
         with torch.no_grad():
@@ -146,42 +127,8 @@ class PredictorPrefetcher(Prefetcher):
                 out = out * pm.top_k / out.sum(-1, keepdim=True).clamp_min(1.0)
         return out.float()
 
-    def predictions(self, seq: Any, meta: Any) -> Predictions:
-        """The runtime hook's prediction before every access of ``seq`` (computed once per sequence)."""
-        if self._cached is not None and self._cached[0] is seq:
-            return self._cached[1]
-        if self._hook is None:
-            self.prepare(meta)
-        hook = self._hook
-        logits = self.logits(seq)
-        L, T, n, E = logits.shape
-        with torch.no_grad():
-            # the hook's own prediction of every (token, layer) step, token-major as a decode runs
-            got_ids, got_scores, clear_score, cleared = hook.predict_sequence(logits)
-        if any(c not in (-1, (layer - 1) % L) for layer, c in enumerate(cleared)):
-            raise RuntimeError(
-                f"moert.engine.prefetch.Prefetcher clears layers {cleared}; the simulator replays a clear of l-1"
-            )
-        ids = np.full((T, L, n, self.width), -1, dtype=np.int32)
-        ids[..., : got_ids.shape[-1]] = got_ids.numpy()
-        scores = np.zeros((T, L, n, E), dtype=np.float32) if got_scores is None else got_scores.numpy()
-        clear = np.where(np.array(cleared)[None, :] >= 0, clear_score.numpy(), np.nan).astype(np.float32)
-        out = Predictions(ids, scores, clear)
-        self._cached = (seq, out)
-        return out
-
-    def prefetch(self, layer: int, ctx: TokenContext) -> torch.Tensor:
-        """(<= width,) expert ids prefetched into ``layer`` before its access for token ``ctx.t``
-        (slow path: predicts the whole sequence once)."""
-        row = self.predictions(ctx.seq, ctx.meta).ids[ctx.t, layer, 0]
-        return torch.from_numpy(row[row >= 0].astype(np.int64))
-
-    def prefetch_sequence(self, seq: Any, meta: Any) -> np.ndarray:
-        """(L, T, width) int32 ids prefetched into each access's own layer, -1 pads."""
-        return self.predictions(seq, meta).own_rows()
-
-    def end_sequence(self, seq: Any) -> None:
-        self._cached = None
+    def sequence_plan(self, seq: Any) -> SequencePlan:
+        return SequencePlan(before=self.predict_sequence(self.sequence_logits(seq)))
 
 
 def parse_prefetch_spec(spec: str) -> tuple[str, int | str]:
@@ -196,12 +143,12 @@ def parse_prefetch_spec(spec: str) -> tuple[str, int | str]:
     return spec, 0
 
 
-def prefetcher_from_spec(
+def policy_from_spec(
     spec: str,
     trace_meta: Any = None,
     fit_sequences: Sequence[Any] | None = None,
     **options: Any,
-) -> PredictorPrefetcher:
+) -> PredictorPolicy:
     """Builds a prefetcher from ``PRED.safetensors[:m]``, ``prev-token[:m]`` or ``frequency[:m]``
     (``:adaptive`` instead of ``:m`` for the adaptive width).
 
@@ -209,11 +156,8 @@ def prefetcher_from_spec(
         spec: the ``--prefetch`` value.
         trace_meta: the trace's meta (needed by the baselines, and checked against a file's header).
         fit_sequences: sequences the ``frequency`` baseline counts (e.g. the training split).
-        options: ``threshold``, ``max_overprovision``, ``score_decay`` of :class:`PredictorPrefetcher`.
+        options: ``threshold``, ``max_overprovision``, ``score_decay`` of :class:`PredictorPolicy`.
     """
-    from moert.predict import baselines
-    from moert.predict.io import load_predictor
-
     target, m = parse_prefetch_spec(spec)
     if target == "prev-token":
         if trace_meta is None:
@@ -228,7 +172,7 @@ def prefetcher_from_spec(
         if trace_meta is not None:
             pred.check_trace(trace_meta, where=target)
     label = f"{Path(target).stem if target.endswith('.safetensors') else target}" + (f":{m}" if m else "")
-    return PredictorPrefetcher(pred, m, name=label, **options)
+    return PredictorPolicy(pred, m, name=label, **options)
 
 
 class SequenceListTrace:

@@ -1,4 +1,4 @@
-"""MoE-SpAc's utility (DESIGN.md §7, "utility (speculative)"): eviction and prefetch in one score space.
+"""MoE-SpAc's utility (DESIGN.md §7): eviction and prefetch in one score space.
 
 The utility of expert ``e`` of MoE layer ``l`` is an exponential moving average of how many times
 ``e`` was selected in each of the layer's past calls (a call = one token at autoregressive decode, one
@@ -7,27 +7,23 @@ verify pass of gamma + 1 tokens under speculative decoding, where the count is a
 
     u_l(e) <- decay * u_l(e) + (1 - decay) * count of e in the call       (after every call of layer l)
 
-Eviction ``utility`` pushes u as the C++ cache's ``priority`` (lowest evicted first, ties by
-recency) after each call; the prefetcher ``utility[:m]`` prefetches, after a call of layer l (while
-the draft model runs, before the next verify pass), the top-(k+m) experts of layer l by u that are
-not resident (the cache skips resident ones). Both use only past calls.
+Hook ``after_call`` (runtime and simulator): after each call of layer l, the plan replaces the layer's E
+priorities by ``u_l`` as float32 (C++ ``priority``: lowest evicted first, ties by recency) and, with a
+prefetch width ``k + m`` (``utility:m``, or the runtime's ``overprovision=m``), prefetches the layer's
+top-(k+m) experts by u with u > 0, most useful first, ties to the lower id (the cache skips resident
+and in-flight ones), for the layer's next call: the copy runs while the other layers (and the draft
+model) run. Both use only past calls.
 
-How the simulator applies them, without pushing all E priorities after every call (the same order,
-so the same victims): between two calls every u of a layer is multiplied by the same ``decay``, which
-changes no order; so the priority pushed is ``log u + c * log(1/decay)`` with ``c`` the calls since
-the start of the current sequence, which changes only for the experts the call selected
-(:meth:`UtilityPolicy.access_priorities`). At each sequence start every priority is rebased (``c = 0``)
-by :meth:`UtilityPolicy.token_priorities`, which keeps the float32 priorities exact to ~1e-6 relative.
-An expert never selected has u = 0 and the lowest priority (:data:`NEVER`). A verify pass's counts come
-from ``moert.sim.PassSequence.multiplicity`` (the pass's union alone would give 0/1).
+Fast path (:meth:`Utility.sequence_plan`): :func:`utility_scan` computes the same u after every call of
+a sequence at once (the same float64 operations, so the same bits), and the simulator applies the rows
+access by access. As ``EVICT`` only its priorities count, as ``PREFETCH`` only its ids
+(``utility+utility:2`` = both).
 
-One global cache compares layers: there the pushed priority of every layer carries the same clock
-(calls of the pass so far), so a layer that already ran in the current pass is compared with one yet to
-run as if both had decayed the same number of passes (per-layer caches are exact either way).
-
-The prefetcher's rows are applied right before the layer's next call (``Prefetcher`` contract): in a
-per-layer cache nothing else touches the layer's cache in between, so that is the same as right
-after the call; in one global cache the other layers' calls of the pass come first.
+The simulator before this contract pushed ``float32(log u + c * log(1/decay))`` for the accessed experts
+only (c: calls since the sequence start), which orders experts as u does up to rounding, but in one
+global cache compared a layer that already ran in the current pass with one yet to run as if the latter
+had decayed once more (u against decay * u'), and applied the prefetch right before the layer's next
+call instead of after its call; it now replays what the runtime pushes.
 """
 
 from __future__ import annotations
@@ -37,17 +33,15 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from moert.policy.base import EvictionPolicy, Prefetcher
+from moert.policy.base import Plan, Policy, SequencePlan
 
 if TYPE_CHECKING:
-    from moert.trace import SequenceTrace, Trace, TraceMeta
+    from moert.trace import SequenceTrace
 
-__all__ = ["DEFAULT_DECAY", "NEVER", "UtilityPolicy", "UtilityPrefetcher", "check_decay", "utility_scan"]
+__all__ = ["DEFAULT_DECAY", "Utility", "call_counts", "check_decay", "utility_scan"]
 
 #: Default weight of the past in the moving average.
 DEFAULT_DECAY = 0.7
-#: Priority of an expert with utility 0 (finite: the C++ cache rejects inf).
-NEVER = -1.0e30
 
 
 def check_decay(decay: float) -> float:
@@ -108,121 +102,74 @@ def utility_scan(
     return out
 
 
-class _UtilityState:
-    """The running utility (L, E) shared by a sequence's calls; advanced at each sequence's end."""
-
-    def __init__(self) -> None:
-        self.decay = DEFAULT_DECAY
-        self.u: np.ndarray | None = None
-        self._pending: tuple[SequenceTrace, np.ndarray] | None = None
-
-    def reset(self, num_layers: int, num_experts: int) -> None:
-        self.u = np.zeros((num_layers, num_experts), dtype=np.float64)
-        self._pending = None
-
-    def scan(self, seq: SequenceTrace) -> np.ndarray:
-        """(T + 1, L, E) utility before each call of ``seq`` (and after its last), cached per sequence."""
-        if self.u is None:
-            raise RuntimeError("utility: prepare() must run before the replay")
-        if self._pending is None or self._pending[0] is not seq:
-            mult = getattr(seq, "multiplicity", None)  # a verify pass's counts (moert.sim.PassSequence)
-            mult = None if mult is None else mult.numpy()
-            self._pending = (seq, utility_scan(seq.experts.numpy(), self.u, self.decay, mult))
-        return self._pending[1]
-
-    def advance(self, seq: SequenceTrace) -> None:
-        self.u = self.scan(seq)[-1]
-        self._pending = None
+def top_ids(u: np.ndarray, width: int) -> np.ndarray:
+    """(..., E) utility -> (..., width) int32: the most useful experts with u > 0, ties to the lower id, -1 pads."""
+    order = np.argsort(-u, axis=-1, kind="stable")[..., :width]
+    top = np.take_along_axis(u, order, axis=-1)
+    return np.where(top > 0, order, -1).astype(np.int32)
 
 
-def _priorities(u: np.ndarray, calls: np.ndarray | int, decay: float) -> np.ndarray:
-    """``log u + calls * log(1/decay)`` as float32, :data:`NEVER` where u == 0 (see the module doc)."""
-    with np.errstate(divide="ignore"):
-        p = np.log(u) + np.asarray(calls, dtype=np.float64) * -math.log(decay)
-    return np.where(u > 0, p, NEVER).astype(np.float32)
-
-
-class _UtilityDecay:
-    """The ``decay`` of a policy or prefetcher that keeps a ``_UtilityState`` (validated on set)."""
-
-    _state: _UtilityState
-
-    @property
-    def decay(self) -> float:
-        return self._state.decay
-
-    @decay.setter
-    def decay(self, value: float) -> None:
-        self._state.decay = check_decay(value)
-
-
-class UtilityPolicy(_UtilityDecay, EvictionPolicy):
-    """Evicts the lowest utility first, ties by recency (see the module doc).
+class Utility(Policy):
+    """MoE-SpAc's utility: priorities and prefetches from one moving average (see the module doc).
 
     Args:
+        extra: m: after each call prefetch the layer's top-(k + m) experts by utility; None: prefetch nothing.
         decay: weight of the past in the moving average, in (0, 1).
     """
 
     name = "utility"
-    cpp_policy = "priority"
-    per_token = True
+    cache_policy = "priority"
+    roles = ("evict", "prefetch")
+    fast_path = True
+    verify_passes = True
+    arg_help = "[:m]"
 
-    def __init__(self, decay: float = DEFAULT_DECAY) -> None:
-        self._state = _UtilityState()
-        self.decay = decay
-
-    def prepare(self, trace: Trace) -> None:
-        self._state.reset(trace.meta.num_layers, trace.meta.num_experts)
-
-    def token_priorities(self, seq: SequenceTrace) -> np.ndarray:
-        """(T, L, E): every row the utility at the sequence's start (rebased; set once per sequence)."""
-        u = self._state.scan(seq)  # [T + 1, L, E]
-        row = _priorities(u[0], 0, self.decay)  # [L, E]
-        return np.broadcast_to(row[None], (seq.num_tokens, *row.shape))
-
-    def access_priorities(self, seq: SequenceTrace) -> np.ndarray:
-        """(L, T, w): the utility of each selected expert right after its call (rebased to the sequence)."""
-        u = self._state.scan(seq)[1:]  # [T, L, E] after each call
-        ex = seq.experts.numpy().astype(np.int64)  # [L, T, w]
-        L, T, _ = ex.shape
-        after = u.transpose(1, 0, 2)  # [L, T, E]
-        got = np.take_along_axis(after, np.maximum(ex, 0), axis=2)  # [L, T, w]
-        calls = np.arange(1, T + 1)[None, :, None]
-        return np.where(ex >= 0, _priorities(got, calls, self.decay), 0.0).astype(np.float32)
-
-    def end_sequence(self, seq: SequenceTrace) -> None:
-        self._state.advance(seq)
-
-
-class UtilityPrefetcher(_UtilityDecay, Prefetcher):
-    """Before each call of a layer, the top-(k + m) experts of that layer by utility (only those with
-    utility > 0; the most useful first); the cache skips the resident ones.
-
-    Args:
-        extra: m, how many beyond k.
-        decay: weight of the past in the moving average, in (0, 1).
-    """
-
-    name = "utility"
-
-    def __init__(self, extra: int = 0, decay: float = DEFAULT_DECAY) -> None:
-        if not (isinstance(extra, int) and extra >= 0):
+    def __init__(self, extra: int | None = None, decay: float = DEFAULT_DECAY) -> None:
+        if extra is not None and (isinstance(extra, bool) or not isinstance(extra, int) or extra < 0):
             raise ValueError(f"utility prefetcher: m={extra!r} must be an integer >= 0 (e.g. utility:2)")
         self.extra = extra
-        self._state = _UtilityState()
-        self.decay = decay
+        self.decay = check_decay(decay)
+        self.width = 0
+        self.utility = np.zeros((0, 0), dtype=np.float64)
+        self._pending: np.ndarray | None = None
 
-    def prepare(self, meta: TraceMeta) -> None:
-        self.width = min(meta.top_k + self.extra, meta.num_experts)
-        self._state.reset(meta.num_layers, meta.num_experts)
+    @classmethod
+    def from_spec(
+        cls, arg: str | None, *, role: str, utility_decay: float = DEFAULT_DECAY, **options
+    ) -> Utility:
+        if role == "evict":
+            super().from_spec(arg, role=role)  # no argument
+            return cls(None, utility_decay)
+        if arg is not None and not arg.isdigit():
+            raise ValueError(f"prefetcher 'utility:{arg}': m must be an integer >= 0, e.g. utility:2")
+        return cls(int(arg) if arg else 0, utility_decay)
 
-    def prefetch_sequence(self, seq: SequenceTrace, meta: TraceMeta) -> np.ndarray:
-        """(L, T, k + m) int32: row t from the utility after calls 0 .. t-1 (and earlier sequences)."""
-        before = self._state.scan(seq)[:-1]  # [T, L, E] before each call
-        order = np.argsort(-before, axis=2, kind="stable")[..., : self.width]  # [T, L, w] ties: lower id
-        top = np.take_along_axis(before, order, axis=2)
-        ids = np.where(top > 0, order, -1).astype(np.int32)
-        return np.ascontiguousarray(ids.transpose(1, 0, 2))  # [L, T, w]
+    def bind(self, num_layers: int, num_experts: int, top_k: int) -> None:
+        super().bind(num_layers, num_experts, top_k)
+        self.width = 0 if self.extra is None else min(num_experts, top_k + self.extra)
+        self.utility = np.zeros((num_layers, num_experts), dtype=np.float64)  # [L, E]
+        self._pending = None
+
+    def after_call(self, layer: int, counts: np.ndarray) -> Plan:
+        """Updates the layer's utility with the call's counts (E,); its priorities, then its prefetch."""
+        u = self.utility[layer]
+        u *= self.decay
+        u += (1.0 - self.decay) * np.asarray(counts, dtype=np.float64)
+        ids = top_ids(u, self.width)[None] if self.width else None
+        return Plan((layer,), ids, u.astype(np.float32)[None])
+
+    def sequence_plan(self, seq: SequenceTrace) -> SequencePlan:
+        mult = getattr(seq, "multiplicity", None)  # a verify pass's counts (moert.sim.PassSequence)
+        scan = utility_scan(
+            seq.experts.numpy(), self.utility, self.decay, None if mult is None else mult.numpy()
+        )
+        after = scan[1:]  # [T, L, E] after each call
+        self._pending = scan[-1]
+        return SequencePlan(
+            after_scores=after.astype(np.float32),
+            after_ids=top_ids(after, self.width) if self.width else None,
+        )
 
     def end_sequence(self, seq: SequenceTrace) -> None:
-        self._state.advance(seq)
+        if self._pending is not None:  # the fast path: advance as the steps would have
+            self.utility, self._pending = self._pending, None

@@ -4,8 +4,11 @@ Never edited to match the implementation. The semantics follow the cache's speci
 (csrc/include/moert/slab_cache.h): within one access the hits are touched first (in list order),
 then each miss is loaded (a free slot first, else the unpinned entry with the smallest key is
 evicted) and touched; the experts of the current access are pinned. Keys: lru = last-touch tick;
-lfu = (accesses since loaded, tick); priority = (score, tick). A prefetch loads the experts not
-resident, never evicting an entry it loaded in the same call, and does not count as an access.
+lfu = (accesses since loaded, tick); priority = (score, tick); fifo = (demand-load number, tick): each
+demand load gets the next number, an access's misses in ascending expert id (the runtime's load order),
+and an entry a prefetch brought in keeps the number of its last demand load (0 if none). A prefetch
+loads the experts not resident, never evicting an entry it loaded in the same call, and does not count
+as an access.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ class ReferenceCache:
         self.entries: dict[tuple[int, int], dict] = {}  # key -> {"tick", "freq"}
         self.score: dict[tuple[int, int], float] = {}
         self.tick = 0
+        self.demand_loads: dict[tuple[int, int], int] = {}  # fifo: number of each key's last demand load
+        self.loads = 0
 
     def _key(self, key):
         entry = self.entries[key]
@@ -34,6 +39,8 @@ class ReferenceCache:
             return (entry["tick"],)
         if self.policy == "lfu":
             return (entry["freq"], entry["tick"])
+        if self.policy == "fifo":
+            return (self.demand_loads.get(key, 0), entry["tick"])
         return (self.score.get(key, 0.0), entry["tick"])
 
     def _make_room(self, protected) -> bool:
@@ -69,6 +76,9 @@ class ReferenceCache:
         hits = [e for e in ids if (layer, e) in self.entries]
         for e in hits:
             self._touch((layer, e), count=True)
+        for e in sorted(e for e in ids if (layer, e) not in self.entries):
+            self.loads += 1
+            self.demand_loads[(layer, e)] = self.loads
         for e in ids:
             key = (layer, e)
             if key in self.entries:

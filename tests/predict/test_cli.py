@@ -11,8 +11,7 @@ from predict_synth import make_trace, write_trace
 
 from moert.cli import eval as eval_cli
 from moert.cli import train as train_cli
-from moert.policy.base import TokenContext
-from moert.policy.predictor import SequenceListTrace, parse_prefetch_spec, prefetcher_from_spec
+from moert.policy.predictor import SequenceListTrace, parse_prefetch_spec, policy_from_spec
 from moert.predict.io import load_predictor
 
 
@@ -109,12 +108,13 @@ def test_prefetch_hook_matches_token_by_token_and_runs_in_the_simulator(tmp_path
     assert parse_prefetch_spec("prev-token") == ("prev-token", 0)
     with pytest.raises(ValueError, match="integer m"):
         parse_prefetch_spec("a/b.safetensors:x")
-    hook = prefetcher_from_spec("frequency:2", meta, seqs[:20])
-    hook.prepare(meta)
+    hook = policy_from_spec("frequency:2", meta, seqs[:20])
+    hook.bind(meta.num_layers, meta.num_experts, meta.top_k)
     s = seqs[30]
-    whole = hook.prefetch_sequence(s, meta)
+    whole = hook.sequence_plan(s).before.own_rows()  # the fast path: every step at once
     assert whole.shape == (meta.num_layers, s.num_tokens, meta.top_k + 2) and whole.dtype == np.int32
-    one = np.array([[hook.prefetch(li, TokenContext(s, t, li, meta)).tolist() for t in range(s.num_tokens)]
+    logits = hook.sequence_logits(s)  # step by step, as the runtime asks
+    one = np.array([[hook.on_prediction(li, logits[li, t]).ids[0].tolist() for t in range(s.num_tokens)]
                     for li in range(meta.num_layers)])  # fmt: skip
     assert (one == whole).all()
 

@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).parent.parent / "policy"))
 from policy_reference import ReferenceCache  # noqa: E402
 
 from moert.cli import simulate as sim_cli  # noqa: E402
-from moert.policy import Prefetcher, TokenContext  # noqa: E402
+from moert.policy import TracePrefetcher, build  # noqa: E402
 from moert.policy.moe_infinity import MoEInfinity  # noqa: E402
 from moert.sim import CostModel, SimConfig, num_slots, parse_policies, simulate  # noqa: E402
 from moert.trace import InMemoryTrace, SequenceTrace, TraceMeta, TraceWriter  # noqa: E402
@@ -46,7 +46,7 @@ def reference_hits(trace, capacity, mode, evict, prefetch=False) -> np.ndarray:
     policy = None
     if evict == "moe-infinity":
         policy = MoEInfinity()
-        policy.prepare(trace)
+        policy.bind(L, E, meta.top_k)
     hits = np.zeros(L, dtype=np.int64)
     for seq in trace.sequences():
         prio = policy.token_priorities(seq) if policy else None
@@ -166,7 +166,7 @@ def naive_moe_infinity(trace, capacity=512):
 def test_moe_infinity_matches_naive(capacity):
     trace = random_trace(seed=7, lengths=(6, 4, 7, 5, 6))
     policy = MoEInfinity(capacity=capacity)
-    policy.prepare(trace)
+    policy.bind(trace.meta.num_layers, trace.meta.num_experts, trace.meta.top_k)
     want = naive_moe_infinity(trace, capacity)
     for seq, w in zip(trace.sequences(), want):
         got = policy.token_priorities(seq)
@@ -220,7 +220,7 @@ def test_cli_writes_json_plot_markdown(tmp_path):
 
 def test_bad_config_is_rejected():
     with pytest.raises(ValueError, match="unknown eviction policy"):
-        parse_policies(["fifo"])
+        parse_policies(["mru"])
     with pytest.raises(ValueError, match="unknown prefetcher"):
         parse_policies(["lru+psychic"])
     with pytest.raises(ValueError, match="capacity"):
@@ -246,7 +246,7 @@ def test_real_traces_at_capacity_k(shared_traces):
     assert rows["belady", 0.5]["hit_rate"] >= rows["lru", 0.5]["hit_rate"] > rows["lru", 0.05]["hit_rate"]
 
 
-class PreviousTokenPrefetcher(Prefetcher):
+class PreviousTokenPrefetcher(TracePrefetcher):
     """A predictor through the public hook: the previous token's experts of this layer, shifted by one id
     (the previous token's own experts are always resident, so they would exercise nothing)."""
 
@@ -288,24 +288,27 @@ def test_custom_prefetch_hook_matches_reference(mode):
 
 
 def test_moe_infinity_prefetcher_takes_the_top_predicted_experts():
-    from moert.policy import get_prefetcher
-
     trace = random_trace(seed=8, lengths=(5, 6, 4, 7))
-    pre = get_prefetcher("moe-infinity")
-    pre.prepare(trace.meta)
+    meta = trace.meta
+    fast, step = build("moe-infinity", "prefetch"), build("moe-infinity", "prefetch")
+    for pre in (fast, step):
+        pre.bind(meta.num_layers, meta.num_experts, meta.top_k)
     want = naive_moe_infinity(trace)
-    m = trace.meta.top_k
+    m = meta.top_k
     for seq, w in zip(trace.sequences(), want):
-        rows = pre.prefetch_sequence(seq, trace.meta)  # [L, T, m]
+        fast.begin_sequence(seq, 0)
+        rows = fast.sequence_plan(seq).before.own_rows()  # [L, T, m]
+        step.begin_sequence(seq, 0)
         for t in range(seq.num_tokens):
-            for layer in range(trace.meta.num_layers):
+            step.begin_token(t)
+            for layer in range(meta.num_layers):
                 ids = [int(i) for i in rows[layer, t] if i >= 0]
                 top = sorted(v for v in w[t, layer] if v > 0)[::-1][:m]
                 np.testing.assert_allclose(sorted(w[t, layer][ids])[::-1], top, rtol=1e-5)
-                assert sorted(ids) == sorted(
-                    pre.prefetch(layer, TokenContext(seq, t, layer, trace.meta)).tolist()
-                )
-        pre.end_sequence(seq)
+                plan = step.on_prediction(layer)
+                assert plan.layers == (layer,) and plan.ids[0].tolist() == rows[layer, t].tolist()
+        fast.end_sequence(seq)
+        step.end_sequence(seq)
 
 
 def test_results_do_not_depend_on_chunking():

@@ -22,7 +22,6 @@ from policy_reference import ReferenceCache  # noqa: E402
 from test_sim import PreviousTokenPrefetcher, random_trace  # noqa: E402
 
 from moert.cli import simulate as sim_cli  # noqa: E402
-from moert.policy import Predictions  # noqa: E402
 from moert.sim import CostModel, SimConfig, cpu_split, num_slots, parse_policies, simulate  # noqa: E402
 from moert.trace import InMemoryTrace, SequenceTrace, TraceMeta, TraceWriter  # noqa: E402
 
@@ -145,34 +144,20 @@ def test_misses_per_step_match_reference(mode):
         assert int((np.arange(want.size) * want).sum()) == row["cache_stats"]["demand_loads"]
 
 
-class LookaheadPrevious(PreviousTokenPrefetcher):
-    """The same prefetches with a lookahead row that is always empty: forces the step-by-step replay."""
-
-    name = "previous-ahead"
-    lookahead = 1
-
-    def predictions(self, seq, meta):
-        own = super().predictions(seq, meta)
-        T, L, _, w = own.ids.shape
-        ids = np.concatenate([own.ids, np.full((T, L, 1, w), -1, dtype=np.int32)], axis=2)  # [T, L, 2, w]
-        scores = np.zeros((T, L, 2, meta.num_experts), dtype=np.float32)
-        return Predictions(ids, scores, own.clear)
-
-
 @pytest.mark.parametrize("mode", ["per-layer", "global"])
 def test_stepwise_replay_counts_the_same_misses(mode):
+    """The stepping driver and the fast path (chunked C++ replays, or access by access for utility)
+    count the same demand misses at every step."""
     trace = random_trace(seed=6)
     cost = CostModel(cpu_expert_ms=0.8)
-    pre = {"previous": PreviousTokenPrefetcher(), "previous-ahead": LookaheadPrevious()}
-    specs = parse_policies(["lru+previous", "lru+previous-ahead"], prefetchers=list(pre))
-    rows = simulate(
-        trace, SimConfig(capacities=(0.3, 0.6), policies=tuple(specs), mode=mode, cost=cost), prefetchers=pre
-    )["results"]
-    by = {(r["policy"], r["capacity"]): r for r in rows}
-    for c in (0.3, 0.6):
-        chunked, stepwise = by["lru+previous", c], by["lru+previous-ahead", c]
-        assert chunked["demand_misses_per_step"] == stepwise["demand_misses_per_step"], (c, chunked, stepwise)
-        assert chunked["cpu_predicted_tok_s"] == stepwise["cpu_predicted_tok_s"]
+    specs = tuple(parse_policies(["lru+previous", "utility+utility:2", "belady"], prefetchers=["previous"]))
+    rows = {}
+    for replay in ("auto", "step"):
+        cfg = SimConfig(capacities=(0.3, 0.6), policies=specs, mode=mode, cost=cost, replay=replay)
+        rows[replay] = simulate(trace, cfg, prefetchers={"previous": PreviousTokenPrefetcher()})["results"]
+    for fast, step in zip(rows["auto"], rows["step"]):
+        assert fast["demand_misses_per_step"] == step["demand_misses_per_step"], (fast["policy"], fast, step)
+        assert fast["cpu_predicted_tok_s"] == step["cpu_predicted_tok_s"]
 
 
 CPU_KEYS = {

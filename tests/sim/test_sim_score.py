@@ -19,7 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent.parent / "policy"))
 from policy_reference import ReferenceCache  # noqa: E402
 
-from moert.policy.predictor import PredictorPrefetcher, prefetcher_from_spec  # noqa: E402
+from moert.policy.predictor import PredictorPolicy, policy_from_spec  # noqa: E402
 from moert.predict.base import Predictor, PredictorMeta  # noqa: E402
 from moert.sim import SimConfig, num_slots, parse_policies, simulate  # noqa: E402
 from moert.trace import InMemoryTrace, SequenceTrace, TraceMeta  # noqa: E402
@@ -120,7 +120,7 @@ def reference_hits(trace, pred, m, capacity, mode, evict):
 
 def run(trace, pred, m, capacities, mode, policies, chunk_tokens=8192):
     spec = f"pred:{m}"
-    hook = PredictorPrefetcher(
+    hook = PredictorPolicy(
         pred, m, "pred", threshold=THRESHOLD, max_overprovision=MAX_OVER, score_decay=DECAY
     )
     specs = parse_policies([f"{p}+{spec}" for p in policies], prefetchers=[spec])
@@ -151,12 +151,12 @@ def test_score_matches_reference(mode, m, d):
 @pytest.mark.parametrize("m", [2, "adaptive"])
 def test_predictions_are_the_reference_plan(m):
     trace, pred = make_case(seed=5, d=2, lengths=(6, 4))
-    hook = PredictorPrefetcher(pred, m, threshold=THRESHOLD, max_overprovision=MAX_OVER, score_decay=DECAY)
-    hook.prepare(trace.meta)
+    hook = PredictorPolicy(pred, m, threshold=THRESHOLD, max_overprovision=MAX_OVER, score_decay=DECAY)
     L, E, k = trace.meta.num_layers, trace.meta.num_experts, trace.meta.top_k
+    hook.bind(L, E, k)
     step, worst = 0, 0.0
     for seq in trace.sequences():
-        got = hook.predictions(seq, trace.meta)
+        got = hook.sequence_plan(seq).before
         logits = pred.table[seq.seq_id]
         for t in range(seq.num_tokens):
             for layer in range(L):
@@ -206,23 +206,23 @@ def test_baselines_give_scores():
     trace, _ = make_case(seed=2)
     meta, seqs = trace.meta, list(trace.sequences())
     k = meta.top_k
-    prev = prefetcher_from_spec("prev-token:1", meta)
-    prev.prepare(meta)
-    p = prev.predictions(seqs[0], meta)
+    prev = policy_from_spec("prev-token:1", meta)
+    prev.bind(meta.num_layers, meta.num_experts, k)
+    p = prev.sequence_plan(seqs[0]).before
     for t in range(1, seqs[0].num_tokens):
         for layer in range(meta.num_layers):
             prior = set(seqs[0].experts[layer, t - 1].tolist())
             assert set(p.ids[t, layer, 0, :k].tolist()) == prior
             assert sorted(np.flatnonzero(p.scores[t, layer, 0]).tolist()) == sorted(prior)
             assert set(p.scores[t, layer, 0][sorted(prior)].tolist()) == {1.0}
-    freq = prefetcher_from_spec("frequency:2", meta, seqs[1:])
-    freq.prepare(meta)
+    freq = policy_from_spec("frequency:2", meta, seqs[1:])
+    freq.bind(meta.num_layers, meta.num_experts, k)
     counts = torch.zeros(meta.num_layers, meta.num_experts)
     for s in seqs[1:]:
         for layer in range(meta.num_layers):
             counts[layer] += torch.bincount(s.experts[layer].reshape(-1), minlength=meta.num_experts)
     tokens = sum(s.num_tokens for s in seqs[1:])
-    f = freq.predictions(seqs[0], meta)
+    f = freq.sequence_plan(seqs[0]).before
     for layer in range(meta.num_layers):
         ids = f.ids[0, layer, 0]
         np.testing.assert_allclose(
@@ -238,9 +238,9 @@ def test_score_without_scores_is_rejected():
     with pytest.raises(ValueError, match="'moe-infinity' gives no scores"):
         parse_policies(["lru", "score"], prefetch="moe-infinity")
     trace, _ = make_case(seed=1)
-    from moert.policy import Prefetcher
+    from moert.policy import TracePrefetcher
 
-    class Plain(Prefetcher):
+    class Plain(TracePrefetcher):
         name = "plain"
 
         def prefetch(self, layer, ctx):

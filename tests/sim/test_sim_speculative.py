@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).parent.parent / "policy"))
 from policy_reference import ReferenceCache, distinct, reference_belady_hits  # noqa: E402
 
 from moert.cli import simulate as sim_cli  # noqa: E402
-from moert.policy import get_prefetcher  # noqa: E402
+from moert.policy import build  # noqa: E402
 from moert.sim import (  # noqa: E402
     CostModel,
     SimConfig,
@@ -56,8 +56,9 @@ def run(trace, policy, n, capacity, mode="per-layer", decay=0.7) -> dict:
 
 def reference(trace, policy, n, capacity, decay=0.7) -> dict:
     """Per-layer reference: passes of n tokens, each layer's union accessed once (waves of the cache's slots,
-    resident first, when it does not fit), utility recomputed from scratch and pushed for all E after each
-    call, utility prefetch = top-(k+m) by utility > 0 before each call."""
+    resident first, when it does not fit), utility recomputed from scratch and pushed for all E (as float32,
+    what the runtime pushes) after each call, then the utility prefetch = top-(k+m) by utility > 0 (for the
+    layer's next call)."""
     meta = trace.meta
     L, E, k = meta.num_layers, meta.num_experts, meta.top_k
     slots = num_slots(capacity, meta, "per-layer")
@@ -74,11 +75,6 @@ def reference(trace, policy, n, capacity, decay=0.7) -> dict:
         for p0 in range(0, T, n):
             for layer in range(L):
                 cache = caches[layer]
-                if m is not None:  # utility prefetch from the past calls only
-                    top = sorted(range(E), key=lambda e, layer=layer: (-u[layer, e], e))[: k + m]
-                    resident = set(cache.entries)
-                    cache.prefetch(0, [e for e in top if u[layer, e] > 0])
-                    prefetched += len(set(cache.entries) - resident)
                 # one token: its own order (today's replay); a pass: the union by id (the runtime's order)
                 union = (
                     distinct(ex[layer, p0])
@@ -93,7 +89,12 @@ def reference(trace, policy, n, capacity, decay=0.7) -> dict:
                 counts = np.bincount(ex[layer, p0 : p0 + n].ravel(), minlength=E)
                 u[layer] = decay * u[layer] + (1 - decay) * counts
                 if evict == "utility":
-                    cache.set_priority(0, range(E), u[layer])
+                    cache.set_priority(0, range(E), u[layer].astype(np.float32))
+                if m is not None:  # utility prefetch from the calls so far, for the next call
+                    top = sorted(range(E), key=lambda e, layer=layer: (-u[layer, e], e))[: k + m]
+                    resident = set(cache.entries)
+                    cache.prefetch(0, [e for e in top if u[layer, e] > 0])
+                    prefetched += len(set(cache.entries) - resident)
     return {"hits": hits, "demand_misses": misses, "prefetch_loads": prefetched, "tokens": tokens}
 
 
@@ -176,19 +177,20 @@ def test_belady_passes(n):
 
 
 def test_utility_uses_only_the_past():
-    """Changing the future (the last pass) changes no prefetch row and no priority before it."""
+    """Changing the future (the last pass) changes no prefetch and no priority planned before it."""
     trace = random_trace(lengths=(10,))
     (seq,) = trace.sequences()
     other = seq.experts.clone()
     other[:, -1] = (other[:, -1] + 1) % 16
-    rows = []
+    plans = []
     for ex in (seq.experts, other):
         s = SequenceTrace(0, seq.positions, ex, seq.is_prefill)
-        p = get_prefetcher("utility:2")
-        p.prepare(trace.meta)
-        rows.append(p.prefetch_sequence(s, trace.meta))
-    np.testing.assert_array_equal(rows[0], rows[1])
-    assert rows[0].shape == (3, 10, 6) and (rows[0][:, 0] == -1).all()  # nothing known before the first call
+        p = build("utility:2", "prefetch")
+        p.bind(3, 16, 4)
+        plans.append(p.sequence_plan(s))
+    np.testing.assert_array_equal(plans[0].after_ids[:-1], plans[1].after_ids[:-1])
+    np.testing.assert_array_equal(plans[0].after_scores[:-1], plans[1].after_scores[:-1])
+    assert plans[0].after_ids.shape == (10, 3, 6) and plans[0].before is None  # nothing before the first call
 
 
 def test_generated_token_metrics_compare_across_n():
@@ -222,7 +224,7 @@ def test_errors_name_the_fix():
     with pytest.raises(ValueError, match="use utility"):
         simulate(trace, SimConfig(policies=tuple(parse_policies(["lru+moe-infinity"])), verify_tokens=2))
     with pytest.raises(ValueError, match="utility:2"):
-        get_prefetcher("utility:x")
+        build("utility:x", "prefetch")
     parser = __import__("argparse").ArgumentParser()
     sim_cli.add_arguments(parser)
     for flag, value in (("--verify-tokens", "0"), ("--utility-decay", "1")):
