@@ -6,13 +6,19 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from moert.policy.registry import REGISTRY
+from moert.policy.runtime import check_runtime_name
+from moert.policy.score import check_plan_options
+
 __all__ = ["OffloadConfig", "POLICIES", "BACKENDS", "PREFETCH_MODES"]
 
+#: The registered policies a model runs (``moert.policy.REGISTRY.runtime_names()``; one object per
+#: policy, driven by the runtime and the simulator alike): "lru", "lfu" (the cache's own orders);
 #: "score": eviction ordered by the predictor's scores for the coming layers, then recency (needs
-#: ``predictor``); it runs on the cache's "priority" policy with scores pushed per layer.
-#: "utility": MoE-SpAc's speculative utility (``moert.engine.speculative``): an EMA of each expert's use per
-#: layer call orders eviction and picks prefetches (runtime backend).
-POLICIES = ("lru", "lfu", "score", "utility")
+#: ``predictor``); "utility": MoE-SpAc's speculative utility (``moert.policy.utility``): an EMA of each
+#: expert's use per layer call orders eviction and picks prefetches; "fifo": first loaded, first evicted.
+#: All but lru/lfu run on the cache's "priority" order (runtime backend).
+POLICIES = tuple(REGISTRY.runtime_names())
 #: "async": prefetch the predicted experts while attention runs (CUDA: the copy engine waits on an
 #: event, the Python thread never blocks; CPU twin: queued synchronously); "off": the predictor only
 #: orders eviction and is scored (online recall), nothing is prefetched.
@@ -30,8 +36,8 @@ class OffloadConfig:
     Attributes:
         cache_experts: device cache size. An int is a number of slots (experts over all MoE layers);
             a float in (0, 1] is a fraction of all routed experts (rounded up).
-        policy: eviction policy, ``"lru"``, ``"lfu"`` or ``"score"`` (predictor scores, then recency;
-            needs ``predictor``).
+        policy: eviction policy, one of ``POLICIES``: ``"lru"``, ``"lfu"``, ``"score"`` (predictor
+            scores, then recency; needs ``predictor``), ``"utility"`` or ``"fifo"``.
         device: ``"cuda"`` (the experts' CUDA device, else torch's current one), ``"cuda:N"``,
             ``"cpu"`` (the CPU twin: slots in host memory), ``"sim"`` (the asynchronous device model:
             the CUDA protocol with modelled copy times, slots in host memory, torch computing on the
@@ -100,8 +106,7 @@ class OffloadConfig:
             )
         if isinstance(ce, int) and ce <= 0:
             raise ValueError(f"cache_experts={ce} slots must be positive (at least one layer's top-k)")
-        if self.policy not in POLICIES:
-            raise ValueError(f"policy={self.policy!r} is not one of {', '.join(POLICIES)}")
+        check_runtime_name(self.policy)
         d = self.device
         if (
             d is not None
@@ -116,18 +121,9 @@ class OffloadConfig:
         self._check_prediction()
 
     def _check_prediction(self) -> None:
-        om = self.overprovision
-        if om != "adaptive" and (isinstance(om, bool) or not isinstance(om, int) or om < 0):
-            raise ValueError(f"overprovision={om!r} must be an int m >= 0 or 'adaptive'")
+        check_plan_options(self.overprovision, self.threshold, self.max_overprovision, self.score_decay)
         if self.prefetch not in PREFETCH_MODES:
             raise ValueError(f"prefetch={self.prefetch!r} is not one of {', '.join(PREFETCH_MODES)}")
-        if not (isinstance(self.threshold, (int, float)) and 0.0 < self.threshold < 1.0):
-            raise ValueError(f"threshold={self.threshold!r} must be a probability in (0, 1)")
-        mm = self.max_overprovision
-        if isinstance(mm, bool) or not isinstance(mm, int) or mm < 0:
-            raise ValueError(f"max_overprovision={mm!r} must be an int >= 0")
-        if not (isinstance(self.score_decay, (int, float)) and 0.0 < self.score_decay <= 1.0):
-            raise ValueError(f"score_decay={self.score_decay!r} must be in (0, 1]")
         if not isinstance(self.overlap_waves, bool):
             raise ValueError(f"overlap_waves={self.overlap_waves!r} must be True or False")
         if self.deferred_waits is not None and not isinstance(self.deferred_waits, bool):
@@ -154,16 +150,16 @@ class OffloadConfig:
                     "policy='utility' orders eviction by the experts' recent use and cannot also take a "
                     "predictor's scores: use policy='score' (or 'lru') with predictor=, or drop predictor="
                 )
-            if self.backend != "runtime":
-                raise ValueError(
-                    f"policy='utility' needs backend='runtime' (cache priorities and the copy engine's "
-                    f"prefetch); backend={self.backend!r} has neither"
-                )
             if self.overprovision == "adaptive":
                 raise ValueError(
                     "policy='utility' prefetches its top k + m experts: give an int overprovision=m "
                     "('adaptive' is for a predictor's probabilities)"
                 )
+        if self.policy in ("utility", "fifo") and self.backend != "runtime":
+            raise ValueError(
+                f"policy={self.policy!r} needs backend='runtime' (cache priorities and the copy engine's "
+                f"prefetch); backend={self.backend!r} has neither"
+            )
         if self.policy == "score" and self.predictor is None:
             raise ValueError(
                 "policy='score' orders eviction by a predictor's scores: pass predictor=PATH.safetensors "
@@ -174,11 +170,6 @@ class OffloadConfig:
                 f"predictor= needs backend='runtime' (the copy engine prefetches); backend={self.backend!r} "
                 "has no prefetch path"
             )
-
-    @property
-    def cache_policy(self) -> str:
-        """The slab cache's policy: ``"score"`` and ``"utility"`` run on its ``"priority"`` policy."""
-        return "priority" if self.policy in ("score", "utility") else self.policy
 
     def num_slots(self, num_layers: int, num_experts: int, top_k: int) -> int:
         """Slots for a model with ``num_layers`` MoE layers of ``num_experts`` experts, top-``top_k``.

@@ -60,7 +60,7 @@ class PatchHandle:
         freed_bytes: bytes of expert parameters released from the model.
         layer_ids: decoder indices of the offloaded MoE layers.
         load_report: filled by ``moert.load`` (timings, peak device memory), else empty.
-        prefetcher: the ``moert.engine.prefetch.Prefetcher`` when a predictor runs, else None.
+        prefetcher: the ``moert.engine.prefetch.PredictionFeed`` when a predictor runs, else None.
     """
 
     def __init__(
@@ -89,6 +89,7 @@ class PatchHandle:
         self._final: Stats | None = None
         self._norms: list[tuple[Any, Any]] = []
         self.prefetcher: Any = None
+        self._predictor: Any = None  # the loaded predictor, attached by _attach_predictor
 
     @property
     def offloader(self) -> OffloaderBase | None:
@@ -99,9 +100,9 @@ class PatchHandle:
         from moert.engine import prefetch
 
         off = self._offloader
-        assert off is not None
+        assert off is not None and self._predictor is not None
         self.prefetcher, self._norms = prefetch.attach(
-            self.model, self.adapter, refs, self.config, off.engine, self.device
+            self.model, refs, self._predictor, off.policy, off.engine, self.device
         )
         off.prefetcher = self.prefetcher
 

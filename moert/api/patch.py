@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from moert.models import ModelAdapter
+    from moert.policy.base import Policy
 
 __all__ = ["patch", "PatchHandle", "handle_of", "MIN_TRANSFORMERS", "register_experts_implementation"]
 
@@ -188,6 +189,37 @@ def _cpu_experts(cfg: OffloadConfig, pool: Any, layout: ExpertLayout, device: st
     return CpuExperts(pool, layout, cpu_s, copy_s, cfg.activation_us * 1e-6)
 
 
+def build_policy(cfg: OffloadConfig, adapter: ModelAdapter, refs: list[MoELayerRef]) -> tuple[Policy, Any]:
+    """The model's one policy object (``moert.policy.runtime_policy``), bound to its L, E, k, and the
+    loaded predictor (None without one), whose lookahead and loss the policy's planner follows.
+
+    Raises:
+        ValueError: a simulator-only policy (naming ``moert simulate``), or a predictor that does not
+            fit the model.
+    """
+    from moert.policy import runtime_policy
+
+    predictor = None
+    if cfg.predictor is not None:
+        from moert.engine.prefetch import load_pipeline_predictor, model_dims
+
+        predictor = load_pipeline_predictor(cfg.predictor, model_dims(adapter, refs))
+    meta = None if predictor is None else predictor.meta
+    policy = runtime_policy(
+        cfg.policy,
+        lookahead=None if meta is None else meta.lookahead,
+        probabilities="clamp" if meta is not None and meta.loss == "mse" else "sigmoid",
+        overprovision=cfg.overprovision,
+        prefetch=cfg.prefetch == "async",
+        threshold=cfg.threshold,
+        max_overprovision=cfg.max_overprovision,
+        score_decay=cfg.score_decay,
+        utility_decay=cfg.utility_decay,
+    )
+    policy.bind(len(refs), adapter.num_experts, adapter.top_k)
+    return policy, predictor
+
+
 def install(
     model: nn.Module,
     cfg: OffloadConfig,
@@ -201,10 +233,11 @@ def install(
     restore_device: str | None = None,
     predictor: bool = True,
 ) -> PatchHandle:
-    """Build pool and offloader, fill the pool with ``fill(pool)``, release the experts' parameters and
+    """Build the model's policy (``build_policy``), pool and offloader, fill the pool with ``fill(pool)``, release the experts' parameters and
     switch the model to the "moert" implementation. ``undo`` rebuilds the parameters on
     ``restore_device`` (default: where they were). ``predictor=False`` leaves ``cfg.predictor`` for the
     caller to attach (``handle._attach_predictor``) once the norms hold real weights (``moert.load``)."""
+    policy, loaded = build_policy(cfg, adapter, refs)
     pool = make_pool(cfg.backend, len(refs), adapter.num_experts, layout.slab_bytes, device)
     try:
         fill(pool)
@@ -216,7 +249,7 @@ def install(
             [r.index for r in refs],
             adapter.num_experts,
             device,
-            policy=cfg.cache_policy,
+            policy=policy.cache_policy,
             min_slots=adapter.top_k,
             copy_streams=streams,
             overlap_waves=cfg.overlap_waves,
@@ -231,13 +264,7 @@ def install(
         except BaseException:
             off.close()
             raise
-    if cfg.policy == "utility":
-        from moert.engine.speculative import UtilityTracker
-
-        width = (
-            min(adapter.num_experts, adapter.top_k + int(cfg.overprovision)) if cfg.prefetch == "async" else 0
-        )
-        off.utility = UtilityTracker(off, len(refs), adapter.num_experts, width, cfg.utility_decay)
+    off.set_policy(policy)
     released = []
     for ordinal, ref in enumerate(refs):
         ex = ref.experts
@@ -254,6 +281,7 @@ def install(
     previous = get_impl(model)
     set_impl(model, IMPLEMENTATION)
     handle = PatchHandle(model, adapter, cfg, off, released, previous, device, slots)
+    handle._predictor = loaded
     register_handle(model, handle)
     if predictor and cfg.predictor is not None:
         try:

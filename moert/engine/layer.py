@@ -5,8 +5,10 @@
 1. route: group the ``T*k`` (token, slot) positions by expert (``Route``; the one host sync of the
    call is its per-expert counts); order the union resident experts first; split it between device
    and host (the offloader's placement: ``moert.engine.hetero``);
-2. policy: the call sites where the predictor and the cache policy see the routing
-   (``_policy_observe_routing`` before the waves, ``_policy_observe_call`` after the compute);
+2. policy: the call sites where the predictor's recall and the model's policy see the routing
+   (``_policy_observe_routing``: ``policy.on_routed`` before the waves; ``_policy_observe_call``:
+   ``policy.after_call`` after the compute; ``moert.policy.base`` has the contract), each plan
+   applied by the offloader; a hook the policy does not override costs one attribute check;
 3. waves: stream the device experts through the cache (``wave_bounds``): acquire a wave, prefetch
    the next one, wait per expert when the acquire was deferred, release;
 4. compute: ``expert_forward`` of each expert's rows from its slot views into a ``(T*k, H)`` buffer
@@ -29,6 +31,7 @@ from __future__ import annotations
 from itertools import accumulate
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from moert.engine.layout import GateFn, expert_forward, gate_of
@@ -112,10 +115,11 @@ class OffloadedLayer:
         # 1. route
         route = Route(top_k_index, off.num_experts, off.layer_ids[ordinal])
         off.counters.calls[ordinal] += 1
-        union = self._resident_first(route.union)
+        resident = off.resident(ordinal)
+        union = self._resident_first(route.union, resident)
         union, host_work = off.placement.place(off, ordinal, union, route, hidden_states)
         # 2. policy
-        self._policy_observe_routing(top_k_index)
+        self._policy_observe_routing(top_k_index, route.counts, resident)
         # 3-4. waves and compute: products grouped by expert, in the weights' dtype
         gate_fn = gate_of(module)
         ys = torch.empty(
@@ -139,23 +143,35 @@ class OffloadedLayer:
                 f"cache is on {off.device}; the model was moved after moert.patch: undo(), move, patch again"
             )
 
-    def _resident_first(self, union: list[int]) -> list[int]:
-        """``union`` (ascending) with the resident experts first: later waves may evict them otherwise.
-        Numerics do not depend on the order."""
-        resident = self.offloader.resident(self.ordinal)
+    @staticmethod
+    def _resident_first(union: list[int], resident: set[int]) -> list[int]:
+        """``union`` (ascending) with the ``resident`` experts first: later waves may evict them
+        otherwise. Numerics do not depend on the order."""
         return [e for e in union if e in resident] + [e for e in union if e not in resident]
 
-    def _policy_observe_routing(self, top_k_index: torch.Tensor) -> None:
-        """Policy hook, before the waves: the predictor scores its prediction of this layer."""
-        prefetcher = self.offloader.prefetcher
-        if prefetcher is not None:
-            prefetcher.observe(self.ordinal, top_k_index)
+    def _policy_observe_routing(
+        self, top_k_index: torch.Tensor, counts: list[int], resident: set[int]
+    ) -> None:
+        """Policy hooks, before the waves: the predictor scores its prediction of this layer; the
+        policy's ``on_routed(l, counts (E,), resident (E,) bool)``, resident before the call."""
+        off = self.offloader
+        if off.prefetcher is not None:
+            off.prefetcher.observe(self.ordinal, top_k_index)
+        if off.policy_routed:
+            mask = np.zeros(off.num_experts, dtype=bool)  # [E]
+            mask[list(resident)] = True
+            plan = off.policy.on_routed(self.ordinal, np.asarray(counts), mask)
+            if plan is not None:
+                off.apply(plan)
 
     def _policy_observe_call(self, counts: list[int]) -> None:
-        """Policy hook, after the compute: priorities and prefetches for the layer's next call."""
-        utility = self.offloader.utility
-        if utility is not None:
-            utility.observe(self.ordinal, counts)
+        """Policy hook, after the compute: ``after_call(l, counts (E,))``, e.g. priorities and
+        prefetches for the layer's next call."""
+        off = self.offloader
+        if off.policy_after:
+            plan = off.policy.after_call(self.ordinal, np.asarray(counts))
+            if plan is not None:
+                off.apply(plan)
 
     def _waves(
         self, union: list[int], route: Route, hidden_states: torch.Tensor, ys: torch.Tensor, gate_fn: GateFn

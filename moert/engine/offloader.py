@@ -7,7 +7,7 @@ device views of every slot, and hands the layer forward (``moert.engine.layer``)
     views, pending = off.acquire_deferred(layer, experts)   # pinned, copies may still run
     off.wait(layer, expert)                        # ... until this one's copy is done
     off.release(layer, experts)                    # unpin (the slot's last use is recorded)
-    off.prefetch(layer, experts); off.apply(plan)  # low-priority copies, priorities
+    off.prefetch(layer, experts); off.apply(plan)  # low-priority copies, a policy's Plan
     off.resident(layer); off.present(layer)        # sets of expert ids
     off.stats(); off.reset_stats(); off.close()
 
@@ -24,40 +24,19 @@ Python.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
 from moert.engine.hetero import DEVICE_ONLY
 from moert.engine.layout import ExpertLayout
 from moert.engine.runtime import tensor_device
 from moert.engine.stats import LayerCounters, Stats, assemble
+from moert.policy.base import Plan, Policy
 
-__all__ = ["Plan", "OffloaderBase", "Offloader", "make_pool", "make_offloader"]
+__all__ = ["OffloaderBase", "Offloader", "make_pool", "make_offloader"]
 
 Views = tuple[torch.Tensor, torch.Tensor]
-
-
-@dataclass(frozen=True)
-class Plan:
-    """One prediction or policy decision, as the copy engine applies it (``CopyEngine.predict``).
-
-    Attributes:
-        layers: the n cache layers it is about.
-        ids: (n, w) int32 experts to prefetch per layer, most wanted first, -1 pads; None: none.
-        scores: (n, E) float32 eviction priorities replacing each layer's (cache policy
-            ``"priority"``; lowest evicted first), or None.
-        clear: layers whose E priorities all drop to ``clear_score`` first.
-        clear_score: finite; ever lower values evict the most recently cleared layer first.
-    """
-
-    layers: tuple[int, ...]
-    ids: Any = None
-    scores: Any = None
-    clear: tuple[int, ...] = ()
-    clear_score: float = 0.0
 
 
 class OffloaderBase:
@@ -113,10 +92,16 @@ class OffloaderBase:
         self.counters = LayerCounters(len(self.layer_ids), self.python_counts)
         #: which experts compute where (``moert.engine.hetero``): DEVICE_ONLY, or a ``CpuExperts``
         self.placement: Any = DEVICE_ONLY
-        #: set by ``moert.engine.prefetch.attach`` when a predictor runs (its ``observe`` scores each layer)
+        #: the ``moert.engine.prefetch.PredictionFeed`` when a predictor runs (its ``observe`` scores each layer)
         self.prefetcher: Any = None
-        #: ``moert.engine.speculative.UtilityTracker`` under policy "utility" (set by ``moert.patch``), else None
-        self.utility: Any = None
+        self.set_policy(None)
+
+    def set_policy(self, policy: Policy | None) -> None:
+        """The model's bound policy (``moert.policy.runtime_policy``), whose ``on_routed`` and
+        ``after_call`` the layer forward calls where they can act (``policy_routed``, ``policy_after``)."""
+        self.policy = policy
+        self.policy_routed = policy is not None and policy.acts_on("on_routed")
+        self.policy_after = policy is not None and policy.acts_on("after_call")
 
     @property
     def overlap_waves(self) -> bool:
@@ -239,10 +224,9 @@ class Offloader(OffloaderBase):
 
     def apply(self, plan: Plan) -> int:
         """Applies ``plan`` now (``CopyEngine.predict``). On the CPU twin the copies it queued are
-        waited for, as ``Prefetcher`` does: copies and compute share the cores there, and every
+        waited for, as ``PredictionFeed`` does: copies and compute share the cores there, and every
         later eviction decision (made among ready slots) and count stays reproducible."""
-        ids = plan.ids if plan.ids is not None else np.zeros((len(plan.layers), 0), dtype=np.int32)
-        queued = int(self.engine.predict(plan.layers, ids, plan.scores, plan.clear, plan.clear_score))
+        queued = int(self.engine.predict(*plan.predict_args()))
         if queued and not self.is_cuda:
             self.engine.synchronize()
         return queued

@@ -102,7 +102,7 @@ class ReferenceStore(_PythonCounted):
 
     def __init__(self, *args: Any, policy: str, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.policy = policy
+        self.cache_policy = policy
         self._slots = torch.empty(self.num_slots, self.pool.slab_bytes, dtype=torch.uint8, device=self.device)
         self._views = [self.layout.views(self._slot_getter(s)) for s in range(self.num_slots)]
         self._table: dict[tuple[int, int], int] = {}
@@ -129,7 +129,7 @@ class ReferenceStore(_PythonCounted):
         cands = [s for s in range(self.num_slots) if s not in self._pinned]
         if not cands:
             raise RuntimeError("every slot is pinned; acquire fewer experts than num_slots at once")
-        if self.policy == "lfu":
+        if self.cache_policy == "lfu":
             return min(cands, key=lambda s: (self._uses[s], self._last[s]))
         return min(cands, key=lambda s: self._last[s])
 

@@ -334,6 +334,12 @@ class Policy:
         """The layer's experts computed; ``counts`` as in :meth:`on_routed`."""
         return None
 
+    def acts_on(self, hook: str) -> bool:
+        """Whether ``hook`` (``"on_prediction"``, ``"on_routed"`` or ``"after_call"``) may return a plan:
+        the class overrides it. The runtime skips a hook that cannot act (and what it would cost to
+        call it, e.g. the resident mask of ``on_routed``)."""
+        return getattr(type(self), hook) is not getattr(Policy, hook)
+
     # -- simulator only ----------------------------------------------------------------------------
 
     def prepare(self, trace: Trace) -> None:

@@ -48,6 +48,9 @@ class Combination(Policy):
         self.evict.bind(num_layers, num_experts, top_k)
         self.prefetch.bind(num_layers, num_experts, top_k)
 
+    def acts_on(self, hook: str) -> bool:
+        return self.evict.acts_on(hook) or self.prefetch.acts_on(hook)
+
     def on_prediction(self, layer: int, logits: Any = None, kernel_plan: Any = None) -> Plan | None:
         return self._merge(
             self.evict.on_prediction(layer, logits, kernel_plan),

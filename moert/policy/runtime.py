@@ -15,7 +15,23 @@ from moert.policy.registry import REGISTRY
 from moert.policy.score import ScorePlanner
 from moert.policy.utility import DEFAULT_DECAY, Utility
 
-__all__ = ["planner_of", "runtime_policy"]
+__all__ = ["check_runtime_name", "planner_of", "runtime_policy"]
+
+
+def check_runtime_name(name: str) -> None:
+    """Raises ValueError unless ``name`` is a policy a model runs (``REGISTRY.runtime_names()``); a
+    simulator-only policy's message names ``moert simulate``."""
+    names = REGISTRY.runtime_names()
+    if name in names:
+        return
+    message = f"policy={name!r} is not one of {', '.join(names)}"
+    if name in REGISTRY:
+        message += (
+            ": those are the policies a model runs; belady, oracle and moe-infinity need the whole trace "
+            "(the future, or request boundaries) and run only in the simulator: "
+            f"`moert simulate TRACE --policy {name}`"
+        )
+    raise ValueError(message)
 
 
 def runtime_policy(
@@ -48,13 +64,7 @@ def runtime_policy(
     Raises:
         ValueError: an unknown or simulator-only name, or ``score`` without a predictor.
     """
-    names = REGISTRY.runtime_names()
-    if name not in names:
-        raise ValueError(
-            f"policy={name!r} is not one of {', '.join(names)}: those are the policies a model runs; "
-            "belady, oracle and moe-infinity need the whole trace (the future, or request boundaries) and run "
-            f"only in the simulator: `moert simulate TRACE --policy {name}`"
-        )
+    check_runtime_name(name)
     if name == "utility":
         if isinstance(overprovision, bool) or not isinstance(overprovision, int):
             raise ValueError(

@@ -146,7 +146,10 @@ def test_offload_config_object_and_overrides(ds):
         ({"cache_experts": 0}, r"must be positive"),
         ({"cache_experts": -2}, r"must be positive"),
         ({"cache_experts": 33}, r"only 32 routed experts"),
-        ({"policy": "fifo"}, r"policy='fifo' is not one of lru, lfu"),
+        (
+            {"policy": "belady"},
+            r"policy='belady' is not one of lru, lfu, score, utility, fifo.*`moert simulate TRACE --policy belady`",
+        ),
         ({"device": "tpu"}, r"device='tpu'"),
     ],
 )

@@ -1,6 +1,6 @@
 """CopyEngine predictions (DESIGN §3 step 2): ``predict`` (applied at once) and ``predict_async``
 (the engine's prediction thread waits on an event, then applies), and the planning of
-``moert.engine.prefetch.Prefetcher``; race checks on the CPU twin with every slot's bytes verified at use."""
+the predictor planner (``moert.policy.score.ScorePlanner``) the runtime drives; race checks on the CPU twin with every slot's bytes verified at use."""
 
 from __future__ import annotations
 
@@ -12,9 +12,8 @@ import pytest
 import torch
 from layer_accounting import check_layer_rows
 
-from moert.api.config import OffloadConfig
 from moert.engine import runtime
-from moert.engine.prefetch import Prefetcher
+from moert.policy import planner_of, runtime_policy
 
 L, E, SLAB = 3, 16, 256
 
@@ -146,16 +145,22 @@ def plan_reference(
 @pytest.mark.parametrize("lookahead,ordinal,T", [(0, 0, 1), (2, 1, 3), (2, 2, 5)])
 def test_prefetcher_plan_matches_reference(overprovision, lookahead, ordinal, T):
     k = 2
-    cfg = OffloadConfig(
-        policy="lru", overprovision=overprovision, threshold=0.6, max_overprovision=3, score_decay=0.5
+    policy = runtime_policy(
+        "lru",
+        lookahead=lookahead,
+        overprovision=overprovision,
+        threshold=0.6,
+        max_overprovision=3,
+        score_decay=0.5,
     )
-    pf = Prefetcher(None, cfg, L, E, k, lookahead, "sigmoid", "cpu")
+    policy.bind(L, E, k)
+    pf = planner_of(policy)
     g = torch.Generator().manual_seed(T + ordinal)
     logits = torch.randn(T, lookahead + 1, E, generator=g) * 2
     layers, ids, scores = pf.plan(ordinal, logits if lookahead else logits[:, 0])
     width = k + 3 if overprovision in (3, "adaptive") else k
     want = plan_reference(logits, k, width, 0.6 if overprovision == "adaptive" else None, 0.5, L, ordinal)
-    assert layers == want[0]
+    assert list(layers) == want[0]
     assert ids.tolist() == want[1], (ids.tolist(), want[1])
     err = (scores - torch.tensor(want[2])).abs().max().item()
     assert err < 1e-6, f"worst score mismatch {err:.2e}"

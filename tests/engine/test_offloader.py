@@ -16,9 +16,10 @@ import moert
 from moert import _C
 from moert.engine import runtime
 from moert.engine.layout import ExpertLayout
-from moert.engine.offloader import Offloader, Plan
+from moert.engine.offloader import Offloader
 from moert.engine.stats import LayerStats
 from moert.models.tiny import VARIANTS, greedy, prompt_ids, random_predictor, single_thread, tiny_model
+from moert.policy import Plan
 
 #: LayerStats fields counted by both the runtime (natively) and the reference store (in Python)
 SHARED = ("hits", "misses", "bytes_copied", "evictions", "waves", "calls")
@@ -122,14 +123,17 @@ def test_apply_prefetches_clears_and_scores(offloader):
     assert off.apply(Plan(layers=(0, 1), ids=np.array([[1, 2, -1], [4, -1, -1]], dtype=np.int32))) == 3
     assert off.present(0) == {1, 2} and off.present(1) == {4} and off.resident(0) == {1, 2}
     # layer 0 cleared below everything, then layer 1's prefetches fill the cache and evict it first
-    assert off.apply(Plan(layers=(1,), ids=[[5, 6, 7]], clear=(0,), clear_score=-1.0)) == 3
-    assert off.apply(Plan(layers=(1,), ids=[[0, 1]])) == 2
+    assert (
+        off.apply(Plan(layers=(1,), ids=np.array([[5, 6, 7]], dtype=np.int32), clear=(0,), clear_score=-1.0))
+        == 3
+    )
+    assert off.apply(Plan(layers=(1,), ids=np.array([[0, 1]], dtype=np.int32))) == 2
     assert off.present(0) == set() and off.present(1) == {0, 1, 4, 5, 6, 7}
     # scores only (no ids): expert 4 of layer 1 goes first
     scores = np.zeros((1, 8), dtype=np.float32)
     scores[0, 4] = -5.0
     assert off.apply(Plan(layers=(1,), ids=None, scores=scores)) == 0
-    assert off.apply(Plan(layers=(0,), ids=[[3]])) == 1
+    assert off.apply(Plan(layers=(0,), ids=np.array([[3]], dtype=np.int32))) == 1
     assert off.present(1) == {0, 1, 5, 6, 7} and off.present(0) == {3}
     (gate_up, down), *_ = off.acquire(0, [3])
     assert torch.all(gate_up == 3.0) and torch.all(down == 3.0)
@@ -146,7 +150,7 @@ def test_reference_store_has_no_prefetch_path():
     handle = moert.patch(model, cache_experts=0.5, device="cpu", backend="reference")
     try:
         with pytest.raises(RuntimeError, match="ReferenceStore has no prefetch path; use backend='runtime'"):
-            handle.offloader.apply(Plan(layers=(0,), ids=[[1]]))
+            handle.offloader.apply(Plan(layers=(0,), ids=np.array([[1]], dtype=np.int32)))
         assert handle.offloader.acquire_deferred(0, [1, 2])[1] == [False, False]
         handle.offloader.release(0, [1, 2])
     finally:

@@ -1,6 +1,6 @@
 """Speculative decoding through a patched model (HF assisted generation with a draft model) and
-MoE-SpAc's utility policy in the runtime (moert.engine.speculative): numbers unchanged, the moving average
-against an independent recomputation, config errors."""
+MoE-SpAc's utility policy in the runtime (the ``moert.policy.utility.Utility`` object the patched model
+drives): numbers unchanged, the moving average against an independent recomputation, config errors."""
 
 from __future__ import annotations
 
@@ -85,15 +85,15 @@ def test_utility_is_the_moving_average_of_each_calls_counts(tmp_path):
     model = ref.copy()
     decay = 0.6
     h = moert.patch(model, cache_experts=0.25, device="cpu", policy="utility", utility_decay=decay)
-    tracker = h.offloader.utility
+    policy = h.offloader.policy
     seen: list[tuple[int, list[int]]] = []
-    observe = tracker.observe
-    tracker.observe = lambda ordinal, counts: (
-        seen.append((ordinal, list(counts))),
-        observe(ordinal, counts),
+    after_call = policy.after_call
+    policy.after_call = lambda ordinal, counts: (
+        seen.append((ordinal, [int(c) for c in counts])),
+        after_call(ordinal, counts),
     )[1]
     greedy(model, ref.prompt, ref.new_tokens)
-    got = tracker.utility.copy()
+    got = policy.utility.copy()
     h.undo()
     want = np.zeros_like(got)
     for ordinal, counts in seen:
@@ -126,7 +126,7 @@ def test_utility_without_prefetch_only_orders_eviction(tmp_path):
         ),
         (dict(policy="utility", backend="reference"), "policy='utility' needs backend='runtime'"),
         (dict(policy="utility", overprovision="adaptive"), "give an int overprovision=m"),
-        (dict(policy="mru"), "policy='mru' is not one of lru, lfu, score, utility"),
+        (dict(policy="mru"), "policy='mru' is not one of lru, lfu, score, utility, fifo"),
     ],
 )
 def test_bad_settings_are_named(kw, message):
