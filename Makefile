@@ -11,7 +11,7 @@ DEPS := numpy safetensors tqdm pybind11 ninja setuptools wheel "$(TRANSFORMERS_S
 DEV_DEPS := pytest hypothesis ruff clang-format
 NATIVE := $(wildcard csrc/*.cc csrc/include/moert/*.h csrc/src/*.cc csrc/src/*.cu) CMakeLists.txt setup.py
 
-.PHONY: setup build demo test test-compat test-gpu test-gpu-here gpu-dry-run stress sanitize fuzz fuzz-smoke lint format bench bench-sim-studies clean
+.PHONY: setup build demo test test-compat test-gpu test-gpu-here test-slow gpu-dry-run stress sanitize fuzz fuzz-smoke lint format bench bench-sim-studies clean
 
 setup: $(VENV)/.deps build
 
@@ -32,7 +32,11 @@ demo: setup
 	$(PY) -m moert demo
 
 test: setup
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not gpu"
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not gpu and not slow"
+
+# the slow tests (minutes): the simulator's fast path against stepping on whole real prompts
+test-slow: setup
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m slow
 
 # The oldest supported transformers (5.17) in a venv of its own: the model, patch, load and capture
 # tests, which are the ones that touch transformers' internals.
