@@ -59,9 +59,11 @@ gpu-dry-run: setup
 	bash bench/gpu_session.sh --dry-run
 
 # a million randomized pool/cache/engine operations over 4 threads, every slot checksummed at every use;
-# records bench/results/stress_cpu.{json,md} (about 2 minutes; CI runs a 10^5 slice in make test)
+# on the CPU twin and on the device model; records bench/results/stress_{cpu,sim}.{json,md} (about 5 minutes;
+# make test runs a 10^5 slice on the twin and 2x10^4 on the model)
 stress: setup
 	$(PY) bench/stress.py --ops 1000000
+	$(PY) bench/stress.py --ops 1000000 --device sim
 
 # moert._C with AddressSanitizer + UBSan, then with ThreadSanitizer, each running the native-facing
 # tests (build/sanitize-*; the regular build is untouched)

@@ -28,3 +28,10 @@ def test_stress_slice_zero_mismatches(policy):
     )
     assert rep.counts.get("acquire", 0) > 5000 and rep.counts.get("acquire_deferred", 0) > 5000
     assert rep.checked_bytes > 0
+
+
+def test_stress_slice_on_the_device_model():
+    """The same operations on the asynchronous device model (modelled copy times, the CUDA protocol)."""
+    rep = stress.run_stress(20_000, device="sim", threads=4, seed=21, policy="lru")
+    assert rep.ok, f"seed 21 (python bench/stress.py --device sim --seed 21): {rep.errors[:3]}"
+    assert rep.counts.get("acquire_deferred", 0) > 2000 and rep.checked_bytes > 0
