@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from moert.trace import MANIFEST, SequenceTrace, Trace, TraceFormatError, TraceMeta, check_expert_ids
+from moert.trace.types import MANIFEST, SequenceTrace, Trace, TraceFormatError, TraceMeta, check_expert_ids
 
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "MoertTrace", "TraceWriter"]
 

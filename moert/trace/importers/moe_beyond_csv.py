@@ -32,8 +32,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from moert.trace import SequenceTrace, Trace, TraceFormatError, TraceMeta
 from moert.trace.importers.moe_beyond_layout import find_csv_files
+from moert.trace.types import SequenceTrace, Trace, TraceFormatError, TraceMeta
 
 __all__ = ["HEADERS", "OPTIONAL", "PREDICTED", "CSVRouting", "MoEBeyondCSVTrace", "parse_csv", "read_csv"]
 
