@@ -191,31 +191,79 @@ def load(
     # our error (listing the supported types) before transformers parses the config
     adapter_class(_read_json(Path(path) / "config.json").get("model_type"))
     hf_config = AutoConfig.from_pretrained(str(path))
-    if config is None:
-        cfg = OffloadConfig(cache_experts=cache_experts, policy=policy, device=device, **kwargs)
-    else:
-        from dataclasses import replace
-
-        cfg = replace(config, **kwargs)
+    cfg = _offload_config(config, kwargs, cache_experts=cache_experts, policy=policy, device=device)
     wdtype = _dtype_of(hf_config, dtype)
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(hf_config, dtype=wdtype)
-    adapter, refs, layout, dev, slots, streams = prepare(model, cfg)
+    prepared = prepare(model, cfg)
+    adapter, refs, layout, dev = prepared[:4]
     index = _Index(files, adapter)
     moe_ids = [r.index for r in refs]
-    E = adapter.num_experts
-    _check_expert_keys(index, moe_ids, E, path)
+    _check_expert_keys(index, moe_ids, adapter.num_experts, path)
 
-    from moert.engine.runtime import tensor_device
+    from moert.engine.devices import tensor_device
 
     where = str(tensor_device(dev))  # "sim" computes on the host
-    cuda = dev.startswith("cuda")
-    if cuda:
-        torch.cuda.synchronize(where)
-        torch.cuda.reset_peak_memory_stats(where)
-        base_alloc = torch.cuda.memory_allocated(where)
-        base_free = torch.cuda.mem_get_info(where)[0]
+    baseline = _device_baseline(where) if dev.startswith("cuda") else None
+    handle, t_experts, non_expert = _fill(model, cfg, prepared, index, where, wdtype, t0, progress, path)
+    gen = Path(path) / "generation_config.json"
+    if gen.is_file():
+        model.generation_config = GenerationConfig.from_pretrained(str(path))
+    model.eval()
+
+    peak, method, extra = _peak_device_bytes(where, baseline, non_expert, handle.cache_bytes)
+    handle.load_report = {
+        "seconds": time.perf_counter() - t0,
+        "experts_seconds": t_experts,
+        "files": [f.name for f in files],
+        "device": dev,
+        "dtype": str(wdtype).replace("torch.", ""),
+        "non_expert_bytes": non_expert,
+        "cache_bytes": handle.cache_bytes,
+        "pool_bytes": handle.pool_bytes,
+        "all_experts_bytes": len(moe_ids) * adapter.num_experts * layout.expert_bytes,
+        "peak_device_bytes": int(peak),
+        "peak_method": method,
+        **extra,
+    }
+    return model
+
+
+def _offload_config(config: OffloadConfig | None, kwargs: dict[str, Any], **fields: Any) -> OffloadConfig:
+    """``config`` with ``kwargs`` applied, or (no ``config``) a new one of ``fields`` and ``kwargs``."""
+    if config is None:
+        return OffloadConfig(**fields, **kwargs)
+    from dataclasses import replace
+
+    return replace(config, **kwargs)
+
+
+def _fill(
+    model: nn.Module,
+    cfg: OffloadConfig,
+    prepared: tuple,
+    index: _Index,
+    where: str,
+    wdtype: torch.dtype,
+    t0: float,
+    progress: bool,
+    path: str | Path,
+) -> tuple[Any, float, int]:
+    """Installs the offloader on the meta ``model`` (the pool filled from the checkpoint), then
+    loads every other tensor onto ``where``; on any error the installed handle is discarded.
+
+    Args:
+        prepared: what :func:`moert.api.patch.prepare` returned for ``model`` and ``cfg``.
+        t0: ``time.perf_counter()`` when loading started.
+
+    Returns:
+        ``(handle, experts_seconds, non_expert_bytes)``: the ``PatchHandle``, seconds from ``t0``
+        until the experts were in the pool, bytes of the non-expert tensors.
+    """
+    adapter, refs, layout, dev, slots, streams = prepared
+    moe_ids = [r.index for r in refs]
+    E = adapter.num_experts
     reader = _Reader()
     n_other = len([k for k in index.others if not k.endswith("rotary_emb.inv_freq")])
     bar = _progress(len(moe_ids) * E + n_other, progress, f"moert.load {Path(path).name}")
@@ -261,36 +309,31 @@ def load(
     finally:
         reader.close()
         bar.close()
-    gen = Path(path) / "generation_config.json"
-    if gen.is_file():
-        model.generation_config = GenerationConfig.from_pretrained(str(path))
-    model.eval()
+    return handle, t_experts, non_expert
 
-    if cuda:
-        torch.cuda.synchronize(where)
-        # the runtime allocates the slab cache itself (not through torch's allocator)
-        peak = torch.cuda.max_memory_allocated(where) - base_alloc + handle.cache_bytes
-        method = "torch.cuda.max_memory_allocated (non-expert tensors) + slab cache bytes"
-        extra = {"device_used_bytes_mem_get_info": int(base_free - torch.cuda.mem_get_info(where)[0])}
-    else:
-        extra = {}
-        peak = non_expert + handle.cache_bytes
+
+def _device_baseline(where: str) -> tuple[int, int]:
+    """``(allocated, free)`` bytes of CUDA device ``where`` before loading; resets its peak statistics."""
+    torch.cuda.synchronize(where)
+    torch.cuda.reset_peak_memory_stats(where)
+    return torch.cuda.memory_allocated(where), torch.cuda.mem_get_info(where)[0]
+
+
+def _peak_device_bytes(
+    where: str, baseline: tuple[int, int] | None, non_expert: int, cache_bytes: int
+) -> tuple[int, str, dict[str, int]]:
+    """``(peak bytes, how it was measured, extra report fields)`` of the load; ``baseline`` is
+    :func:`_device_baseline`'s on CUDA, None on the host."""
+    if baseline is None:
         method = "accounted: non-expert tensors + slab cache (CPU twin: the 'device' is host memory)"
-    handle.load_report = {
-        "seconds": time.perf_counter() - t0,
-        "experts_seconds": t_experts,
-        "files": [f.name for f in files],
-        "device": dev,
-        "dtype": str(wdtype).replace("torch.", ""),
-        "non_expert_bytes": non_expert,
-        "cache_bytes": handle.cache_bytes,
-        "pool_bytes": handle.pool_bytes,
-        "all_experts_bytes": len(moe_ids) * E * layout.expert_bytes,
-        "peak_device_bytes": int(peak),
-        "peak_method": method,
-        **extra,
-    }
-    return model
+        return non_expert + cache_bytes, method, {}
+    base_alloc, base_free = baseline
+    torch.cuda.synchronize(where)
+    # the runtime allocates the slab cache itself (not through torch's allocator)
+    peak = torch.cuda.max_memory_allocated(where) - base_alloc + cache_bytes
+    method = "torch.cuda.max_memory_allocated (non-expert tensors) + slab cache bytes"
+    extra = {"device_used_bytes_mem_get_info": int(base_free - torch.cuda.mem_get_info(where)[0])}
+    return peak, method, extra
 
 
 def _check_expert_keys(index: _Index, moe_ids: list[int], num_experts: int, path: Any) -> None:

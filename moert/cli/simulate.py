@@ -99,11 +99,15 @@ def _decay(text: str) -> float:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from moert.api.config import OffloadConfig
-    from moert.sim import CostModel
+    _add_trace_arguments(parser)
+    _add_policy_arguments(parser)
+    _add_output_arguments(parser)
+    _add_cost_arguments(parser)
+    _add_replay_arguments(parser)
 
-    d = CostModel()
-    oc = OffloadConfig()
+
+def _add_trace_arguments(parser: argparse.ArgumentParser) -> None:
+    """The trace and how to read imported formats."""
     parser.add_argument("trace", help="trace directory (moert, MoE-Beyond CSV or ESFT) or one CSV")
     parser.add_argument("--format", default="auto", choices=["auto", "moert", "moe-beyond-csv", "esft"])
     parser.add_argument("--num-experts", type=int, default=64, help="E for imported formats (default 64)")
@@ -113,6 +117,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model-type", default="deepseek_v2", help="model_type recorded for imported formats"
     )
+
+
+def _add_policy_arguments(parser: argparse.ArgumentParser) -> None:
+    """Cache sizes, policies, cache mode, prefetchers and which sequences to replay."""
+    from moert.api.config import OffloadConfig
+
+    oc = OffloadConfig()
     parser.add_argument(
         "--capacity", type=_floats, default=(0.1, 0.25, 0.5), help="fractions, e.g. 0.1,0.25,0.5"
     )
@@ -169,9 +180,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "predictor file, so it is judged on prompts it never saw; all = every sequence; auto (default) = "
         "test when a trained predictor prefetches, else all",
     )
+
+
+def _add_output_arguments(parser: argparse.ArgumentParser) -> None:
+    """Where the report, the plot and the Markdown table go."""
     parser.add_argument("--json", help="write the full report here")
     parser.add_argument("--plot", help="write hit rate vs capacity per policy here (PNG, matplotlib)")
     parser.add_argument("--markdown", help="write a Markdown table (with versions, commit, date) here")
+
+
+def _add_cost_arguments(parser: argparse.ArgumentParser) -> None:
+    """The cost model's times (copy only, and the heterogeneous mode)."""
+    from moert.sim import CostModel
+
+    d = CostModel()
     parser.add_argument(
         "--expert-mb", type=float, default=d.expert_bytes / 1e6, help="MB per expert (default 17.3)"
     )
@@ -200,6 +222,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"with --cpu-expert-ms: the activation row's round trip device->host->device, µs "
         f"(default {d.activation_us:g})",
     )
+
+
+def _add_replay_arguments(parser: argparse.ArgumentParser) -> None:
+    """Speculative verify passes, the utility policy's decay and the progress bar."""
     parser.add_argument(
         "--verify-tokens",
         type=_verify_tokens,

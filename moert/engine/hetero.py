@@ -2,7 +2,7 @@
 straight from the pinned pool, instead of being copied into the device cache.
 
 For each MoE layer call whose experts fit the cache (one wave: every decode step), the experts
-neither resident nor already on their way (prefetched) are the misses; ``moert.sim.cost.cpu_split``
+neither resident nor already on their way (prefetched) are the misses; ``moert.cost.cpu_split``
 picks how many of them go to the CPU so that ``max(c * t_cpu + t_activation, (n - c) * t_copy)``
 is smallest, the same rule as ``moert simulate --cpu-expert-ms``. The last ``c`` misses in the
 layer's order go to the CPU (the first ones are copied, so their copies start first). Their rows
@@ -29,8 +29,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from moert.cost import cpu_split
 from moert.engine.layout import expert_forward
-from moert.sim.cost import cpu_split
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
@@ -187,7 +187,7 @@ def calibrate(pool: Any, layout: ExpertLayout, device: str, reps: int = 5) -> tu
     pool into device memory (CUDA: pinned host to device; CPU twin: a memcpy). Medians of ``reps``."""
     ordinal, experts = 0, pool.num_experts
     cpu, copy = [], []
-    from moert.engine.runtime import tensor_device
+    from moert.engine.devices import tensor_device
 
     dev = tensor_device(device)
     slab = torch.empty(pool.slab_bytes, dtype=torch.uint8, device=dev)

@@ -3,7 +3,9 @@
 The extension never links libtorch: tensors cross as addresses, byte counts and stream handles.
 This module turns torch tensors, numpy arrays and Python ints into those, and wraps slab memory
 back into ``torch.Tensor`` views that keep their owner alive, so a view never dangles (the
-conversions live in ``moert.engine.native_args``).
+conversions live in ``moert.engine.native_args``). The slab cache and the copy engine are here; the
+expert pool is in ``moert.engine.pool`` and the devices (``backends``, ``parse_device``,
+``tensor_device``, the ``"sim"`` device model) in ``moert.engine.devices``, re-exported here.
 
 Devices: ``"cpu"`` (the CPU twin), ``"sim"`` (the asynchronous device model: the CUDA protocol on
 the host with modelled copy times; slots are host memory, stream handle 0 is the calling thread,
@@ -27,12 +29,21 @@ Example::
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any
 
 import numpy as np
 import torch
 
+from moert.engine.devices import (
+    DEVICES,
+    SimDevice,
+    SimTiming,
+    backends,
+    native_module,
+    parse_device,
+    tensor_device,
+)
 from moert.engine.native_args import (
     CudaArray,
     Experts,
@@ -43,14 +54,7 @@ from moert.engine.native_args import (
     int64_list,
     view_bytes,
 )
-
-try:
-    from moert import _C
-except ImportError as _err:  # the extension is built by `make build`; fail at use, not import
-    _C = None
-    _IMPORT_ERROR: ImportError | None = _err
-else:
-    _IMPORT_ERROR = None
+from moert.engine.pool import ExpertPool
 
 __all__ = [
     "POLICIES",
@@ -66,270 +70,6 @@ __all__ = [
 ]
 
 POLICIES = ("lru", "lfu", "priority")
-#: device kinds; "cuda" also as "cuda:N"
-DEVICES = ("cpu", "sim", "cuda")
-
-
-def _native() -> Any:
-    if _C is None:
-        raise RuntimeError(
-            f"moert._C is not built ({_IMPORT_ERROR}); run `make build` "
-            "(or `pip install --no-build-isolation -e .`)"
-        )
-    return _C
-
-
-def backends() -> dict[str, dict[str, Any]]:
-    """Which backends were compiled and which can run here.
-
-    Returns:
-        ``{"cpu": {"compiled", "can_run", "reason"}, "cuda": {"compiled", "can_run", "reason",
-        "device_count", "device_name"}}``; ``reason`` says why a backend cannot run
-        (e.g. ``"no CUDA device: cudaGetDeviceCount failed with error 35 ..."``).
-    """
-    c = _native()
-    compiled = bool(c.cuda_compiled())
-    probe = c.cuda_probe()
-    can_run = compiled and probe["device_count"] > 0
-    return {
-        "cpu": {"compiled": True, "can_run": True, "reason": ""},
-        "sim": {"compiled": True, "can_run": True, "reason": ""},
-        "cuda": {
-            "compiled": compiled,
-            "can_run": can_run,
-            "reason": "" if can_run else probe["message"],
-            "device_count": int(probe["device_count"]),
-            "device_name": probe["message"] if can_run else "",
-        },
-    }
-
-
-def parse_device(device: str | torch.device) -> tuple[str, int]:
-    """``(kind, index)`` of a cache device: ``"cpu"`` -> ("cpu", -1), ``"sim"`` -> ("sim", 0),
-    ``"cuda:N"`` -> ("cuda", N), ``"cuda"`` -> ("cuda", torch's current device; 0 when CUDA cannot
-    run, so that the native layer reports why).
-
-    Raises:
-        ValueError: any other name.
-    """
-    text = str(device)
-    kind, _, index = text.partition(":")
-    if kind in ("cpu", "sim") and not index:
-        return kind, -1 if kind == "cpu" else 0
-    if kind == "cuda" and (not index or index.isdigit()):
-        if index:
-            return "cuda", int(index)
-        return "cuda", torch.cuda.current_device() if torch.cuda.is_available() else 0
-    raise ValueError(f"unknown device {device!r}; use one of cpu, sim, cuda, cuda:N")
-
-
-def tensor_device(device: str) -> torch.device:
-    """Where the tensors computed with a cache on ``device`` live: ``cuda:N`` for CUDA, else the
-    host (``"sim"`` models the device's protocol, while torch computes on the calling thread: the
-    model's stream handle 0)."""
-    kind, index = parse_device(device)
-    return torch.device("cuda", index) if kind == "cuda" else torch.device("cpu")
-
-
-@dataclass(frozen=True)
-class SimTiming:
-    """The device model's timing (``device="sim"``; csrc/include/moert/backend_sim.h).
-
-    Attributes:
-        bandwidth_gbs: each copy stream's bandwidth, 1e9 bytes/s.
-        latency_us: latency of each copy.
-        jitter_us: each operation on a stream starts up to this much later (uniform, seeded):
-            randomises the interleavings of streams.
-        seed: seed of the jitter (each stream draws from its own generator).
-    """
-
-    bandwidth_gbs: float = 25.0
-    latency_us: float = 10.0
-    jitter_us: float = 0.0
-    seed: int = 0
-
-    @classmethod
-    def from_env(cls) -> SimTiming:
-        """``MOERT_SIM_BANDWIDTH_GBS``, ``MOERT_SIM_LATENCY_US``, ``MOERT_SIM_JITTER_US``, ``MOERT_SIM_SEED``."""
-        from moert import envs
-
-        return cls(**envs.sim_timing())
-
-    def copy_seconds(self, nbytes: int) -> float:
-        """Modelled time of one copy of ``nbytes`` (without jitter)."""
-        return self.latency_us * 1e-6 + nbytes / (self.bandwidth_gbs * 1e9)
-
-
-class SimDevice:
-    """The device model behind a ``device="sim"`` cache: its streams, events, clock and modelled
-    kernels, to drive the CUDA protocol from tests and benchmarks (``SlabCache.sim_device()``).
-
-    Stream handles are ints; 0 is the calling thread (records complete at once, waits block).
-    Times are modelled device seconds (``now()``). Holds the cache alive.
-    """
-
-    def __init__(self, native: Any) -> None:
-        self._c = native
-
-    @property
-    def timing(self) -> SimTiming:
-        return SimTiming(**self._c.config)
-
-    def now(self) -> float:
-        """The device clock, seconds since the device was made."""
-        return self._c.now()
-
-    def copy_seconds(self, nbytes: int) -> float:
-        """Modelled time of one copy of ``nbytes`` (without jitter)."""
-        return self._c.copy_seconds(int(nbytes))
-
-    def create_stream(self) -> int:
-        """A new stream (its own FIFO and thread); e.g. the modelled compute stream."""
-        return self._c.create_stream()
-
-    def destroy_stream(self, stream: int) -> None:
-        """Runs what is queued on ``stream``, then ends it."""
-        self._c.destroy_stream(int(stream))
-
-    def synchronize(self, stream: int | None = None) -> None:
-        """Blocks until ``stream`` (None: every stream) has run everything queued on it."""
-        self._c.synchronize(None if stream is None else int(stream))
-
-    def event(self, timing: bool = False) -> Any:
-        """A new event: ``record(stream)``, ``wait(stream)``, ``query()``, ``synchronize()``,
-        ``seconds_since(start)`` (timing events only: modelled seconds between two records)."""
-        return self._c.create_event(bool(timing))
-
-    def enqueue_read(self, stream: int, address: int, nbytes: int, seconds: float = 0.0) -> int:
-        """A modelled kernel on ``stream`` that reads ``nbytes`` of slot memory at ``address`` for
-        ``seconds``, checksumming them when it starts and when it ends; returns a ticket for
-        ``read_result``. ValueError when the range is not inside the cache's slots."""
-        return self._c.enqueue_read(int(stream), int(address), int(nbytes), float(seconds))
-
-    def read_result(self, ticket: int) -> dict[str, Any]:
-        """``done``, ``start_s``, ``end_s`` (device time), ``checksum_start``, ``checksum_end``."""
-        return self._c.read_result(int(ticket))
-
-    def enqueue_sleep(self, stream: int, seconds: float) -> None:
-        """A modelled kernel that only holds ``stream`` for ``seconds``."""
-        self._c.enqueue_sleep(int(stream), float(seconds))
-
-    def enqueue_copy(self, stream: int, dst: torch.Tensor, src: torch.Tensor) -> None:
-        """A modelled copy (e.g. device-to-host of predicted ids) of ``src``'s bytes into ``dst``,
-        taking the modelled copy time; both contiguous host tensors of the same size that stay
-        alive until the stream has run it."""
-        for name, t in (("dst", dst), ("src", src)):
-            if t.device.type != "cpu" or not t.is_contiguous():
-                raise ValueError(f"enqueue_copy: {name} must be a contiguous host tensor, got {t.device}")
-        nbytes = dst.numel() * dst.element_size()
-        if src.numel() * src.element_size() != nbytes:
-            raise ValueError(f"enqueue_copy: dst has {nbytes} bytes, src {src.numel() * src.element_size()}")
-        self._c.enqueue_copy(int(stream), dst.data_ptr(), src.data_ptr(), nbytes)
-
-    @staticmethod
-    def checksum(data: torch.Tensor) -> int:
-        """The checksum ``enqueue_read`` takes, of a contiguous host tensor's bytes."""
-        if data.device.type != "cpu" or not data.is_contiguous():
-            raise ValueError(f"checksum: need a contiguous host tensor, got {data.device}")
-        return _native().SimDevice.checksum(data.data_ptr(), data.numel() * data.element_size())
-
-
-class ExpertPool:
-    """Every expert of every MoE layer in one page-aligned host allocation.
-
-    Entry (layer, expert) is ``slab_bytes`` long at a fixed ``stride`` (``slab_bytes`` rounded up
-    to 256). The caller lays out one expert's bytes contiguously (gate_up, then down).
-
-    Args:
-        num_layers: MoE layers L.
-        num_experts: routed experts per layer E.
-        slab_bytes: bytes of one expert; > 0 and a multiple of 16.
-        pin: page-lock with ``cudaHostRegister``. None: pin when a CUDA device can run.
-    """
-
-    def __init__(
-        self, num_layers: int, num_experts: int, slab_bytes: int, *, pin: bool | None = None
-    ) -> None:
-        if pin is None:
-            pin = backends()["cuda"]["can_run"]
-        self._c = _native().ExpertPool(
-            count(num_layers, "num_layers"),
-            count(num_experts, "num_experts"),
-            count(slab_bytes, "slab_bytes"),
-            bool(pin),
-        )
-
-    num_layers = property(lambda self: self._c.num_layers)
-    num_experts = property(lambda self: self._c.num_experts)
-    slab_bytes = property(lambda self: self._c.slab_bytes)
-    stride = property(lambda self: self._c.stride)
-    nbytes = property(lambda self: self._c.nbytes)
-    pinned = property(lambda self: self._c.pinned)
-    closed = property(lambda self: self._c.closed)
-
-    def address(self, layer: int, expert: int) -> int:
-        """Host address of entry (layer, expert)."""
-        return self._c.address(int(layer), int(expert))
-
-    def fill(self, layer: int, expert: int, src: torch.Tensor | np.ndarray, offset: int = 0) -> None:
-        """Copies the bytes of a contiguous CPU tensor (any dtype/shape) into the entry at ``offset``."""
-        if isinstance(src, np.ndarray):
-            src = torch.from_numpy(np.ascontiguousarray(src))
-        if not isinstance(src, torch.Tensor):
-            raise ValueError(f"fill: src must be a torch.Tensor or numpy array, got {type(src).__name__}")
-        if src.device.type != "cpu":
-            raise ValueError(f"fill: src must be on the CPU, got {src.device}; use .cpu() first")
-        if not src.is_contiguous():
-            raise ValueError("fill: src must be contiguous; use .contiguous() first")
-        nbytes = src.numel() * src.element_size()
-        if nbytes == 0:
-            self._c.address(int(layer), int(expert))  # still validates the entry
-            return
-        self._c.fill(int(layer), int(expert), src.data_ptr(), nbytes, int(offset))
-
-    def view(
-        self, layer: int, expert: int, dtype: torch.dtype, shape: tuple[int, ...], offset: int = 0
-    ) -> torch.Tensor:
-        """A CPU tensor ``dtype[shape]`` aliasing the entry's bytes from ``offset``."""
-        address = self._c.address(int(layer), int(expert))
-        nbytes = view_bytes(dtype, tuple(shape), int(offset), self.slab_bytes, "ExpertPool.view")
-        return host_view(address + int(offset), nbytes, self._c, dtype, tuple(shape))
-
-    def layer_view(
-        self, layer: int, dtype: torch.dtype, shape: tuple[int, ...], offset: int = 0
-    ) -> torch.Tensor:
-        """A CPU tensor ``dtype[E, *shape]`` aliasing every entry of ``layer`` from ``offset``: row
-        ``e`` is ``view(layer, e, dtype, shape, offset)`` (experts ``stride`` bytes apart; no copy).
-
-        Raises:
-            ValueError: ``stride`` or ``offset`` is not a multiple of the dtype's size, or the shape
-                does not fit an entry.
-        """
-        shape = tuple(int(d) for d in shape)
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        if not 0 <= int(layer) < self.num_layers:
-            raise ValueError(f"ExpertPool.layer_view: layer={layer} is out of range 0..{self.num_layers - 1}")
-        if self.stride % itemsize:
-            raise ValueError(
-                f"ExpertPool.layer_view: stride {self.stride} is not a multiple of {dtype}'s size"
-            )
-        nbytes = view_bytes(dtype, shape, int(offset), self.slab_bytes, "ExpertPool.layer_view")
-        span = (self.num_experts - 1) * self.stride + nbytes  # first row's start to last row's end
-        flat = host_view(
-            self._c.address(int(layer), 0) + int(offset), span, self._c, dtype, (span // itemsize,)
-        )
-        inner = torch.empty(shape, device="meta").stride()  # row-major strides of one expert
-        return flat.as_strided((self.num_experts, *shape), (self.stride // itemsize, *inner))
-
-    def close(self) -> None:
-        """Later calls raise; memory is returned once no cache or view refers to it."""
-        self._c.close()
-
-    def __repr__(self) -> str:
-        return (
-            f"ExpertPool(layers={self.num_layers}, experts={self.num_experts}, slab_bytes={self.slab_bytes}, "
-            f"stride={self.stride}, nbytes={self.nbytes}, pinned={self.pinned})"
-        )
 
 
 class SlabCache:
@@ -363,7 +103,7 @@ class SlabCache:
         native = f"cuda:{index}" if kind == "cuda" else kind
         timing = asdict(sim if sim is not None else SimTiming.from_env()) if kind == "sim" else {}
         self._pool = pool
-        self._c = _native().SlabCache(
+        self._c = native_module().SlabCache(
             pool._c,
             count(num_slots, "num_slots"),
             str(policy),
@@ -386,7 +126,7 @@ class SlabCache:
         """The same bookkeeping and eviction code with no memory: loads complete instantly."""
         self = cls.__new__(cls)
         self._pool = None
-        self._c = _native().SlabCache.simulated(
+        self._c = native_module().SlabCache.simulated(
             count(num_layers, "num_layers"),
             count(num_experts, "num_experts"),
             count(num_slots, "num_slots"),
@@ -542,7 +282,9 @@ class CopyEngine:
         if not isinstance(cache, SlabCache):
             raise ValueError(f"CopyEngine needs a SlabCache, got {type(cache).__name__}")
         self._cache = cache
-        self._c = _native().CopyEngine(cache._c, count(num_streams, "num_streams"), float(slot_timeout_s))
+        self._c = native_module().CopyEngine(
+            cache._c, count(num_streams, "num_streams"), float(slot_timeout_s)
+        )
 
     num_streams = property(lambda self: self._c.num_streams)
     closed = property(lambda self: self._c.closed)

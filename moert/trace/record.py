@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from moert.trace import SequenceTrace, TraceMeta, TraceWriter
+from moert.trace.store import TraceWriter
+from moert.trace.types import SequenceTrace, TraceMeta
 
 if TYPE_CHECKING:
     from torch import nn

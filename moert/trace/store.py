@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from moert.trace import MANIFEST, SequenceTrace, Trace, TraceFormatError, TraceMeta, check_expert_ids
+from moert.trace.types import MANIFEST, SequenceTrace, Trace, TraceFormatError, TraceMeta, check_expert_ids
 
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "MoertTrace", "TraceWriter"]
 
@@ -137,6 +137,16 @@ def _parse_manifest(manifest: object, where: Path) -> tuple[TraceMeta, list[dict
 
 
 def _read_shard(path: Path, meta: TraceMeta, shard: dict) -> Iterator[SequenceTrace]:
+    """The sequences of one shard, in order; raises TraceFormatError (at the first ``next``) naming
+    the file and field when the shard is unreadable or disagrees with ``meta`` or its manifest entry."""
+    fields = _load_fields(path, meta)
+    _check_fields(path, meta, shard, fields)
+    yield from _sequences(path, fields)
+
+
+def _load_fields(path: Path, meta: TraceMeta) -> dict[str, torch.Tensor | None]:
+    """The shard's tensors by field name, each of the right dtype and rank; None for an optional
+    field the shard lacks."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -163,18 +173,29 @@ def _read_shard(path: Path, meta: TraceMeta, shard: dict) -> Iterator[SequenceTr
         return t
 
     i64 = (torch.int64,)
-    seq_ids = field("seq_ids", i64, 1)
-    offsets = field("seq_offsets", i64, 1)
-    positions = field("positions", i64, 1)
-    is_prefill = field("is_prefill", (torch.bool,), 1)
-    experts = field("experts", (torch.int16, torch.int32, torch.int64), 3)
-    token_ids = field("token_ids", i64, 1, required=False)
-    token_bytes = field("token_bytes", (torch.uint8,), 1, required=False)
-    token_offsets = field("token_offsets", i64, 1, required=False)
-    scores = field("scores", (torch.float32,), 3, required=meta.has_scores)
-    hidden = field("hidden", (torch.float16,), 3, required=meta.has_hidden)
+    return {
+        "seq_ids": field("seq_ids", i64, 1),
+        "seq_offsets": field("seq_offsets", i64, 1),
+        "positions": field("positions", i64, 1),
+        "is_prefill": field("is_prefill", (torch.bool,), 1),
+        "experts": field("experts", (torch.int16, torch.int32, torch.int64), 3),
+        "token_ids": field("token_ids", i64, 1, required=False),
+        "token_bytes": field("token_bytes", (torch.uint8,), 1, required=False),
+        "token_offsets": field("token_offsets", i64, 1, required=False),
+        "scores": field("scores", (torch.float32,), 3, required=meta.has_scores),
+        "hidden": field("hidden", (torch.float16,), 3, required=meta.has_hidden),
+    }
 
-    T, S = int(positions.shape[0]), int(seq_ids.shape[0])
+
+def _check_fields(path: Path, meta: TraceMeta, shard: dict, fields: dict[str, torch.Tensor | None]) -> None:
+    """Raises TraceFormatError unless the fields' counts match the manifest entry ``shard``, the
+    offsets are consistent, the shapes match ``meta`` and the expert ids and scores are valid."""
+    offsets, token_bytes, token_offsets = (
+        fields["seq_offsets"],
+        fields["token_bytes"],
+        fields["token_offsets"],
+    )
+    T, S = int(fields["positions"].shape[0]), int(fields["seq_ids"].shape[0])
     if (shard["num_tokens"], shard["num_sequences"]) != (T, S):
         raise TraceFormatError(
             f"{path}: holds {T} tokens / {S} sequences, the manifest says "
@@ -202,18 +223,25 @@ def _read_shard(path: Path, meta: TraceMeta, shard: dict) -> Iterator[SequenceTr
         "hidden": (meta.num_layers, T, meta.hidden_size),
     }
     for name, shape in expected.items():
-        t = tensors.get(name)
+        t = fields[name]
         if t is not None and tuple(t.shape) != shape:
             raise TraceFormatError(f"{path}: field '{name}' has shape {tuple(t.shape)}, expected {shape}")
     check_expert_ids(
-        experts, meta.num_experts, lambda msg: TraceFormatError(f"{path}: field 'experts': {msg}")
+        fields["experts"], meta.num_experts, lambda msg: TraceFormatError(f"{path}: field 'experts': {msg}")
     )
+    scores = fields["scores"]
     if scores is not None and not bool(torch.isfinite(scores).all()):
         raise TraceFormatError(f"{path}: field 'scores' contains NaN or inf")
 
-    experts = experts.long()
-    raw = bytes(token_bytes.numpy()) if token_bytes is not None else None
-    for s in range(S):
+
+def _sequences(path: Path, fields: dict[str, torch.Tensor | None]) -> Iterator[SequenceTrace]:
+    """The checked fields cut into one SequenceTrace per sequence (copies, not views of the shard)."""
+    seq_ids, offsets, token_offsets = fields["seq_ids"], fields["seq_offsets"], fields["token_offsets"]
+    positions, is_prefill, token_ids = fields["positions"], fields["is_prefill"], fields["token_ids"]
+    scores, hidden = fields["scores"], fields["hidden"]
+    experts = fields["experts"].long()
+    raw = bytes(fields["token_bytes"].numpy()) if fields["token_bytes"] is not None else None
+    for s in range(int(seq_ids.shape[0])):
         a, b = int(offsets[s]), int(offsets[s + 1])
         tokens = None
         if raw is not None:

@@ -17,7 +17,7 @@ import os
 import re
 from pathlib import Path
 
-from moert.trace import TraceFormatError
+from moert.trace.types import TraceFormatError
 
 __all__ = ["numbered_files", "recorded_predictions"]
 

@@ -29,8 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from moert.trace import SequenceTrace, Trace, TraceFormatError, TraceMeta, check_expert_ids
 from moert.trace.importers import numbered_files
+from moert.trace.types import SequenceTrace, Trace, TraceFormatError, TraceMeta, check_expert_ids
 
 __all__ = ["ESFTTrace", "list_layer_files", "list_parts", "parse_line"]
 

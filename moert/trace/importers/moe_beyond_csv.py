@@ -32,8 +32,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from moert.trace import SequenceTrace, Trace, TraceFormatError, TraceMeta
 from moert.trace.importers.moe_beyond_layout import find_csv_files
+from moert.trace.types import SequenceTrace, Trace, TraceFormatError, TraceMeta
 
 __all__ = ["HEADERS", "OPTIONAL", "PREDICTED", "CSVRouting", "MoEBeyondCSVTrace", "parse_csv", "read_csv"]
 
@@ -133,92 +133,115 @@ def read_csv(path: str | os.PathLike, num_experts: int = 64, top_k: int | None =
     """
     path = Path(path)
     header, reader = _read_rows(path)
-    ncols = len(header)
-    col_batch = header.index("Batch Number") if "Batch Number" in header else None
-    col_token = header.index("Token")
-    col_ids = header.index("Activated Expert IDs")
-    col_pred = header.index(PREDICTED) if PREDICTED in header else None
-
-    layers: list[int] = []
-    tokens: list[str] = []  # tokens of the first layer
-    flat: list[int] = []
-    preds: list[list[int]] = []
-    k = top_k
-    j = 0  # index of the row within the current layer
+    rows = _Rows(header, num_experts, top_k)
     line = 1
     try:
         for row in reader:
             line = reader.line_num
-            if len(row) != ncols:
-                if not row:
-                    continue
-                raise ValueError(f"expected {ncols} fields ({','.join(header)}), got {len(row)}")
-            try:
-                layer = int(row[0])
-            except ValueError:
-                raise ValueError(f"Layer ID {row[0]!r:.40} is not an integer") from None
-            if col_batch is not None and row[col_batch].strip() != "0":
-                raise ValueError(
-                    f"Batch Number {row[col_batch]!r:.40} is not 0 (one prompt per file is supported)"
-                )
-            if not layers or layer != layers[-1]:
-                if layers and j != len(tokens):
-                    raise ValueError(
-                        f"layer {layers[-1]} has {j} tokens but layer {layers[0]} has {len(tokens)} "
-                        "(truncated or inconsistent file)"
-                    )
-                if layer in layers:
-                    raise ValueError(
-                        f"layer {layer} appears again after layer {layers[-1]}; rows must be grouped by layer"
-                    )
-                if layer < 0:
-                    raise ValueError(f"Layer ID {layer} is negative")
-                layers.append(layer)
-                j = 0
-            token = row[col_token]
-            if len(layers) == 1:
-                tokens.append(token)
-            elif j >= len(tokens):
-                raise ValueError(f"layer {layer} has more tokens than layer {layers[0]} ({len(tokens)})")
-            elif token != tokens[j]:
-                raise ValueError(
-                    f"layer {layer} token #{j} is {token!r:.60}, layer {layers[0]} has {tokens[j]!r:.60}"
-                )
-            ids = _parse_ids(row[col_ids], "Activated Expert IDs")
-            if k is None:
-                k = len(ids)
-            if len(ids) != k:
-                raise ValueError(f"{len(ids)} expert ids, expected top-k = {k}")
-            _check_ids(ids, "Activated Expert IDs", num_experts)
-            flat.extend(ids)
-            if col_pred is not None:
-                pred = _parse_ids(row[col_pred], PREDICTED, allow_empty=True)
-                _check_ids(pred, PREDICTED, num_experts)
-                preds.append(pred)
-            j += 1
+            rows.add(row)
     except csv.Error as exc:
         raise TraceFormatError(f"{path}: line {reader.line_num}: {exc}") from None
     except ValueError as exc:
         raise TraceFormatError(f"{path}: line {line}: {exc}") from None
-    if not layers:
+    if not rows.layers:
         raise TraceFormatError(f"{path}: line {line}: no data rows after the header")
-    if j != len(tokens):
+    if rows.j != len(rows.tokens):
         raise TraceFormatError(
-            f"{path}: line {line}: layer {layers[-1]} has {j} tokens but layer {layers[0]} has {len(tokens)} "
-            "(truncated file?)"
+            f"{path}: line {line}: layer {rows.layers[-1]} has {rows.j} tokens but layer {rows.layers[0]} "
+            f"has {len(rows.tokens)} (truncated file?)"
         )
-    L, T = len(layers), len(tokens)
-    experts = torch.from_numpy(np.asarray(flat, dtype=np.int64).reshape(L, T, k))  # [L, T, k]
-    predicted = None
-    if col_pred is not None:
-        m = max(len(p) for p in preds)
-        padded = np.full((L * T, m), -1, dtype=np.int64)
-        for i, p in enumerate(preds):
-            padded[i, : len(p)] = p
-        predicted = torch.from_numpy(padded.reshape(L, T, m))  # [L, T, m]
-    if col_batch is None and all(t.strip() == str(i) for i, t in enumerate(tokens)):
-        return CSVRouting(tuple(layers), None, experts, predicted)  # Token holds positions
-    return CSVRouting(tuple(layers), tokens, experts, predicted)
+    return rows.routing()
+
+
+class _Rows:
+    """The rows of one MoE-Beyond CSV, checked as they are added (layer by layer, the same tokens in
+    each layer), then assembled into a :class:`CSVRouting`."""
+
+    def __init__(self, header: list[str], num_experts: int, top_k: int | None) -> None:
+        self.header, self.num_experts = header, num_experts
+        self.col_batch = header.index("Batch Number") if "Batch Number" in header else None
+        self.col_token = header.index("Token")
+        self.col_ids = header.index("Activated Expert IDs")
+        self.col_pred = header.index(PREDICTED) if PREDICTED in header else None
+        self.layers: list[int] = []
+        self.tokens: list[str] = []  # tokens of the first layer
+        self.flat: list[int] = []
+        self.preds: list[list[int]] = []
+        self.k = top_k
+        self.j = 0  # index of the row within the current layer
+
+    def add(self, row: list[str]) -> None:
+        """Checks one row and keeps its routing; ValueError saying what is wrong (blank rows are skipped)."""
+        if len(row) != len(self.header):
+            if not row:
+                return
+            raise ValueError(f"expected {len(self.header)} fields ({','.join(self.header)}), got {len(row)}")
+        try:
+            layer = int(row[0])
+        except ValueError:
+            raise ValueError(f"Layer ID {row[0]!r:.40} is not an integer") from None
+        if self.col_batch is not None and row[self.col_batch].strip() != "0":
+            raise ValueError(
+                f"Batch Number {row[self.col_batch]!r:.40} is not 0 (one prompt per file is supported)"
+            )
+        if not self.layers or layer != self.layers[-1]:
+            self._start_layer(layer)
+        self._check_token(layer, row[self.col_token])
+        ids = _parse_ids(row[self.col_ids], "Activated Expert IDs")
+        if self.k is None:
+            self.k = len(ids)
+        if len(ids) != self.k:
+            raise ValueError(f"{len(ids)} expert ids, expected top-k = {self.k}")
+        _check_ids(ids, "Activated Expert IDs", self.num_experts)
+        self.flat.extend(ids)
+        if self.col_pred is not None:
+            pred = _parse_ids(row[self.col_pred], PREDICTED, allow_empty=True)
+            _check_ids(pred, PREDICTED, self.num_experts)
+            self.preds.append(pred)
+        self.j += 1
+
+    def _start_layer(self, layer: int) -> None:
+        layers, tokens = self.layers, self.tokens
+        if layers and self.j != len(tokens):
+            raise ValueError(
+                f"layer {layers[-1]} has {self.j} tokens but layer {layers[0]} has {len(tokens)} "
+                "(truncated or inconsistent file)"
+            )
+        if layer in layers:
+            raise ValueError(
+                f"layer {layer} appears again after layer {layers[-1]}; rows must be grouped by layer"
+            )
+        if layer < 0:
+            raise ValueError(f"Layer ID {layer} is negative")
+        layers.append(layer)
+        self.j = 0
+
+    def _check_token(self, layer: int, token: str) -> None:
+        layers, tokens, j = self.layers, self.tokens, self.j
+        if len(layers) == 1:
+            tokens.append(token)
+        elif j >= len(tokens):
+            raise ValueError(f"layer {layer} has more tokens than layer {layers[0]} ({len(tokens)})")
+        elif token != tokens[j]:
+            raise ValueError(
+                f"layer {layer} token #{j} is {token!r:.60}, layer {layers[0]} has {tokens[j]!r:.60}"
+            )
+
+    def routing(self) -> CSVRouting:
+        """The rows as a CSVRouting; Token holds positions when the file has no Batch Number column
+        and its tokens are 0, 1, 2, ..."""
+        L, T, k = len(self.layers), len(self.tokens), self.k
+        experts = torch.from_numpy(np.asarray(self.flat, dtype=np.int64).reshape(L, T, k))  # [L, T, k]
+        predicted = None
+        if self.col_pred is not None:
+            m = max(len(p) for p in self.preds)
+            padded = np.full((L * T, m), -1, dtype=np.int64)
+            for i, p in enumerate(self.preds):
+                padded[i, : len(p)] = p
+            predicted = torch.from_numpy(padded.reshape(L, T, m))  # [L, T, m]
+        if self.col_batch is None and all(t.strip() == str(i) for i, t in enumerate(self.tokens)):
+            return CSVRouting(tuple(self.layers), None, experts, predicted)  # Token holds positions
+        return CSVRouting(tuple(self.layers), self.tokens, experts, predicted)
 
 
 def parse_csv(

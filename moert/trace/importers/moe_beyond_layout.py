@@ -24,7 +24,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from moert.trace import TraceFormatError
+from moert.trace.types import TraceFormatError
 
 __all__ = ["KINDS", "CSVFolder", "find_csv_files"]
 

@@ -15,9 +15,9 @@ from typing import Any
 
 import torch
 
-from moert.trace import TraceFormatError
 from moert.trace.importers.moe_beyond_csv import PREDICTED, CSVRouting, read_csv
 from moert.trace.importers.moe_beyond_layout import find_csv_files
+from moert.trace.types import TraceFormatError
 
 __all__ = ["recorded_predictions"]
 
