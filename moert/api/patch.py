@@ -24,9 +24,9 @@ from moert.api.handle import (
     register_handle,
     set_impl,
 )
+from moert.engine.backends import make_offloader, make_pool
 from moert.engine.layer import OffloadedLayer, moert_experts_forward
 from moert.engine.layout import ExpertLayout
-from moert.engine.offloader import make_offloader, make_pool
 from moert.models import MoELayerRef, get_adapter
 
 if TYPE_CHECKING:

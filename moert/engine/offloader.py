@@ -34,7 +34,7 @@ from moert.engine.runtime import tensor_device
 from moert.engine.stats import LayerCounters, Stats, assemble
 from moert.policy.base import Plan, Policy
 
-__all__ = ["OffloaderBase", "Offloader", "make_pool", "make_offloader"]
+__all__ = ["OffloaderBase", "Offloader"]
 
 Views = tuple[torch.Tensor, torch.Tensor]
 
@@ -286,31 +286,3 @@ _SAME_NAME = (
     "prefetch_wasted",
     "prefetch_wasted_bytes",
 )
-
-
-def make_pool(backend: str, num_layers: int, num_experts: int, slab_bytes: int, device: str) -> Any:
-    """The host pool for ``backend``: ``runtime.ExpertPool`` (page-locked when the cache is on CUDA) or
-    ``moert.engine.reference.HostPool``."""
-    if backend == "reference":
-        from moert.engine.reference import HostPool
-
-        return HostPool(num_layers, num_experts, slab_bytes)
-    from moert.engine import runtime
-
-    return runtime.ExpertPool(num_layers, num_experts, slab_bytes, pin=device.startswith("cuda"))
-
-
-def make_offloader(
-    backend: str, *args: Any, policy: str, min_slots: int, copy_streams: int, **kwargs: Any
-) -> OffloaderBase:
-    """The offloader for ``backend``: ``"runtime"`` (``Offloader``), ``"reference"`` or ``"naive"``
-    (``moert.engine.reference``); ``*args, **kwargs`` are ``OffloaderBase``'s."""
-    if backend == "reference":
-        from moert.engine.reference import ReferenceStore
-
-        return ReferenceStore(*args, policy=policy, **kwargs)
-    if backend == "naive":
-        from moert.engine.reference import NaiveStore
-
-        return NaiveStore(*args, **kwargs)
-    return Offloader(*args, policy=policy, min_slots=min_slots, copy_streams=copy_streams, **kwargs)
