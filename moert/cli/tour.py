@@ -88,7 +88,7 @@ def tour(cfg: TourConfig, progress: bool = True) -> dict:
     cache = SlabCache(pool, slots, policy=cfg.policy, device=cfg.device, min_slots=cfg.top_k)
     engine = CopyEngine(cache, cfg.streams)
     rng = np.random.default_rng(cfg.seed + 1)
-    mismatches = 0
+    mismatches = checked = 0
     t0 = time.perf_counter()
     bar = tqdm(range(cfg.tokens), desc="tokens", unit="tok", disable=None if progress else True)
     for t in bar:
@@ -102,9 +102,12 @@ def tour(cfg: TourConfig, progress: bool = True) -> dict:
             ids = experts[i]
             got = engine.acquire(layer, ids)
             for e, s in zip(ids.tolist(), got):
-                tag = int(cache.slot_view(s, torch.int32, (1,))[0]) if cfg.device == "cpu" else None
-                if tag is not None and tag != layer * cfg.experts + e:
+                # every word of the slot, on every device (on CUDA the read is ordered after the copy by
+                # the stream wait acquire made, and .cpu() waits for it)
+                words = cache.slot_view(s, torch.int32, (slab // 4,)).cpu()  # [slab/4]
+                if not bool((words == layer * cfg.experts + e).all()):
                     mismatches += 1
+                checked += slab
             engine.release(layer, ids)
         if t % 20 == 0:
             s = cache.stats()
@@ -142,6 +145,7 @@ def tour(cfg: TourConfig, progress: bool = True) -> dict:
         "wall_s": wall,
         "fill_s": fill_s,
         "mismatches": mismatches,
+        "checked_bytes": checked,
         "sim_hit_rate_no_prefetch": replayed["hits"] / max(1, accesses),
         "sim_accesses_per_s": accesses / max(sim_s, 1e-12),
     }
@@ -158,7 +162,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokens", type=int, default=d.tokens, help="decode steps")
     parser.add_argument("--streams", type=int, default=None, help="copy lanes (default MOERT_COPY_STREAMS)")
     parser.add_argument("--no-prefetch", action="store_true", help="demand loads only")
-    parser.add_argument("--device", default=d.device, choices=["cpu", "cuda"])
+    parser.add_argument("--device", default=d.device, choices=["cpu", "sim", "cuda"])
     parser.add_argument("--seed", type=int, default=d.seed)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a summary")
 
@@ -207,7 +211,7 @@ def run(args: argparse.Namespace) -> int:
         f"{out['copy_gbps']:.2f} GB/s per lane-second; demand stall {out['demand_stall_s'] * 1e3:.1f} ms"
     )
     print(
-        f"throughput {out['tokens_per_s']:.0f} tokens/s ({out['wall_s']:.2f} s); slot checks: {out['mismatches']} mismatches"
+        f"throughput {out['tokens_per_s']:.0f} tokens/s ({out['wall_s']:.2f} s); slot checks: {out['mismatches']} mismatches in {out['checked_bytes'] / 1e6:.1f} MB checked"
     )
     print(
         f"simulator replay (no prefetch): hit rate {out['sim_hit_rate_no_prefetch']:.3f} "

@@ -41,6 +41,8 @@ def test_tour_small_run_checks_every_slot(capsys):
     assert tour.run(_args(tour, argv)) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["mismatches"] == 0 and out["accesses"] == 3 * 30 * 2
+    # every byte of every acquired slot was compared with its expert's tag
+    assert out["checked_bytes"] == out["accesses"] * 4096
     assert out["hits"] + out["misses"] == out["accesses"]
     assert out["bytes_loaded"] == out["copies"] * 4096
 
