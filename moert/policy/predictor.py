@@ -150,7 +150,8 @@ def policy_from_spec(
     **options: Any,
 ) -> PredictorPolicy:
     """Builds a prefetcher from ``PRED.safetensors[:m]``, ``prev-token[:m]`` or ``frequency[:m]``
-    (``:adaptive`` instead of ``:m`` for the adaptive width).
+    (``:adaptive`` instead of ``:m`` for the adaptive width), or ``predictions:DIR`` (a peer's recorded
+    predictions, :class:`moert.policy.recorded.RecordedPredictions`).
 
     Args:
         spec: the ``--prefetch`` value.
@@ -158,6 +159,10 @@ def policy_from_spec(
         fit_sequences: sequences the ``frequency`` baseline counts (e.g. the training split).
         options: ``threshold``, ``max_overprovision``, ``score_decay`` of :class:`PredictorPolicy`.
     """
+    if spec.startswith("predictions:"):  # a peer's recorded predictions (moert.policy.recorded)
+        from moert.policy.recorded import RecordedPredictions
+
+        return RecordedPredictions(spec[len("predictions:") :])
     target, m = parse_prefetch_spec(spec)
     if target == "prev-token":
         if trace_meta is None:
