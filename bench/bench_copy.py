@@ -46,6 +46,29 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def _gbps(ts: list[float], nbytes: int) -> dict:
+    """Median and p20/p80 of GB/s over the timed repeats."""
+    gbps = np.array([nbytes / t / 1e9 for t in ts])
+    return {
+        "median_gbps": float(np.median(gbps)),
+        "p20_gbps": float(np.percentile(gbps, 20)),
+        "p80_gbps": float(np.percentile(gbps, 80)),
+    }
+
+
+def _fresh_load_ok(
+    engine: CopyEngine, cache: SlabCache, layer: int, experts: list[int], src: list, chunk: int
+) -> bool:
+    """Loads ``layer`` (the one the cache does not hold now) with the engine and checks the first four
+    slots byte-exactly against the pool."""
+    engine.prefetch(layer, experts)
+    engine.synchronize()
+    return all(
+        torch.equal(cache.slot_view(cache.lookup(layer, e), torch.uint8, (chunk,)).cpu(), src[e].cpu())
+        for e in experts[:4]
+    )
+
+
 def measure(device: str, chunk_mb: int, lanes: int, total_mb: int, repeats: int, warmup: int) -> dict:
     chunk = chunk_mb << 20
     n = max(1, total_mb // chunk_mb)
@@ -101,26 +124,12 @@ def measure(device: str, chunk_mb: int, lanes: int, total_mb: int, repeats: int,
             t_bulk.append(tb)
     # check a fresh engine load (the layer the cache does not hold now) byte-exactly
     check = 1 - (warmup + repeats - 1) % 2
-    engine.prefetch(check, experts)
-    engine.synchronize()
-    ok = all(
-        torch.equal(cache.slot_view(cache.lookup(check, e), torch.uint8, (chunk,)).cpu(), src[check][e].cpu())
-        for e in experts[:4]
-    )
+    ok = _fresh_load_ok(engine, cache, check, experts, src[check], chunk)
     stats = cache.stats()
     engine.close()
     cache.close()
     nbytes = n * chunk
-
-    def summary(ts: list[float]) -> dict:
-        gbps = np.array([nbytes / t / 1e9 for t in ts])
-        return {
-            "median_gbps": float(np.median(gbps)),
-            "p20_gbps": float(np.percentile(gbps, 20)),
-            "p80_gbps": float(np.percentile(gbps, 80)),
-        }
-
-    eng, ref, bulk = summary(t_engine), summary(t_torch), summary(t_bulk)
+    eng, ref, bulk = (_gbps(ts, nbytes) for ts in (t_engine, t_torch, t_bulk))
     return {
         "device": device,
         "chunk_mb": chunk_mb,

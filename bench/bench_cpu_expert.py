@@ -127,15 +127,7 @@ def main() -> int:
     threads_list = [int(t) for t in args.threads.split(",")]
     host = re.sub(r"[^A-Za-z0-9_.-]+", "-", args.host or socket.gethostname()) or "host"
 
-    env = {
-        "device": provenance.device_name("cpu"),
-        **provenance.versions("torch", "numpy"),
-        "commit": provenance.git_commit(),
-        "date": provenance.utc_now(),
-        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "loadavg_at_start": os.getloadavg()[0],
-        "modified_tracked_files": provenance.modified_files(),
-    }
+    env = _environment()
     pools = {
         (m.name, d): PoolExperts(m, dt, args.pool_mb << 20, seed=i)
         for i, (m, (d, dt)) in enumerate((m, kv) for m in MODELS for kv in DTYPES.items())
@@ -151,9 +143,52 @@ def main() -> int:
         for t in threads_list
         for how in ("cold", "hot")
     ]
+    t_start = time.perf_counter()
+    times = _measure(args, pools, xs, configs, t_start)
+
+    results = _results(times, pools)
+    env["loadavg_at_end"] = os.getloadavg()[0]
+    env["seconds"] = time.perf_counter() - t_start
+    calib = _calibration(results)
+    out = {
+        "what": "CPU time of one routed expert's forward from a host-pool entry (moert heterogeneous mode)",
+        **env,
+        "repeats": args.repeats,
+        "rounds": args.rounds,
+        "relative_error_vs_fp64": errors,
+        "calibration": calib,
+        "results": results,
+        "command": " ".join(["python", *sys.argv]),
+    }
+    stem = Path(args.out) / f"cpu_expert_{host}"
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps(out, indent=1) + "\n")
+    stem.with_suffix(".md").write_text(markdown(out))
+    print(stem.with_suffix(".md").read_text())
+    for c in calib:
+        print(f"{c['model']}: --cpu-expert-ms {c['cpu_expert_ms']:.2f} --expert-mb {c['expert_mb']:.1f}")
+    print(f"wrote {stem}.json and .md", file=sys.stderr)
+    return 0
+
+
+def _environment() -> dict:
+    """Device, versions, commit, date and load at the start; recorded beside the results."""
+    return {
+        "device": provenance.device_name("cpu"),
+        **provenance.versions("torch", "numpy"),
+        "commit": provenance.git_commit(),
+        "date": provenance.utc_now(),
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "loadavg_at_start": os.getloadavg()[0],
+        "modified_tracked_files": provenance.modified_files(),
+    }
+
+
+def _measure(args: argparse.Namespace, pools: dict, xs: dict, configs: list, t_start: float) -> dict:
+    """ms per call of every configuration, ``--rounds`` rounds (alternate rounds in reverse order) of
+    ``--repeats`` timed calls after 3 warm-up calls; ``cold`` rotates through the pool."""
     times: dict[tuple, list[float]] = {c: [] for c in configs}
     cursor = dict.fromkeys(pools, 0)
-    t_start = time.perf_counter()
     for rnd in range(args.rounds):
         for cfg in configs if rnd % 2 == 0 else configs[::-1]:
             name, d, b, t, how = cfg
@@ -172,7 +207,11 @@ def main() -> int:
                 if i >= 3:
                     times[cfg].append(dt * 1e3)
         print(f"round {rnd + 1}/{args.rounds} done ({time.perf_counter() - t_start:.0f} s)", file=sys.stderr)
+    return times
 
+
+def _results(times: dict, pools: dict) -> list[dict]:
+    """One row per configuration: percentiles, ms per row and weight GB/s."""
     results = []
     for cfg, ms in times.items():
         name, d, b, t, how = cfg
@@ -196,28 +235,7 @@ def main() -> int:
                 "calls": len(ms),
             }
         )
-    env["loadavg_at_end"] = os.getloadavg()[0]
-    env["seconds"] = time.perf_counter() - t_start
-    calib = _calibration(results)
-    out = {
-        "what": "CPU time of one routed expert's forward from a host-pool entry (moert heterogeneous mode)",
-        **env,
-        "repeats": args.repeats,
-        "rounds": args.rounds,
-        "relative_error_vs_fp64": errors,
-        "calibration": calib,
-        "results": results,
-        "command": " ".join(["python", *sys.argv]),
-    }
-    stem = Path(args.out) / f"cpu_expert_{host}"
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps(out, indent=1) + "\n")
-    stem.with_suffix(".md").write_text(markdown(out))
-    print(stem.with_suffix(".md").read_text())
-    for c in calib:
-        print(f"{c['model']}: --cpu-expert-ms {c['cpu_expert_ms']:.2f} --expert-mb {c['expert_mb']:.1f}")
-    print(f"wrote {stem}.json and .md", file=sys.stderr)
-    return 0
+    return results
 
 
 def _calibration(results: list[dict]) -> list[dict]:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import importlib
 import json
 import platform
 import subprocess
@@ -206,95 +207,6 @@ def _plot_layers(rows: dict, k: int, path: Path) -> None:
     plt.close(fig)
 
 
-TINY_OVERPROVISION = {"deepseek_v2": 4, "qwen3_moe": 4, "phimoe": 1}
-
-
-def stage_tiny(args, work):
-    """The analogue of the pre-attention paper's Tables 3-4 on tiny random models (not real weights)."""
-    from moert.models.tiny import prompt_ids, tiny_model
-    from moert.predict.baselines import NextGatePredictor
-    from moert.predict.preattn import train_preattn
-    from moert.trace.record import capture
-
-    results = {}
-    for model_type, m in TINY_OVERPROVISION.items():
-        model = tiny_model(model_type, num_hidden_layers=6)
-        prompts = [prompt_ids(1, 64, seed=1000 + i)[0] for i in range(args.tiny_prompts)]
-        out = work / f"tiny-{model_type}"
-        t0 = time.perf_counter()
-        capture(model, prompts, out, max_new_tokens=0, with_scores=True, with_hidden=True, overwrite=True)
-        meta, seqs = open_sequences(str(out))
-        split = split_sequences([s.seq_id for s in seqs], 0.1, 0.2, seed=args.seed)
-        train, val, test = (select_sequences(seqs, getattr(split, n)) for n in ("train", "val", "test"))
-        row = {
-            "meta": {"layers": list(meta.layers), "E": meta.num_experts, "k": meta.top_k, "H": meta.hidden_size,
-                     "tokens": {"train": sum(s.num_tokens for s in train), "val": sum(s.num_tokens for s in val),
-                                "test": sum(s.num_tokens for s in test)}},
-            "capture_s": time.perf_counter() - t0, "m": m, "predictors": {},
-        }  # fmt: skip
-        base = {
-            "prev-token": PrevTokenPredictor.for_trace(meta),
-            "frequency": FrequencyPredictor.fit(meta, train + val),
-            "next-gate": NextGatePredictor.from_model(model, meta),
-        }
-        for name, pred in base.items():
-            row["predictors"][name] = evaluate(pred, test, overprovision=(m,))["overall"]
-        cfg = TrainConfig(
-            epochs=30, batch_size=128, patience=4, seed=args.seed, threads=args.threads, progress=False
-        )
-        for arch in ("linear2", "mlp_bn"):
-            for loss in ("mse", "wbce", "focal", "rank"):
-                t0 = time.perf_counter()
-                pred, hist = train_preattn(
-                    meta, train, val, arch=arch, loss=loss, dim=256, lookahead=2, cfg=cfg
-                )
-                res = evaluate(pred, test, overprovision=(m,))
-                row["predictors"][f"preattn/{arch}/{loss}"] = {
-                    **res["overall"], "by_distance": res["by_distance"], "train_s": time.perf_counter() - t0,
-                    "epochs": hist["epochs_run"],
-                }  # fmt: skip
-        results[model_type] = row
-        print(f"[tiny] {model_type} done", file=sys.stderr, flush=True)
-    env = _env(args)
-    (REPO / "bench/results/predict_tiny.json").write_text(
-        json.dumps({"env": env, "models": results}, indent=1)
-    )
-    lines = [
-        "# Pre-attention predictors on tiny random models (traces captured with hidden rows), CPU",
-        "",
-        f"{env['date_utc']}, commit {env['commit']}, torch {env['torch']}, {env['threads']} CPU thread(s). "
-        "`python bench/bench_predict.py --stage tiny`. Tiny random models of the real classes "
-        f"(`moert.models.tiny.tiny_model(..., num_hidden_layers=6)`), {args.tiny_prompts} random prompts x 64 "
-        "tokens (prefill), split by prompt 70/10/20 (test); D=256, lookahead 2, up to 30 epochs with "
-        "early stopping. Random weights, so these show the pipeline and relative ordering, not the "
-        "paper's absolute numbers on trained models.",
-        "",
-    ]
-    for model_type, row in results.items():
-        mt, m, k = row["meta"], row["m"], row["meta"]["k"]
-        lines += [
-            f"## {model_type}: MoE layers {mt['layers']}, E={mt['E']}, k={k}, H={mt['H']}, "
-            f"test tokens {mt['tokens']['test']}",
-            "",
-            f"| predictor | exact | over-provision hit k+{m} | top-1 | recall@{k} | lookahead 1 exact | lookahead 2 exact |",
-            "|---|---:|---:|---:|---:|---:|---:|",
-        ]
-        for name, r in row["predictors"].items():
-            bd = r.get("by_distance", {})
-            la = [f"{100 * bd[j]['exact']:.1f}%" if j in bd else "-" for j in ("1", "2")]
-            lines.append(
-                f"| {name} | {100 * r['exact']:.1f}% | {100 * r[f'overprov_hit@{k}+{m}']:.1f}% | "
-                f"{100 * r['top1']:.1f}% | {100 * r[f'recall@{k}']:.1f}% | {la[0]} | {la[1]} |"
-            )
-        lines.append("")
-    lines.append(
-        "next-gate: layer l's router on layer l-1's pre-attention row (its own row for the first MoE layer). "
-        "lookahead j: the head at layer l predicting layer l+j from layer l's row."
-    )
-    (REPO / "bench/results/predict_tiny.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-
-
 def _env(args) -> dict:
     import numpy
     import safetensors
@@ -341,9 +253,24 @@ def stage_report(args, meta, parts, split, path, work):
     for kind in ("xlayer", "moe-beyond"):
         if kind in parts_json:
             rows[kind] = parts_json[kind]
+    result = _report_result(args, meta, parts, split, path, rows, parts_json)
+    (REPO / "bench/results/predict_puffin.json").write_text(json.dumps(result, indent=1))
+    lines = _report_table(args, meta, result, rows) + _report_notes(rows)
+    sim = parts_json.get("sim")
+    if sim:
+        lines += _report_sim(sim)
+    if rows:
+        _plot_layers(rows, meta.top_k, REPO / "bench/results/predict_puffin_layers.png")
+        lines += ["", "Per-layer recall@6 and top-1 of every predictor: `predict_puffin_layers.png`."]
+    (REPO / "bench/results/predict_puffin.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def _report_result(args, meta, parts, split, path, rows, parts_json) -> dict:
+    """predict_puffin.json: environment, trace and split, every predictor's row, the simulation."""
     env = _env(args)
     k = meta.top_k
-    result = {
+    return {
         "env": env,
         "trace": {"path": str(path), "model_type": meta.model_type, "layers": list(meta.layers), "E": meta.num_experts,
                   "k": k, "sequences": sum(len(v) for v in parts.values()),
@@ -352,7 +279,11 @@ def stage_report(args, meta, parts, split, path, work):
         "predictors": rows,
         "sim": parts_json.get("sim"),
     }  # fmt: skip
-    (REPO / "bench/results/predict_puffin.json").write_text(json.dumps(result, indent=1))
+
+
+def _report_table(args, meta, result, rows) -> list[str]:
+    """The title, provenance, trace and the metrics table (one row per predictor)."""
+    env, k = result["env"], meta.top_k
     cols = [
         "exact",
         "overprov_hit@6+2",
@@ -389,13 +320,18 @@ def stage_report(args, meta, parts, split, path, work):
             + " | ".join(f"{100 * o[c]:.2f}%" for c in cols)
             + f" | {r.get('train_s', 0):.0f} |"
         )
-    lines += [
+    return lines + [
         "",
         "exact: predicted top-6 set equals the true set; overprov_hit@6+m: true set within the predicted "
         "top-(6+m); top1: predicted argmax is selected; recall@6 = precision@6 = F1 of the top-6 set; "
         "f1@6+m: micro F1 of the top-(6+m) set; macro_f1: per-expert F1 of the top-6 set, averaged over experts.",
         "",
     ]
+
+
+def _report_notes(rows) -> list[str]:
+    """The learned predictors' dimensions and training histories."""
+    lines: list[str] = []
     for kind in ("xlayer", "moe-beyond"):
         if kind in rows:
             r = rows[kind]
@@ -412,43 +348,52 @@ def stage_report(args, meta, parts, split, path, work):
             "4 layers with 2048-d model embeddings), trained from token strings only, for minutes on CPU "
             "(paper: 66M activations, ~48 A100-hours); its numbers are a lower bound for the method."
         )
-    sim = parts_json.get("sim")
-    if sim:
-        for mode in ("per-layer", "global"):
-            what = (
-                "one cache per layer, capacity x E slots each"
-                if mode == "per-layer"
-                else ("one cache for all layers, capacity x L x E slots")
-            )
-            lines += [
-                "",
-                f"## Simulated hit rate on the held-out prompts, {mode} ({what}), C++ SlabCache replay",
-                "",
-                "| policy | capacity 0.1 | capacity 0.25 | wasted prefetches (0.1) | wasted prefetches (0.25) |",
-                "|---|---:|---:|---:|---:|",
-            ]  # fmt: skip
-            by: dict = {}
-            for row in sim["rows"]:
-                if row["mode"] == mode:
-                    by.setdefault(row["policy"], {})[row["capacity"]] = row
-            for pol, caps in by.items():
-                hit = [f"{100 * caps[c]['hit_rate']:.2f}%" if c in caps else "-" for c in (0.1, 0.25)]
-                wasted = [str(caps[c].get("prefetch_wasted", "-")) if c in caps else "-" for c in (0.1, 0.25)]
-                lines.append(f"| {pol} | " + " | ".join(hit + wasted) + " |")
+    return lines
+
+
+def _report_sim(sim) -> list[str]:
+    """The simulated hit rates per cache mode and what the policies mean."""
+    lines: list[str] = []
+    for mode in ("per-layer", "global"):
+        what = (
+            "one cache per layer, capacity x E slots each"
+            if mode == "per-layer"
+            else ("one cache for all layers, capacity x L x E slots")
+        )
         lines += [
             "",
-            "`lru+X`: LRU eviction, and before each layer's access the top-(6+m) experts predicted by X are "
-            "prefetched (`X:m`); `oracle` prefetches the true set (ceiling); `belady` is optimal eviction "
-            "without prefetch. A hit is an access whose expert is resident (prefetched ones included); "
-            "prefetches cost PCIe bytes (wasted = prefetched and evicted unused). Per-layer capacity 0.1 is "
-            "6 slots = k, so a prefetch of k experts replaces the layer's whole cache and the hit rate is "
-            "about the predictor's recall@6.",
-        ]
-    if rows:
-        _plot_layers(rows, k, REPO / "bench/results/predict_puffin_layers.png")
-        lines += ["", "Per-layer recall@6 and top-1 of every predictor: `predict_puffin_layers.png`."]
-    (REPO / "bench/results/predict_puffin.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+            f"## Simulated hit rate on the held-out prompts, {mode} ({what}), C++ SlabCache replay",
+            "",
+            "| policy | capacity 0.1 | capacity 0.25 | wasted prefetches (0.1) | wasted prefetches (0.25) |",
+            "|---|---:|---:|---:|---:|",
+        ]  # fmt: skip
+        by: dict = {}
+        for row in sim["rows"]:
+            if row["mode"] == mode:
+                by.setdefault(row["policy"], {})[row["capacity"]] = row
+        for pol, caps in by.items():
+            hit = [f"{100 * caps[c]['hit_rate']:.2f}%" if c in caps else "-" for c in (0.1, 0.25)]
+            wasted = [str(caps[c].get("prefetch_wasted", "-")) if c in caps else "-" for c in (0.1, 0.25)]
+            lines.append(f"| {pol} | " + " | ".join(hit + wasted) + " |")
+    lines += [
+        "",
+        "`lru+X`: LRU eviction, and before each layer's access the top-(6+m) experts predicted by X are "
+        "prefetched (`X:m`); `oracle` prefetches the true set (ceiling); `belady` is optimal eviction "
+        "without prefetch. A hit is an access whose expert is resident (prefetched ones included); "
+        "prefetches cost PCIe bytes (wasted = prefetched and evicted unused). Per-layer capacity 0.1 is "
+        "6 slots = k, so a prefetch of k experts replaces the layer's whole cache and the hit rate is "
+        "about the predictor's recall@6.",
+    ]
+    return lines
+
+
+def _tiny_module():
+    """``bench/predict_tiny.py`` (``--stage tiny``), with bench/ put on ``sys.path`` first:
+    ``python -P bench/bench_predict.py`` leaves it off."""
+    here = str(Path(__file__).resolve().parent)
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    return importlib.import_module("predict_tiny")
 
 
 def main(argv=None) -> int:
@@ -470,7 +415,7 @@ def main(argv=None) -> int:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     if args.stage == "tiny":
-        stage_tiny(args, work)
+        _tiny_module().stage_tiny(args, work)
         return 0
     meta, parts, split, path = load(args)
     stages = STAGES if args.stage == "all" else (args.stage,)  # "ablation" only when asked

@@ -93,6 +93,35 @@ def _setup(name: str, T: int, D: int, lookahead: int, dtype: torch.dtype, device
     return norm, head, args, E, top_k
 
 
+def _default_plan(args: tuple, T: int, D: int, dtype: torch.dtype) -> dict:
+    """The launch plan the fused kernel picks by default for these arguments: grid, warps and blocks."""
+    from moert.kernels._predictive_norm_plan import plan_launch
+    from moert.kernels.predictive_norm import PredictiveNormConfig
+
+    x, nw, nb, eps, kind, w1, b1, w2, b2 = args
+    plan = plan_launch(
+        PredictiveNormConfig(), T, x.shape[1], D, w2.shape[0], eps, dtype, x.device,
+        norm_kind=kind, act="silu", has_norm_bias=nb is not None, has_b1=True, has_b2=True,
+        interpret=False,
+    )  # fmt: skip
+    blocks = {c.lower(): plan.constexprs[c] for c in ("BLOCK_T", "BLOCK_K", "BLOCK_D", "BLOCK_E")}
+    return {"grid": list(plan.grid), "num_warps": plan.num_warps, **blocks}
+
+
+def _sweep(args: tuple, lookahead: int, do_bench) -> list[dict]:
+    """The fused kernel timed at every ``SWEEP`` config, fastest first."""
+    from moert.kernels.predictive_norm import PredictiveNormConfig, predictive_norm_forward
+
+    timed = []
+    for cfg in SWEEP:
+        config = PredictiveNormConfig(**cfg)
+        us = 1e3 * do_bench(
+            lambda args=args, c=config: predictive_norm_forward(*args, "silu", lookahead, config=c)
+        )
+        timed.append({**cfg, "median_us": us})
+    return sorted(timed, key=lambda r: r["median_us"])
+
+
 @torch.no_grad()
 def run_cuda(
     models: list[str],
@@ -105,9 +134,7 @@ def run_cuda(
 ) -> list[dict]:
     """Times every variant per (model, T). ``device="cpu"`` (under ``TRITON_INTERPRET=1``, with a
     stand-in ``do_bench``) only exercises the code: tests/test_bench_scripts.py."""
-    from moert.kernels._predictive_norm_plan import plan_launch
     from moert.kernels.predictive_norm import (
-        PredictiveNormConfig,
         predictive_norm_forward,
         predictive_norm_topk,
     )
@@ -148,25 +175,9 @@ def run_cuda(
             row["chain_over_fused"] = row["chain"]["median_us"] / row["fused"]["median_us"]
             row["fused_over_norm"] = row["fused"]["median_us"] / row["norm"]["median_us"]
             row["plan_fastest"] = min(PLAN_WAYS, key=lambda w: row[w]["median_us"])
-            _, nw, nb, eps, kind, w1, b1, w2, b2 = args
-            plan = plan_launch(
-                PredictiveNormConfig(), T, x.shape[1], D, w2.shape[0], eps, dtype, x.device,
-                norm_kind=kind, act="silu", has_norm_bias=nb is not None, has_b1=True, has_b2=True,
-                interpret=False,
-            )  # fmt: skip
-            blocks = {c.lower(): plan.constexprs[c] for c in ("BLOCK_T", "BLOCK_K", "BLOCK_D", "BLOCK_E")}
-            row["default_plan"] = {"grid": list(plan.grid), "num_warps": plan.num_warps, **blocks}
+            row["default_plan"] = _default_plan(args, T, D, dtype)
             if sweep:
-                timed = []
-                for cfg in SWEEP:
-                    config = PredictiveNormConfig(**cfg)
-                    us = 1e3 * do_bench(
-                        lambda args=args, c=config: predictive_norm_forward(
-                            *args, "silu", lookahead, config=c
-                        )
-                    )
-                    timed.append({**cfg, "median_us": us})
-                row["sweep"] = sorted(timed, key=lambda r: r["median_us"])
+                row["sweep"] = _sweep(args, lookahead, do_bench)
                 print(f"    best of sweep: {row['sweep'][0]}")
             rows.append(row)
             print(
