@@ -15,6 +15,7 @@ import argparse
 import json
 import time
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 
@@ -101,13 +102,8 @@ def tour(cfg: TourConfig, progress: bool = True) -> dict:
                 engine.prefetch(layer + 1, guess)
             ids = experts[i]
             got = engine.acquire(layer, ids)
-            for e, s in zip(ids.tolist(), got):
-                # every word of the slot, on every device (on CUDA the read is ordered after the copy by
-                # the stream wait acquire made, and .cpu() waits for it)
-                words = cache.slot_view(s, torch.int32, (slab // 4,)).cpu()  # [slab/4]
-                if not bool((words == layer * cfg.experts + e).all()):
-                    mismatches += 1
-                checked += slab
+            mismatches += _bad_slots(cache, got, [layer * cfg.experts + e for e in ids.tolist()], slab)
+            checked += len(got) * slab
             engine.release(layer, ids)
         if t % 20 == 0:
             s = cache.stats()
@@ -149,6 +145,18 @@ def tour(cfg: TourConfig, progress: bool = True) -> dict:
         "sim_hit_rate_no_prefetch": replayed["hits"] / max(1, accesses),
         "sim_accesses_per_s": accesses / max(sim_s, 1e-12),
     }
+
+
+def _bad_slots(cache: Any, slots: list[int], tags: list[int], slab: int) -> int:
+    """How many of ``slots`` do not hold their expert's tag in every word (every device: on CUDA the read
+    is ordered after the copy by the stream wait that acquire made, and ``.cpu()`` waits for it)."""
+    import torch
+
+    bad = 0
+    for s, tag in zip(slots, tags):
+        words = cache.slot_view(s, torch.int32, (slab // 4,)).cpu()  # [slab/4]
+        bad += not bool((words == tag).all())
+    return bad
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
