@@ -11,7 +11,7 @@ DEPS := numpy safetensors tqdm pybind11 ninja setuptools wheel "$(TRANSFORMERS_S
 DEV_DEPS := pytest hypothesis ruff clang-format
 NATIVE := $(wildcard csrc/*.cc csrc/include/moert/*.h csrc/src/*.cc csrc/src/*.cu) CMakeLists.txt setup.py
 
-.PHONY: setup build demo test test-compat test-gpu test-gpu-here test-slow gpu-dry-run stress sanitize fuzz fuzz-smoke lint format bench bench-sim-studies clean
+.PHONY: setup build demo test test-compat test-gpu test-gpu-here test-slow gpu-dry-run stress sanitize fuzz fuzz-smoke lint format bench bench-sim-puffin bench-sim-studies clean
 
 setup: $(VENV)/.deps build
 
@@ -96,6 +96,17 @@ bench: setup
 	$(PY) bench/bench_decode.py --prefill-len 128 --prefill-caches 0.05 0.1 0.25
 	$(PY) bench/bench_cpu_expert.py
 	$(PY) bench/bench_predictive_norm.py
+
+# the README's cache-policy table: every puffin prompt through the real cache, per-layer and global
+PUFFIN ?= ../shared/data/traces/deepseek-v2-lite-chat-puffin
+PUFFIN_POLICIES ?= lru,lfu,moe-infinity,belady,lru+moe-infinity,lru+oracle
+bench-sim-puffin: setup
+	$(PY) -m moert simulate $(PUFFIN) --capacity 0.1,0.25,0.5 --policy $(PUFFIN_POLICIES) --per-layer --no-progress \
+		--json bench/results/sim_deepseek_v2_lite_puffin.json --markdown bench/results/sim_deepseek_v2_lite_puffin.md \
+		--plot bench/results/sim_deepseek_v2_lite_puffin.png
+	$(PY) -m moert simulate $(PUFFIN) --capacity 0.1,0.25,0.5 --policy $(PUFFIN_POLICIES) --global --no-progress \
+		--json bench/results/sim_deepseek_v2_lite_puffin_global.json --markdown bench/results/sim_deepseek_v2_lite_puffin_global.md \
+		--plot bench/results/sim_deepseek_v2_lite_puffin_global.png
 
 # the simulator studies on the shared traces (minutes each): score policy, CPU experts, speculative
 bench-sim-studies: setup
