@@ -26,7 +26,9 @@ with atheris.instrument_imports(include=["moert"]):
 
 _BUDGET = 1 << 28  # bytes a pool or cache may really allocate
 _CAP = 1 << 46  # ExpertPool's documented limit
-_SIM_ENTRIES = 1 << 22  # (layer, expert) entries of a simulated cache built here (see finding N1)
+_SIM_ENTRIES = (
+    1 << 22
+)  # (layer, expert) entries of a simulated cache built here: keeps each input's memory small (N1 is fixed: the cache refuses more than 2^24)
 _INTS = (-(2**63), -(2**31) - 1, -(2**31), -2, -1, 0, 1, 2, 3, 5, 8, 15, 16, 17, 255, 256, 4096, 2**31 - 1, 2**31,
          2**32 + 7, 2**62, 2**63 - 1, 2**64)  # fmt: skip
 _FLOATS = (0.0, 1e-3, 1e-9, -1.0, math.nan, -0.0)  # slot timeouts: never inf (a documented wait-forever)
@@ -122,7 +124,7 @@ def make_cache(fdp, st: State) -> None:
     else:
         L, E, S = any_int(fdp), any_int(fdp), any_int(fdp)
         if L > 0 and E > 0 and L * E > _SIM_ENTRIES:
-            return  # finding N1 (fuzz/README.md): no size check, std::bad_alloc / a table of L*E entries
+            return  # a large table is legal up to 2^24 entries but slow to build for every input
         st.caches.append(
             rt.SlabCache.simulated(L, E, S, policy=policy, slab_bytes=any_int(fdp), min_slots=min_slots)
         )

@@ -55,6 +55,8 @@ const char* SlabCache::policy_name(Policy p) {
 }
 
 namespace {
+constexpr long long kMaxEntries = 1LL << 24;
+
 void check_sizes(int num_layers, int num_experts, int num_slots, int min_slots) {
   MOERT_CHECK(num_layers > 0, "num_layers must be positive, got ", num_layers);
   MOERT_CHECK(num_experts > 0, "num_experts must be positive, got ", num_experts);
@@ -62,6 +64,11 @@ void check_sizes(int num_layers, int num_experts, int num_slots, int min_slots) 
   MOERT_CHECK(num_slots >= min_slots, "cache has ", num_slots,
               " slots but one layer needs top-k=", min_slots, "; use at least ", min_slots);
   const long long entries = static_cast<long long>(num_layers) * num_experts;
+  // The (layer, expert) table and priorities take 8 bytes per entry: refuse sizes no model has
+  // (Qwen3-30B-A3B has 6,144 entries) before allocating anything.
+  MOERT_CHECK(entries <= kMaxEntries, num_layers, " layers x ", num_experts, " experts = ", entries,
+              " (layer, expert) entries is more than the ", kMaxEntries,
+              " a cache table holds; check the sizes (layers and experts per layer)");
   MOERT_CHECK(num_slots <= entries, "cache has ", num_slots, " slots but there are only ", entries,
               " experts (", num_layers, " layers x ", num_experts, "); use at most ", entries);
 }
