@@ -209,7 +209,10 @@ BINDING_CASES = {
     "negative expert id": (lambda pool: _engine(pool).acquire(0, [-1]), "expert -1"),
     "layer >= L": (lambda pool: _engine(pool).acquire(2, [0]), "layer 2"),
     "float expert ids": (lambda pool: _engine(pool).acquire(0, [0.5]), "float"),
-    "a cache table of 2**40 entries": (lambda pool: runtime.SlabCache.simulated(2**20, 2**20, 4), "1099511627776"),
+    "a cache table of 2**40 entries": (
+        lambda pool: runtime.SlabCache.simulated(2**20, 2**20, 4),
+        "1099511627776",
+    ),
     "expert id past int64": (
         lambda pool: runtime.SlabCache.simulated(2, 4, 4).set_priority(0, 2**64, 0.5),
         str(2**64),
