@@ -28,7 +28,7 @@ Speculative decoding (``SimConfig.verify_tokens = N = gamma + 1``, DESIGN.md §7
 sequence's tokens are grouped into consecutive verify passes of N tokens (:mod:`moert.sim.passes`); each
 MoE layer of a pass is one call that accesses the union of the pass's experts once (hits and misses
 counted per distinct expert, as the runtime counts a layer call). A union larger than a cache streams in
-waves of at most the cache's slots, resident experts first (``moert.engine.offload.wave_bounds`` without
+waves of at most the cache's slots, resident experts first (``moert.engine.layer.wave_bounds`` without
 overlap). Simplifications: every drafted token is accepted (the trace is the accepted sequence), so no
 rejected draft token's experts are loaded; the draft model is not simulated (neither its time nor its
 memory). Rows count per generated token, so they compare across N: ``tokens`` (generated),

@@ -10,7 +10,7 @@ For each token (or verify pass) t, for each MoE layer l, token-major (``moert.po
 ``apply`` (:func:`apply_plan`) is what ``CopyEngine.predict`` does: clear, scores, then the prefetch
 rows in order. The access pins and demand-loads the call's experts in trace order; a union larger than
 the cache streams in waves of at most its slots, resident experts first, then by id (the runtime's
-order, ``moert.engine.offload``, without overlap). Slow and obviously correct: this is the definition
+order, ``moert.engine.layer.wave_bounds``, without overlap). Slow and obviously correct: this is the definition
 that the fast path (:mod:`moert.sim.fast`) is tested against.
 """
 
