@@ -23,11 +23,12 @@ def _cuda_can_run() -> bool:
 
 def pytest_collection_modifyitems(config, items):
     # slow tests (minutes) run only when asked for by name: pytest -m slow
+    # (deselected, not skipped: a skip would read as a test that ran)
     if "slow" not in (config.option.markexpr or ""):
-        skip_slow = pytest.mark.skip(reason="slow (minutes): run with `pytest -m slow`")
-        for item in items:
-            if "slow" in item.keywords:
-                item.add_marker(skip_slow)
+        slow = [item for item in items if "slow" in item.keywords]
+        if slow:
+            config.hook.pytest_deselected(items=slow)
+            items[:] = [item for item in items if "slow" not in item.keywords]
     if _cuda_can_run():
         return
     if config.getoption("markexpr", "").strip() == "gpu" and not config.getoption("collectonly", False):

@@ -262,13 +262,14 @@ def agree_until_near_tie(
     return compared
 
 
-def greedy(model: nn.Module, prompt: Any, new_tokens: int = 32) -> tuple[Any, Any]:
+def greedy(model: nn.Module, prompt: Any, new_tokens: int = 32, **generate: Any) -> tuple[Any, Any]:
     """Greedy generation of exactly ``new_tokens`` tokens.
 
     Args:
         model: a causal LM.
         prompt: (B, L) int64 ids.
         new_tokens: N.
+        **generate: more ``generate`` arguments, e.g. ``assistant_model=draft`` (assisted decoding).
 
     Returns:
         ``(sequences (B, L+N) int64, logits (N, B, V) fp32)``.
@@ -283,6 +284,7 @@ def greedy(model: nn.Module, prompt: Any, new_tokens: int = 32) -> tuple[Any, An
             output_logits=True,
             return_dict_in_generate=True,
             pad_token_id=model.config.pad_token_id,
+            **generate,
         )
     return out.sequences, torch.stack(out.logits)
 

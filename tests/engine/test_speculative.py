@@ -21,19 +21,7 @@ def _one_thread():
 
 
 def _assisted(model, draft, prompt, new_tokens):
-    with torch.no_grad():
-        out = model.generate(
-            prompt,
-            attention_mask=torch.ones_like(prompt),
-            max_new_tokens=new_tokens,
-            min_new_tokens=new_tokens,
-            do_sample=False,
-            assistant_model=draft,
-            pad_token_id=model.config.pad_token_id,
-            return_dict_in_generate=True,
-            output_logits=True,
-        )
-    return out.sequences, torch.stack(out.logits)
+    return greedy(model, prompt, new_tokens, assistant_model=draft)
 
 
 @pytest.mark.parametrize("policy", ["lru", "utility"])
