@@ -149,9 +149,11 @@ PYBIND11_MODULE(_C, m) {
         d["device_count"] = p.device_count;
         d["error_code"] = p.error_code;
         d["message"] = p.message;
+        d["driver_version"] = p.driver_version;
+        d["library"] = p.library;
         return d;
       },
-      "Ask the CUDA runtime for devices (the first CUDA call; never raises).");
+      "Load the CUDA driver and count its devices (the first CUDA call; never raises).");
 
   py::class_<ExpertPool, std::shared_ptr<ExpertPool>>(m, "ExpertPool")
       .def(py::init(

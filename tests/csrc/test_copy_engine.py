@@ -1,12 +1,15 @@
 """CopyEngine semantics on the CPU twin, the device model (``sim``: asynchronous copies; these tests
-use its host stream 0, tests/csrc/test_device_model.py its modelled streams) and, marked gpu, the
-CUDA backend, against a synchronous copy plus a dict: every acquired slot must hold exactly its
-expert's bytes at use."""
+use its host stream 0, tests/csrc/test_device_model.py its modelled streams), the CUDA backend on
+the fake CUDA driver (``fake-cuda``: the legacy default stream 0 of device 0's primary context;
+tests/csrc/conftest.py) and, marked gpu, the CUDA backend on a GPU, against a synchronous copy plus
+a dict: every acquired slot must hold exactly its expert's bytes at use."""
 
 from __future__ import annotations
 
+import ctypes
 import threading
 
+import fake_cuda
 import numpy as np
 import pytest
 import torch
@@ -14,7 +17,7 @@ from layer_accounting import LayerRef, check_layer_rows
 
 from moert.engine.runtime import CopyEngine, ExpertPool, SlabCache
 
-DEVICES = ["cpu", "sim", pytest.param("cuda", marks=pytest.mark.gpu)]
+DEVICES = ["cpu", "sim", "fake-cuda", pytest.param("cuda", marks=pytest.mark.gpu)]
 
 
 class Setup:
@@ -40,10 +43,18 @@ class Setup:
                 )
                 self.pool.fill(layer, e, data)
                 self.expected[(layer, e)] = data.clone()
-        self.cache = SlabCache(self.pool, slots, policy=policy, device=device)
+        self.fake = device == "fake-cuda"
+        self.cache = SlabCache(self.pool, slots, policy=policy, device="cuda:0" if self.fake else device)
         self.engine = CopyEngine(self.cache, lanes)
+        if self.fake:  # a CPU torch has no current CUDA stream: the legacy default stream, as torch's
+            self.engine._stream = lambda s: 0 if s is None else int(s)
 
     def slot_bytes(self, slot: int) -> torch.Tensor:
+        if self.fake:  # as .cpu() of a CUDA tensor: the default stream's work first, then the bytes
+            fake = fake_cuda.loaded()
+            fake.call("fakecu_synchronize_default", 0)
+            raw = ctypes.string_at(self.cache._c.slot_address(slot), self.slab)
+            return torch.frombuffer(bytearray(raw), dtype=torch.uint8)
         return self.cache.slot_view(slot, torch.uint8, (self.slab,)).cpu()
 
     def mismatches(self, layer: int, experts: list[int], slots: list[int]) -> list[str]:

@@ -1,4 +1,7 @@
-"""The CUDA protocol on the asynchronous device model (``device="sim"``), which CI runs without a GPU.
+"""The CUDA protocol on the asynchronous device model (``device="sim"``), which CI runs without a GPU,
+and (tests marked ``@both``) on the real CUDA backend against the fake CUDA driver
+(``device="fake-cuda"``: a ``cuda:0`` cache, tests/fake_cuda/fake_cuda.cc: streams are FIFO threads, copies sleep and
+land at their end, events complete when their stream reaches them).
 
 Modelled kernels on a modelled compute stream read slot memory at their turn and checksum it
 when they start and when they end; each checksum is compared with the pool's bytes of the
@@ -27,13 +30,18 @@ from moert.engine.runtime import CopyEngine, ExpertPool, SimTiming, SlabCache
 
 MB = 1 << 20
 
+#: the protocol tests that also run on the CUDA backend with the fake driver
+both = pytest.mark.parametrize("device", ["sim", "fake-cuda"])
+
 
 class Rig:
     """Pool of random bytes, a sim cache and engine, the model and one compute stream.
 
     Args:
         slab: bytes per expert; with ``bandwidth_gbs`` it sets the copy time.
-        timing: the device model's timing.
+        timing: the device model's timing (the fake driver's too).
+        fake: the fake CUDA driver (fixture ``fake_cuda``): the cache is ``cuda:<index>``, the
+            real CUDA backend on it; None: the device model.
     """
 
     def __init__(
@@ -45,6 +53,8 @@ class Rig:
         lanes: int = 1,
         timing: SimTiming | None = None,
         policy: str = "lru",
+        fake=None,
+        index: int = 0,
     ) -> None:
         self.layers, self.experts, self.slab = layers, experts, slab
         self.pool = ExpertPool(layers, experts, slab)
@@ -56,9 +66,15 @@ class Rig:
                 self.pool.fill(layer, e, data)
                 self.want[(layer, e)] = runtime.SimDevice.checksum(data)
         self.timing = timing or SimTiming(bandwidth_gbs=1.0, latency_us=20.0)
-        self.cache = SlabCache(self.pool, slots, policy=policy, device="sim", sim=self.timing)
+        if fake is None:
+            self.cache = SlabCache(self.pool, slots, policy=policy, device="sim", sim=self.timing)
+            self.dev = self.cache.sim_device()
+        else:
+            fake.set_timing(self.timing)
+            self.cache = SlabCache(self.pool, slots, policy=policy, device=f"cuda:{index}")
+            self.dev = fake.device(index)
+        self.fake = fake
         self.engine = CopyEngine(self.cache, lanes)
-        self.dev = self.cache.sim_device()
         self.compute = self.dev.create_stream()
         self.copy_s = self.dev.copy_seconds(slab)
         self.reads: list[tuple[tuple[int, int], int, int]] = []  # (key, slot, ticket)
@@ -90,22 +106,30 @@ class Rig:
         return bad
 
     def check(self) -> None:
+        if self.fake is not None:
+            assert self.fake.stats()["ctx_errors"] == 0, "a driver call ran without its context current"
         bad = self.bad_reads()
         assert not bad, f"{len(bad)} of {len(self.reads)} reads saw wrong bytes, first: {bad[:3]}"
 
     def close(self) -> None:
         self.engine.close()
         self.dev.synchronize()
+        if hasattr(self.dev, "close"):
+            self.dev.close()
         self.cache.close()
         self.pool.close()
 
 
 @pytest.fixture
-def rig_factory():
+def rig_factory(request):
+    """Makes Rigs on the test's ``device`` parameter: "sim" (default) or "fake-cuda"."""
     made: list[Rig] = []
+    params = getattr(request.node, "callspec", None)
+    device = params.params.get("device", "sim") if params is not None else "sim"
+    fake = request.getfixturevalue("fake_cuda") if device == "fake-cuda" else None
 
     def make(*args, **kwargs) -> Rig:
-        made.append(Rig(*args, **kwargs))
+        made.append(Rig(*args, fake=fake, **kwargs))
         return made[-1]
 
     yield make
@@ -198,8 +222,9 @@ def test_sim_config_from_env_and_cache_device(monkeypatch):
 # ---- the engine's protocol on the model ----------------------------------------------------
 
 
+@both
 @pytest.mark.parametrize("deferred", [False, True], ids=["acquire", "deferred"])
-def test_acquire_returns_issued_not_ready_and_the_stream_waits(rig_factory, deferred):
+def test_acquire_returns_issued_not_ready_and_the_stream_waits(rig_factory, device, deferred):
     """A miss: acquire returns once the copy is issued (the slot is not ready yet), long before the
     copy ends; the compute stream's kernel, enqueued right after, still reads the right bytes."""
     r = rig_factory(1, 4, 16 * MB, 2, timing=SimTiming(bandwidth_gbs=0.16, latency_us=20.0))  # 105 ms
@@ -224,7 +249,8 @@ def test_acquire_returns_issued_not_ready_and_the_stream_waits(rig_factory, defe
     assert st["demand_copies"] == 1 and st["device_stall_waits"] == 1
 
 
-def test_stream_waits_order_every_read(rig_factory):
+@both
+def test_stream_waits_order_every_read(rig_factory, device):
     """Many acquires, each followed at once by kernels reading every acquired slot: the compute
     stream waits for each slot's ready event (hits on slots still loading included)."""
     r = rig_factory(2, 8, 256 * 1024, 5, lanes=2, timing=SimTiming(bandwidth_gbs=0.5, latency_us=20.0))
@@ -241,7 +267,8 @@ def test_stream_waits_order_every_read(rig_factory):
     r.check()
 
 
-def test_last_use_guards_slot_reuse(rig_factory):
+@both
+def test_last_use_guards_slot_reuse(rig_factory, device):
     """A kernel still reads a released slot when the next acquire evicts it: the copy into the
     slot must wait for the slot's last-use event, recorded on the compute stream after the kernel."""
     r = rig_factory(1, 6, 512 * 1024, 2, lanes=2, timing=SimTiming(bandwidth_gbs=1.0, latency_us=20.0))
@@ -256,7 +283,8 @@ def test_last_use_guards_slot_reuse(rig_factory):
     assert r.cache.stats()["evictions"] == 4
 
 
-def test_deferred_waits_let_compute_overlap_later_copies(rig_factory):
+@both
+def test_deferred_waits_let_compute_overlap_later_copies(rig_factory, device):
     """acquire_deferred + wait_ready per expert: the first expert's kernel starts while the later
     experts still copy, and each kernel reads its own expert's bytes."""
     r = rig_factory(1, 6, MB, 4, lanes=1, timing=SimTiming(bandwidth_gbs=0.05, latency_us=20.0))  # ~21 ms
@@ -274,7 +302,8 @@ def test_deferred_waits_let_compute_overlap_later_copies(rig_factory):
     assert first["start_s"] < last["start_s"] - 0.5 * r.copy_s, (first, last, r.copy_s)
 
 
-def test_predict_async_waits_for_the_modelled_device_to_host_copy(rig_factory):
+@both
+def test_predict_async_waits_for_the_modelled_device_to_host_copy(rig_factory, device):
     """The predicted ids reach the host buffer only when the compute stream's copy lands (after a
     30 ms kernel): predict_async returns at once and the engine applies them after that copy."""
     r = rig_factory(2, 8, 4096, 4, timing=SimTiming(bandwidth_gbs=1.0, latency_us=20.0))
@@ -370,7 +399,8 @@ def test_prefetches_stay_behind_demand(rig_factory):
     assert r.cache.stats()["prefetch_loads"] == 12
 
 
-def test_randomised_delays_two_compute_streams(rig_factory):
+@both
+def test_randomised_delays_two_compute_streams(rig_factory, device):
     """Jittered streams (seeded), three lanes, two host threads each with its own compute stream,
     prefetches, predictions and deferred waits: every kernel reads its own expert's bytes."""
     seed = _seed()
@@ -417,7 +447,8 @@ def test_randomised_delays_two_compute_streams(rig_factory):
     assert es["bytes"] == s["bytes_loaded"] == s["loads"] * r.slab, (seed, s, es)
 
 
-def test_close_with_copies_and_kernels_in_flight(rig_factory):
+@both
+def test_close_with_copies_and_kernels_in_flight(rig_factory, device):
     """Closing while copies run and kernels still wait for them finishes cleanly."""
     r = rig_factory(1, 8, MB, 6, lanes=2, timing=SimTiming(bandwidth_gbs=0.5, latency_us=20.0))
     r.engine.prefetch(0, [4, 5, 6, 7])
