@@ -1,8 +1,8 @@
 """Builds the native extension ``moert._C`` with CMake (Ninja generator).
 
 Environment (read here and passed to CMake; listed in the README):
-  MOERT_CUDA         AUTO (default) | ON | OFF  -- AUTO builds the CUDA backend when nvcc is found
-  MOERT_CUDA_ARCHS   CMAKE_CUDA_ARCHITECTURES for the CUDA backend (default "80;90")
+  MOERT_CUDA         AUTO (default) | ON | OFF  -- the CUDA backend (driver API loaded at run time;
+                     no CUDA toolkit needed): AUTO and ON build it on Linux, OFF leaves it out
   MOERT_BUILD_TYPE   CMake build type (default Release)
   MOERT_BUILD_DIR    where CMake builds (default build/<python tag>)
 """
@@ -49,7 +49,6 @@ class CMakeBuild(build_ext):
             f"-DPython_EXECUTABLE={sys.executable}",
             f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
             f"-DMOERT_CUDA={cuda}",
-            f"-DMOERT_CUDA_ARCHS={os.environ.get('MOERT_CUDA_ARCHS', '80;90')}",
         ]
         subprocess.run(["cmake", *cfg], check=True)
         jobs = os.environ.get("CMAKE_BUILD_PARALLEL_LEVEL", str(os.cpu_count() or 2))

@@ -37,6 +37,9 @@ def run(args: argparse.Namespace) -> int:
     rows = [("backend", "compiled", "can run", "detail")]
     for name, b in info["backends"].items():
         detail = b.get("device_name") or b["reason"] or "-"
+        if b.get("driver_version"):
+            v = b["driver_version"]
+            detail += f" (driver: CUDA {v // 1000}.{v % 1000 // 10}, {b['driver_library']})"
         rows.append((name, "yes" if b["compiled"] else "no", "yes" if b["can_run"] else "no", detail))
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     for r in rows:

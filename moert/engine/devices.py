@@ -2,7 +2,8 @@
 :func:`backends`, device names (:func:`parse_device`, :func:`tensor_device`) and the ``"sim"``
 device model (:class:`SimTiming`, :class:`SimDevice`).
 
-Importing it touches no CUDA: the CUDA runtime is first asked for devices by :func:`backends`.
+Importing it touches no CUDA: the CUDA driver (``libcuda.so.1``, or ``$MOERT_LIBCUDA``) is first loaded
+and asked for devices by :func:`backends`.
 """
 
 from __future__ import annotations
@@ -41,8 +42,9 @@ def backends() -> dict[str, dict[str, Any]]:
 
     Returns:
         ``{"cpu": {"compiled", "can_run", "reason"}, "cuda": {"compiled", "can_run", "reason",
-        "device_count", "device_name"}}``; ``reason`` says why a backend cannot run
-        (e.g. ``"no CUDA device: cudaGetDeviceCount failed with error 35 ..."``).
+        "device_count", "device_name", "driver_version", "driver_library"}}``; ``reason`` says why a
+        backend cannot run (e.g. ``"no CUDA device: the CUDA driver is too old: ..."``);
+        ``driver_version`` is cuDriverGetVersion's (13000 for CUDA 13.0; 0 when no driver loaded).
     """
     c = native_module()
     compiled = bool(c.cuda_compiled())
@@ -57,6 +59,8 @@ def backends() -> dict[str, dict[str, Any]]:
             "reason": "" if can_run else probe["message"],
             "device_count": int(probe["device_count"]),
             "device_name": probe["message"] if can_run else "",
+            "driver_version": int(probe.get("driver_version", 0)),
+            "driver_library": str(probe.get("library", "")),
         },
     }
 

@@ -56,7 +56,13 @@ class FakeCuda:
     def __init__(self, path: Path) -> None:
         self.path = path
         lib = self.lib = ctypes.CDLL(str(path))
-        p, i64, u64, f64, sz = ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint64, ctypes.c_double, ctypes.c_size_t
+        p, i64, u64, f64, sz = (
+            ctypes.c_void_p,
+            ctypes.c_int64,
+            ctypes.c_uint64,
+            ctypes.c_double,
+            ctypes.c_size_t,
+        )
         lib.fakecu_set_timing.argtypes = [f64, f64, f64, u64]
         lib.fakecu_copy_seconds.argtypes, lib.fakecu_copy_seconds.restype = [sz], f64
         lib.fakecu_checksum.argtypes, lib.fakecu_checksum.restype = [p, sz], u64
@@ -64,11 +70,17 @@ class FakeCuda:
         lib.fakecu_event.argtypes = [ctypes.c_int, ctypes.c_uint, ctypes.POINTER(p)]
         lib.fakecu_primary_context.argtypes, lib.fakecu_primary_context.restype = [ctypes.c_int], p
         lib.fakecu_enqueue_read.argtypes = [p, p, sz, f64, ctypes.POINTER(i64)]
-        lib.fakecu_read_result.argtypes = [i64, ctypes.POINTER(ctypes.c_int), ctypes.POINTER(f64), ctypes.POINTER(u64)]
+        lib.fakecu_read_result.argtypes = [
+            i64,
+            ctypes.POINTER(ctypes.c_int),
+            ctypes.POINTER(f64),
+            ctypes.POINTER(u64),
+        ]
         lib.fakecu_enqueue_sleep.argtypes = [p, f64]
         lib.fakecu_enqueue_copy.argtypes = [p, p, p, sz]
         lib.fakecu_stats.argtypes = [ctypes.POINTER(i64)]
         lib.fakecu_synchronize_default.argtypes = [ctypes.c_int]
+        lib.fakecu_pointer_device.argtypes = [p]
         lib.cuEventRecord.argtypes = [p, p]
         lib.cuStreamWaitEvent.argtypes = [p, p, ctypes.c_uint]
         lib.cuStreamDestroy_v2.argtypes = [p]

@@ -80,7 +80,9 @@ struct State {
   bool initialized = false;
   std::vector<Ctx*> ctxs;
   std::set<Stream*> streams;
+  std::vector<Stream*> destroyed;  // kept (never freed) so that cuMemFree can still drain them
   std::map<std::uintptr_t, std::size_t> allocs, registered;
+  std::map<std::uintptr_t, int> alloc_device;  // the device of each allocation's context
   double bandwidth_gbs = 25.0, latency_us = 10.0, jitter_us = 0.0;
   std::uint64_t seed = 0, streams_made = 0;
   std::vector<Read> reads;
@@ -127,10 +129,14 @@ void run_stream(Stream* s) {
   std::unique_lock<std::mutex> lk(s->mu);
   while (true) {
     s->cv.wait(lk, [&] { return !s->q.empty() || s->stop; });
-    if (s->q.empty()) return;
+    if (s->q.empty()) return;  // destroyed and drained (the Stream is kept: see cuStreamDestroy)
     std::function<void()> op = std::move(s->q.front());
     s->q.pop_front();
-    const double jitter = S().jitter_us;
+    double jitter = 0;
+    {
+      std::lock_guard<std::mutex> lock(S().mu);
+      jitter = S().jitter_us;
+    }
     const double delay = jitter > 0 ? std::uniform_real_distribution<double>(0, jitter)(s->rng) : 0;
     lk.unlock();
     sleep_s(delay * 1e-6);
@@ -171,6 +177,7 @@ void drain_all() {
   {
     std::lock_guard<std::mutex> lock(S().mu);
     all.assign(S().streams.begin(), S().streams.end());
+    all.insert(all.end(), S().destroyed.begin(), S().destroyed.end());
   }
   for (Stream* s : all) drain(s);
 }
@@ -228,7 +235,13 @@ bool device_range(const void* p, std::size_t n) {
 }
 
 double copy_seconds(std::size_t bytes) {
+  std::lock_guard<std::mutex> lock(S().mu);
   return S().latency_us * 1e-6 + static_cast<double>(bytes) / (S().bandwidth_gbs * 1e9);
+}
+
+bool initialized() {
+  std::lock_guard<std::mutex> lock(S().mu);
+  return S().initialized;
 }
 
 }  // namespace
@@ -272,13 +285,13 @@ EXPORT CUresult cuInit(unsigned flags) {
 }
 
 EXPORT CUresult cuDeviceGetCount(int* n) {
-  if (!S().initialized) return kNotInitialized;
+  if (!initialized()) return kNotInitialized;
   *n = device_count();
   return kOk;
 }
 
 EXPORT CUresult cuDeviceGet(int* dev, int ordinal) {
-  if (!S().initialized) return kNotInitialized;
+  if (!initialized()) return kNotInitialized;
   if (ordinal < 0 || ordinal >= device_count()) return kInvalidDevice;
   *dev = ordinal;
   return kOk;
@@ -291,7 +304,7 @@ EXPORT CUresult cuDeviceGetName(char* name, int len, int dev) {
 }
 
 EXPORT CUresult cuDevicePrimaryCtxRetain(Ctx** ctx, int dev) {
-  if (!S().initialized) return kNotInitialized;
+  if (!initialized()) return kNotInitialized;
   if (dev < 0 || dev >= device_count()) return kInvalidDevice;
   std::lock_guard<std::mutex> lock(S().mu);
   ++S().ctxs[dev]->refs;
@@ -331,6 +344,7 @@ EXPORT CUresult cuMemAlloc_v2(CUdeviceptr* p, std::size_t bytes) {
   std::memset(mem, 0xA5, bytes);  // not zero: a fill that never ran shows
   std::lock_guard<std::mutex> lock(S().mu);
   S().allocs[reinterpret_cast<std::uintptr_t>(mem)] = bytes;
+  S().alloc_device[reinterpret_cast<std::uintptr_t>(mem)] = current->device;
   *p = reinterpret_cast<std::uintptr_t>(mem);
   return kOk;
 }
@@ -340,6 +354,7 @@ EXPORT CUresult cuMemFree_v2(CUdeviceptr p) {
   drain_all();  // as cuMemFree, which synchronizes: no queued work reads freed memory
   std::lock_guard<std::mutex> lock(S().mu);
   if (S().allocs.erase(static_cast<std::uintptr_t>(p)) == 0) return kInvalidValue;
+  S().alloc_device.erase(static_cast<std::uintptr_t>(p));
   std::free(reinterpret_cast<void*>(static_cast<std::uintptr_t>(p)));
   return kOk;
 }
@@ -399,14 +414,13 @@ EXPORT CUresult cuStreamDestroy_v2(Stream* s) {
   {
     std::lock_guard<std::mutex> lock(S().mu);
     if (s == nullptr || S().streams.erase(s) == 0) return kInvalidHandle;
+    S().destroyed.push_back(s);
   }
-  {
-    std::lock_guard<std::mutex> lock(s->mu);
-    s->stop = true;  // the thread runs what is queued, then ends
-    s->cv.notify_all();
-  }
-  s->th.join();
-  delete s;
+  // As CUDA: returns at once; the work already queued still runs, then the thread ends.
+  std::lock_guard<std::mutex> lock(s->mu);
+  s->stop = true;
+  s->th.detach();
+  s->cv.notify_all();
   return kOk;
 }
 
@@ -598,6 +612,13 @@ EXPORT CUresult fakecu_enqueue_copy(void* stream, void* dst, const void* src, st
     std::memcpy(dst, src, bytes);
   });
   return kOk;
+}
+
+// The device whose context allocated the allocation starting at `p`; -1 when none did.
+EXPORT int fakecu_pointer_device(const void* p) {
+  std::lock_guard<std::mutex> lock(S().mu);
+  auto it = S().alloc_device.find(reinterpret_cast<std::uintptr_t>(p));
+  return it == S().alloc_device.end() ? -1 : it->second;
 }
 
 EXPORT void fakecu_synchronize_all() { drain_all(); }
