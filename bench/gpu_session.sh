@@ -5,7 +5,8 @@
 #   run(command="MOERT_COMMIT=<sha> bash bench/gpu_session.sh decode", timeout_s=600)  # decode + prefill benches
 # (<sha>: `git rev-parse --short HEAD` here; the machine gets the tree with stale git metadata)
 # Builds moert._C with the machine's own python3 (MOERT_CUDA=ON: a build without the CUDA backend is
-# an error there), runs the tests marked gpu (pytest-xdist workers), then the GPU benchmarks. Only 8
+# an error there; it needs no CUDA toolkit: the driver is loaded at run time), checks that the CUDA
+# backend can run (the driver's version and devices, or the reason), runs the tests marked gpu (pytest-xdist workers), then the GPU benchmarks. Only 8
 # files come back from $OUT, so the result tables are packed into $OUT/results_PART.tar.gz beside the
 # log: unpack it into bench/results/ here and commit the tables with the device, versions and commit
 # they record.
@@ -73,10 +74,16 @@ finish() {
   exit 0
 }
 
+# the CUDA backend must be able to run: it prints the driver and devices, or fails naming the reason
+CUDA_CAN_RUN='from moert.engine.runtime import backends; b = backends()["cuda"]; print(b); assert b["can_run"], b["reason"]'
+
 if [ "$DRY" = 1 ]; then
-  # the same install, with the CUDA backend compiled (nvcc is on CI machines too); nothing runs on a GPU
+  # the same install, with the CUDA backend compiled (no toolkit needed); nothing runs on a GPU
   MOERT_CUDA=ON step install 300 $PY -m pip install -q --no-build-isolation --no-deps -e . || finish
   step info 30 $PY -m moert info
+  # the CUDA backend on the fake CUDA driver (tests/fake_cuda) stands in for the GPU's driver
+  FAKE=$($PY -P -c "import sys; sys.path.insert(0, 'tests/csrc'); import fake_cuda; print(fake_cuda.build())")
+  MOERT_LIBCUDA=$FAKE step cuda-can-run 60 $PY -P -c "$CUDA_CAN_RUN"
   if [ "$PART" != decode ]; then
     # the GPU tests cannot run here: collect them (imports, markers, parametrisation) instead
     step gpu-tests-collect 120 $PY -m pytest -q -m gpu --collect-only -p no:cacheprovider
@@ -96,6 +103,7 @@ fi
 
 MOERT_CUDA=ON step install 120 $PY -m pip install -q --no-build-isolation --no-deps -e . || finish
 step info 20 $PY -m moert info
+step cuda-can-run 30 $PY -P -c "$CUDA_CAN_RUN" || finish
 if [ "$PART" != decode ]; then
   step gpu-tests 240 $PY -m pytest -q -m gpu -p no:cacheprovider -n 8
   step bench-copy 60 $PY bench/bench_copy.py --device cuda --out "$RES"

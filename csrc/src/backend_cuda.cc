@@ -24,7 +24,9 @@ namespace {
 using namespace cu;  // NOLINT: the driver's own names read best unqualified here
 
 void check(const Driver& d, CUresult err, const char* call) {
-  if (err != CUDA_SUCCESS) throw RuntimeFailure(cat("CUDA error in ", cuda_error_text(d, err, call)));
+  if (err != CUDA_SUCCESS) {
+    throw RuntimeFailure(cat("CUDA error in ", cuda_error_text(d, err, call)));
+  }
 }
 
 CUstream as_stream(StreamHandle s) { return reinterpret_cast<CUstream>(s); }

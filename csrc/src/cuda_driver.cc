@@ -97,7 +97,8 @@ std::unique_ptr<Driver> open_driver(const std::string& path, std::string* error)
   d->library = path;
   if (!resolve(h, d->cuDriverGetVersion, "cuDriverGetVersion") ||
       !resolve(h, d->cuGetErrorString, "cuGetErrorString")) {
-    *error = cat("no CUDA device: '", path, "' is not a CUDA driver library (no cuDriverGetVersion)");
+    *error =
+        cat("no CUDA device: '", path, "' is not a CUDA driver library (no cuDriverGetVersion)");
     dlclose(h);
     return nullptr;
   }
@@ -107,9 +108,9 @@ std::unique_ptr<Driver> open_driver(const std::string& path, std::string* error)
   }
   const std::string missing = resolve_all(h, *d);
   if (!missing.empty()) {
-    *error = cat("no CUDA device: the CUDA driver '", path, "' (CUDA ",
-                 cuda_version_text(d->version), ") does not export ", missing,
-                 "; install a newer NVIDIA driver");
+    *error =
+        cat("no CUDA device: the CUDA driver '", path, "' (CUDA ", cuda_version_text(d->version),
+            ") does not export ", missing, "; install a newer NVIDIA driver");
     dlclose(h);
     return nullptr;
   }

@@ -8,8 +8,7 @@ bool cuda_compiled() { return false; }
 
 CudaProbe cuda_probe() {
   CudaProbe p;
-  p.message =
-      "no CUDA device: moert was built without the CUDA backend (MOERT_CUDA=OFF)";
+  p.message = "no CUDA device: moert was built without the CUDA backend (MOERT_CUDA=OFF)";
   return p;
 }
 

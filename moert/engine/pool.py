@@ -26,7 +26,7 @@ class ExpertPool:
         num_layers: MoE layers L.
         num_experts: routed experts per layer E.
         slab_bytes: bytes of one expert; > 0 and a multiple of 16.
-        pin: page-lock with ``cudaHostRegister``. None: pin when a CUDA device can run.
+        pin: page-lock with ``cuMemHostRegister``. None: pin when a CUDA device can run.
     """
 
     def __init__(

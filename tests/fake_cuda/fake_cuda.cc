@@ -104,9 +104,7 @@ int env_int(const char* name, int fallback) {
 
 int device_count() { return std::max(0, env_int("FAKE_CUDA_DEVICES", 1)); }
 
-double since_t0(Clock::time_point t) {
-  return std::chrono::duration<double>(t - S().t0).count();
-}
+double since_t0(Clock::time_point t) { return std::chrono::duration<double>(t - S().t0).count(); }
 
 void sleep_s(double s) {
   if (s > 0) std::this_thread::sleep_for(std::chrono::duration<double>(s));
@@ -256,10 +254,14 @@ EXPORT CUresult cuDriverGetVersion(int* v) {
 
 EXPORT CUresult cuGetErrorString(CUresult err, const char** text) {
   static const std::map<int, const char*> names = {
-      {kOk, "no error"}, {kInvalidValue, "invalid argument"},
-      {kNotInitialized, "initialization error"}, {kInvalidDevice, "invalid device ordinal"},
-      {kInvalidContext, "invalid device context"}, {kInvalidHandle, "invalid resource handle"},
-      {kNotReady, "device not ready"}, {kAlreadyRegistered, "part or all of the requested memory range is already mapped"},
+      {kOk, "no error"},
+      {kInvalidValue, "invalid argument"},
+      {kNotInitialized, "initialization error"},
+      {kInvalidDevice, "invalid device ordinal"},
+      {kInvalidContext, "invalid device context"},
+      {kInvalidHandle, "invalid resource handle"},
+      {kNotReady, "device not ready"},
+      {kAlreadyRegistered, "part or all of the requested memory range is already mapped"},
       {kNotRegistered, "pointer does not correspond to a registered memory region"},
       {100, "no CUDA-capable device is detected"}};
   auto it = names.find(err);
@@ -530,7 +532,9 @@ EXPORT void fakecu_set_timing(double bandwidth_gbs, double latency_us, double ji
 
 EXPORT double fakecu_copy_seconds(std::size_t bytes) { return copy_seconds(bytes); }
 
-EXPORT std::uint64_t fakecu_checksum(const void* p, std::size_t bytes) { return checksum(p, bytes); }
+EXPORT std::uint64_t fakecu_checksum(const void* p, std::size_t bytes) {
+  return checksum(p, bytes);
+}
 
 // A stream / an event of `device`'s primary context, made without changing the current context.
 EXPORT CUresult fakecu_stream(int device, Stream** out) {

@@ -5,10 +5,11 @@
 //        copy lane served by one engine worker thread, so copy_async is a memcpy done by that
 //        thread (asynchronous to the thread that asked for it); events are a sequence counter
 //        plus a condition variable.
-//   cuda (backend_cuda.cu): slot memory from cudaMalloc, lanes are non-blocking streams, events
-//        are cudaEvent_t (blocking sync; timing disabled, except timing events), host memory
-//        pinned with cudaHostRegister. One device, named by the caller ("cuda:N"); every call
-//        made on a caller's thread leaves that thread's current device as it found it.
+//   cuda (backend_cuda.cc): the CUDA driver API loaded at run time (cuda_driver.h). Slot memory
+//        from cuMemAlloc, lanes are non-blocking CUstreams, events are CUevents (blocking sync;
+//        timing disabled, except timing events), host memory pinned with cuMemHostRegister. One
+//        device, named by the caller ("cuda:N"), through its primary context; every call made on a
+//        caller's thread leaves that thread's current context as it found it.
 //   sim  (backend_sim.cc): the asynchronous device model, the CUDA protocol executed on the
 //        host with modelled time (see backend_sim.h); what CI runs the CUDA path on.
 //
@@ -58,7 +59,7 @@ class Backend {
   virtual void* alloc(std::size_t bytes) = 0;
   virtual void free(void* p, std::size_t bytes) noexcept = 0;
 
-  // Page-lock host memory for fast asynchronous copies (cudaHostRegister); no-op on the CPU twin.
+  // Page-lock host memory for fast asynchronous copies (cuMemHostRegister); no-op on the CPU twin.
   virtual void pin_host(void* p, std::size_t bytes) = 0;
   virtual void unpin_host(void* p) noexcept = 0;
 
@@ -80,7 +81,7 @@ class Backend {
 // CUDA backend was compiled and device N can run; any other name is an ArgumentError.
 std::unique_ptr<Backend> make_backend(const std::string& device);
 
-// The CUDA backend (backend_cuda.cu) of device `index`, only declared when it is compiled in.
+// The CUDA backend (backend_cuda.cc) of device `index`, only declared when it is compiled in.
 #ifdef MOERT_WITH_CUDA
 std::unique_ptr<Backend> make_cuda_backend(int index);
 int cuda_current_device();

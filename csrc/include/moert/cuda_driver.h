@@ -58,8 +58,8 @@ struct Driver {
   CUresult (*cuCtxGetCurrent)(CUcontext*) = nullptr;
   CUresult (*cuCtxSetCurrent)(CUcontext) = nullptr;
   CUresult (*cuCtxGetDevice)(CUdevice*) = nullptr;
-  CUresult (*cuMemAlloc)(CUdeviceptr*, std::size_t) = nullptr;  // _v2
-  CUresult (*cuMemFree)(CUdeviceptr) = nullptr;                 // _v2
+  CUresult (*cuMemAlloc)(CUdeviceptr*, std::size_t) = nullptr;            // _v2
+  CUresult (*cuMemFree)(CUdeviceptr) = nullptr;                           // _v2
   CUresult (*cuMemHostRegister)(void*, std::size_t, unsigned) = nullptr;  // _v2
   CUresult (*cuMemHostUnregister)(void*) = nullptr;
   CUresult (*cuMemcpyHtoDAsync)(CUdeviceptr, const void*, std::size_t, CUstream) = nullptr;  // _v2

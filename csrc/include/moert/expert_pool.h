@@ -3,7 +3,7 @@
 // Entry (layer, expert) lives at base + (layer * num_experts + expert) * stride, where stride is
 // slab_bytes rounded up to 256 bytes. The caller lays out an expert's bytes (gate_up then down,
 // contiguous) so that one copy moves one expert; the pool only stores slabs. When pinned, the
-// whole allocation is page-locked with cudaHostRegister (never torch's pin_memory, which rounds
+// whole allocation is page-locked with cuMemHostRegister (never torch's pin_memory, which rounds
 // the size up to a power of two).
 #pragma once
 
