@@ -34,17 +34,6 @@ def test_backends_report_the_fake_driver(fake_cuda):
     assert cli_info.collect()["backends"]["cuda"]["driver_version"] == 13000
 
 
-def test_moert_info_prints_the_driver_version(fake_cuda):
-    out = subprocess.run(
-        [sys.executable, "-P", "-m", "moert", "info"],
-        capture_output=True,
-        text=True,
-        check=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    ).stdout
-    assert "Fake CUDA device 0 (driver: CUDA 13.0, " in out, out
-
-
 def test_missing_driver_library_is_one_clear_error(fake_cuda, monkeypatch):
     monkeypatch.setenv("MOERT_LIBCUDA", "/nonexistent/libcuda.so.1")
     info = runtime.backends()["cuda"]
@@ -80,7 +69,8 @@ def test_driver_errors_name_the_call(fake_cuda, monkeypatch):
 
 
 def test_import_never_loads_the_driver(fake_cuda):
-    """Importing moert and its extension maps no driver library; the first probe does."""
+    """Importing moert and its extension maps no driver library; the first probe does, and
+    ``moert info`` prints the driver's version."""
     code = (
         "import moert, moert._C, moert.engine.runtime as r\n"
         f"lib = {str(fake_cuda.path)!r}\n"
@@ -88,9 +78,14 @@ def test_import_never_loads_the_driver(fake_cuda):
         "assert lib not in maps() and 'libcuda' not in maps(), 'the driver was loaded at import'\n"
         "assert r.backends()['cuda']['can_run']\n"
         "assert lib in maps(), 'the probe did not load the driver'\n"
+        "import argparse, moert.cli.info as info\n"
+        "info.run(argparse.Namespace(json=False))\n"
     )
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MOERT_LIBCUDA": str(fake_cuda.path)}
-    subprocess.run([sys.executable, "-P", "-c", code], check=True, env=env)
+    out = subprocess.run(
+        [sys.executable, "-P", "-c", code], check=True, env=env, capture_output=True, text=True
+    )
+    assert "Fake CUDA device 0 (driver: CUDA 13.0, " in out.stdout, out.stdout + out.stderr
 
 
 def test_slots_are_zero_before_the_first_copy(fake_cuda):
