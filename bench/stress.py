@@ -22,6 +22,7 @@ import json
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,11 +54,27 @@ class StressReport:
         return not self.errors
 
 
+#: reads a slot's bytes on the host once the work queued on the caller's stream is done:
+#: (cache, slot, nbytes) -> uint8 tensor
+SlotReader = Callable[[SlabCache, int, int], torch.Tensor]
+
+
 class _World:
-    """A filled pool (each entry a distinct pseudo-random slab), its cache and engine."""
+    """A filled pool (each entry a distinct pseudo-random slab), its cache and engine. ``stream``
+    is the callers' stream handle (None: the engine's default), ``read_slot`` how slots are read
+    (None: ``slot_view(...).cpu()``)."""
 
     def __init__(
-        self, device: str, layers: int, experts: int, slab: int, slots: int, lanes: int, policy: str
+        self,
+        device: str,
+        layers: int,
+        experts: int,
+        slab: int,
+        slots: int,
+        lanes: int,
+        policy: str,
+        stream: int | None = None,
+        read_slot: SlotReader | None = None,
     ):
         self.layers, self.experts, self.slab = layers, experts, slab
         self.pool = ExpertPool(layers, experts, slab)
@@ -69,12 +86,14 @@ class _World:
                 self.expected[(layer, e)] = torch.from_numpy(data)
         self.cache = SlabCache(self.pool, slots, policy=policy, device=device, min_slots=4)
         self.engine = CopyEngine(self.cache, lanes)
-        self.views = [self.cache.slot_view(s, torch.uint8, (slab,)) for s in range(slots)]
+        self.stream, self.read_slot = stream, read_slot
+        if read_slot is None:
+            self.views = [self.cache.slot_view(s, torch.uint8, (slab,)) for s in range(slots)]
 
     def check(self, layer: int, experts: list[int], slots: list[int]) -> list[str]:
         bad = []
         for e, s in zip(experts, slots):
-            got = self.views[s].cpu()
+            got = self.views[s].cpu() if self.read_slot is None else self.read_slot(self.cache, s, self.slab)
             if not torch.equal(got, self.expected[(layer, e)]):
                 n = int((got != self.expected[(layer, e)]).sum())
                 bad.append(f"(layer {layer}, expert {e}) in slot {s}: {n}/{self.slab} bytes differ")
@@ -116,18 +135,18 @@ def _worker(
                 ids = rng.choice(E, size=int(rng.integers(1, 5)), replace=False).tolist()
                 if rng.random() < 0.5:
                     op = "acquire"
-                    slots = world.engine.acquire(layer, ids)
+                    slots = world.engine.acquire(layer, ids, stream=world.stream)
                 else:
                     op = "acquire_deferred"
-                    slots, pending = world.engine.acquire_deferred(layer, ids)
+                    slots, pending = world.engine.acquire_deferred(layer, ids, stream=world.stream)
                     for e, p in zip(ids, pending):
                         if p:
-                            world.engine.wait_ready(layer, [e])
+                            world.engine.wait_ready(layer, [e], stream=world.stream)
                 try:
                     errors.extend(world.check(layer, ids, slots))
                     checked += len(ids) * world.slab
                 finally:
-                    world.engine.release(layer, ids)
+                    world.engine.release(layer, ids, stream=world.stream)
         except RuntimeError as exc:
             if world.engine.closed and "closed" in str(exc):
                 counts["after_close"] = counts.get("after_close", 0) + 1
@@ -165,12 +184,26 @@ def run_stress(
     seed: int = 0,
     policy: str | None = None,
     close_at: float = 0.9,
+    stream: int | None = None,
+    read_slot: SlotReader | None = None,
 ) -> StressReport:
     """Runs ``ops`` operations over ``threads`` workers; at ``close_at`` of the way one thread closes
-    the engine while the others continue (None: never). Returns the report (``ok`` when clean)."""
+    the engine while the others continue (None: never). Returns the report (``ok`` when clean).
+    ``stream`` and ``read_slot``: see ``_World`` (tests/csrc/test_stress.py runs the CUDA backend on
+    the fake CUDA driver with them)."""
     rng = np.random.default_rng(seed)
     policy = policy or ("lru", "lfu", "priority")[int(rng.integers(3))]
-    world = _World(device, layers=4, experts=16, slab=4096, slots=10, lanes=3, policy=policy)
+    world = _World(
+        device,
+        layers=4,
+        experts=16,
+        slab=4096,
+        slots=10,
+        lanes=3,
+        policy=policy,
+        stream=stream,
+        read_slot=read_slot,
+    )
     report = StressReport(device, seed, threads, ops)
     lock = threading.Lock()
     per = ops // threads

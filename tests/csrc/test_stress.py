@@ -4,11 +4,13 @@ a close racing the last tenth, counters' invariants at the end."""
 
 from __future__ import annotations
 
+import ctypes
 import importlib.util
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 _SPEC = importlib.util.spec_from_file_location(
     "moert_stress", Path(__file__).parents[2] / "bench" / "stress.py"
@@ -35,3 +37,21 @@ def test_stress_slice_on_the_device_model():
     rep = stress.run_stress(20_000, device="sim", threads=4, seed=21, policy="lru")
     assert rep.ok, f"seed 21 (python bench/stress.py --device sim --seed 21): {rep.errors[:3]}"
     assert rep.counts.get("acquire_deferred", 0) > 2000 and rep.checked_bytes > 0
+
+
+def test_stress_slice_on_the_cuda_backend_with_the_fake_driver(fake_cuda):
+    """The same operations on the CUDA backend (``cuda:0``) with the fake CUDA driver: callers on
+    the legacy default stream 0, slots read on the host once that stream's work is done (as
+    ``.cpu()`` of a CUDA view would)."""
+
+    def read_slot(cache, slot: int, nbytes: int) -> torch.Tensor:
+        fake_cuda.call("fakecu_synchronize_default", 0)
+        raw = ctypes.string_at(cache._c.slot_address(slot), nbytes)
+        return torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+
+    rep = stress.run_stress(
+        12_000, device="cuda:0", threads=4, seed=31, policy="lfu", stream=0, read_slot=read_slot
+    )
+    assert rep.ok, f"seed 31 (fake CUDA driver): {rep.errors[:3]}"
+    assert rep.counts.get("acquire_deferred", 0) > 1000 and rep.checked_bytes > 0
+    assert fake_cuda.stats()["ctx_errors"] == 0
