@@ -182,6 +182,7 @@ class CopyEngine {
   static constexpr int kPrefetchDepth = 2;
   struct Flight {
     int slot;
+    int key;  // the expert copied (its host slab is released when the copy completes)
     bool demand;
     std::chrono::steady_clock::time_point issued;
   };
