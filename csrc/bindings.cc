@@ -225,6 +225,22 @@ PYBIND11_MODULE(_C, m) {
 #undef MOERT_POOL_FIELD
              return py::make_tuple(total, layers);
            })
+      .def(
+          "acquire_host",
+          [](ExpertPool& p, std::int64_t layer, std::int64_t expert, bool demand) {
+            const int l = to_int(layer, "layer"), e = to_int(expert, "expert");
+            p.check_entry(l, e);
+            py::gil_scoped_release nogil;
+            return reinterpret_cast<std::uintptr_t>(p.acquire_host(l, e, demand));
+          },
+          py::arg("layer"), py::arg("expert"), py::arg("demand") = true,
+          "The expert's host slab address, pinned until release_host (what a copy does; tests).")
+      .def("release_host",
+           [](ExpertPool& p, std::int64_t layer, std::int64_t expert) {
+             const int l = to_int(layer, "layer"), e = to_int(expert, "expert");
+             p.check_entry(l, e);
+             p.release_host(l, e);
+           })
       .def("reset_stats", &ExpertPool::reset_stats)
       .def_property_readonly("num_layers", &ExpertPool::num_layers)
       .def_property_readonly("num_experts", &ExpertPool::num_experts)

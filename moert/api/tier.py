@@ -166,13 +166,14 @@ def attach_sources(pool: Any, files: list[Path], parts: dict[tuple[int, int], np
         pool.set_source(ordinal, e, rows)
 
 
-def filesystem_of(path: str | Path) -> dict[str, Any]:
+def filesystem_of(path: str | Path, mounts: str = "/proc/mounts") -> dict[str, Any]:
     """``{"mount", "fstype", "read_only", "network"}`` of the filesystem holding ``path`` (from
-    /proc/mounts; fields None where it cannot be read)."""
-    target = os.path.realpath(path)
+    ``mounts``; fields None where it cannot be read). ``read_only``: mounted ro, or ``path`` not
+    writable by this process."""
+    target = os.path.realpath(path) if mounts == "/proc/mounts" else str(path)
     best: tuple[str, str, str] | None = None
     try:
-        with open("/proc/mounts") as f:
+        with open(mounts) as f:
             for line in f:
                 dev, mount, fstype, opts = line.split()[:4]
                 mount = mount.replace("\\040", " ")
@@ -186,7 +187,7 @@ def filesystem_of(path: str | Path) -> dict[str, Any]:
         return {"mount": None, "fstype": None, "read_only": not os.access(target, os.W_OK), "network": None}
     mount, fstype, opts = best
     network = fstype in {"nfs", "nfs4", "cifs", "smb3", "sshfs", "fuse.sshfs", "9p", "ceph", "glusterfs", "lustre"}
-    read_only = "ro" in opts.split(",") or not os.access(target, os.W_OK)
+    read_only = "ro" in opts.split(",") or (os.path.exists(target) and not os.access(target, os.W_OK))
     return {"mount": mount, "fstype": fstype, "read_only": read_only, "network": network}
 
 

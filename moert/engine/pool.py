@@ -82,6 +82,14 @@ class ExpertPool:
         """Reads the entry from its files (tiered: into a host slab, unless resident); bytes read."""
         return self._c.load(int(layer), int(expert))
 
+    def acquire_host(self, layer: int, expert: int, demand: bool = True) -> int:
+        """Address of the entry's host slab, read first when not resident and pinned (never evicted)
+        until ``release_host``: what the copy engine does around each copy."""
+        return self._c.acquire_host(int(layer), int(expert), bool(demand))
+
+    def release_host(self, layer: int, expert: int) -> None:
+        self._c.release_host(int(layer), int(expert))
+
     def copy_out(self, layer: int, expert: int) -> torch.Tensor:
         """A fresh uint8 ``(slab_bytes,)`` copy of the entry (tiered: read from its file when not resident)."""
         out = torch.empty(self.slab_bytes, dtype=torch.uint8)
