@@ -408,7 +408,7 @@ def _load_rest(
     """Materialise every non-expert parameter and buffer on ``device`` (``pooled``: state_dict keys
     that live in the expert pool); returns their bytes."""
     model.to_empty(device=device)
-    expected = {k: v for k, v in model.state_dict(keep_vars=True).items() if k not in pooled}
+    expected = {k: v for k, v in _own_tensors(model).items() if k not in pooled}
     missing = [k for k in expected if k not in index.others]
     tied = getattr(model.config, "tie_word_embeddings", False)
     if tied and missing == ["lm_head.weight"]:
@@ -440,6 +440,17 @@ def _load_rest(
         model.tie_weights()
     _rebuild_nonpersistent(model, device)
     return tensor_bytes(model)
+
+
+def _own_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state_dict's keys and tensors without its hooks: a patched model's state_dict hook
+    materialises the pooled experts, which a tiered pool (``host_budget``) would read from the files."""
+    out: dict[str, torch.Tensor] = dict(model.named_parameters(remove_duplicate=False))
+    for prefix, mod in model.named_modules(remove_duplicate=False):
+        for name, buf in mod._buffers.items():
+            if buf is not None and name not in mod._non_persistent_buffers_set:
+                out[f"{prefix}.{name}" if prefix else name] = buf
+    return out
 
 
 def tensor_bytes(model: nn.Module) -> int:

@@ -173,3 +173,26 @@ def test_filesystem_of_reads_mount_options(tmp_path):
     assert fs == {"mount": "/data", "fstype": "nfs4", "read_only": True, "network": True}
     fs = filesystem_of("/home/me", mounts=str(mounts))
     assert fs["mount"] == "/" and fs["fstype"] == "ext4" and not fs["network"]
+
+
+def test_loading_reads_no_expert_beyond_the_budget(refs, monkeypatch):
+    """Loading fills at most ``capacity`` host slabs and never materialises the other experts (the
+    patched model's state_dict hook would: it copies every expert out of the pool)."""
+    from moert.engine.pool import ExpertPool
+
+    calls = []
+    real_copy_out, real_load = ExpertPool.copy_out, ExpertPool.load
+    monkeypatch.setattr(ExpertPool, "copy_out", lambda self, *a: calls.append(("copy_out", a)) or real_copy_out(self, *a))
+    monkeypatch.setattr(ExpertPool, "load", lambda self, *a: calls.append(("load", a)) or real_load(self, *a))
+    ref = refs["qwen3_moe-norm"]
+    model = moert.load(ref.path, cache_experts=0.25, host_budget=0.25, progress=False)
+    handle = moert.handle_of(model)
+    capacity = handle.load_report["host_tier"]["capacity"]
+    assert [c for c in calls if c[0] == "copy_out"] == []
+    assert len(calls) == capacity
+    assert sum(len(handle.offloader.pool.resident(o)) for o in range(len(handle.layer_ids))) == capacity
+    # state_dict still gives every expert (copied out of the pool or the files)
+    want = ref.model.state_dict()
+    assert all(torch.equal(want[k], v) for k, v in model.state_dict().items())
+    handle.undo()
+    assert torch.equal(greedy(model, ref.prompt, 4)[0], ref.out[0][:, : ref.prompt.shape[1] + 4])
