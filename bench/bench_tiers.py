@@ -154,7 +154,12 @@ def read_throughput(workdir: Path, read_mb: int, expert_mb: int, repeats: int) -
                 pool.close()
                 del pool
     path.unlink()
-    out: dict[str, Any] = {"file_bytes": experts * slab, "expert_bytes": slab, "experts": experts, "repeats": repeats}
+    out: dict[str, Any] = {
+        "file_bytes": experts * slab,
+        "expert_bytes": slab,
+        "experts": experts,
+        "repeats": repeats,
+    }
     for name in readers:
         out[name] = {s: float(np.median(v)) for s, v in gbps[name].items()}
     for name in readers:
@@ -304,10 +309,15 @@ def markdown(rec: dict[str, Any]) -> str:
         "|---|---:|---:|---:|---:|",
         f"| plain sequential readinto (8 MiB) | {r['plain']['cold']:.2f} | {r['plain']['warm']:.2f} | 1.00 | 1.00 |",
     ]
-    for name, label in (("pread_1", "engine pread, 1 thread"), ("pread_2", "engine pread, 2 threads"),
-                        ("mmap_1", "engine mmap + memcpy, 1 thread")):
+    for name, label in (
+        ("pread_1", "engine pread, 1 thread"),
+        ("pread_2", "engine pread, 2 threads"),
+        ("mmap_1", "engine mmap + memcpy, 1 thread"),
+    ):
         x = r[name]
-        lines.append(f"| {label} | {x['cold']:.2f} | {x['warm']:.2f} | {x['vs_plain_cold']:.2f} | {x['vs_plain_warm']:.2f} |")
+        lines.append(
+            f"| {label} | {x['cold']:.2f} | {x['warm']:.2f} | {x['vs_plain_cold']:.2f} | {x['vs_plain_warm']:.2f} |"
+        )
     d = rec["decode"]
     m = d["model"]
     lines += [

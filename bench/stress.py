@@ -95,19 +95,23 @@ class _World:
         half = self.slab // 2
         with open(path, "wb") as f:
             f.write(b"\0" * 64)
-            for (layer, e), data in sorted(self.expected.items()):
+            for _key, data in sorted(self.expected.items()):
                 f.write(data[half:].numpy().tobytes() + data[:half].numpy().tobytes())
         fid = self.pool.add_file(str(path))
         for layer, e in self.expected:
             at = 64 + (layer * self.experts + e) * self.slab
-            self.pool.set_source(layer, e, [(fid, at, self.slab - half, half), (fid, at + self.slab - half, half, 0)])
+            self.pool.set_source(
+                layer, e, [(fid, at, self.slab - half, half), (fid, at + self.slab - half, half, 0)]
+            )
         self.path = path
 
     def check_host(self, layer: int, expert: int) -> list[str]:
         got = self.pool.copy_out(layer, expert)
         if torch.equal(got, self.expected[(layer, expert)]):
             return []
-        return [f"host copy of (layer {layer}, expert {expert}): {int((got != self.expected[(layer, expert)]).sum())} bytes differ"]
+        return [
+            f"host copy of (layer {layer}, expert {expert}): {int((got != self.expected[(layer, expert)]).sum())} bytes differ"
+        ]
 
     def check(self, layer: int, experts: list[int], slots: list[int]) -> list[str]:
         bad = []
@@ -224,7 +228,15 @@ def run_stress(
     rng = np.random.default_rng(seed)
     policy = policy or ("lru", "lfu", "priority")[int(rng.integers(3))]
     world = _World(
-        device, layers=4, experts=16, slab=4096, slots=10, lanes=3, policy=policy, host_slabs=host_slabs, workdir=workdir
+        device,
+        layers=4,
+        experts=16,
+        slab=4096,
+        slots=10,
+        lanes=3,
+        policy=policy,
+        host_slabs=host_slabs,
+        workdir=workdir,
     )
     report = StressReport(device, seed, threads, ops)
     lock = threading.Lock()
@@ -273,7 +285,10 @@ def main() -> None:
     p.add_argument("--device", default="cpu", help="cpu (the CPU twin), or sim / cuda where available")
     p.add_argument("--no-record", action="store_true", help="do not write bench/results/stress_<device>.*")
     p.add_argument(
-        "--host-slabs", type=int, default=None, help="both tiers: the pool holds N of the 64 experts, the rest in a file"
+        "--host-slabs",
+        type=int,
+        default=None,
+        help="both tiers: the pool holds N of the 64 experts, the rest in a file",
     )
     args = p.parse_args()
     if args.ops < args.threads or args.threads < 2:
@@ -283,7 +298,9 @@ def main() -> None:
         f"stress: {args.ops:,} operations, {args.threads} threads, device {args.device}, seed {seed}",
         flush=True,
     )
-    rep = run_stress(args.ops, device=args.device, threads=args.threads, seed=seed, host_slabs=args.host_slabs)
+    rep = run_stress(
+        args.ops, device=args.device, threads=args.threads, seed=seed, host_slabs=args.host_slabs
+    )
     rate = args.ops / rep.seconds if rep.seconds else 0.0
     print(
         f"  {rep.seconds:.1f} s ({rate:,.0f} ops/s), {rep.checked_bytes / 1e9:.2f} GB of slot bytes checked"

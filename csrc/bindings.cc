@@ -211,8 +211,8 @@ PYBIND11_MODULE(_C, m) {
              std::vector<moert::PoolStats> rows;
              const moert::PoolStats t = p.stats(&rows);
              py::dict total, layers;
-#define MOERT_POOL_FIELD(name)                                  \
-  total[#name] = t.name;                                        \
+#define MOERT_POOL_FIELD(name) \
+  total[#name] = t.name;       \
   layers[#name] = column(rows, &moert::PoolStats::name);
              MOERT_POOL_FIELD(hits)
              MOERT_POOL_FIELD(reads)

@@ -14,8 +14,8 @@ std::size_t round_up(std::size_t v, std::size_t a) { return (v + a - 1) / a * a;
 
 ExpertPool::ExpertPool(int num_layers, int num_experts, std::int64_t slab_bytes, bool pin)
     : ExpertPool(num_layers, num_experts, slab_bytes, pin,
-                 static_cast<std::int64_t>(num_layers) * std::max(num_experts, 0), "lru",
-                 "pread") {}
+                 static_cast<std::int64_t>(num_layers) * std::max(num_experts, 0), "lru", "pread") {
+}
 
 ExpertPool::ExpertPool(int num_layers, int num_experts, std::int64_t slab_bytes, bool pin,
                        std::int64_t capacity, const std::string& policy,
@@ -91,10 +91,10 @@ std::uintptr_t ExpertPool::address(int layer, int expert) const {
   check_open("address");
   check_entry(layer, expert);
   if (tiered_) {
-    throw RuntimeFailure(cat("ExpertPool.address: the pool is a host cache of ", capacity_,
-                             " slabs over the checkpoint files (host_budget); its entries move, so ",
-                             "(layer ", layer, ", expert ", expert,
-                             ") has no fixed address: use copy_out"));
+    throw RuntimeFailure(
+        cat("ExpertPool.address: the pool is a host cache of ", capacity_,
+            " slabs over the checkpoint files (host_budget); its entries move, so ", "(layer ",
+            layer, ", expert ", expert, ") has no fixed address: use copy_out"));
   }
   return reinterpret_cast<std::uintptr_t>(entry_ptr(layer, expert));
 }
@@ -104,8 +104,9 @@ void ExpertPool::fill(int layer, int expert, std::uintptr_t src, std::int64_t nb
   check_open("fill");
   check_entry(layer, expert);
   if (tiered_) {
-    throw RuntimeFailure("ExpertPool.fill: a tiered pool (host_budget) reads its experts from "
-                         "their files (set_source); it cannot be filled from memory");
+    throw RuntimeFailure(
+        "ExpertPool.fill: a tiered pool (host_budget) reads its experts from "
+        "their files (set_source); it cannot be filled from memory");
   }
   MOERT_CHECK(src != 0, "fill: source address is null");
   MOERT_CHECK(nbytes >= 0, "fill: nbytes must be >= 0, got ", nbytes);

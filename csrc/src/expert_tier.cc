@@ -27,7 +27,8 @@ constexpr double kSlabTimeoutS = 60.0;
 
 void ExpertPool::close_files() {
   for (File& f : files_) {
-    if (f.map != nullptr) munmap(const_cast<std::uint8_t*>(f.map), static_cast<std::size_t>(f.size));
+    if (f.map != nullptr)
+      munmap(const_cast<std::uint8_t*>(f.map), static_cast<std::size_t>(f.size));
     if (f.fd >= 0) ::close(f.fd);
     f.map = nullptr;
     f.fd = -1;
@@ -43,7 +44,7 @@ int ExpertPool::add_file(const std::string& path) {
   if (f.fd < 0) {
     throw RuntimeFailure(cat("cannot open checkpoint file ", path, ": ", std::strerror(errno)));
   }
-  struct stat st {};
+  struct stat st{};
   if (fstat(f.fd, &st) != 0) {
     const int err = errno;
     ::close(f.fd);
@@ -75,13 +76,13 @@ void ExpertPool::set_source(int layer, int expert, const std::vector<SourcePart>
                 p.file, " was never added (", files_.size(), " files)");
     const File& f = files_[p.file];
     MOERT_CHECK(p.length > 0 && p.file_offset >= 0 && p.file_offset + p.length <= f.size,
-                "set_source: bytes [", p.file_offset, ", ", p.file_offset + p.length, ") of (layer ",
-                layer, ", expert ", expert, ") lie outside ", f.path, " (", f.size, " bytes)");
-    MOERT_CHECK(p.slab_offset >= 0 &&
-                    static_cast<std::size_t>(p.slab_offset + p.length) <= slab_bytes_,
-                "set_source: slab bytes [", p.slab_offset, ", ", p.slab_offset + p.length,
-                ") of (layer ", layer, ", expert ", expert, ") run past the ", slab_bytes_,
-                "-byte slab");
+                "set_source: bytes [", p.file_offset, ", ", p.file_offset + p.length,
+                ") of (layer ", layer, ", expert ", expert, ") lie outside ", f.path, " (", f.size,
+                " bytes)");
+    MOERT_CHECK(
+        p.slab_offset >= 0 && static_cast<std::size_t>(p.slab_offset + p.length) <= slab_bytes_,
+        "set_source: slab bytes [", p.slab_offset, ", ", p.slab_offset + p.length, ") of (layer ",
+        layer, ", expert ", expert, ") run past the ", slab_bytes_, "-byte slab");
   }
   sources_[static_cast<std::size_t>(layer) * num_experts_ + expert] = parts;
 }
@@ -103,7 +104,7 @@ void ExpertPool::read_source(int key, std::uint8_t* dst) {
   for (const SourcePart& p : parts) {
     const File& f = files[p.file];
     if (p.file != checked) {  // parts of one file are adjacent: one stat per file and read
-      struct stat st {};
+      struct stat st{};
       if (::stat(f.path.c_str(), &st) != 0) {
         throw RuntimeFailure(cat("checkpoint file ", f.path, " vanished after loading (",
                                  std::strerror(errno), "); expert (layer ", layer, ", expert ",
@@ -129,9 +130,9 @@ void ExpertPool::read_source(int key, std::uint8_t* dst) {
                                 static_cast<off_t>(p.file_offset + done));
       if (n < 0 && errno == EINTR) continue;
       if (n <= 0) {
-        throw RuntimeFailure(cat("reading ", p.length, " bytes at offset ", p.file_offset, " of ",
-                                 f.path, " failed: ", n == 0 ? "unexpected end of file"
-                                                             : std::strerror(errno)));
+        throw RuntimeFailure(
+            cat("reading ", p.length, " bytes at offset ", p.file_offset, " of ", f.path,
+                " failed: ", n == 0 ? "unexpected end of file" : std::strerror(errno)));
       }
       done += n;
     }
@@ -149,8 +150,8 @@ int ExpertPool::victim_locked() const {
       continue;
     }
     const HostSlot& b = slabs_[best];
-    const bool better = policy_ == "lfu" ? (h.freq != b.freq ? h.freq < b.freq : h.tick < b.tick)
-                                         : h.tick < b.tick;
+    const bool better =
+        policy_ == "lfu" ? (h.freq != b.freq ? h.freq < b.freq : h.tick < b.tick) : h.tick < b.tick;
     if (better) best = s;
   }
   return best;

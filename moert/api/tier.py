@@ -22,7 +22,16 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["HostTier", "host_tier", "pool_capacity", "parse_bytes", "read_header", "expert_parts", "attach_sources", "filesystem_of"]
+__all__ = [
+    "HostTier",
+    "host_tier",
+    "pool_capacity",
+    "parse_bytes",
+    "read_header",
+    "expert_parts",
+    "attach_sources",
+    "filesystem_of",
+]
 
 _UNITS = {
     "": 1,
@@ -122,9 +131,13 @@ def expert_parts(
     """
     headers = {f: read_header(f) for f in files}
     fid = {f: i for i, f in enumerate(files)}
-    I, H, isz = layout.intermediate, layout.hidden, layout.itemsize
-    per = {"gate": ((I, H), 0), "up": ((I, H), I * H * isz), "gate_up": ((2 * I, H), 0)}
-    per["down"] = ((H, I), layout.down_offset)
+    inter, hid, isz = layout.intermediate, layout.hidden, layout.itemsize
+    per = {
+        "gate": ((inter, hid), 0),
+        "up": ((inter, hid), inter * hid * isz),
+        "gate_up": ((2 * inter, hid), 0),
+    }
+    per["down"] = ((hid, inter), layout.down_offset)
     out: dict[tuple[int, int], np.ndarray] = {}
 
     def locate(key: str, shape: tuple[int, ...], expert: int | None) -> tuple[int, int, int]:
@@ -186,7 +199,18 @@ def filesystem_of(path: str | Path, mounts: str = "/proc/mounts") -> dict[str, A
     if best is None:
         return {"mount": None, "fstype": None, "read_only": not os.access(target, os.W_OK), "network": None}
     mount, fstype, opts = best
-    network = fstype in {"nfs", "nfs4", "cifs", "smb3", "sshfs", "fuse.sshfs", "9p", "ceph", "glusterfs", "lustre"}
+    network = fstype in {
+        "nfs",
+        "nfs4",
+        "cifs",
+        "smb3",
+        "sshfs",
+        "fuse.sshfs",
+        "9p",
+        "ceph",
+        "glusterfs",
+        "lustre",
+    }
     read_only = "ro" in opts.split(",") or (os.path.exists(target) and not os.access(target, os.W_OK))
     return {"mount": mount, "fstype": fstype, "read_only": read_only, "network": network}
 
@@ -274,7 +298,9 @@ def host_tier(
     if read_mode not in ("pread", "mmap"):
         raise ValueError(f"read_mode={read_mode!r} is not one of pread, mmap")
     if cfg.backend != "runtime":
-        raise ValueError(f"host_budget= needs backend='runtime' (the native pool); backend={cfg.backend!r} has none")
+        raise ValueError(
+            f"host_budget= needs backend='runtime' (the native pool); backend={cfg.backend!r} has none"
+        )
     if cfg.cpu_experts:
         raise ValueError(
             "host_budget= with cpu_experts=True is not supported: host compute reads experts in place "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 
 __all__ = ["add_arguments", "run", "collect"]
 
@@ -61,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             info["model_storage"] = model_storage(args.model)
         except FileNotFoundError as exc:
-            print(f"moert info: {exc}")
+            print(f"moert info: {exc}", file=sys.stderr)
             return 2
     if args.json:
         print(json.dumps(info, indent=2))

@@ -23,6 +23,7 @@ Python.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -270,10 +271,8 @@ class Offloader(OffloaderBase):
             self.pool.reset_stats()
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(RuntimeError):  # a copy failed (raised where it was used); close anyway
             self.engine.synchronize()
-        except RuntimeError:  # a copy failed (raised where it was used); close joins the rest
-            pass
         if self.is_cuda:
             torch.cuda.synchronize(
                 self.tensor_device

@@ -77,7 +77,13 @@ def test_a_budget_covering_every_expert_is_untiered(refs, budget):
 def test_lfu_pool_and_mmap_reads_are_exact(refs):
     ref = refs["deepseek_v2-group"]
     seq, _, st, rep = run(
-        ref.path, ref.prompt, ref.new_tokens, cache_experts=8, host_budget=0.3, pool_policy="lfu", read_mode="mmap"
+        ref.path,
+        ref.prompt,
+        ref.new_tokens,
+        cache_experts=8,
+        host_budget=0.3,
+        pool_policy="lfu",
+        read_mode="mmap",
     )
     assert torch.equal(seq, ref.out[0]) and st.ssd_reads > 0
     assert rep["host_tier"]["policy"] == "lfu" and rep["host_tier"]["read_mode"] == "mmap"
@@ -129,7 +135,11 @@ def test_bad_budgets_are_clear_errors(refs):
 
 
 def test_budget_arithmetic():
-    assert parse_bytes("16GiB") == 16 * 2**30 and parse_bytes("1.5 GB") == 1_500_000_000 and parse_bytes("4096") == 4096
+    assert (
+        parse_bytes("16GiB") == 16 * 2**30
+        and parse_bytes("1.5 GB") == 1_500_000_000
+        and parse_bytes("4096") == 4096
+    )
     assert pool_capacity("1KiB", total=100, stride=256, top_k=2) == 4
     assert pool_capacity(1000, total=100, stride=256, top_k=2) == 3  # rounded down
     assert pool_capacity(0.25, total=10, stride=256, top_k=2) == 3  # rounded up
@@ -182,7 +192,9 @@ def test_loading_reads_no_expert_beyond_the_budget(refs, monkeypatch):
 
     calls = []
     real_copy_out, real_load = ExpertPool.copy_out, ExpertPool.load
-    monkeypatch.setattr(ExpertPool, "copy_out", lambda self, *a: calls.append(("copy_out", a)) or real_copy_out(self, *a))
+    monkeypatch.setattr(
+        ExpertPool, "copy_out", lambda self, *a: calls.append(("copy_out", a)) or real_copy_out(self, *a)
+    )
     monkeypatch.setattr(ExpertPool, "load", lambda self, *a: calls.append(("load", a)) or real_load(self, *a))
     ref = refs["qwen3_moe-norm"]
     model = moert.load(ref.path, cache_experts=0.25, host_budget=0.25, progress=False)
@@ -196,3 +208,14 @@ def test_loading_reads_no_expert_beyond_the_budget(refs, monkeypatch):
     assert all(torch.equal(want[k], v) for k, v in model.state_dict().items())
     handle.undo()
     assert torch.equal(greedy(model, ref.prompt, 4)[0], ref.out[0][:, : ref.prompt.shape[1] + 4])
+
+
+def test_info_names_the_model_filesystem(refs, capsys):
+    import json
+
+    from moert.cli import main as cli_main
+
+    ref = refs["phimoe"]
+    assert cli_main(["info", "--model", str(ref.path), "--json"]) == 0
+    st = json.loads(capsys.readouterr().out)["model_storage"]
+    assert st["path"] == os.path.realpath(ref.path) and st["fstype"] and "host_budget" in st["host_tier"]

@@ -33,14 +33,14 @@ namespace moert {
 
 // Counters of the host tier (tiered pool), in total or for one layer.
 struct PoolStats {
-  std::int64_t hits = 0;           // acquire_host found the expert resident
-  std::int64_t reads = 0;          // experts read from their files (SSD reads)
-  std::int64_t read_bytes = 0;     // bytes read from files
-  double read_s = 0.0;             // seconds spent reading (summed over threads)
-  std::int64_t demand_reads = 0;   // ... of which for demand copies
-  double demand_read_s = 0.0;      // seconds of those (a stall of the layer that needed them)
-  std::int64_t evictions = 0;      // resident experts dropped for a read
-  std::int64_t waits = 0;          // acquire_host calls that waited (a read in progress, no slab)
+  std::int64_t hits = 0;          // acquire_host found the expert resident
+  std::int64_t reads = 0;         // experts read from their files (SSD reads)
+  std::int64_t read_bytes = 0;    // bytes read from files
+  double read_s = 0.0;            // seconds spent reading (summed over threads)
+  std::int64_t demand_reads = 0;  // ... of which for demand copies
+  double demand_read_s = 0.0;     // seconds of those (a stall of the layer that needed them)
+  std::int64_t evictions = 0;     // resident experts dropped for a read
+  std::int64_t waits = 0;         // acquire_host calls that waited (a read in progress, no slab)
 };
 
 // One contiguous byte range of an expert in a checkpoint file.
@@ -134,8 +134,9 @@ class ExpertPool {
   void close_files();
   // Reads key's parts into dst; throws RuntimeFailure naming the file. No lock held.
   void read_source(int key, std::uint8_t* dst);
-  // Tiered: the host slab of key, resident and (with pin) pinned; reads it if needed. Returns the
-  // slab index; `read` tells whether this call read it.
+  // Tiered: the host slab of key, resident and (with pin) pinned; reads it first when not
+  // resident (the lock released meanwhile); waits while another thread reads it or every slab is
+  // pinned. Returns the slab index. `demand` counts the read as a demand read.
   int take_locked(std::unique_lock<std::mutex>& lk, int key, bool pin, bool demand);
   int victim_locked() const;
   std::uint8_t* slab_ptr(int slab) const {
