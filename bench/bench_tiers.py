@@ -186,49 +186,60 @@ def bench_config(layers: int, experts: int) -> Any:
     )
 
 
-def decode(path: Path, budget: Any, cache: float, tokens: int, repeats: int = 3) -> dict[str, Any]:
-    """Greedy decode of ``tokens`` after a 2-token warm-up, the file's pages dropped before each of
-    ``repeats`` runs; the fastest run's tok/s, the last run's stats."""
+_STAT_FIELDS = (
+    "hits",
+    "misses",
+    "bytes_copied",
+    "demand_stall_s",
+    "pool_hits",
+    "ssd_reads",
+    "ssd_bytes",
+    "ssd_read_s",
+    "ssd_stall_s",
+    "pool_evictions",
+)
+
+
+def decode(path: Path, cache: float, tokens: int, rounds: int = 5) -> list[dict[str, Any]]:
+    """Greedy decode of ``tokens`` at every budget of ``BUDGETS``: all models loaded, then ``rounds``
+    rounds that time each once in turn (drift on a shared machine hits every budget alike), the file's
+    pages dropped before each run. The median tok/s; the stats of each model's last run."""
     import moert
     from moert.models.tiny import greedy, prompt_ids
 
-    model = moert.load(path, cache_experts=cache, device="cpu", host_budget=budget, progress=False)
-    handle = moert.handle_of(model)
-    prompt = prompt_ids(1, 8, vocab=model.config.vocab_size)
-    greedy(model, prompt, 2)
-    dt = float("inf")
-    for _ in range(repeats):
-        handle.reset_stats()
-        for f in path.glob("*.safetensors"):
-            drop_cache(f)
-        t0 = time.perf_counter()
-        seq, _ = greedy(model, prompt, tokens)
-        dt = min(dt, time.perf_counter() - t0)
-    handle.offloader.engine.synchronize()
-    st = handle.stats()
-    out = {
-        "budget": budget,
-        "tok_s": tokens / dt,
-        "seq": seq.tolist(),
-        "pool_bytes": handle.pool_bytes,
-        "tiered": bool(handle.load_report.get("host_tier", {}).get("tiered", False)),
-        "stats": {
-            k: getattr(st, k)
-            for k in (
-                "hits",
-                "misses",
-                "bytes_copied",
-                "demand_stall_s",
-                "pool_hits",
-                "ssd_reads",
-                "ssd_bytes",
-                "ssd_read_s",
-                "ssd_stall_s",
-                "pool_evictions",
-            )
-        },
-    }
-    handle.undo()
+    models = [
+        moert.load(path, cache_experts=cache, device="cpu", host_budget=b, progress=False) for b in BUDGETS
+    ]
+    prompt = prompt_ids(1, 8, vocab=models[0].config.vocab_size)
+    times: list[list[float]] = [[] for _ in models]
+    seqs: list[Any] = [None] * len(models)
+    for m in models:
+        greedy(m, prompt, 2)
+    for _ in range(rounds):
+        for i, m in enumerate(models):
+            moert.handle_of(m).reset_stats()
+            for f in path.glob("*.safetensors"):
+                drop_cache(f)
+            t0 = time.perf_counter()
+            seqs[i], _ = greedy(m, prompt, tokens)
+            times[i].append(time.perf_counter() - t0)
+    out = []
+    for b, m, ts, seq in zip(BUDGETS, models, times, seqs):
+        handle = moert.handle_of(m)
+        handle.offloader.engine.synchronize()
+        st = handle.stats()
+        out.append(
+            {
+                "budget": b,
+                "tok_s": tokens / float(np.median(ts)),
+                "tok_s_runs": [tokens / t for t in ts],
+                "identical": bool(torch.equal(seq, seqs[0])),
+                "pool_bytes": handle.pool_bytes,
+                "tiered": bool(handle.load_report.get("host_tier", {}).get("tiered", False)),
+                "stats": {k: getattr(st, k) for k in _STAT_FIELDS},
+            }
+        )
+        handle.undo()
     return out
 
 
@@ -325,9 +336,9 @@ def markdown(rec: dict[str, Any]) -> str:
         f"## Decode on the CPU twin ({m['layers']} MoE layers x {m['experts']} experts of "
         f"{m['expert_bytes'] / _MB:.2f} MiB, experts {m['experts_bytes'] / _MB:.0f} MiB of "
         f"{m['experts_bytes'] / _MB + m['non_expert_bytes'] / _MB:.0f} MiB; device cache {d['cache']:.0%}; "
-        f"{d['tokens']} tokens, batch 1, 1 thread; the fastest of 3 runs)",
+        f"{d['tokens']} tokens, batch 1, 1 thread; median of {d['rounds']} interleaved rounds)",
         "",
-        "| host budget | tok/s | vs no budget | tokens | device hits | device misses | pool hits | SSD reads | "
+        "| host budget | tok/s | vs no budget | tokens vs no budget | device hits | device misses | pool hits | SSD reads | "
         "SSD MB | SSD read ms | SSD stall ms | demand stall ms |",
         "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
@@ -366,6 +377,7 @@ def main() -> None:
     p.add_argument("--experts", type=int, default=64)
     p.add_argument("--cache", type=float, default=0.1, help="device cache, fraction of experts (default 0.1)")
     p.add_argument("--tokens", type=int, default=32)
+    p.add_argument("--rounds", type=int, default=5, help="decode rounds over the budgets (median tok/s)")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--workdir", type=Path, default=None, help="where the files go (default: a temp dir)")
     p.add_argument("--rss-child", nargs=2, default=None, help=argparse.SUPPRESS)
@@ -392,10 +404,7 @@ def main() -> None:
         }
         del model
         print("decode ...", flush=True)
-        runs = [decode(path, b, args.cache, args.tokens) for b in BUDGETS]
-        first = runs[0]["seq"]  # no budget: every expert read into the pool at load
-        for run in runs:
-            run["identical"] = run.pop("seq") == first
+        runs = decode(path, args.cache, args.tokens, args.rounds)
         print("peak RSS ...", flush=True)
         rss = peak_rss(path, args.cache, args.tokens)
     rec = {
@@ -406,7 +415,13 @@ def main() -> None:
         "versions": versions("torch", "transformers", "numpy"),
         "command": "python bench/bench_tiers.py " + " ".join(sys.argv[1:]),
         "read": read,
-        "decode": {"model": m, "cache": args.cache, "tokens": args.tokens, "runs": runs},
+        "decode": {
+            "model": m,
+            "cache": args.cache,
+            "tokens": args.tokens,
+            "rounds": args.rounds,
+            "runs": runs,
+        },
         "rss": rss,
     }
     args.out.mkdir(parents=True, exist_ok=True)
