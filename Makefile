@@ -11,7 +11,7 @@ DEPS := numpy safetensors tqdm pybind11 ninja setuptools wheel "$(TRANSFORMERS_S
 DEV_DEPS := pytest hypothesis ruff clang-format
 NATIVE := $(wildcard csrc/*.cc csrc/include/moert/*.h csrc/src/*.cc csrc/src/*.cu) CMakeLists.txt setup.py
 
-.PHONY: setup build demo test test-compat test-gpu test-gpu-here test-slow gpu-dry-run stress sanitize fuzz fuzz-smoke lint format bench bench-sim-puffin bench-sim-studies clean
+.PHONY: setup build demo test test-compat test-gpu test-gpu-here test-slow gpu-dry-run stress bench-tiers sanitize fuzz fuzz-smoke lint format bench bench-sim-puffin bench-sim-studies clean
 
 setup: $(VENV)/.deps build
 
@@ -64,6 +64,13 @@ gpu-dry-run: setup
 stress: setup
 	$(PY) bench/stress.py --ops 1000000
 	$(PY) bench/stress.py --ops 1000000 --device sim
+
+# the host tier (moert.load(host_budget=...)): file -> pinned pool reads against a plain sequential read,
+# decode at host budgets 100/50/25% on the CPU twin, peak host RSS; records bench/results/tiers_cpu.{json,md}
+# (about 5 minutes). The stress run with both tiers records bench/results/stress_cpu_tiers.{json,md}.
+bench-tiers: setup
+	$(PY) bench/bench_tiers.py
+	$(PY) bench/stress.py --ops 200000 --host-slabs 12
 
 # moert._C with AddressSanitizer + UBSan, then with ThreadSanitizer, each running the native-facing
 # tests (build/sanitize-*; the regular build is untouched)

@@ -8,6 +8,11 @@ prefetch, the copy engine's prediction path); and, once, a close of the engine w
 threads still run (their calls must then fail cleanly with RuntimeError, nothing else). At the end
 the cache's and the engine's counters must satisfy their invariants.
 
+With ``--host-slabs N`` (``host_slabs=``) both tiers are active: the pool is a host cache of N slabs
+over a file holding every expert (each in two parts, read with pread), so copies also read the file
+and evict host slabs while other threads copy; a ``copy_out`` operation checks a host slab (or the
+file read) against the expected bytes too, and the pool's hits + reads must equal the engine's copies.
+
 A failure prints the base seed; ``--seed S`` reproduces the run's draws (thread interleavings vary,
 so a race may need a few runs).
 
@@ -75,20 +80,50 @@ class _World:
         policy: str,
         stream: int | None = None,
         read_slot: SlotReader | None = None,
+        host_slabs: int | None = None,
+        workdir: Path | None = None,
     ):
         self.layers, self.experts, self.slab = layers, experts, slab
-        self.pool = ExpertPool(layers, experts, slab)
+        self.pool = ExpertPool(layers, experts, slab, capacity=host_slabs)
         self.expected = {}
         for layer in range(layers):
             for e in range(experts):
                 data = np.random.default_rng(layer * 7919 + e).integers(0, 256, slab, dtype=np.uint8)
-                self.pool.fill(layer, e, data)
                 self.expected[(layer, e)] = torch.from_numpy(data)
+                if host_slabs is None:
+                    self.pool.fill(layer, e, data)
+        if host_slabs is not None:
+            self._write_file(workdir)
         self.cache = SlabCache(self.pool, slots, policy=policy, device=device, min_slots=4)
         self.engine = CopyEngine(self.cache, lanes)
         self.stream, self.read_slot = stream, read_slot
         if read_slot is None:
             self.views = [self.cache.slot_view(s, torch.uint8, (slab,)) for s in range(slots)]
+
+    def _write_file(self, workdir: Path | None) -> None:
+        """Every expert into one file, in (layer, expert) order after a 64-byte header; each expert's
+        halves swapped in the file, so a source is two parts at crossed offsets."""
+        path = (workdir or Path("/tmp")) / f"moert_stress_{id(self)}.bin"
+        half = self.slab // 2
+        with open(path, "wb") as f:
+            f.write(b"\0" * 64)
+            for _key, data in sorted(self.expected.items()):
+                f.write(data[half:].numpy().tobytes() + data[:half].numpy().tobytes())
+        fid = self.pool.add_file(str(path))
+        for layer, e in self.expected:
+            at = 64 + (layer * self.experts + e) * self.slab
+            self.pool.set_source(
+                layer, e, [(fid, at, self.slab - half, half), (fid, at + self.slab - half, half, 0)]
+            )
+        self.path = path
+
+    def check_host(self, layer: int, expert: int) -> list[str]:
+        got = self.pool.copy_out(layer, expert)
+        if torch.equal(got, self.expected[(layer, expert)]):
+            return []
+        return [
+            f"host copy of (layer {layer}, expert {expert}): {int((got != self.expected[(layer, expert)]).sum())} bytes differ"
+        ]
 
     def check(self, layer: int, experts: list[int], slots: list[int]) -> list[str]:
         bad = []
@@ -104,6 +139,8 @@ class _World:
             self.engine.close()
         self.cache.close()
         self.pool.close()
+        if getattr(self, "path", None) is not None:
+            self.path.unlink(missing_ok=True)
 
 
 def _worker(
@@ -125,6 +162,11 @@ def _worker(
                 world.cache.set_priority(
                     layer, rng.integers(E, size=3), rng.standard_normal(3).astype(np.float32)
                 )
+            elif r < 0.32 and world.pool.tiered:
+                op = "copy_out"
+                e = int(rng.integers(E))
+                errors.extend(world.check_host(layer, e))
+                checked += world.slab
             elif r < 0.35:
                 op = "predict"
                 rows = min(2, L - layer)
@@ -173,6 +215,10 @@ def _invariants(world: _World) -> list[str]:
         "engine bytes == cache bytes_loaded": es["bytes"] == s["bytes_loaded"],
         "engine copies == cache loads": es["copies"] == s["loads"],
     }
+    if world.pool.tiered:
+        ps = world.pool.tier_stats()[0]
+        rules["pool hits + reads == engine copies"] = ps["hits"] + ps["reads"] == es["copies"]
+        rules["pool read_bytes == reads * slab"] = ps["read_bytes"] == ps["reads"] * world.slab
     return [f"invariant broken: {name} ({s}, {es})" for name, ok in rules.items() if not ok]
 
 
@@ -186,11 +232,14 @@ def run_stress(
     close_at: float = 0.9,
     stream: int | None = None,
     read_slot: SlotReader | None = None,
+    host_slabs: int | None = None,
+    workdir: Path | None = None,
 ) -> StressReport:
     """Runs ``ops`` operations over ``threads`` workers; at ``close_at`` of the way one thread closes
-    the engine while the others continue (None: never). Returns the report (``ok`` when clean).
-    ``stream`` and ``read_slot``: see ``_World`` (tests/csrc/test_stress.py runs the CUDA backend on
-    the fake CUDA driver with them)."""
+    the engine while the others continue (None: never). ``stream`` and ``read_slot``: see ``_World``
+    (tests/csrc/test_stress.py runs the CUDA backend on the fake CUDA driver with them).
+    ``host_slabs``: the pool is a host cache of that many slabs over a file written in ``workdir``
+    (default /tmp). Returns the report (``ok`` when clean)."""
     rng = np.random.default_rng(seed)
     policy = policy or ("lru", "lfu", "priority")[int(rng.integers(3))]
     world = _World(
@@ -203,6 +252,8 @@ def run_stress(
         policy=policy,
         stream=stream,
         read_slot=read_slot,
+        host_slabs=host_slabs,
+        workdir=workdir,
     )
     report = StressReport(device, seed, threads, ops)
     lock = threading.Lock()
@@ -221,6 +272,9 @@ def run_stress(
         w.join()
     world.engine.synchronize()
     report.errors.extend(_invariants(world))
+    if world.pool.tiered:
+        ps = world.pool.tier_stats()[0]
+        report.counts["pool_hits"], report.counts["pool_reads"] = ps["hits"], ps["reads"]
     if close_at is not None:
         # the rest of the run races a close: every call then succeeds or raises RuntimeError("closed")
         tail = [
@@ -247,6 +301,12 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=None, help="base seed (default: from the clock, printed)")
     p.add_argument("--device", default="cpu", help="cpu (the CPU twin), or sim / cuda where available")
     p.add_argument("--no-record", action="store_true", help="do not write bench/results/stress_<device>.*")
+    p.add_argument(
+        "--host-slabs",
+        type=int,
+        default=None,
+        help="both tiers: the pool holds N of the 64 experts, the rest in a file",
+    )
     args = p.parse_args()
     if args.ops < args.threads or args.threads < 2:
         p.error(f"--ops {args.ops} and --threads {args.threads}: need >= 2 threads and ops >= threads")
@@ -255,7 +315,9 @@ def main() -> None:
         f"stress: {args.ops:,} operations, {args.threads} threads, device {args.device}, seed {seed}",
         flush=True,
     )
-    rep = run_stress(args.ops, device=args.device, threads=args.threads, seed=seed)
+    rep = run_stress(
+        args.ops, device=args.device, threads=args.threads, seed=seed, host_slabs=args.host_slabs
+    )
     rate = args.ops / rep.seconds if rep.seconds else 0.0
     print(
         f"  {rep.seconds:.1f} s ({rate:,.0f} ops/s), {rep.checked_bytes / 1e9:.2f} GB of slot bytes checked"
@@ -279,10 +341,14 @@ def main() -> None:
             "date": utc_now(),
         }
         RESULTS.mkdir(parents=True, exist_ok=True)
-        (RESULTS / f"stress_{args.device}.json").write_text(json.dumps(record, indent=2) + "\n")
-        (RESULTS / f"stress_{args.device}.md").write_text(
+        name = f"stress_{args.device}" + ("" if args.host_slabs is None else "_tiers")
+        record["host_slabs"] = args.host_slabs
+        (RESULTS / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
+        (RESULTS / f"{name}.md").write_text(
             f"# Stress ({args.device})\n\n{record['date']}, commit {record['commit']}, {record['host']}. "
-            f"`python bench/stress.py --ops {args.ops} --threads {args.threads} --seed {seed}`.\n\n"
+            f"`python bench/stress.py --ops {args.ops} --threads {args.threads} --seed {seed}"
+            + ("" if args.host_slabs is None else f" --host-slabs {args.host_slabs}")
+            + "`.\n\n"
             f"{args.ops:,} randomized pool/cache/engine operations over {args.threads} threads in "
             f"{rep.seconds:.1f} s ({rate:,.0f} ops/s); {rep.checked_bytes / 1e9:.2f} GB of slot bytes checked "
             f"against the pool at every use; errors: {len(rep.errors)}.\n\n"

@@ -5,6 +5,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <limits>
 #include <memory>
@@ -156,12 +157,93 @@ PYBIND11_MODULE(_C, m) {
       "Load the CUDA driver and count its devices (the first CUDA call; never raises).");
 
   py::class_<ExpertPool, std::shared_ptr<ExpertPool>>(m, "ExpertPool")
-      .def(py::init(
-               [](std::int64_t layers, std::int64_t experts, std::int64_t slab_bytes, bool pin) {
-                 return std::make_shared<ExpertPool>(
-                     to_int(layers, "num_layers"), to_int(experts, "num_experts"), slab_bytes, pin);
-               }),
-           py::arg("num_layers"), py::arg("num_experts"), py::arg("slab_bytes"), py::arg("pin"))
+      .def(py::init([](std::int64_t layers, std::int64_t experts, std::int64_t slab_bytes, bool pin,
+                       std::int64_t capacity, const std::string& policy,
+                       const std::string& read_mode) {
+             const int l = to_int(layers, "num_layers"), e = to_int(experts, "num_experts");
+             const std::int64_t cap = capacity < 0 ? static_cast<std::int64_t>(l) * e : capacity;
+             return std::make_shared<ExpertPool>(l, e, slab_bytes, pin, cap, policy, read_mode);
+           }),
+           py::arg("num_layers"), py::arg("num_experts"), py::arg("slab_bytes"), py::arg("pin"),
+           py::arg("capacity") = -1, py::arg("policy") = "lru", py::arg("read_mode") = "pread")
+      .def_property_readonly("tiered", &ExpertPool::tiered)
+      .def_property_readonly("capacity", &ExpertPool::capacity)
+      .def_property_readonly("policy", &ExpertPool::policy)
+      .def_property_readonly("read_mode", &ExpertPool::read_mode)
+      .def("add_file", &ExpertPool::add_file, py::arg("path"))
+      .def(
+          "set_source",
+          [](ExpertPool& p, std::int64_t layer, std::int64_t expert, const Int64Array& parts) {
+            MOERT_CHECK(parts.ndim() == 2 && parts.shape(1) == 4,
+                        "set_source: parts must be (n, 4) rows of (file, file_offset, length, "
+                        "slab_offset)");
+            std::vector<moert::SourcePart> out(static_cast<std::size_t>(parts.shape(0)));
+            const std::int64_t* q = parts.data();
+            for (std::size_t i = 0; i < out.size(); ++i) {
+              out[i] = {to_int(q[4 * i], "file"), q[4 * i + 1], q[4 * i + 2], q[4 * i + 3]};
+            }
+            p.set_source(to_int(layer, "layer"), to_int(expert, "expert"), out);
+          },
+          py::arg("layer"), py::arg("expert"), py::arg("parts"))
+      .def(
+          "load",
+          [](ExpertPool& p, std::int64_t layer, std::int64_t expert) {
+            const int l = to_int(layer, "layer"), e = to_int(expert, "expert");
+            py::gil_scoped_release nogil;
+            return p.load(l, e);
+          },
+          py::arg("layer"), py::arg("expert"))
+      .def(
+          "copy_out",
+          [](ExpertPool& p, std::int64_t layer, std::int64_t expert, std::uintptr_t dst) {
+            const int l = to_int(layer, "layer"), e = to_int(expert, "expert");
+            py::gil_scoped_release nogil;
+            p.copy_out(l, e, dst);
+          },
+          py::arg("layer"), py::arg("expert"), py::arg("dst"))
+      .def("resident",
+           [](ExpertPool& p, std::int64_t layer) {
+             const auto r = p.resident(to_int(layer, "layer"));
+             py::array_t<std::uint8_t> out(static_cast<py::ssize_t>(r.size()));
+             std::copy(r.begin(), r.end(), out.mutable_data());
+             return out;
+           })
+      .def("stats",
+           [](ExpertPool& p) {
+             std::vector<moert::PoolStats> rows;
+             const moert::PoolStats t = p.stats(&rows);
+             py::dict total, layers;
+#define MOERT_POOL_FIELD(name) \
+  total[#name] = t.name;       \
+  layers[#name] = column(rows, &moert::PoolStats::name);
+             MOERT_POOL_FIELD(hits)
+             MOERT_POOL_FIELD(reads)
+             MOERT_POOL_FIELD(read_bytes)
+             MOERT_POOL_FIELD(read_s)
+             MOERT_POOL_FIELD(demand_reads)
+             MOERT_POOL_FIELD(demand_read_s)
+             MOERT_POOL_FIELD(evictions)
+             MOERT_POOL_FIELD(waits)
+#undef MOERT_POOL_FIELD
+             return py::make_tuple(total, layers);
+           })
+      .def(
+          "acquire_host",
+          [](ExpertPool& p, std::int64_t layer, std::int64_t expert, bool demand) {
+            const int l = to_int(layer, "layer"), e = to_int(expert, "expert");
+            p.check_entry(l, e);
+            py::gil_scoped_release nogil;
+            return reinterpret_cast<std::uintptr_t>(p.acquire_host(l, e, demand));
+          },
+          py::arg("layer"), py::arg("expert"), py::arg("demand") = true,
+          "The expert's host slab address, pinned until release_host (what a copy does; tests).")
+      .def("release_host",
+           [](ExpertPool& p, std::int64_t layer, std::int64_t expert) {
+             const int l = to_int(layer, "layer"), e = to_int(expert, "expert");
+             p.check_entry(l, e);
+             p.release_host(l, e);
+           })
+      .def("reset_stats", &ExpertPool::reset_stats)
       .def_property_readonly("num_layers", &ExpertPool::num_layers)
       .def_property_readonly("num_experts", &ExpertPool::num_experts)
       .def_property_readonly("slab_bytes", &ExpertPool::slab_bytes)

@@ -312,6 +312,8 @@ def _cli_case(name: str, files: dict) -> tuple[list[str], str]:
         ),
         "demo: cache 0": (["demo", "--model", model, "--cache", "0", "--json"], "0"),
         "demo: missing model": (["demo", "--model", str(files["root"] / "none"), "--json"], "none"),
+        "demo: host budget lots": (["demo", "--model", model, "--host-budget", "lots", "--json"], "lots"),
+        "info: missing model": (["info", "--model", str(files["root"] / "none")], "none"),
         "trace convert: garbled csv": (
             ["trace", "convert", str(files["root"] / "garbled"), "--out", str(files["root"] / "converted")],
             "prompt_1_data.csv",
@@ -331,6 +333,8 @@ CLI_CASES = [
     "eval: missing predictor",
     "demo: cache 0",
     "demo: missing model",
+    "demo: host budget lots",
+    "info: missing model",
     "trace convert: garbled csv",
     "trace info: missing trace",
 ]

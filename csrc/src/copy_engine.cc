@@ -132,7 +132,7 @@ void CopyEngine::copy_locked(std::unique_lock<std::mutex>& lk, int slot) {
   const bool demand = sl.demanded;
   const int layer = sl.key / c_.num_experts_;
   const int expert = sl.key % c_.num_experts_;
-  const void* src = c_.pool_->entry_ptr(layer, expert);
+  ExpertPool& pool = *c_.pool_;
   void* dst = c_.slots_mem_ + static_cast<std::size_t>(slot) * c_.stride_;
   const std::size_t bytes = c_.slab_bytes_;
   Event& ready = *ready_[slot];
@@ -141,7 +141,9 @@ void CopyEngine::copy_locked(std::unique_lock<std::mutex>& lk, int slot) {
 
   const auto t0 = Clock::now();
   std::string failure;
+  const void* src = nullptr;
   try {
+    src = pool.acquire_host(layer, expert, demand);  // a tiered pool may read it from its file
     if (wait_last_use) last_use.wait(0);
     backend_.copy_async(dst, src, bytes, 0);
     ready.record(0);
@@ -155,6 +157,7 @@ void CopyEngine::copy_locked(std::unique_lock<std::mutex>& lk, int slot) {
       failure = e.what();
     }
   }
+  if (src != nullptr) pool.release_host(layer, expert);
   const double busy = seconds_since(t0);
 
   lk.lock();

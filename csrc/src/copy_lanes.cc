@@ -29,10 +29,10 @@ void CopyEngine::issue_locked(std::unique_lock<std::mutex>& lk, int slot, int la
   work_cv_.notify_all();  // the loads changed: a lane that waited for this one may take the next
   const bool wait_last_use = sl.last_use_recorded;
   sl.last_use_recorded = false;
-  const Flight flight{slot, sl.demanded, std::chrono::steady_clock::now()};
+  const Flight flight{slot, sl.key, sl.demanded, std::chrono::steady_clock::now()};
   const int layer = sl.key / c_.num_experts_;
   const int expert = sl.key % c_.num_experts_;
-  const void* src = c_.pool_->entry_ptr(layer, expert);
+  ExpertPool& pool = *c_.pool_;
   void* dst = c_.slots_mem_ + static_cast<std::size_t>(slot) * c_.stride_;
   const StreamHandle stream = lanes_[lane];
   Event& ready = *ready_[slot];
@@ -40,7 +40,10 @@ void CopyEngine::issue_locked(std::unique_lock<std::mutex>& lk, int slot, int la
   lk.unlock();
 
   std::string failure;
+  const void* src = nullptr;
   try {
+    // a tiered pool may read it from its file; its host slab stays pinned until the copy completes
+    src = pool.acquire_host(layer, expert, flight.demand);
     // no kernel still reads the slot's previous expert when the bytes land
     if (wait_last_use) last_use.wait(stream);
     backend_.copy_async(dst, src, c_.slab_bytes_, stream);
@@ -55,6 +58,7 @@ void CopyEngine::issue_locked(std::unique_lock<std::mutex>& lk, int slot, int la
     flights_[lane].push_back(flight);
     flight_cv_.notify_all();
   } else {
+    if (src != nullptr) pool.release_host(layer, expert);
     --in_flight_;
     --lane_load_[lane];
     c_.on_ready_locked(slot);
@@ -91,6 +95,7 @@ void CopyEngine::completer(int lane) {
       failure = e.what();
     }
     const auto done = std::chrono::steady_clock::now();
+    c_.pool_->release_host(f.key / c_.num_experts_, f.key % c_.num_experts_);  // the copy read it
     lk.lock();
     flights.pop_front();
     --in_flight_;

@@ -161,6 +161,9 @@ def load(
     *,
     config: OffloadConfig | None = None,
     progress: bool = True,
+    host_budget: int | float | str | None = None,
+    pool_policy: str = "lru",
+    read_mode: str = "pread",
     **kwargs: Any,
 ) -> nn.Module:
     """Load a local model directory with its routed experts offloaded.
@@ -173,6 +176,13 @@ def load(
         dtype: weight dtype (default: the config's dtype, else fp32).
         config: an ``OffloadConfig`` instead of the three fields above (keyword overrides still apply).
         progress: show a progress bar.
+        host_budget: host memory for routed experts: bytes (int), a size string (``"16GiB"``) or a
+            fraction in (0, 1] of all routed experts; None: the pool holds every expert (read into
+            it while loading). Below all experts the pinned pool becomes a cache of that many slabs
+            and the others are read from the checkpoint's safetensors files by the copy engine's
+            threads when needed (``moert.api.tier``); the files' expert dtype must be the runtime dtype.
+        pool_policy: the host tier's eviction, ``"lru"`` or ``"lfu"`` (with ``host_budget``).
+        read_mode: how the host tier reads the files, ``"pread"`` or ``"mmap"`` (with ``host_budget``).
         **kwargs: more ``OffloadConfig`` fields (``copy_streams``, ``backend``, ``predictor``,
             ``overprovision``, ``prefetch``, ...; ``policy="score"`` needs ``predictor``).
 
@@ -206,7 +216,14 @@ def load(
 
     where = str(tensor_device(dev))  # "sim" computes on the host
     baseline = _device_baseline(where) if dev.startswith("cuda") else None
-    handle, t_experts, non_expert = _fill(model, cfg, prepared, index, where, wdtype, t0, progress, path)
+    tier = None
+    if host_budget is not None:
+        from moert.api.tier import host_tier
+
+        tier = host_tier(host_budget, pool_policy, read_mode, files, index, moe_ids, adapter, layout, cfg)
+    handle, t_experts, non_expert = _fill(
+        model, cfg, prepared, index, where, wdtype, t0, progress, path, tier
+    )
     gen = Path(path) / "generation_config.json"
     if gen.is_file():
         model.generation_config = GenerationConfig.from_pretrained(str(path))
@@ -227,6 +244,8 @@ def load(
         "peak_method": method,
         **extra,
     }
+    if tier is not None:
+        handle.load_report["host_tier"] = tier.report(handle.pool_bytes)
     return model
 
 
@@ -249,6 +268,7 @@ def _fill(
     t0: float,
     progress: bool,
     path: str | Path,
+    tier: Any = None,
 ) -> tuple[Any, float, int]:
     """Installs the offloader on the meta ``model`` (the pool filled from the checkpoint), then
     loads every other tensor onto ``where``; on any error the installed handle is discarded.
@@ -256,6 +276,7 @@ def _fill(
     Args:
         prepared: what :func:`moert.api.patch.prepare` returned for ``model`` and ``cfg``.
         t0: ``time.perf_counter()`` when loading started.
+        tier: a ``moert.api.tier.HostTier`` (``host_budget``): its pool, filled from the files in C++.
 
     Returns:
         ``(handle, experts_seconds, non_expert_bytes)``: the ``PatchHandle``, seconds from ``t0``
@@ -276,6 +297,8 @@ def _fill(
                 pool.fill(ordinal, e, down, layout.down_offset)
                 bar.update(1)
 
+    if tier is not None:
+        fill = tier.filler(bar)
     handle = None
     try:
         handle = install(
@@ -290,6 +313,7 @@ def _fill(
             fill,
             restore_device=where,
             predictor=False,
+            pool_factory=None if tier is None else tier.make_pool,
         )
         t_experts = time.perf_counter() - t0
         offloaded = {id(r.experts) for r in refs}
@@ -384,7 +408,7 @@ def _load_rest(
     """Materialise every non-expert parameter and buffer on ``device`` (``pooled``: state_dict keys
     that live in the expert pool); returns their bytes."""
     model.to_empty(device=device)
-    expected = {k: v for k, v in model.state_dict(keep_vars=True).items() if k not in pooled}
+    expected = {k: v for k, v in _own_tensors(model).items() if k not in pooled}
     missing = [k for k in expected if k not in index.others]
     tied = getattr(model.config, "tie_word_embeddings", False)
     if tied and missing == ["lm_head.weight"]:
@@ -416,6 +440,17 @@ def _load_rest(
         model.tie_weights()
     _rebuild_nonpersistent(model, device)
     return tensor_bytes(model)
+
+
+def _own_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state_dict's keys and tensors without its hooks: a patched model's state_dict hook
+    materialises the pooled experts, which a tiered pool (``host_budget``) would read from the files."""
+    out: dict[str, torch.Tensor] = dict(model.named_parameters(remove_duplicate=False))
+    for prefix, mod in model.named_modules(remove_duplicate=False):
+        for name, buf in mod._buffers.items():
+            if buf is not None and name not in mod._non_persistent_buffers_set:
+                out[f"{prefix}.{name}" if prefix else name] = buf
+    return out
 
 
 def tensor_bytes(model: nn.Module) -> int:

@@ -232,13 +232,15 @@ def install(
     fill: Callable[[Any], None],
     restore_device: str | None = None,
     predictor: bool = True,
+    pool_factory: Callable[..., Any] | None = None,
 ) -> PatchHandle:
     """Build the model's policy (``build_policy``), pool and offloader, fill the pool with ``fill(pool)``, release the experts' parameters and
     switch the model to the "moert" implementation. ``undo`` rebuilds the parameters on
     ``restore_device`` (default: where they were). ``predictor=False`` leaves ``cfg.predictor`` for the
-    caller to attach (``handle._attach_predictor``) once the norms hold real weights (``moert.load``)."""
+    caller to attach (``handle._attach_predictor``) once the norms hold real weights (``moert.load``).
+    ``pool_factory`` replaces ``make_pool`` (same arguments; ``moert.load``'s tiered pool)."""
     policy, loaded = build_policy(cfg, adapter, refs)
-    pool = make_pool(cfg.backend, len(refs), adapter.num_experts, layout.slab_bytes, device)
+    pool = (pool_factory or make_pool)(cfg.backend, len(refs), adapter.num_experts, layout.slab_bytes, device)
     try:
         fill(pool)
         off = make_offloader(

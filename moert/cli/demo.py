@@ -66,7 +66,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "over-provision 2): a PRED.safetensors from `moert train`, 'auto' (default: train one on the "
         "built-in model's own routing over other prompts, ~10 s; skipped for --model) or 'none'",
     )
+    parser.add_argument(
+        "--host-budget",
+        default=None,
+        help="host memory for experts (bytes, a size such as 16GiB, or a fraction <= 1.0 of all experts): "
+        "the pinned pool holds that much, the rest is read from the checkpoint files when needed",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON record instead of the report")
+
+
+def _host_budget_arg(value: str | None) -> int | float | str | None:
+    """``--host-budget``: None, a fraction (float <= 1), bytes (an int) or a size string."""
+    if value is None:
+        return None
+    try:
+        number = float(value)
+    except ValueError:
+        return value  # a size string, checked by moert.load
+    return number if number <= 1.0 or number != int(number) else int(number)
 
 
 def _cache_arg(value: float) -> int | float:
@@ -118,6 +135,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
             device=args.device,
             dtype=args.dtype,
             progress=not args.json,
+            host_budget=_host_budget_arg(getattr(args, "host_budget", None)),
         )
         handle = moert.handle_of(model)
         prompt = prompt_ids(args.batch, args.prompt_len, vocab=model.config.vocab_size, seed=args.seed + 1)
@@ -242,6 +260,7 @@ def _record(
             "experts_all": rep["all_experts_bytes"],
             "slab_cache": handle.cache_bytes,
             "non_expert": non_expert,
+            "host_tier": rep.get("host_tier"),
         },
         "versions": _versions(),
     }
@@ -330,6 +349,15 @@ def _report(r: dict[str, Any]) -> str:
         f"  {'all':>5} {st['hits']:>7} {st['misses']:>7} {st['hit_rate']:>8.1%} {st['bytes_copied'] / _MB:>10.2f}"
         f"   demand stall {st['demand_stall_s'] * 1e3:.1f} ms"
     )
+    tier = r["memory_bytes"].get("host_tier")
+    if tier is not None and tier["tiered"]:
+        fs = tier["filesystem"]
+        lines.append(
+            f"  host tier: {tier['capacity']}/{tier['all_experts']} experts pinned ({tier['policy']}); device loads "
+            f"from the pool {st['pool_hits']}, from the files {st['ssd_reads']} ({st['ssd_bytes'] / _MB:.2f} MB, "
+            f"{st['ssd_read_s'] * 1e3:.1f} ms read, {st['ssd_stall_s'] * 1e3:.1f} ms of it stalled) on "
+            f"{fs['fstype']}{' (read-only)' if fs['read_only'] else ''}"
+        )
     p = r["predictive"]
     if p is not None:
         ps, how = p["stats"], f"trained here in {p['train_s']:.1f} s" if p["train_s"] else "from file"

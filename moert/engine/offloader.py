@@ -23,6 +23,7 @@ Python.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -256,15 +257,22 @@ class Offloader(OffloaderBase):
             "waves": eng["per_layer"]["acquires"],
             "demand_stall_s": eng["per_layer"]["demand_stall_s"],
         }
+        if getattr(self.pool, "tiered", False):  # the host tier (moert.load's host_budget)
+            pool_totals, pool_rows = self.pool.tier_stats()
+            for ours, native in _TIER_NAMES:
+                totals[ours], rows[ours] = pool_totals[native], pool_rows[native]
         return totals, rows
 
     def reset_stats(self) -> None:
         super().reset_stats()
         self.engine.reset_stats()
         self.cache.reset_stats()
+        if getattr(self.pool, "tiered", False):
+            self.pool.reset_stats()
 
     def close(self) -> None:
-        self.engine.synchronize()
+        with contextlib.suppress(RuntimeError):  # a copy failed (raised where it was used); close anyway
+            self.engine.synchronize()
         if self.is_cuda:
             torch.cuda.synchronize(
                 self.tensor_device
@@ -285,4 +293,14 @@ _SAME_NAME = (
     "prefetch_late",
     "prefetch_wasted",
     "prefetch_wasted_bytes",
+)
+
+#: host-tier counters (Stats / LayerStats name, the native pool's name)
+_TIER_NAMES = (
+    ("pool_hits", "hits"),
+    ("ssd_reads", "reads"),
+    ("ssd_bytes", "read_bytes"),
+    ("ssd_read_s", "read_s"),
+    ("ssd_stall_s", "demand_read_s"),
+    ("pool_evictions", "evictions"),
 )

@@ -1,5 +1,6 @@
 """The expert pool: every expert of every MoE layer in one page-aligned host allocation
-(:class:`ExpertPool`, over the native ``moert._C.ExpertPool``)."""
+(:class:`ExpertPool`, over the native ``moert._C.ExpertPool``), or, tiered (``capacity`` below all
+experts), a host cache of ``capacity`` slabs over the checkpoint's files (``moert.api.tier``)."""
 
 from __future__ import annotations
 
@@ -27,10 +28,23 @@ class ExpertPool:
         num_experts: routed experts per layer E.
         slab_bytes: bytes of one expert; > 0 and a multiple of 16.
         pin: page-lock with ``cuMemHostRegister``. None: pin when a CUDA device can run.
+        capacity: host slabs; None or ``num_layers * num_experts``: every expert has its entry. Fewer:
+            the pool is tiered, a cache over files given with ``add_file`` / ``set_source``; its
+            entries move, so ``view`` and ``layer_view`` return copies and ``fill`` / ``address`` raise.
+        policy: the tiered pool's eviction, ``"lru"`` or ``"lfu"``.
+        read_mode: how the tiered pool reads files: ``"pread"`` or ``"mmap"``.
     """
 
     def __init__(
-        self, num_layers: int, num_experts: int, slab_bytes: int, *, pin: bool | None = None
+        self,
+        num_layers: int,
+        num_experts: int,
+        slab_bytes: int,
+        *,
+        pin: bool | None = None,
+        capacity: int | None = None,
+        policy: str = "lru",
+        read_mode: str = "pread",
     ) -> None:
         if pin is None:
             pin = backends()["cuda"]["can_run"]
@@ -39,6 +53,9 @@ class ExpertPool:
             count(num_experts, "num_experts"),
             count(slab_bytes, "slab_bytes"),
             bool(pin),
+            -1 if capacity is None else count(capacity, "capacity"),
+            str(policy),
+            str(read_mode),
         )
 
     num_layers = property(lambda self: self._c.num_layers)
@@ -48,6 +65,48 @@ class ExpertPool:
     nbytes = property(lambda self: self._c.nbytes)
     pinned = property(lambda self: self._c.pinned)
     closed = property(lambda self: self._c.closed)
+    tiered = property(lambda self: self._c.tiered)
+    capacity = property(lambda self: self._c.capacity)
+    policy = property(lambda self: self._c.policy)
+    read_mode = property(lambda self: self._c.read_mode)
+
+    def add_file(self, path: str) -> int:
+        """Opens a checkpoint file for expert reads (its size, mtime and inode as now); returns its id."""
+        return self._c.add_file(str(path))
+
+    def set_source(self, layer: int, expert: int, parts: np.ndarray) -> None:
+        """Where entry (layer, expert) is: int64 (n, 4) rows ``(file id, file offset, length, slab offset)``."""
+        self._c.set_source(int(layer), int(expert), np.ascontiguousarray(parts, dtype=np.int64))
+
+    def load(self, layer: int, expert: int) -> int:
+        """Reads the entry from its files (tiered: into a host slab, unless resident); bytes read."""
+        return self._c.load(int(layer), int(expert))
+
+    def acquire_host(self, layer: int, expert: int, demand: bool = True) -> int:
+        """Address of the entry's host slab, read first when not resident and pinned (never evicted)
+        until ``release_host``: what the copy engine does around each copy."""
+        return self._c.acquire_host(int(layer), int(expert), bool(demand))
+
+    def release_host(self, layer: int, expert: int) -> None:
+        self._c.release_host(int(layer), int(expert))
+
+    def copy_out(self, layer: int, expert: int) -> torch.Tensor:
+        """A fresh uint8 ``(slab_bytes,)`` copy of the entry (tiered: read from its file when not resident)."""
+        out = torch.empty(self.slab_bytes, dtype=torch.uint8)
+        self._c.copy_out(int(layer), int(expert), out.data_ptr())
+        return out
+
+    def resident(self, layer: int) -> set[int]:
+        """Experts of ``layer`` held in host memory now (all of them untiered)."""
+        return {int(e) for e in np.flatnonzero(self._c.resident(int(layer)))}
+
+    def tier_stats(self) -> tuple[dict, dict]:
+        """``(totals, per_layer)`` of the host tier: hits, reads (SSD reads), read_bytes, read_s,
+        demand_reads, demand_read_s, evictions, waits; per_layer maps each to an (L,) array."""
+        return self._c.stats()
+
+    def reset_stats(self) -> None:
+        self._c.reset_stats()
 
     def address(self, layer: int, expert: int) -> int:
         """Host address of entry (layer, expert)."""
@@ -72,7 +131,11 @@ class ExpertPool:
     def view(
         self, layer: int, expert: int, dtype: torch.dtype, shape: tuple[int, ...], offset: int = 0
     ) -> torch.Tensor:
-        """A CPU tensor ``dtype[shape]`` aliasing the entry's bytes from ``offset``."""
+        """A CPU tensor ``dtype[shape]`` aliasing the entry's bytes from ``offset`` (tiered: a copy)."""
+        if self.tiered:
+            nbytes = view_bytes(dtype, tuple(shape), int(offset), self.slab_bytes, "ExpertPool.view")
+            raw = self.copy_out(layer, expert)[int(offset) : int(offset) + nbytes]
+            return raw.view(dtype).reshape(tuple(shape))
         address = self._c.address(int(layer), int(expert))
         nbytes = view_bytes(dtype, tuple(shape), int(offset), self.slab_bytes, "ExpertPool.view")
         return host_view(address + int(offset), nbytes, self._c, dtype, tuple(shape))
@@ -91,6 +154,8 @@ class ExpertPool:
         itemsize = torch.empty((), dtype=dtype).element_size()
         if not 0 <= int(layer) < self.num_layers:
             raise ValueError(f"ExpertPool.layer_view: layer={layer} is out of range 0..{self.num_layers - 1}")
+        if self.tiered:  # entries move: a copy of the layer (one layer's experts in memory)
+            return torch.stack([self.view(layer, e, dtype, shape, offset) for e in range(self.num_experts)])
         if self.stride % itemsize:
             raise ValueError(
                 f"ExpertPool.layer_view: stride {self.stride} is not a multiple of {dtype}'s size"
@@ -110,5 +175,6 @@ class ExpertPool:
     def __repr__(self) -> str:
         return (
             f"ExpertPool(layers={self.num_layers}, experts={self.num_experts}, slab_bytes={self.slab_bytes}, "
-            f"stride={self.stride}, nbytes={self.nbytes}, pinned={self.pinned})"
+            f"stride={self.stride}, nbytes={self.nbytes}, pinned={self.pinned}"
+            + (f", tiered: {self.capacity} slabs, {self.policy}, {self.read_mode})" if self.tiered else ")")
         )

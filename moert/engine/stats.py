@@ -43,6 +43,8 @@ class LayerStats:
         prefetch_wasted: ... evicted or cancelled before any use.
         prefetch_wasted_bytes: bytes copied for those.
         prefetch_bytes: bytes copied by prefetches of this layer's experts (part of ``bytes_copied``).
+        pool_hits, ssd_reads, ssd_bytes, ssd_read_s, ssd_stall_s, pool_evictions: the host tier's
+            (``moert.load(host_budget=...)``; see ``Stats``), for this layer's experts.
         recall: online recall@k of the predictor at this layer (predicted top-k vs the router's),
             None without a predictor.
         coverage: fraction of the router's selected experts that were in the prefetched set.
@@ -63,6 +65,12 @@ class LayerStats:
     prefetch_wasted: int = 0
     prefetch_wasted_bytes: int = 0
     prefetch_bytes: int = 0
+    pool_hits: int = 0
+    ssd_reads: int = 0
+    ssd_bytes: int = 0
+    ssd_read_s: float = 0.0
+    ssd_stall_s: float = 0.0
+    pool_evictions: int = 0
     recall: float | None = None
     coverage: float | None = None
 
@@ -94,6 +102,15 @@ class Stats:
         coverage: fraction of selected experts that were in the prefetched set.
         cpu_experts: selected experts computed on the host instead of loaded (heterogeneous mode;
             ``hits + misses + cpu_experts`` = the union of selected experts, summed over layer calls).
+        pool_hits: the host tier (``moert.load(host_budget=...)``; 0 without one): device copies
+            whose expert was in the pinned host pool. ``misses`` + prefetch loads = ``pool_hits`` +
+            ``ssd_reads``.
+        ssd_reads: device copies whose expert was first read from its checkpoint file.
+        ssd_bytes: bytes read from the files.
+        ssd_read_s: seconds spent reading them (summed over the copy threads).
+        ssd_stall_s: ... of which for demand copies (the layer waited for them; part of
+            ``demand_stall_s``).
+        pool_evictions: experts dropped from the host pool for a read.
         per_layer: decoder layer index -> LayerStats.
     """
 
@@ -113,6 +130,12 @@ class Stats:
     recall: float | None = None
     coverage: float | None = None
     cpu_experts: int = 0
+    pool_hits: int = 0
+    ssd_reads: int = 0
+    ssd_bytes: int = 0
+    ssd_read_s: float = 0.0
+    ssd_stall_s: float = 0.0
+    pool_evictions: int = 0
     per_layer: dict[int, LayerStats] = field(default_factory=dict)
 
     @property
@@ -191,7 +214,8 @@ def assemble(
     for o, layer in enumerate(layer_ids):
         a, c, n = counts[o]
         values = {name: _plain(v[o]) for name, v in rows.items()}
-        values["demand_stall_s"] = float(values.get("demand_stall_s", 0.0))
+        for name in ("demand_stall_s", "ssd_read_s", "ssd_stall_s"):
+            values[name] = float(values.get(name, 0.0))
         per_layer[layer] = LayerStats(**values, recall=a / n if n else None, coverage=c / n if n else None)
     n_all = sum(n for _, _, n in counts)
     summed = {name: sum(_plain(v) for v in rows.get(name, ())) for name in _SUMMED}

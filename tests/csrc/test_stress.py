@@ -55,3 +55,18 @@ def test_stress_slice_on_the_cuda_backend_with_the_fake_driver(fake_cuda):
     assert rep.ok, f"seed 31 (fake CUDA driver): {rep.errors[:3]}"
     assert rep.counts.get("acquire_deferred", 0) > 1000 and rep.checked_bytes > 0
     assert fake_cuda.stats()["ctx_errors"] == 0
+
+
+@pytest.mark.parametrize("device", ["cpu", "sim"])
+def test_stress_slice_with_both_tiers(device, tmp_path):
+    """The pool holds 12 of the 64 experts; the rest are read from a file by the copy threads while
+    other threads copy, evict and check host slabs (copy_out) and device slots at every use."""
+    seed = {"cpu": 31, "sim": 32}[device]
+    rep = stress.run_stress(
+        16_000, device=device, threads=4, seed=seed, policy="lru", host_slabs=12, workdir=tmp_path
+    )
+    assert rep.ok, (
+        f"seed {seed} (python bench/stress.py --device {device} --host-slabs 12 --seed {seed}): {rep.errors[:3]}"
+    )
+    assert rep.counts.get("copy_out", 0) > 100 and rep.counts.get("acquire", 0) > 2000
+    assert rep.counts["pool_reads"] > 1000 and rep.counts["pool_hits"] > 100

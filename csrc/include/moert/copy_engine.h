@@ -11,6 +11,10 @@
 // demand copies are issued at once, prefetches only while the lane has fewer than
 // kPrefetchDepth in flight, so a later demand load waits behind at most that many prefetches.
 //
+// A tiered pool (expert_pool.h): the thread that issues a copy first takes the expert's host slab
+// (ExpertPool::acquire_host, which may read it from its file on that thread) and releases it once
+// the copy is complete (CPU twin: after the memcpy; pipelined lanes: in the completion thread).
+//
 // acquire(layer, experts, stream): under the cache lock, pins every expert (all or nothing: if
 // the misses cannot all get a slot now, it pins nothing and waits for a release or a finished
 // copy, so concurrent acquires never deadlock holding partial pins). Hits that are ready need
@@ -182,6 +186,7 @@ class CopyEngine {
   static constexpr int kPrefetchDepth = 2;
   struct Flight {
     int slot;
+    int key;  // the expert copied (its host slab is released when the copy completes)
     bool demand;
     std::chrono::steady_clock::time_point issued;
   };

@@ -5,16 +5,51 @@
 // contiguous) so that one copy moves one expert; the pool only stores slabs. When pinned, the
 // whole allocation is page-locked with cuMemHostRegister (never torch's pin_memory, which rounds
 // the size up to a power of two).
+//
+// Tiered pool (capacity < layers * experts; expert_tier.cc): the pool is a cache of `capacity`
+// host slabs over the checkpoint's files. Each expert has a source (file, offset, length, slab
+// offset per part, registered with set_source); acquire_host returns the expert's slab, reading
+// it from its files with pread (or memcpy from a read-only mmap) into a free or evicted host slab
+// first when it is not resident. A slab is pinned from acquire_host until release_host (the
+// device copy that reads it is complete) and never evicted while pinned. Victims among unpinned
+// resident slabs: lru (last use) or lfu (uses since read, then last use). Before every read the
+// file is stat'ed by path: a size, mtime or inode that differs from the one registered raises
+// RuntimeFailure naming the file (never wrong bytes). The untiered pool reads nothing and its
+// acquire_host is entry_ptr.
 #pragma once
 
 #include <atomic>
+#include <condition_variable>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
 
 #include "moert/backend.h"
 
 namespace moert {
+
+// Counters of the host tier (tiered pool), in total or for one layer.
+struct PoolStats {
+  std::int64_t hits = 0;          // acquire_host found the expert resident
+  std::int64_t reads = 0;         // experts read from their files (SSD reads)
+  std::int64_t read_bytes = 0;    // bytes read from files
+  double read_s = 0.0;            // seconds spent reading (summed over threads)
+  std::int64_t demand_reads = 0;  // ... of which for demand copies
+  double demand_read_s = 0.0;     // seconds of those (a stall of the layer that needed them)
+  std::int64_t evictions = 0;     // resident experts dropped for a read
+  std::int64_t waits = 0;         // acquire_host calls that waited (a read in progress, no slab)
+};
+
+// One contiguous byte range of an expert in a checkpoint file.
+struct SourcePart {
+  std::int32_t file = 0;
+  std::int64_t file_offset = 0;
+  std::int64_t length = 0;
+  std::int64_t slab_offset = 0;
+};
 
 class ExpertPool {
  public:
@@ -24,6 +59,10 @@ class ExpertPool {
   // Throws ArgumentError for non-positive counts or a slab size that is 0 or not a multiple of
   // 16, RuntimeFailure when memory or pinning (no CUDA device) fails.
   ExpertPool(int num_layers, int num_experts, std::int64_t slab_bytes, bool pin);
+  // Tiered when capacity < num_layers * num_experts (capacity >= 1); policy "lru" or "lfu";
+  // read_mode "pread" or "mmap".
+  ExpertPool(int num_layers, int num_experts, std::int64_t slab_bytes, bool pin,
+             std::int64_t capacity, const std::string& policy, const std::string& read_mode);
   ~ExpertPool();
   ExpertPool(const ExpertPool&) = delete;
   ExpertPool& operator=(const ExpertPool&) = delete;
@@ -35,6 +74,28 @@ class ExpertPool {
   std::size_t nbytes() const { return nbytes_; }
   bool pinned() const { return pinned_; }
   bool closed() const { return closed_.load(); }
+  bool tiered() const { return tiered_; }
+  std::int64_t capacity() const { return capacity_; }
+  const std::string& policy() const { return policy_; }
+  const std::string& read_mode() const { return read_mode_; }
+
+  // Sources (both modes). add_file opens `path` and records its size, mtime (ns) and inode as
+  // they are now; returns its id. set_source gives expert (layer, expert) its parts; every
+  // expert of a tiered pool needs one before it is acquired.
+  int add_file(const std::string& path);
+  void set_source(int layer, int expert, const std::vector<SourcePart>& parts);
+  // Reads the expert from its files into its entry (untiered) or into a host slab (tiered; a
+  // no-op when resident), as acquire_host would but without pinning. Returns bytes read.
+  std::int64_t load(int layer, int expert);
+  // The expert's slab, pinned (tiered) until release_host; reads it first when not resident.
+  const std::uint8_t* acquire_host(int layer, int expert, bool demand);
+  void release_host(int layer, int expert);
+  // Copies the expert's slab (resident or read from its files) to dst (slab_bytes bytes).
+  void copy_out(int layer, int expert, std::uintptr_t dst);
+  // Per expert of `layer`: 1 when resident in the host tier (all 1 untiered).
+  std::vector<std::uint8_t> resident(int layer);
+  PoolStats stats(std::vector<PoolStats>* layers = nullptr);
+  void reset_stats();
 
   // Checks the range of layer and expert (ArgumentError naming both) and that the pool is open.
   void check_entry(int layer, int expert) const;
@@ -54,6 +115,47 @@ class ExpertPool {
   void check_open(const char* what) const;
 
  private:
+  struct File {
+    std::string path;
+    int fd = -1;
+    std::int64_t size = 0;
+    std::int64_t mtime_ns = 0;
+    std::uint64_t inode = 0;
+    const std::uint8_t* map = nullptr;  // read_mode "mmap"
+  };
+  struct HostSlot {
+    std::int32_t key = -1;
+    std::uint8_t state = 0;  // 0 empty, 1 reading, 2 resident
+    std::int32_t pins = 0;
+    std::uint64_t tick = 0;
+    std::uint64_t freq = 0;
+  };
+  void alloc(bool pin);
+  void close_files();
+  // Reads key's parts into dst; throws RuntimeFailure naming the file. No lock held.
+  void read_source(int key, std::uint8_t* dst);
+  // Tiered: the host slab of key, resident and (with pin) pinned; reads it first when not
+  // resident (the lock released meanwhile); waits while another thread reads it or every slab is
+  // pinned. Returns the slab index. `demand` counts the read as a demand read.
+  int take_locked(std::unique_lock<std::mutex>& lk, int key, bool pin, bool demand);
+  int victim_locked() const;
+  std::uint8_t* slab_ptr(int slab) const {
+    return base_ + static_cast<std::size_t>(slab) * stride_;
+  }
+
+  bool tiered_ = false;
+  std::int64_t capacity_ = 0;
+  std::string policy_ = "lru";
+  std::string read_mode_ = "pread";
+  std::vector<File> files_;
+  std::vector<std::vector<SourcePart>> sources_;  // key -> parts
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::vector<HostSlot> slabs_;
+  std::vector<std::int32_t> table_;  // key -> slab or -1
+  std::uint64_t tick_ = 0;
+  PoolStats stats_;
+  std::vector<PoolStats> layer_stats_;
   int num_layers_;
   int num_experts_;
   std::size_t slab_bytes_;
