@@ -44,11 +44,15 @@ def _run(ds: Reference, **kwargs):
     [{}, {"deferred_waits": True, "copy_streams": 1}, {"deferred_waits": True, "copy_streams": 3}],
     ids=["acquire-2lanes", "deferred-1lane", "deferred-3lanes"],
 )
-def test_patch_on_the_device_model_is_exact(ds, kwargs):
+def test_patch_on_the_device_model_is_exact(ds, kwargs, monkeypatch):
     """A quarter of the experts cached on the device model: the tokens equal the unpatched model's
-    and the logits are bit-identical to every expert resident on the same device, with misses."""
+    and the logits are bit-identical to every expert resident on the same device, with misses.
+    Each copy takes 2 ms, so the host reaches its waits before the copies land even on a loaded
+    machine (at the default 10 us a slow host may find every copy done: no stall to measure)."""
     want_seq, want_logits = ds.out
+    monkeypatch.setenv("MOERT_SIM_LATENCY_US", "2000")
     seq, logits, st, device = _run(ds, device="sim", cache_experts=0.25, **kwargs)
+    monkeypatch.delenv("MOERT_SIM_LATENCY_US")
     full_seq, full_logits, full, _ = _run(ds, device="sim", cache_experts=1.0)
     assert device == "sim"
     assert st.misses > 0 and st.bytes_copied > 0, st
