@@ -291,7 +291,9 @@ PYBIND11_MODULE(_C, m) {
           [](SlabCache& c, const Int32Array& layers, const Int32Array& experts,
              const std::optional<Int32Array>& prefetch,
              const std::optional<Int32Array>& prefetch_layers,
-             const std::optional<Float32Array>& priorities) {
+             const std::optional<Float32Array>& priorities,
+             const std::optional<Float32Array>& after_scores,
+             const std::optional<Int32Array>& after_prefetch) {
             MOERT_CHECK(layers.ndim() == 1, "replay: layers must be (N,), got ", layers.ndim(),
                         " dimensions");
             const py::ssize_t n = layers.shape(0);
@@ -320,6 +322,19 @@ PYBIND11_MODULE(_C, m) {
                           "replay: priorities must be (N, k) = (", n, ", ", a.k, ")");
               a.priorities = priorities->data();
             }
+            if (after_scores) {
+              MOERT_CHECK(after_scores->ndim() == 2 && after_scores->shape(0) == n &&
+                              after_scores->shape(1) == c.num_experts(),
+                          "replay: after_scores must be (N, E) = (", n, ", ", c.num_experts(),
+                          ")");
+              a.after_scores = after_scores->data();
+            }
+            if (after_prefetch) {
+              MOERT_CHECK(after_prefetch->ndim() == 2 && after_prefetch->shape(0) == n,
+                          "replay: after_prefetch must be (N, a) with N=", n);
+              a.after_prefetch = after_prefetch->data();
+              a.a = after_prefetch->shape(1);
+            }
             py::array_t<std::int32_t> hits(n);
             a.hits_per_step = hits.mutable_data();
             CacheStats delta;
@@ -332,7 +347,8 @@ PYBIND11_MODULE(_C, m) {
             return d;
           },
           py::arg("layers"), py::arg("experts"), py::arg("prefetch") = py::none(),
-          py::arg("prefetch_layers") = py::none(), py::arg("priorities") = py::none())
+          py::arg("prefetch_layers") = py::none(), py::arg("priorities") = py::none(),
+          py::arg("after_scores") = py::none(), py::arg("after_prefetch") = py::none())
       .def("close", [](SlabCache& c) {
         py::gil_scoped_release nogil;
         c.close();

@@ -374,6 +374,7 @@ int SlabCache::prefetch_locked(int layer, const std::vector<std::int32_t>& disti
 
 void SlabCache::set_priority_locked(int layer, int expert, float score) {
   const int key = key_of(layer, expert);
+  if (priority_[key] == score) return;  // re-filing the slot would change nothing
   priority_[key] = score;
   const int s = table_[key];
   if (s >= 0) refresh_locked(s);
@@ -470,7 +471,8 @@ CacheStats SlabCache::replay(const ReplayArgs& a) {
   check_open("replay");
   check_sim("replay");
   MOERT_CHECK(a.steps >= 0, "replay: negative step count ", a.steps);
-  MOERT_CHECK(a.k >= 0 && a.m >= 0, "replay: negative width k=", a.k, " m=", a.m);
+  MOERT_CHECK(a.k >= 0 && a.m >= 0 && a.a >= 0, "replay: negative width k=", a.k, " m=", a.m,
+              " a=", a.a);
   MOERT_CHECK(a.steps == 0 || (a.layers != nullptr && a.experts != nullptr),
               "replay: layers and experts are required");
   MOERT_CHECK(a.hits_per_step != nullptr || a.steps == 0, "replay: no output buffer");
@@ -506,6 +508,15 @@ CacheStats SlabCache::replay(const ReplayArgs& a) {
                     "]=", e, " is out of range [0, ", num_experts_, ") (use -1 for padding)");
       }
     }
+    for (std::int64_t j = 0; a.after_scores != nullptr && j < num_experts_; ++j) {
+      MOERT_CHECK(std::isfinite(a.after_scores[i * num_experts_ + j]), "replay: after_scores[", i,
+                  ", ", j, "] is not finite");
+    }
+    for (std::int64_t j = 0; a.after_prefetch != nullptr && j < a.a; ++j) {
+      const int e = a.after_prefetch[i * a.a + j];
+      MOERT_CHECK(e == -1 || (e >= 0 && e < num_experts_), "replay: after_prefetch[", i, ", ", j,
+                  "]=", e, " is out of range [0, ", num_experts_, ") (use -1 for padding)");
+    }
   }
   const CacheStats before = stats_;
   for (std::int64_t i = 0; i < a.steps; ++i) {
@@ -523,6 +534,15 @@ CacheStats SlabCache::replay(const ReplayArgs& a) {
         const int e = a.experts[i * a.k + j];
         if (e >= 0) set_priority_locked(layer, e, a.priorities[i * a.k + j]);
       }
+    }
+    if (a.after_scores != nullptr) {
+      for (int e = 0; e < num_experts_; ++e) {
+        set_priority_locked(layer, e, a.after_scores[i * num_experts_ + e]);
+      }
+    }
+    if (a.after_prefetch != nullptr) {
+      distinct_locked(a.after_prefetch + i * a.a, a.a, true, &distinct);
+      prefetch_locked(layer, distinct, &loads);
     }
   }
   return stats_ - before;

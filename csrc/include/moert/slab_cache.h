@@ -83,7 +83,12 @@ struct ReplayArgs {
   std::int64_t m = 0;
   const std::int32_t* prefetch_layers = nullptr;  // (N,) or null (= layers)
   const float* priorities = nullptr;              // (N, k) or null
-  std::int32_t* hits_per_step = nullptr;          // (N,) output
+  // After step i's access (and its priorities): all E priorities of its layer, then a prefetch
+  // into its layer (a policy's plan after the call, e.g. utility).
+  const float* after_scores = nullptr;           // (N, E) or null
+  const std::int32_t* after_prefetch = nullptr;  // (N, a) or null, -1 = padding
+  std::int64_t a = 0;
+  std::int32_t* hits_per_step = nullptr;  // (N,) output
 };
 
 class SlabCache {
