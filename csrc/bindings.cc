@@ -293,7 +293,7 @@ PYBIND11_MODULE(_C, m) {
              const std::optional<Int32Array>& prefetch_layers,
              const std::optional<Float32Array>& priorities,
              const std::optional<Float32Array>& after_scores,
-             const std::optional<Int32Array>& after_prefetch) {
+             const std::optional<Int32Array>& after_prefetch, bool waves) {
             MOERT_CHECK(layers.ndim() == 1, "replay: layers must be (N,), got ", layers.ndim(),
                         " dimensions");
             const py::ssize_t n = layers.shape(0);
@@ -335,6 +335,7 @@ PYBIND11_MODULE(_C, m) {
               a.after_prefetch = after_prefetch->data();
               a.a = after_prefetch->shape(1);
             }
+            a.waves = waves;
             py::array_t<std::int32_t> hits(n);
             a.hits_per_step = hits.mutable_data();
             CacheStats delta;
@@ -348,7 +349,8 @@ PYBIND11_MODULE(_C, m) {
           },
           py::arg("layers"), py::arg("experts"), py::arg("prefetch") = py::none(),
           py::arg("prefetch_layers") = py::none(), py::arg("priorities") = py::none(),
-          py::arg("after_scores") = py::none(), py::arg("after_prefetch") = py::none())
+          py::arg("after_scores") = py::none(), py::arg("after_prefetch") = py::none(),
+          py::arg("waves") = false)
       .def("close", [](SlabCache& c) {
         py::gil_scoped_release nogil;
         c.close();

@@ -492,7 +492,7 @@ CacheStats SlabCache::replay(const ReplayArgs& a) {
                     "] is not finite");
       }
     }
-    if (a.k > num_slots_) {
+    if (a.k > num_slots_ && !a.waves) {
       distinct_locked(a.experts + i * a.k, a.k, true, &distinct);
       MOERT_CHECK(distinct.size() <= static_cast<std::size_t>(num_slots_), "replay: step ", i,
                   " asks for ", distinct.size(), " distinct experts but the cache has only ",
@@ -527,8 +527,7 @@ CacheStats SlabCache::replay(const ReplayArgs& a) {
       prefetch_locked(pl, distinct, &loads);
     }
     distinct_locked(a.experts + i * a.k, a.k, true, &distinct);
-    a.hits_per_step[i] = pin_access_locked(layer, distinct, &slots, &loads);
-    for (int s : slots) unpin_locked(s);
+    a.hits_per_step[i] = replay_access_locked(layer, &distinct, &slots, &loads);
     if (a.priorities != nullptr) {
       for (std::int64_t j = 0; j < a.k; ++j) {
         const int e = a.experts[i * a.k + j];
@@ -546,6 +545,28 @@ CacheStats SlabCache::replay(const ReplayArgs& a) {
     }
   }
   return stats_ - before;
+}
+
+int SlabCache::replay_access_locked(int layer, std::vector<std::int32_t>* distinct,
+                                    std::vector<std::int32_t>* slots,
+                                    std::vector<std::int32_t>* loads) {
+  const auto n = static_cast<std::size_t>(num_slots_);
+  if (distinct->size() <= n) {
+    const int hits = pin_access_locked(layer, *distinct, slots, loads);
+    for (int s : *slots) unpin_locked(s);
+    return hits;
+  }
+  std::sort(distinct->begin(), distinct->end());
+  std::stable_partition(distinct->begin(), distinct->end(),
+                        [&](int e) { return table_[key_of(layer, e)] >= 0; });
+  int hits = 0;
+  std::vector<std::int32_t> wave;
+  for (std::size_t w0 = 0; w0 < distinct->size(); w0 += n) {
+    wave.assign(distinct->begin() + w0, distinct->begin() + std::min(w0 + n, distinct->size()));
+    hits += pin_access_locked(layer, wave, slots, loads);
+    for (int s : *slots) unpin_locked(s);
+  }
+  return hits;
 }
 
 void SlabCache::close() {

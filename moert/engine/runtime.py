@@ -231,6 +231,7 @@ class SlabCache:
         priorities: Any = None,
         after_scores: Any = None,
         after_prefetch: Any = None,
+        waves: bool = False,
     ) -> dict[str, Any]:
         """Replays N steps in C++ (the GIL released).
 
@@ -243,6 +244,9 @@ class SlabCache:
             after_scores: (N, E) float32 or None: then all E priorities of step i's layer.
             after_prefetch: (N, a) int or None: then prefetched into step i's layer, -1 pads (a
                 policy's plan after the call, e.g. ``utility``).
+            waves: a step with more distinct experts than slots streams them in waves of at most
+                the slots, resident first, each part ascending (``moert.sim.step.access``); False:
+                ValueError.
 
         Returns:
             The stats delta (see ``stats``) plus ``hits_per_step``: (N,) int32 tensor.
@@ -253,7 +257,7 @@ class SlabCache:
         pre_l = None if prefetch_layers is None else int32_array(prefetch_layers, "prefetch_layers", 1)
         pri, after = (_float32(a) for a in (priorities, after_scores))
         after_ids = None if after_prefetch is None else int32_array(after_prefetch, "after_prefetch", 2)
-        out = self._c.replay(lay, exp, pre, pre_l, pri, after, after_ids)
+        out = self._c.replay(lay, exp, pre, pre_l, pri, after, after_ids, bool(waves))
         out["hits_per_step"] = torch.from_numpy(out["hits_per_step"])
         return out
 

@@ -88,6 +88,9 @@ struct ReplayArgs {
   const float* after_scores = nullptr;           // (N, E) or null
   const std::int32_t* after_prefetch = nullptr;  // (N, a) or null, -1 = padding
   std::int64_t a = 0;
+  // A step with more distinct experts than slots streams them in waves of at most the slots,
+  // resident first, each part ascending by id (the runtime's order); false: it is an error.
+  bool waves = false;
   std::int32_t* hits_per_step = nullptr;  // (N,) output
 };
 
@@ -205,6 +208,9 @@ class SlabCache {
   int pin_access_locked(int layer, const std::vector<std::int32_t>& distinct,
                         std::vector<std::int32_t>* slots, std::vector<std::int32_t>* loads);
   void unpin_locked(int slot);
+  // One replay step's access of `distinct` (sorted in place when it streams in waves); the hits.
+  int replay_access_locked(int layer, std::vector<std::int32_t>* distinct,
+                           std::vector<std::int32_t>* slots, std::vector<std::int32_t>* loads);
   int prefetch_locked(int layer, const std::vector<std::int32_t>& distinct,
                       std::vector<std::int32_t>* queued);
   void set_priority_locked(int layer, int expert, float score);
