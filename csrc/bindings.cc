@@ -17,6 +17,7 @@
 #include "moert/copy_engine.h"
 #include "moert/cuda_probe.h"
 #include "moert/expert_pool.h"
+#include "moert/faults.h"
 #include "moert/slab_cache.h"
 
 namespace py = pybind11;
@@ -90,6 +91,7 @@ py::dict engine_stats_dict(const moert::EngineStats& s) {
   d["demand_stall_s"] = s.demand_stall_s;
   d["device_stall_s"] = s.device_stall_s;
   d["device_stall_waits"] = s.device_stall_waits;
+  d["failed_copies"] = s.failed_copies;
   d["predictions"] = s.predictions;
   d["prediction_wait_s"] = s.prediction_wait_s;
   d["lanes"] = s.lanes;
@@ -152,6 +154,32 @@ PYBIND11_MODULE(_C, m) {
         return d;
       },
       "Ask the CUDA runtime for devices (the first CUDA call; never raises).");
+
+  // The test-only fault plan (moert/faults.h; Python: moert.engine.faults).
+  m.def(
+      "faults_arm",
+      [](std::int64_t fail_copy, std::int64_t fail_count, double slow, std::int64_t kill_lane,
+         std::int64_t fail_alloc, std::int64_t alloc_count) {
+        moert::faults::arm(moert::faults::Plan{fail_copy, fail_count, slow, kill_lane, fail_alloc,
+                                               alloc_count});
+      },
+      py::arg("fail_copy") = 0, py::arg("fail_count") = 1, py::arg("slow") = 1.0,
+      py::arg("kill_lane") = 0, py::arg("fail_alloc") = 0, py::arg("alloc_count") = 1);
+  m.def("faults_disarm", &moert::faults::disarm);
+  m.def("faults_armed", &moert::faults::armed);
+  m.def("faults_counts", []() {
+    const moert::faults::Counts c = moert::faults::counts();
+    py::dict d;
+    d["copies"] = c.copies;
+    d["failed_copies"] = c.failed_copies;
+    d["slowed_copies"] = c.slowed_copies;
+    d["slow_s"] = c.slow_s;
+    d["lane_requests"] = c.lane_requests;
+    d["killed_lanes"] = c.killed_lanes;
+    d["allocations"] = c.allocations;
+    d["failed_allocations"] = c.failed_allocations;
+    return d;
+  });
 
   py::class_<ExpertPool, std::shared_ptr<ExpertPool>>(m, "ExpertPool")
       .def(py::init(

@@ -6,6 +6,7 @@
 
 #include "moert/common.h"
 #include "moert/copy_engine.h"
+#include "moert/faults.h"
 
 namespace moert {
 
@@ -105,14 +106,20 @@ void SlabCache::attach_backend(std::unique_ptr<Backend> backend) {
   backend_ = std::move(backend);
   device_ = backend_->name();
   if (device_ == "cuda") device_ = cat("cuda:", backend_->device_index());
-  slots_bytes_ = static_cast<std::size_t>(num_slots_) * stride_;
-  slots_mem_ = static_cast<std::uint8_t*>(backend_->alloc(slots_bytes_));
   slots_.resize(num_slots_);
   table_.assign(static_cast<std::size_t>(num_layers_) * num_experts_, -1);
   priority_.assign(table_.size(), 0.0f);
   mark_.assign(num_experts_, 0);
   layer_stats_.assign(num_layers_, CacheStats{});
   for (int s = 0; s < num_slots_; ++s) free_.insert(s);
+  // Last: the destructor, which frees the arena, does not run when a constructor throws.
+  slots_bytes_ = static_cast<std::size_t>(num_slots_) * stride_;
+  try {
+    if (faults::armed()) faults::next_alloc(slots_bytes_);
+    slots_mem_ = static_cast<std::uint8_t*>(backend_->alloc(slots_bytes_));
+  } catch (const RuntimeFailure& e) {
+    throw RuntimeFailure(cat("SlabCache of ", num_slots_, " slots on ", device_, ": ", e.what()));
+  }
 }
 
 SlabCache::SlabCache(int num_layers, int num_experts, int num_slots, const std::string& policy,
@@ -336,8 +343,25 @@ int SlabCache::pin_access_locked(int layer, const std::vector<std::int32_t>& dis
 }
 
 void SlabCache::unpin_locked(int s) {
-  --slots_[s].pins;
+  Slot& sl = slots_[s];
+  --sl.pins;
+  if (sl.failed && sl.pins == 0) {  // the last holder of a failed load let go: the slot is free
+    sl.key = -1;
+    sl.failed = false;
+    sl.prefetched = sl.accessed = sl.demanded = false;
+    ++sl.gen;
+    free_.insert(s);
+  }
   refresh_locked(s);
+}
+
+void SlabCache::fail_locked(int s) {
+  Slot& sl = slots_[s];
+  if (table_[sl.key] == s) table_[sl.key] = -1;  // the next access loads the entry again
+  sl.state = SlotState::kEmpty;
+  sl.failed = true;
+  ++sl.pins;  // unpin_locked frees the slot once no holder is left
+  unpin_locked(s);
 }
 
 int SlabCache::prefetch_locked(int layer, const std::vector<std::int32_t>& distinct,

@@ -3,6 +3,8 @@
 //
 // Slot life: empty -> loading (a copy is queued, not yet issued) -> issuing (a worker took it)
 // -> issued (the copy is in flight; its ready event is recorded) -> ready -> (evicted) -> ...
+// A copy that fails leaves the slot empty and `failed`: the entry leaves the table at once (the
+// next access loads it again) and the slot is free once every holder has unpinned it.
 // A slot with pins > 0 is in use and never evicted. Victims are chosen among unpinned ready
 // slots by the policy, lowest key first:
 //   lru       (last access tick)
@@ -168,6 +170,8 @@ class SlabCache {
     bool in_evict = false;
     bool in_cancel = false;
     bool last_use_recorded = false;
+    // Its copy failed: out of the table (key kept for messages), free once its pins reach 0.
+    bool failed = false;
     std::uint32_t gen = 0;
     std::uint64_t tick = 0;
     std::uint64_t freq = 0;
@@ -208,6 +212,8 @@ class SlabCache {
   int pin_access_locked(int layer, const std::vector<std::int32_t>& distinct,
                         std::vector<std::int32_t>* slots, std::vector<std::int32_t>* loads);
   void unpin_locked(int slot);
+  // The slot's copy failed: the entry is not loaded (see Slot::failed).
+  void fail_locked(int slot);
   // One replay step's access of `distinct` (sorted in place when it streams in waves); the hits.
   int replay_access_locked(int layer, std::vector<std::int32_t>* distinct,
                            std::vector<std::int32_t>* slots, std::vector<std::int32_t>* loads);
