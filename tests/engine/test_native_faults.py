@@ -69,9 +69,14 @@ def test_a_failed_copy_raises_with_context_and_the_next_access_loads_it(device):
     with inject(FaultPlan(fail_copy=2)):
         engine.acquire(0, [1])  # copy #1 works
         engine.release(0, [1])
-        with pytest.raises(RuntimeError, match=r"acquire: the copy of \(layer 0, expert 3\) into slot \d+ failed .*injected fault: copy #2"):
+        with pytest.raises(
+            RuntimeError,
+            match=r"acquire: the copy of \(layer 0, expert 3\) into slot \d+ failed .*injected fault: copy #2",
+        ):
             engine.acquire(0, [3, 1])
-    assert cache.lookup(0, 3) == -1 and not cache.resident(0, in_flight=True)[3], "a failed entry stayed registered"
+    assert cache.lookup(0, 3) == -1 and not cache.resident(0, in_flight=True)[3], (
+        "a failed entry stayed registered"
+    )
     assert cache.lookup(0, 1) >= 0  # the hit of the failed call is untouched
     assert engine.stats()["failed_copies"] == 1
     all_slots_free(engine)  # the failed call unpinned both experts, the failed slot is free again
@@ -89,7 +94,10 @@ def test_a_device_copy_that_fails_after_acquire_returned_is_reported_once():
     stream = dev.create_stream()
     with inject(FaultPlan(fail_copy=1, slow=2000)):  # ~0.1 s: acquire returns long before
         slots = engine.acquire(0, [5], stream=stream)
-        with pytest.raises(RuntimeError, match=r"the copy of \(layer 0, expert 5\) into slot \d+ failed .*injected fault: copy #1 failed on its stream.* after acquire returned"):
+        with pytest.raises(
+            RuntimeError,
+            match=r"the copy of \(layer 0, expert 5\) into slot \d+ failed .*injected fault: copy #1 failed on its stream.* after acquire returned",
+        ):
             engine.release(0, [5], stream=stream)
             engine.synchronize()
     engine.synchronize()  # reported once: the engine is usable
@@ -135,7 +143,10 @@ def test_a_lane_that_dies_fails_cleanly_and_the_engine_closes(device):
     pool, cache, engine = make(device, lanes=1)
     with inject(FaultPlan(kill_lane=1)):
         engine.prefetch(0, [2])  # the lane takes the request and its thread dies holding it
-        with pytest.raises(RuntimeError, match=r"synchronize: copy lane 0's worker thread stopped: injected fault.*close it and open a new one"):
+        with pytest.raises(
+            RuntimeError,
+            match=r"synchronize: copy lane 0's worker thread stopped: injected fault.*close it and open a new one",
+        ):
             engine.synchronize()
         assert counts()["killed_lanes"] == 1
     with pytest.raises(RuntimeError, match="copy lane 0's worker thread stopped"):
@@ -149,9 +160,9 @@ def test_a_lane_that_dies_fails_cleanly_and_the_engine_closes(device):
 
 def test_a_lane_that_dies_under_a_waiting_acquire_raises():
     pool, cache, engine = make("sim", lanes=2)
-    with inject(FaultPlan(kill_lane=1)):
-        with pytest.raises(RuntimeError, match=r"acquire: .*\(layer 0, expert 7\).*worker thread stopped"):
-            engine.acquire(0, [7])  # the device model hands demand loads to the lanes
+    dies = pytest.raises(RuntimeError, match=r"acquire: .*\(layer 0, expert 7\).*worker thread stopped")
+    with inject(FaultPlan(kill_lane=1)), dies:
+        engine.acquire(0, [7])  # the device model hands demand loads to the lanes
     engine.close()  # the other lane and the completion threads join
     cache.close()
     pool.close()
@@ -159,12 +170,17 @@ def test_a_lane_that_dies_under_a_waiting_acquire_raises():
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_a_failed_allocation_raises_with_context_and_the_next_open_works(device):
-    with inject(FaultPlan(fail_alloc=1)):
-        with pytest.raises(RuntimeError, match=r"ExpertPool of 2 layers x 8 experts: allocation of \d+ bytes failed \(injected fault: allocation #1\)"):
-            runtime.ExpertPool(L, E, 1 << 12)
+    fails = pytest.raises(
+        RuntimeError,
+        match=r"ExpertPool of 2 layers x 8 experts: allocation of \d+ bytes failed \(injected fault: allocation #1\)",
+    )
+    with inject(FaultPlan(fail_alloc=1)), fails:
+        runtime.ExpertPool(L, E, 1 << 12)
     with inject(FaultPlan(fail_alloc=2)):  # the pool works, its cache's slots fail
         pool = runtime.ExpertPool(L, E, 1 << 12)
-        with pytest.raises(RuntimeError, match=rf"SlabCache of 4 slots on {device}: allocation of 16384 bytes failed"):
+        with pytest.raises(
+            RuntimeError, match=rf"SlabCache of 4 slots on {device}: allocation of 16384 bytes failed"
+        ):
             runtime.SlabCache(pool, SLOTS, device=device)
         assert counts()["failed_allocations"] == 1
     pool.close()
@@ -235,7 +251,9 @@ def test_a_copy_that_fails_mid_generate_raises_and_the_cleared_model_is_exact(ti
     handle, ref_seq, ref_logits = patched(tiny, device)
     try:
         with inject(FaultPlan(fail_copy=6)):
-            with pytest.raises(RuntimeError, match=r"acquire: the copy of \(layer \d+, expert \d+\) into slot \d+ failed"):
+            with pytest.raises(
+                RuntimeError, match=r"acquire: the copy of \(layer \d+, expert \d+\) into slot \d+ failed"
+            ):
                 greedy(model, prompt, new_tokens=8)
             assert counts()["failed_copies"] == 1
         sequences, logits = greedy(model, prompt, new_tokens=8)  # the fault cleared: the same model
@@ -273,9 +291,9 @@ def test_a_failed_allocation_while_loading_registers_nothing(tmp_path):
     path = save_tiny(tiny_model("deepseek_v2"), tmp_path / "m")
     handles = len(_HANDLES)
     for n in (1, 2):  # the pool, then the slot arena
-        with inject(FaultPlan(fail_alloc=n)):
-            with pytest.raises(RuntimeError, match=r"allocation of \d+ bytes failed \(injected fault"):
-                moert.load(path, cache_experts=0.5, device="cpu", progress=False)
+        fails = pytest.raises(RuntimeError, match=r"allocation of \d+ bytes failed \(injected fault")
+        with inject(FaultPlan(fail_alloc=n)), fails:
+            moert.load(path, cache_experts=0.5, device="cpu", progress=False)
         assert len(_HANDLES) == handles, "a failed load left a patch handle registered"
     model = moert.load(path, cache_experts=0.5, device="cpu", progress=False)  # the next call works
     moert.handle_of(model).undo()
