@@ -297,3 +297,17 @@ def test_a_failed_allocation_while_loading_registers_nothing(tmp_path):
         assert len(_HANDLES) == handles, "a failed load left a patch handle registered"
     model = moert.load(path, cache_experts=0.5, device="cpu", progress=False)  # the next call works
     moert.handle_of(model).undo()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_lane_that_dies_mid_generate_raises_and_undo_restores_the_model(tiny, device):
+    model, prompt, unpatched = tiny
+    handle = moert.patch(model, cache_experts=0.5, device=device, overlap_waves=False, deferred_waits=True)
+    dies = pytest.raises(RuntimeError, match=r"copy lane \d+'s worker thread stopped")
+    with inject(FaultPlan(kill_lane=3)), dies:  # deferred waits hand every copy to the lanes
+        greedy(model, prompt, new_tokens=8)
+    with pytest.raises(RuntimeError, match="close it and open a new one"):
+        greedy(model, prompt, new_tokens=8)  # fails at once, no hang
+    handle.undo()  # the engine closes, the experts come back from the pool
+    sequences, _ = greedy(model, prompt, new_tokens=8)
+    assert torch.equal(sequences, unpatched)
