@@ -160,8 +160,8 @@ PYBIND11_MODULE(_C, m) {
       "faults_arm",
       [](std::int64_t fail_copy, std::int64_t fail_count, double slow, std::int64_t kill_lane,
          std::int64_t fail_alloc, std::int64_t alloc_count) {
-        moert::faults::arm(moert::faults::Plan{fail_copy, fail_count, slow, kill_lane, fail_alloc,
-                                               alloc_count});
+        moert::faults::arm(
+            moert::faults::Plan{fail_copy, fail_count, slow, kill_lane, fail_alloc, alloc_count});
       },
       py::arg("fail_copy") = 0, py::arg("fail_count") = 1, py::arg("slow") = 1.0,
       py::arg("kill_lane") = 0, py::arg("fail_alloc") = 0, py::arg("alloc_count") = 1);
@@ -353,8 +353,7 @@ PYBIND11_MODULE(_C, m) {
             if (after_scores) {
               MOERT_CHECK(after_scores->ndim() == 2 && after_scores->shape(0) == n &&
                               after_scores->shape(1) == c.num_experts(),
-                          "replay: after_scores must be (N, E) = (", n, ", ", c.num_experts(),
-                          ")");
+                          "replay: after_scores must be (N, E) = (", n, ", ", c.num_experts(), ")");
               a.after_scores = after_scores->data();
             }
             if (after_prefetch) {

@@ -471,10 +471,9 @@ std::vector<std::int32_t> CopyEngine::acquire(int layer, const std::int32_t* exp
     }
   }
   try {
-    waited =
-        wait_slots_locked(lk, slots, host_waits ? SlotState::kReady : SlotState::kIssued,
-                          "acquire") ||
-        waited;
+    waited = wait_slots_locked(lk, slots, host_waits ? SlotState::kReady : SlotState::kIssued,
+                               "acquire") ||
+             waited;
   } catch (...) {
     unpin_all();
     throw;

@@ -31,8 +31,8 @@ ExpertPool::ExpertPool(int num_layers, int num_experts, std::int64_t slab_bytes,
     if (faults::armed()) faults::next_alloc(mapped_bytes_);
     base_ = static_cast<std::uint8_t*>(alloc_host_pages(mapped_bytes_));
   } catch (const RuntimeFailure& e) {
-    throw RuntimeFailure(cat("ExpertPool of ", num_layers, " layers x ", num_experts,
-                             " experts: ", e.what()));
+    throw RuntimeFailure(
+        cat("ExpertPool of ", num_layers, " layers x ", num_experts, " experts: ", e.what()));
   }
   if (pin) {
     try {

@@ -75,8 +75,8 @@ void next_alloc(std::size_t bytes) {
     if (!hit(n, g_plan.fail_alloc, g_plan.alloc_count)) return;
     ++g_counts.failed_allocations;
   }
-  throw RuntimeFailure(cat("allocation of ", bytes, " bytes failed (injected fault: allocation #",
-                           n, ")"));
+  throw RuntimeFailure(
+      cat("allocation of ", bytes, " bytes failed (injected fault: allocation #", n, ")"));
 }
 
 void add_slow_seconds(double seconds) {

@@ -27,12 +27,13 @@
 // release(layer, experts, stream): records each slot's last-use event on `stream`, unpins.
 //
 // Failures. A copy that fails (at issue, or found by the completion thread) loads nothing: the
-// entry leaves the table and its slot is freed once unpinned (SlabCache::fail_locked). An acquire or
-// wait_ready waiting for it raises with the entry, slot and cause, unpinning what it pinned; a
-// holder whose acquire returned before a device copy failed gets the failure from release (after
-// unpinning: what it computed from the slot is wrong); a failed prefetch only counts. The engine
-// stays usable: the next access copies the entry again. A lane thread that stops on an exception
-// fails the copy it held and makes every later call (but release and close) raise.
+// entry leaves the table and its slot is freed once unpinned (SlabCache::fail_locked). An acquire
+// or wait_ready waiting for it raises with the entry, slot and cause, unpinning what it pinned;
+// when a device copy fails after an acquire returned (the caller's stream waited on it: what it
+// computed from the slot is wrong), the next call raises that once (release after unpinning); a
+// failed prefetch only counts. The engine stays usable: the next access copies the entry again. A
+// lane thread that stops on an exception fails the copy it held and makes every later call (but
+// release and close) raise.
 //
 // Predictions (DESIGN §3 step 2). A prediction is, for `n` layers, a row of `width` expert ids
 // (most likely first, -1 = padding) and optionally a row of E scores per layer. Applying one, under
@@ -210,7 +211,8 @@ class CopyEngine {
   int apply_prediction_locked(const std::vector<std::int32_t>& layers, const std::int32_t* ids,
                               std::int64_t width, const float* scores,
                               const std::vector<std::int32_t>& clear, float clear_score);
-  // Throws when closed, after a lane died, or (once) to report a failure found after acquire returned.
+  // Throws when closed, after a lane died, or (once) to report a failure found after acquire
+  // returned.
   void check_usable_locked(const char* what);
   // Adds the device stall of every timed acquire whose stream has passed its end mark, oldest
   // first; with `block`, first waits until the newest mark is passed (with one caller stream,
@@ -257,8 +259,8 @@ class CopyEngine {
   std::atomic<bool> closed_{false};
   std::string error_;
   std::vector<std::string> slot_error_;  // per slot: why its last failed copy failed
-  // Per slot: an acquire returned while its copy ran (the caller's stream waits on it); a failure of
-  // that copy goes to report_, which the next call raises once.
+  // Per slot: an acquire returned while its copy ran (the caller's stream waits on it); a failure
+  // of that copy goes to report_, which the next call raises once.
   std::vector<std::uint8_t> handed_;
   std::string report_;
   std::uint64_t seq_ = 0;

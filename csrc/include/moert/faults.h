@@ -4,11 +4,12 @@
 // default) every hook costs one relaxed atomic load.
 //
 //   copies       counted by CopyEngine as it starts each copy (CPU twin: the caller's or a worker's
-//                memcpy; device model and CUDA: a lane issuing it). A failing copy fails at issue on
-//                the CPU twin (and CUDA), and on its stream in the device model, where the ready
+//                memcpy; device model and CUDA: a lane issuing it). A failing copy fails at issue
+//                on the CPU twin (and CUDA), and on its stream in the device model, where the ready
 //                event recorded after it reports the failure (as CUDA reports an asynchronous one).
 //                A slow copy lasts k times its time: modelled time in the device model, an added
-//                sleep of (k - 1) times the memcpy on the CPU twin (counted in slow_s); CUDA ignores it.
+//                sleep of (k - 1) times the memcpy on the CPU twin (counted in slow_s); CUDA
+//                ignores it.
 //   lane death   the worker thread of the lane that takes the n-th copy request exits by an
 //                exception while holding that request, as a thread that dies mid-work would.
 //   allocations  ExpertPool's host memory and SlabCache's slot arena, on any device.
