@@ -3,7 +3,8 @@
 ``speed`` (default): expert accesses per second through the C++ replay loop (``SlabCache.simulated``).
 Two measurements, each repeated; median and p20/p80 reported:
 - ``replay``: one ``SlabCache.replay`` call over the whole token-major stream (one global cache);
-- ``simulate``: :func:`moert.sim.simulate` end to end (per-layer caches, chunked, trace streaming).
+- ``simulate``: :func:`moert.sim.simulate` end to end (per-layer caches, chunked, trace streaming), with
+  ``lru`` and with ``utility+utility:2`` (a full priority row and a prefetch row after every call).
 The stream is the shared DeepSeek-V2-Lite trace when present (converted once to the moert format
 in a temporary directory), else a synthetic Zipf stream of the same shape. Writes
 ``bench/results/sim_speed.json`` with versions, commit and date.
@@ -173,16 +174,17 @@ def speed(args: argparse.Namespace) -> int:
             cache.close()
         rows[f"replay-global-{policy}"] = {"accesses": accesses, "accesses_per_s": percentiles(rates[1:])}
 
-    config = SimConfig(capacities=(0.25,), policies=tuple(parse_policies(["lru"])), mode="per-layer")
-    rates = []
-    for _ in range(max(1, args.repeats // 2) + 1):
-        t0 = time.perf_counter()
-        simulate(trace, config)
-        rates.append(accesses / (time.perf_counter() - t0))
-    rows["simulate-per-layer-lru-end-to-end"] = {
-        "accesses": accesses,
-        "accesses_per_s": percentiles(rates[1:]),
-    }
+    for policy in ("lru", "utility+utility:2"):  # utility: a full priority row and a prefetch per call
+        config = SimConfig(capacities=(0.25,), policies=tuple(parse_policies([policy])), mode="per-layer")
+        rates = []
+        for _ in range(max(1, args.repeats // 2) + 1):
+            t0 = time.perf_counter()
+            simulate(trace, config)
+            rates.append(accesses / (time.perf_counter() - t0))
+        rows[f"simulate-per-layer-{policy}-end-to-end"] = {
+            "accesses": accesses,
+            "accesses_per_s": percentiles(rates[1:]),
+        }
 
     result = {
         "stream": what,

@@ -18,6 +18,7 @@
 #include "moert/copy_engine.h"
 #include "moert/cuda_probe.h"
 #include "moert/expert_pool.h"
+#include "moert/faults.h"
 #include "moert/slab_cache.h"
 
 namespace py = pybind11;
@@ -91,6 +92,7 @@ py::dict engine_stats_dict(const moert::EngineStats& s) {
   d["demand_stall_s"] = s.demand_stall_s;
   d["device_stall_s"] = s.device_stall_s;
   d["device_stall_waits"] = s.device_stall_waits;
+  d["failed_copies"] = s.failed_copies;
   d["predictions"] = s.predictions;
   d["prediction_wait_s"] = s.prediction_wait_s;
   d["lanes"] = s.lanes;
@@ -155,6 +157,32 @@ PYBIND11_MODULE(_C, m) {
         return d;
       },
       "Load the CUDA driver and count its devices (the first CUDA call; never raises).");
+
+  // The test-only fault plan (moert/faults.h; Python: moert.engine.faults).
+  m.def(
+      "faults_arm",
+      [](std::int64_t fail_copy, std::int64_t fail_count, double slow, std::int64_t kill_lane,
+         std::int64_t fail_alloc, std::int64_t alloc_count) {
+        moert::faults::arm(
+            moert::faults::Plan{fail_copy, fail_count, slow, kill_lane, fail_alloc, alloc_count});
+      },
+      py::arg("fail_copy") = 0, py::arg("fail_count") = 1, py::arg("slow") = 1.0,
+      py::arg("kill_lane") = 0, py::arg("fail_alloc") = 0, py::arg("alloc_count") = 1);
+  m.def("faults_disarm", &moert::faults::disarm);
+  m.def("faults_armed", &moert::faults::armed);
+  m.def("faults_counts", []() {
+    const moert::faults::Counts c = moert::faults::counts();
+    py::dict d;
+    d["copies"] = c.copies;
+    d["failed_copies"] = c.failed_copies;
+    d["slowed_copies"] = c.slowed_copies;
+    d["slow_s"] = c.slow_s;
+    d["lane_requests"] = c.lane_requests;
+    d["killed_lanes"] = c.killed_lanes;
+    d["allocations"] = c.allocations;
+    d["failed_allocations"] = c.failed_allocations;
+    return d;
+  });
 
   py::class_<ExpertPool, std::shared_ptr<ExpertPool>>(m, "ExpertPool")
       .def(py::init([](std::int64_t layers, std::int64_t experts, std::int64_t slab_bytes, bool pin,
@@ -375,7 +403,9 @@ PYBIND11_MODULE(_C, m) {
           [](SlabCache& c, const Int32Array& layers, const Int32Array& experts,
              const std::optional<Int32Array>& prefetch,
              const std::optional<Int32Array>& prefetch_layers,
-             const std::optional<Float32Array>& priorities) {
+             const std::optional<Float32Array>& priorities,
+             const std::optional<Float32Array>& after_scores,
+             const std::optional<Int32Array>& after_prefetch, bool waves) {
             MOERT_CHECK(layers.ndim() == 1, "replay: layers must be (N,), got ", layers.ndim(),
                         " dimensions");
             const py::ssize_t n = layers.shape(0);
@@ -404,6 +434,19 @@ PYBIND11_MODULE(_C, m) {
                           "replay: priorities must be (N, k) = (", n, ", ", a.k, ")");
               a.priorities = priorities->data();
             }
+            if (after_scores) {
+              MOERT_CHECK(after_scores->ndim() == 2 && after_scores->shape(0) == n &&
+                              after_scores->shape(1) == c.num_experts(),
+                          "replay: after_scores must be (N, E) = (", n, ", ", c.num_experts(), ")");
+              a.after_scores = after_scores->data();
+            }
+            if (after_prefetch) {
+              MOERT_CHECK(after_prefetch->ndim() == 2 && after_prefetch->shape(0) == n,
+                          "replay: after_prefetch must be (N, a) with N=", n);
+              a.after_prefetch = after_prefetch->data();
+              a.a = after_prefetch->shape(1);
+            }
+            a.waves = waves;
             py::array_t<std::int32_t> hits(n);
             a.hits_per_step = hits.mutable_data();
             CacheStats delta;
@@ -416,7 +459,9 @@ PYBIND11_MODULE(_C, m) {
             return d;
           },
           py::arg("layers"), py::arg("experts"), py::arg("prefetch") = py::none(),
-          py::arg("prefetch_layers") = py::none(), py::arg("priorities") = py::none())
+          py::arg("prefetch_layers") = py::none(), py::arg("priorities") = py::none(),
+          py::arg("after_scores") = py::none(), py::arg("after_prefetch") = py::none(),
+          py::arg("waves") = false)
       .def("close", [](SlabCache& c) {
         py::gil_scoped_release nogil;
         c.close();

@@ -221,6 +221,24 @@ BINDING_CASES = {
         lambda pool: runtime.SlabCache.simulated(2, 4, 4).sim_access(0, [2**63]),
         str(2**63),
     ),
+    "replay: a priority row of the wrong width": (
+        lambda pool: runtime.SlabCache.simulated(2, 4, 4).replay([0], [[1]], after_scores=[[0.5, 0.5]]),
+        "after_scores must be (N, E) = (1, 4)",
+    ),
+    "replay: a priority row that is not finite": (
+        lambda pool: runtime.SlabCache.simulated(2, 4, 4).replay(
+            [0], [[1]], after_scores=[[0, float("nan"), 0, 0]]
+        ),
+        "after_scores[0, 1] is not finite",
+    ),
+    "replay: a prefetch after the call with expert >= E": (
+        lambda pool: runtime.SlabCache.simulated(2, 4, 4).replay([0], [[1]], after_prefetch=[[4]]),
+        "after_prefetch[0, 0]=4",
+    ),
+    "replay: a step larger than the cache without waves": (
+        lambda pool: runtime.SlabCache.simulated(1, 8, 2).replay([0], [[0, 1, 2]]),
+        "asks for 3 distinct experts",
+    ),
 }
 
 

@@ -3,9 +3,11 @@
 
 #include <sys/mman.h>
 
+#include <chrono>
 #include <condition_variable>
 #include <cstring>
 #include <mutex>
+#include <thread>
 
 #include "moert/backend_sim.h"
 #include "moert/common.h"
@@ -24,6 +26,12 @@ void* alloc_host_pages(std::size_t bytes) {
 
 void free_host_pages(void* p, std::size_t bytes) noexcept {
   if (p != nullptr) munmap(p, bytes);
+}
+
+void Backend::copy_async_faulty(void* dst, const void* src, std::size_t bytes, StreamHandle s,
+                                const CopyFault& fault) {
+  if (fault.fail) throw RuntimeFailure(cat("injected fault: copy #", fault.index, " failed"));
+  copy_async(dst, src, bytes, s);
 }
 
 namespace {
@@ -73,6 +81,20 @@ class CpuBackend final : public Backend {
   void bind_thread() override {}
   void copy_async(void* dst, const void* src, std::size_t bytes, StreamHandle) override {
     std::memcpy(dst, src, bytes);
+  }
+  // A slow copy sleeps (slow - 1) times as long as its memcpy took after doing it.
+  void copy_async_faulty(void* dst, const void* src, std::size_t bytes, StreamHandle s,
+                         const CopyFault& fault) override {
+    if (fault.fail) throw RuntimeFailure(cat("injected fault: copy #", fault.index, " failed"));
+    const auto t0 = std::chrono::steady_clock::now();
+    std::memcpy(dst, src, bytes);
+    if (fault.slow > 1.0) {
+      const std::chrono::duration<double> took = std::chrono::steady_clock::now() - t0;
+      const double extra = (fault.slow - 1.0) * took.count();
+      std::this_thread::sleep_for(std::chrono::duration<double>(extra));
+      faults::add_slow_seconds(extra);
+    }
+    (void)s;
   }
   void synchronize_stream(StreamHandle) override {}
   std::unique_ptr<Event> create_event() override { return std::make_unique<CpuEvent>(); }

@@ -11,6 +11,7 @@
 #include <map>
 #include <mutex>
 #include <random>
+#include <string>
 #include <thread>
 #include <utility>
 #include <vector>
@@ -42,6 +43,8 @@ struct EventState {
   double time = 0.0;  // device time at which `completed` was reached
   std::deque<std::pair<std::uint64_t, double>> done;
   bool timing = false;
+  std::uint64_t error_gen = 0;  // the record that completed after a failed copy (fault plan)
+  std::string error;
 
   // Device time at which the record `target` (or a later one) completed.
   double time_of(std::uint64_t target) const {
@@ -64,12 +67,14 @@ struct Op {
   std::uint64_t gen = 0;
   double seconds = 0.0;
   std::int64_t read = -1;
+  CopyFault fault;  // copies under the test fault plan
 };
 
 struct Stream {
   std::deque<Op> ops;  // the running operation stays at the front until it is done
   double cursor = 0.0;
   bool stop = false;
+  std::string error;  // a failed copy's, until the next record on the stream reports it
   std::mt19937_64 rng;
   std::thread thread;
 };
@@ -154,8 +159,12 @@ void SimBackend::Core::run(Stream& s) {
     lk.unlock();
     switch (op.kind) {
       case Op::kCopy:
-        end = start + copy_seconds(op.bytes);
-        land(op, start, end);
+        end = start + copy_seconds(op.bytes) * op.fault.slow;
+        if (op.fault.fail) {
+          sleep_until(end);  // nothing lands
+        } else {
+          land(op, start, end);
+        }
         break;
       case Op::kRead:
         end = start + op.seconds;
@@ -175,6 +184,14 @@ void SimBackend::Core::run(Stream& s) {
     }
     lk.lock();
     s.cursor = end;
+    if (op.kind == Op::kCopy && op.fault.fail) {
+      s.error = cat("injected fault: copy #", op.fault.index, " failed on its stream");
+    }
+    if (op.kind == Op::kRecord && !s.error.empty()) {
+      op.event->error_gen = op.gen;
+      op.event->error = std::move(s.error);
+      s.error.clear();
+    }
     if (op.kind == Op::kRecord) complete_locked(*op.event, op.gen, end);
     if (op.kind == Op::kRead) {
       seen.done = true;
@@ -229,6 +246,7 @@ class SimEvent final : public Event {
     std::unique_lock<std::mutex> lk(core_->mu);
     const std::uint64_t target = state_->recorded;
     core_->cv.wait(lk, [&] { return state_->completed >= target; });
+    if (target > 0 && state_->error_gen == target) throw RuntimeFailure(state_->error);
   }
   bool query() override {
     std::lock_guard<std::mutex> lock(core_->mu);
@@ -325,6 +343,28 @@ void SimBackend::copy_async(void* dst, const void* src, std::size_t bytes, Strea
   op.dst = dst;
   op.src = src;
   op.bytes = bytes;
+  core_->enqueue(s, std::move(op), "copy");
+}
+
+void SimBackend::copy_async_faulty(void* dst, const void* src, std::size_t bytes, StreamHandle s,
+                                   const CopyFault& fault) {
+  if (s == 0) {  // the host's own copy fails at once, or takes longer
+    if (fault.fail) throw RuntimeFailure(cat("injected fault: copy #", fault.index, " failed"));
+    Op op(Op::kCopy);
+    op.dst = dst;
+    op.src = src;
+    op.bytes = bytes;
+    const double start = core_->now();
+    core_->land(op, start, start + core_->copy_seconds(bytes) * fault.slow);
+    return;
+  }
+  MOERT_CHECK(dst != nullptr && src != nullptr, "sim copy: null address (dst ", dst, ", src ", src,
+              ")");
+  Op op(Op::kCopy);
+  op.dst = dst;
+  op.src = src;
+  op.bytes = bytes;
+  op.fault = fault;
   core_->enqueue(s, std::move(op), "copy");
 }
 

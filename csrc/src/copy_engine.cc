@@ -4,6 +4,7 @@
 #include <cmath>
 
 #include "moert/common.h"
+#include "moert/faults.h"
 
 namespace moert {
 
@@ -47,6 +48,8 @@ CopyEngine::CopyEngine(std::shared_ptr<SlabCache> cache, int num_streams, double
   }
   stats_.lanes = num_streams;
   layer_stats_.assign(c_.num_layers_, EngineLayerStats{});
+  slot_error_.assign(c_.num_slots_, std::string());
+  handed_.assign(c_.num_slots_, 0);
   async_copies_ = backend_.device_index() >= 0;
   flights_.resize(num_streams);
   lane_load_.assign(num_streams, 0);
@@ -64,10 +67,13 @@ CopyEngine::~CopyEngine() {
   }
 }
 
-void CopyEngine::check_usable_locked(const char* what) const {
+void CopyEngine::check_usable_locked(const char* what) {
   if (closed_.load()) throw RuntimeFailure(cat("CopyEngine.", what, ": the engine is closed"));
-  if (!error_.empty()) {
-    throw RuntimeFailure(cat("CopyEngine.", what, ": a copy failed earlier: ", error_));
+  if (!error_.empty()) throw RuntimeFailure(cat("CopyEngine.", what, ": ", error_));
+  if (!report_.empty()) {
+    std::string r;
+    r.swap(report_);
+    throw RuntimeFailure(cat("CopyEngine.", what, ": ", r));
   }
   c_.check_open(what);
 }
@@ -93,32 +99,74 @@ bool CopyEngine::pending_locked() const {
 }
 
 void CopyEngine::worker(int lane) {
+  std::unique_lock<std::mutex> lk(c_.mu_, std::defer_lock);
+  int held = -1;  // the slot whose request this thread took and has not handed on yet
   try {
     backend_.bind_thread();
+    lk.lock();
+    while (true) {
+      work_cv_.wait(
+          lk, [&] { return stop_ || (async_copies_ ? can_take_locked(lane) : !queue_.empty()); });
+      if (stop_) return;
+      const Request req = queue_.top();
+      queue_.pop();
+      SlabCache::Slot& sl = c_.slots_[req.slot];
+      if (sl.gen != req.gen || sl.state != SlotState::kLoading) {
+        ++stats_.stale_requests;
+        continue;
+      }
+      held = req.slot;
+      if (faults::armed() && faults::next_lane_request()) {
+        throw RuntimeFailure(cat("injected fault: copy lane ", lane, "'s thread died"));
+      }
+      held = -1;  // from here the copy's own failure path owns the slot
+      if (async_copies_) {
+        issue_locked(lk, req.slot, lane);
+      } else {
+        copy_locked(lk, req.slot);
+      }
+    }
   } catch (const std::exception& e) {
-    std::lock_guard<std::mutex> lock(c_.mu_);
-    error_ = e.what();
-    c_.cv_.notify_all();
-    return;
+    if (!lk.owns_lock()) lk.lock();
+    lane_died_locked("worker thread", lane, held, e.what());
   }
-  std::unique_lock<std::mutex> lk(c_.mu_);
-  while (true) {
-    work_cv_.wait(
-        lk, [&] { return stop_ || (async_copies_ ? can_take_locked(lane) : !queue_.empty()); });
-    if (stop_) return;
-    const Request req = queue_.top();
-    queue_.pop();
-    SlabCache::Slot& sl = c_.slots_[req.slot];
-    if (sl.gen != req.gen || sl.state != SlotState::kLoading) {
-      ++stats_.stale_requests;
-      continue;
-    }
-    if (async_copies_) {
-      issue_locked(lk, req.slot, lane);
-    } else {
-      copy_locked(lk, req.slot);
-    }
+}
+
+void CopyEngine::lane_died_locked(const char* thread, int lane, int slot, const std::string& why) {
+  if (error_.empty()) {
+    error_ = cat("copy lane ", lane, "'s ", thread, " stopped: ", why,
+                 "; this engine cannot copy any more: close it and open a new one");
   }
+  if (slot >= 0 && c_.slots_[slot].key >= 0 && c_.slots_[slot].state == SlotState::kLoading) {
+    fail_slot_locked(slot, error_);
+  }
+  work_cv_.notify_all();
+  pred_cv_.notify_all();
+  c_.cv_.notify_all();
+}
+
+void CopyEngine::fail_slot_locked(int slot, const std::string& why) {
+  SlabCache::Slot& sl = c_.slots_[slot];
+  ++stats_.failed_copies;
+  slot_error_[slot] = cat("the copy of (layer ", c_.layer_of(sl.key), ", expert ",
+                          sl.key % c_.num_experts_, ") into slot ", slot, " failed (", why, ")");
+  if (handed_[slot]) {
+    report_ = cat(slot_error_[slot], " after acquire returned; what was computed from it is wrong");
+    handed_[slot] = 0;
+  }
+  c_.fail_locked(slot);
+  c_.cv_.notify_all();
+}
+
+int CopyEngine::pinned_slot_locked(int layer, int expert) const {
+  const int key = c_.key_of(layer, expert);
+  const int s = c_.table_[key];
+  if (s >= 0 && c_.slots_[s].pins > 0) return s;
+  for (int i = 0; i < c_.num_slots_; ++i) {  // rare: only after a failed copy
+    const SlabCache::Slot& sl = c_.slots_[i];
+    if (sl.failed && sl.key == key && sl.pins > 0) return i;
+  }
+  return -1;
 }
 
 void CopyEngine::copy_locked(std::unique_lock<std::mutex>& lk, int slot) {
@@ -145,7 +193,11 @@ void CopyEngine::copy_locked(std::unique_lock<std::mutex>& lk, int slot) {
   try {
     src = pool.acquire_host(layer, expert, demand);  // a tiered pool may read it from its file
     if (wait_last_use) last_use.wait(0);
-    backend_.copy_async(dst, src, bytes, 0);
+    if (faults::armed()) {
+      backend_.copy_async_faulty(dst, src, bytes, 0, faults::next_copy());
+    } else {
+      backend_.copy_async(dst, src, bytes, 0);
+    }
     ready.record(0);
   } catch (const std::exception& e) {
     failure = e.what();
@@ -162,15 +214,15 @@ void CopyEngine::copy_locked(std::unique_lock<std::mutex>& lk, int slot) {
 
   lk.lock();
   --in_flight_;
-  c_.on_ready_locked(slot);
   if (failure.empty()) {
+    c_.on_ready_locked(slot);
     stats_.bytes += static_cast<std::int64_t>(bytes);
     ++stats_.copies;
     ++(demand ? stats_.demand_copies : stats_.prefetch_copies);
     stats_.busy_s += busy;
-  } else if (error_.empty()) {
-    error_ = cat("copy of (layer ", layer, ", expert ", expert, ") into slot ", slot,
-                 " failed: ", failure);
+  } else {
+    sl.last_use_recorded = wait_last_use;  // the next copy into the slot still waits for it
+    fail_slot_locked(slot, failure);
   }
   c_.cv_.notify_all();
 }
@@ -422,8 +474,9 @@ std::vector<std::int32_t> CopyEngine::acquire(int layer, const std::int32_t* exp
     }
   }
   try {
-    waited =
-        wait_slots_locked(lk, slots, host_waits ? SlotState::kReady : SlotState::kIssued) || waited;
+    waited = wait_slots_locked(lk, slots, host_waits ? SlotState::kReady : SlotState::kIssued,
+                               "acquire") ||
+             waited;
   } catch (...) {
     unpin_all();
     throw;
@@ -449,22 +502,25 @@ void CopyEngine::wait_ready(int layer, const std::int32_t* experts, std::int64_t
   std::vector<std::int32_t> distinct, slots;
   c_.distinct_locked(experts, n, false, &distinct);
   for (int e : distinct) {
-    const int s = c_.table_[c_.key_of(layer, e)];
-    MOERT_CHECK(s >= 0 && c_.slots_[s].pins > 0, "wait_ready: (layer ", layer, ", expert ", e,
+    const int s = pinned_slot_locked(layer, e);
+    MOERT_CHECK(s >= 0, "wait_ready: (layer ", layer, ", expert ", e,
                 ") is not acquired; call acquire(..., wait=False) first");
     slots.push_back(s);
   }
   const bool host_waits = backend_.is_host_stream(stream);
-  if (wait_slots_locked(lk, slots, host_waits ? SlotState::kReady : SlotState::kIssued)) {
+  if (wait_slots_locked(lk, slots, host_waits ? SlotState::kReady : SlotState::kIssued,
+                        "wait_ready")) {
     add_stall_locked(layer, seconds_since(t0));
   }
   if (!host_waits) stream_wait_locked(slots, stream);
 }
 
 bool CopyEngine::wait_slots_locked(std::unique_lock<std::mutex>& lk,
-                                   const std::vector<std::int32_t>& slots, SlotState need) {
+                                   const std::vector<std::int32_t>& slots, SlotState need,
+                                   const char* what) {
   auto done = [&] {
     for (int s : slots) {
+      if (c_.slots_[s].failed) throw RuntimeFailure(cat("CopyEngine.", what, ": ", slot_error_[s]));
       if (c_.slots_[s].state < need) return false;
     }
     return true;
@@ -472,8 +528,8 @@ bool CopyEngine::wait_slots_locked(std::unique_lock<std::mutex>& lk,
   bool waited = false;
   while (!done()) {
     if (closed_.load() || !error_.empty() || c_.closed()) {
-      check_usable_locked("acquire");
-      throw RuntimeFailure("CopyEngine.acquire: the engine was closed while waiting");
+      check_usable_locked(what);
+      throw RuntimeFailure(cat("CopyEngine.", what, ": the engine was closed while waiting"));
     }
     waited = true;
     c_.cv_.wait(lk);
@@ -492,7 +548,10 @@ void CopyEngine::stream_wait_locked(const std::vector<std::int32_t>& slots, Stre
     after = take_timing_event_locked();
     before->record(stream);
   }
-  for (int s : slots) ready_[s]->wait(stream);
+  for (int s : slots) {
+    if (c_.slots_[s].state != SlotState::kReady) handed_[s] = 1;  // a failure is reported later
+    ready_[s]->wait(stream);
+  }
   if (after) {
     after->record(stream);
     stall_marks_.emplace_back(std::move(before), std::move(after));
@@ -530,17 +589,18 @@ void CopyEngine::harvest_stalls_locked(bool block) {
 void CopyEngine::release(int layer, const std::int32_t* experts, std::int64_t n,
                          StreamHandle stream) {
   std::lock_guard<std::mutex> lock(c_.mu_);
-  check_usable_locked("release");
+  // Not check_usable_locked: after a failure, release still returns what the caller holds.
+  if (closed_.load()) throw RuntimeFailure("CopyEngine.release: the engine is closed");
+  c_.check_open("release");
   c_.check_layer(layer);
-  std::vector<std::int32_t> distinct;
+  std::vector<std::int32_t> distinct, slots;
   c_.distinct_locked(experts, n, false, &distinct);
   for (int e : distinct) {
-    const int s = c_.table_[c_.key_of(layer, e)];
-    MOERT_CHECK(s >= 0 && c_.slots_[s].pins > 0, "release: (layer ", layer, ", expert ", e,
-                ") is not acquired");
+    const int s = pinned_slot_locked(layer, e);
+    MOERT_CHECK(s >= 0, "release: (layer ", layer, ", expert ", e, ") is not acquired");
+    slots.push_back(s);
   }
-  for (int e : distinct) {
-    const int s = c_.table_[c_.key_of(layer, e)];
+  for (int s : slots) {
     SlabCache::Slot& sl = c_.slots_[s];
     // Several holders may release on different streams: chain them so the event covers all.
     if (sl.last_use_recorded) last_use_[s]->wait(stream);
@@ -550,6 +610,11 @@ void CopyEngine::release(int layer, const std::int32_t* experts, std::int64_t n,
   }
   ++stats_.releases;
   c_.cv_.notify_all();
+  if (!report_.empty()) {  // released all the same
+    std::string r;
+    r.swap(report_);
+    throw RuntimeFailure(cat("CopyEngine.release: ", r));
+  }
 }
 
 void CopyEngine::synchronize() {

@@ -7,6 +7,7 @@
 
 #include "moert/common.h"
 #include "moert/copy_engine.h"
+#include "moert/faults.h"
 
 namespace moert {
 
@@ -46,7 +47,11 @@ void CopyEngine::issue_locked(std::unique_lock<std::mutex>& lk, int slot, int la
     src = pool.acquire_host(layer, expert, flight.demand);
     // no kernel still reads the slot's previous expert when the bytes land
     if (wait_last_use) last_use.wait(stream);
-    backend_.copy_async(dst, src, c_.slab_bytes_, stream);
+    if (faults::armed()) {
+      backend_.copy_async_faulty(dst, src, c_.slab_bytes_, stream, faults::next_copy());
+    } else {
+      backend_.copy_async(dst, src, c_.slab_bytes_, stream);
+    }
     ready.record(stream);
   } catch (const std::exception& e) {
     failure = e.what();
@@ -61,11 +66,8 @@ void CopyEngine::issue_locked(std::unique_lock<std::mutex>& lk, int slot, int la
     if (src != nullptr) pool.release_host(layer, expert);
     --in_flight_;
     --lane_load_[lane];
-    c_.on_ready_locked(slot);
-    if (error_.empty()) {
-      error_ = cat("copy of (layer ", layer, ", expert ", expert, ") into slot ", slot,
-                   " failed: ", failure);
-    }
+    sl.last_use_recorded = wait_last_use;  // the next copy into the slot still waits for it
+    fail_slot_locked(slot, cat("issuing it on lane ", lane, " failed: ", failure));
     work_cv_.notify_all();
   }
   c_.cv_.notify_all();
@@ -82,6 +84,16 @@ void CopyEngine::completer(int lane) {
   }
   std::unique_lock<std::mutex> lk(c_.mu_);
   std::deque<Flight>& flights = flights_[lane];
+  try {
+    complete_flights(lk, lane, flights);
+  } catch (const std::exception& e) {
+    if (!lk.owns_lock()) lk.lock();
+    lane_died_locked("completion thread", lane, -1, e.what());
+  }
+}
+
+void CopyEngine::complete_flights(std::unique_lock<std::mutex>& lk, int lane,
+                                  std::deque<Flight>& flights) {
   while (true) {
     flight_cv_.wait(lk, [&] { return !flights.empty() || lanes_stopped_; });
     if (flights.empty()) return;  // stopped and drained
@@ -100,8 +112,9 @@ void CopyEngine::completer(int lane) {
     flights.pop_front();
     --in_flight_;
     --lane_load_[lane];
-    c_.on_ready_locked(f.slot);
     if (failure.empty()) {
+      handed_[f.slot] = 0;
+      c_.on_ready_locked(f.slot);
       stats_.bytes += static_cast<std::int64_t>(c_.slab_bytes_);
       ++stats_.copies;
       ++(f.demand ? stats_.demand_copies : stats_.prefetch_copies);
@@ -109,8 +122,8 @@ void CopyEngine::completer(int lane) {
       const auto from = std::max(f.issued, lane_done_[lane]);
       stats_.busy_s += std::chrono::duration<double>(done - from).count();
       lane_done_[lane] = done;
-    } else if (error_.empty()) {
-      error_ = cat("copy into slot ", f.slot, " failed: ", failure);
+    } else {
+      fail_slot_locked(f.slot, cat("the copy on lane ", lane, " failed: ", failure));
     }
     work_cv_.notify_all();
     c_.cv_.notify_all();

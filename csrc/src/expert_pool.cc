@@ -4,6 +4,7 @@
 #include <cstring>
 
 #include "moert/common.h"
+#include "moert/faults.h"
 
 namespace moert {
 
@@ -57,7 +58,13 @@ void ExpertPool::alloc(bool pin) {
               stride_, " bytes is too large");
   nbytes_ = entries * stride_;
   mapped_bytes_ = round_up(nbytes_, kPage);
-  base_ = static_cast<std::uint8_t*>(alloc_host_pages(mapped_bytes_));
+  try {
+    if (faults::armed()) faults::next_alloc(mapped_bytes_);
+    base_ = static_cast<std::uint8_t*>(alloc_host_pages(mapped_bytes_));
+  } catch (const RuntimeFailure& e) {
+    throw RuntimeFailure(
+        cat("ExpertPool of ", num_layers, " layers x ", num_experts, " experts: ", e.what()));
+  }
   if (pin) {
     try {
       pin_backend_ = make_backend("cuda");

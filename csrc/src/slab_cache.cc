@@ -6,6 +6,7 @@
 
 #include "moert/common.h"
 #include "moert/copy_engine.h"
+#include "moert/faults.h"
 
 namespace moert {
 
@@ -105,14 +106,20 @@ void SlabCache::attach_backend(std::unique_ptr<Backend> backend) {
   backend_ = std::move(backend);
   device_ = backend_->name();
   if (device_ == "cuda") device_ = cat("cuda:", backend_->device_index());
-  slots_bytes_ = static_cast<std::size_t>(num_slots_) * stride_;
-  slots_mem_ = static_cast<std::uint8_t*>(backend_->alloc(slots_bytes_));
   slots_.resize(num_slots_);
   table_.assign(static_cast<std::size_t>(num_layers_) * num_experts_, -1);
   priority_.assign(table_.size(), 0.0f);
   mark_.assign(num_experts_, 0);
   layer_stats_.assign(num_layers_, CacheStats{});
   for (int s = 0; s < num_slots_; ++s) free_.insert(s);
+  // Last: the destructor, which frees the arena, does not run when a constructor throws.
+  slots_bytes_ = static_cast<std::size_t>(num_slots_) * stride_;
+  try {
+    if (faults::armed()) faults::next_alloc(slots_bytes_);
+    slots_mem_ = static_cast<std::uint8_t*>(backend_->alloc(slots_bytes_));
+  } catch (const RuntimeFailure& e) {
+    throw RuntimeFailure(cat("SlabCache of ", num_slots_, " slots on ", device_, ": ", e.what()));
+  }
 }
 
 SlabCache::SlabCache(int num_layers, int num_experts, int num_slots, const std::string& policy,
@@ -336,8 +343,25 @@ int SlabCache::pin_access_locked(int layer, const std::vector<std::int32_t>& dis
 }
 
 void SlabCache::unpin_locked(int s) {
-  --slots_[s].pins;
+  Slot& sl = slots_[s];
+  --sl.pins;
+  if (sl.failed && sl.pins == 0) {  // the last holder of a failed load let go: the slot is free
+    sl.key = -1;
+    sl.failed = false;
+    sl.prefetched = sl.accessed = sl.demanded = false;
+    ++sl.gen;
+    free_.insert(s);
+  }
   refresh_locked(s);
+}
+
+void SlabCache::fail_locked(int s) {
+  Slot& sl = slots_[s];
+  if (table_[sl.key] == s) table_[sl.key] = -1;  // the next access loads the entry again
+  sl.state = SlotState::kEmpty;
+  sl.failed = true;
+  ++sl.pins;  // unpin_locked frees the slot once no holder is left
+  unpin_locked(s);
 }
 
 int SlabCache::prefetch_locked(int layer, const std::vector<std::int32_t>& distinct,
@@ -374,6 +398,7 @@ int SlabCache::prefetch_locked(int layer, const std::vector<std::int32_t>& disti
 
 void SlabCache::set_priority_locked(int layer, int expert, float score) {
   const int key = key_of(layer, expert);
+  if (priority_[key] == score) return;  // re-filing the slot would change nothing
   priority_[key] = score;
   const int s = table_[key];
   if (s >= 0) refresh_locked(s);
@@ -470,7 +495,8 @@ CacheStats SlabCache::replay(const ReplayArgs& a) {
   check_open("replay");
   check_sim("replay");
   MOERT_CHECK(a.steps >= 0, "replay: negative step count ", a.steps);
-  MOERT_CHECK(a.k >= 0 && a.m >= 0, "replay: negative width k=", a.k, " m=", a.m);
+  MOERT_CHECK(a.k >= 0 && a.m >= 0 && a.a >= 0, "replay: negative width k=", a.k, " m=", a.m,
+              " a=", a.a);
   MOERT_CHECK(a.steps == 0 || (a.layers != nullptr && a.experts != nullptr),
               "replay: layers and experts are required");
   MOERT_CHECK(a.hits_per_step != nullptr || a.steps == 0, "replay: no output buffer");
@@ -490,7 +516,7 @@ CacheStats SlabCache::replay(const ReplayArgs& a) {
                     "] is not finite");
       }
     }
-    if (a.k > num_slots_) {
+    if (a.k > num_slots_ && !a.waves) {
       distinct_locked(a.experts + i * a.k, a.k, true, &distinct);
       MOERT_CHECK(distinct.size() <= static_cast<std::size_t>(num_slots_), "replay: step ", i,
                   " asks for ", distinct.size(), " distinct experts but the cache has only ",
@@ -506,6 +532,15 @@ CacheStats SlabCache::replay(const ReplayArgs& a) {
                     "]=", e, " is out of range [0, ", num_experts_, ") (use -1 for padding)");
       }
     }
+    for (std::int64_t j = 0; a.after_scores != nullptr && j < num_experts_; ++j) {
+      MOERT_CHECK(std::isfinite(a.after_scores[i * num_experts_ + j]), "replay: after_scores[", i,
+                  ", ", j, "] is not finite");
+    }
+    for (std::int64_t j = 0; a.after_prefetch != nullptr && j < a.a; ++j) {
+      const int e = a.after_prefetch[i * a.a + j];
+      MOERT_CHECK(e == -1 || (e >= 0 && e < num_experts_), "replay: after_prefetch[", i, ", ", j,
+                  "]=", e, " is out of range [0, ", num_experts_, ") (use -1 for padding)");
+    }
   }
   const CacheStats before = stats_;
   for (std::int64_t i = 0; i < a.steps; ++i) {
@@ -516,16 +551,46 @@ CacheStats SlabCache::replay(const ReplayArgs& a) {
       prefetch_locked(pl, distinct, &loads);
     }
     distinct_locked(a.experts + i * a.k, a.k, true, &distinct);
-    a.hits_per_step[i] = pin_access_locked(layer, distinct, &slots, &loads);
-    for (int s : slots) unpin_locked(s);
+    a.hits_per_step[i] = replay_access_locked(layer, &distinct, &slots, &loads);
     if (a.priorities != nullptr) {
       for (std::int64_t j = 0; j < a.k; ++j) {
         const int e = a.experts[i * a.k + j];
         if (e >= 0) set_priority_locked(layer, e, a.priorities[i * a.k + j]);
       }
     }
+    if (a.after_scores != nullptr) {
+      for (int e = 0; e < num_experts_; ++e) {
+        set_priority_locked(layer, e, a.after_scores[i * num_experts_ + e]);
+      }
+    }
+    if (a.after_prefetch != nullptr) {
+      distinct_locked(a.after_prefetch + i * a.a, a.a, true, &distinct);
+      prefetch_locked(layer, distinct, &loads);
+    }
   }
   return stats_ - before;
+}
+
+int SlabCache::replay_access_locked(int layer, std::vector<std::int32_t>* distinct,
+                                    std::vector<std::int32_t>* slots,
+                                    std::vector<std::int32_t>* loads) {
+  const auto n = static_cast<std::size_t>(num_slots_);
+  if (distinct->size() <= n) {
+    const int hits = pin_access_locked(layer, *distinct, slots, loads);
+    for (int s : *slots) unpin_locked(s);
+    return hits;
+  }
+  std::sort(distinct->begin(), distinct->end());
+  std::stable_partition(distinct->begin(), distinct->end(),
+                        [&](int e) { return table_[key_of(layer, e)] >= 0; });
+  int hits = 0;
+  std::vector<std::int32_t> wave;
+  for (std::size_t w0 = 0; w0 < distinct->size(); w0 += n) {
+    wave.assign(distinct->begin() + w0, distinct->begin() + std::min(w0 + n, distinct->size()));
+    hits += pin_access_locked(layer, wave, slots, loads);
+    for (int s : *slots) unpin_locked(s);
+  }
+  return hits;
 }
 
 void SlabCache::close() {

@@ -271,7 +271,9 @@ class Offloader(OffloaderBase):
             self.pool.reset_stats()
 
     def close(self) -> None:
-        with contextlib.suppress(RuntimeError):  # a copy failed (raised where it was used); close anyway
+        # queued copies finish; a dead lane (every call said so) or a copy failure still to report
+        # does not keep the engine open
+        with contextlib.suppress(RuntimeError):
             self.engine.synchronize()
         if self.is_cuda:
             torch.cuda.synchronize(

@@ -229,6 +229,9 @@ class SlabCache:
         prefetch: Any = None,
         prefetch_layers: Any = None,
         priorities: Any = None,
+        after_scores: Any = None,
+        after_prefetch: Any = None,
+        waves: bool = False,
     ) -> dict[str, Any]:
         """Replays N steps in C++ (the GIL released).
 
@@ -238,6 +241,12 @@ class SlabCache:
             prefetch: (N, m) int or None; prefetched before step i's access, -1 pads.
             prefetch_layers: (N,) int or None: the layer step i's prefetch is for (default layers).
             priorities: (N, k) float32 or None: after step i, the priority of those experts.
+            after_scores: (N, E) float32 or None: then all E priorities of step i's layer.
+            after_prefetch: (N, a) int or None: then prefetched into step i's layer, -1 pads (a
+                policy's plan after the call, e.g. ``utility``).
+            waves: a step with more distinct experts than slots streams them in waves of at most
+                the slots, resident first, each part ascending (``moert.sim.step.access``); False:
+                ValueError.
 
         Returns:
             The stats delta (see ``stats``) plus ``hits_per_step``: (N,) int32 tensor.
@@ -246,11 +255,9 @@ class SlabCache:
         exp = int32_array(experts, "experts", 2)
         pre = None if prefetch is None else int32_array(prefetch, "prefetch", 2)
         pre_l = None if prefetch_layers is None else int32_array(prefetch_layers, "prefetch_layers", 1)
-        pri = None
-        if priorities is not None:
-            pri_t = priorities.detach().cpu().numpy() if isinstance(priorities, torch.Tensor) else priorities
-            pri = np.ascontiguousarray(np.asarray(pri_t, dtype=np.float32))
-        out = self._c.replay(lay, exp, pre, pre_l, pri)
+        pri, after = (_float32(a) for a in (priorities, after_scores))
+        after_ids = None if after_prefetch is None else int32_array(after_prefetch, "after_prefetch", 2)
+        out = self._c.replay(lay, exp, pre, pre_l, pri, after, after_ids, bool(waves))
         out["hits_per_step"] = torch.from_numpy(out["hits_per_step"])
         return out
 
@@ -263,6 +270,14 @@ class SlabCache:
             f"SlabCache(slots={self.num_slots}, layers={self.num_layers}, experts={self.num_experts}, "
             f"policy={self.policy!r}, device={self.device!r})"
         )
+
+
+def _float32(a: Any) -> np.ndarray | None:
+    """A tensor or array-like as a contiguous float32 array (None stays None)."""
+    if a is None:
+        return None
+    host = a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else a
+    return np.ascontiguousarray(np.asarray(host, dtype=np.float32))
 
 
 class CopyEngine:

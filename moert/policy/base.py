@@ -238,8 +238,7 @@ class SequencePlan:
     @property
     def stepwise(self) -> bool:
         """True when some plan cannot be a C++ ``replay`` row (it replays access by access)."""
-        before = self.before is not None and not self.before.simple
-        return before or self.after_scores is not None or self.after_ids is not None
+        return self.before is not None and not self.before.simple
 
     @staticmethod
     def concatenate(parts: Sequence[SequencePlan]) -> SequencePlan:

@@ -4,11 +4,12 @@ What stepping the hooks would apply (:mod:`moert.sim.step`) comes as arrays for 
 :func:`replay_plan` applies them to one run's caches in the same order:
 
 - plans that fit the C++ ``replay`` (a prefetch row of the accessed layer before each access, the
-  accessed experts' priorities after it): one ``replay`` per cache per run of steps, cut where the
-  per-token priorities change (set first: setting equal scores again is a no-op) and, per layer, at
-  calls whose union exceeds the cache (streamed in waves, :func:`moert.sim.step.access`);
-- anything else (clears and score rows, lookahead rows into other layers, plans after a call): access
-  by access, a few C++ calls each, in the stepping driver's order.
+  accessed experts' priorities after it, then the layer's E priorities and a prefetch row into it
+  after the call): one ``replay`` per cache per run of steps, cut where the
+  per-token priorities change (set first: setting equal scores again is a no-op); a call whose union
+  exceeds the cache streams in waves inside the replay, as :func:`moert.sim.step.access` does;
+- anything else (clears and score rows, lookahead rows into other layers): access by access, a few
+  C++ calls each, in the stepping driver's order.
 """
 
 from __future__ import annotations
@@ -26,13 +27,12 @@ def replay_plan(caches: Caches, experts: np.ndarray, plan: SequencePlan) -> np.n
     L, T, _ = experts.shape
     if plan.before is not None and plan.before.ids.shape[:2] != (T, L):
         raise RuntimeError(f"plans for {plan.before.ids.shape[:2]} (T, L) steps, experts for {(T, L)}")
-    too_big = distinct_counts(experts) > caches.slots  # [L, T] calls streamed in waves
-    if plan.stepwise or (caches.mode == "global" and too_big.any()):
+    if plan.stepwise:
         return _steps(caches, experts, plan)
     prefetch = None if plan.before is None else plan.before.own_rows()  # [L, T, m]
     if caches.mode == "per-layer":
-        return _per_layer(caches, experts, plan.token_scores, plan.access_scores, prefetch, too_big)
-    return _global(caches, experts, plan.token_scores, plan.access_scores, prefetch)
+        return _per_layer(caches, experts, plan, prefetch)
+    return _global(caches, experts, plan, prefetch)
 
 
 def distinct_counts(experts: np.ndarray) -> np.ndarray:
@@ -56,58 +56,50 @@ def _slice(a: np.ndarray | None, a0: int, a1: int) -> np.ndarray | None:
 
 
 def _per_layer(
-    caches: Caches,
-    experts: np.ndarray,
-    token_scores: np.ndarray | None,
-    access_scores: np.ndarray | None,
-    prefetch: np.ndarray | None,
-    too_big: np.ndarray,
+    caches: Caches, experts: np.ndarray, plan: SequencePlan, prefetch: np.ndarray | None
 ) -> np.ndarray:
     """Per-layer caches, layer by layer: runs of steps in one C++ replay each, cut where the layer's
-    per-token priorities change and around calls streamed in waves."""
+    per-token priorities change."""
     L, T, _ = experts.shape
+    token_scores, access_scores = plan.token_scores, plan.access_scores
     hits = np.zeros((L, T), dtype=np.int64)
     for layer in range(L):
         cache, cl = caches.at(layer)
         ex = experts[layer]  # [T, w]
         pre = None if prefetch is None else prefetch[layer]
         prio = None if access_scores is None else access_scores[layer]
+        after = None if plan.after_scores is None else plan.after_scores[:, layer]  # [T, E]
+        after_ids = None if plan.after_ids is None else plan.after_ids[:, layer]  # [T, w]
         changed = np.zeros(T, dtype=bool)
         if token_scores is not None:
             tp = token_scores[:, layer]  # [T, E]
             changed[0] = True
             changed[1:] = (tp[1:] != tp[:-1]).any(axis=1)
-        wave = too_big[layer]
-        cut = changed | wave
-        cut[1:] |= wave[:-1]
-        for a, b in _runs(cut):
-            if changed[a]:
+        for a, b in _runs(changed):
+            if token_scores is not None:
                 cache.set_priority(cl, caches.all_ids, np.ascontiguousarray(tp[a]))
-            if wave[a]:  # one call: prefetch row, waves, then the call's priorities
-                _prefetch_row(caches, layer, None if pre is None else pre[a])
-                hits[layer, a] = access(caches, layer, ex[a])
-                _access_scores(caches, layer, ex[a], None if prio is None else prio[a])
-                continue
             out = cache.replay(
                 np.full(b - a, cl, dtype=np.int32),
                 np.ascontiguousarray(ex[a:b]),
                 prefetch=_slice(pre, a, b),
                 priorities=_slice(prio, a, b),
+                after_scores=_slice(after, a, b),
+                after_prefetch=_slice(after_ids, a, b),
+                waves=True,
             )
             hits[layer, a:b] = out["hits_per_step"].numpy()
     return hits
 
 
 def _global(
-    caches: Caches,
-    experts: np.ndarray,
-    token_scores: np.ndarray | None,
-    access_scores: np.ndarray | None,
-    prefetch: np.ndarray | None,
+    caches: Caches, experts: np.ndarray, plan: SequencePlan, prefetch: np.ndarray | None
 ) -> np.ndarray:
     """One global cache: runs of tokens in one token-major C++ replay each, cut where the per-token
     priorities change (every layer's set at the run's start)."""
     L, T, _ = experts.shape
+    token_scores, access_scores = plan.token_scores, plan.access_scores
+    after = None if plan.after_scores is None else plan.after_scores.transpose(1, 0, 2)  # [L, T, E]
+    after_ids = None if plan.after_ids is None else plan.after_ids.transpose(1, 0, 2)  # [L, T, w]
     cache = caches.caches[0]
     changed = np.zeros(T, dtype=bool)
     if token_scores is not None:
@@ -123,6 +115,9 @@ def _global(
             _token_major(experts[:, a:b]),
             prefetch=None if prefetch is None else _token_major(prefetch[:, a:b]),
             priorities=None if access_scores is None else _token_major(access_scores[:, a:b]),
+            after_scores=None if after is None else _token_major(after[:, a:b]),
+            after_prefetch=None if after_ids is None else _token_major(after_ids[:, a:b]),
+            waves=True,
         )
         hits[:, a:b] = out["hits_per_step"].numpy().reshape(n, L).T
     return hits
@@ -146,6 +141,14 @@ def _access_scores(caches: Caches, layer: int, ex: np.ndarray, scores: np.ndarra
         valid = ex >= 0
         cache, cl = caches.at(layer)
         cache.set_priority(cl, ex[valid].astype(np.int64), np.ascontiguousarray(scores[valid]))
+
+
+def _after_call(caches: Caches, layer: int, scores: np.ndarray | None, ids: np.ndarray | None) -> None:
+    """A plan after a call of ``layer``: its E priorities, then a prefetch row into it."""
+    if scores is not None:
+        cache, cl = caches.at(layer)
+        cache.set_priority(cl, caches.all_ids, scores)
+    _prefetch_row(caches, layer, ids)
 
 
 def _steps(caches: Caches, experts: np.ndarray, plan: SequencePlan) -> np.ndarray:
@@ -179,9 +182,10 @@ def _steps(caches: Caches, experts: np.ndarray, plan: SequencePlan) -> np.ndarra
                 experts[layer, t],
                 None if plan.access_scores is None else plan.access_scores[layer, t],
             )
-            if plan.after_scores is not None:
-                cache, cl = caches.at(layer)
-                cache.set_priority(cl, caches.all_ids, plan.after_scores[t, layer])
-            if plan.after_ids is not None:
-                _prefetch_row(caches, layer, plan.after_ids[t, layer])
+            _after_call(
+                caches,
+                layer,
+                None if plan.after_scores is None else plan.after_scores[t, layer],
+                None if plan.after_ids is None else plan.after_ids[t, layer],
+            )
     return hits

@@ -21,6 +21,8 @@
 #include <memory>
 #include <string>
 
+#include "moert/faults.h"
+
 namespace moert {
 
 // A stream handle as Python passes it (torch.cuda.current_stream().cuda_stream); 0 is the
@@ -68,6 +70,10 @@ class Backend {
   virtual void destroy_stream(StreamHandle s) noexcept = 0;
   virtual void bind_thread() = 0;
   virtual void copy_async(void* dst, const void* src, std::size_t bytes, StreamHandle s) = 0;
+  // copy_async under the test fault plan (moert/faults.h). Here: a failing copy throws at issue,
+  // `slow` is ignored; the CPU twin and the device model override it.
+  virtual void copy_async_faulty(void* dst, const void* src, std::size_t bytes, StreamHandle s,
+                                 const CopyFault& fault);
   virtual void synchronize_stream(StreamHandle s) = 0;
 
   virtual std::unique_ptr<Event> create_event() = 0;

@@ -71,6 +71,10 @@ class SimBackend final : public Backend {
   void destroy_stream(StreamHandle s) noexcept override;
   void bind_thread() override {}
   void copy_async(void* dst, const void* src, std::size_t bytes, StreamHandle s) override;
+  // A slow copy takes `slow` times its modelled time; a failing one lands no bytes and the next
+  // event recorded on its stream completes with the failure: its synchronize() throws.
+  void copy_async_faulty(void* dst, const void* src, std::size_t bytes, StreamHandle s,
+                         const CopyFault& fault) override;
   void synchronize_stream(StreamHandle s) override;
   std::unique_ptr<Event> create_event() override;
   std::unique_ptr<Event> create_timing_event() override;

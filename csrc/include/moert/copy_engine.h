@@ -30,6 +30,15 @@
 // must be called with the same list (duplicates collapse the same way).
 // release(layer, experts, stream): records each slot's last-use event on `stream`, unpins.
 //
+// Failures. A copy that fails (at issue, or found by the completion thread) loads nothing: the
+// entry leaves the table and its slot is freed once unpinned (SlabCache::fail_locked). An acquire
+// or wait_ready waiting for it raises with the entry, slot and cause, unpinning what it pinned;
+// when a device copy fails after an acquire returned (the caller's stream waited on it: what it
+// computed from the slot is wrong), the next call raises that once (release after unpinning); a
+// failed prefetch only counts. The engine stays usable: the next access copies the entry again. A
+// lane thread that stops on an exception fails the copy it held and makes every later call (but
+// release and close) raise.
+//
 // Predictions (DESIGN §3 step 2). A prediction is, for `n` layers, a row of `width` expert ids
 // (most likely first, -1 = padding) and optionally a row of E scores per layer. Applying one, under
 // the cache lock: the priorities of every expert of the `clear` layers are set to `clear_score`
@@ -82,6 +91,7 @@ struct EngineStats {
   // demand_stall_s is the whole stall.
   double device_stall_s = 0.0;
   std::int64_t device_stall_waits = 0;  // acquires whose stream had to wait (CUDA, sim)
+  std::int64_t failed_copies = 0;       // copies that failed (their entries were not loaded)
   int lanes = 0;
 };
 
@@ -197,6 +207,7 @@ class CopyEngine {
   void issue_locked(std::unique_lock<std::mutex>& lk, int slot, int lane);
   // The lane's completion thread: waits for its copies in issue order, marks them ready.
   void completer(int lane);
+  void complete_flights(std::unique_lock<std::mutex>& lk, int lane, std::deque<Flight>& flights);
   void prediction_worker();
   void check_prediction_args(const std::int32_t* layers, std::int64_t n, const std::int32_t* ids,
                              std::int64_t width, const std::int32_t* clear,
@@ -205,7 +216,9 @@ class CopyEngine {
   int apply_prediction_locked(const std::vector<std::int32_t>& layers, const std::int32_t* ids,
                               std::int64_t width, const float* scores,
                               const std::vector<std::int32_t>& clear, float clear_score);
-  void check_usable_locked(const char* what) const;
+  // Throws when closed, after a lane died, or (once) to report a failure found after acquire
+  // returned.
+  void check_usable_locked(const char* what);
   // Adds the device stall of every timed acquire whose stream has passed its end mark, oldest
   // first; with `block`, first waits until the newest mark is passed (with one caller stream,
   // stats() then counts every acquire so far).
@@ -214,7 +227,15 @@ class CopyEngine {
   // Blocks (cache lock released while waiting) until every slot reaches `need`; throws, unpinning
   // nothing, when the engine closes or a copy fails meanwhile. Returns whether it waited.
   bool wait_slots_locked(std::unique_lock<std::mutex>& lk, const std::vector<std::int32_t>& slots,
-                         SlotState need);
+                         SlotState need, const char* what);
+  // A copy into `slot` failed (`why`): the entry is not loaded (SlabCache::fail_locked); callers
+  // waiting for it, and holders that release it, get the failure with its context.
+  void fail_slot_locked(int slot, const std::string& why);
+  // A lane's thread stops on an exception (`why`), holding `slot` (-1: none): the engine cannot
+  // copy any more; every later call but release and close says so.
+  void lane_died_locked(const char* thread, int lane, int slot, const std::string& why);
+  // The pinned slot of (layer, expert) for wait_ready / release: its table slot, or a failed one.
+  int pinned_slot_locked(int layer, int expert) const;
   // Makes `stream` wait on the slots' ready events (CUDA), timing the wait when a copy may still
   // run (device_stall_s).
   void stream_wait_locked(const std::vector<std::int32_t>& slots, StreamHandle stream);
@@ -242,6 +263,11 @@ class CopyEngine {
   bool stop_ = false;
   std::atomic<bool> closed_{false};
   std::string error_;
+  std::vector<std::string> slot_error_;  // per slot: why its last failed copy failed
+  // Per slot: an acquire returned while its copy ran (the caller's stream waits on it); a failure
+  // of that copy goes to report_, which the next call raises once.
+  std::vector<std::uint8_t> handed_;
+  std::string report_;
   std::uint64_t seq_ = 0;
   int in_flight_ = 0;
   EngineStats stats_;

@@ -3,6 +3,8 @@
 //
 // Slot life: empty -> loading (a copy is queued, not yet issued) -> issuing (a worker took it)
 // -> issued (the copy is in flight; its ready event is recorded) -> ready -> (evicted) -> ...
+// A copy that fails leaves the slot empty and `failed`: the entry leaves the table at once (the
+// next access loads it again) and the slot is free once every holder has unpinned it.
 // A slot with pins > 0 is in use and never evicted. Victims are chosen among unpinned ready
 // slots by the policy, lowest key first:
 //   lru       (last access tick)
@@ -83,7 +85,15 @@ struct ReplayArgs {
   std::int64_t m = 0;
   const std::int32_t* prefetch_layers = nullptr;  // (N,) or null (= layers)
   const float* priorities = nullptr;              // (N, k) or null
-  std::int32_t* hits_per_step = nullptr;          // (N,) output
+  // After step i's access (and its priorities): all E priorities of its layer, then a prefetch
+  // into its layer (a policy's plan after the call, e.g. utility).
+  const float* after_scores = nullptr;           // (N, E) or null
+  const std::int32_t* after_prefetch = nullptr;  // (N, a) or null, -1 = padding
+  std::int64_t a = 0;
+  // A step with more distinct experts than slots streams them in waves of at most the slots,
+  // resident first, each part ascending by id (the runtime's order); false: it is an error.
+  bool waves = false;
+  std::int32_t* hits_per_step = nullptr;  // (N,) output
 };
 
 class SlabCache {
@@ -160,6 +170,8 @@ class SlabCache {
     bool in_evict = false;
     bool in_cancel = false;
     bool last_use_recorded = false;
+    // Its copy failed: out of the table (key kept for messages), free once its pins reach 0.
+    bool failed = false;
     std::uint32_t gen = 0;
     std::uint64_t tick = 0;
     std::uint64_t freq = 0;
@@ -200,6 +212,11 @@ class SlabCache {
   int pin_access_locked(int layer, const std::vector<std::int32_t>& distinct,
                         std::vector<std::int32_t>* slots, std::vector<std::int32_t>* loads);
   void unpin_locked(int slot);
+  // The slot's copy failed: the entry is not loaded (see Slot::failed).
+  void fail_locked(int slot);
+  // One replay step's access of `distinct` (sorted in place when it streams in waves); the hits.
+  int replay_access_locked(int layer, std::vector<std::int32_t>* distinct,
+                           std::vector<std::int32_t>* slots, std::vector<std::int32_t>* loads);
   int prefetch_locked(int layer, const std::vector<std::int32_t>& distinct,
                       std::vector<std::int32_t>* queued);
   void set_priority_locked(int layer, int expert, float score);
