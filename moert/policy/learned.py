@@ -1,9 +1,10 @@
 """``learned``: eviction by a learned forecast of each expert's next use (toward Belady).
 
-After each call of MoE layer l (token t), the policy updates its online state
-(:class:`moert.predict.reuse.ReuseState`), asks the ``reuse`` model (``moert train --predictor reuse``)
-for every expert's forecast ``g = E[log2 min(d, 128)]`` of the calls d to its next use at l, and
-replaces the layer's E priorities by (C++ ``priority``: lowest evicted first, ties by recency)::
+When the router of MoE layer l has picked (token t; the experts are not acquired yet), the policy
+updates its online state with the call's experts (:class:`moert.predict.reuse.ReuseState`), asks the
+``reuse`` model (``moert train --predictor reuse``) for every expert's forecast ``g = E[log2 min(d,
+128)]`` of the calls d to its next use at l after this one, and replaces the layer's E priorities by
+(C++ ``priority``: lowest evicted first, ties by recency)::
 
     priority(l, e) = -((t mod W) + 2 ** g + l / L)          W = 4096 tokens
 
@@ -15,8 +16,13 @@ for the one token after a wrap the rows pushed before it look W tokens later tha
 first). The runtime and the simulator run the same numpy code (float64, the forecast rounded to
 1/256), so both make the same decisions.
 
-Hook: ``after_call`` (runtime and simulator). Fast path: the same calls for a whole sequence, the rows
-as ``after_scores`` (replayed access by access).
+The call's own experts are pinned while it runs, so the misses of this call already evict by what is
+known after routing: the forecast starts one token later than it would after the call (``after_call``),
+which is worth about as much as knowing the next token's experts (bench/results/sim_evict_puffin.md).
+
+Hook: ``on_routed`` (runtime and simulator). Fast path: the same rows for a whole sequence as the
+``before`` scores of each access (replayed access by access); ``learned+PREFETCH`` is stepped (its
+prefetcher's ``on_prediction`` plans come before these rows).
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from moert.policy.base import Plan, Policy, SequencePlan
+from moert.policy.base import Plan, Policy, Predictions, SequencePlan
 
 if TYPE_CHECKING:
     from moert.trace import SequenceTrace
@@ -48,6 +54,9 @@ class Learned(Policy):
     name = "learned"
     cache_policy = "priority"
     fast_path = True
+    #: its plans come before each access (``on_routed``): a prefetcher's plans of ``on_prediction`` come
+    #: earlier, which ``Predictions`` cannot express, so ``learned+PREFETCH`` is stepped
+    plans_before_access = True
 
     def __init__(self, evictor: Any = None) -> None:
         self.path = evictor if isinstance(evictor, (str, bytes)) or hasattr(evictor, "__fspath__") else None
@@ -79,25 +88,43 @@ class Learned(Policy):
             )
         self.state = ReuseState(num_layers, num_experts)
 
+    def _priorities(self, layers: np.ndarray, clocks: np.ndarray, g: np.ndarray) -> np.ndarray:
+        """(N, E) float32 priorities of N calls (layers, clocks: (N,) the layer and its call index)."""
+        t = (clocks % WRAP).astype(np.float64)[:, None]
+        return (-(t + np.exp2(g) + (layers / self.num_layers)[:, None])).astype(np.float32)
+
     def priorities(self, layer: int, used: np.ndarray) -> np.ndarray:
         """Updates the state with a call of ``layer`` that used ``used`` (E,) bool; (E,) float32 priorities."""
         state = self.state
         state.update(layer, used)
-        g = self.model.log2_distance(layer, state.features(layer), used, state.previous_layer_used(layer))
-        t = float((state.clock[layer] - 1) % WRAP)
-        return (-(t + np.exp2(g) + layer / self.num_layers)).astype(np.float32)
+        prev = state.previous_layer_used(layer)
+        g = self.model.log2_distance(layer, state.features(layer)[None], used[None], prev[None])
+        layers = np.array([layer])
+        return self._priorities(layers, state.clock[layers] - 1, g)[0]
 
-    def after_call(self, layer: int, counts: np.ndarray) -> Plan:
+    def on_routed(self, layer: int, counts: np.ndarray, resident: np.ndarray) -> Plan:
         return Plan((layer,), scores=self.priorities(layer, np.asarray(counts) > 0)[None])
 
     def sequence_plan(self, seq: SequenceTrace) -> SequencePlan:
+        """Every call of ``seq`` at once: the state advanced token by token (all layers together, as the
+        calls would), then one forward pass over the (T, L) calls."""
         ex = seq.experts.numpy()  # [L, T, w]
         L, T, _ = ex.shape
-        out = np.empty((T, L, self.num_experts), dtype=np.float32)
+        E, state = self.num_experts, self.state
+        tl = ex.transpose(1, 0, 2)  # [T, L, w]
+        hot = np.zeros((T, L, E), dtype=bool)  # [T, L, E] each call's experts
+        t_idx, l_idx, j_idx = np.nonzero(tl >= 0)
+        hot[t_idx, l_idx, tl[t_idx, l_idx, j_idx]] = True
+        feats, clocks = [], np.empty((T, L), dtype=np.int64)
         for t in range(T):
-            for layer in range(L):
-                row = ex[layer, t]
-                used = np.zeros(self.num_experts, dtype=bool)
-                used[row[row >= 0]] = True
-                out[t, layer] = self.priorities(layer, used)
-        return SequencePlan(after_scores=out)
+            state.update(slice(None), hot[t])
+            feats.append(state.features(slice(None)))  # [L, E, F]
+            clocks[t] = state.clock - 1
+        if not T:
+            return SequencePlan(after_scores=np.zeros((0, L, E), dtype=np.float32))
+        x = np.stack(feats).reshape(T * L, E, -1)
+        prev = np.concatenate([np.zeros((T, 1, E), dtype=bool), hot[:, :-1]], axis=1)
+        layers = np.tile(np.arange(L), T)
+        g = self.model.log2_distance(layers, x, hot.reshape(T * L, E), prev.reshape(T * L, E))
+        out = self._priorities(layers, clocks.reshape(-1), g).reshape(T, L, 1, E)
+        return SequencePlan(before=Predictions(np.full((T, L, 1, 0), -1, dtype=np.int32), out))

@@ -177,6 +177,8 @@ class ReuseModel:
         s_self, s_prev: (H,) their weight per horizon.
         groups: the feature groups the model was trained with (others are zero).
         info: training provenance (trace, split, curve, metrics).
+        horizons_used: the forecast is E[log2 min(d, 2 n)] over the first this many horizons (n the
+            last one's): the horizon the eviction looks ahead.
     """
 
     w1: np.ndarray
@@ -190,6 +192,7 @@ class ReuseModel:
     s_prev: np.ndarray
     groups: tuple[str, ...] = FEATURE_GROUPS
     info: dict[str, Any] = field(default_factory=dict)
+    horizons_used: int = len(HORIZONS)
 
     TENSORS = ("w1", "c1", "w2", "c2", "bias", "coact_self", "coact_prev", "s_self", "s_prev")
 
@@ -201,17 +204,25 @@ class ReuseModel:
     def num_experts(self) -> int:
         return self.bias.shape[1]
 
-    def logits(self, layer: int, x: np.ndarray, used: np.ndarray, prev: np.ndarray) -> np.ndarray:
-        """(E, H) float64 logits of layer ``layer`` from features x (E, F) and this token's experts at l
-        and l-1 ((E,) bool each)."""
-        h = np.maximum(x @ self.w1 + self.c1, 0.0) @ self.w2 + self.c2 + self.bias[layer]
-        co_self = used.astype(np.float64) @ self.coact_self[layer]  # [E]
-        co_prev = prev.astype(np.float64) @ self.coact_prev[layer]
-        return h + co_self[:, None] * self.s_self + co_prev[:, None] * self.s_prev
+    def logits(self, layers: Any, x: np.ndarray, used: np.ndarray, prev: np.ndarray) -> np.ndarray:
+        """(N, E, H) float64 logits of N calls of ``layers`` ((N,) ints) from features x (N, E, F) and
+        each call's experts at l and l-1 ((N, E) bool each)."""
+        layers = np.asarray(layers, dtype=np.int64).reshape(-1)
+        N, E, F = x.shape
+        flat = np.ascontiguousarray(x, dtype=np.float64).reshape(N * E, F)  # 2-D: one BLAS call
+        h = (np.maximum(flat @ self.w1 + self.c1, 0.0) @ self.w2).reshape(N, E, -1) + self.c2 + self.bias[layers]
+        co_self = np.empty(used.shape, dtype=np.float64)  # [N, E]
+        co_prev = np.empty(used.shape, dtype=np.float64)
+        for layer in np.unique(layers):  # rows of one layer share their (E, E) matrices
+            rows = np.flatnonzero(layers == layer)
+            co_self[rows] = used[rows].astype(np.float64) @ self.coact_self[layer]
+            co_prev[rows] = prev[rows].astype(np.float64) @ self.coact_prev[layer]
+        return h + co_self[..., None] * self.s_self + co_prev[..., None] * self.s_prev
 
-    def log2_distance(self, layer: int, x: np.ndarray, used: np.ndarray, prev: np.ndarray) -> np.ndarray:
-        """(E,) float64 forecast E[log2 min(d, 128)], rounded to 1/QUANTUM."""
-        p = 1.0 / (1.0 + np.exp(-self.logits(layer, x, used, prev)))
+    def log2_distance(self, layers: Any, x: np.ndarray, used: np.ndarray, prev: np.ndarray) -> np.ndarray:
+        """(N, E) float64 forecast E[log2 min(d, 128)] of N calls (as :meth:`logits`), rounded to 1/QUANTUM."""
+        logits = self.logits(layers, x, used, prev)[..., : self.horizons_used]
+        p = 1.0 / (1.0 + np.exp(-logits))
         return np.round((1.0 - p).sum(axis=-1) * QUANTUM) / QUANTUM
 
     @staticmethod
@@ -250,7 +261,8 @@ def save_reuse(
     """Writes the model as a predictor file of kind ``reuse`` (safetensors + JSON header)."""
     from moert.predict.io import save_predictor
 
-    extra = {"groups": list(model.groups), "horizons": list(HORIZONS), "decays": list(DECAYS)}
+    extra = {"groups": list(model.groups), "horizons": list(HORIZONS), "decays": list(DECAYS),
+             "horizons_used": model.horizons_used}  # fmt: skip
     return save_predictor(path, _meta(model, model_type, layers, top_k), model.tensors(), extra)
 
 
@@ -280,4 +292,7 @@ def load_reuse(path: str | os.PathLike) -> tuple[ReuseModel, PredictorMeta]:
         if len(got) != len(shape) or any(s is not None and s != g for s, g in zip(shape, got)):
             raise ValueError(f"{path}: tensor {name!r} has shape {got}, expected {shape}; corrupt file?")
     groups = tuple(extra.get("groups", FEATURE_GROUPS))
-    return ReuseModel(**arrays, groups=groups, info=dict(meta.train)), meta
+    used = extra.get("horizons_used", len(HORIZONS))
+    if not (isinstance(used, int) and 1 <= used <= len(HORIZONS)):
+        raise ValueError(f"{path}: horizons_used={used!r} must be an int in 1..{len(HORIZONS)}")
+    return ReuseModel(**arrays, groups=groups, info=dict(meta.train), horizons_used=used), meta

@@ -45,6 +45,9 @@ class ReuseTrainConfig:
         seed: seeds torch, the batch order and the sampling offset.
         threads: ``torch.set_num_threads``.
         groups: the feature groups used (:data:`FEATURE_GROUPS`); the others are zero.
+        focus: > 0: the loss weighs the ``focus`` most recently used experts of the layer by 1 and the
+            others by ``focus_weight`` (the eviction only ever compares resident experts, which are
+            mostly the recent ones); 0: every expert alike.
     """
 
     hidden: int = 32
@@ -57,6 +60,8 @@ class ReuseTrainConfig:
     seed: int = 0
     threads: int = 1
     groups: tuple[str, ...] = FEATURE_GROUPS
+    focus: int = 0
+    focus_weight: float = 0.1
 
 
 def feature_mask(groups: Sequence[str]) -> np.ndarray:
@@ -75,13 +80,15 @@ def feature_mask(groups: Sequence[str]) -> np.ndarray:
 
 @dataclass
 class ReuseData:
-    """Examples: x (M, E, F) float32, layer (M,) int64, used / prev (M, E) bool, dist (M, E) int64 (0 = never)."""
+    """Examples: x (M, E, F) float32, layer (M,) int64, used / prev (M, E) bool, dist (M, E) int64 (0 =
+    never), rank (M, E) int64 recency rank of e in its layer (0: used last; never used: E)."""
 
     x: torch.Tensor
     layer: torch.Tensor
     used: torch.Tensor
     prev: torch.Tensor
     dist: torch.Tensor
+    rank: torch.Tensor
 
     def __len__(self) -> int:
         return int(self.layer.shape[0])
@@ -97,7 +104,7 @@ def build_data(experts: np.ndarray, num_experts: int, stride: int = 1, offset: i
     dist = next_use_distance(experts, num_experts)  # [N, L, E]
     state = ReuseState(L, num_experts)
     rows = np.arange(L)[:, None]
-    xs, used, prev, ds = [], [], [], []
+    xs, used, prev, ds, ranks = [], [], [], [], []
     for t in range(N):
         hot = np.zeros((L, num_experts), dtype=bool)
         ids = experts[:, t]
@@ -108,6 +115,8 @@ def build_data(experts: np.ndarray, num_experts: int, stride: int = 1, offset: i
             used.append(hot)
             prev.append(np.concatenate([np.zeros((1, num_experts), dtype=bool), hot[:-1]]))
             ds.append(dist[t])
+            key = np.where(state.last >= 0, state.last, -1)  # [L, E]
+            ranks.append(np.argsort(np.argsort(-key, axis=1, kind="stable"), axis=1, kind="stable"))
     n = len(xs)
     return ReuseData(
         x=torch.from_numpy(np.stack(xs).reshape(n * L, num_experts, -1)),
@@ -115,6 +124,7 @@ def build_data(experts: np.ndarray, num_experts: int, stride: int = 1, offset: i
         used=torch.from_numpy(np.stack(used).reshape(n * L, num_experts)),
         prev=torch.from_numpy(np.stack(prev).reshape(n * L, num_experts)),
         dist=torch.from_numpy(np.stack(ds).reshape(n * L, num_experts)),
+        rank=torch.from_numpy(np.stack(ranks).reshape(n * L, num_experts).astype(np.int16)),
     )
 
 
@@ -154,17 +164,21 @@ def _targets(dist: torch.Tensor) -> torch.Tensor:
     return ((dist.unsqueeze(-1) > 0) & (dist.unsqueeze(-1) <= n)).float()  # [B, E, H]
 
 
-def _loss(net: _Net, data: ReuseData, idx: torch.Tensor) -> torch.Tensor:
+def _loss(net: _Net, data: ReuseData, idx: torch.Tensor, focus: int = 0, focus_weight: float = 1.0) -> torch.Tensor:
     logits = net(data.x[idx], data.layer[idx], data.used[idx], data.prev[idx])
-    return torch.nn.functional.binary_cross_entropy_with_logits(logits, _targets(data.dist[idx]))
+    if focus <= 0:
+        return torch.nn.functional.binary_cross_entropy_with_logits(logits, _targets(data.dist[idx]))
+    w = torch.where(data.rank[idx] < focus, 1.0, focus_weight).unsqueeze(-1).expand_as(logits)  # [B, E, H]
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, _targets(data.dist[idx]), weight=w, reduction="sum")
+    return loss / w.sum()
 
 
-def _evaluate(net: _Net, data: ReuseData, batch: int = 2048) -> float:
+def _evaluate(net: _Net, data: ReuseData, cfg: ReuseTrainConfig, batch: int = 2048) -> float:
     with torch.no_grad():
         total = 0.0
         for a in range(0, len(data), batch):
             idx = torch.arange(a, min(a + batch, len(data)))
-            total += float(_loss(net, data, idx)) * len(idx)
+            total += float(_loss(net, data, idx, cfg.focus, cfg.focus_weight)) * len(idx)
     return total / max(len(data), 1)
 
 
@@ -185,7 +199,7 @@ def train_reuse(
             [{"params": others}, {"params": decayed, "weight_decay": cfg.weight_decay}], lr=cfg.lr
         )
         gen = torch.Generator().manual_seed(cfg.seed)
-        curve = [{"epoch": 0, "train_loss": None, "val_loss": _evaluate(net, val), "seconds": 0.0}]
+        curve = [{"epoch": 0, "train_loss": None, "val_loss": _evaluate(net, val, cfg), "seconds": 0.0}]
         best, best_state, bad = curve[0]["val_loss"], None, 0
         t0 = time.perf_counter()
         for epoch in range(1, cfg.epochs + 1):
@@ -193,12 +207,12 @@ def train_reuse(
             total = 0.0
             for a in range(0, len(train), cfg.batch_size):
                 idx = order[a : a + cfg.batch_size]
-                loss = _loss(net, train, idx)
+                loss = _loss(net, train, idx, cfg.focus, cfg.focus_weight)
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
                 total += float(loss.detach()) * len(idx)
-            v = _evaluate(net, val)
+            v = _evaluate(net, val, cfg)
             curve.append({"epoch": epoch, "train_loss": total / len(train), "val_loss": v,
                           "seconds": round(time.perf_counter() - t0, 1)})  # fmt: skip
             if log is not None:

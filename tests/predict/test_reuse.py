@@ -117,7 +117,8 @@ def test_file_round_trip(tmp_path):
         np.testing.assert_array_equal(getattr(back, name), getattr(model, name))
     x = np.random.default_rng(0).random((8, model.w1.shape[0]))
     used = np.arange(8) < 2
-    assert np.array_equal(back.log2_distance(1, x, used, ~used), model.log2_distance(1, x, used, ~used))
+    a = back.log2_distance(1, x[None], used[None], ~used[None])
+    assert np.array_equal(a, model.log2_distance(1, x[None], used[None], ~used[None]))
 
 
 def test_a_reuse_file_is_not_a_routing_predictor_and_vice_versa(tmp_path):
