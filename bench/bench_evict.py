@@ -137,11 +137,11 @@ def markdown(result: dict) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
-        g = lambda k: "" if r.get(k) is None else f"{100 * r[k]:.1f}%"  # noqa: E731
+        g = lambda k, r=r: "" if r.get(k) is None else f"{100 * r[k]:.1f}%"  # noqa: E731
         lines.append(f"| {r['mode']} | {r['policy']} | {r['capacity']} | {r['hit_rate']:.3f} | "
                      f"{r['predicted_tok_s']:.1f} | {g('gap_hit')} | {g('gap_tok_s')} |")  # fmt: skip
     if result.get("ablations"):
-        lines += ["", "## Ablations (capacity %s)" % result["ablation_capacity"], "",
+        lines += ["", f"## Ablations (capacity {result['ablation_capacity']})", "",
                   "| variant | mode | hit rate | tok/s | gap (hit) | gap (tok/s) |", "|---|---|---|---|---|---|"]  # fmt: skip
         for r in result["ablations"]:
             lines.append(f"| {r['variant']} | {r['mode']} | {r['hit_rate']:.3f} | {r['predicted_tok_s']:.1f} | "

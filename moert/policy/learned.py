@@ -41,7 +41,9 @@ __all__ = ["WRAP", "Learned"]
 #: tokens after which the priority clock wraps
 WRAP = 4096
 
-EVICTOR_HELP = "give a reuse model: --evictor R.safetensors (made by `moert train --trace DIR --predictor reuse`)"
+EVICTOR_HELP = (
+    "give a reuse model: --evictor R.safetensors (made by `moert train --trace DIR --predictor reuse`)"
+)
 
 
 class Learned(Policy):

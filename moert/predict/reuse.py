@@ -210,7 +210,11 @@ class ReuseModel:
         layers = np.asarray(layers, dtype=np.int64).reshape(-1)
         N, E, F = x.shape
         flat = np.ascontiguousarray(x, dtype=np.float64).reshape(N * E, F)  # 2-D: one BLAS call
-        h = (np.maximum(flat @ self.w1 + self.c1, 0.0) @ self.w2).reshape(N, E, -1) + self.c2 + self.bias[layers]
+        h = (
+            (np.maximum(flat @ self.w1 + self.c1, 0.0) @ self.w2).reshape(N, E, -1)
+            + self.c2
+            + self.bias[layers]
+        )
         co_self = np.empty(used.shape, dtype=np.float64)  # [N, E]
         co_prev = np.empty(used.shape, dtype=np.float64)
         for layer in np.unique(layers):  # rows of one layer share their (E, E) matrices
@@ -249,7 +253,11 @@ def _meta(model: ReuseModel, model_type: str, layers: tuple[int, ...], top_k: in
         num_experts=model.num_experts,
         top_k=top_k,
         arch="mlp-coact",
-        dims={"hidden": int(model.w1.shape[1]), "features": int(model.w1.shape[0]), "horizons": list(HORIZONS)},
+        dims={
+            "hidden": int(model.w1.shape[1]),
+            "features": int(model.w1.shape[0]),
+            "horizons": list(HORIZONS),
+        },
         loss="bce",
         train=model.info,
     )

@@ -164,12 +164,16 @@ def _targets(dist: torch.Tensor) -> torch.Tensor:
     return ((dist.unsqueeze(-1) > 0) & (dist.unsqueeze(-1) <= n)).float()  # [B, E, H]
 
 
-def _loss(net: _Net, data: ReuseData, idx: torch.Tensor, focus: int = 0, focus_weight: float = 1.0) -> torch.Tensor:
+def _loss(
+    net: _Net, data: ReuseData, idx: torch.Tensor, focus: int = 0, focus_weight: float = 1.0
+) -> torch.Tensor:
     logits = net(data.x[idx], data.layer[idx], data.used[idx], data.prev[idx])
     if focus <= 0:
         return torch.nn.functional.binary_cross_entropy_with_logits(logits, _targets(data.dist[idx]))
     w = torch.where(data.rank[idx] < focus, 1.0, focus_weight).unsqueeze(-1).expand_as(logits)  # [B, E, H]
-    loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, _targets(data.dist[idx]), weight=w, reduction="sum")
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(
+        logits, _targets(data.dist[idx]), weight=w, reduction="sum"
+    )
     return loss / w.sum()
 
 
@@ -226,7 +230,12 @@ def train_reuse(
                     break
         if best_state is not None:
             net.load_state_dict(best_state)
-        meta = {**(info or {}), "curve": curve, "best_val_loss": best, "config": cfg.__dict__ | {"groups": list(cfg.groups)}}
+        meta = {
+            **(info or {}),
+            "curve": curve,
+            "best_val_loss": best,
+            "config": cfg.__dict__ | {"groups": list(cfg.groups)},
+        }
         return net.export(cfg.groups, meta)
     finally:
         torch.set_num_threads(threads)

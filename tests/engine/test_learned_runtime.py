@@ -87,7 +87,9 @@ def test_learned_decides_differently_from_lru():
         h.undo()
     assert torch.equal(runs["lru"][0][1], runs["learned"][0][1])
     assert runs["learned"][1].misses > 0
-    assert runs["learned"][1].misses != runs["lru"][1].misses or runs["learned"][1].hits != runs["lru"][1].hits
+    assert (
+        runs["learned"][1].misses != runs["lru"][1].misses or runs["learned"][1].hits != runs["lru"][1].hits
+    )
 
 
 @pytest.mark.parametrize(
@@ -95,7 +97,10 @@ def test_learned_decides_differently_from_lru():
     [
         ({"policy": "learned"}, "policy='learned' evicts by a reuse model: pass evictor="),
         ({"policy": "lru", "evictor": "r.safetensors"}, "evictor= is the model of policy='learned'"),
-        ({"policy": "learned", "evictor": "r.safetensors", "backend": "reference"}, "needs backend='runtime'"),
+        (
+            {"policy": "learned", "evictor": "r.safetensors", "backend": "reference"},
+            "needs backend='runtime'",
+        ),
     ],
 )
 def test_config_errors_name_the_fix(kwargs, message):

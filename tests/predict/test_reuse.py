@@ -126,11 +126,15 @@ def test_a_reuse_file_is_not_a_routing_predictor_and_vice_versa(tmp_path):
     from moert.predict.io import load_predictor, save_predictor
     from moert.trace import SequenceTrace, TraceMeta
 
-    reuse = save_reuse(tmp_path / "r.safetensors", ReuseModel.random(2, 8), model_type="t", layers=(1, 2), top_k=2)
+    reuse = save_reuse(
+        tmp_path / "r.safetensors", ReuseModel.random(2, 8), model_type="t", layers=(1, 2), top_k=2
+    )
     with pytest.raises(ValueError, match="is a reuse \\(eviction\\) model.*--evictor"):
         load_predictor(reuse)
     meta = TraceMeta("t", (1, 2), 8, 2)
-    seq = SequenceTrace(0, torch.arange(4), torch.zeros(2, 4, 2, dtype=torch.long), torch.ones(4, dtype=torch.bool))
+    seq = SequenceTrace(
+        0, torch.arange(4), torch.zeros(2, 4, 2, dtype=torch.long), torch.ones(4, dtype=torch.bool)
+    )
     freq = FrequencyPredictor.fit(meta, [seq])
     tensors, extra = freq.state()
     path = save_predictor(tmp_path / "f.safetensors", freq.meta, tensors, extra)

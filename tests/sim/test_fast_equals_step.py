@@ -165,7 +165,12 @@ def check(trace, specs, capacities, mode, label, verify_tokens=1, simulated=True
         want = [replay_both(replayed, spec, c, mode, objects, label) for c in capacities]
         if simulated or not make_policy(spec, objects).fast_path:
             cfg = SimConfig(
-                capacities, (spec,), mode, chunk_tokens=20, verify_tokens=verify_tokens, evictor=evictor(trace.meta)
+                capacities,
+                (spec,),
+                mode,
+                chunk_tokens=20,
+                verify_tokens=verify_tokens,
+                evictor=evictor(trace.meta),
             )
             rows = simulate(trace, cfg, prefetchers=objects)["results"]
             got = [{"hits": r["hits"], "cache_stats": r["cache_stats"]} for r in rows]
