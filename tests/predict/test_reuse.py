@@ -182,3 +182,37 @@ def test_learned_beats_lru_where_recency_is_wrong(tmp_path):
         hit[name] = simulate(trace, cfg_sim)["results"][0]["hit_rate"]
     assert hit["lru"] < 0.1 and hit["belady"] > 0.6, hit
     assert hit["learned"] > hit["lru"] + 0.4, hit
+
+
+def test_cli_train_reuse_then_simulate_learned(tmp_path, capsys):
+    """`moert train --predictor reuse` then `moert simulate --policy learned --evictor`; a routing
+    predictor given as --evictor and a reuse file given as a prefetcher are one clear line each."""
+    import subprocess
+    import sys
+
+    from moert.cli import main
+    from moert.trace import SequenceTrace
+    from moert.trace.store import TraceWriter
+
+    trace = tmp_path / "trace"
+    with TraceWriter(trace, model_type="test", layers=range(2), num_experts=10, top_k=1) as w:
+        for i in range(10):
+            ex = torch.from_numpy(periodic_experts(2, 60, 5, 0.05, seed=i))
+            w.add(SequenceTrace(i, torch.arange(60), ex, torch.ones(60, dtype=torch.bool)))
+    out = tmp_path / "r.safetensors"
+    argv = ["train", "--trace", str(trace), "--predictor", "reuse", "--out", str(out), "--epochs", "2"]
+    assert main([*argv, "--stride", "1", "--threads", "1", "--no-progress"]) == 0
+    assert "saved" in capsys.readouterr().out and load_reuse(out)[1].kind == "reuse"
+    js = tmp_path / "sim.json"
+    argv = ["simulate", str(trace), "--policy", "lru,learned", "--evictor", str(out), "--capacity", "0.4"]
+    assert main([*argv, "--no-progress", "--json", str(js)]) == 0
+    capsys.readouterr()
+    for bad, want in (
+        (["--policy", "learned", "--evictor", str(js)], "not a readable safetensors file"),
+        (["--policy", "learned"], "policy 'learned' has no model: give a reuse model: --evictor"),
+        (["--policy", f"lru+{out}"], "is a reuse (eviction) model, not a routing predictor"),
+    ):
+        cmd = [sys.executable, "-m", "moert", "simulate", str(trace), "--no-progress", *bad]
+        got = subprocess.run(cmd, capture_output=True, text=True)
+        assert got.returncode == 2 and "Traceback" not in got.stderr, got.stderr
+        assert want in got.stderr, got.stderr
