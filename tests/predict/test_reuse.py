@@ -216,3 +216,23 @@ def test_cli_train_reuse_then_simulate_learned(tmp_path, capsys):
         got = subprocess.run(cmd, capture_output=True, text=True)
         assert got.returncode == 2 and "Traceback" not in got.stderr, got.stderr
         assert want in got.stderr, got.stderr
+
+
+def test_priorities_order_as_belady_when_the_forecast_is_exact():
+    """With g = log2(d) exact, the pushed priorities order (layer, expert) entries as Belady's step of
+    the next use, (t + d) * L + l, across layers pushed this token or the one before (one global cache)."""
+    from moert.policy.learned import Learned
+
+    L, E = 6, 4
+    policy = Learned(ReuseModel.random(L, E))
+    policy.bind(L, E, 1)
+    g = np.random.default_rng(0)
+    n = 400
+    layers = g.integers(0, L, n)
+    now = 100
+    clocks = np.where(layers < 3, now, now - 1)  # layers 0-2 ran in this token, 3-5 in the previous one
+    d = g.integers(1, 60, n)
+    prio = policy._priorities(layers, clocks, np.log2(d)[:, None].astype(np.float64))[:, 0]
+    step = (clocks + d) * L + layers
+    order = np.lexsort((-prio,))  # highest priority (kept longest) first
+    assert np.all(np.diff(step[order]) >= 0), "priorities do not follow the next-use steps"
