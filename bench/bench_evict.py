@@ -146,6 +146,9 @@ def markdown(result: dict) -> str:
         for r in result["ablations"]:
             lines.append(f"| {r['variant']} | {r['mode']} | {r['hit_rate']:.3f} | {r['predicted_tok_s']:.1f} | "
                          f"{100 * r['gap_hit']:.1f}% | {100 * r['gap_tok_s']:.1f}% |")  # fmt: skip
+    cfg = result["training"].get("config", {})
+    lines += ["", f"Model: {result.get('model', 'trained here')}; training: {json.dumps(cfg)}; horizons used "
+              f"{result['horizons_used']} (the eviction's look-ahead: E[log2 min(d, {2 * HORIZONS[result['horizons_used'] - 1]})])."]  # fmt: skip
     curve = result["training"].get("curve", [])
     lines += [
         "",
@@ -195,9 +198,15 @@ def main(argv=None) -> int:
         help="ablation: retrain without each of these feature groups",
     )
     p.add_argument("--out", default=str(REPO / "bench/results/sim_evict_puffin"))
+    p.add_argument("--markdown-from", default=None, help="only rewrite OUT.md from this JSON")
     args = p.parse_args(argv)
     from moert.cli.simulate import environment
 
+    if args.markdown_from:
+        Path(args.out).with_suffix(".md").write_text(
+            markdown(json.loads(Path(args.markdown_from).read_text()))
+        )
+        return 0
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     meta, parts, path = load(args)
@@ -214,6 +223,7 @@ def main(argv=None) -> int:
         "trace": str(path), "seed": args.seed, "prompts": {k: len(v) for k, v in parts.items()},
         "test_tokens": sum(s.num_tokens for s in parts["test"]), "cost_model": cost, "rows": rows,
         "training": model.info, "horizons_used": model.horizons_used, "groups": list(model.groups),
+        "model": args.evictor or str(work / "reuse.safetensors"),
         "command": "python bench/bench_evict.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "environment": environment(),
     }  # fmt: skip
