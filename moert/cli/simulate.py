@@ -26,6 +26,10 @@ in consecutive groups of N, each MoE layer accessing the union of a pass's exper
 token accepted, the draft model not simulated; see :mod:`moert.sim`). Policy ``utility`` and prefetcher
 ``utility[:m]`` (MoE-SpAc; ``--utility-decay``) evict and prefetch by a moving average of each expert's
 count per call, e.g. ``--policy lru,utility,utility+utility:2,lru+utility:2 --verify-tokens 3``.
+
+Policy ``learned`` evicts by the forecast next use of a reuse model, ``--evictor R.safetensors`` (made by
+``moert train --predictor reuse``); it replays every sequence of the trace (``--split`` narrows to a
+routing predictor's held-out prompts only).
 """
 
 from __future__ import annotations
