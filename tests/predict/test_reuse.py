@@ -236,3 +236,24 @@ def test_priorities_order_as_belady_when_the_forecast_is_exact():
     step = (clocks + d) * L + layers
     order = np.lexsort((-prio,))  # highest priority (kept longest) first
     assert np.all(np.diff(step[order]) >= 0), "priorities do not follow the next-use steps"
+
+
+def test_focus_weighs_the_recent_experts():
+    """focus = E weighs every expert by 1 (the plain loss); focus = 1 weighs the others by focus_weight."""
+    from moert.predict.reuse_train import _loss, _Net, _targets
+
+    L, E = 2, 8
+    data = build_data(random_experts(L, 20, E, 2, seed=5), E)
+    net = _Net(L, E, data.x.shape[-1], 4, ("recency", "gaps", "frequency", "bias", "coact"))
+    idx = torch.arange(len(data))
+    plain = _loss(net, data, idx)
+    assert torch.allclose(_loss(net, data, idx, focus=E, focus_weight=0.1), plain)
+    with torch.no_grad():
+        bce = torch.nn.functional.binary_cross_entropy_with_logits(
+            net(data.x, data.layer, data.used, data.prev), _targets(data.dist), reduction="none"
+        )  # [M, E, H]
+        w = torch.where(data.rank < 1, 1.0, 0.1).unsqueeze(-1).expand_as(bce)
+        want = (bce * w).sum() / w.sum()
+    assert torch.allclose(_loss(net, data, idx, focus=1, focus_weight=0.1), want)
+    assert not torch.allclose(want, plain)
+    assert (data.rank[data.used].max() < 2) and (data.rank.min() == 0)  # used now: ranks 0..k-1
