@@ -11,7 +11,7 @@ DEPS := numpy safetensors tqdm pybind11 ninja setuptools wheel "$(TRANSFORMERS_S
 DEV_DEPS := pytest hypothesis ruff clang-format
 NATIVE := $(wildcard csrc/*.cc csrc/include/moert/*.h csrc/src/*.cc csrc/src/*.cu) CMakeLists.txt setup.py
 
-.PHONY: setup build demo test test-compat test-gpu test-gpu-here test-slow gpu-dry-run stress bench-tiers sanitize fuzz fuzz-smoke lint format bench bench-sim-puffin bench-sim-studies clean
+.PHONY: setup build demo test test-compat test-gpu test-gpu-here test-slow gpu-dry-run stress bench-tiers sanitize fuzz fuzz-smoke lint format bench bench-sim-puffin bench-sim-studies bench-evict clean
 
 setup: $(VENV)/.deps build
 
@@ -120,6 +120,11 @@ bench-sim-studies: setup
 	$(PY) bench/bench_sim.py --what score
 	$(PY) bench/bench_sim.py --what hetero
 	$(PY) bench/bench_sim.py --what speculative
+
+# learned eviction (policy learned) on the held-out puffin prompts: trains the reuse forecast, replays
+# lru/lfu/belady/learned per-layer and global, ablations (an hour or more on 2 busy cores)
+bench-evict: setup
+	$(PY) bench/bench_evict.py --ablations
 
 # Fuzzing with atheris (fuzz/README.md): one target per parser and one for the native bindings' checks,
 # FUZZ_RUNS inputs each from the committed seeds (fuzz/corpus/); findings and logs go to out/fuzz/.

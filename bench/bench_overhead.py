@@ -24,6 +24,7 @@ Random weights: timing only.
     python bench/bench_overhead.py                    # writes bench/results/overhead_cpu.{json,md}
     python bench/bench_overhead.py --tag _before      # bench/results/overhead_cpu_before.{json,md}
     python bench/bench_overhead.py --models demo --rounds 6 --json
+    python bench/bench_overhead.py --policy learned --tag _learned   # the learned eviction's host cost
 """
 
 from __future__ import annotations
@@ -117,8 +118,18 @@ def _ms(xs: list[float]) -> dict[str, float]:
     }
 
 
+#: --policy: the patched configuration's eviction (learned: random weights, timing only)
+POLICY = {"name": "lru"}
+
+
 def _patch(model: Any) -> Any:
-    return moert.patch(model, cache_experts=1.0, device="cpu", policy="lru")
+    if POLICY["name"] != "learned":
+        return moert.patch(model, cache_experts=1.0, device="cpu", policy=POLICY["name"])
+    from moert.predict.reuse import ReuseModel
+
+    a = get_adapter(model)
+    rm = ReuseModel.random(len(a.moe_layers()), a.num_experts, hidden=32)
+    return moert.patch(model, cache_experts=1.0, device="cpu", policy="learned", evictor=rm)
 
 
 def build(name: str, args: argparse.Namespace) -> tuple[Any, str, str]:
@@ -333,7 +344,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "bench": "overhead",
         "device": "cpu",
-        "config": "moert.patch(model, cache_experts=1.0, device='cpu', policy='lru') vs unpatched",
+        "config": f"moert.patch(model, cache_experts=1.0, device='cpu', policy='{POLICY['name']}') vs unpatched",
         "batch": 1,
         "prompt_len": args.prompt_len,
         "fill_len": FILL_LEN,
@@ -447,25 +458,16 @@ def _models(text: str) -> list[str]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
-        "--models",
-        type=_models,
-        default=["demo", "v2lite"],
-        help="comma-separated: demo, v2lite (default both)",
+        "--models", type=_models, default=["demo", "v2lite"], help="demo and/or v2lite (default both)"
     )
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds per model (default 3)")
-    p.add_argument(
-        "--tokens", type=int, default=64, help="timed decode tokens per config and round (default 64)"
-    )
-    p.add_argument(
-        "--warmup", type=int, default=4, help="untimed decode tokens before the timed ones (default 4)"
-    )
+    p.add_argument("--tokens", type=int, default=64, help="timed decode tokens per config and round")
+    p.add_argument("--warmup", type=int, default=4, help="untimed decode tokens before the timed ones")
     p.add_argument("--prompt-len", type=int, default=16, help="prompt tokens (default 16)")
     p.add_argument(
         "--v2lite-vocab", type=int, default=4096, help="v2lite's vocabulary (real: 102400; default 4096)"
     )
-    p.add_argument(
-        "--v2lite-dtype", choices=sorted(DTYPES), default="bf16", help="v2lite's dtype (default bf16)"
-    )
+    p.add_argument("--v2lite-dtype", choices=sorted(DTYPES), default="bf16", help="v2lite's dtype")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--threads", type=int, default=1, help="torch CPU threads (default 1: stable on a shared 2-core box)"
@@ -476,7 +478,9 @@ def main() -> None:
         help="output name suffix: bench/results/overhead_cpu{TAG}.json/.md (e.g. _before)",
     )
     p.add_argument("--json", action="store_true", help="also print the JSON record")
+    p.add_argument("--policy", choices=["lru", "learned"], default="lru", help="the patched model's policy")
     args = p.parse_args()
+    POLICY["name"] = args.policy
     if min(args.rounds, args.tokens, args.prompt_len) < 1 or args.warmup < 0:
         p.error("--rounds, --tokens and --prompt-len must be >= 1, --warmup >= 0")
     torch.set_num_threads(args.threads)

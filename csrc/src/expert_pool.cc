@@ -62,8 +62,8 @@ void ExpertPool::alloc(bool pin) {
     if (faults::armed()) faults::next_alloc(mapped_bytes_);
     base_ = static_cast<std::uint8_t*>(alloc_host_pages(mapped_bytes_));
   } catch (const RuntimeFailure& e) {
-    throw RuntimeFailure(
-        cat("ExpertPool of ", num_layers, " layers x ", num_experts, " experts: ", e.what()));
+    throw RuntimeFailure(cat("ExpertPool of ", num_layers_, " layers x ", num_experts_,
+                             " experts (", capacity_, " host slabs): ", e.what()));
   }
   if (pin) {
     try {

@@ -16,7 +16,8 @@ __all__ = ["OffloadConfig", "POLICIES", "BACKENDS", "PREFETCH_MODES"]
 #: policy, driven by the runtime and the simulator alike): "lru", "lfu" (the cache's own orders);
 #: "score": eviction ordered by the predictor's scores for the coming layers, then recency (needs
 #: ``predictor``); "utility": MoE-SpAc's speculative utility (``moert.policy.utility``): an EMA of each
-#: expert's use per layer call orders eviction and picks prefetches; "fifo": first loaded, first evicted.
+#: expert's use per layer call orders eviction and picks prefetches; "fifo": first loaded, first evicted;
+#: "learned": a learned forecast of each expert's next use (``moert.policy.learned``; needs ``evictor``).
 #: All but lru/lfu run on the cache's "priority" order (runtime backend).
 POLICIES = tuple(REGISTRY.runtime_names())
 #: "async": prefetch the predicted experts while attention runs (CUDA: the copy engine waits on an
@@ -74,6 +75,8 @@ class OffloadConfig:
         activation_us: moving a layer call's rows to the host and the products back.
         utility_decay: policy ``"utility"``: weight of the past in each expert's moving average of
             use, in (0, 1); its prefetch width is ``k + overprovision`` (``prefetch="off"``: none).
+        evictor: policy ``"learned"``: the reuse model (the path of a file made by ``moert train
+            --predictor reuse``, or a loaded ``moert.predict.reuse.ReuseModel``).
     """
 
     cache_experts: int | float = 0.25
@@ -94,6 +97,7 @@ class OffloadConfig:
     copy_expert_ms: float | None = None
     activation_us: float = 20.0
     utility_decay: float = 0.7
+    evictor: Any = None
 
     def __post_init__(self) -> None:
         ce = self.cache_experts
@@ -155,7 +159,14 @@ class OffloadConfig:
                     "policy='utility' prefetches its top k + m experts: give an int overprovision=m "
                     "('adaptive' is for a predictor's probabilities)"
                 )
-        if self.policy in ("utility", "fifo") and self.backend != "runtime":
+        if (self.policy == "learned") != (self.evictor is not None):
+            raise ValueError(
+                "policy='learned' evicts by a reuse model: pass evictor=R.safetensors (made by `moert train "
+                "--predictor reuse`)" if self.policy == "learned" else
+                f"evictor= is the model of policy='learned'; policy={self.policy!r} does not use it: drop "
+                "evictor= or use policy='learned'"
+            )  # fmt: skip
+        if self.policy in ("utility", "fifo", "learned") and self.backend != "runtime":
             raise ValueError(
                 f"policy={self.policy!r} needs backend='runtime' (cache priorities and the copy engine's "
                 f"prefetch); backend={self.backend!r} has neither"

@@ -215,6 +215,7 @@ def build_policy(cfg: OffloadConfig, adapter: ModelAdapter, refs: list[MoELayerR
         max_overprovision=cfg.max_overprovision,
         score_decay=cfg.score_decay,
         utility_decay=cfg.utility_decay,
+        evictor=cfg.evictor,
     )
     policy.bind(len(refs), adapter.num_experts, adapter.top_k)
     return policy, predictor

@@ -10,7 +10,7 @@ Usage::
                    [--split auto|test|all] [--json OUT.json] [--plot OUT.png] [--markdown OUT.md]
                    [--expert-mb 17.3] [--bandwidth-gbs 25] [--layer-compute-ms 0.2]
                    [--cpu-expert-ms X [--activation-us 20]]
-                   [--verify-tokens N] [--utility-decay 0.7]
+                   [--verify-tokens N] [--utility-decay 0.7] [--evictor R.safetensors]
 
 Policy ``score`` is the runtime's predictor-score eviction (``moert.policy.score``): it needs a
 prefetcher that gives scores (a trained predictor, ``prev-token`` or ``frequency``), whose
@@ -26,6 +26,10 @@ in consecutive groups of N, each MoE layer accessing the union of a pass's exper
 token accepted, the draft model not simulated; see :mod:`moert.sim`). Policy ``utility`` and prefetcher
 ``utility[:m]`` (MoE-SpAc; ``--utility-decay``) evict and prefetch by a moving average of each expert's
 count per call, e.g. ``--policy lru,utility,utility+utility:2,lru+utility:2 --verify-tokens 3``.
+
+Policy ``learned`` evicts by the forecast next use of a reuse model, ``--evictor R.safetensors`` (made by
+``moert train --predictor reuse``); it replays every sequence of the trace (``--split`` narrows to a
+routing predictor's held-out prompts only).
 """
 
 from __future__ import annotations
@@ -241,6 +245,12 @@ def _add_replay_arguments(parser: argparse.ArgumentParser) -> None:
         help="policy/prefetcher utility: weight of the past in the moving average of each expert's count "
         "per layer call, in (0, 1) (default 0.7)",
     )
+    parser.add_argument(
+        "--evictor",
+        default=None,
+        metavar="R.safetensors",
+        help="policy learned: the reuse model (`moert train --predictor reuse`)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -402,6 +412,7 @@ def _run(args: argparse.Namespace) -> int:
         ),
         verify_tokens=args.verify_tokens,
         utility_decay=args.utility_decay,
+        evictor=args.evictor,
     )
     report = simulate(trace, config, progress=not args.no_progress, prefetchers=prefetchers)
     report["environment"] = environment()

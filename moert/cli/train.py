@@ -16,7 +16,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--trace", required=True, help="trace directory (moert format, MoE-Beyond CSV folder, ESFT)"
     )
     p.add_argument("--format", default="auto", help="trace format: auto, moert, moe-beyond-csv, esft")
-    p.add_argument("--predictor", required=True, choices=["preattn", "moe-beyond", "xlayer"])
+    p.add_argument(
+        "--predictor",
+        required=True,
+        choices=["preattn", "moe-beyond", "xlayer", "reuse"],
+        help="a routing predictor (preattn, moe-beyond, xlayer: prefetch) or the reuse forecast of "
+        "policy learned (eviction)",
+    )
     p.add_argument("--out", required=True, help="output predictor file (.safetensors)")
     p.add_argument("--arch", default="linear2", choices=["linear2", "mlp_bn"], help="preattn architecture")
     p.add_argument("--loss", default="wbce", choices=["mse", "wbce", "focal", "rank"])
@@ -63,6 +69,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--no-history", action="store_true", help="xlayer: do not use the layer's decayed expert history"
     )
     g.add_argument("--min-count", type=int, default=2, help="xlayer/moe-beyond: vocabulary min token count")
+    g = p.add_argument_group("reuse")
+    g.add_argument("--stride", type=int, default=8, help="reuse: every N-th training token is an example")
+    g.add_argument(
+        "--features",
+        default="recency,gaps,frequency,bias,coact",
+        help="reuse: feature groups (ablation): recency, gaps, frequency, bias, coact",
+    )
+    g.add_argument(
+        "--horizons-used", type=int, default=None, help="reuse: look-ahead horizons the eviction uses (1..7)"
+    )
 
 
 def _threads(n: int) -> int:
@@ -83,6 +99,8 @@ def train_from_args(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
 
     if args.predictor != "preattn" and args.lookahead:
         raise ValueError(f"--lookahead applies to preattn only, not {args.predictor}")
+    if args.predictor == "reuse":
+        return _train_reuse(args), {}
     meta, seqs = open_sequences(args.trace, args.format, args.max_sequences)
     split = split_sequences([s.seq_id for s in seqs], args.val_split, args.test_split, args.seed)
     train_seqs, val_seqs = select_sequences(seqs, split.train), select_sequences(seqs, split.val)
@@ -148,10 +166,57 @@ def train_from_args(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     return pred, val_metrics
 
 
+def _train_reuse(args: argparse.Namespace) -> Any:
+    """``--predictor reuse``: the eviction forecast of policy ``learned`` (moert.predict.reuse_train)."""
+    import numpy as np
+
+    from moert.predict.data import open_sequences, split_sequences
+    from moert.predict.evaluate import select_sequences
+    from moert.predict.reuse import HORIZONS, save_reuse
+    from moert.predict.reuse_train import ReuseTrainConfig, build_data, train_reuse
+
+    meta, seqs = open_sequences(args.trace, args.format, args.max_sequences)
+    split = split_sequences([s.seq_id for s in seqs], args.val_split, args.test_split, args.seed)
+    parts = {name: select_sequences(seqs, getattr(split, name)) for name in ("train", "val")}
+    if not parts["val"]:
+        raise ValueError("--val-split 0 leaves no validation sequences for early stopping; use e.g. 0.1")
+    used = args.horizons_used
+    if used is not None and not 1 <= used <= len(HORIZONS):
+        raise ValueError(f"--horizons-used {used} must be in 1..{len(HORIZONS)} (horizons {HORIZONS})")
+    if args.stride < 1:
+        raise ValueError(f"--stride {args.stride} must be >= 1")
+    cfg = ReuseTrainConfig(
+        hidden=args.hidden or 32, epochs=args.epochs, patience=args.patience, batch_size=args.batch_size or 256,
+        lr=args.lr, stride=args.stride, seed=args.seed, threads=_threads(args.threads),
+        groups=tuple(g.strip() for g in args.features.split(",") if g.strip()),
+    )  # fmt: skip
+    E = meta.num_experts
+
+    def stream(part: list) -> np.ndarray:
+        return np.concatenate([s.experts.numpy().astype(np.int64) for s in part], axis=1)  # [L, N, k]
+
+    train = build_data(stream(parts["train"]), E, stride=cfg.stride, offset=args.seed % cfg.stride)
+    val = build_data(stream(parts["val"]), E, stride=4)
+    info = {
+        "trace": str(Path(args.trace).resolve()), "trace_source": meta.source, "sequences": len(seqs),
+        "seed": args.seed, "split": split.to_json(), "fractions": {"val": args.val_split, "test": args.test_split},
+        "examples": {"train": len(train), "val": len(val)},
+    }  # fmt: skip
+    log = None if args.no_progress else (lambda row: print(row, flush=True))
+    model = train_reuse(train, val, meta.num_layers, E, cfg, info=info, log=log)
+    if used is not None:
+        model.horizons_used = used
+    save_reuse(args.out, model, model_type=meta.model_type, layers=tuple(meta.layers), top_k=meta.top_k)
+    return model
+
+
 def run(args: argparse.Namespace) -> int:
     from moert.predict.metrics import format_table
 
     pred, val_metrics = train_from_args(args)
+    if args.predictor == "reuse":
+        print(f"reuse forecast: best validation loss {pred.info['best_val_loss']:.4f}; saved {args.out}")
+        return 0
     print(format_table(val_metrics, title=f"{pred.meta.kind} on the validation split", per_layer=False))
     print(f"saved {args.out}")
     return 0

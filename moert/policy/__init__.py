@@ -12,6 +12,8 @@ One file per policy, one registry line each (below); ``EVICT+PREFETCH`` is
   ``utility[:m]``       MoE-SpAc's utility: priorities, and as a prefetcher the top-(k+m)
                         (:mod:`~moert.policy.utility`)
   ``moe-infinity``      activation-matrix matching: priorities, or as a prefetcher its top experts
+  ``learned``           a learned forecast of each expert's next use, toward Belady
+                        (:mod:`~moert.policy.learned`, ``--evictor R.safetensors``)
   ``belady``            optimal offline eviction (the upper bound)
   ``oracle``            prefetches the true experts (the ceiling)
 
@@ -25,6 +27,7 @@ from moert.policy.base import Plan, Policy, Predictions, SequencePlan, TokenCont
 from moert.policy.belady import Belady
 from moert.policy.combine import Combination
 from moert.policy.fifo import Fifo
+from moert.policy.learned import Learned
 from moert.policy.moe_infinity import MoEInfinity
 from moert.policy.native import Lfu, Lru
 from moert.policy.oracle import Oracle
@@ -62,3 +65,4 @@ register("score", Score)
 register("utility", Utility)
 register("fifo", Fifo)
 register("oracle", Oracle)
+register("learned", Learned)

@@ -34,7 +34,9 @@ class Combination(Policy):
         self.name = f"{evict.name}+{prefetch.name}"
         self.cache_policy = evict.cache_policy
         self.offline = evict.offline or prefetch.offline
-        self.fast_path = evict.fast_path and prefetch.fast_path
+        self.fast_path = (
+            evict.fast_path and prefetch.fast_path and not getattr(evict, "plans_before_access", False)
+        )
         self.verify_passes = evict.verify_passes and prefetch.verify_passes
         self._scored = evict.uses_prediction_scores
 

@@ -9,6 +9,8 @@ applying each returned :class:`~moert.policy.base.Plan` with ``CopyEngine.predic
 
 from __future__ import annotations
 
+from typing import Any
+
 from moert.policy.base import Policy
 from moert.policy.combine import Combination
 from moert.policy.registry import REGISTRY
@@ -45,11 +47,13 @@ def runtime_policy(
     max_overprovision: int = 4,
     score_decay: float = 0.5,
     utility_decay: float = DEFAULT_DECAY,
+    evictor: Any = None,
 ) -> Policy:
     """A fresh (unbound) policy for a patched model.
 
     Args:
-        name: a registered policy that is not ``offline``: ``lru``, ``lfu``, ``score``, ``utility``, ``fifo``
+        name: a registered policy that is not ``offline``: ``lru``, ``lfu``, ``score``, ``utility``, ``fifo``,
+            ``learned``
             (``REGISTRY.runtime_names()``).
         lookahead: the attached predictor's d, or None when no predictor runs.
         probabilities: how the predictor's logits become probabilities (``sigmoid`` or ``clamp``).
@@ -57,6 +61,7 @@ def runtime_policy(
         prefetch: prefetch (``prefetch="async"``); False: predictions and utility only order eviction.
         threshold, max_overprovision, score_decay: the predictor's plan (see ``moert.policy.score``).
         utility_decay: ``utility``'s weight of the past.
+        evictor: ``learned``'s reuse model (a file path or a loaded ``ReuseModel``).
 
     ``utility`` takes no predictor (``OffloadConfig`` refuses one); the others combine with one: ``score``
     is the planner itself, ``lru`` / ``lfu`` / ``fifo`` prefetch its ids (:func:`planner_of` finds it).
@@ -87,7 +92,7 @@ def runtime_policy(
         if planner is None:
             raise ValueError("policy 'score' orders eviction by a predictor's scores: attach a predictor")
         return planner
-    base = REGISTRY.build(name)
+    base = REGISTRY.build(name, "evict", evictor=evictor)
     return base if planner is None else Combination(base, planner)
 
 

@@ -26,7 +26,7 @@ import torch
 
 __all__ = ["PredictorMeta", "Predictor", "NetPredictor", "check_compatible", "KINDS"]
 
-KINDS = ("preattn", "moe-beyond", "xlayer", "next-gate", "prev-token", "frequency")
+KINDS = ("preattn", "moe-beyond", "xlayer", "next-gate", "prev-token", "frequency", "reuse")
 
 
 @dataclass(frozen=True)

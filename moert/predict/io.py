@@ -129,6 +129,12 @@ def load_predictor(path: str | os.PathLike) -> Predictor:
         from moert.predict.baselines import FrequencyPredictor as cls
     elif meta.kind == "prev-token":
         from moert.predict.baselines import PrevTokenPredictor as cls
+    elif meta.kind == "reuse":
+        raise ValueError(
+            f"{path} is a reuse (eviction) model, not a routing predictor: give it as the evictor "
+            f"(--policy learned --evictor {path}, or evictor=...); a prefetcher needs a file made by "
+            "`moert train --predictor xlayer|preattn|moe-beyond`"
+        )
     else:
         raise ValueError(f"{path}: predictor kind {meta.kind!r} cannot be loaded from a file")
     try:

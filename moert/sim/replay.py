@@ -48,6 +48,7 @@ import math
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -123,6 +124,7 @@ class SimConfig:
         utility_decay: weight of the past in policy / prefetcher ``utility``'s moving average, in (0, 1).
         replay: ``auto`` (a policy's fast path where it has one) or ``step`` (the stepping driver for
             every policy: slower, the definition).
+        evictor: policy ``learned``'s reuse model (a file or a loaded ``ReuseModel``), or None.
     """
 
     capacities: tuple[float, ...] = (0.1, 0.25, 0.5)
@@ -133,6 +135,7 @@ class SimConfig:
     verify_tokens: int = 1
     utility_decay: float = 0.7
     replay: str = "auto"
+    evictor: Any = None
 
     def __post_init__(self) -> None:
         if isinstance(self.verify_tokens, bool) or not isinstance(self.verify_tokens, (int, np.integer)):
@@ -389,7 +392,7 @@ def simulate(
     if n_verify > 1:
         _check_speculative(config, objects)
         trace = PassTrace(trace, n_verify)
-    options = {"utility_decay": config.utility_decay}
+    options = {"utility_decay": config.utility_decay, "evictor": config.evictor}
     labels = [s.label for s in config.policies]
     twice = sorted({label for label in labels if labels.count(label) > 1})
     if twice:

@@ -172,7 +172,7 @@ def test_a_lane_that_dies_under_a_waiting_acquire_raises():
 def test_a_failed_allocation_raises_with_context_and_the_next_open_works(device):
     fails = pytest.raises(
         RuntimeError,
-        match=r"ExpertPool of 2 layers x 8 experts: allocation of \d+ bytes failed \(injected fault: allocation #1\)",
+        match=r"ExpertPool of 2 layers x 8 experts \(16 host slabs\): allocation of \d+ bytes failed \(injected fault: allocation #1\)",
     )
     with inject(FaultPlan(fail_alloc=1)), fails:
         runtime.ExpertPool(L, E, 1 << 12)

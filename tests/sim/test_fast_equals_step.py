@@ -34,6 +34,7 @@ SPECS = [
     "lru", "lfu", "fifo", "belady", "moe-infinity", "utility", "score+prev-token:2",
     "lru+oracle", "lfu+moe-infinity", "moe-infinity+oracle", "utility+utility:2", "lru+utility:1",
     "belady+utility:2", "fifo+oracle", "fifo+utility:1", "lru+prev-token:2", "score+frequency:2",
+    "learned", "learned+utility:2",
 ]  # fmt: skip
 
 
@@ -86,6 +87,13 @@ def predictors(trace) -> dict[str, PredictorPolicy]:
     return out
 
 
+def evictor(meta):
+    """Policy ``learned``'s model for the trace: seeded random weights (the plans, not their quality, are tested)."""
+    from moert.predict.reuse import ReuseModel
+
+    return ReuseModel.random(meta.num_layers, meta.num_experts, seed=7)
+
+
 def spec_of(name: str) -> PolicySpec:
     evict, _, prefetch = name.partition("+")
     return PolicySpec(evict, prefetch or None)
@@ -98,7 +106,7 @@ def chunks(seqs: list, size: int):
 
 def fresh(spec: PolicySpec, trace, objects):
     meta = trace.meta
-    policy = make_policy(spec, objects, utility_decay=0.7)
+    policy = make_policy(spec, objects, utility_decay=0.7, evictor=evictor(meta))
     policy.bind(meta.num_layers, meta.num_experts, meta.top_k)
     policy.prepare(trace)
     return policy
@@ -156,7 +164,14 @@ def check(trace, specs, capacities, mode, label, verify_tokens=1, simulated=True
     for spec in map(spec_of, specs):
         want = [replay_both(replayed, spec, c, mode, objects, label) for c in capacities]
         if simulated or not make_policy(spec, objects).fast_path:
-            cfg = SimConfig(capacities, (spec,), mode, chunk_tokens=20, verify_tokens=verify_tokens)
+            cfg = SimConfig(
+                capacities,
+                (spec,),
+                mode,
+                chunk_tokens=20,
+                verify_tokens=verify_tokens,
+                evictor=evictor(trace.meta),
+            )
             rows = simulate(trace, cfg, prefetchers=objects)["results"]
             got = [{"hits": r["hits"], "cache_stats": r["cache_stats"]} for r in rows]
             assert got == want, (label, spec.label, mode)

@@ -1,0 +1,132 @@
+"""``learned``: eviction by a learned forecast of each expert's next use (toward Belady).
+
+When the router of MoE layer l has picked (token t; the experts are not acquired yet), the policy
+updates its online state with the call's experts (:class:`moert.predict.reuse.ReuseState`), asks the
+``reuse`` model (``moert train --predictor reuse``) for every expert's forecast ``g = E[log2 min(d,
+128)]`` of the calls d to its next use at l after this one, and replaces the layer's E priorities by
+(C++ ``priority``: lowest evicted first, ties by recency)::
+
+    priority(l, e) = -((t mod W) + 2 ** g + l / L)          W = 4096 tokens
+
+that is Belady's score (``moert.policy.belady``: ``-(step of the next use)``, in tokens) with the
+forecast in place of the truth, so one global cache compares experts of different layers by when they
+will be needed: a layer that already ran in this token is needed one token later than one still to run.
+Priorities stay small (float32 keeps 1/2048 of a token at 4096): the clock wraps every W tokens, and
+for the one token after a wrap the rows pushed before it look W tokens later than they are (they go
+first). The runtime and the simulator run the same numpy code (float64, the forecast rounded to
+1/256), so both make the same decisions.
+
+The call's own experts are pinned while it runs, so the misses of this call already evict by what is
+known after routing: the forecast starts one token later than it would after the call (``after_call``),
+which is worth about as much as knowing the next token's experts (bench/results/sim_evict_puffin.md).
+
+Hook: ``on_routed`` (runtime and simulator). Fast path: the same rows for a whole sequence as the
+``before`` scores of each access (replayed access by access); ``learned+PREFETCH`` is stepped (its
+prefetcher's ``on_prediction`` plans come before these rows).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from moert.policy.base import Plan, Policy, Predictions, SequencePlan
+
+if TYPE_CHECKING:
+    from moert.trace import SequenceTrace
+
+__all__ = ["WRAP", "Learned"]
+
+#: tokens after which the priority clock wraps
+WRAP = 4096
+
+EVICTOR_HELP = (
+    "give a reuse model: --evictor R.safetensors (made by `moert train --trace DIR --predictor reuse`)"
+)
+
+
+class Learned(Policy):
+    """Eviction by the forecast next use of a ``reuse`` model (see the module doc).
+
+    Args:
+        evictor: the model file, or a loaded :class:`~moert.predict.reuse.ReuseModel`.
+    """
+
+    name = "learned"
+    cache_policy = "priority"
+    fast_path = True
+    #: its plans come before each access (``on_routed``): a prefetcher's plans of ``on_prediction`` come
+    #: earlier, which ``Predictions`` cannot express, so ``learned+PREFETCH`` is stepped
+    plans_before_access = True
+
+    def __init__(self, evictor: Any = None) -> None:
+        self.path = evictor if isinstance(evictor, (str, bytes)) or hasattr(evictor, "__fspath__") else None
+        self.model = None
+        if evictor is not None and self.path is None:
+            self.model = evictor
+        elif self.path is not None:
+            from moert.predict.reuse import load_reuse
+
+            self.model = load_reuse(self.path)[0]
+        self.state: Any = None
+
+    @classmethod
+    def from_spec(cls, arg: str | None, *, role: str, evictor: Any = None, **options: Any) -> Learned:
+        super().from_spec(arg, role=role)  # no argument
+        return cls(evictor)
+
+    def bind(self, num_layers: int, num_experts: int, top_k: int) -> None:
+        from moert.predict.reuse import ReuseState
+
+        super().bind(num_layers, num_experts, top_k)
+        if self.model is None:
+            raise ValueError(f"policy 'learned' has no model: {EVICTOR_HELP}")
+        if (self.model.num_layers, self.model.num_experts) != (num_layers, num_experts):
+            raise ValueError(
+                f"the reuse model {self.path or ''} is for {self.model.num_layers} MoE layers of "
+                f"{self.model.num_experts} experts, the model/trace has {num_layers} of {num_experts}: "
+                "train one on this model's routing (`moert train --predictor reuse`)"
+            )
+        self.state = ReuseState(num_layers, num_experts)
+
+    def _priorities(self, layers: np.ndarray, clocks: np.ndarray, g: np.ndarray) -> np.ndarray:
+        """(N, E) float32 priorities of N calls (layers, clocks: (N,) the layer and its call index)."""
+        t = (clocks % WRAP).astype(np.float64)[:, None]
+        return (-(t + np.exp2(g) + (layers / self.num_layers)[:, None])).astype(np.float32)
+
+    def priorities(self, layer: int, used: np.ndarray) -> np.ndarray:
+        """Updates the state with a call of ``layer`` that used ``used`` (E,) bool; (E,) float32 priorities."""
+        state = self.state
+        state.update(layer, used)
+        prev = state.previous_layer_used(layer)
+        g = self.model.log2_distance(layer, state.features(layer)[None], used[None], prev[None])
+        layers = np.array([layer])
+        return self._priorities(layers, state.clock[layers] - 1, g)[0]
+
+    def on_routed(self, layer: int, counts: np.ndarray, resident: np.ndarray) -> Plan:
+        return Plan((layer,), scores=self.priorities(layer, np.asarray(counts) > 0)[None])
+
+    def sequence_plan(self, seq: SequenceTrace) -> SequencePlan:
+        """Every call of ``seq`` at once: the state advanced token by token (all layers together, as the
+        calls would), then one forward pass over the (T, L) calls."""
+        ex = seq.experts.numpy()  # [L, T, w]
+        L, T, _ = ex.shape
+        E, state = self.num_experts, self.state
+        tl = ex.transpose(1, 0, 2)  # [T, L, w]
+        hot = np.zeros((T, L, E), dtype=bool)  # [T, L, E] each call's experts
+        t_idx, l_idx, j_idx = np.nonzero(tl >= 0)
+        hot[t_idx, l_idx, tl[t_idx, l_idx, j_idx]] = True
+        feats, clocks = [], np.empty((T, L), dtype=np.int64)
+        for t in range(T):
+            state.update(slice(None), hot[t])
+            feats.append(state.features(slice(None)))  # [L, E, F]
+            clocks[t] = state.clock - 1
+        if not T:
+            return SequencePlan(after_scores=np.zeros((0, L, E), dtype=np.float32))
+        x = np.stack(feats).reshape(T * L, E, -1)
+        prev = np.concatenate([np.zeros((T, 1, E), dtype=bool), hot[:, :-1]], axis=1)
+        layers = np.tile(np.arange(L), T)
+        g = self.model.log2_distance(layers, x, hot.reshape(T * L, E), prev.reshape(T * L, E))
+        out = self._priorities(layers, clocks.reshape(-1), g).reshape(T, L, 1, E)
+        return SequencePlan(before=Predictions(np.full((T, L, 1, 0), -1, dtype=np.int32), out))
