@@ -274,6 +274,7 @@ PYBIND11_MODULE(_C, m) {
           },
           py::arg("per_layer") = false)
       .def("reset_stats", &SlabCache::reset_stats)
+      .def("prefetch_seq", &SlabCache::prefetch_seq)
       .def("sim_prefetch",
            [](SlabCache& c, std::int64_t layer, const Int64Array& experts) {
              std::vector<std::int32_t> ids = expert_ids(experts, "experts");
@@ -291,7 +292,7 @@ PYBIND11_MODULE(_C, m) {
           [](SlabCache& c, const Int32Array& layers, const Int32Array& experts,
              const std::optional<Int32Array>& prefetch,
              const std::optional<Int32Array>& prefetch_layers,
-             const std::optional<Float32Array>& priorities) {
+             const std::optional<Float32Array>& priorities, bool track_prefetch) {
             MOERT_CHECK(layers.ndim() == 1, "replay: layers must be (N,), got ", layers.ndim(),
                         " dimensions");
             const py::ssize_t n = layers.shape(0);
@@ -322,6 +323,13 @@ PYBIND11_MODULE(_C, m) {
             }
             py::array_t<std::int32_t> hits(n);
             a.hits_per_step = hits.mutable_data();
+            py::array_t<std::int32_t> queued(track_prefetch ? n : 0);
+            py::array_t<std::int64_t> used({track_prefetch ? n : 0, a.k});
+            if (track_prefetch) {
+              a.prefetch_queued = queued.mutable_data();
+              a.prefetch_used = used.mutable_data();
+            }
+            const std::int64_t seq0 = c.prefetch_seq();
             CacheStats delta;
             {
               py::gil_scoped_release nogil;
@@ -329,10 +337,16 @@ PYBIND11_MODULE(_C, m) {
             }
             py::dict d = cache_stats_dict(delta);
             d["hits_per_step"] = hits;
+            if (track_prefetch) {
+              d["prefetch_seq_start"] = seq0;
+              d["prefetch_queued_per_step"] = queued;
+              d["prefetch_used"] = used;
+            }
             return d;
           },
           py::arg("layers"), py::arg("experts"), py::arg("prefetch") = py::none(),
-          py::arg("prefetch_layers") = py::none(), py::arg("priorities") = py::none())
+          py::arg("prefetch_layers") = py::none(), py::arg("priorities") = py::none(),
+          py::arg("track_prefetch") = false)
       .def("close", [](SlabCache& c) {
         py::gil_scoped_release nogil;
         c.close();

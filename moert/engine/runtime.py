@@ -229,6 +229,7 @@ class SlabCache:
         prefetch: Any = None,
         prefetch_layers: Any = None,
         priorities: Any = None,
+        track_prefetch: bool = False,
     ) -> dict[str, Any]:
         """Replays N steps in C++ (the GIL released).
 
@@ -238,6 +239,11 @@ class SlabCache:
             prefetch: (N, m) int or None; prefetched before step i's access, -1 pads.
             prefetch_layers: (N,) int or None: the layer step i's prefetch is for (default layers).
             priorities: (N, k) float32 or None: after step i, the priority of those experts.
+            track_prefetch: also return, for the simulator's link timeline (``moert.sim.timeline``),
+                ``prefetch_seq_start`` (int: the first copy's sequence number, see ``prefetch_seq``),
+                ``prefetch_queued_per_step`` ((N,) int32 numpy: copies step i's prefetch queued, numbered
+                on from it) and ``prefetch_used`` ((N, k) int64 numpy: the sequence numbers of the
+                prefetched entries step i's access uses for the first time, then -1).
 
         Returns:
             The stats delta (see ``stats``) plus ``hits_per_step``: (N,) int32 tensor.
@@ -250,9 +256,13 @@ class SlabCache:
         if priorities is not None:
             pri_t = priorities.detach().cpu().numpy() if isinstance(priorities, torch.Tensor) else priorities
             pri = np.ascontiguousarray(np.asarray(pri_t, dtype=np.float32))
-        out = self._c.replay(lay, exp, pre, pre_l, pri)
+        out = self._c.replay(lay, exp, pre, pre_l, pri, bool(track_prefetch))
         out["hits_per_step"] = torch.from_numpy(out["hits_per_step"])
         return out
+
+    def prefetch_seq(self) -> int:
+        """Prefetch copies placed so far (never reset): the sequence number of the next one."""
+        return int(self._c.prefetch_seq())
 
     def close(self) -> None:
         """Closes the attached CopyEngine, then the cache; later calls raise RuntimeError."""

@@ -84,6 +84,7 @@ def _per_layer(
             if changed[a]:
                 cache.set_priority(cl, caches.all_ids, np.ascontiguousarray(tp[a]))
             if wave[a]:  # one call: prefetch row, waves, then the call's priorities
+                caches.step = (caches.row0 + a) * L + layer
                 _prefetch_row(caches, layer, None if pre is None else pre[a])
                 hits[layer, a] = access(caches, layer, ex[a])
                 _access_scores(caches, layer, ex[a], None if prio is None else prio[a])
@@ -93,8 +94,10 @@ def _per_layer(
                 np.ascontiguousarray(ex[a:b]),
                 prefetch=_slice(pre, a, b),
                 priorities=_slice(prio, a, b),
+                track_prefetch=caches.log is not None,
             )
             hits[layer, a:b] = out["hits_per_step"].numpy()
+            _log(caches, out, (caches.row0 + np.arange(a, b)) * L + layer, layer)
     return hits
 
 
@@ -123,9 +126,24 @@ def _global(
             _token_major(experts[:, a:b]),
             prefetch=None if prefetch is None else _token_major(prefetch[:, a:b]),
             priorities=None if access_scores is None else _token_major(access_scores[:, a:b]),
+            track_prefetch=caches.log is not None,
         )
         hits[:, a:b] = out["hits_per_step"].numpy().reshape(n, L).T
+        _log(caches, out, (caches.row0 + a) * L + np.arange(n * L), 0)
     return hits
+
+
+def _log(caches: Caches, out: dict, steps: np.ndarray, layer: int) -> None:
+    """Logs a tracked ``replay``'s prefetch copies and first uses (``steps``: (N,) global steps)."""
+    if caches.log is None:
+        return
+    queued = out["prefetch_queued_per_step"].astype(np.int64)  # [N]
+    seq0 = out["prefetch_seq_start"] + np.concatenate([[0], np.cumsum(queued)[:-1]])
+    index = caches.index(layer)
+    caches.log.issued(steps, index, seq0, queued)
+    used = out["prefetch_used"]  # [N, k]
+    at = used >= 0
+    caches.log.used(np.broadcast_to(steps[:, None], used.shape)[at], index, used[at])
 
 
 def _token_major(a: np.ndarray) -> np.ndarray:
@@ -136,8 +154,7 @@ def _token_major(a: np.ndarray) -> np.ndarray:
 
 def _prefetch_row(caches: Caches, layer: int, ids: np.ndarray | None) -> None:
     if ids is not None and (ids >= 0).any():
-        cache, cl = caches.at(layer)
-        cache.sim_prefetch(cl, ids[ids >= 0].astype(np.int64))
+        caches.prefetch(layer, ids[ids >= 0].astype(np.int64))
 
 
 def _access_scores(caches: Caches, layer: int, ex: np.ndarray, scores: np.ndarray | None) -> None:
@@ -162,6 +179,7 @@ def _steps(caches: Caches, experts: np.ndarray, plan: SequencePlan) -> np.ndarra
                 cache, cl = caches.at(layer)
                 cache.set_priority(cl, caches.all_ids, plan.token_scores[t, layer])
         for layer in range(L):
+            caches.step = (caches.row0 + t) * L + layer
             rows = min(n, L - layer)  # lookahead past the last layer is ignored
             if pred is not None and pred.clear is not None and not np.isnan(pred.clear[t, layer]):
                 cache, cl = caches.at((layer - 1) % L)
@@ -183,5 +201,6 @@ def _steps(caches: Caches, experts: np.ndarray, plan: SequencePlan) -> np.ndarra
                 cache, cl = caches.at(layer)
                 cache.set_priority(cl, caches.all_ids, plan.after_scores[t, layer])
             if plan.after_ids is not None:
+                caches.step += 1  # a prefetch after the call is issued for the next step
                 _prefetch_row(caches, layer, plan.after_ids[t, layer])
     return hits
