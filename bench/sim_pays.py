@@ -11,6 +11,7 @@ once registered). Writes ``bench/results/sim_pays_puffin.{json,md,png}`` (and ``
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import time
@@ -44,6 +45,8 @@ def pays(args: argparse.Namespace) -> int:
     names = [n.strip() for n in args.policies.split(",") if n.strip()]
     uses_xlayer = any(n.partition("+")[2].partition(":")[0] == "xlayer" for n in names)
     path, made = _predictor(args, meta, parts, split) if uses_xlayer else (None, {})
+    if path:
+        made["sha256"] = hashlib.sha256(Path(path).read_bytes()).hexdigest()
     test = parts["test"][: args.max_prompts] if args.max_prompts else parts["test"]
     trace = SequenceListTrace(meta, test, path="puffin-test")
     caps = _floats(args.capacity or "0.1,0.25,0.5")

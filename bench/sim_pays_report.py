@@ -136,9 +136,11 @@ def _verdict(out: dict) -> list[str]:
     lines = [
         "## Does prefetching pay? Best prefetching policy / best online demand-only policy (lru, lfu), tok/s",
         "",
-        "| mode | capacity | " + " | ".join(
+        "| mode | capacity | "
+        + " | ".join(
             f"{m:g} ms, {b:g} GB/s" for m in out["grid"]["layer_ms"] for b in out["grid"]["bandwidth_gbs"]
-        ) + " |",
+        )
+        + " |",
         "|---|---:|" + "---:|" * (len(out["grid"]["layer_ms"]) * len(out["grid"]["bandwidth_gbs"])),
     ]
     for mode in ("per-layer", "global"):
@@ -146,17 +148,26 @@ def _verdict(out: dict) -> list[str]:
             cells = [mode, f"{cap:g}"]
             for m in out["grid"]["layer_ms"]:
                 for b in out["grid"]["bandwidth_gbs"]:
-                    pre = [(p, _point(r, m, b)["predicted_tok_s"]) for (md, p, c), r in rows.items()
-                           if md == mode and c == cap and not _demand_only(p) and "oracle" not in p]
-                    dem = [_point(r, m, b)["predicted_tok_s"] for (md, p, c), r in rows.items()
-                           if md == mode and c == cap and _demand_only(p) and p != "belady"]
+                    pre = [
+                        (p, _point(r, m, b)["predicted_tok_s"])
+                        for (md, p, c), r in rows.items()
+                        if md == mode and c == cap and not _demand_only(p) and "oracle" not in p
+                    ]
+                    dem = [
+                        _point(r, m, b)["predicted_tok_s"]
+                        for (md, p, c), r in rows.items()
+                        if md == mode and c == cap and _demand_only(p) and p != "belady"
+                    ]
                     if not pre or not dem:
                         cells.append("")
                         continue
                     p, v = max(pre, key=lambda x: x[1])
                     cells.append(f"{v / max(dem):.2f}x ({p})")
             lines.append("| " + " | ".join(cells) + " |")
-    return lines + ["", "oracle is left out of this verdict (it reads the routing); belady too (it reads the future)."]
+    return lines + [
+        "",
+        "oracle is left out of this verdict (it reads the routing); belady too (it reads the future).",
+    ]
 
 
 def plot(out: dict, mode: str, path: Path) -> None:

@@ -198,11 +198,14 @@ def _loop(traffic: Traffic, compute_s, copy_s, share, depth, cpu) -> dict:
         issued += Q[s]
         d, u0, u1 = D[s], bounds[s], bounds[s + 1]
         if head < issued:
-            head = _advance(head, before, issued, promoted)
+            head = min(head + before, issued) if not promoted else _advance(head, before, issued, promoted)
         elif d == 0 and u0 == u1:
             continue  # nothing queued, nothing to load: the step computes
         window = min(math.floor(head + _EPS) + depth, issued, promoted[0] if promoted else issued)
         need, prom = head, 0
+        if u0 == u1 and d == 0:
+            head = min(head + after, issued) if not promoted else _advance(head, after, issued, promoted)
+            continue  # nothing to wait for: the step computes while the link works
         for g in uses[u0:u1]:
             if g + 1 <= head + _EPS:
                 continue  # arrived
@@ -229,7 +232,7 @@ def _loop(traffic: Traffic, compute_s, copy_s, share, depth, cpu) -> dict:
         dem += wait - b - lt
         behind += b
         late += lt
-        head = _advance(head, after, issued, promoted)
+        head = min(head + after, issued) if not promoted else _advance(head, after, issued, promoted)
     return {
         "seconds": traffic.steps * compute_s + (dem + behind + late) * copy_s,
         "stall_demand_s": dem * copy_s,

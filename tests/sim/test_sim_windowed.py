@@ -142,3 +142,52 @@ def test_bad_values_name_the_fix():
         CostModel(window="pool")
     with pytest.raises(ValueError, match="bandwidths value 0"):
         SimConfig(bandwidths=(0.0,))
+
+
+def test_cli_grid(tmp_path, capsys):
+    import json
+
+    from moert.cli import main as cli_main
+    from moert.trace import TraceWriter
+
+    trace = hand_trace()
+    with TraceWriter(tmp_path / "t", trace.meta) as w:
+        for s in trace.sequences():
+            w.add(s)
+    out = tmp_path / "r.json"
+    argv = [
+        "simulate",
+        str(tmp_path / "t"),
+        "--capacity",
+        "0.25",
+        "--policy",
+        "lru,lru+oracle",
+        "--no-progress",
+    ]
+    argv += ["--expert-mb", "1", "--layer-ms", "1,3", "--bandwidth", "1,2", "--attention-share", "0.5"]
+    assert cli_main([*argv, "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    oracle = report["results"][1]
+    assert [(g["layer_ms"], g["bandwidth_gbs"]) for g in oracle["grid"]] == [(1, 1), (1, 2), (3, 1), (3, 2)]
+    assert oracle["grid"][0]["token_ms"] == pytest.approx(8.5 / 3)  # test_simulate_end_to_end's point
+    assert oracle["token_ms"] == pytest.approx(8.5 / 3)  # the first point is the main table's
+    printed = capsys.readouterr().out
+    assert "| lru+oracle | 0.25 | 3 | 2 |" in printed and "stall late prefetch ms" in printed
+
+
+def test_replay_reports_prefetch_copies_and_first_uses():
+    from moert.engine.runtime import SlabCache
+
+    # 4 slots, lru. Step 0 queues 2 and 3 (copies 0, 1), then loads 0 and 1 on demand. Step 1 queues 5
+    # (copy 2), evicting 2 (the least recent), and uses 3 (copy 1) first; 2 is a demand load again.
+    # Step 2 uses 5 (copy 2) first; 2 is a hit on a demand-loaded copy.
+    args = (np.zeros(3, np.int32), np.array([[0, 1], [2, 3], [2, 5]], np.int32))
+    pre = np.array([[2, 3], [5, -1], [-1, -1]], np.int32)
+    plain, tracked = (SlabCache.simulated(1, 8, 4, policy="lru", min_slots=1) for _ in range(2))
+    want = plain.replay(*args, prefetch=pre)
+    out = tracked.replay(*args, prefetch=pre, track_prefetch=True)
+    assert out["hits_per_step"].tolist() == want["hits_per_step"].tolist() == [0, 1, 2]
+    assert out["prefetch_seq_start"] == 0 and out["prefetch_queued_per_step"].tolist() == [2, 1, 0]
+    assert out["prefetch_used"].tolist() == [[-1, -1], [1, -1], [2, -1]]
+    assert tracked.prefetch_seq() == 3 and tracked.stats()["prefetch_hits"] == 2
+    assert "prefetch_used" not in want
