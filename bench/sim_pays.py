@@ -30,11 +30,12 @@ def _floats(text: str) -> tuple[float, ...]:
 
 
 def pays(args: argparse.Namespace) -> int:
+    from sim_score import _predictor
+
     from moert.policy.predictor import SequenceListTrace, policy_from_spec
     from moert.predict.data import open_sequences, split_sequences
     from moert.predict.evaluate import select_sequences
     from moert.sim import SimConfig, parse_policies, simulate
-    from sim_score import _predictor
 
     args.seed = 0
     env = {**environment(), "modified_tracked_files": modified_files()}

@@ -18,8 +18,9 @@ tokens per cache; tests check that both give the same hits at every access.
 
 A :class:`CostModel` turns the counts into bytes per token and predicted tokens/s (DESIGN.md §1):
 bytes per token ``B = ((1 - h) + w) * k * L * S`` gives the bandwidth ceiling ``BW / B``; the
-prediction adds compute: prefetched bytes hide behind the layers' compute, demand bytes stall,
-``t_token = max(L * t_layer, B_prefetch / BW) + B_demand / BW``. With ``CostModel.cpu_expert_ms`` set
+prediction adds compute: windowed (default), the copy link replayed over every step from each run's
+logged prefetch copies and first uses (:mod:`moert.sim.timeline`); pooled, ``t_token = max(L * t_layer,
+B_prefetch / BW) + B_demand / BW`` (every row has both). With ``CostModel.cpu_expert_ms`` set
 (heterogeneous mode, DESIGN.md §7) each run also counts the demand misses of every (token, layer) step
 (from the replay's hits per step; not counted otherwise), and each row adds the prediction when some of
 a step's misses are computed on the host CPU instead of copied (:func:`cpu_split`).
