@@ -61,6 +61,13 @@ class CostModel:
       attention weights against ~69 M active expert weights per layer (0.17 when memory-bound); an
       eager-mode layer is launch-bound and its share is not measured yet.
 
+    - overload: when a policy queues more prefetch bytes than the link can move, the FIFO lags further
+      behind every step: used prefetches are then promoted (charged as demand copies) and the copies
+      still queued when the trace ends are not charged (``prefetch_backlog``, reported), so the windowed
+      model can predict more tok/s than the pooled one, which charges every prefetched byte. The engine
+      lags alike (FIFO within a class) and cancels a queued prefetch whose slot is taken; here queued
+      copies whose expert was evicted are still copied when the link reaches them.
+
     With no prefetch it is exactly ``t_token = (steps * C + D * c) / tokens``: the pooled model's
     copy-only formula, except that a verify pass shorter than N still costs a whole pass.
 
@@ -259,6 +266,7 @@ class CostModel:
             "token_ms": got["seconds"] / tokens * 1e3,
             "late_prefetches": got["late_prefetches"],
             "promoted_prefetches": got["promoted_prefetches"],
+            "prefetch_backlog": got["prefetch_backlog"],
         }
         for key in ("demand", "behind_prefetch", "late_prefetch"):
             out[f"stall_{key}_ms"] = got[f"stall_{key}_s"] / tokens * 1e3

@@ -157,7 +157,8 @@ def link_timeline(
 
     Returns:
         ``{"seconds", "stall_demand_s", "stall_behind_prefetch_s", "stall_late_prefetch_s",
-        "late_prefetches", "promoted_prefetches"}``: totals over the run.
+        "late_prefetches", "promoted_prefetches", "prefetch_backlog"}``: totals over the run; the
+        backlog: prefetch copies still queued after the last step (never charged).
     """
     S = traffic.steps
     D = traffic.demand
@@ -178,6 +179,7 @@ def link_timeline(
             "stall_late_prefetch_s": 0.0,
             "late_prefetches": 0,
             "promoted_prefetches": 0,
+            "prefetch_backlog": 0.0,
         }
     return _loop(traffic, compute_s, copy_s, attention_share, depth, cpu)
 
@@ -240,4 +242,5 @@ def _loop(traffic: Traffic, compute_s, copy_s, share, depth, cpu) -> dict:
         "stall_late_prefetch_s": late * copy_s,
         "late_prefetches": n_late,
         "promoted_prefetches": n_prom,
+        "prefetch_backlog": issued - head - len(promoted),  # still queued when the trace ends
     }

@@ -191,3 +191,9 @@ def test_replay_reports_prefetch_copies_and_first_uses():
     assert out["prefetch_used"].tolist() == [[-1, -1], [1, -1], [2, -1]]
     assert tracked.prefetch_seq() == 3 and tracked.stats()["prefetch_hits"] == 2
     assert "prefetch_used" not in want
+
+
+def test_backlog_left_at_the_end_is_reported_not_charged():
+    # 10 copies queued at s=0, nobody waits: 4 steps move 4 of them; 6 are still queued at the end.
+    got = ms(traffic([0, 0, 0, 0], [10, 0, 0, 0]))
+    assert got["seconds"] == pytest.approx(4.0) and got["prefetch_backlog"] == pytest.approx(6.0)
