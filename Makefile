@@ -11,7 +11,7 @@ DEPS := numpy safetensors tqdm pybind11 ninja setuptools wheel "$(TRANSFORMERS_S
 DEV_DEPS := pytest hypothesis ruff clang-format
 NATIVE := $(wildcard csrc/*.cc csrc/include/moert/*.h csrc/src/*.cc csrc/src/*.cu) CMakeLists.txt setup.py
 
-.PHONY: setup build demo test test-compat test-gpu test-gpu-here test-slow gpu-dry-run stress bench-tiers sanitize fuzz fuzz-smoke lint format bench bench-sim-puffin bench-sim-studies bench-evict clean
+.PHONY: setup build demo test test-compat test-gpu test-gpu-here test-slow gpu-dry-run stress bench-tiers sanitize fuzz fuzz-smoke lint format bench bench-sim-puffin bench-sim-pays bench-sim-studies bench-evict clean
 
 setup: $(VENV)/.deps build
 
@@ -114,6 +114,11 @@ bench-sim-puffin: setup
 	$(PY) -m moert simulate $(PUFFIN) --capacity 0.1,0.25,0.5 --policy $(PUFFIN_POLICIES) --global --no-progress \
 		--json bench/results/sim_deepseek_v2_lite_puffin_global.json --markdown bench/results/sim_deepseek_v2_lite_puffin_global.md \
 		--plot bench/results/sim_deepseek_v2_lite_puffin_global.png
+
+# what pays in predicted tok/s: every policy over the cost grid (windowed cost model), per-layer and global,
+# on the held-out puffin prompts (trains the xlayer predictor first, ~3 min; the grid ~15 min on 2 cores)
+bench-sim-pays: setup
+	$(PY) bench/bench_sim.py --what pays --threads 1 --no-progress
 
 # the simulator studies on the shared traces (minutes each): score policy, CPU experts, speculative
 bench-sim-studies: setup

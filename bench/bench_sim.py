@@ -23,6 +23,10 @@ are replayed once) and an exact check of the model's one optimistic assumption: 
 again step by step with the CPU-computed experts *not* entering the cache. Writes
 ``bench/results/sim_heterogeneous_puffin.{json,md,png}``.
 
+``pays``: every policy of ``--policies`` (xlayer[:m]: the trained xlayer) on the held-out puffin prompts,
+per-layer and global at 0.1/0.25/0.5, predicted at every (layer ms, GB/s) of the grid by the windowed cost
+model, the pooled one beside it. Writes ``bench/results/sim_pays_puffin.{json,md,png}`` (see ``sim_pays.py``).
+
 ``speculative``: speculative decoding's verify passes (``SimConfig.verify_tokens`` N = gamma + 1,
 DESIGN.md §7, MoE-SpAc) on the puffin traces: lru, lfu, utility, utility+utility:2, lru+utility:2 and
 belady at N = 1, 3, 5, per-layer caches at 0.1/0.25/0.5 on every prompt and one global cache on the
@@ -36,6 +40,7 @@ Usage::
     python bench/bench_sim.py --what score [--predictor xlayer.safetensors] [--m 0,2,4]
     python bench/bench_sim.py --what hetero [--cpu-expert-ms 0.6] [--max-prompts N]
     python bench/bench_sim.py --what speculative [--verify-tokens 1,3,5] [--max-prompts N] [--global-prompts 250]
+    python bench/bench_sim.py --what pays [--policies lru,...,score+xlayer:2] [--layer-ms 0.2,...] [--bandwidths 25,55]
 """
 
 from __future__ import annotations
@@ -92,7 +97,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--what", default="speed", choices=["speed", "score", "hetero", "speculative"])
+    parser.add_argument("--what", default="speed", choices=["speed", "score", "hetero", "speculative", "pays"])
     parser.add_argument("--repeats", type=int, default=5, help="speed: repeats")
     parser.add_argument("--out", default=None, help="speed: JSON path; score: path stem (.json/.md/.png)")
     parser.add_argument("--predictor", default=None, help="score: an xlayer file recording the split")
@@ -133,6 +138,14 @@ def main() -> int:
         default=250,
         help="speculative: prompts of the global-cache run (0: none)",
     )
+    parser.add_argument(
+        "--policies",
+        default="lru,lfu,belady,lru+oracle,lru+xlayer,score+xlayer:2",
+        help="pays: EVICT[+PREFETCH] names; xlayer[:m] is the trained xlayer (add e.g. learned, budget)",
+    )
+    parser.add_argument("--layer-ms", default="0.2,0.5,1,2,4.5", help="pays: ms per MoE layer (grid)")
+    parser.add_argument("--bandwidths", default="25,55", help="pays: GB/s (grid)")
+    parser.add_argument("--no-progress", action="store_true", help="pays: no progress bar")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

@@ -386,6 +386,7 @@ PYBIND11_MODULE(_C, m) {
           },
           py::arg("per_layer") = false)
       .def("reset_stats", &SlabCache::reset_stats)
+      .def("prefetch_seq", &SlabCache::prefetch_seq)
       .def("sim_prefetch",
            [](SlabCache& c, std::int64_t layer, const Int64Array& experts) {
              std::vector<std::int32_t> ids = expert_ids(experts, "experts");
@@ -405,7 +406,7 @@ PYBIND11_MODULE(_C, m) {
              const std::optional<Int32Array>& prefetch_layers,
              const std::optional<Float32Array>& priorities,
              const std::optional<Float32Array>& after_scores,
-             const std::optional<Int32Array>& after_prefetch, bool waves) {
+             const std::optional<Int32Array>& after_prefetch, bool waves, bool track_prefetch) {
             MOERT_CHECK(layers.ndim() == 1, "replay: layers must be (N,), got ", layers.ndim(),
                         " dimensions");
             const py::ssize_t n = layers.shape(0);
@@ -449,6 +450,15 @@ PYBIND11_MODULE(_C, m) {
             a.waves = waves;
             py::array_t<std::int32_t> hits(n);
             a.hits_per_step = hits.mutable_data();
+            py::array_t<std::int32_t> queued(track_prefetch ? n : 0);
+            py::array_t<std::int32_t> after_queued(track_prefetch ? n : 0);
+            py::array_t<std::int64_t> used({track_prefetch ? n : 0, a.k});
+            if (track_prefetch) {
+              a.prefetch_queued = queued.mutable_data();
+              a.prefetch_after_queued = after_queued.mutable_data();
+              a.prefetch_used = used.mutable_data();
+            }
+            const std::int64_t seq0 = c.prefetch_seq();
             CacheStats delta;
             {
               py::gil_scoped_release nogil;
@@ -456,12 +466,18 @@ PYBIND11_MODULE(_C, m) {
             }
             py::dict d = cache_stats_dict(delta);
             d["hits_per_step"] = hits;
+            if (track_prefetch) {
+              d["prefetch_seq_start"] = seq0;
+              d["prefetch_queued_per_step"] = queued;
+              d["prefetch_after_queued_per_step"] = after_queued;
+              d["prefetch_used"] = used;
+            }
             return d;
           },
           py::arg("layers"), py::arg("experts"), py::arg("prefetch") = py::none(),
           py::arg("prefetch_layers") = py::none(), py::arg("priorities") = py::none(),
           py::arg("after_scores") = py::none(), py::arg("after_prefetch") = py::none(),
-          py::arg("waves") = false)
+          py::arg("waves") = false, py::arg("track_prefetch") = false)
       .def("close", [](SlabCache& c) {
         py::gil_scoped_release nogil;
         c.close();

@@ -316,6 +316,8 @@ def _cli_case(name: str, files: dict) -> tuple[list[str], str]:
         "simulate: unknown policy": (["simulate", trace, "--policy", "nope"], "nope"),
         "simulate: missing trace": (["simulate", str(files["root"] / "none")], "none"),
         "simulate: unknown prefetcher": (["simulate", trace, "--prefetch", "psychic"], "psychic"),
+        "simulate: layer-ms 0.2,x": (["simulate", trace, "--layer-ms", "0.2,x"], "--layer-ms 0.2,0.5,1,2"),
+        "simulate: bandwidth 25,0": (["simulate", trace, "--bandwidth", "25,0"], "'0' in --bandwidth 25,0"),
         "train: missing trace": (
             ["train", "--trace", str(files["root"] / "none"), "--predictor", "preattn", "--out", "x"],
             "none",
@@ -346,6 +348,8 @@ CLI_CASES = [
     "simulate: unknown policy",
     "simulate: missing trace",
     "simulate: unknown prefetcher",
+    "simulate: layer-ms 0.2,x",
+    "simulate: bandwidth 25,0",
     "train: missing trace",
     "eval: predictor for another trace",
     "eval: missing predictor",
@@ -365,7 +369,7 @@ def test_cli_reports_one_line(files, case, capsys):
         _copy(files["csv"], garbled)
         _csv_case("garbled")(garbled)
     argv, name = _cli_case(case, files)
-    with pytest.raises(SystemExit) if argv[-1] == "abc" else _no_exit():
+    with pytest.raises(SystemExit) if argv[-1] in ("abc", "0.2,x", "25,0") else _no_exit():
         rc = cli_main(argv)
         assert rc == 2, f"exit status {rc}"
     err = capsys.readouterr().err

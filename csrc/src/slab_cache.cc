@@ -240,6 +240,7 @@ void SlabCache::place_locked(int s, int key, bool prefetch) {
   sl.key = key;
   ++sl.gen;
   sl.prefetched = prefetch;
+  sl.prefetch_seq = prefetch ? prefetch_seq_++ : -1;
   sl.accessed = false;
   sl.demanded = !prefetch;
   sl.freq = 0;
@@ -548,9 +549,20 @@ CacheStats SlabCache::replay(const ReplayArgs& a) {
     if (a.prefetch != nullptr) {
       const int pl = a.prefetch_layers != nullptr ? a.prefetch_layers[i] : layer;
       distinct_locked(a.prefetch + i * a.m, a.m, true, &distinct);
-      prefetch_locked(pl, distinct, &loads);
+      const int queued = prefetch_locked(pl, distinct, &loads);
+      if (a.prefetch_queued != nullptr) a.prefetch_queued[i] = queued;
+    } else if (a.prefetch_queued != nullptr) {
+      a.prefetch_queued[i] = 0;
     }
     distinct_locked(a.experts + i * a.k, a.k, true, &distinct);
+    if (a.prefetch_used != nullptr) {
+      std::int64_t* used = a.prefetch_used + i * a.k;
+      std::fill(used, used + a.k, -1);
+      for (int e : distinct) {  // first accesses of prefetched slots (pin_access marks them)
+        const int s = table_[key_of(layer, e)];
+        if (s >= 0 && slots_[s].prefetched && !slots_[s].accessed) *used++ = slots_[s].prefetch_seq;
+      }
+    }
     a.hits_per_step[i] = replay_access_locked(layer, &distinct, &slots, &loads);
     if (a.priorities != nullptr) {
       for (std::int64_t j = 0; j < a.k; ++j) {
@@ -565,7 +577,10 @@ CacheStats SlabCache::replay(const ReplayArgs& a) {
     }
     if (a.after_prefetch != nullptr) {
       distinct_locked(a.after_prefetch + i * a.a, a.a, true, &distinct);
-      prefetch_locked(layer, distinct, &loads);
+      const int queued = prefetch_locked(layer, distinct, &loads);
+      if (a.prefetch_after_queued != nullptr) a.prefetch_after_queued[i] = queued;
+    } else if (a.prefetch_after_queued != nullptr) {
+      a.prefetch_after_queued[i] = 0;
     }
   }
   return stats_ - before;
@@ -591,6 +606,11 @@ int SlabCache::replay_access_locked(int layer, std::vector<std::int32_t>* distin
     for (int s : *slots) unpin_locked(s);
   }
   return hits;
+}
+
+std::int64_t SlabCache::prefetch_seq() {
+  std::lock_guard<std::mutex> lock(mu_);
+  return prefetch_seq_;
 }
 
 void SlabCache::close() {

@@ -8,9 +8,13 @@ Usage::
                    [--prefetch oracle|moe-infinity|PRED.safetensors[:m|:adaptive]|prev-token[:m]|frequency[:m]]
                    [--score-decay 0.5] [--threshold 0.3] [--max-overprovision 4]
                    [--split auto|test|all] [--json OUT.json] [--plot OUT.png] [--markdown OUT.md]
-                   [--expert-mb 17.3] [--bandwidth-gbs 25] [--layer-compute-ms 0.2]
+                   [--expert-mb 17.3] [--layer-ms 0.2[,0.5,1,2]] [--bandwidth 25[,55]]
+                   [--window windowed|pooled] [--attention-share 0.2]
                    [--cpu-expert-ms X [--activation-us 20]]
                    [--verify-tokens N] [--utility-decay 0.7] [--evictor R.safetensors]
+
+Predicted tok/s comes from the windowed cost model (``moert.sim.CostModel``: a prefetch hides only behind
+the compute after it is issued); lists ``--layer-ms`` / ``--bandwidth`` predict every row at every pair.
 
 Policy ``score`` is the runtime's predictor-score eviction (``moert.policy.score``): it needs a
 prefetcher that gives scores (a trained predictor, ``prev-token`` or ``frequency``), whose
@@ -48,6 +52,33 @@ def _floats(text: str) -> tuple[float, ...]:
         return tuple(float(x) for x in text.split(",") if x.strip())
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
+
+
+def _grid(flag: str, what: str, example: str, *, positive: bool = False):
+    """An argparse type: one number or a comma-separated list of numbers (>= 0, or > 0)."""
+
+    def parse(text: str) -> tuple[float, ...]:
+        values = []
+        for part in text.split(","):
+            try:
+                v = float(part)
+            except ValueError:
+                v = math.nan
+            if not (math.isfinite(v) and (v > 0 if positive else v >= 0)):
+                raise argparse.ArgumentTypeError(
+                    f"{part.strip()!r} in {flag} {text} is not a number of {what} "
+                    f"({'> 0' if positive else '>= 0'}); give one or a comma-separated list, e.g. {flag} {example}"
+                )
+            values.append(v)
+        return tuple(values)
+
+    return parse
+
+
+def _one(values: tuple[float, ...], flag: str) -> float:
+    if len(values) != 1 or not 0 <= values[0] <= 1:
+        raise ValueError(f"{flag} takes one fraction in [0, 1], got {','.join(f'{v:g}' for v in values)}")
+    return values[0]
 
 
 def _positive_ms(text: str) -> float:
@@ -202,13 +233,34 @@ def _add_cost_arguments(parser: argparse.ArgumentParser) -> None:
         "--expert-mb", type=float, default=d.expert_bytes / 1e6, help="MB per expert (default 17.3)"
     )
     parser.add_argument(
-        "--bandwidth-gbs", type=float, default=d.bandwidth_gbs, help="host->device GB/s (default 25)"
+        "--bandwidth",
+        "--bandwidth-gbs",
+        dest="bandwidth",
+        type=_grid("--bandwidth", "host->device GB/s", "25,55", positive=True),
+        default=(d.bandwidth_gbs,),
+        help=f"host->device GB/s, one or a comma-separated list (a grid; default {d.bandwidth_gbs:g})",
     )
     parser.add_argument(
+        "--layer-ms",
         "--layer-compute-ms",
-        type=float,
-        default=d.layer_compute_ms,
-        help="compute per MoE layer, ms (default 0.2)",
+        dest="layer_ms",
+        type=_grid("--layer-ms", "GPU ms per MoE layer", "0.2,0.5,1,2"),
+        default=(d.layer_compute_ms,),
+        help=f"compute per MoE layer, ms, one or a list (a grid; default {d.layer_compute_ms:g}); every row is "
+        "predicted at every (layer ms, GB/s) pair, the first pair in the main table",
+    )
+    parser.add_argument(
+        "--window",
+        default=d.window,
+        choices=["windowed", "pooled"],
+        help="cost model: windowed (default: a prefetch hides only behind the compute after it is issued, "
+        "one copy link replayed step by step) or pooled (behind a whole token's compute; the earlier model)",
+    )
+    parser.add_argument(
+        "--attention-share",
+        type=_grid("--attention-share", "share of a layer's compute before its experts are needed", "0.2"),
+        default=(d.attention_share,),
+        help=f"windowed: the share of a layer's compute before the router's pick (default {d.attention_share:g})",
     )
     parser.add_argument(
         "--cpu-expert-ms",
@@ -325,49 +377,10 @@ def plot(report: dict, out: str) -> None:
 
 
 def markdown(report: dict) -> str:
-    from moert.sim import result_table
+    """The Markdown page of a report (:func:`moert.sim.report.markdown_report`)."""
+    from moert.sim.report import markdown_report
 
-    env, meta, cfg = report["environment"], report["trace"], report["config"]
-    cost = cfg["cost_model"]
-    lines = [
-        f"# moert simulate: {meta['source'] or meta['model_type']}",
-        "",
-        f"{meta['num_sequences']} sequences, {meta['num_tokens']} tokens, L={len(meta['layers'])} MoE layers, "
-        f"E={meta['num_experts']}, k={meta['top_k']}; caches: {cfg['mode']}.",
-        f"Cost model: expert {cost['expert_bytes'] / 1e6:.1f} MB, {cost['bandwidth_gbs']:g} GB/s, "
-        f"{cost['layer_compute_ms']:g} ms compute per MoE layer (tok/s = predicted decode speed).",
-        *_heterogeneous_note(cost),
-        *_speculative_note(cfg),
-        "",
-        result_table(report),
-        f"device: {env['device']}; torch {env['torch']}, numpy {env['numpy']}, python {env['python']}; "
-        f"commit {env['commit']}; {env['date']}",
-        "",
-    ]
-    return "\n".join(lines)
-
-
-def _speculative_note(cfg: dict) -> list[str]:
-    n = cfg.get("verify_tokens", 1)
-    if n == 1:
-        return []
-    return [
-        f"Speculative decoding: verify passes of {n} tokens (gamma = {n - 1}); each MoE layer of a pass "
-        "accesses the union of its experts once; every draft accepted, the draft model not simulated; a pass "
-        "costs one token's compute. Hit rate: per distinct expert of a layer call; token hit rate = 1 - demand "
-        "misses / (tokens * k); tok/s per generated token."
-    ]
-
-
-def _heterogeneous_note(cost: dict) -> list[str]:
-    if cost.get("cpu_expert_ms") is None:
-        return []
-    return [
-        f"CPU experts (heterogeneous): {cost['cpu_expert_ms']:g} ms per expert per token on the host, "
-        f"{cost['activation_us']:g} µs activation round trip; each step's demand misses are split between "
-        "the CPU and PCIe copies to minimise the step's stall (`moert.sim.CostModel`; the cache is assumed "
-        "to evolve as with copies only)."
-    ]
+    return markdown_report(report)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -406,13 +419,17 @@ def _run(args: argparse.Namespace) -> int:
         mode=args.mode,
         cost=CostModel(
             expert_bytes=int(round(args.expert_mb * 1e6)),
-            bandwidth_gbs=args.bandwidth_gbs,
-            layer_compute_ms=args.layer_compute_ms,
+            bandwidth_gbs=args.bandwidth[0],
+            layer_compute_ms=args.layer_ms[0],
+            window=args.window,
+            attention_share=_one(args.attention_share, "--attention-share"),
             **cpu,
         ),
         verify_tokens=args.verify_tokens,
         utility_decay=args.utility_decay,
         evictor=args.evictor,
+        layer_ms=args.layer_ms,
+        bandwidths=args.bandwidth,
     )
     report = simulate(trace, config, progress=not args.no_progress, prefetchers=prefetchers)
     report["environment"] = environment()

@@ -232,6 +232,7 @@ class SlabCache:
         after_scores: Any = None,
         after_prefetch: Any = None,
         waves: bool = False,
+        track_prefetch: bool = False,
     ) -> dict[str, Any]:
         """Replays N steps in C++ (the GIL released).
 
@@ -247,6 +248,12 @@ class SlabCache:
             waves: a step with more distinct experts than slots streams them in waves of at most
                 the slots, resident first, each part ascending (``moert.sim.step.access``); False:
                 ValueError.
+            track_prefetch: also return, for the simulator's link timeline (``moert.sim.timeline``),
+                ``prefetch_seq_start`` (int: the first copy's sequence number, see ``prefetch_seq``),
+                ``prefetch_queued_per_step`` ((N,) int32 numpy: copies step i's prefetch queued, numbered
+                on from it), ``prefetch_after_queued_per_step`` ((N,) int32: then the copies of its
+                prefetch after the call) and ``prefetch_used`` ((N, k) int64 numpy: the sequence numbers of the
+                prefetched entries step i's access uses for the first time, then -1).
 
         Returns:
             The stats delta (see ``stats``) plus ``hits_per_step``: (N,) int32 tensor.
@@ -257,9 +264,13 @@ class SlabCache:
         pre_l = None if prefetch_layers is None else int32_array(prefetch_layers, "prefetch_layers", 1)
         pri, after = (_float32(a) for a in (priorities, after_scores))
         after_ids = None if after_prefetch is None else int32_array(after_prefetch, "after_prefetch", 2)
-        out = self._c.replay(lay, exp, pre, pre_l, pri, after, after_ids, bool(waves))
+        out = self._c.replay(lay, exp, pre, pre_l, pri, after, after_ids, bool(waves), bool(track_prefetch))
         out["hits_per_step"] = torch.from_numpy(out["hits_per_step"])
         return out
+
+    def prefetch_seq(self) -> int:
+        """Prefetch copies placed so far (never reset): the sequence number of the next one."""
+        return int(self._c.prefetch_seq())
 
     def close(self) -> None:
         """Closes the attached CopyEngine, then the cache; later calls raise RuntimeError."""

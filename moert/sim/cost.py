@@ -6,21 +6,74 @@ heterogeneous mode.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
 import numpy as np
 
 from moert.cost import cpu_split
+from moert.sim.timeline import Traffic, link_timeline
 
-__all__ = ["CostModel", "cpu_split"]
+__all__ = ["WINDOWS", "CostModel", "cpu_split"]
+
+WINDOWS = ("windowed", "pooled")
 
 
 @dataclass(frozen=True)
 class CostModel:
     """Turns simulated traffic into time. Defaults: DeepSeek-V2-Lite on PCIe Gen4, batch 1 decode.
 
-    Copy only (the default): ``t_token = max(L * t_layer, B_prefetch / BW) + B_demand / BW``.
+    **Windowed (the default, ``window="windowed"``)**: one copy link, replayed step by step
+    (:func:`moert.sim.timeline.link_timeline`; a step ``s`` is one MoE layer of one token, or of one
+    verify pass). With ``C = t_layer``, ``c = S / BW`` (one expert's copy), ``a = attention_share``::
+
+        step s starts at t0; its prefetch copies join the prefetch FIFO at t0;
+        [t0, t0 + a*C)     attention: the link works through the FIFO;
+        t0 + a*C           routing: the step needs its experts. Its demand misses D_s, and every used
+                           prefetch copy still queued beyond the committed window (promoted), wait for
+                           the committed window (the rest of the copy on the link and the next ones,
+                           ``prefetch_depth`` in all), then copy one after another;
+                           a used prefetch copy inside the window is waited for; one done is free;
+        stall W_s          = (window_rest + D_s + promoted_s) * c with any copy to make, else the wait
+                           for the latest committed used copy (0 when all arrived);
+        [.., + (1-a)*C)    the experts compute; the link works through the FIFO again;
+        t_token            = sum_s (C + W_s) / tokens.
+
+    What it assumes (and where the engine, csrc/src/copy_engine.cc and copy_lanes.cc, differs):
+
+    - one link: the copy engine's lanes share the PCIe bandwidth BW, so K lanes move what one does; a
+      copy runs at BW from start to end (no per-copy latency, no host-side issue cost);
+    - priorities as the engine's queue: demand copies before queued prefetches, prefetches FIFO in the
+      order they were queued (by step, then own layer first, most likely first); a copy already issued is
+      not preempted: the engine issues a prefetch while a lane has fewer than ``kPrefetchDepth`` = 2 in
+      flight, so a demand copy waits behind up to ``prefetch_depth`` prefetch copies (the in-flight one's
+      remainder and the next), modelled as a fluid FIFO (fractions of a copy);
+    - a used prefetch still queued is promoted to a demand copy (the engine's acquire does that); a
+      prefetch is never cancelled (the simulated cache loads at once, so it never evicts a queued copy);
+    - prefetches are issued at the step's start: everything a policy asks before an access
+      (``on_prediction`` and ``on_routed``), so ``oracle`` stands for a perfect predictor run before
+      attention; a plan after a call (``after_call``) is issued at the next step's start;
+    - a step's compute does not depend on the copies (no PCIe contention slows the GPU), and the link
+      runs across token and prompt boundaries as one timeline; prefill is not modelled;
+    - ``attention_share`` (default 0.2): the share of a layer's time before the router's pick, the only
+      window in which a prefetch of the layer's own experts can hide. DeepSeek-V2-Lite reads ~14 M
+      attention weights against ~69 M active expert weights per layer (0.17 when memory-bound); an
+      eager-mode layer is launch-bound and its share is not measured yet.
+
+    - overload: when a policy queues more prefetch bytes than the link can move, the FIFO lags further
+      behind every step: used prefetches are then promoted (charged as demand copies) and the copies
+      still queued when the trace ends are not charged (``prefetch_backlog``, reported), so the windowed
+      model can predict more tok/s than the pooled one, which charges every prefetched byte. The engine
+      lags alike (FIFO within a class) and cancels a queued prefetch whose slot is taken; here queued
+      copies whose expert was evicted are still copied when the link reaches them.
+
+    With no prefetch it is exactly ``t_token = (steps * C + D * c) / tokens``: the pooled model's
+    copy-only formula, except that a verify pass shorter than N still costs a whole pass.
+
+    **Pooled** (``window="pooled"``, the earlier model, kept for comparison; every row also carries it
+    as ``pooled_tok_s``): ``t_token = max(L * t_layer, B_prefetch / BW) + B_demand / BW``: prefetches
+    hide behind a whole token's compute, whenever they were issued and however late they land.
 
     Heterogeneous (``cpu_expert_ms`` set; DESIGN.md §7, the MoE-SpAc / Fiddler mode): at each (token,
     MoE layer) step with ``n`` demand misses, ``c`` of them are computed on the host CPU from the pool
@@ -44,11 +97,16 @@ class CostModel:
     - one activation round trip per step (``t_act``: the row to the host and the weighted sum of the
       ``c`` outputs back), whatever ``c`` is;
     - prefetches are unchanged (they hide behind compute as in copy only); a CPU expert never replaces
-      one.
+      one;
+    - windowed: a step's ``D`` demand misses split as above (``c`` on the CPU, chosen without the link's
+      backlog), its stall ``max(window_rest + D - c + promoted, c * t_cpu + t_act)`` copy times; the
+      link is idle while only the CPU works. Pooled: ``t_token = max(L * t_layer, B_prefetch / BW) +
+      (sum of the step stalls) / tokens``.
 
     Speculative decoding (``verify_tokens = N > 1``, copy only): one verify pass of N tokens costs the
     compute of one token, ``L * t_layer`` (at batch 1 and N <= ~8 a decoder layer is memory-bound: it
-    reads the same weights for N rows), and moves the pass's bytes, so per generated token ``t_token =
+    reads the same weights for N rows), and moves the pass's bytes: windowed, a step is a pass's layer
+    and the time is divided by the generated tokens; pooled, per generated token ``t_token =
     max(L * t_layer / N, B_prefetch / BW) + B_demand / BW`` with B per generated token. The draft
     model's time is not counted and every drafted token is accepted: an upper bound on SD's speed.
 
@@ -62,6 +120,9 @@ class CostModel:
         cpu_expert_ms: host CPU time of one expert for one token, reading its weights from the pool
             (measure it with ``bench/bench_cpu_expert.py``); None (default) = heterogeneous off.
         activation_us: round trip of one activation row between device and host, µs (default 20).
+        window: ``windowed`` (default) or ``pooled`` (see above): which one ``predicted_tok_s`` is.
+        attention_share: windowed: the share of a layer's compute before its experts are needed.
+        prefetch_depth: windowed: prefetch copies committed ahead of a demand copy (the engine's 2).
     """
 
     expert_bytes: int = 3 * 2048 * 1408 * 2
@@ -69,6 +130,9 @@ class CostModel:
     layer_compute_ms: float = 0.2
     cpu_expert_ms: float | None = None
     activation_us: float = 20.0
+    window: str = "windowed"
+    attention_share: float = 0.2
+    prefetch_depth: int = 2
 
     def __post_init__(self) -> None:
         if self.expert_bytes <= 0 or self.bandwidth_gbs <= 0 or self.layer_compute_ms < 0:
@@ -80,6 +144,21 @@ class CostModel:
                 f"cpu_expert_ms={self.cpu_expert_ms!r} must be a positive number of milliseconds (one "
                 "expert, one token, on the host CPU; measure it with bench/bench_cpu_expert.py), or None "
                 "to turn the CPU path off"
+            )
+        if self.window not in WINDOWS:
+            raise ValueError(f"window={self.window!r}; use one of {', '.join(WINDOWS)}")
+        if not (math.isfinite(self.attention_share) and 0 <= self.attention_share <= 1):
+            raise ValueError(
+                f"attention_share={self.attention_share!r} must be a fraction in [0, 1] (the share of a "
+                "layer's compute before its experts are needed; e.g. 0.2)"
+            )
+        if (
+            isinstance(self.prefetch_depth, bool)
+            or not isinstance(self.prefetch_depth, int)
+            or self.prefetch_depth < 1
+        ):
+            raise ValueError(
+                f"prefetch_depth={self.prefetch_depth!r} must be an integer >= 1 (the engine's 2)"
             )
         if not (math.isfinite(self.activation_us) and self.activation_us >= 0):
             raise ValueError(
@@ -161,3 +240,64 @@ class CostModel:
             "cpu_bytes_saved": on_cpu * self.expert_bytes,
             "cpu_bytes_saved_per_token": on_cpu * self.expert_bytes / tokens,
         }
+
+    def predict_windowed(self, traffic: Traffic, tokens: int) -> dict:
+        """The windowed prediction (see the class doc) of one run's per-step traffic.
+
+        Args:
+            traffic: per-step demand misses, prefetch copies and their first uses (:class:`Traffic`).
+            tokens: generated tokens (the steps are tokens' or verify passes' MoE layers).
+
+        Returns:
+            ``{"predicted_tok_s", "token_ms", "stall_demand_ms", "stall_behind_prefetch_ms",
+            "stall_late_prefetch_ms", "late_prefetches", "promoted_prefetches"}`` (stalls per token),
+            plus with ``cpu_expert_ms`` ``{"cpu_predicted_tok_s", "cpu_token_ms"}``.
+        """
+        tokens = max(int(tokens), 1)
+        kw = dict(
+            compute_s=self.layer_compute_ms * 1e-3,
+            copy_s=self.copy_s,
+            attention_share=self.attention_share,
+            depth=self.prefetch_depth,
+        )
+        got = link_timeline(traffic, **kw)
+        out = {
+            "predicted_tok_s": tokens / got["seconds"] if got["seconds"] > 0 else None,
+            "token_ms": got["seconds"] / tokens * 1e3,
+            "late_prefetches": got["late_prefetches"],
+            "promoted_prefetches": got["promoted_prefetches"],
+            "prefetch_backlog": got["prefetch_backlog"],
+        }
+        for key in ("demand", "behind_prefetch", "late_prefetch"):
+            out[f"stall_{key}_ms"] = got[f"stall_{key}_s"] / tokens * 1e3
+        if self.heterogeneous:
+            n = np.arange(int(traffic.demand.max(initial=0)) + 1)
+            cpu = cpu_split(n, self.cpu_expert_ms * 1e-3, self.copy_s, self.activation_us * 1e-6)
+            het = link_timeline(traffic, **kw, cpu=cpu)
+            out["cpu_predicted_tok_s"] = tokens / het["seconds"] if het["seconds"] > 0 else None
+            out["cpu_token_ms"] = het["seconds"] / tokens * 1e3
+        return out
+
+    def predict_grid(
+        self,
+        points: list[tuple[float, float]],
+        traffic: Traffic,
+        tokens: int,
+        bytes_per_token: tuple[float, float],
+        num_layers: int,
+        verify_tokens: int = 1,
+    ) -> list[dict]:
+        """The prediction at each (layer ms, GB/s) of ``points``, the other constants this model's.
+
+        Returns:
+            One dict per point: ``layer_ms``, ``bandwidth_gbs``, ``predicted_tok_s`` (this model's window),
+            ``pooled_tok_s`` and, windowed, the stalls of :meth:`predict_windowed`.
+        """
+        out = []
+        for ms, bw in points:
+            at = dataclasses.replace(self, layer_compute_ms=ms, bandwidth_gbs=bw)
+            got = at.predict_windowed(traffic, tokens) if self.window == "windowed" else {}
+            got["pooled_tok_s"] = at.predict(*bytes_per_token, num_layers, verify_tokens)["predicted_tok_s"]
+            got.setdefault("predicted_tok_s", got["pooled_tok_s"])
+            out.append({"layer_ms": ms, "bandwidth_gbs": bw, **got})
+        return out

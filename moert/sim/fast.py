@@ -86,8 +86,10 @@ def _per_layer(
                 after_scores=_slice(after, a, b),
                 after_prefetch=_slice(after_ids, a, b),
                 waves=True,
+                track_prefetch=caches.log is not None,
             )
             hits[layer, a:b] = out["hits_per_step"].numpy()
+            _log(caches, out, (caches.row0 + np.arange(a, b)) * L + layer, layer)
     return hits
 
 
@@ -118,8 +120,10 @@ def _global(
             after_scores=None if after is None else _token_major(after[:, a:b]),
             after_prefetch=None if after_ids is None else _token_major(after_ids[:, a:b]),
             waves=True,
+            track_prefetch=caches.log is not None,
         )
         hits[:, a:b] = out["hits_per_step"].numpy().reshape(n, L).T
+        _log(caches, out, (caches.row0 + a) * L + np.arange(n * L), 0)
     return hits
 
 
@@ -129,10 +133,29 @@ def _token_major(a: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(a.transpose(1, 0, 2)).reshape(T * L, w)
 
 
+def _log(caches: Caches, out: dict, steps: np.ndarray, layer: int) -> None:
+    """Logs a tracked ``replay``'s prefetch copies and first uses (``steps``: (N,) global steps).
+
+    Step i's copies are numbered in the replay's order: its prefetch row (issued at step i), then its
+    prefetch after the call (issued for the next step, as the stepping driver logs it), then step
+    i+1's; the two kinds are logged interleaved in that order, so the FIFO within a step holds."""
+    if caches.log is None:
+        return
+    before = out["prefetch_queued_per_step"].astype(np.int64)  # [N]
+    after = out["prefetch_after_queued_per_step"].astype(np.int64)  # [N]
+    counts = np.stack([before, after], axis=1).reshape(-1)  # [2N]: before_0, after_0, before_1, ...
+    at = np.stack([steps, steps + 1], axis=1).reshape(-1)
+    seq0 = out["prefetch_seq_start"] + np.concatenate([[0], np.cumsum(counts)[:-1]])
+    index = caches.index(layer)
+    caches.log.issued(at, index, seq0, counts)
+    used = out["prefetch_used"]  # [N, k]
+    hit = used >= 0
+    caches.log.used(np.broadcast_to(steps[:, None], used.shape)[hit], index, used[hit])
+
+
 def _prefetch_row(caches: Caches, layer: int, ids: np.ndarray | None) -> None:
     if ids is not None and (ids >= 0).any():
-        cache, cl = caches.at(layer)
-        cache.sim_prefetch(cl, ids[ids >= 0].astype(np.int64))
+        caches.prefetch(layer, ids[ids >= 0].astype(np.int64))
 
 
 def _access_scores(caches: Caches, layer: int, ex: np.ndarray, scores: np.ndarray | None) -> None:
@@ -144,10 +167,12 @@ def _access_scores(caches: Caches, layer: int, ex: np.ndarray, scores: np.ndarra
 
 
 def _after_call(caches: Caches, layer: int, scores: np.ndarray | None, ids: np.ndarray | None) -> None:
-    """A plan after a call of ``layer``: its E priorities, then a prefetch row into it."""
+    """A plan after a call of ``layer``: its E priorities, then a prefetch row into it (issued for the
+    next step)."""
     if scores is not None:
         cache, cl = caches.at(layer)
         cache.set_priority(cl, caches.all_ids, scores)
+    caches.step += 1
     _prefetch_row(caches, layer, ids)
 
 
@@ -165,6 +190,7 @@ def _steps(caches: Caches, experts: np.ndarray, plan: SequencePlan) -> np.ndarra
                 cache, cl = caches.at(layer)
                 cache.set_priority(cl, caches.all_ids, plan.token_scores[t, layer])
         for layer in range(L):
+            caches.step = (caches.row0 + t) * L + layer
             rows = min(n, L - layer)  # lookahead past the last layer is ignored
             if pred is not None and pred.clear is not None and not np.isnan(pred.clear[t, layer]):
                 cache, cl = caches.at((layer - 1) % L)

@@ -18,8 +18,9 @@ tokens per cache; tests check that both give the same hits at every access.
 
 A :class:`CostModel` turns the counts into bytes per token and predicted tokens/s (DESIGN.md §1):
 bytes per token ``B = ((1 - h) + w) * k * L * S`` gives the bandwidth ceiling ``BW / B``; the
-prediction adds compute: prefetched bytes hide behind the layers' compute, demand bytes stall,
-``t_token = max(L * t_layer, B_prefetch / BW) + B_demand / BW``. With ``CostModel.cpu_expert_ms`` set
+prediction adds compute: windowed (default), the copy link replayed over every step from each run's
+logged prefetch copies and first uses (:mod:`moert.sim.timeline`); pooled, ``t_token = max(L * t_layer,
+B_prefetch / BW) + B_demand / BW`` (every row has both). With ``CostModel.cpu_expert_ms`` set
 (heterogeneous mode, DESIGN.md §7) each run also counts the demand misses of every (token, layer) step
 (from the replay's hits per step; not counted otherwise), and each row adds the prediction when some of
 a step's misses are computed on the host CPU instead of copied (:func:`cpu_split`).
@@ -59,6 +60,7 @@ from moert.sim.cost import CostModel, cpu_split
 from moert.sim.fast import distinct_counts, replay_plan
 from moert.sim.passes import PassTrace
 from moert.sim.step import MODES, Caches, step_sequence
+from moert.sim.timeline import StepLog
 from moert.trace import SequenceTrace, Trace, TraceMeta
 
 __all__ = ["PolicySpec", "SimConfig", "cpu_split", "make_policy", "num_slots", "parse_policies", "simulate"]
@@ -125,6 +127,8 @@ class SimConfig:
         replay: ``auto`` (a policy's fast path where it has one) or ``step`` (the stepping driver for
             every policy: slower, the definition).
         evictor: policy ``learned``'s reuse model (a file or a loaded ``ReuseModel``), or None.
+        layer_ms, bandwidths: the cost grid: every row also predicts at each (layer ms, GB/s) of their
+            product (``row["grid"]``); empty: the cost model's own value.
     """
 
     capacities: tuple[float, ...] = (0.1, 0.25, 0.5)
@@ -136,8 +140,23 @@ class SimConfig:
     utility_decay: float = 0.7
     replay: str = "auto"
     evictor: Any = None
+    layer_ms: tuple[float, ...] = ()
+    bandwidths: tuple[float, ...] = ()
+
+    def grid(self) -> list[tuple[float, float]]:
+        """The (layer ms, GB/s) points every row is predicted at, layer ms major."""
+        ms = self.layer_ms or (self.cost.layer_compute_ms,)
+        bw = self.bandwidths or (self.cost.bandwidth_gbs,)
+        return [(float(a), float(b)) for a in ms for b in bw]
 
     def __post_init__(self) -> None:
+        for name, values in (("layer_ms", self.layer_ms), ("bandwidths", self.bandwidths)):
+            for v in values:
+                ok = not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
+                if not ok or v < 0 or (name == "bandwidths" and v == 0):
+                    raise ValueError(
+                        f"{name} value {v!r} must be a finite number {'> 0 (GB/s)' if name == 'bandwidths' else '>= 0 (ms per MoE layer)'}"
+                    )
         if isinstance(self.verify_tokens, bool) or not isinstance(self.verify_tokens, (int, np.integer)):
             raise ValueError(
                 f"verify_tokens={self.verify_tokens!r} must be an integer >= 1: gamma + 1 tokens per verify "
@@ -191,6 +210,9 @@ class _Run:
         self.spec, self.capacity, self.mode, self.policy = spec, capacity, config.mode, policy
         self.L = meta.num_layers
         self.slots = num_slots(capacity, meta, config.mode)
+        n_caches = meta.num_layers if config.mode == "per-layer" else 1
+        #: per-step traffic for the windowed cost model (logged whatever the cost model's window)
+        self.log = StepLog(meta.num_layers, n_caches)
         self.caches = Caches(
             config.mode,
             meta.num_layers,
@@ -199,7 +221,9 @@ class _Run:
             cache_policy,
             slab_bytes=config.cost.expert_bytes,
             min_slots=meta.top_k,
+            log=self.log,
         )
+        self.grid = config.grid()
         self.hits = np.zeros(self.L, dtype=np.int64)
         self.accesses = np.zeros(self.L, dtype=np.int64)
         self.tokens = 0
@@ -232,6 +256,7 @@ class _Run:
         self.tokens += generated
         self.token_accesses += int(valid.sum()) if token_accesses is None else token_accesses
         self.accesses += valid
+        self.caches.row0 = offset
         if plan is not None:
             hits = replay_plan(self.caches, experts, plan)  # [L, T]
         else:
@@ -242,8 +267,10 @@ class _Run:
                 base += s.num_tokens
             hits = np.concatenate(hits, axis=1)
         self.hits += hits.sum(axis=1)
+        misses = distinct_counts(experts) - hits  # [L, T]
+        self.log.demand(misses)
         if self.count_steps:
-            self._count_misses(distinct_counts(experts) - hits)
+            self._count_misses(misses)
         self.seconds += time.perf_counter() - start
 
     def _count_misses(self, misses: np.ndarray) -> None:
@@ -292,10 +319,22 @@ class _Run:
             "replay_seconds": self.seconds,
             "accesses_per_s": accesses / self.seconds if self.seconds > 0 else None,
         }
-        row.update(cost.predict(demand_bpt, prefetch_bpt, self.L, self.verify_tokens))
+        row["demand_bytes_per_token"] = demand_bpt
+        row["prefetch_bytes_per_token"] = prefetch_bpt
+        row["wasted_bytes_per_token"] = row["wasted_prefetch_bytes"] / n
+        pooled = cost.predict(demand_bpt, prefetch_bpt, self.L, self.verify_tokens)
+        row.update(pooled)
+        row["pooled_tok_s"] = pooled["predicted_tok_s"]
         if self.count_steps:
             row["demand_misses_per_step"] = self.misses_per_step.tolist()
             row.update(cost.predict_heterogeneous(self.misses_per_step, self.tokens, prefetch_bpt, self.L))
+        traffic = self.log.traffic()
+        row["late_prefetches"] = 0
+        if cost.window == "windowed":
+            row.update(cost.predict_windowed(traffic, self.tokens))
+        row["grid"] = cost.predict_grid(
+            self.grid, traffic, self.tokens, (demand_bpt, prefetch_bpt), self.L, self.verify_tokens
+        )
         return row
 
     def close(self) -> None:
@@ -435,6 +474,7 @@ def simulate(
             "cost_model": dataclasses.asdict(config.cost),
             "verify_tokens": n_verify,
             "utility_decay": config.utility_decay,
+            "grid": [{"layer_ms": a, "bandwidth_gbs": b} for a, b in config.grid()],
         },
         "results": results,
     }

@@ -24,6 +24,7 @@ from moert.engine.runtime import SlabCache
 from moert.policy.base import Plan, Policy, as_numpy
 
 if TYPE_CHECKING:
+    from moert.sim.timeline import StepLog
     from moert.trace import SequenceTrace
 
 __all__ = ["Caches", "access", "apply_plan", "selections", "step_sequence"]
@@ -42,6 +43,9 @@ class Caches:
         cache_policy: the C++ victim order.
         slab_bytes: bytes per expert (for the byte counters).
         min_slots: the fewest slots a cache may have (k).
+        log: where the drivers log each step's prefetch copies and their first uses (the windowed
+            cost model, :mod:`moert.sim.timeline`), or None; the drivers set ``step`` (the global
+            step, ``row * L + layer``) and ``row0`` (the first row of the chunk being replayed).
     """
 
     def __init__(
@@ -54,6 +58,7 @@ class Caches:
         *,
         slab_bytes: int = 1,
         min_slots: int = 1,
+        log: StepLog | None = None,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode={mode!r}; use one of {', '.join(MODES)}")
@@ -66,10 +71,44 @@ class Caches:
             for _ in range(n)
         ]
         self.all_ids = np.arange(num_experts, dtype=np.int64)
+        self.log, self.step, self.row0 = log, 0, 0
 
     def at(self, layer: int) -> tuple[SlabCache, int]:
         """(cache, layer index inside it) of MoE layer ``layer``."""
         return (self.caches[layer], 0) if self.mode == "per-layer" else (self.caches[0], layer)
+
+    def index(self, layer: int) -> int:
+        """Which of ``caches`` holds MoE layer ``layer``."""
+        return layer if self.mode == "per-layer" else 0
+
+    def prefetch(self, layer: int, ids: np.ndarray) -> None:
+        """Prefetches ``ids`` ((n,) int64, no pads) into ``layer``, logged at ``step`` when logging."""
+        cache, cl = self.at(layer)
+        if self.log is None:
+            cache.sim_prefetch(cl, ids)
+            return
+        out = cache.replay(
+            np.array([cl], dtype=np.int32),
+            np.full((1, 1), -1, dtype=np.int32),
+            prefetch=ids.astype(np.int32)[None],
+            track_prefetch=True,
+        )
+        self.log.issued(
+            self.step, self.index(layer), out["prefetch_seq_start"], out["prefetch_queued_per_step"]
+        )
+
+    def sim_access(self, layer: int, ids: np.ndarray) -> int:
+        """One access (at most ``slots`` distinct ids); first uses of prefetches logged at ``step``."""
+        cache, cl = self.at(layer)
+        if self.log is None:
+            return cache.sim_access(cl, ids)
+        if np.unique(ids).size > self.slots:  # as sim_access refuses it
+            cache.sim_access(cl, ids)
+        out = cache.replay(np.array([cl], dtype=np.int32), ids.astype(np.int32)[None], track_prefetch=True)
+        used = out["prefetch_used"][0]
+        used = used[used >= 0]
+        self.log.used(np.full(used.size, self.step), self.index(layer), used)
+        return int(out["hits_per_step"][0])
 
     def stats(self) -> dict[str, int]:
         """The C++ counters summed over the caches."""
@@ -102,8 +141,7 @@ def apply_plan(caches: Caches, plan: Plan | None) -> None:
         for j, layer in enumerate(plan.layers):
             row = ids[j][ids[j] >= 0]
             if row.size:
-                cache, cl = caches.at(layer)
-                cache.sim_prefetch(cl, row)
+                caches.prefetch(layer, row)
 
 
 def access(caches: Caches, layer: int, experts: np.ndarray) -> int:
@@ -112,14 +150,14 @@ def access(caches: Caches, layer: int, experts: np.ndarray) -> int:
     cache, cl = caches.at(layer)
     valid = experts[experts >= 0]
     if valid.size <= caches.slots:  # fits: the union is no larger
-        return cache.sim_access(cl, valid)
+        return caches.sim_access(layer, valid)
     union = np.unique(valid)
     if union.size <= caches.slots:
-        return cache.sim_access(cl, valid)
+        return caches.sim_access(layer, valid)
     resident = cache.resident(cl).numpy()[union]
     union = np.concatenate([union[resident], union[~resident]])
     return sum(
-        cache.sim_access(cl, union[w0 : w0 + caches.slots]) for w0 in range(0, union.size, caches.slots)
+        caches.sim_access(layer, union[w0 : w0 + caches.slots]) for w0 in range(0, union.size, caches.slots)
     )
 
 
@@ -152,12 +190,14 @@ def step_sequence(policy: Policy, caches: Caches, seq: SequenceTrace, token_offs
     for t in range(T):
         policy.begin_token(t)
         for layer in range(L):
+            caches.step = (token_offset + t) * L + layer
             row = ex[layer, t]
             counts = selections(row, caches.num_experts, None if mult is None else mult[layer, t])
             apply_plan(caches, policy.on_prediction(layer, None if logits is None else logits[layer, t]))
             cache, cl = caches.at(layer)
             apply_plan(caches, policy.on_routed(layer, counts, cache.resident(cl).numpy()))
             hits[layer, t] = access(caches, layer, row)
+            caches.step += 1  # a plan after the call is issued for the next step
             apply_plan(caches, policy.after_call(layer, counts))
     policy.end_sequence(seq)
     return hits

@@ -25,8 +25,9 @@ from moert.models.tiny import single_thread  # noqa: E402
 from moert.policy import REGISTRY, SequencePlan  # noqa: E402
 from moert.policy.predictor import PredictorPolicy, policy_from_spec  # noqa: E402
 from moert.sim import CostModel, PassTrace, PolicySpec, SimConfig, make_policy, num_slots, simulate  # noqa: E402
-from moert.sim.fast import replay_plan  # noqa: E402
+from moert.sim.fast import distinct_counts, replay_plan  # noqa: E402
 from moert.sim.step import Caches, step_sequence  # noqa: E402
+from moert.sim.timeline import StepLog, Traffic, link_timeline  # noqa: E402
 from moert.trace import InMemoryTrace, SequenceTrace, TraceMeta  # noqa: E402
 
 #: EVICT[+PREFETCH] configurations; together they use every registered name in every role it has
@@ -120,8 +121,11 @@ def replay_both(trace, spec: PolicySpec, capacity: float, mode: str, objects: di
     slots = num_slots(capacity, meta, mode)
     size = CostModel().expert_bytes  # as simulate counts bytes
     stepped, fast = fresh(spec, trace, objects), fresh(spec, trace, objects)
+    n_caches = L if mode == "per-layer" else 1
+    logs = [StepLog(L, n_caches), StepLog(L, n_caches)]  # the windowed cost model's per-step traffic
     caches = [
-        Caches(mode, L, E, slots, p.cache_policy, slab_bytes=size, min_slots=k) for p in (stepped, fast)
+        Caches(mode, L, E, slots, p.cache_policy, slab_bytes=size, min_slots=k, log=log)
+        for p, log in zip((stepped, fast), logs)
     ]
     offset, hits = 0, 0
     for chunk in chunks(list(trace.sequences()), 3):
@@ -138,7 +142,10 @@ def replay_both(trace, spec: PolicySpec, capacity: float, mode: str, objects: di
                 fast.end_sequence(s)
                 base += s.num_tokens
             experts = np.concatenate([s.experts.numpy().astype(np.int32) for s in chunk], axis=1)
+            caches[1].row0 = offset
             got = replay_plan(caches[1], experts, SequencePlan.concatenate(parts))
+            for log in logs:
+                log.demand(distinct_counts(experts) - want)
             bad = np.argwhere(got != want)
             assert bad.size == 0, (
                 f"{label} {spec.label} {mode} @{capacity}: first mismatch at (layer, row) {tuple(bad[0])} "
@@ -151,9 +158,29 @@ def replay_both(trace, spec: PolicySpec, capacity: float, mode: str, objects: di
         assert caches[1].stats() == stats, (
             f"{label} {spec.label} {mode} @{capacity}: {caches[1].stats()} vs {stats}"
         )
+        # every step's demand misses and prefetch copies, and which step's copies each step uses first
+        # (within a step the order may differ: oracle's fast path queues the trace row as it is)
+        want_t, got_t = logs[0].traffic(), logs[1].traffic()
+        for name in ("demand", "issued", "use_steps"):
+            np.testing.assert_array_equal(
+                getattr(got_t, name), getattr(want_t, name), err_msg=f"{label} {name}"
+            )
+        np.testing.assert_array_equal(used_from(got_t), used_from(want_t), err_msg=f"{label} copies used")
+        point = dict(compute_s=1e-3, copy_s=0.7e-3, attention_share=0.2, depth=2)
+        assert link_timeline(got_t, **point) == pytest.approx(link_timeline(want_t, **point), rel=1e-9)
+        past_end = stats.get("prefetch_loads", 0) - want_t.issued.sum()  # queued after the last call
+        assert 0 <= past_end <= E, past_end
+        assert want_t.use_steps.size == stats.get("prefetch_hits", 0)
     for c in caches:
         c.close()
     return {"hits": hits, "cache_stats": stats}
+
+
+def used_from(t: Traffic) -> np.ndarray:
+    """(U, 2): each first use's step and the step that queued the copy, sorted."""
+    issue_step = np.repeat(np.arange(t.steps), t.issued)[t.use_copies]
+    pairs = np.stack([t.use_steps, issue_step], axis=1)
+    return pairs[np.lexsort((pairs[:, 1], pairs[:, 0]))]
 
 
 def check(trace, specs, capacities, mode, label, verify_tokens=1, simulated=True):

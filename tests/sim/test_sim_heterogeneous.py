@@ -189,7 +189,11 @@ def test_heterogeneous_off_changes_nothing(mode):
     for a, b, c in zip(off["results"], on["results"], never["results"]):
         assert not CPU_KEYS & set(a), sorted(CPU_KEYS & set(a))
         assert set(b) == set(a) | CPU_KEYS
-        diff = {k: (a[k], b[k]) for k in set(a) - TIMING if a[k] != b[k] and a[k] == a[k]}  # NaN != NaN
+        grid = [{k: v for k, v in g.items() if k not in CPU_KEYS} for g in b["grid"]]
+        assert grid == a["grid"]
+        diff = {
+            k: (a[k], b[k]) for k in set(a) - TIMING - {"grid"} if a[k] != b[k] and a[k] == a[k]
+        }  # NaN != NaN
         assert not diff, f"{a['policy']} @{a['capacity']}: {diff}"
         assert c["cpu_misses"] == 0 and c["cpu_bytes_saved"] == 0
         assert c["cpu_predicted_tok_s"] == pytest.approx(a["predicted_tok_s"], rel=1e-12)

@@ -205,6 +205,10 @@ def test_generated_token_metrics_compare_across_n():
         assert row["loads_per_token"] == pytest.approx(loads / trace.meta.num_tokens)
         bw = cost.bandwidth_gbs * 1e9
         t = max(3 * cost.layer_compute_ms * 1e-3 / n, 0.0) + row["bytes_per_token"] / bw
+        assert row["pooled_tok_s"] == pytest.approx(1 / t)
+        # windowed (demand only): every pass's 3 layers compute, a short last pass as a whole one
+        tokens = row["tokens"]
+        t = (row["passes"] * 3 * cost.layer_compute_ms * 1e-3 + row["bytes_per_token"] * tokens / bw) / tokens
         assert row["predicted_tok_s"] == pytest.approx(1 / t)
 
 

@@ -94,6 +94,15 @@ struct ReplayArgs {
   // resident first, each part ascending by id (the runtime's order); false: it is an error.
   bool waves = false;
   std::int32_t* hits_per_step = nullptr;  // (N,) output
+                                          // Optional outputs for the simulator's cost model
+                                          // (moert/sim/timeline.py), or null: the copies
+  // step i's prefetch row queued (their sequence numbers follow prefetch_seq() in order), and the
+  // sequence numbers of the prefetched entries step i's access uses first (-1 after them); the
+  // copies step i's prefetch after the call (after_prefetch) queued, numbered after step i's
+  // others.
+  std::int32_t* prefetch_queued = nullptr;        // (N,) output
+  std::int32_t* prefetch_after_queued = nullptr;  // (N,) output
+  std::int64_t* prefetch_used = nullptr;          // (N, k) output
 };
 
 class SlabCache {
@@ -141,6 +150,8 @@ class SlabCache {
   int sim_prefetch(int layer, const std::int32_t* experts, std::int64_t n);
   int sim_access(int layer, const std::int32_t* experts, std::int64_t n);
   CacheStats replay(const ReplayArgs& args);
+  // Prefetches placed so far: the next prefetch copy's sequence number (see ReplayArgs).
+  std::int64_t prefetch_seq();
 
   // Closes the attached copy engine (joins its workers), then marks the cache closed. Slot
   // memory is returned when the last owner is gone.
@@ -176,6 +187,7 @@ class SlabCache {
     std::uint64_t tick = 0;
     std::uint64_t freq = 0;
     std::uint64_t queue_seq = 0;
+    std::int64_t prefetch_seq = -1;  // which prefetch placed it (prefetch_seq_ then), or -1
     EvictKey ekey{0.0, 0, 0};
   };
 
@@ -249,6 +261,7 @@ class SlabCache {
   std::uint32_t epoch_ = 0;
   std::uint64_t tick_ = 0;
   std::uint64_t queue_seq_ = 0;
+  std::int64_t prefetch_seq_ = 0;  // prefetches placed so far (never reset)
   CacheStats stats_;
   std::vector<CacheStats> layer_stats_;  // (num_layers,)
 };
