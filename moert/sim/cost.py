@@ -63,8 +63,9 @@ class CostModel:
 
     - overload: when a policy queues more prefetch bytes than the link can move, the FIFO lags further
       behind every step: used prefetches are then promoted (charged as demand copies) and the copies
-      still queued when the trace ends are not charged (``prefetch_backlog``, reported), so the windowed
-      model can predict more tok/s than the pooled one, which charges every prefetched byte. The engine
+      still queued when the trace ends are charged as a stall behind prefetches
+      (``prefetch_backlog``, reported: the next demand copy would wait for them), so a policy cannot
+      gain by queueing more than the link moves. The engine
       lags alike (FIFO within a class) and cancels a queued prefetch whose slot is taken; here queued
       copies whose expert was evicted are still copied when the link reaches them.
 

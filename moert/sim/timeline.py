@@ -158,7 +158,8 @@ def link_timeline(
     Returns:
         ``{"seconds", "stall_demand_s", "stall_behind_prefetch_s", "stall_late_prefetch_s",
         "late_prefetches", "promoted_prefetches", "prefetch_backlog"}``: totals over the run; the
-        backlog: prefetch copies still queued after the last step (never charged).
+        backlog: prefetch copies still queued after the last step, charged as a stall behind
+        prefetches (the next demand copy would wait for them).
     """
     S = traffic.steps
     D = traffic.demand
@@ -235,6 +236,8 @@ def _loop(traffic: Traffic, compute_s, copy_s, share, depth, cpu) -> dict:
         behind += b
         late += lt
         head = min(head + after, issued) if not promoted else _advance(head, after, issued, promoted)
+    backlog = issued - head - len(promoted)  # still queued when the trace ends
+    behind += backlog  # what the next demand copy would wait behind: charged, so overload never pays
     return {
         "seconds": traffic.steps * compute_s + (dem + behind + late) * copy_s,
         "stall_demand_s": dem * copy_s,
@@ -242,5 +245,5 @@ def _loop(traffic: Traffic, compute_s, copy_s, share, depth, cpu) -> dict:
         "stall_late_prefetch_s": late * copy_s,
         "late_prefetches": n_late,
         "promoted_prefetches": n_prom,
-        "prefetch_backlog": issued - head - len(promoted),  # still queued when the trace ends
+        "prefetch_backlog": backlog,
     }

@@ -193,7 +193,10 @@ def test_replay_reports_prefetch_copies_and_first_uses():
     assert "prefetch_used" not in want
 
 
-def test_backlog_left_at_the_end_is_reported_not_charged():
-    # 10 copies queued at s=0, nobody waits: 4 steps move 4 of them; 6 are still queued at the end.
+def test_backlog_left_at_the_end_is_charged_as_a_stall_behind_prefetches():
+    # 10 copies queued at s=0, nobody waits: 4 steps of 1 copy each move 4 of them; 6 are still
+    # queued at the end, which the next demand copy would wait behind: 4 + 6 = 10 copy times, as if
+    # the link had moved every queued byte (queueing more than the link moves never pays).
     got = ms(traffic([0, 0, 0, 0], [10, 0, 0, 0]))
-    assert got["seconds"] == pytest.approx(4.0) and got["prefetch_backlog"] == pytest.approx(6.0)
+    assert got["prefetch_backlog"] == pytest.approx(6.0)
+    assert got["seconds"] == pytest.approx(10.0) and got["stall_behind_prefetch_s"] == pytest.approx(6.0)
