@@ -14,7 +14,7 @@ its own window before it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -164,12 +164,15 @@ def train_moe_beyond(
     token_embeddings: torch.Tensor | None = None,
     cfg: TrainConfig | None = None,
     train_info: dict[str, Any] | None = None,
+    on_epoch: Callable[[int, dict[str, Any], MoEBeyondPredictor], None] | None = None,
 ) -> tuple[MoEBeyondPredictor, dict[str, Any]]:
     """Trains on (sequence window, layer) samples; one epoch visits every pair once.
 
     Args:
         token_embeddings: (V, H) the model's input embedding matrix (``load_embedding_matrix``); when
             given, token embeddings are its rows (frozen, ``d_token = H``) instead of learned ones.
+        on_epoch: called after each epoch's validation with ``(epoch, history, predictor)``; the
+            predictor holds that epoch's weights (checkpoints, progress logs).
     """
     cfg = cfg or TrainConfig(batch_size=32)
     net_cfg = net_cfg or MoEBeyondConfig()
@@ -213,7 +216,11 @@ def train_moe_beyond(
                 acc.update(i, out[i], s.experts[i])
         return acc.result()["overall"][f"recall@{k}"]
 
-    history = fit(net, batches, batch_loss, validate, cfg, desc=f"moe-beyond/{loss}")
+    def epoch_done(epoch: int, hist: dict[str, Any]) -> None:
+        if on_epoch is not None:
+            on_epoch(epoch, hist, predictor)
+
+    history = fit(net, batches, batch_loss, validate, cfg, desc=f"moe-beyond/{loss}", on_epoch=epoch_done)
     n_tok = sum(t.shape[0] for t in tokens)
     info = {**(train_info or {}), "train_tokens": n_tok, "history": history}
     return MoEBeyondPredictor(
