@@ -65,7 +65,7 @@ def stage_train(args) -> None:
     d = args.d_model
     net_cfg = MoEBeyondConfig(
         d_model=d, d_token=d, d_layer=args.d_layer, num_layers=args.layers, num_heads=args.heads,
-        ff=4 * d, dropout=args.dropout, max_len=512,
+        ff=4 * d, dropout=args.dropout, max_len=512, layer_input=args.layer_input,
     )  # fmt: skip
     log = work / f"{args.name}.log"
     log.write_text("")
@@ -130,6 +130,7 @@ def main(argv=None) -> int:
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--dropout", type=float, default=0.1)
+    p.add_argument("--layer-input", default="embed", choices=("embed", "heads"))
     p.add_argument("--until", default=None, help="wall-clock cap: HH:MM UTC today")
     p.add_argument("--max-minutes", type=float, default=60.0)
     p.add_argument("--reserve", type=float, default=0.0, help="seconds kept back from the cap")
