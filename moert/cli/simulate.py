@@ -11,6 +11,7 @@ Usage::
                    [--expert-mb 17.3] [--bandwidth-gbs 25] [--layer-compute-ms 0.2]
                    [--cpu-expert-ms X [--activation-us 20]]
                    [--verify-tokens N] [--utility-decay 0.7]
+                   [--host-capacity F[,F...] [--ssd-bandwidth 3,7] [--host-policy lru|lfu|belady]]
 
 Policy ``score`` is the runtime's predictor-score eviction (``moert.policy.score``): it needs a
 prefetcher that gives scores (a trained predictor, ``prev-token`` or ``frequency``), whose
@@ -104,6 +105,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _add_output_arguments(parser)
     _add_cost_arguments(parser)
     _add_replay_arguments(parser)
+    from moert.sim.tiers import add_tier_arguments
+
+    add_tier_arguments(parser)
 
 
 def _add_trace_arguments(parser: argparse.ArgumentParser) -> None:
@@ -330,11 +334,26 @@ def markdown(report: dict) -> str:
         *_speculative_note(cfg),
         "",
         result_table(report),
+        *_tier_note(report),
         f"device: {env['device']}; torch {env['torch']}, numpy {env['numpy']}, python {env['python']}; "
         f"commit {env['commit']}; {env['date']}",
         "",
     ]
     return "\n".join(lines)
+
+
+def _tier_note(report: dict) -> list[str]:
+    from moert.sim.tiers import tier_table
+
+    tiers = report["config"].get("tiers")
+    if not tiers:
+        return []
+    return [
+        f"SSD tier (`moert.sim.tiers`): host pool of a fraction of all experts, policy {tiers['host_policy']}; "
+        "tok/s with SSD reads (demand reads stall, prefetched ones hide behind compute):",
+        "",
+        tier_table(report),
+    ]
 
 
 def _speculative_note(cfg: dict) -> list[str]:
@@ -369,6 +388,7 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from moert.cli.trace import importer_options
     from moert.sim import CostModel, SimConfig, parse_policies, simulate
+    from moert.sim.tiers import tier_config
     from moert.trace import detect_format, open_trace
 
     if args.activation_us is not None and args.cpu_expert_ms is None:
@@ -402,6 +422,7 @@ def _run(args: argparse.Namespace) -> int:
         ),
         verify_tokens=args.verify_tokens,
         utility_decay=args.utility_decay,
+        tiers=tier_config(args),
     )
     report = simulate(trace, config, progress=not args.no_progress, prefetchers=prefetchers)
     report["environment"] = environment()

@@ -206,7 +206,9 @@ def train_moe_beyond(
     net_cfg = net_cfg or MoEBeyondConfig()
     check_loss(loss, trace_meta.has_scores)
     if net_cfg.layer_input == "heads" and loss in NEEDS_SCORES:
-        raise ValueError(f"loss {loss!r} needs router scores, which layer_input='heads' does not batch; use wbce or focal")
+        raise ValueError(
+            f"loss {loss!r} needs router scores, which layer_input='heads' does not batch; use wbce or focal"
+        )
     L, E, k = len(trace_meta.layers), trace_meta.num_experts, trace_meta.top_k
     vocab = TokenVocab.build(train_seqs, min_count=min_count)
     tokens = [vocab.encode(s) for s in train_seqs]

@@ -112,7 +112,13 @@ def fit(
     params = [p for p in net.parameters() if p.requires_grad]  # frozen ones (model embeddings) stay
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     best_score, best_state, best_epoch, bad = -math.inf, copy.deepcopy(net.state_dict()), 0, 0
-    history: dict[str, Any] = {"train_loss": [], "val_score": [], "epochs_run": 0, "epoch_seconds": [], "lr": []}
+    history: dict[str, Any] = {
+        "train_loss": [],
+        "val_score": [],
+        "epochs_run": 0,
+        "epoch_seconds": [],
+        "lr": [],
+    }
     t0 = time.perf_counter()
     tqdm = _tqdm(cfg.progress)
     step_total, sched = 0, None

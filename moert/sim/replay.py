@@ -58,6 +58,7 @@ from moert.sim.cost import CostModel, cpu_split
 from moert.sim.fast import distinct_counts, replay_plan
 from moert.sim.passes import PassTrace
 from moert.sim.step import MODES, Caches, step_sequence
+from moert.sim.tiers import RecordingCaches, TierConfig, tier_results
 from moert.trace import SequenceTrace, Trace, TraceMeta
 
 __all__ = ["PolicySpec", "SimConfig", "cpu_split", "make_policy", "num_slots", "parse_policies", "simulate"]
@@ -123,6 +124,8 @@ class SimConfig:
         utility_decay: weight of the past in policy / prefetcher ``utility``'s moving average, in (0, 1).
         replay: ``auto`` (a policy's fast path where it has one) or ``step`` (the stepping driver for
             every policy: slower, the definition).
+        tiers: the host pool under the device cache (:mod:`moert.sim.tiers`); None: every expert in
+            the pool (two levels).
     """
 
     capacities: tuple[float, ...] = (0.1, 0.25, 0.5)
@@ -133,6 +136,7 @@ class SimConfig:
     verify_tokens: int = 1
     utility_decay: float = 0.7
     replay: str = "auto"
+    tiers: TierConfig | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.verify_tokens, bool) or not isinstance(self.verify_tokens, (int, np.integer)):
@@ -146,6 +150,11 @@ class SimConfig:
                 "--verify-tokens 3 for gamma = 2; 1 = autoregressive)"
             )
         check_decay(self.utility_decay)
+        if self.tiers is not None and (self.verify_tokens > 1 or self.cost.heterogeneous):
+            raise ValueError(
+                "the SSD tier (--host-capacity) is simulated for autoregressive copy-only decode; "
+                "drop --verify-tokens / --cpu-expert-ms, or --host-capacity"
+            )
         if self.verify_tokens > 1 and self.cost.heterogeneous:
             raise ValueError(
                 f"verify_tokens={self.verify_tokens} with cpu_expert_ms: the heterogeneous cost model is for "
@@ -186,9 +195,11 @@ class _Run:
         policy: Policy | None,
     ) -> None:  # fmt: skip
         self.spec, self.capacity, self.mode, self.policy = spec, capacity, config.mode, policy
+        self.meta = meta
         self.L = meta.num_layers
         self.slots = num_slots(capacity, meta, config.mode)
-        self.caches = Caches(
+        self.tiers = config.tiers
+        self.caches = (Caches if config.tiers is None else RecordingCaches)(
             config.mode,
             meta.num_layers,
             meta.num_experts,
@@ -293,6 +304,8 @@ class _Run:
         if self.count_steps:
             row["demand_misses_per_step"] = self.misses_per_step.tolist()
             row.update(cost.predict_heterogeneous(self.misses_per_step, self.tokens, prefetch_bpt, self.L))
+        if self.tiers is not None:
+            row["tiers"] = tier_results(self.caches.log.events(), self.meta, self.tokens, cost, self.tiers)
         return row
 
     def close(self) -> None:
@@ -345,6 +358,7 @@ def _runs(spec: PolicySpec, config: SimConfig, trace: Trace, objects: dict, opti
     policy gets one object per run (its plans may depend on that run's cache)."""
     policy = _fresh(spec, objects, trace, options)
     fast = policy.fast_path and config.replay == "auto"
+    fast = fast and not (config.tiers is not None and config.mode == "per-layer")  # tiers: token-major loads
     runs = [
         _Run(
             spec,
@@ -432,6 +446,7 @@ def simulate(
             "cost_model": dataclasses.asdict(config.cost),
             "verify_tokens": n_verify,
             "utility_decay": config.utility_decay,
+            "tiers": None if config.tiers is None else dataclasses.asdict(config.tiers),
         },
         "results": results,
     }
