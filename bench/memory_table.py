@@ -170,7 +170,11 @@ def markdown(res: dict) -> str:
     ]
     for m in res["models"]:
         rows = [r for r in res["fits"] if r["model"] == m["model"]]
-        lines += [f"**{m['model']}**", "", "| GPU | slab cache | " + " | ".join(f"host {h} GB" for h in HOSTS) + " |"]
+        lines += [
+            f"**{m['model']}**",
+            "",
+            "| GPU | slab cache | " + " | ".join(f"host {h} GB" for h in HOSTS) + " |",
+        ]
         lines.append("|---|---:|" + "---:|" * len(HOSTS))
         for g in GPUS:
             by = {r["host_gb"]: r for r in rows if r["gpu_gb"] == g}

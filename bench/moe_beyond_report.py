@@ -121,7 +121,9 @@ def _plot(res: dict, path: Path) -> None:
     for name, r in res["runs"].items():
         c = r["curve"]
         axes[0].plot([p["epoch"] for p in c], [p["val_recall6"] for p in c], marker="o", ms=3, label=name)
-        axes[1].plot([p["seconds"] / 60 for p in c], [p["val_recall6"] for p in c], marker="o", ms=3, label=name)
+        axes[1].plot(
+            [p["seconds"] / 60 for p in c], [p["val_recall6"] for p in c], marker="o", ms=3, label=name
+        )
     ref = res["reference"]
     for ax in axes:
         ax.axhline(ref["xlayer_test_recall6"], color="k", ls="--", lw=1, label="xlayer (test)")

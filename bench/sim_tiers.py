@@ -135,7 +135,11 @@ def _where_it_pays(res: dict) -> list[str]:
                 key=lambda r: r["host_capacity"],
             )  # fmt: skip
             steps = [
-                ((b["tier_tok_s"] - a["tier_tok_s"]) / ((b["host_capacity"] - a["host_capacity"]) * total), a, b)
+                (
+                    (b["tier_tok_s"] - a["tier_tok_s"]) / ((b["host_capacity"] - a["host_capacity"]) * total),
+                    a,
+                    b,
+                )
                 for a, b in zip(rows, rows[1:])
             ]
             gain, a, b = max(steps, key=lambda s: s[0])
@@ -170,7 +174,7 @@ def plot(res: dict, out: Path) -> None:
                     ax.plot([r["host_capacity"] * total for r in rows], [r["tier_tok_s"] for r in rows], style,
                             marker="o", ms=3, label=f"device {dev:g}, pool {policy}")  # fmt: skip
         ax.set_title(f"SSD {bw:g} GB/s, link {res['cost_model']['bandwidth_gbs']:g} GB/s")
-        ax.set_xlabel("host pool, GB (of %.1f GB of experts)" % total)
+        ax.set_xlabel(f"host pool, GB (of {total:.1f} GB of experts)")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("predicted tok/s")
     axes[-1].legend(fontsize=7)

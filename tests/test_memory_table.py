@@ -16,13 +16,18 @@ ROWS = {name: mt.model_row(name, c) for name, c in mt.CONFIGS.items()}
 
 @pytest.mark.parametrize(
     "name, expert_mb, routed_gb, total_b",
-    [("DeepSeek-V2-Lite", 17.3, 28.8, 15.7), ("Qwen3-30B-A3B", 9.4, 58.0, 30.5), ("Phi-mini-MoE", 23.6, 12.1, 7.6)],
+    [
+        ("DeepSeek-V2-Lite", 17.3, 28.8, 15.7),
+        ("Qwen3-30B-A3B", 9.4, 58.0, 30.5),
+        ("Phi-mini-MoE", 23.6, 12.1, 7.6),
+    ],
 )
 def test_sizes_match_design_and_cards(name, expert_mb, routed_gb, total_b):
     r = ROWS[name]
     assert r["expert_bytes"] / 1e6 == pytest.approx(expert_mb, abs=0.05)
     assert r["routed_bytes"] / 1e9 == pytest.approx(routed_gb, abs=0.05)
-    assert r["total_params_b"] == pytest.approx(total_b, rel=0.01)  # the cards' totals (DeepSeek: "16B" = 15.7B)
+    # the cards' totals (DeepSeek: "16B" = 15.7B)
+    assert r["total_params_b"] == pytest.approx(total_b, rel=0.01)
 
 
 def test_active_parameters_match_cards():
@@ -37,6 +42,11 @@ def test_fit_rules_by_hand():
            "moe_layers": 2, "experts_per_layer": 5, "top_k": 2}  # fmt: skip
     # GPU 8 GB: 8 - 2 - 1.5 = 4.5 GB -> 4 experts; host 10 GB: 6 GB pool -> 6 of 10 experts
     f = mt.fit(row, 8, 10)
-    assert (f["slab_cache_experts"], f["pool_experts"], f["all_in_host"], f["ssd_tier_fits"]) == (4, 6, False, True)
+    assert (f["slab_cache_experts"], f["pool_experts"], f["all_in_host"], f["ssd_tier_fits"]) == (
+        4,
+        6,
+        False,
+        True,
+    )
     assert f["host_capacity"] == 0.6
     assert mt.fit(row, 14, 14)["all_in_host"] and not mt.fit(row, 4, 64)["gpu_fits"]  # 0.5 GB: no top-k
