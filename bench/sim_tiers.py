@@ -47,20 +47,19 @@ def run(args) -> dict:
     device = tuple(float(x) for x in args.device.split(","))
     rows = []
     t0 = time.perf_counter()
-    for policy in args.host_policies.split(","):
-        cfg = SimConfig(
-            capacities=device,
-            policies=tuple(parse_policies(args.policies.split(","))),
-            cost=cost,
-            tiers=TierConfig(host_capacities=HOST, ssd_bandwidths_gbs=SSD, host_policy=policy),
-        )
-        for r in simulate(trace, cfg)["results"]:
-            rows += [
-                {"policy": r["policy"], "device_capacity": r["capacity"], "device_hit_rate": r["hit_rate"],
-                 "two_level_tok_s": r["predicted_tok_s"], "tokens": r["tokens"], **t}
-                for t in r["tiers"]
-            ]  # fmt: skip
-        print(f"host policy {policy}: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+    policies = tuple(args.host_policies.split(","))
+    cfg = SimConfig(
+        capacities=device,
+        policies=tuple(parse_policies(args.policies.split(","))),
+        cost=cost,
+        tiers=TierConfig(host_capacities=HOST, ssd_bandwidths_gbs=SSD, host_policies=policies),
+    )
+    for r in simulate(trace, cfg)["results"]:
+        rows += [
+            {"policy": r["policy"], "device_capacity": r["capacity"], "device_hit_rate": r["hit_rate"],
+             "two_level_tok_s": r["predicted_tok_s"], "tokens": r["tokens"], **t}
+            for t in r["tiers"]
+        ]  # fmt: skip
     meta = trace.meta
     return {
         "environment": {**environment(), "modified_files": modified_files()},
@@ -93,7 +92,7 @@ def markdown(res: dict) -> str:
         f"{res['cost_model']['layer_compute_ms']:g} ms per MoE layer; `moert.sim.tiers` states the model's assumptions.",
         "",
     ]
-    for policy in sorted({r["host_policy"] for r in res["rows"]}, key=lambda p: p != "lru"):
+    for policy in dict.fromkeys(r["host_policy"] for r in res["rows"]):
         for bw in res["cost_model"]["ssd_gbs"]:
             lines += _table(res, policy, bw)
     lines += _where_it_pays(res)
@@ -123,33 +122,36 @@ def _table(res: dict, policy: str, bw: float) -> list[str]:
 
 
 def _where_it_pays(res: dict) -> list[str]:
-    """Per (device capacity, SSD bandwidth), lru pool: the F step that gains most tok/s per host GB,
-    and the smallest F within 10% of all-in-host."""
+    """Per (SSD bandwidth, device capacity, pool policy): the host pool (F and GB) that reaches half and
+    90% of the all-in-host speed, and tok/s per host GB over the lower and upper half of F."""
     total = res["all_experts_bytes"] / 1e9
-    lines = ["## Where host memory pays most (lru pool)", ""]
+    lines = [
+        "## Where host memory pays most",
+        "",
+        "Smallest F on the grid reaching 50% / 90% of the all-in-host speed (F = 1), and the speed gained per "
+        "host GB from F = 0.1 to 0.5 and from 0.5 to 1.",
+        "",
+        "| SSD GB/s | device cap | pool policy | F for 50% | F for 90% | tok/s per GB, F 0.1-0.5 | F 0.5-1 |",
+        "|---:|---:|---|---:|---:|---:|---:|",
+    ]
     for bw in res["cost_model"]["ssd_gbs"]:
         for dev in sorted({r["device_capacity"] for r in res["rows"]}):
-            rows = sorted(
-                (r for r in res["rows"] if r["host_policy"] == "lru" and r["ssd_bandwidth_gbs"] == bw
-                 and r["device_capacity"] == dev),
-                key=lambda r: r["host_capacity"],
-            )  # fmt: skip
-            steps = [
-                (
-                    (b["tier_tok_s"] - a["tier_tok_s"]) / ((b["host_capacity"] - a["host_capacity"]) * total),
-                    a,
-                    b,
+            for policy in dict.fromkeys(r["host_policy"] for r in res["rows"]):
+                by = {
+                    r["host_capacity"]: r["tier_tok_s"]
+                    for r in res["rows"]
+                    if r["host_policy"] == policy
+                    and r["ssd_bandwidth_gbs"] == bw
+                    and r["device_capacity"] == dev
+                }
+                full = by[1.0]
+                half = min(f for f, v in by.items() if v >= 0.5 * full)
+                ninety = min(f for f, v in by.items() if v >= 0.9 * full)
+                low = (by[0.5] - by[0.1]) / (0.4 * total)
+                high = (full - by[0.5]) / (0.5 * total)
+                lines.append(
+                    f"| {bw:g} | {dev:g} | {policy} | {half:g} | {ninety:g} | {low:.2f} | {high:.2f} |"
                 )
-                for a, b in zip(rows, rows[1:])
-            ]
-            gain, a, b = max(steps, key=lambda s: s[0])
-            full = rows[-1]["tier_tok_s"]
-            near = next(r for r in rows if r["tier_tok_s"] >= 0.9 * full)
-            lines.append(
-                f"- device {dev:g}, SSD {bw:g} GB/s: steepest step F {a['host_capacity']:g} -> {b['host_capacity']:g} "
-                f"(+{gain:.2f} tok/s per host GB); within 10% of all-in-host ({full:.2f} tok/s) from F = "
-                f"{near['host_capacity']:g} ({near['host_capacity'] * total:.1f} GB, {near['tier_tok_s']:.2f} tok/s)."
-            )
     return [*lines, ""]
 
 
@@ -164,7 +166,7 @@ def plot(res: dict, out: Path) -> None:
     fig, axes = plt.subplots(1, len(bws), figsize=(5.5 * len(bws), 4), sharey=True)
     for ax, bw in zip(axes, bws):
         for dev in sorted({r["device_capacity"] for r in res["rows"]}):
-            for policy, style in (("lru", "-"), ("belady", ":")):
+            for policy, style in (("lru", "-"), ("lfu", "--"), ("belady", ":")):
                 rows = sorted(
                     (r for r in res["rows"] if r["host_policy"] == policy and r["ssd_bandwidth_gbs"] == bw
                      and r["device_capacity"] == dev),
@@ -189,7 +191,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="0.1,0.25,0.5", help="device capacities (fraction of each layer's E)")
     p.add_argument("--policies", default="lru", help="device policies")
-    p.add_argument("--host-policies", default="lru,belady")
+    p.add_argument("--host-policies", default="lru,lfu,belady")
     p.add_argument("--bandwidth", type=float, default=25.0, help="host-to-device GB/s")
     p.add_argument("--max-prompts", type=int, default=0)
     p.add_argument("--out", default=str(RESULTS / "sim_tiers_puffin"))

@@ -349,7 +349,7 @@ def _tier_note(report: dict) -> list[str]:
     if not tiers:
         return []
     return [
-        f"SSD tier (`moert.sim.tiers`): host pool of a fraction of all experts, policy {tiers['host_policy']}; "
+        f"SSD tier (`moert.sim.tiers`): host pool of a fraction of all experts, policy {', '.join(tiers['host_policies'])}; "
         "tok/s with SSD reads (demand reads stall, prefetched ones hide behind compute):",
         "",
         tier_table(report),

@@ -73,13 +73,13 @@ class TierConfig:
     Attributes:
         host_capacities: pool sizes as fractions of all ``L * E`` experts, each in (0, 1].
         ssd_bandwidths_gbs: SSD -> pinned host memory read rates, GB/s (NVMe: ~3-7).
-        host_policy: the pool's eviction: ``lru``, ``lfu`` or ``belady`` (next use in the pool's own
-            access stream; the ceiling).
+        host_policies: the pool's eviction, one result per policy: ``lru``, ``lfu`` or ``belady`` (next
+            use in the pool's own access stream; the ceiling).
     """
 
     host_capacities: tuple[float, ...] = (1.0,)
     ssd_bandwidths_gbs: tuple[float, ...] = (5.0,)
-    host_policy: str = "lru"
+    host_policies: tuple[str, ...] = ("lru",)
 
     def __post_init__(self) -> None:
         if not self.host_capacities or not self.ssd_bandwidths_gbs:
@@ -92,8 +92,9 @@ class TierConfig:
         for bw in self.ssd_bandwidths_gbs:
             if not (math.isfinite(bw) and bw > 0):
                 raise ValueError(f"SSD bandwidth {bw!r} GB/s must be > 0, e.g. --ssd-bandwidth 3,7 (NVMe)")
-        if self.host_policy not in HOST_POLICIES:
-            raise ValueError(f"host policy {self.host_policy!r} is not one of {', '.join(HOST_POLICIES)}")
+        for policy in self.host_policies or ("",):
+            if policy not in HOST_POLICIES:
+                raise ValueError(f"host policy {policy!r} is not one of {', '.join(HOST_POLICIES)}")
 
 
 def pool_slots(fraction: float, num_layers: int, num_experts: int, top_k: int) -> int:
@@ -228,18 +229,14 @@ def tier_results(events: np.ndarray, meta: Any, tokens: int, cost: Any, tiers: T
     compute = L * cost.layer_compute_ms * 1e-3
     _, first = np.unique(events[:, 0] * E + events[:, 1], return_index=True)
     rows = []
-    for f in tiers.host_capacities:
+    for policy, f in ((p, f) for p in tiers.host_policies for f in tiers.host_capacities):
         slots = pool_slots(f, L, E, k)
-        hit = (
-            np.ones(len(events), dtype=bool)
-            if f == 1
-            else replay_pool(events, L, E, slots, tiers.host_policy)
-        )
+        hit = np.ones(len(events), dtype=bool) if f == 1 else replay_pool(events, L, E, slots, policy)
         miss = ~hit
         ssd = (float((miss & demand).sum()) * S / n, float((miss & ~demand).sum()) * S / n)
         per_layer = np.bincount(events[miss, 0], minlength=L)
         base = {
-            "host_capacity": f, "host_policy": tiers.host_policy, "pool_slots": slots,
+            "host_capacity": f, "host_policy": policy, "pool_slots": slots,
             "pool_bytes": slots * S, "device_loads": int(len(events)), "pool_hits": int(hit.sum()),
             "pool_hit_rate": float(hit.mean()) if len(events) else math.nan,
             "ssd_reads": int(miss.sum()), "ssd_demand_reads": int((miss & demand).sum()),
@@ -257,14 +254,14 @@ def tier_results(events: np.ndarray, meta: Any, tokens: int, cost: Any, tiers: T
 def tier_table(report: dict) -> str:
     """Markdown: one line per (policy, device capacity, host capacity, SSD bandwidth)."""
     lines = [
-        "| policy | device cap | host cap | SSD GB/s | device hit | pool hit | SSD reads/tok | "
+        "| policy | device cap | pool policy | host cap | SSD GB/s | device hit | pool hit | SSD reads/tok | "
         "link MB/tok | SSD MB/tok | tok/s |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in report["results"]:
         for t in r.get("tiers", []):
             lines.append(
-                f"| {r['policy']} | {r['capacity']:g} | {t['host_capacity']:g} | {t['ssd_bandwidth_gbs']:g} | "
+                f"| {r['policy']} | {r['capacity']:g} | {t['host_policy']} | {t['host_capacity']:g} | {t['ssd_bandwidth_gbs']:g} | "
                 f"{r['hit_rate']:.3f} | {t['pool_hit_rate']:.3f} | {t['ssd_reads'] / max(r['tokens'], 1):.2f} | "
                 f"{t['link_bytes_per_token'] / 1e6:.1f} | {t['ssd_bytes_per_token'] / 1e6:.1f} | {t['tier_tok_s']:.2f} |"
             )
@@ -290,7 +287,9 @@ def add_tier_arguments(parser: Any) -> None:
         help="with --host-capacity: SSD -> pinned memory read rate(s), GB/s (NVMe ~3-7; default 5)",
     )
     parser.add_argument(
-        "--host-policy", default=None, choices=HOST_POLICIES, help="with --host-capacity: the pool's eviction"
+        "--host-policy",
+        default=None,
+        help=f"with --host-capacity: the pool's eviction, one or a list of {', '.join(HOST_POLICIES)} (default lru)",
     )
 
 
@@ -303,5 +302,5 @@ def tier_config(args: Any) -> TierConfig | None:
     return TierConfig(
         host_capacities=args.host_capacity,
         ssd_bandwidths_gbs=args.ssd_bandwidth or (5.0,),
-        host_policy=args.host_policy or "lru",
+        host_policies=tuple(p.strip() for p in (args.host_policy or "lru").split(",") if p.strip()),
     )

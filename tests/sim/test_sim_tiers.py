@@ -59,7 +59,7 @@ def test_hand_computed_tiny_trace():
     for f, ssd_s in ((0.25, 0.3), (0.375, 0.2), (1.0, 0.0)):
         assert t[(f, 5.0)]["tier_token_ms"] == pytest.approx(1e3 * (0.002 + 0.15 + ssd_s))
         assert t[(f, 5.0)]["ssd_bytes_per_token"] == pytest.approx(ssd_s * 5 * GB)
-    belady = TierConfig(host_capacities=(0.25,), ssd_bandwidths_gbs=(5.0,), host_policy="belady")
+    belady = TierConfig(host_capacities=(0.25,), ssd_bandwidths_gbs=(5.0,), host_policies=("belady",))
     assert run(tiny_trace(), ["lru"], tiers=belady)[("lru", 0.25)]["tiers"][0]["pool_hits"] == 2
 
 
@@ -116,7 +116,7 @@ def test_pool_matches_reference_on_the_device_miss_stream(policy):
         else:
             pool = ReferenceCache(slots, policy)
             want = sum(pool.access(layer, [e]) for layer, e in stream)
-        tiers = TierConfig(host_capacities=(f,), host_policy=policy)
+        tiers = TierConfig(host_capacities=(f,), host_policies=(policy,))
         row = run(trace, ["lru"], caps=(0.25,), tiers=tiers, cost=CostModel())[("lru", 0.25)]
         assert row["tiers"][0]["device_loads"] == len(stream)
         assert row["tiers"][0]["pool_hits"] == want, (policy, f)
@@ -133,7 +133,8 @@ def test_predict_tiers_formula():
         ({"host_capacities": (0.0,)}, "host capacity 0.0"),
         ({"host_capacities": (1.5,)}, "host capacity 1.5"),
         ({"ssd_bandwidths_gbs": (-3.0,)}, "SSD bandwidth -3.0"),
-        ({"host_policy": "fifo"}, "host policy 'fifo'"),
+        ({"host_policies": ("lru", "fifo")}, "host policy 'fifo'"),
+        ({"host_policies": ()}, "host policy ''"),
     ],
 )
 def test_bad_tier_config(kwargs, match):
@@ -161,7 +162,7 @@ def test_cli_host_capacity(tmp_path):
         capture_output=True, text=True, env=_env(),
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
-    assert "| lru | 0.25 | 0.3 | 3 |" in out.stdout and "| lru | 0.25 | 1 | 7 |" in out.stdout
+    assert "| lru | 0.25 | lru | 0.3 | 3 |" in out.stdout and "| lru | 0.25 | lru | 1 | 7 |" in out.stdout
     bad = subprocess.run([*base, "--host-capacity", "2"], capture_output=True, text=True, env=_env())
     assert bad.returncode != 0 and "host capacity 2.0" in bad.stderr and "Traceback" not in bad.stderr
 
