@@ -17,7 +17,8 @@ __all__ = ["report"]
 
 def _runs(work: Path) -> dict[str, dict]:
     runs: dict[str, dict] = {}
-    for log in sorted(work.glob("*.log")):
+    order = {"small": 0, "heads": 1}  # the paper's layout first, then the one-pass variant, then others
+    for log in sorted(work.glob("*.log"), key=lambda p: (order.get(p.stem, 2), p.stem)):
         curve = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
         if not curve:
             continue
@@ -91,13 +92,18 @@ def _markdown(res: dict) -> str:
         best = max(p["val_recall6"] for p in c)
         test = f"{f['metrics']['overall']['recall@6']:.3f}" if f else "(running)"
         top1 = f"{f['metrics']['overall']['top1']:.3f}" if f else "-"
-        layout = (f["dims"].get("layer_input", "embed") if f else "?") if f else "-"
+        layout = {"embed": "paper (layer embedding)", "heads": "one pass, L x E head"}.get(
+            f["dims"].get("layer_input", "embed") if f else "", "-"
+        )
+        epochs = str(c[-1]["epoch"]) + (
+            " (last cut by the time cap)" if f and f["history"].get("stopped") else ""
+        )
         params = f"{f['parameters']:,}" if f else "-"
         slope = (
             f"+{s['per_epoch']:.4f}/epoch, +{s['per_hour']:.3f}/hour" if s["per_epoch"] is not None else "-"
         )
         lines.append(
-            f"| {name} | {layout} | {params} | {c[-1]['epoch']} | {c[-1]['seconds'] / 60:.0f} min | {best:.3f} | "
+            f"| {name} | {layout} | {params} | {epochs} | {c[-1]['seconds'] / 60:.0f} min | {best:.3f} | "
             f"{test} | {top1} | {slope} |"
         )
     lines += ["", "Curves (epoch: validation recall@6, minutes):", ""]
