@@ -320,6 +320,7 @@ def plot(report: dict, out: str) -> None:
 
 def markdown(report: dict) -> str:
     from moert.sim import result_table
+    from moert.sim.tiers import tier_note
 
     env, meta, cfg = report["environment"], report["trace"], report["config"]
     cost = cfg["cost_model"]
@@ -334,26 +335,12 @@ def markdown(report: dict) -> str:
         *_speculative_note(cfg),
         "",
         result_table(report),
-        *_tier_note(report),
+        *tier_note(report),
         f"device: {env['device']}; torch {env['torch']}, numpy {env['numpy']}, python {env['python']}; "
         f"commit {env['commit']}; {env['date']}",
         "",
     ]
     return "\n".join(lines)
-
-
-def _tier_note(report: dict) -> list[str]:
-    from moert.sim.tiers import tier_table
-
-    tiers = report["config"].get("tiers")
-    if not tiers:
-        return []
-    return [
-        f"SSD tier (`moert.sim.tiers`): host pool of a fraction of all experts, policy {', '.join(tiers['host_policies'])}; "
-        "tok/s with SSD reads (demand reads stall, prefetched ones hide behind compute):",
-        "",
-        tier_table(report),
-    ]
 
 
 def _speculative_note(cfg: dict) -> list[str]:

@@ -60,6 +60,9 @@ __all__ = [
     "predict_tiers",
     "tier_results",
     "tier_table",
+    "tier_note",
+    "add_tier_arguments",
+    "tier_config",
 ]
 
 HOST_POLICIES = ("lru", "lfu", "belady")
@@ -266,6 +269,19 @@ def tier_table(report: dict) -> str:
                 f"{t['link_bytes_per_token'] / 1e6:.1f} | {t['ssd_bytes_per_token'] / 1e6:.1f} | {t['tier_tok_s']:.2f} |"
             )
     return "\n".join(lines) + "\n"
+
+
+def tier_note(report: dict) -> list[str]:
+    """Markdown lines for ``moert simulate``'s report: the tier table, or nothing without tiers."""
+    tiers = report["config"].get("tiers")
+    if not tiers:
+        return []
+    return [
+        f"SSD tier (`moert.sim.tiers`): host pool of a fraction of all experts, policy {', '.join(tiers['host_policies'])}; "
+        "tok/s with SSD reads (demand reads stall, prefetched ones hide behind compute):",
+        "",
+        tier_table(report),
+    ]
 
 
 def add_tier_arguments(parser: Any) -> None:
