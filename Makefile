@@ -11,7 +11,7 @@ DEPS := numpy safetensors tqdm pybind11 ninja setuptools wheel "$(TRANSFORMERS_S
 DEV_DEPS := pytest hypothesis ruff clang-format
 NATIVE := $(wildcard csrc/*.cc csrc/include/moert/*.h csrc/src/*.cc csrc/src/*.cu) CMakeLists.txt setup.py
 
-.PHONY: setup build demo test test-compat test-gpu test-gpu-here test-slow gpu-dry-run stress bench-tiers sanitize fuzz fuzz-smoke lint format bench bench-sim-puffin bench-sim-pays bench-sim-studies bench-evict clean
+.PHONY: setup build demo test test-compat test-gpu test-gpu-here test-slow gpu-dry-run stress bench-tiers sanitize fuzz fuzz-smoke lint format bench bench-sim-puffin bench-sim-pays bench-sim-studies bench-evict bench-sim-tiers memory-table bench-moe-beyond clean
 
 setup: $(VENV)/.deps build
 
@@ -130,6 +130,20 @@ bench-sim-studies: setup
 # lru/lfu/belady/learned per-layer and global, ablations (an hour or more on 2 busy cores)
 bench-evict: setup
 	$(PY) bench/bench_evict.py --ablations
+
+# the SSD tier in the simulator: tok/s against the host pool's size (minutes); the README's memory table (instant)
+bench-sim-tiers: setup
+	$(PY) bench/sim_tiers.py
+memory-table: setup
+	$(PY) bench/memory_table.py
+
+# MoE-Beyond toward convergence (CPU, about an hour per run on a shared host; BENCH_UNTIL=HH:MM UTC caps it):
+# the paper's layout and moert's one-pass variant, then the report -> bench/results/moe_beyond_puffin.{json,md,png}
+BENCH_UNTIL ?= 23:59
+bench-moe-beyond: setup
+	nice $(PY) bench/bench_moe_beyond.py train --name small --epochs 40 --patience 4 --until $(BENCH_UNTIL)
+	nice $(PY) bench/bench_moe_beyond.py train --name heads --layer-input heads --batch 8 --epochs 80 --patience 4 --until $(BENCH_UNTIL)
+	$(PY) bench/bench_moe_beyond.py report
 
 # Fuzzing with atheris (fuzz/README.md): one target per parser and one for the native bindings' checks,
 # FUZZ_RUNS inputs each from the committed seeds (fuzz/corpus/); findings and logs go to out/fuzz/.

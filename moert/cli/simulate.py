@@ -12,6 +12,7 @@ Usage::
                    [--window windowed|pooled] [--attention-share 0.2]
                    [--cpu-expert-ms X [--activation-us 20]]
                    [--verify-tokens N] [--utility-decay 0.7] [--evictor R.safetensors]
+                   [--host-capacity F[,F...] [--ssd-bandwidth 3,7] [--host-policy lru|lfu|belady]]
 
 Predicted tok/s comes from the windowed cost model (``moert.sim.CostModel``: a prefetch hides only behind
 the compute after it is issued); lists ``--layer-ms`` / ``--bandwidth`` predict every row at every pair.
@@ -139,6 +140,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _add_output_arguments(parser)
     _add_cost_arguments(parser)
     _add_replay_arguments(parser)
+    from moert.sim.tiers import add_tier_arguments
+
+    add_tier_arguments(parser)
 
 
 def _add_trace_arguments(parser: argparse.ArgumentParser) -> None:
@@ -392,6 +396,7 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from moert.cli.trace import importer_options
     from moert.sim import CostModel, SimConfig, parse_policies, simulate
+    from moert.sim.tiers import tier_config
     from moert.trace import detect_format, open_trace
 
     if args.activation_us is not None and args.cpu_expert_ms is None:
@@ -430,6 +435,7 @@ def _run(args: argparse.Namespace) -> int:
         evictor=args.evictor,
         layer_ms=args.layer_ms,
         bandwidths=args.bandwidth,
+        tiers=tier_config(args),
     )
     report = simulate(trace, config, progress=not args.no_progress, prefetchers=prefetchers)
     report["environment"] = environment()

@@ -10,11 +10,15 @@ uses the model's 2048-d embeddings and a 512-d layer embedding).
 
 Sequences longer than ``max_len`` are cut into consecutive windows; a token sees only the tokens of
 its own window before it.
+
+``layer_input="heads"`` (moert's variant, not the paper's): no layer embedding; one pass of the
+encoder over a window and a head of ``L x E`` logits predict every layer at once, so an epoch costs
+one encoder pass per sequence instead of ``L`` (26 on DeepSeek-V2-Lite).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -49,8 +53,11 @@ class MoEBeyondConfig:
     ff: int = 2048
     dropout: float = 0.1
     max_len: int = 512
+    layer_input: str = "embed"
 
     def __post_init__(self) -> None:
+        if self.layer_input not in ("embed", "heads"):
+            raise ValueError(f"layer_input={self.layer_input!r} is not one of embed (the paper's), heads")
         if self.d_model % self.num_heads:
             raise ValueError(f"d_model={self.d_model} must be a multiple of num_heads={self.num_heads}")
         if min(self.d_model, self.d_token, self.d_layer, self.num_layers, self.ff, self.max_len) < 1:
@@ -63,10 +70,12 @@ class MoEBeyondNet(nn.Module):
     def __init__(self, vocab_size: int, num_moe_layers: int, num_experts: int, cfg: MoEBeyondConfig):
         super().__init__()
         self.cfg = cfg
+        self.heads = cfg.layer_input == "heads"
+        self.num_layers, self.num_experts = num_moe_layers, num_experts
         self.tok = nn.Embedding(vocab_size, cfg.d_token)
-        self.lay = nn.Embedding(num_moe_layers, cfg.d_layer)
+        self.lay = None if self.heads else nn.Embedding(num_moe_layers, cfg.d_layer)
         self.pos = nn.Embedding(cfg.max_len, cfg.d_model)
-        self.proj = nn.Linear(cfg.d_token + cfg.d_layer, cfg.d_model)
+        self.proj = nn.Linear(cfg.d_token + (0 if self.heads else cfg.d_layer), cfg.d_model)
         block = nn.TransformerEncoderLayer(
             cfg.d_model,
             cfg.num_heads,
@@ -79,19 +88,35 @@ class MoEBeyondNet(nn.Module):
         self.encoder = nn.TransformerEncoder(block, cfg.num_layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(cfg.d_model)
         self.head = nn.Sequential(
-            nn.Linear(cfg.d_model, cfg.d_model), nn.GELU(), nn.Linear(cfg.d_model, num_experts)
+            nn.Linear(cfg.d_model, cfg.d_model),
+            nn.GELU(),
+            nn.Linear(cfg.d_model, num_experts * (num_moe_layers if self.heads else 1)),
         )
 
     def forward(self, tok: torch.Tensor, layer: torch.Tensor) -> torch.Tensor:
         B, T = tok.shape
+        if self.heads:  # one pass for every layer; keep row b's layer
+            return self.forward_all(tok)[torch.arange(B, device=tok.device), layer]  # [B, T, E]
+        lay = self.lay(layer)[:, None, :].expand(B, T, -1)
+        return self._encode(torch.cat([self.tok(tok), lay], dim=-1))  # [B, T, E]
+
+    def forward_all(self, tok: torch.Tensor) -> torch.Tensor:
+        """``layer_input="heads"`` only: ``(B, T) -> (B, L, T, E)`` logits of every layer."""
+        if not self.heads:
+            raise ValueError("forward_all needs layer_input='heads'; this network embeds the layer")
+        B, T = tok.shape
+        out = self._encode(self.tok(tok))  # [B, T, L*E]
+        return out.view(B, T, self.num_layers, self.num_experts).transpose(1, 2)
+
+    def _encode(self, feats: torch.Tensor) -> torch.Tensor:
+        T = feats.shape[1]
         if self.cfg.max_len < T:
             raise ValueError(f"window of {T} tokens exceeds max_len={self.cfg.max_len}")
-        lay = self.lay(layer)[:, None, :].expand(B, T, -1)
-        x = self.proj(torch.cat([self.tok(tok), lay], dim=-1)) + self.pos.weight[:T]  # [B, T, d_model]
+        x = self.proj(feats) + self.pos.weight[:T]  # [B, T, d_model]
         # right padding only, so the causal mask alone keeps real tokens from seeing pads
-        mask = nn.Transformer.generate_square_subsequent_mask(T, device=tok.device, dtype=x.dtype)
+        mask = nn.Transformer.generate_square_subsequent_mask(T, device=feats.device, dtype=x.dtype)
         h = self.encoder(x, mask=mask, is_causal=True)
-        return self.head(self.norm(h))  # [B, T, E]
+        return self.head(self.norm(h))
 
 
 class MoEBeyondPredictor(NetPredictor):
@@ -108,6 +133,9 @@ class MoEBeyondPredictor(NetPredictor):
         dev = next(self.net.parameters()).device
         outs = []
         for a, b in chunks(tok.shape[0], self.net.cfg.max_len):
+            if self.net.heads:
+                outs.append(self.net.forward_all(tok[a:b].to(dev)[None])[0, layers.to(dev)].float().cpu())
+                continue
             window = tok[a:b].to(dev)[None].expand(layers.numel(), -1)
             outs.append(self.net(window, layers.to(dev)).float().cpu())
         return torch.cat(outs, dim=1)  # [len(layers), T, E]
@@ -164,16 +192,23 @@ def train_moe_beyond(
     token_embeddings: torch.Tensor | None = None,
     cfg: TrainConfig | None = None,
     train_info: dict[str, Any] | None = None,
+    on_epoch: Callable[[int, dict[str, Any], MoEBeyondPredictor], None] | None = None,
 ) -> tuple[MoEBeyondPredictor, dict[str, Any]]:
     """Trains on (sequence window, layer) samples; one epoch visits every pair once.
 
     Args:
         token_embeddings: (V, H) the model's input embedding matrix (``load_embedding_matrix``); when
             given, token embeddings are its rows (frozen, ``d_token = H``) instead of learned ones.
+        on_epoch: called after each epoch's validation with ``(epoch, history, predictor)``; the
+            predictor holds that epoch's weights (checkpoints, progress logs).
     """
     cfg = cfg or TrainConfig(batch_size=32)
     net_cfg = net_cfg or MoEBeyondConfig()
     check_loss(loss, trace_meta.has_scores)
+    if net_cfg.layer_input == "heads" and loss in NEEDS_SCORES:
+        raise ValueError(
+            f"loss {loss!r} needs router scores, which layer_input='heads' does not batch; use wbce or focal"
+        )
     L, E, k = len(trace_meta.layers), trace_meta.num_experts, trace_meta.top_k
     vocab = TokenVocab.build(train_seqs, min_count=min_count)
     tokens = [vocab.encode(s) for s in train_seqs]
@@ -193,13 +228,19 @@ def train_moe_beyond(
     net = net.to(device)
     loss_fn = get_loss(loss)
     max_len = net_cfg.max_len
-    pairs = [(si, li) for si in range(len(train_seqs)) for li in range(L)]
+    if net_cfg.layer_input == "heads":  # one sample per sequence, labels of every layer
+        pairs = [(si, -1) for si in range(len(train_seqs))]
+    else:
+        pairs = [(si, li) for si in range(len(train_seqs)) for li in range(L)]
 
     def batches(gen: torch.Generator) -> list[list[tuple[int, int, int, int]]]:
         return _window_batches(pairs, [t.shape[0] for t in tokens], max_len, cfg.batch_size, gen)
 
     def batch_loss(items: list[tuple[int, int, int, int]]) -> torch.Tensor:
         tok, valid, labels, sc, layer = _window_batch(items, tokens, experts, scores, E)
+        if net.heads:  # [B, L, T, E] -> rows of valid (token, layer) pairs
+            logits = net.forward_all(tok.to(device)).transpose(1, 2)[valid.to(device)].reshape(-1, E)
+            return loss_fn(logits, labels[valid].reshape(-1, E).to(device), None)
         logits = net(tok.to(device), layer.to(device))[valid.to(device)]  # [n_valid, E]
         return loss_fn(logits, labels[valid].to(device), sc[valid].to(device) if sc is not None else None)
 
@@ -213,7 +254,11 @@ def train_moe_beyond(
                 acc.update(i, out[i], s.experts[i])
         return acc.result()["overall"][f"recall@{k}"]
 
-    history = fit(net, batches, batch_loss, validate, cfg, desc=f"moe-beyond/{loss}")
+    def epoch_done(epoch: int, hist: dict[str, Any]) -> None:
+        if on_epoch is not None:
+            on_epoch(epoch, hist, predictor)
+
+    history = fit(net, batches, batch_loss, validate, cfg, desc=f"moe-beyond/{loss}", on_epoch=epoch_done)
     n_tok = sum(t.shape[0] for t in tokens)
     info = {**(train_info or {}), "train_tokens": n_tok, "history": history}
     return MoEBeyondPredictor(
@@ -252,15 +297,22 @@ def _window_batch(
     num_experts: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """A padded batch of windows: ``(tokens [B, T] int64, valid [B, T] bool, labels [B, T, E] multi-hot,
-    router scores [B, T, E] or None, layer [B] int64)``."""
+    router scores [B, T, E] or None, layer [B] int64)``. Layer ``-1`` (``layer_input="heads"``): labels
+    of every layer, ``[B, T, L, E]``, and no scores."""
     T = max(b - a for _, _, a, b in items)
+    L = experts[items[0][0]].shape[0]
+    every = items[0][1] < 0
     tok = torch.zeros(len(items), T, dtype=torch.long)
     valid = torch.zeros(len(items), T, dtype=torch.bool)
-    labels = torch.zeros(len(items), T, num_experts)
-    sc = torch.zeros(len(items), T, num_experts) if scores is not None else None
+    labels = torch.zeros(len(items), T, *((L,) if every else ()), num_experts)
+    sc = torch.zeros(len(items), T, num_experts) if scores is not None and not every else None
     for r, (si, li, a, b) in enumerate(items):
         tok[r, : b - a] = tokens[si][a:b]
         valid[r, : b - a] = True
+        if every:
+            hot = multi_hot(experts[si][:, a:b].reshape(-1, experts[si].shape[-1]), num_experts)
+            labels[r, : b - a] = hot.view(L, b - a, num_experts).transpose(0, 1)
+            continue
         labels[r, : b - a] = multi_hot(experts[si][li, a:b], num_experts)
         if sc is not None:
             sc[r, : b - a] = scores[si][li, a:b]

@@ -35,6 +35,10 @@ class TrainConfig:
         device: ``"auto"`` (CUDA when it can run), ``"cpu"`` or ``"cuda"``.
         progress: show tqdm progress bars.
         max_steps_per_epoch: cap on steps per epoch (0 = no cap); for quick CPU runs.
+        max_seconds: wall-clock cap on training (0 = none): the epoch running when it passes stops
+            early, is validated and counts (``history["stopped"] = "time"``).
+        schedule: learning rate over the planned ``epochs``: ``"constant"`` or ``"cosine"`` (decays
+            to 0 at the last planned step), after ``warmup_steps`` of linear warm-up.
     """
 
     epochs: int = 20
@@ -47,6 +51,9 @@ class TrainConfig:
     device: str = "auto"
     progress: bool = True
     max_steps_per_epoch: int = 0
+    max_seconds: float = 0.0
+    warmup_steps: int = 0
+    schedule: str = "constant"
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.patience < 1:
@@ -57,6 +64,10 @@ class TrainConfig:
             raise ValueError(f"lr={self.lr} must be > 0")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device={self.device!r} is not one of auto, cpu, cuda")
+        if self.schedule not in ("constant", "cosine"):
+            raise ValueError(f"schedule={self.schedule!r} is not one of constant, cosine")
+        if self.max_seconds < 0 or self.warmup_steps < 0:
+            raise ValueError(f"max_seconds={self.max_seconds}, warmup_steps={self.warmup_steps} must be >= 0")
 
 
 def pick_device(name: str) -> torch.device:
@@ -83,8 +94,14 @@ def fit(
     cfg: TrainConfig,
     *,
     desc: str = "train",
+    on_epoch: Callable[[int, dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Trains ``net`` in place; returns the history (per-epoch train loss, validation score, time).
+
+    ``on_epoch(epoch, history)`` runs after each epoch's validation, with ``net`` holding that
+    epoch's weights (checkpointing, progress logs). ``history["epoch_seconds"]`` is the cumulative
+    wall-clock time at the end of each epoch (validation included), ``history["lr"]`` the last
+    learning rate of each epoch.
 
     Raises:
         ValueError: when the loss becomes NaN or inf (lower --lr).
@@ -95,15 +112,23 @@ def fit(
     params = [p for p in net.parameters() if p.requires_grad]  # frozen ones (model embeddings) stay
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     best_score, best_state, best_epoch, bad = -math.inf, copy.deepcopy(net.state_dict()), 0, 0
-    history: dict[str, Any] = {"train_loss": [], "val_score": [], "epochs_run": 0}
+    history: dict[str, Any] = {
+        "train_loss": [],
+        "val_score": [],
+        "epochs_run": 0,
+        "epoch_seconds": [],
+        "lr": [],
+    }
     t0 = time.perf_counter()
     tqdm = _tqdm(cfg.progress)
+    step_total, sched = 0, None
     for epoch in range(1, cfg.epochs + 1):
         net.train()
         total, steps = 0.0, 0
-        bar = tqdm(
-            batches(gen), desc=f"{desc} epoch {epoch}/{cfg.epochs}", leave=False, disable=not cfg.progress
-        )
+        items = batches(gen)
+        if sched is None:
+            sched = _schedule(opt, cfg, items)
+        bar = tqdm(items, desc=f"{desc} epoch {epoch}/{cfg.epochs}", leave=False, disable=not cfg.progress)
         for batch in bar:
             value = loss(batch)
             if not torch.isfinite(value):
@@ -113,11 +138,16 @@ def fit(
             opt.zero_grad(set_to_none=True)
             value.backward()
             opt.step()
+            sched.step()
             total += float(value.detach())
             steps += 1
+            step_total += 1
             if steps % 20 == 0:
                 bar.set_postfix(loss=f"{total / steps:.4f}")
             if cfg.max_steps_per_epoch and steps >= cfg.max_steps_per_epoch:
+                break
+            if cfg.max_seconds and time.perf_counter() - t0 > cfg.max_seconds:
+                history["stopped"] = "time"
                 break
         net.eval()
         with torch.no_grad():
@@ -125,20 +155,46 @@ def fit(
         history["train_loss"].append(total / max(steps, 1))
         history["val_score"].append(score)
         history["epochs_run"] = epoch
+        history["epoch_seconds"].append(time.perf_counter() - t0)
+        history["lr"].append(opt.param_groups[0]["lr"])
+        history["steps"] = step_total
         if cfg.progress:
             print(
                 f"{desc} epoch {epoch}: train loss {total / max(steps, 1):.4f}, validation score {score:.4f}"
             )
+        if on_epoch is not None:
+            on_epoch(epoch, history)
         if score > best_score:
             best_score, best_state, best_epoch, bad = score, copy.deepcopy(net.state_dict()), epoch, 0
         else:
             bad += 1
-            if bad >= cfg.patience:
-                break
+        if bad >= cfg.patience or history.get("stopped"):
+            break
     net.load_state_dict(best_state)
     net.eval()
     history.update(best_epoch=best_epoch, best_val_score=best_score, seconds=time.perf_counter() - t0)
     return history
+
+
+def _schedule(opt: torch.optim.Optimizer, cfg: TrainConfig, first_epoch: Iterable[Any]):
+    """LambdaLR: linear warm-up over ``cfg.warmup_steps``, then constant or cosine to 0 at the last
+    planned step (``epochs`` x the first epoch's steps, capped by ``max_steps_per_epoch``)."""
+    total = 0
+    if cfg.schedule == "cosine":
+        if not hasattr(first_epoch, "__len__"):
+            raise ValueError("schedule='cosine' needs batches(generator) to return a sized list")
+        per = len(first_epoch)  # type: ignore[arg-type]
+        total = cfg.epochs * (min(per, cfg.max_steps_per_epoch) if cfg.max_steps_per_epoch else per)
+    warm = cfg.warmup_steps
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        if cfg.schedule == "constant":
+            return 1.0
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
 def _tqdm(enabled: bool):

@@ -7,7 +7,8 @@ policies of :mod:`moert.policy`, with a cost model that turns counts into predic
 - :mod:`moert.sim.passes`: speculative decoding's verify passes;
 - :mod:`moert.sim.report`: Markdown tables;
 - :mod:`moert.sim.cost`: :class:`CostModel`, :func:`cpu_split` (heterogeneous mode);
-- :mod:`moert.sim.timeline`: the windowed cost model's per-step traffic log and copy-link timeline.
+- :mod:`moert.sim.timeline`: the windowed cost model's per-step traffic log and copy-link timeline;
+- :mod:`moert.sim.tiers`: the SSD tier (a host pool holding a fraction of the experts), ``SimConfig.tiers``.
 """
 
 from __future__ import annotations

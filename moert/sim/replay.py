@@ -60,6 +60,7 @@ from moert.sim.cost import CostModel, cpu_split
 from moert.sim.fast import distinct_counts, replay_plan
 from moert.sim.passes import PassTrace
 from moert.sim.step import MODES, Caches, step_sequence
+from moert.sim.tiers import RecordingCaches, TierConfig, tier_results
 from moert.sim.timeline import StepLog
 from moert.trace import SequenceTrace, Trace, TraceMeta
 
@@ -129,6 +130,8 @@ class SimConfig:
         evictor: policy ``learned``'s reuse model (a file or a loaded ``ReuseModel``), or None.
         layer_ms, bandwidths: the cost grid: every row also predicts at each (layer ms, GB/s) of their
             product (``row["grid"]``); empty: the cost model's own value.
+        tiers: the host pool under the device cache (:mod:`moert.sim.tiers`); None: every expert in
+            the pool (two levels).
     """
 
     capacities: tuple[float, ...] = (0.1, 0.25, 0.5)
@@ -142,6 +145,7 @@ class SimConfig:
     evictor: Any = None
     layer_ms: tuple[float, ...] = ()
     bandwidths: tuple[float, ...] = ()
+    tiers: TierConfig | None = None
 
     def grid(self) -> list[tuple[float, float]]:
         """The (layer ms, GB/s) points every row is predicted at, layer ms major."""
@@ -168,6 +172,11 @@ class SimConfig:
                 "--verify-tokens 3 for gamma = 2; 1 = autoregressive)"
             )
         check_decay(self.utility_decay)
+        if self.tiers is not None and (self.verify_tokens > 1 or self.cost.heterogeneous):
+            raise ValueError(
+                "the SSD tier (--host-capacity) is simulated for autoregressive copy-only decode; "
+                "drop --verify-tokens / --cpu-expert-ms, or --host-capacity"
+            )
         if self.verify_tokens > 1 and self.cost.heterogeneous:
             raise ValueError(
                 f"verify_tokens={self.verify_tokens} with cpu_expert_ms: the heterogeneous cost model is for "
@@ -208,12 +217,14 @@ class _Run:
         policy: Policy | None,
     ) -> None:  # fmt: skip
         self.spec, self.capacity, self.mode, self.policy = spec, capacity, config.mode, policy
+        self.meta = meta
         self.L = meta.num_layers
         self.slots = num_slots(capacity, meta, config.mode)
         n_caches = meta.num_layers if config.mode == "per-layer" else 1
         #: per-step traffic for the windowed cost model (logged whatever the cost model's window)
         self.log = StepLog(meta.num_layers, n_caches)
-        self.caches = Caches(
+        self.tiers = config.tiers
+        self.caches = (Caches if config.tiers is None else RecordingCaches)(
             config.mode,
             meta.num_layers,
             meta.num_experts,
@@ -335,6 +346,8 @@ class _Run:
         row["grid"] = cost.predict_grid(
             self.grid, traffic, self.tokens, (demand_bpt, prefetch_bpt), self.L, self.verify_tokens
         )
+        if self.tiers is not None:
+            row["tiers"] = tier_results(self.caches.loads.events(), self.meta, self.tokens, cost, self.tiers)
         return row
 
     def close(self) -> None:
@@ -387,6 +400,7 @@ def _runs(spec: PolicySpec, config: SimConfig, trace: Trace, objects: dict, opti
     policy gets one object per run (its plans may depend on that run's cache)."""
     policy = _fresh(spec, objects, trace, options)
     fast = policy.fast_path and config.replay == "auto"
+    fast = fast and config.tiers is None  # tiers: loads recorded call by call, token-major
     runs = [
         _Run(
             spec,
@@ -475,6 +489,7 @@ def simulate(
             "verify_tokens": n_verify,
             "utility_decay": config.utility_decay,
             "grid": [{"layer_ms": a, "bandwidth_gbs": b} for a, b in config.grid()],
+            "tiers": None if config.tiers is None else dataclasses.asdict(config.tiers),
         },
         "results": results,
     }

@@ -122,7 +122,10 @@ def markdown_report(report: dict) -> str:
     ]
     if len(grid) > 1:
         lines += ["Over the cost grid (MB per token; stalls in ms per token):", "", grid_table(report)]
+    from moert.sim.tiers import tier_note
+
     lines += [
+        *tier_note(report),
         f"device: {env['device']}; torch {env['torch']}, numpy {env['numpy']}, python {env['python']}; "
         f"commit {env['commit']}; {env['date']}",
         "",

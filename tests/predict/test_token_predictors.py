@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+
+import pytest
 import torch
 from predict_synth import make_trace
 
@@ -94,3 +97,57 @@ def test_vocab_from_strings_and_ids():
 def test_position_buckets():
     p = torch.tensor([0, 1, 7, 8, 15, 16, 31, 32, 100000])
     assert position_bucket(p).tolist() == [0, 1, 7, 8, 8, 9, 9, 10, 15]
+
+
+def test_moe_beyond_heads_layout_learns_saves_and_matches_per_layer_forward(synth, tmp_path):
+    """layer_input='heads' (one pass, L x E logits) learns the planted structure, its per-layer
+    forward is the slice of forward_all, and it round-trips through a predictor file."""
+    from moert.predict.io import load_predictor, save_predictor
+
+    meta, train, val, test = _parts(synth)
+    net_cfg = MoEBeyondConfig(
+        d_model=32, d_token=32, num_layers=1, num_heads=2, ff=64, max_len=64, layer_input="heads"
+    )
+    cfg = TrainConfig(epochs=8, batch_size=4, lr=3e-3, progress=False, threads=1)
+    pred, _ = train_moe_beyond(meta, train, val, net_cfg=net_cfg, cfg=cfg)
+    learned = evaluate(pred, test)["overall"]
+    freq = evaluate(FrequencyPredictor.fit(meta, train + val), test)["overall"]
+    assert learned["recall@2"] > freq["recall@2"] + 0.15, f"moe-beyond heads {learned}, frequency {freq}"
+    tok = pred.vocab.encode(test[0])[None]
+    with torch.no_grad():
+        every = pred.net.forward_all(tok)  # [1, L, T, E]
+        for layer in range(every.shape[1]):
+            assert torch.allclose(pred.net(tok, torch.tensor([layer]))[0], every[0, layer], atol=1e-6)
+    path = save_predictor(tmp_path / "mb.safetensors", pred.meta, *pred.state())
+    again = load_predictor(path)
+    assert torch.allclose(again.predict_all(test[0]), pred.predict_all(test[0]), atol=1e-6)
+    assert torch.allclose(pred.predict(1, test[0]), pred.predict_all(test[0])[1], atol=1e-6)
+
+
+def test_fit_stops_at_the_wall_clock_cap_and_reports_each_epoch(synth):
+    meta, train, val, _ = _parts(synth)
+    net_cfg = MoEBeyondConfig(d_model=16, d_token=16, d_layer=4, num_layers=1, num_heads=2, ff=32, max_len=64)
+    seen = []
+    cfg = TrainConfig(epochs=50, batch_size=4, patience=50, progress=False, threads=1, max_seconds=1e-9)
+    _, hist = train_moe_beyond(
+        meta, train, val, net_cfg=net_cfg, cfg=cfg, on_epoch=lambda e, h, p: seen.append((e, h["steps"]))
+    )
+    assert hist["stopped"] == "time" and hist["epochs_run"] == 1 and seen == [(1, 1)]
+    assert len(hist["val_score"]) == len(hist["epoch_seconds"]) == len(hist["lr"]) == 1
+
+
+def test_warmup_cosine_schedule():
+    from moert.predict.train import _schedule
+
+    net = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(net.parameters(), lr=1.0)
+    cfg = TrainConfig(epochs=2, lr=1.0, warmup_steps=2, schedule="cosine")
+    sched = _schedule(opt, cfg, list(range(5)))  # 10 planned steps
+    lrs = [opt.param_groups[0]["lr"]]
+    for _ in range(10):
+        opt.step()
+        sched.step()
+        lrs.append(opt.param_groups[0]["lr"])
+    # warm-up 0.5, 1.0; then 0.5 (1 + cos(pi * s / 8)) for s = 0..8
+    want = [0.5, 1.0] + [0.5 * (1 + math.cos(math.pi * s / 8)) for s in range(9)]
+    assert lrs == pytest.approx(want)

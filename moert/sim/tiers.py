@@ -1,0 +1,350 @@
+"""The SSD tier in the simulator: a host pool that holds only a fraction of the experts, under the device cache.
+
+Three levels: the device slab cache (the existing replay, unchanged), the host pinned pool (a cache
+of ``F * L * E`` experts, its own policy) and the SSD (every expert, in the checkpoint's files). A
+device load (demand or prefetch) of an expert that is in the pool is a pool hit and costs one
+host-to-device copy; one that is not is an SSD read into the pool (evicting by the pool's policy) and
+then the copy.
+
+How it is replayed: :class:`RecordingCaches` wraps the device caches and records every device load
+in time order (token-major: token t, then layers 0..L-1; within one call the prefetch row's loads,
+then the access's demand loads, each in the order of the call's ids). The pool sees only that load
+stream (a device hit never touches the pool, as in the runtime, where the pool is read only to fill
+a device slot), replayed through one simulated C++ ``SlabCache`` (one global cache of ``L * E``
+keys) per host capacity. The device replay is therefore the same for every ``F``: one device run
+gives every host capacity. Per-layer device caches are replayed with the stepping driver (its
+token-major order; the fast path replays them layer by layer).
+
+``F = 1`` is today's two-level setting: every expert was pinned in the pool at load time (no SSD
+reads at all). ``F < 1`` starts with an empty pool, so each expert's first load is an SSD read
+(counted apart as ``ssd_cold_reads``).
+
+Cost model (per generated token; ``S`` bytes per expert, ``D``/``P`` demand/prefetch loads per token,
+``D_ssd``/``P_ssd`` those of them that missed the pool, ``BW`` host-to-device, ``BW_ssd`` SSD to pinned
+memory)::
+
+    t_token = max(L * t_layer, P * S / BW, P_ssd * S / BW_ssd) + D * S / BW + D_ssd * S / BW_ssd
+
+Assumptions:
+
+- the SSD read path (NVMe to pinned host memory) and the host-to-device link are separate resources:
+  background traffic on each overlaps compute and the other (``max``), as prefetch copies do in the
+  two-level model (:class:`moert.sim.CostModel`), which this reduces to when nothing misses the pool;
+- a prefetch that misses the pool starts its SSD read when it is issued (one layer ahead or more), so
+  the read, like the copy after it, hides behind compute: pooled over the token, the same
+  simplification as the two-level model's prefetch term (a per-window timeline would charge less);
+- a demand miss of the pool stalls for the SSD read and then the copy, one after the other (no
+  pipelining of one expert's read with its copy, nor of several experts' reads);
+- ``BW_ssd`` is the sustained read rate of expert-sized (tens of MB) reads: consumer PCIe 4.0 NVMe
+  drives give about 3-7 GB/s; the default here is 5 GB/s.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from moert.engine.runtime import SlabCache
+from moert.sim.step import Caches
+
+__all__ = [
+    "HOST_POLICIES",
+    "TierConfig",
+    "RecordingCaches",
+    "LoadLog",
+    "pool_slots",
+    "replay_pool",
+    "predict_tiers",
+    "tier_results",
+    "tier_table",
+    "tier_note",
+    "add_tier_arguments",
+    "tier_config",
+]
+
+HOST_POLICIES = ("lru", "lfu", "belady")
+DEMAND, PREFETCH = 0, 1
+
+
+@dataclass(frozen=True)
+class TierConfig:
+    """The host pool under the device cache.
+
+    Attributes:
+        host_capacities: pool sizes as fractions of all ``L * E`` experts, each in (0, 1].
+        ssd_bandwidths_gbs: SSD -> pinned host memory read rates, GB/s (NVMe: ~3-7).
+        host_policies: the pool's eviction, one result per policy: ``lru``, ``lfu`` or ``belady`` (next
+            use in the pool's own access stream; the ceiling).
+    """
+
+    host_capacities: tuple[float, ...] = (1.0,)
+    ssd_bandwidths_gbs: tuple[float, ...] = (5.0,)
+    host_policies: tuple[str, ...] = ("lru",)
+
+    def __post_init__(self) -> None:
+        if not self.host_capacities or not self.ssd_bandwidths_gbs:
+            raise ValueError("TierConfig needs at least one host capacity and one SSD bandwidth")
+        for f in self.host_capacities:
+            if not (math.isfinite(f) and 0 < f <= 1):
+                raise ValueError(
+                    f"host capacity {f!r} must be a fraction of all experts in (0, 1], e.g. --host-capacity 0.5"
+                )
+        for bw in self.ssd_bandwidths_gbs:
+            if not (math.isfinite(bw) and bw > 0):
+                raise ValueError(f"SSD bandwidth {bw!r} GB/s must be > 0, e.g. --ssd-bandwidth 3,7 (NVMe)")
+        for policy in self.host_policies or ("",):
+            if policy not in HOST_POLICIES:
+                raise ValueError(f"host policy {policy!r} is not one of {', '.join(HOST_POLICIES)}")
+
+
+def pool_slots(fraction: float, num_layers: int, num_experts: int, top_k: int) -> int:
+    """Experts the pool holds: ``round(F * L * E)``; at least one layer's top-k (else ValueError)."""
+    slots = int(round(fraction * num_layers * num_experts))
+    if slots < top_k:
+        raise ValueError(
+            f"host capacity {fraction:g} holds {slots} of {num_layers * num_experts} experts, fewer than one "
+            f"layer's top-k ({top_k}); give at least --host-capacity {top_k / (num_layers * num_experts):.4f}"
+        )
+    return slots
+
+
+class LoadLog:
+    """Device loads in time order: ``(layer, expert, kind)`` with kind 0 demand, 1 prefetch."""
+
+    def __init__(self) -> None:
+        self._parts: list[np.ndarray] = []
+
+    def add(self, layer: int, experts: np.ndarray, kind: int) -> None:
+        if experts.size:
+            part = np.empty((experts.size, 3), dtype=np.int64)
+            part[:, 0], part[:, 1], part[:, 2] = layer, experts, kind
+            self._parts.append(part)
+
+    def events(self) -> np.ndarray:
+        """(N, 3) int64 rows ``(layer, expert, kind)``."""
+        return np.concatenate(self._parts) if self._parts else np.zeros((0, 3), dtype=np.int64)
+
+
+class _Recorder:
+    """A simulated ``SlabCache`` that logs the experts each call loads (resident after, not before;
+    within one call nothing loaded is evicted: a prefetch batch and an access hold their members)."""
+
+    def __init__(self, cache: SlabCache, log: LoadLog, layer_of: Any) -> None:
+        self._cache, self._log, self._layer_of = cache, log, layer_of
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._cache, name)
+
+    def _logged(self, call: Any, layer: int, ids: np.ndarray, kind: int) -> int:
+        before = self._cache.resident(layer).numpy()
+        out = call(layer, ids)
+        loaded = ids[~before[ids] & self._cache.resident(layer).numpy()[ids]]
+        _, first = np.unique(loaded, return_index=True)  # distinct, in call order
+        self._log.add(self._layer_of(layer), loaded[np.sort(first)], kind)
+        return out
+
+    def sim_prefetch(self, layer: int, experts: Any) -> int:
+        ids = np.asarray(experts, dtype=np.int64).reshape(-1)
+        return self._logged(self._cache.sim_prefetch, layer, ids[ids >= 0], PREFETCH)
+
+    def sim_access(self, layer: int, experts: Any) -> int:
+        ids = np.asarray(experts, dtype=np.int64).reshape(-1)
+        return self._logged(self._cache.sim_access, layer, ids[ids >= 0], DEMAND)
+
+    def replay(self, layers, experts, *, prefetch=None, prefetch_layers=None, priorities=None, **kw) -> dict:
+        """``SlabCache.replay`` step by step (prefetch row, access, priorities), logging the loads.
+
+        One step that only prefetches or only accesses (what the stepping driver's tracked calls are,
+        :meth:`moert.sim.step.Caches.prefetch` / ``sim_access``) goes to the real ``replay`` with every
+        argument; a tier run never takes the fast path (:func:`moert.sim.replay.simulate`)."""
+        import torch
+
+        if kw:
+            return self._one_step(layers, experts, prefetch, prefetch_layers, priorities, kw)
+
+        hits = np.zeros(len(layers), dtype=np.int32)
+        for i, layer in enumerate(np.asarray(layers).tolist()):
+            if prefetch is not None:
+                pl = layer if prefetch_layers is None else int(prefetch_layers[i])
+                self.sim_prefetch(pl, prefetch[i])
+            row = np.asarray(experts[i], dtype=np.int64)
+            hits[i] = self.sim_access(layer, row)
+            if priorities is not None:
+                valid = row >= 0
+                self._cache.set_priority(
+                    layer, row[valid], np.asarray(priorities[i])[valid].astype(np.float32)
+                )
+        return {"hits_per_step": torch.from_numpy(hits)}
+
+    def _one_step(self, layers, experts, prefetch, prefetch_layers, priorities, kw) -> dict:
+        layer, row = int(np.asarray(layers)[0]), np.asarray(experts, dtype=np.int64)[0]
+        only_prefetch = prefetch is not None and (row < 0).all()
+        if len(layers) != 1 or set(kw) - {"track_prefetch"} or (prefetch is not None and not only_prefetch):
+            raise NotImplementedError("a tier run replays step by step (one prefetch or one access per call)")
+        pl = layer if prefetch_layers is None else int(np.asarray(prefetch_layers)[0])
+        ids = np.asarray(prefetch, dtype=np.int64)[0] if only_prefetch else row
+        ids = ids[ids >= 0]
+
+        def call(_: int, __: np.ndarray) -> dict:
+            return self._cache.replay(
+                layers,
+                experts,
+                prefetch=prefetch,
+                prefetch_layers=prefetch_layers,
+                priorities=priorities,
+                **kw,
+            )
+
+        return self._logged(call, pl if only_prefetch else layer, ids, PREFETCH if only_prefetch else DEMAND)
+
+
+class RecordingCaches(Caches):
+    """:class:`~moert.sim.step.Caches` whose caches log every device load (:attr:`log`)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.loads = LoadLog()
+        if self.mode == "per-layer":
+            self.caches = [_Recorder(c, self.loads, lambda _, i=i: i) for i, c in enumerate(self.caches)]
+        else:
+            self.caches = [_Recorder(c, self.loads, lambda layer: layer) for c in self.caches]
+
+
+def replay_pool(events: np.ndarray, num_layers: int, num_experts: int, slots: int, policy: str) -> np.ndarray:
+    """(N,) bool: whether each device load (``events`` rows ``(layer, expert, kind)``) hit the pool."""
+    n = events.shape[0]
+    if n == 0:
+        return np.zeros(0, dtype=bool)
+    pool = SlabCache.simulated(
+        num_layers, num_experts, slots, policy="priority" if policy == "belady" else policy
+    )
+    try:
+        priorities = None
+        if policy == "belady":  # after each access: minus the index of the key's next access
+            key = events[:, 0] * num_experts + events[:, 1]
+            nxt = np.full(n, 2 * n, dtype=np.int64)
+            last: dict[int, int] = {}
+            for i in range(n - 1, -1, -1):
+                nxt[i] = last.get(int(key[i]), 2 * n)
+                last[int(key[i])] = i
+            priorities = (-nxt).astype(np.float32)[:, None]
+        out = pool.replay(
+            events[:, 0].astype(np.int32), events[:, 1:2].astype(np.int32), priorities=priorities
+        )
+        return out["hits_per_step"].numpy().astype(bool)
+    finally:
+        pool.close()
+
+
+def predict_tiers(
+    compute_s: float,
+    link_bytes: tuple[float, float],
+    ssd_bytes: tuple[float, float],
+    bandwidth_gbs: float,
+    ssd_gbs: float,
+) -> float:
+    """Seconds per token (module doc): ``link_bytes``/``ssd_bytes`` = (demand, prefetch) bytes per token."""
+    bw, ssd = bandwidth_gbs * 1e9, ssd_gbs * 1e9
+    return max(compute_s, link_bytes[1] / bw, ssd_bytes[1] / ssd) + link_bytes[0] / bw + ssd_bytes[0] / ssd
+
+
+def tier_results(events: np.ndarray, meta: Any, tokens: int, cost: Any, tiers: TierConfig) -> list[dict]:
+    """One dict per (host capacity, SSD bandwidth): pool hits, SSD reads, bytes per tier, tok/s."""
+    L, E, k = meta.num_layers, meta.num_experts, meta.top_k
+    n, S = max(int(tokens), 1), cost.expert_bytes
+    demand = events[:, 2] == DEMAND
+    link = (float(demand.sum()) * S / n, float((~demand).sum()) * S / n)
+    compute = L * cost.layer_compute_ms * 1e-3
+    _, first = np.unique(events[:, 0] * E + events[:, 1], return_index=True)
+    rows = []
+    for policy, f in ((p, f) for p in tiers.host_policies for f in tiers.host_capacities):
+        slots = pool_slots(f, L, E, k)
+        hit = np.ones(len(events), dtype=bool) if f == 1 else replay_pool(events, L, E, slots, policy)
+        miss = ~hit
+        ssd = (float((miss & demand).sum()) * S / n, float((miss & ~demand).sum()) * S / n)
+        per_layer = np.bincount(events[miss, 0], minlength=L)
+        base = {
+            "host_capacity": f, "host_policy": policy, "pool_slots": slots,
+            "pool_bytes": slots * S, "device_loads": int(len(events)), "pool_hits": int(hit.sum()),
+            "pool_hit_rate": float(hit.mean()) if len(events) else math.nan,
+            "ssd_reads": int(miss.sum()), "ssd_demand_reads": int((miss & demand).sum()),
+            "ssd_prefetch_reads": int((miss & ~demand).sum()),
+            "ssd_cold_reads": 0 if f == 1 else int(len(first)),
+            "ssd_reads_per_layer": per_layer.tolist(),
+            "link_bytes_per_token": sum(link), "ssd_bytes_per_token": sum(ssd),
+        }  # fmt: skip
+        for bw in tiers.ssd_bandwidths_gbs:
+            t = predict_tiers(compute, link, ssd, cost.bandwidth_gbs, bw)
+            rows.append({**base, "ssd_bandwidth_gbs": bw, "tier_token_ms": t * 1e3, "tier_tok_s": 1.0 / t})
+    return rows
+
+
+def tier_table(report: dict) -> str:
+    """Markdown: one line per (policy, device capacity, host capacity, SSD bandwidth)."""
+    lines = [
+        "| policy | device cap | pool policy | host cap | SSD GB/s | device hit | pool hit | SSD reads/tok | "
+        "link MB/tok | SSD MB/tok | tok/s |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in report["results"]:
+        for t in r.get("tiers", []):
+            lines.append(
+                f"| {r['policy']} | {r['capacity']:g} | {t['host_policy']} | {t['host_capacity']:g} | {t['ssd_bandwidth_gbs']:g} | "
+                f"{r['hit_rate']:.3f} | {t['pool_hit_rate']:.3f} | {t['ssd_reads'] / max(r['tokens'], 1):.2f} | "
+                f"{t['link_bytes_per_token'] / 1e6:.1f} | {t['ssd_bytes_per_token'] / 1e6:.1f} | {t['tier_tok_s']:.2f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def tier_note(report: dict) -> list[str]:
+    """Markdown lines for ``moert simulate``'s report: the tier table, or nothing without tiers."""
+    tiers = report["config"].get("tiers")
+    if not tiers:
+        return []
+    return [
+        f"SSD tier (`moert.sim.tiers`): host pool of a fraction of all experts, policy {', '.join(tiers['host_policies'])}; "
+        "tok/s with SSD reads (demand reads stall, prefetched ones hide behind compute):",
+        "",
+        tier_table(report),
+    ]
+
+
+def add_tier_arguments(parser: Any) -> None:
+    """``moert simulate``'s ``--host-capacity``, ``--ssd-bandwidth`` and ``--host-policy``."""
+    from moert.cli.simulate import _floats
+
+    parser.add_argument(
+        "--host-capacity",
+        type=_floats,
+        default=None,
+        help="SSD tier: the host pinned pool holds only this fraction of all L*E experts (a list, e.g. "
+        "0.25,0.5,1); a device miss that misses the pool reads the expert from SSD first. 1 = every expert "
+        "pinned (two levels). Default: off",
+    )
+    parser.add_argument(
+        "--ssd-bandwidth",
+        type=_floats,
+        default=None,
+        help="with --host-capacity: SSD -> pinned memory read rate(s), GB/s (NVMe ~3-7; default 5)",
+    )
+    parser.add_argument(
+        "--host-policy",
+        default=None,
+        help=f"with --host-capacity: the pool's eviction, one or a list of {', '.join(HOST_POLICIES)} (default lru)",
+    )
+
+
+def tier_config(args: Any) -> TierConfig | None:
+    """The :class:`TierConfig` of ``moert simulate``'s arguments (None without --host-capacity)."""
+    if args.host_capacity is None:
+        if args.ssd_bandwidth is not None or args.host_policy is not None:
+            raise ValueError("--ssd-bandwidth / --host-policy need --host-capacity F (e.g. 0.5)")
+        return None
+    return TierConfig(
+        host_capacities=args.host_capacity,
+        ssd_bandwidths_gbs=args.ssd_bandwidth or (5.0,),
+        host_policies=tuple(p.strip() for p in (args.host_policy or "lru").split(",") if p.strip()),
+    )
