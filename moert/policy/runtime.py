@@ -10,6 +10,7 @@ applying each returned :class:`~moert.policy.base.Plan` with ``CopyEngine.predic
 from __future__ import annotations
 
 from moert.policy.base import Policy
+from moert.policy.budget import BudgetPlanner
 from moert.policy.combine import Combination
 from moert.policy.registry import REGISTRY
 from moert.policy.score import ScorePlanner
@@ -45,6 +46,7 @@ def runtime_policy(
     max_overprovision: int = 4,
     score_decay: float = 0.5,
     utility_decay: float = DEFAULT_DECAY,
+    budget: bool = False,
 ) -> Policy:
     """A fresh (unbound) policy for a patched model.
 
@@ -57,6 +59,8 @@ def runtime_policy(
         prefetch: prefetch (``prefetch="async"``); False: predictions and utility only order eviction.
         threshold, max_overprovision, score_decay: the predictor's plan (see ``moert.policy.score``).
         utility_decay: ``utility``'s weight of the past.
+        budget: the predictor's prefetch is budgeted (``moert.policy.budget.BudgetPlanner``: only what the
+            measured link slack hides, by expected value).
 
     ``utility`` takes no predictor (``OffloadConfig`` refuses one); the others combine with one: ``score``
     is the planner itself, ``lru`` / ``lfu`` / ``fifo`` prefetch its ids (:func:`planner_of` finds it).
@@ -73,7 +77,7 @@ def runtime_policy(
         return Utility(overprovision if prefetch else None, utility_decay)
     planner = None
     if lookahead is not None:
-        planner = ScorePlanner(
+        planner = (BudgetPlanner if budget else ScorePlanner)(
             lookahead=lookahead,
             probabilities=probabilities,
             overprovision=overprovision,

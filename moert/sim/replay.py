@@ -197,6 +197,8 @@ class _Run:
             slab_bytes=config.cost.expert_bytes,
             min_slots=meta.top_k,
         )
+        if policy is not None:  # a stepped policy may read the run's residency and cost model
+            policy.set_context(cost=config.cost, caches=self.caches)
         self.hits = np.zeros(self.L, dtype=np.int64)
         self.accesses = np.zeros(self.L, dtype=np.int64)
         self.tokens = 0
