@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from moert.policy.base import Plan
+from moert.policy.base import Plan, as_numpy
 from moert.policy.predictor import PredictorPolicy
 from moert.policy.score import ScorePlanner
 
@@ -212,9 +212,9 @@ class _Budgeted:
 
     def probs_of(self, logits: Any) -> np.ndarray:
         """(E,) calibrated probabilities of the layer's own row (max over a batch's rows)."""
-        rows = torch.as_tensor(logits).detach().reshape(-1, self.lookahead + 1, self.num_experts)[:, 0]
-        raw = torch.sigmoid(rows) if self.probabilities_mode == "sigmoid" else rows.clamp(0.0, 1.0)
-        p = raw.max(dim=0).values.double().cpu().numpy()
+        x = as_numpy(logits, np.float64).reshape(-1, self.lookahead + 1, self.num_experts)[:, 0].max(axis=0)
+        # max over rows, then the monotone map: the same as mapping each row first
+        p = 1.0 / (1.0 + np.exp(-x)) if self.probabilities_mode == "sigmoid" else np.clip(x, 0.0, 1.0)
         return p if self.calibration is None else self.calibration(p)
 
     def _victims(self, layer: int, present: np.ndarray, n: int) -> np.ndarray:
