@@ -144,17 +144,18 @@ class MeasuredWindow:
         engine: the model's ``runtime.CopyEngine``.
         num_layers: L.
         decay: weight of the past in both EMAs.
+        clock: seconds now (``time.perf_counter``; tests inject one).
     """
 
-    def __init__(self, engine: Any, num_layers: int, decay: float = 0.5) -> None:
-        self.engine, self.decay = engine, decay
+    def __init__(self, engine: Any, num_layers: int, decay: float = 0.5, clock: Any = time.perf_counter) -> None:
+        self.engine, self.decay, self.clock = engine, decay, clock
         self.window_s = np.zeros(num_layers)
         self.started = np.zeros(num_layers)
         self.copy_s = 0.0
         self._last = (0.0, 0)
 
     def start(self, layer: int) -> None:
-        self.started[layer] = time.perf_counter()
+        self.started[layer] = self.clock()
         if layer == 0 and self.engine is not None:
             st = self.engine.stats()
             busy, copies = float(st["busy_s"]), int(st["copies"])
@@ -165,7 +166,7 @@ class MeasuredWindow:
 
     def routed(self, layer: int) -> None:
         if self.started[layer]:
-            dt = time.perf_counter() - self.started[layer]
+            dt = self.clock() - self.started[layer]
             w = self.window_s[layer]
             self.window_s[layer] = dt if w == 0 else self.decay * w + (1 - self.decay) * dt
 
