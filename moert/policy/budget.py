@@ -58,7 +58,9 @@ __all__ = [
 ]
 
 
-def fill_budget(window: float, probs: np.ndarray, present: np.ndarray, victims: np.ndarray) -> list[int]:
+def fill_budget(
+    window: float, probs: np.ndarray, present: np.ndarray, victims: np.ndarray, demand: float | None = None
+) -> list[int]:
     """The experts to prefetch for one layer call (see the module doc).
 
     Args:
@@ -67,13 +69,15 @@ def fill_budget(window: float, probs: np.ndarray, present: np.ndarray, victims: 
         present: (E,) bool, resident or in flight (never prefetched; their use needs no copy).
         victims: (V,) values (probabilities) of what the 1st, 2nd, ... prefetch would evict, in
             eviction order; 0.0 for a free slot. Past its end nothing can be evicted.
+        demand: the window's expected demand copies without prefetch; None: ``probs`` summed over the
+            absent experts (the policy's). A prefetched expert takes its ``p`` off it.
 
     Returns:
         Expert ids, most probable first.
     """
     p = np.asarray(probs, dtype=np.float64)
     absent = ~np.asarray(present, dtype=bool)
-    load = float(p[absent].sum())  # expected demand copies of the window
+    load = float(p[absent].sum()) if demand is None else float(demand)  # expected demand copies
     order = np.flatnonzero(absent)
     order = order[np.argsort(-p[order], kind="stable")]
     chosen: list[int] = []

@@ -43,6 +43,16 @@ def test_fill_budget_by_hand(window, probs, present, victims, want):
     assert got == want
 
 
+def test_late_copies_are_not_issued_whatever_the_link_load():
+    """With the window's demand charged elsewhere (demand=0), certain candidates add no load: only the
+    landing rule stops them (the 3rd copy would end at 3 > 2.5). With the policy's own demand term the
+    link check alone would stop them too (n + D_rest <= W implies n <= W)."""
+    ones = np.ones(4)
+    assert fill_budget(2.5, ones, np.zeros(4, bool), np.zeros(4), demand=0.0) == [0, 1]
+    assert fill_budget(4.0, ones, np.zeros(4, bool), np.zeros(4), demand=0.0) == [0, 1, 2, 3]
+    assert fill_budget(0.9, ones, np.zeros(4, bool), np.zeros(4), demand=0.0) == []
+
+
 def test_cost_window_is_compute_over_copy_time():
     cost = CostModel(expert_bytes=10_000_000, bandwidth_gbs=20.0, layer_compute_ms=1.5)  # copy 0.5 ms
     assert CostWindow(cost)(3) == pytest.approx(3.0)
