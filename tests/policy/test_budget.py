@@ -96,23 +96,23 @@ def test_late_prefetches_are_not_issued():
 
 
 def test_never_evicts_an_expert_worth_more():
-    """A full per-layer cache of 2: the least recently used resident expert (3) is predicted 0.9, so a
-    candidate at 0.8 may not take its slot; at 0.95 it may (and evicts 3, the LRU one, not 4)."""
+    """A full per-layer cache of 2: the least recently used resident expert (4) is predicted 0.9, so a
+    candidate at 0.8 may not take its slot; at 0.95 it may (and evicts 4, the LRU one, not 3)."""
     from moert.sim.step import access, apply_plan
 
     E = 8
     p = _planner(4.0, L=1, E=E)
     caches = Caches("per-layer", 1, E, 2, "lru", min_slots=2)
     p.set_context(caches=caches)
-    for ids in ([3], [4]):  # 3 used first, then 4: 3 is the LRU victim
+    for ids in ([4], [3]):  # 4 used first, then 3: 4 is the LRU victim (not the lowest id)
         counts = np.bincount(ids, minlength=E)
         p.on_routed(0, counts, caches.at(0)[0].resident(0).numpy())
         access(caches, 0, np.array(ids))
-    assert p.on_prediction(0, _logits(E, {3: 0.9, 4: 0.1, 6: 0.8})) is None
-    plan = p.on_prediction(0, _logits(E, {3: 0.9, 4: 0.1, 6: 0.95}))
+    assert p.on_prediction(0, _logits(E, {4: 0.9, 3: 0.1, 6: 0.8})) is None
+    plan = p.on_prediction(0, _logits(E, {4: 0.9, 3: 0.1, 6: 0.95}))
     assert plan.ids.tolist() == [[6]]
     apply_plan(caches, plan)
-    assert np.flatnonzero(caches.at(0)[0].resident(0).numpy()).tolist() == [4, 6]
+    assert np.flatnonzero(caches.at(0)[0].resident(0).numpy()).tolist() == [3, 6]
 
 
 def _trace(L=4, E=16, k=2, T=40, n=6, seed=0):
