@@ -24,6 +24,7 @@ Random weights: timing only.
     python bench/bench_overhead.py                    # writes bench/results/overhead_cpu.{json,md}
     python bench/bench_overhead.py --tag _before      # bench/results/overhead_cpu_before.{json,md}
     python bench/bench_overhead.py --models demo --rounds 6 --json
+    python bench/bench_overhead.py --models demo --prefetch budget --tag _budget  # its cost: minus async's
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ import torch
 import moert
 from moert import envs
 from moert.models import get_adapter
-from moert.models.tiny import deepseek_v2_lite_config, demo_config, prompt_ids, tiny_model
+from moert.models.tiny import deepseek_v2_lite_config, demo_config, prompt_ids, random_predictor, tiny_model
 from moert.provenance import device_name, git_commit, modified_files, utc_now, versions
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -54,6 +55,7 @@ GOAL_RATIO = 1.15  # patched / unpatched host time per token, every expert cache
 GOAL_CALLS_PER_LAYER = 12.0  # native calls per MoE layer call
 FILL_LEN = 256  # tokens of the untimed forward that loads every expert into the patched cache
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+PATCH: dict[str, Any] = {}  # --prefetch async|budget: {"prefetch": ...}, with a random preattn predictor
 
 
 def native_calls() -> Any:
@@ -118,7 +120,8 @@ def _ms(xs: list[float]) -> dict[str, float]:
 
 
 def _patch(model: Any) -> Any:
-    return moert.patch(model, cache_experts=1.0, device="cpu", policy="lru")
+    extra = dict(PATCH, predictor=random_predictor(model)) if PATCH else {}
+    return moert.patch(model, cache_experts=1.0, device="cpu", policy="lru", **extra)
 
 
 def build(name: str, args: argparse.Namespace) -> tuple[Any, str, str]:
@@ -334,6 +337,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "bench": "overhead",
         "device": "cpu",
         "config": "moert.patch(model, cache_experts=1.0, device='cpu', policy='lru') vs unpatched",
+        "prefetch": PATCH.get("prefetch", "none (no predictor)"),
         "batch": 1,
         "prompt_len": args.prompt_len,
         "fill_len": FILL_LEN,
@@ -470,13 +474,11 @@ def main() -> None:
     p.add_argument(
         "--threads", type=int, default=1, help="torch CPU threads (default 1: stable on a shared 2-core box)"
     )
-    p.add_argument(
-        "--tag",
-        default="",
-        help="output name suffix: bench/results/overhead_cpu{TAG}.json/.md (e.g. _before)",
-    )
+    p.add_argument("--tag", default="", help="output name suffix: bench/results/overhead_cpu{TAG}.json/.md")
+    p.add_argument("--prefetch", choices=["none", "async", "budget"], default="none", help="see the doc")  # fmt: skip
     p.add_argument("--json", action="store_true", help="also print the JSON record")
     args = p.parse_args()
+    PATCH.update({} if args.prefetch == "none" else {"prefetch": args.prefetch})
     if min(args.rounds, args.tokens, args.prompt_len) < 1 or args.warmup < 0:
         p.error("--rounds, --tokens and --prompt-len must be >= 1, --warmup >= 0")
     torch.set_num_threads(args.threads)
