@@ -11,7 +11,7 @@ DEPS := numpy safetensors tqdm pybind11 ninja setuptools wheel "$(TRANSFORMERS_S
 DEV_DEPS := pytest hypothesis ruff clang-format
 NATIVE := $(wildcard csrc/*.cc csrc/include/moert/*.h csrc/src/*.cc csrc/src/*.cu) CMakeLists.txt setup.py
 
-.PHONY: setup build demo test test-compat test-gpu test-gpu-here test-slow gpu-dry-run stress sanitize fuzz fuzz-smoke lint format bench bench-sim-puffin bench-sim-studies clean
+.PHONY: setup build demo test test-compat test-gpu test-gpu-here test-slow gpu-dry-run stress sanitize fuzz fuzz-smoke lint format bench bench-sim-puffin bench-sim-studies bench-budget clean
 
 setup: $(VENV)/.deps build
 
@@ -113,6 +113,11 @@ bench-sim-studies: setup
 	$(PY) bench/bench_sim.py --what score
 	$(PY) bench/bench_sim.py --what hetero
 	$(PY) bench/bench_sim.py --what speculative
+
+# budgeted prefetch vs lru / belady / greedy xlayer prefetch on the held-out puffin prompts (~30 min on 2 cores;
+# trains the xlayer predictor first unless BUDGET_ARGS="--predictor FILE" names one recording the split)
+bench-budget: setup
+	$(PY) bench/bench_budget.py $(BUDGET_ARGS)
 
 # Fuzzing with atheris (fuzz/README.md): one target per parser and one for the native bindings' checks,
 # FUZZ_RUNS inputs each from the committed seeds (fuzz/corpus/); findings and logs go to out/fuzz/.

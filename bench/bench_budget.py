@@ -34,7 +34,9 @@ KEEP = ("policy", "capacity", "mode", "hit_rate", "demand_misses", "prefetches",
 def _simulate(trace, names, pre, mode, cost) -> list[dict]:
     from moert.sim import SimConfig, parse_policies, simulate
 
-    cfg = SimConfig(capacities=CAPS, policies=tuple(parse_policies(names, prefetchers=pre)), mode=mode, cost=cost)
+    cfg = SimConfig(
+        capacities=CAPS, policies=tuple(parse_policies(names, prefetchers=pre)), mode=mode, cost=cost
+    )
     return simulate(trace, cfg, prefetchers=pre)["results"]
 
 
@@ -153,7 +155,9 @@ def _verdict(rows: dict) -> str:
             above += 1
         else:
             same += 1
-    text = f"Budget vs lru (demand only), {above + same + len(below)} points: above at {above}, equal at {same}"
+    text = (
+        f"Budget vs lru (demand only), {above + same + len(below)} points: above at {above}, equal at {same}"
+    )
     return text + (f", below at {len(below)}: " + "; ".join(below) if below else ", below at none.")
 
 

@@ -151,7 +151,9 @@ class MeasuredWindow:
         clock: seconds now (``time.perf_counter``; tests inject one).
     """
 
-    def __init__(self, engine: Any, num_layers: int, decay: float = 0.5, clock: Any = time.perf_counter) -> None:
+    def __init__(
+        self, engine: Any, num_layers: int, decay: float = 0.5, clock: Any = time.perf_counter
+    ) -> None:
         self.engine, self.decay, self.clock = engine, decay, clock
         self.window_s = np.zeros(num_layers)
         self.started = np.zeros(num_layers)
@@ -311,7 +313,11 @@ class BudgetPredictor(_Budgeted, PredictorPolicy):
     """
 
     def __init__(
-        self, predictor: Any, calibration: Calibration | None = None, window: Any = None, name: str | None = None
+        self,
+        predictor: Any,
+        calibration: Calibration | None = None,
+        window: Any = None,
+        name: str | None = None,
     ) -> None:
         super().__init__(predictor, 0, name)
         if self.mode is None:
@@ -346,4 +352,6 @@ class BudgetPredictor(_Budgeted, PredictorPolicy):
                 ok = ex[:, :, j] >= 0
                 hot[li[ok], ti[ok], ex[:, :, j][ok]] = True
             sel.append(hot)
-        return Calibration.fit(np.concatenate([r.ravel() for r in raw]), np.concatenate([s.ravel() for s in sel]), bins)
+        return Calibration.fit(
+            np.concatenate([r.ravel() for r in raw]), np.concatenate([s.ravel() for s in sel]), bins
+        )

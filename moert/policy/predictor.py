@@ -183,7 +183,9 @@ def policy_from_spec(
     if m == "budget":  # moert.policy.budget: calibrated on up to 100 sequences it is not judged on
         from moert.policy.budget import BudgetPredictor
 
-        calibration = BudgetPredictor.calibrate(pred, list(fit_sequences or [])[:100]) if fit_sequences else None
+        calibration = (
+            BudgetPredictor.calibrate(pred, list(fit_sequences or [])[:100]) if fit_sequences else None
+        )
         return BudgetPredictor(pred, calibration, name=label)
     return PredictorPolicy(pred, m, name=label, **options)
 

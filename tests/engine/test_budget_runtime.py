@@ -62,7 +62,9 @@ def _simulate(events, window, L, E, k, slots):
         cache, cl = caches.at(layer)
         if ev[0] == "predict":
             plan = policy.on_prediction(layer, ev[2])
-            planned.append([] if plan is None or plan.ids is None else [int(e) for e in plan.ids[0] if e >= 0])
+            planned.append(
+                [] if plan is None or plan.ids is None else [int(e) for e in plan.ids[0] if e >= 0]
+            )
             apply_plan(caches, plan)
             continue
         index = ev[2].numpy().astype(np.int64)

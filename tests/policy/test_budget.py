@@ -69,7 +69,9 @@ def test_calibration_maps_bins_to_observed_rates():
 
 
 def _planner(window: float, L: int = 2, E: int = 8, k: int = 2) -> BudgetPlanner:
-    p = BudgetPlanner(lookahead=0, probabilities="clamp", overprovision=0, scores=False, window=FixedWindow(window))
+    p = BudgetPlanner(
+        lookahead=0, probabilities="clamp", overprovision=0, scores=False, window=FixedWindow(window)
+    )
     p.bind(L, E, k)
     return p
 
@@ -153,3 +155,34 @@ def test_zero_slack_is_demand_only(mode, evict):
         assert budget["predicted_tok_s"] == alone["predicted_tok_s"]
         slack = rows[(4.5, f"{evict}+prev-token:budget", c)]
         assert slack["prefetches"] > 0 and slack["hits"] >= rows[(4.5, evict, c)]["hits"], c
+
+
+def test_cli_budget_prefetcher(tmp_path, capsys):
+    """``moert simulate --policy lru --prefetch prev-token:budget``: at 0.2 ms the row is lru's, at 4.5 ms
+    it prefetches; a bad ':' argument names 'budget' among the fixes."""
+    import argparse
+    import json
+
+    from moert.cli import simulate as sim_cli
+    from moert.trace import TraceWriter
+
+    trace, _, _ = _trace(n=3)
+    with TraceWriter(tmp_path / "t", trace.meta) as w:
+        for s in trace.sequences():
+            w.add(s)
+
+    def cli(*argv):
+        parser = argparse.ArgumentParser()
+        sim_cli.add_arguments(parser)
+        return sim_cli.run(parser.parse_args([str(tmp_path / "t"), "--no-progress", *argv]))
+
+    for ms in ("0.2", "4.5"):
+        out = tmp_path / f"r{ms}.json"
+        args = ("--policy", "lru,lru+prev-token:budget", "--layer-compute-ms", ms, "--json", str(out))
+        assert cli(*args) == 0
+        rows = {r["policy"]: r for r in json.loads(out.read_text())["results"]}
+        lru, budget = rows["lru"], rows["lru+prev-token:budget"]
+        assert (budget["hits"] == lru["hits"] and budget["prefetches"] == 0) == (ms == "0.2"), ms
+    capsys.readouterr()
+    assert cli("--policy", "lru+x.safetensors:budgte") == 2
+    assert "'budget'" in capsys.readouterr().err
