@@ -376,7 +376,7 @@ def markdown(rec: dict[str, Any]) -> str:
     out = [
         "# Host overhead of moert with every expert cached (CPU twin)",
         "",
-        f"`{rec['config']}`; batch 1, prompt {rec['prompt_len']}, {rec['tokens']} timed greedy tokens after "
+        f"`{rec['config']}`, prefetch: {rec.get('prefetch', 'none')}; batch 1, prompt {rec['prompt_len']}, {rec['tokens']} timed greedy tokens after "
         f"{rec['warmup']} warm-up (and a {rec['fill_len']}-token untimed fill), x {rec['rounds']} interleaved "
         "rounds (per-token times pooled).",
         f"moert {v['moert']}, torch {v['torch']}, transformers {v['transformers']}, python {v['python']}, "
