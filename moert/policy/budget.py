@@ -252,7 +252,11 @@ class _Budgeted:
             return []
         present = self._present(layer)
         self.known[layer] = present
-        ids = fill_budget(w, p, present, self._victims(layer, present, int(w)))
+        # victims only restrict (values >= 0, fewer entries): free slots everywhere give an upper bound,
+        # and the real choice is a prefix of it, so victims are looked up only when something may pass
+        ids = fill_budget(w, p, present, np.zeros(int(w)))
+        if ids:
+            ids = fill_budget(w, p, present, self._victims(layer, present, len(ids)))
         if ids:
             self.clock += 1
             self.tick[layer, ids] = self.clock
