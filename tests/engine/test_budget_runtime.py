@@ -153,3 +153,27 @@ def test_measured_window_reads_layer_time_and_copy_time():
 def test_budget_needs_a_predictor():
     with pytest.raises(ValueError, match="prefetch='budget'.*predictor="):
         moert.OffloadConfig(prefetch="budget")
+
+
+def test_load_with_budget(tmp_path):
+    """``moert.load(..., prefetch="budget")``: the same policy object; tokens equal the all-resident load's,
+    with misses and prefetches (window injected: the CPU twin's measured times are meaningless)."""
+    from moert.models.tiny import Reference
+
+    ref = Reference("deepseek_v2-greedy", tmp_path, batch=1, new_tokens=8)
+    full = moert.load(ref.path, cache_experts=1.0, device="cpu", progress=False)
+    want = greedy(full, ref.prompt, ref.new_tokens)
+    moert.handle_of(full).undo()
+    model = moert.load(
+        ref.path, cache_experts=0.25, device="cpu", predictor=random_predictor(ref.model),
+        prefetch="budget", progress=False, overlap_waves=False,
+    )  # fmt: skip
+    h = moert.handle_of(model)
+    planner = planner_of(h.offloader.policy)
+    assert isinstance(planner, BudgetPlanner)
+    planner.window = FixedWindow(100.0)  # the random predictor's expected demand is large: a wide window
+    got = greedy(model, ref.prompt, ref.new_tokens)
+    st = h.stats()
+    h.undo()
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert st.misses > 0 and st.prefetches > 0 and planner.issued == st.prefetches, st
