@@ -11,7 +11,7 @@ DEPS := numpy safetensors tqdm pybind11 ninja setuptools wheel "$(TRANSFORMERS_S
 DEV_DEPS := pytest hypothesis ruff clang-format
 NATIVE := $(wildcard csrc/*.cc csrc/include/moert/*.h csrc/src/*.cc csrc/src/*.cu) CMakeLists.txt setup.py
 
-.PHONY: setup build demo test test-compat test-gpu test-gpu-here test-slow gpu-dry-run stress bench-tiers sanitize fuzz fuzz-smoke lint format bench bench-sim-puffin bench-sim-pays bench-sim-studies bench-evict bench-sim-tiers memory-table bench-moe-beyond clean
+.PHONY: setup build demo test test-compat test-gpu test-gpu-here test-slow gpu-dry-run stress bench-tiers sanitize fuzz fuzz-smoke lint format bench bench-sim-puffin bench-sim-pays bench-sim-studies bench-evict bench-sim-tiers memory-table bench-moe-beyond bench-budget clean
 
 setup: $(VENV)/.deps build
 
@@ -144,6 +144,11 @@ bench-moe-beyond: setup
 	nice $(PY) bench/bench_moe_beyond.py train --name small --epochs 40 --patience 4 --until $(BENCH_UNTIL)
 	nice $(PY) bench/bench_moe_beyond.py train --name heads --layer-input heads --batch 8 --epochs 80 --patience 4 --until $(BENCH_UNTIL)
 	$(PY) bench/bench_moe_beyond.py report
+
+# budgeted prefetch vs lru / belady / greedy xlayer prefetch on the held-out puffin prompts (~30 min on 2 cores;
+# trains the xlayer predictor first unless BUDGET_ARGS="--predictor FILE" names one recording the split)
+bench-budget: setup
+	$(PY) bench/bench_budget.py $(BUDGET_ARGS)
 
 # Fuzzing with atheris (fuzz/README.md): one target per parser and one for the native bindings' checks,
 # FUZZ_RUNS inputs each from the committed seeds (fuzz/corpus/); findings and logs go to out/fuzz/.

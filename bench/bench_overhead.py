@@ -25,6 +25,7 @@ Random weights: timing only.
     python bench/bench_overhead.py --tag _before      # bench/results/overhead_cpu_before.{json,md}
     python bench/bench_overhead.py --models demo --rounds 6 --json
     python bench/bench_overhead.py --policy learned --tag _learned   # the learned eviction's host cost
+    python bench/bench_overhead.py --models demo --prefetch budget --tag _budget  # its cost: minus async's
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ import torch
 import moert
 from moert import envs
 from moert.models import get_adapter
-from moert.models.tiny import deepseek_v2_lite_config, demo_config, prompt_ids, tiny_model
+from moert.models.tiny import deepseek_v2_lite_config, demo_config, prompt_ids, random_predictor, tiny_model
 from moert.provenance import device_name, git_commit, modified_files, utc_now, versions
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -55,6 +56,7 @@ GOAL_RATIO = 1.15  # patched / unpatched host time per token, every expert cache
 GOAL_CALLS_PER_LAYER = 12.0  # native calls per MoE layer call
 FILL_LEN = 256  # tokens of the untimed forward that loads every expert into the patched cache
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+PATCH: dict[str, Any] = {}  # --prefetch async|budget: {"prefetch": ...}, with a random preattn predictor
 
 
 def native_calls() -> Any:
@@ -123,13 +125,13 @@ POLICY = {"name": "lru"}
 
 
 def _patch(model: Any) -> Any:
-    if POLICY["name"] != "learned":
-        return moert.patch(model, cache_experts=1.0, device="cpu", policy=POLICY["name"])
-    from moert.predict.reuse import ReuseModel
+    extra = dict(PATCH, predictor=random_predictor(model)) if PATCH else {}
+    if POLICY["name"] == "learned":
+        from moert.predict.reuse import ReuseModel
 
-    a = get_adapter(model)
-    rm = ReuseModel.random(len(a.moe_layers()), a.num_experts, hidden=32)
-    return moert.patch(model, cache_experts=1.0, device="cpu", policy="learned", evictor=rm)
+        a = get_adapter(model)
+        extra["evictor"] = ReuseModel.random(len(a.moe_layers()), a.num_experts, hidden=32)
+    return moert.patch(model, cache_experts=1.0, device="cpu", policy=POLICY["name"], **extra)
 
 
 def build(name: str, args: argparse.Namespace) -> tuple[Any, str, str]:
@@ -345,6 +347,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "bench": "overhead",
         "device": "cpu",
         "config": f"moert.patch(model, cache_experts=1.0, device='cpu', policy='{POLICY['name']}') vs unpatched",
+        "prefetch": PATCH.get("prefetch", "none (no predictor)"),
         "batch": 1,
         "prompt_len": args.prompt_len,
         "fill_len": FILL_LEN,
@@ -383,7 +386,7 @@ def markdown(rec: dict[str, Any]) -> str:
     out = [
         "# Host overhead of moert with every expert cached (CPU twin)",
         "",
-        f"`{rec['config']}`; batch 1, prompt {rec['prompt_len']}, {rec['tokens']} timed greedy tokens after "
+        f"`{rec['config']}`, prefetch: {rec.get('prefetch', 'none')}; batch 1, prompt {rec['prompt_len']}, {rec['tokens']} timed greedy tokens after "
         f"{rec['warmup']} warm-up (and a {rec['fill_len']}-token untimed fill), x {rec['rounds']} interleaved "
         "rounds (per-token times pooled).",
         f"moert {v['moert']}, torch {v['torch']}, transformers {v['transformers']}, python {v['python']}, "
@@ -472,15 +475,13 @@ def main() -> None:
     p.add_argument(
         "--threads", type=int, default=1, help="torch CPU threads (default 1: stable on a shared 2-core box)"
     )
-    p.add_argument(
-        "--tag",
-        default="",
-        help="output name suffix: bench/results/overhead_cpu{TAG}.json/.md (e.g. _before)",
-    )
+    p.add_argument("--tag", default="", help="output name suffix: bench/results/overhead_cpu{TAG}.json/.md")
+    p.add_argument("--prefetch", choices=["none", "async", "budget"], default="none", help="see the doc")  # fmt: skip
     p.add_argument("--json", action="store_true", help="also print the JSON record")
     p.add_argument("--policy", choices=["lru", "learned"], default="lru", help="the patched model's policy")
     args = p.parse_args()
     POLICY["name"] = args.policy
+    PATCH.update({} if args.prefetch == "none" else {"prefetch": args.prefetch})
     if min(args.rounds, args.tokens, args.prompt_len) < 1 or args.warmup < 0:
         p.error("--rounds, --tokens and --prompt-len must be >= 1, --warmup >= 0")
     torch.set_num_threads(args.threads)

@@ -22,8 +22,9 @@ __all__ = ["OffloadConfig", "POLICIES", "BACKENDS", "PREFETCH_MODES"]
 POLICIES = tuple(REGISTRY.runtime_names())
 #: "async": prefetch the predicted experts while attention runs (CUDA: the copy engine waits on an
 #: event, the Python thread never blocks; CPU twin: queued synchronously); "off": the predictor only
-#: orders eviction and is scored (online recall), nothing is prefetched.
-PREFETCH_MODES = ("async", "off")
+#: orders eviction and is scored (online recall), nothing is prefetched; "budget": prefetch only what
+#: the measured link slack hides, by expected value (``moert.policy.budget``; needs ``predictor``).
+PREFETCH_MODES = ("async", "off", "budget")
 #: "runtime": the C++ pool / slab cache / copy engine (moert.engine.runtime); "reference": a pure-Python
 #: dict cache with synchronous copies (the obviously-correct reference, for tests); "naive": no
 #: cache, every selected expert copied on every use (the Accelerate-style baseline of bench/)
@@ -52,7 +53,7 @@ class OffloadConfig:
         overprovision: experts prefetched beyond the model's top-k per layer: an int ``m`` >= 0
             (top-(k+m)), or ``"adaptive"``: every expert whose predicted probability exceeds
             ``threshold``, at least k and at most ``k + max_overprovision``.
-        prefetch: ``"async"`` or ``"off"`` (see ``PREFETCH_MODES``).
+        prefetch: ``"async"``, ``"off"`` or ``"budget"`` (see ``PREFETCH_MODES``).
         threshold: the adaptive probability threshold tau, in (0, 1).
         max_overprovision: ``m_max`` of the adaptive mode.
         score_decay: policy ``"score"``: a lookahead prediction for layer l+j is weighted by
@@ -170,6 +171,12 @@ class OffloadConfig:
             raise ValueError(
                 f"policy={self.policy!r} needs backend='runtime' (cache priorities and the copy engine's "
                 f"prefetch); backend={self.backend!r} has neither"
+            )
+        if self.prefetch == "budget" and (self.predictor is None or self.policy == "utility"):
+            raise ValueError(
+                f"prefetch='budget' fills the link's slack with a predictor's most probable experts: pass "
+                f"predictor=PATH.safetensors with policy 'lru', 'lfu', 'fifo' or 'score' (got policy="
+                f"{self.policy!r}, predictor={'None' if self.predictor is None else 'given'})"
             )
         if self.policy == "score" and self.predictor is None:
             raise ValueError(

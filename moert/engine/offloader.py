@@ -101,6 +101,8 @@ class OffloaderBase:
         """The model's bound policy (``moert.policy.runtime_policy``), whose ``on_routed`` and
         ``after_call`` the layer forward calls where they can act (``policy_routed``, ``policy_after``)."""
         self.policy = policy
+        if policy is not None:
+            policy.set_context(offloader=self)  # residency and the engine's timing (moert.policy.budget)
         self.policy_routed = policy is not None and policy.acts_on("on_routed")
         self.policy_after = policy is not None and policy.acts_on("after_call")
 

@@ -333,6 +333,14 @@ class Policy:
         """The layer's experts computed; ``counts`` as in :meth:`on_routed`."""
         return None
 
+    def set_context(self, **context: Any) -> None:
+        """What a driver knows that a policy may use, handed once after :meth:`bind` (default: ignored).
+
+        The simulator's stepping driver passes ``cost`` (its :class:`moert.sim.cost.CostModel`) and
+        ``caches`` (the run's ``moert.sim.step.Caches``); the runtime passes ``offloader`` (the model's
+        ``moert.engine.offloader.Offloader``). A policy reads only residency and timing from them.
+        """
+
     def acts_on(self, hook: str) -> bool:
         """Whether ``hook`` (``"on_prediction"``, ``"on_routed"`` or ``"after_call"``) may return a plan:
         the class overrides it. The runtime skips a hook that cannot act (and what it would cost to

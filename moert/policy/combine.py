@@ -50,6 +50,10 @@ class Combination(Policy):
         self.evict.bind(num_layers, num_experts, top_k)
         self.prefetch.bind(num_layers, num_experts, top_k)
 
+    def set_context(self, **context: Any) -> None:
+        self.evict.set_context(**context)
+        self.prefetch.set_context(**context)
+
     def acts_on(self, hook: str) -> bool:
         return self.evict.acts_on(hook) or self.prefetch.acts_on(hook)
 

@@ -132,13 +132,15 @@ class PredictorPolicy(ScorePlanner):
 
 
 def parse_prefetch_spec(spec: str) -> tuple[str, int | str]:
-    """``"PRED.safetensors[:m|:adaptive]"`` (or a baseline name) -> ``(path_or_name, m or "adaptive")``."""
+    """``"PRED.safetensors[:m|:adaptive|:budget]"`` (or a baseline name) -> ``(path_or_name, m, "adaptive"
+    or "budget")``."""
     path, sep, m = spec.rpartition(":")
-    if sep and path and (m.isdigit() or m == "adaptive"):
+    if sep and path and (m.isdigit() or m in ("adaptive", "budget")):
         return path, int(m) if m.isdigit() else m
     if sep and path.endswith(".safetensors"):
         raise ValueError(
-            f"--prefetch {spec!r}: the part after ':' must be an integer m (over-provision) or 'adaptive'"
+            f"--prefetch {spec!r}: the part after ':' must be an integer m (over-provision), 'adaptive' or "
+            "'budget'"
         )
     return spec, 0
 
@@ -150,7 +152,8 @@ def policy_from_spec(
     **options: Any,
 ) -> PredictorPolicy:
     """Builds a prefetcher from ``PRED.safetensors[:m]``, ``prev-token[:m]`` or ``frequency[:m]``
-    (``:adaptive`` instead of ``:m`` for the adaptive width), or ``predictions:DIR`` (a peer's recorded
+    (``:adaptive`` instead of ``:m`` for the adaptive width; ``:budget`` for the budgeted prefetcher of
+    :mod:`moert.policy.budget`, calibrated on ``fit_sequences``), or ``predictions:DIR`` (a peer's recorded
     predictions, :class:`moert.policy.recorded.RecordedPredictions`).
 
     Args:
@@ -177,6 +180,13 @@ def policy_from_spec(
         if trace_meta is not None:
             pred.check_trace(trace_meta, where=target)
     label = f"{Path(target).stem if target.endswith('.safetensors') else target}" + (f":{m}" if m else "")
+    if m == "budget":  # moert.policy.budget: calibrated on up to 100 sequences it is not judged on
+        from moert.policy.budget import BudgetPredictor
+
+        calibration = (
+            BudgetPredictor.calibrate(pred, list(fit_sequences or [])[:100]) if fit_sequences else None
+        )
+        return BudgetPredictor(pred, calibration, name=label)
     return PredictorPolicy(pred, m, name=label, **options)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from moert.policy.base import Policy
+from moert.policy.budget import BudgetPlanner
 from moert.policy.combine import Combination
 from moert.policy.registry import REGISTRY
 from moert.policy.score import ScorePlanner
@@ -48,6 +49,7 @@ def runtime_policy(
     score_decay: float = 0.5,
     utility_decay: float = DEFAULT_DECAY,
     evictor: Any = None,
+    budget: bool = False,
 ) -> Policy:
     """A fresh (unbound) policy for a patched model.
 
@@ -62,6 +64,8 @@ def runtime_policy(
         threshold, max_overprovision, score_decay: the predictor's plan (see ``moert.policy.score``).
         utility_decay: ``utility``'s weight of the past.
         evictor: ``learned``'s reuse model (a file path or a loaded ``ReuseModel``).
+        budget: the predictor's prefetch is budgeted (``moert.policy.budget.BudgetPlanner``: only what the
+            measured link slack hides, by expected value).
 
     ``utility`` takes no predictor (``OffloadConfig`` refuses one); the others combine with one: ``score``
     is the planner itself, ``lru`` / ``lfu`` / ``fifo`` prefetch its ids (:func:`planner_of` finds it).
@@ -78,7 +82,7 @@ def runtime_policy(
         return Utility(overprovision if prefetch else None, utility_decay)
     planner = None
     if lookahead is not None:
-        planner = ScorePlanner(
+        planner = (BudgetPlanner if budget else ScorePlanner)(
             lookahead=lookahead,
             probabilities=probabilities,
             overprovision=overprovision,

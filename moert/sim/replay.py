@@ -235,6 +235,8 @@ class _Run:
             log=self.log,
         )
         self.grid = config.grid()
+        if policy is not None:  # a stepped policy may read the run's residency and cost model
+            policy.set_context(cost=config.cost, caches=self.caches)
         self.hits = np.zeros(self.L, dtype=np.int64)
         self.accesses = np.zeros(self.L, dtype=np.int64)
         self.tokens = 0

@@ -1,0 +1,361 @@
+"""``budget``: prefetch only what the link can copy behind compute, by expected value.
+
+``moert simulate --policy EVICT --prefetch PRED.safetensors:budget`` (any eviction policy, through
+:class:`~moert.policy.combine.Combination`), runtime ``moert.patch(..., predictor=P, prefetch="budget")``.
+
+Before MoE layer l runs (``on_prediction``), with the predictor's calibrated probabilities ``p`` (E,) of
+the layer's experts and the experts ``present`` in the cache (ready or in flight):
+
+- the **window** ``W`` is the link time the layer's compute hides, in expert copies: simulator
+  ``layer_compute_ms / copy_ms`` of the :class:`~moert.sim.cost.CostModel` (0.2 ms at 25 GB/s and 17.3 MB
+  experts: W = 0.29); runtime: the measured time from the layer's prediction to its router (an EMA over
+  tokens) over the copy engine's measured time per copy (:class:`MeasuredWindow`);
+- the link already owes the window its expected **demand copies** ``D = sum of p over experts not
+  present and not prefetched``; candidates (not present, most probable first) are added while
+  ``n + D <= W``: adding ``c`` changes the link's load by ``1 - p_c``;
+- a candidate whose copy would **land late** (the n-th prefetch ends at ``n`` copies, after the window
+  when ``n > W``) is never issued: the simulator has no partial hits, and in the runtime a copy queued
+  past the window would only delay the demand copies behind it. So with ``W < 1`` nothing is issued
+  and the run is exactly demand-only (the same hits, misses and bytes);
+- a candidate is issued only if its value ``p_c * t_copy`` is higher than the value of the expert it
+  evicts (:func:`fill_budget`): free slots first (value 0), then victims in the eviction order this
+  policy mirrors (least recently used first, from the ``on_routed`` accesses and its own prefetches;
+  one cache per layer, or all layers' entries in one global cache), each valued by the latest
+  calibrated probability its layer's predictor gave it.
+
+Probabilities: the predictor's (sigmoid or clamped) outputs mapped by a :class:`Calibration`: per bin of
+the raw probability, the observed selection rate on sequences the policy is not judged on (the CLI:
+up to 100 of the non-held-out sequences; ``bench/bench_budget.py``: the validation split), made
+monotone. Without one (the runtime default) the raw probability is used.
+
+What it assumes: the value of a prefetch is its use at this call (a later use before eviction is not
+counted: conservative); the eviction order mirrored is LRU (exact for ``lru``; for other eviction parts
+an approximation); in one global cache the residency of other layers is read again only when a
+victim is needed. Only the predictor's own-layer row is used (lookahead rows are ignored).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from moert.policy.base import Plan, as_numpy
+from moert.policy.predictor import PredictorPolicy
+from moert.policy.score import ScorePlanner
+
+__all__ = [
+    "BudgetPlanner",
+    "BudgetPredictor",
+    "Calibration",
+    "CostWindow",
+    "FixedWindow",
+    "MeasuredWindow",
+    "fill_budget",
+]
+
+
+def fill_budget(
+    window: float, probs: np.ndarray, present: np.ndarray, victims: np.ndarray, demand: float | None = None
+) -> list[int]:
+    """The experts to prefetch for one layer call (see the module doc).
+
+    Args:
+        window: W, link time hidden by the window's compute, in expert copies.
+        probs: (E,) calibrated probability that each expert is used at this call.
+        present: (E,) bool, resident or in flight (never prefetched; their use needs no copy).
+        victims: (V,) values (probabilities) of what the 1st, 2nd, ... prefetch would evict, in
+            eviction order; 0.0 for a free slot. Past its end nothing can be evicted.
+        demand: the window's expected demand copies without prefetch; None: ``probs`` summed over the
+            absent experts (the policy's). A prefetched expert takes its ``p`` off it.
+
+    Returns:
+        Expert ids, most probable first.
+    """
+    p = np.asarray(probs, dtype=np.float64)
+    absent = ~np.asarray(present, dtype=bool)
+    load = float(p[absent].sum()) if demand is None else float(demand)  # expected demand copies
+    order = np.flatnonzero(absent)
+    order = order[np.argsort(-p[order], kind="stable")]
+    chosen: list[int] = []
+    for e in order:
+        n = len(chosen) + 1
+        if n > window or n > len(victims):  # lands after the window / nothing to evict
+            break
+        if load + 1.0 - p[e] > window or p[e] <= victims[n - 1]:  # over the link budget / worth less
+            break
+        load += 1.0 - p[e]
+        chosen.append(int(e))
+    return chosen
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Raw probability -> observed selection rate, per bin (monotone non-decreasing).
+
+    Attributes:
+        edges: (B + 1,) bin edges over [0, 1].
+        rates: (B,) selection rate of the raw probabilities in each bin.
+    """
+
+    edges: np.ndarray
+    rates: np.ndarray
+
+    def __call__(self, p: np.ndarray) -> np.ndarray:
+        i = np.clip(np.searchsorted(self.edges, p, side="right") - 1, 0, self.rates.size - 1)
+        return self.rates[i]
+
+    @staticmethod
+    def fit(raw: np.ndarray, selected: np.ndarray, bins: int = 20) -> Calibration:
+        """From (N, E) raw probabilities and (N, E) bool selections; a running maximum keeps the
+        mapping monotone (an empty bin takes the rate below it, 0 below every observation)."""
+        raw, sel = np.asarray(raw, dtype=np.float64).ravel(), np.asarray(selected, dtype=bool).ravel()
+        edges = np.linspace(0.0, 1.0, bins + 1)
+        i = np.clip(np.searchsorted(edges, raw, side="right") - 1, 0, bins - 1)
+        count = np.bincount(i, minlength=bins)
+        hits = np.bincount(i, weights=sel.astype(np.float64), minlength=bins)
+        rates = np.where(count > 0, hits / np.maximum(count, 1), np.nan)
+        return Calibration(edges, np.nan_to_num(np.fmax.accumulate(rates), nan=0.0))
+
+
+class FixedWindow:
+    """A window of ``copies`` expert copies at every layer call (tests inject it)."""
+
+    def __init__(self, copies: float) -> None:
+        self.copies = float(copies)
+
+    def __call__(self, layer: int) -> float:
+        return self.copies
+
+
+class CostWindow(FixedWindow):
+    """The simulator's window: ``layer_compute_ms`` over the cost model's copy time of one expert."""
+
+    def __init__(self, cost: Any) -> None:
+        super().__init__(cost.layer_compute_ms * 1e-3 / cost.copy_s)
+
+
+class MeasuredWindow:
+    """The runtime's window, measured online: per layer, an EMA of the time from its prediction to its
+    router (what an own-layer prefetch can hide behind), over an EMA of the copy engine's busy time per
+    copy (``CopyEngine.stats()``: ``busy_s`` / ``copies``, read once per token at layer 0). Until both
+    are measured the window is 0 (nothing is prefetched).
+
+    Args:
+        engine: the model's ``runtime.CopyEngine``.
+        num_layers: L.
+        decay: weight of the past in both EMAs.
+        clock: seconds now (``time.perf_counter``; tests inject one).
+    """
+
+    def __init__(
+        self, engine: Any, num_layers: int, decay: float = 0.5, clock: Any = time.perf_counter
+    ) -> None:
+        self.engine, self.decay, self.clock = engine, decay, clock
+        self.window_s = np.zeros(num_layers)
+        self.started = np.zeros(num_layers)
+        self.copy_s = 0.0
+        self._last = (0.0, 0)
+
+    def start(self, layer: int) -> None:
+        self.started[layer] = self.clock()
+        if layer == 0 and self.engine is not None:
+            st = self.engine.stats()
+            busy, copies = float(st["busy_s"]), int(st["copies"])
+            if copies > self._last[1]:
+                per = (busy - self._last[0]) / (copies - self._last[1])
+                self.copy_s = per if self.copy_s == 0 else self.decay * self.copy_s + (1 - self.decay) * per
+            self._last = (busy, copies)
+
+    def routed(self, layer: int) -> None:
+        if self.started[layer]:
+            dt = self.clock() - self.started[layer]
+            w = self.window_s[layer]
+            self.window_s[layer] = dt if w == 0 else self.decay * w + (1 - self.decay) * dt
+
+    def __call__(self, layer: int) -> float:
+        return float(self.window_s[layer] / self.copy_s) if self.copy_s > 0 else 0.0
+
+
+class _Budgeted:
+    """The budget rule over a :class:`ScorePlanner` (mixed in first; see the module doc)."""
+
+    fast_path = False  # its plans depend on the cache
+    window: Any = None
+    calibration: Calibration | None = None
+
+    def bind(self, num_layers: int, num_experts: int, top_k: int) -> None:
+        super().bind(num_layers, num_experts, top_k)  # type: ignore[misc]
+        self.tick = np.zeros((num_layers, num_experts), dtype=np.int64)  # [L, E] last use / load
+        self.clock = 0
+        self.known = np.zeros((num_layers, num_experts), dtype=bool)  # [L, E] believed present
+        self.value = np.zeros((num_layers, num_experts))  # [L, E] latest calibrated probabilities
+        self._present: Any = None
+        self._slots, self._shared = 0, True
+        self.issued = 0
+
+    def set_context(self, **context: Any) -> None:
+        """Simulator: ``cost`` (CostModel -> the window unless one was injected) and ``caches``
+        (``moert.sim.step.Caches``); runtime: ``offloader`` (its cache, and its engine's timing)."""
+        caches, off = context.get("caches"), context.get("offloader")
+        if caches is not None:
+            self._slots, self._shared = caches.slots, caches.mode == "global"
+
+            def present(layer: int) -> np.ndarray:
+                cache, cl = caches.at(layer)
+                return cache.resident(cl).numpy()
+
+            self._present = present
+            if self.window is None and context.get("cost") is not None:
+                self.window = CostWindow(context["cost"])
+        elif off is not None:
+            self._slots, self._shared = off.num_slots, True
+            self._present = lambda layer: off.cache.resident(layer, in_flight=True).numpy()
+            if self.window is None:
+                self.window = MeasuredWindow(getattr(off, "engine", None), self.num_layers)
+
+    def probs_of(self, logits: Any) -> np.ndarray:
+        """(E,) calibrated probabilities of the layer's own row (max over a batch's rows)."""
+        x = as_numpy(logits, np.float64).reshape(-1, self.lookahead + 1, self.num_experts)[:, 0].max(axis=0)
+        # max over rows, then the monotone map: the same as mapping each row first
+        p = 1.0 / (1.0 + np.exp(-x)) if self.probabilities_mode == "sigmoid" else np.clip(x, 0.0, 1.0)
+        return p if self.calibration is None else self.calibration(p)
+
+    def _victims(self, layer: int, present: np.ndarray, n: int) -> np.ndarray:
+        """Values of the first ``n`` entries a prefetch into ``layer`` would evict (0 for free slots)."""
+        if self._shared:
+            known = self.known
+            if int(known.sum()) + n > self._slots:  # victims needed: read every layer's residency
+                for other in range(self.num_layers):
+                    if other != layer:
+                        known[other] = self._present(other)
+            flat = np.flatnonzero(known.ravel())
+            ticks, values = self.tick.ravel()[flat], self.value.ravel()[flat]
+        else:
+            flat = np.flatnonzero(present)
+            ticks, values = self.tick[layer, flat], self.value[layer, flat]
+        free = max(self._slots - flat.size, 0)
+        order = np.argsort(ticks, kind="stable")[: max(n - free, 0)]
+        return np.concatenate([np.zeros(min(free, n)), values[order]])
+
+    def budget_ids(self, layer: int, logits: Any) -> list[int]:
+        """The prefetch of this call (updates the mirror with what it issues)."""
+        p = self.probs_of(logits)
+        self.value[layer] = p
+        if self.window is not None and hasattr(self.window, "start"):
+            self.window.start(layer)
+        w = 0.0 if self.window is None or self._present is None else self.window(layer)
+        if w < 1.0:  # no copy lands within the window: demand only
+            return []
+        present = self._present(layer)
+        self.known[layer] = present
+        # victims only restrict (values >= 0, fewer entries): free slots everywhere give an upper bound,
+        # and the real choice is a prefix of it, so victims are looked up only when something may pass
+        ids = fill_budget(w, p, present, np.zeros(int(w)))
+        if ids:
+            ids = fill_budget(w, p, present, self._victims(layer, present, len(ids)))
+        if ids:
+            self.clock += 1
+            self.tick[layer, ids] = self.clock
+            self.known[layer, ids] = True
+            self.issued += len(ids)
+        return ids
+
+    def _base_plan(self, layer: int, logits: Any, kernel_plan: Any) -> Plan:
+        """The plan before the budget's ids (priorities and clears of ``score``; none here)."""
+        return Plan((layer,))
+
+    def on_prediction(self, layer: int, logits: Any = None, kernel_plan: Any = None) -> Plan | None:
+        if logits is None:
+            raise ValueError(f"{self.name}: on_prediction needs the predictor's logits")
+        base = self._base_plan(layer, logits, kernel_plan)
+        ids = self.budget_ids(layer, logits)
+        rows = np.full((len(base.layers), max(len(ids), 1)), -1, dtype=np.int32)  # [n, w]
+        rows[0, : len(ids)] = ids
+        ids_t = torch.from_numpy(rows) if ids else None  # torch: the runtime's pinned ring copies it
+        plan = Plan(base.layers, ids_t, base.scores, base.clear, base.clear_score)
+        return None if plan.empty else plan
+
+    def on_routed(self, layer: int, counts: np.ndarray, resident: np.ndarray) -> None:
+        if self.window is not None and hasattr(self.window, "routed"):
+            self.window.routed(layer)
+        used = np.asarray(counts) > 0
+        self.clock += 1
+        self.tick[layer, used] = self.clock
+        self.known[layer] = np.asarray(resident, dtype=bool) | used
+        return None
+
+
+class BudgetPlanner(_Budgeted, ScorePlanner):
+    """The runtime's budgeted prefetcher (``prefetch="budget"``): a :class:`ScorePlanner` (so the
+    predictor's norm hook, online recall and ``score`` priorities work as before) whose prefetch is
+    :func:`fill_budget`'s. Args as :class:`ScorePlanner`, plus ``window`` (None: measured)."""
+
+    name = "budget"
+
+    def __init__(self, *, window: Any = None, calibration: Calibration | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.window, self.calibration = window, calibration
+        self.probabilities_mode = self.probabilities
+
+    def _base_plan(self, layer: int, logits: Any, kernel_plan: Any) -> Plan:
+        # the planner's own plan: its scores and clears (policy score), last_planned (online recall)
+        return ScorePlanner.on_prediction(self, layer, logits, kernel_plan)
+
+
+class BudgetPredictor(_Budgeted, PredictorPolicy):
+    """``PRED.safetensors:budget`` in the simulator: a trace-fed predictor, budgeted.
+
+    Args:
+        predictor: any predictor whose outputs are probabilities.
+        calibration: the raw -> observed mapping, or None.
+        window: a fixed window (tests), or None: the simulator's cost model.
+        name: label in tables.
+    """
+
+    def __init__(
+        self,
+        predictor: Any,
+        calibration: Calibration | None = None,
+        window: Any = None,
+        name: str | None = None,
+    ) -> None:
+        super().__init__(predictor, 0, name)
+        if self.mode is None:
+            raise ValueError(
+                f"{predictor.meta.kind} predictor outputs are not probabilities; the budget needs them "
+                "(train with a BCE-style loss or mse)"
+            )
+        self.window, self.calibration = window, calibration
+        self.probabilities_mode = self.mode
+        self.gives_scores = False
+        self._logits: dict[int, torch.Tensor] = {}  # shared by the simulator's copies: computed once
+
+    def sequence_logits(self, seq: Any) -> torch.Tensor:
+        got = self._logits.get(seq.seq_id)
+        if got is None:
+            got = self._logits[seq.seq_id] = super().sequence_logits(seq)
+        return got
+
+    @staticmethod
+    def calibrate(predictor: Any, sequences: list[Any], bins: int = 20) -> Calibration:
+        """A :class:`Calibration` of ``predictor``'s own-layer probabilities on ``sequences``."""
+        probe = PredictorPolicy(predictor, 0)
+        raw, sel = [], []
+        for seq in sequences:
+            logits = probe.sequence_logits(seq)[:, :, 0]  # [L, T, E]
+            raw.append((torch.sigmoid(logits) if probe.mode == "sigmoid" else logits.clamp(0, 1)).numpy())
+            ex = seq.experts.numpy()  # [L, T, k]
+            hot = np.zeros(logits.shape, dtype=bool)
+            L, T, _ = ex.shape
+            li, ti = np.meshgrid(np.arange(L), np.arange(T), indexing="ij")
+            for j in range(ex.shape[2]):
+                ok = ex[:, :, j] >= 0
+                hot[li[ok], ti[ok], ex[:, :, j][ok]] = True
+            sel.append(hot)
+        return Calibration.fit(
+            np.concatenate([r.ravel() for r in raw]), np.concatenate([s.ravel() for s in sel]), bins
+        )
