@@ -97,7 +97,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--what", default="speed", choices=["speed", "score", "hetero", "speculative", "pays"])
+    parser.add_argument(
+        "--what", default="speed", choices=["speed", "score", "hetero", "speculative", "pays"]
+    )
     parser.add_argument("--repeats", type=int, default=5, help="speed: repeats")
     parser.add_argument("--out", default=None, help="speed: JSON path; score: path stem (.json/.md/.png)")
     parser.add_argument("--predictor", default=None, help="score: an xlayer file recording the split")

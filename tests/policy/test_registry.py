@@ -11,7 +11,16 @@ from moert.policy.utility import Utility
 
 
 def test_names_and_roles():
-    assert REGISTRY.names("evict") == ["lru", "lfu", "moe-infinity", "belady", "score", "utility", "fifo", "learned"]
+    assert REGISTRY.names("evict") == [
+        "lru",
+        "lfu",
+        "moe-infinity",
+        "belady",
+        "score",
+        "utility",
+        "fifo",
+        "learned",
+    ]
     assert REGISTRY.names("prefetch") == ["moe-infinity", "utility[:m]", "oracle"]
     assert REGISTRY.names("evict", verify_passes=True) == ["lru", "lfu", "belady", "utility", "fifo"]
     assert REGISTRY.names("prefetch", verify_passes=True) == ["utility[:m]", "oracle"]
