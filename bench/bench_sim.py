@@ -145,6 +145,7 @@ def main() -> int:
         default="lru,lfu,belady,lru+oracle,lru+xlayer,score+xlayer:2",
         help="pays: EVICT[+PREFETCH] names; xlayer[:m] is the trained xlayer (add e.g. learned, budget)",
     )
+    parser.add_argument("--evictor", default=None, help="pays: policy learned's reuse model (R.safetensors)")
     parser.add_argument("--layer-ms", default="0.2,0.5,1,2,4.5", help="pays: ms per MoE layer (grid)")
     parser.add_argument("--bandwidths", default="25,55", help="pays: GB/s (grid)")
     parser.add_argument("--no-progress", action="store_true", help="pays: no progress bar")

@@ -67,6 +67,7 @@ def pays(args: argparse.Namespace) -> int:
             mode=mode,
             layer_ms=layer_ms,
             bandwidths=bws,
+            evictor=getattr(args, "evictor", None),
         )
         t0 = time.perf_counter()
         report = simulate(trace, config, prefetchers=pre, progress=not args.no_progress)
@@ -88,6 +89,9 @@ def pays(args: argparse.Namespace) -> int:
         if path
         else None,
         "policies": names,
+        "evictor": None
+        if not getattr(args, "evictor", None)
+        else {"file": args.evictor, "sha256": hashlib.sha256(Path(args.evictor).read_bytes()).hexdigest()},
         "capacities": list(caps),
         "grid": {"layer_ms": list(layer_ms), "bandwidth_gbs": list(bws)},
         "cost_model": report["config"]["cost_model"],
