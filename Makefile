@@ -117,8 +117,11 @@ bench-sim-puffin: setup
 
 # what pays in predicted tok/s: every policy over the cost grid (windowed cost model), per-layer and global,
 # on the held-out puffin prompts (trains the xlayer predictor first, ~3 min; the grid ~15 min on 2 cores)
+# policy learned reads the reuse model `make bench-evict` trains (out/evict/reuse.safetensors)
+EVICTOR ?= out/evict/reuse.safetensors
+PAYS_POLICIES ?= lru,lfu,belady,learned,lru+oracle,lru+xlayer,score+xlayer:2
 bench-sim-pays: setup
-	$(PY) bench/bench_sim.py --what pays --threads 1 --no-progress
+	$(PY) bench/bench_sim.py --what pays --threads 1 --no-progress --evictor $(EVICTOR) --policies $(PAYS_POLICIES)
 
 # the simulator studies on the shared traces (minutes each): score policy, CPU experts, speculative
 bench-sim-studies: setup
