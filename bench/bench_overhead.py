@@ -120,8 +120,7 @@ def _ms(xs: list[float]) -> dict[str, float]:
     }
 
 
-#: --policy: the patched configuration's eviction (learned: random weights, timing only)
-POLICY = {"name": "lru"}
+POLICY = {"name": "lru"}  # --policy: the patched configuration's eviction (learned: random weights)
 
 
 def _patch(model: Any) -> Any:

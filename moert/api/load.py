@@ -20,6 +20,7 @@ import torch
 
 from moert.api.config import OffloadConfig
 from moert.api.patch import install, prepare
+from moert.engine.devices import tensor_device
 from moert.models import adapter_class
 
 if TYPE_CHECKING:
@@ -176,13 +177,10 @@ def load(
         dtype: weight dtype (default: the config's dtype, else fp32).
         config: an ``OffloadConfig`` instead of the three fields above (keyword overrides still apply).
         progress: show a progress bar.
-        host_budget: host memory for routed experts: bytes (int), a size string (``"16GiB"``) or a
-            fraction in (0, 1] of all routed experts; None: the pool holds every expert (read into
-            it while loading). Below all experts the pinned pool becomes a cache of that many slabs
-            and the others are read from the checkpoint's safetensors files by the copy engine's
-            threads when needed (``moert.api.tier``); the files' expert dtype must be the runtime dtype.
-        pool_policy: the host tier's eviction, ``"lru"`` or ``"lfu"`` (with ``host_budget``).
-        read_mode: how the host tier reads the files, ``"pread"`` or ``"mmap"`` (with ``host_budget``).
+        host_budget: host memory for routed experts (bytes, ``"16GiB"`` or a fraction of them); below all
+            experts the pool caches that many and the copy threads read the rest from the checkpoint's
+            files (``moert.api.tier``). None: every expert in the pool.
+        pool_policy, read_mode: the host tier's eviction (``"lru"``, ``"lfu"``) and reads (``"pread"``, ``"mmap"``).
         **kwargs: more ``OffloadConfig`` fields (``copy_streams``, ``backend``, ``predictor``,
             ``overprovision``, ``prefetch``, ...; ``policy="score"`` needs ``predictor``).
 
@@ -212,15 +210,12 @@ def load(
     moe_ids = [r.index for r in refs]
     _check_expert_keys(index, moe_ids, adapter.num_experts, path)
 
-    from moert.engine.devices import tensor_device
-
     where = str(tensor_device(dev))  # "sim" computes on the host
     baseline = _device_baseline(where) if dev.startswith("cuda") else None
-    tier = None
-    if host_budget is not None:
-        from moert.api.tier import host_tier
+    from moert.api.tier import host_tier
 
-        tier = host_tier(host_budget, pool_policy, read_mode, files, index, moe_ids, adapter, layout, cfg)
+    args = (host_budget, pool_policy, read_mode, files, index, moe_ids, adapter, layout, cfg)
+    tier = None if host_budget is None else host_tier(*args)
     handle, t_experts, non_expert = _fill(
         model, cfg, prepared, index, where, wdtype, t0, progress, path, tier
     )
@@ -229,24 +224,33 @@ def load(
         model.generation_config = GenerationConfig.from_pretrained(str(path))
     model.eval()
 
-    peak, method, extra = _peak_device_bytes(where, baseline, non_expert, handle.cache_bytes)
-    handle.load_report = {
+    all_experts = len(moe_ids) * adapter.num_experts * layout.expert_bytes
+    handle.load_report = _report(
+        handle, (where, baseline, non_expert), t0, t_experts, files, dev, wdtype, all_experts
+    )
+    if tier is not None:
+        handle.load_report["host_tier"] = tier.report(handle.pool_bytes)
+    return model
+
+
+def _report(handle: Any, peak_args: tuple, t0: float, t_experts: float, files: list, *info: Any) -> dict:
+    """``handle.load_report``: times, files, the bytes of each part and the peak device memory."""
+    dev, wdtype, all_experts = info
+    peak, method, extra = _peak_device_bytes(*peak_args, handle.cache_bytes)
+    return {
         "seconds": time.perf_counter() - t0,
         "experts_seconds": t_experts,
         "files": [f.name for f in files],
         "device": dev,
         "dtype": str(wdtype).replace("torch.", ""),
-        "non_expert_bytes": non_expert,
+        "non_expert_bytes": peak_args[2],
         "cache_bytes": handle.cache_bytes,
         "pool_bytes": handle.pool_bytes,
-        "all_experts_bytes": len(moe_ids) * adapter.num_experts * layout.expert_bytes,
+        "all_experts_bytes": all_experts,
         "peak_device_bytes": int(peak),
         "peak_method": method,
         **extra,
     }
-    if tier is not None:
-        handle.load_report["host_tier"] = tier.report(handle.pool_bytes)
-    return model
 
 
 def _offload_config(config: OffloadConfig | None, kwargs: dict[str, Any], **fields: Any) -> OffloadConfig:

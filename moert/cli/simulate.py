@@ -45,35 +45,9 @@ import math
 import sys
 from pathlib import Path
 
+from moert.cli.simulate_args import _floats, _grid
+
 __all__ = ["add_arguments", "environment", "plot", "run"]
-
-
-def _floats(text: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
-
-
-def _grid(flag: str, what: str, example: str, *, positive: bool = False):
-    """An argparse type: one number or a comma-separated list of numbers (>= 0, or > 0)."""
-
-    def parse(text: str) -> tuple[float, ...]:
-        values = []
-        for part in text.split(","):
-            try:
-                v = float(part)
-            except ValueError:
-                v = math.nan
-            if not (math.isfinite(v) and (v > 0 if positive else v >= 0)):
-                raise argparse.ArgumentTypeError(
-                    f"{part.strip()!r} in {flag} {text} is not a number of {what} "
-                    f"({'> 0' if positive else '>= 0'}); give one or a comma-separated list, e.g. {flag} {example}"
-                )
-            values.append(v)
-        return tuple(values)
-
-    return parse
 
 
 def _one(values: tuple[float, ...], flag: str) -> float:
@@ -140,7 +114,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _add_output_arguments(parser)
     _add_cost_arguments(parser)
     _add_replay_arguments(parser)
-    from moert.sim.tiers import add_tier_arguments
+    from moert.cli.simulate_args import add_tier_arguments
 
     add_tier_arguments(parser)
 
@@ -394,9 +368,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from moert.cli.simulate_args import tier_config
     from moert.cli.trace import importer_options
     from moert.sim import CostModel, SimConfig, parse_policies, simulate
-    from moert.sim.tiers import tier_config
     from moert.trace import detect_format, open_trace
 
     if args.activation_us is not None and args.cpu_expert_ms is None:

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from moert.policy.base import Plan, as_numpy
-from moert.policy.predictor import PredictorPolicy
+from moert.policy.predictor import WIDTH_BUILDERS, PredictorPolicy
 from moert.policy.score import ScorePlanner
 
 __all__ = [
@@ -359,3 +359,14 @@ class BudgetPredictor(_Budgeted, PredictorPolicy):
         return Calibration.fit(
             np.concatenate([r.ravel() for r in raw]), np.concatenate([s.ravel() for s in sel]), bins
         )
+
+
+def _from_spec(predictor: Any, fit_sequences: Any, label: str) -> BudgetPredictor:
+    """``PRED:budget``: calibrated on up to 100 sequences it is not judged on (``fit_sequences``)."""
+    seqs = list(fit_sequences or [])[:100]
+    return BudgetPredictor(
+        predictor, BudgetPredictor.calibrate(predictor, seqs) if seqs else None, name=label
+    )
+
+
+WIDTH_BUILDERS["budget"] = _from_spec

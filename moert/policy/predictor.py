@@ -31,6 +31,10 @@ from moert.predict import baselines
 from moert.predict.base import Predictor
 from moert.predict.io import load_predictor
 
+#: prefetchers a ``PRED:NAME`` spec builds for a named width instead of ``m`` (``budget``): NAME ->
+#: ``f(predictor, fit_sequences, label)``; their modules fill it (``moert.policy`` imports them all)
+WIDTH_BUILDERS: dict[str, Any] = {}
+
 __all__ = [
     "PredictorPolicy",
     "SequenceListTrace",
@@ -180,13 +184,8 @@ def policy_from_spec(
         if trace_meta is not None:
             pred.check_trace(trace_meta, where=target)
     label = f"{Path(target).stem if target.endswith('.safetensors') else target}" + (f":{m}" if m else "")
-    if m == "budget":  # moert.policy.budget: calibrated on up to 100 sequences it is not judged on
-        from moert.policy.budget import BudgetPredictor
-
-        calibration = (
-            BudgetPredictor.calibrate(pred, list(fit_sequences or [])[:100]) if fit_sequences else None
-        )
-        return BudgetPredictor(pred, calibration, name=label)
+    if m in WIDTH_BUILDERS:  # e.g. ``:budget`` (moert.policy.budget registers it)
+        return WIDTH_BUILDERS[m](pred, fit_sequences, label)
     return PredictorPolicy(pred, m, name=label, **options)
 
 

@@ -216,15 +216,7 @@ def train_moe_beyond(
     scores = [s.scores.float() for s in train_seqs] if loss in NEEDS_SCORES else None
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
-    source = "learned"
-    if token_embeddings is not None:
-        rows = _frozen_rows(vocab, token_embeddings)
-        net_cfg = replace(net_cfg, d_token=rows.shape[1])
-        source = "model"
-    net = MoEBeyondNet(len(vocab), L, E, net_cfg)
-    if token_embeddings is not None:
-        net.tok.weight.data.copy_(rows)
-        net.tok.weight.requires_grad_(False)
+    net, net_cfg, source = _build_net(vocab, L, E, net_cfg, token_embeddings)
     net = net.to(device)
     loss_fn = get_loss(loss)
     max_len = net_cfg.max_len
@@ -264,6 +256,20 @@ def train_moe_beyond(
     return MoEBeyondPredictor(
         _meta(trace_meta, net_cfg, loss, vocab, info, source), net.cpu().eval(), vocab
     ), history
+
+
+def _build_net(
+    vocab: TokenVocab, L: int, E: int, net_cfg: MoEBeyondConfig, token_embeddings: torch.Tensor | None
+) -> tuple[MoEBeyondNet, MoEBeyondConfig, str]:
+    """The network, its config (``d_token`` from the model's embeddings when given) and the token source."""
+    if token_embeddings is None:
+        return MoEBeyondNet(len(vocab), L, E, net_cfg), net_cfg, "learned"
+    rows = _frozen_rows(vocab, token_embeddings)
+    net_cfg = replace(net_cfg, d_token=rows.shape[1])
+    net = MoEBeyondNet(len(vocab), L, E, net_cfg)
+    net.tok.weight.data.copy_(rows)
+    net.tok.weight.requires_grad_(False)
+    return net, net_cfg, "model"
 
 
 def _window_batches(

@@ -124,43 +124,19 @@ def fit(
     step_total, sched = 0, None
     for epoch in range(1, cfg.epochs + 1):
         net.train()
-        total, steps = 0.0, 0
         items = batches(gen)
         if sched is None:
             sched = _schedule(opt, cfg, items)
         bar = tqdm(items, desc=f"{desc} epoch {epoch}/{cfg.epochs}", leave=False, disable=not cfg.progress)
-        for batch in bar:
-            value = loss(batch)
-            if not torch.isfinite(value):
-                raise ValueError(
-                    f"training loss became {float(value)} at epoch {epoch} step {steps}; lower --lr"
-                )
-            opt.zero_grad(set_to_none=True)
-            value.backward()
-            opt.step()
-            sched.step()
-            total += float(value.detach())
-            steps += 1
-            step_total += 1
-            if steps % 20 == 0:
-                bar.set_postfix(loss=f"{total / steps:.4f}")
-            if cfg.max_steps_per_epoch and steps >= cfg.max_steps_per_epoch:
-                break
-            if cfg.max_seconds and time.perf_counter() - t0 > cfg.max_seconds:
-                history["stopped"] = "time"
-                break
+        total, steps = _epoch(bar, loss, opt, sched, cfg, epoch, t0, history)
+        step_total += steps
         net.eval()
         with torch.no_grad():
             score = float(validate())
-        history["train_loss"].append(total / max(steps, 1))
-        history["val_score"].append(score)
-        history["epochs_run"] = epoch
-        history["epoch_seconds"].append(time.perf_counter() - t0)
-        history["lr"].append(opt.param_groups[0]["lr"])
-        history["steps"] = step_total
+        _record_epoch(history, epoch, total / max(steps, 1), score, time.perf_counter() - t0, opt, step_total)
         if cfg.progress:
             print(
-                f"{desc} epoch {epoch}: train loss {total / max(steps, 1):.4f}, validation score {score:.4f}"
+                f"{desc} epoch {epoch}: train loss {history['train_loss'][-1]:.4f}, validation score {score:.4f}"
             )
         if on_epoch is not None:
             on_epoch(epoch, history)
@@ -174,6 +150,50 @@ def fit(
     net.eval()
     history.update(best_epoch=best_epoch, best_val_score=best_score, seconds=time.perf_counter() - t0)
     return history
+
+
+def _epoch(
+    bar: Any,
+    loss: Callable[[Any], torch.Tensor],
+    opt: Any,
+    sched: Any,
+    cfg: TrainConfig,
+    epoch: int,
+    t0: float,
+    history: dict[str, Any],
+) -> tuple[float, int]:
+    """One epoch of ``fit``'s optimisation: (summed loss, steps); stops early at the step or time caps."""
+    total, steps = 0.0, 0
+    for batch in bar:
+        value = loss(batch)
+        if not torch.isfinite(value):
+            raise ValueError(f"training loss became {float(value)} at epoch {epoch} step {steps}; lower --lr")
+        opt.zero_grad(set_to_none=True)
+        value.backward()
+        opt.step()
+        sched.step()
+        total += float(value.detach())
+        steps += 1
+        if steps % 20 == 0:
+            bar.set_postfix(loss=f"{total / steps:.4f}")
+        if cfg.max_steps_per_epoch and steps >= cfg.max_steps_per_epoch:
+            break
+        if cfg.max_seconds and time.perf_counter() - t0 > cfg.max_seconds:
+            history["stopped"] = "time"
+            break
+    return total, steps
+
+
+def _record_epoch(
+    history: dict[str, Any], epoch: int, train_loss: float, score: float, seconds: float, opt: Any, steps: int
+) -> None:
+    """Appends one epoch to ``fit``'s history (see its doc)."""
+    history["train_loss"].append(train_loss)
+    history["val_score"].append(score)
+    history["epochs_run"] = epoch
+    history["epoch_seconds"].append(seconds)
+    history["lr"].append(opt.param_groups[0]["lr"])
+    history["steps"] = steps
 
 
 def _schedule(opt: torch.optim.Optimizer, cfg: TrainConfig, first_epoch: Iterable[Any]):

@@ -47,7 +47,7 @@ import copy
 import dataclasses
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,6 +59,7 @@ from moert.policy.utility import check_decay
 from moert.sim.cost import CostModel, cpu_split
 from moert.sim.fast import distinct_counts, replay_plan
 from moert.sim.passes import PassTrace
+from moert.sim.specs import PolicySpec, parse_policies
 from moert.sim.step import MODES, Caches, step_sequence
 from moert.sim.tiers import RecordingCaches, TierConfig, tier_results
 from moert.sim.timeline import StepLog
@@ -67,50 +68,6 @@ from moert.trace import SequenceTrace, Trace, TraceMeta
 __all__ = ["PolicySpec", "SimConfig", "cpu_split", "make_policy", "num_slots", "parse_policies", "simulate"]
 
 REPLAYS = ("auto", "step")
-
-
-@dataclass(frozen=True)
-class PolicySpec:
-    """One simulated configuration: an eviction policy and an optional prefetcher."""
-
-    evict: str
-    prefetch: str | None = None
-
-    @property
-    def label(self) -> str:
-        return self.evict if self.prefetch is None else f"{self.evict}+{self.prefetch}"
-
-
-def parse_policies(
-    names: Iterable[str], prefetch: str | None = None, *, prefetchers: Iterable[str] = ()
-) -> list[PolicySpec]:
-    """Parses ``EVICT[+PREFETCH]`` names; ``prefetch`` applies to names without their own.
-
-    Args:
-        names: e.g. ``["lru", "belady", "lru+oracle"]``.
-        prefetch: the prefetcher of names that have none (``None``/``"none"``: demand only).
-        prefetchers: extra prefetcher names that will be passed to :func:`simulate` as objects.
-    """
-    extra = set(prefetchers)
-    specs = []
-    for raw in names:
-        name = raw.strip()
-        if not name:
-            continue
-        evict, _, pre = name.partition("+")
-        scored = REGISTRY.build(evict, "evict").uses_prediction_scores  # validates the name
-        pre = pre or prefetch
-        if pre in ("", "none"):
-            pre = None
-        gives = pre is None or pre in extra or REGISTRY.build(pre, "prefetch").gives_scores  # validates it
-        if scored and not gives:
-            raise ValueError(f"{name!r}: prefetcher {pre!r} gives no scores; {NO_SCORES_HELP}")
-        if scored and pre is None:
-            raise ValueError(f"{name!r} has no prefetcher: {NO_SCORES_HELP}")
-        specs.append(PolicySpec(evict, pre))
-    if not specs:
-        raise ValueError("no policies given; e.g. --policy lru,lfu,moe-infinity,belady")
-    return specs
 
 
 @dataclass(frozen=True)

@@ -61,8 +61,6 @@ __all__ = [
     "tier_results",
     "tier_table",
     "tier_note",
-    "add_tier_arguments",
-    "tier_config",
 ]
 
 HOST_POLICIES = ("lru", "lfu", "belady")
@@ -310,41 +308,3 @@ def tier_note(report: dict) -> list[str]:
         "",
         tier_table(report),
     ]
-
-
-def add_tier_arguments(parser: Any) -> None:
-    """``moert simulate``'s ``--host-capacity``, ``--ssd-bandwidth`` and ``--host-policy``."""
-    from moert.cli.simulate import _floats
-
-    parser.add_argument(
-        "--host-capacity",
-        type=_floats,
-        default=None,
-        help="SSD tier: the host pinned pool holds only this fraction of all L*E experts (a list, e.g. "
-        "0.25,0.5,1); a device miss that misses the pool reads the expert from SSD first. 1 = every expert "
-        "pinned (two levels). Default: off",
-    )
-    parser.add_argument(
-        "--ssd-bandwidth",
-        type=_floats,
-        default=None,
-        help="with --host-capacity: SSD -> pinned memory read rate(s), GB/s (NVMe ~3-7; default 5)",
-    )
-    parser.add_argument(
-        "--host-policy",
-        default=None,
-        help=f"with --host-capacity: the pool's eviction, one or a list of {', '.join(HOST_POLICIES)} (default lru)",
-    )
-
-
-def tier_config(args: Any) -> TierConfig | None:
-    """The :class:`TierConfig` of ``moert simulate``'s arguments (None without --host-capacity)."""
-    if args.host_capacity is None:
-        if args.ssd_bandwidth is not None or args.host_policy is not None:
-            raise ValueError("--ssd-bandwidth / --host-policy need --host-capacity F (e.g. 0.5)")
-        return None
-    return TierConfig(
-        host_capacities=args.host_capacity,
-        ssd_bandwidths_gbs=args.ssd_bandwidth or (5.0,),
-        host_policies=tuple(p.strip() for p in (args.host_policy or "lru").split(",") if p.strip()),
-    )
