@@ -7,8 +7,9 @@ Before MoE layer l runs (``on_prediction``), with the predictor's calibrated pro
 the layer's experts and the experts ``present`` in the cache (ready or in flight):
 
 - the **window** ``W`` is the link time the layer's compute hides, in expert copies: simulator
-  ``layer_compute_ms / copy_ms`` of the :class:`~moert.sim.cost.CostModel` (0.2 ms at 25 GB/s and 17.3 MB
-  experts: W = 0.29); runtime: the measured time from the layer's prediction to its router (an EMA over
+  ``attention_share * layer_compute_ms / copy_ms`` of the :class:`~moert.sim.cost.CostModel` (its windowed
+  model: an own-layer prefetch hides only behind the compute before the router; the whole layer under
+  ``window="pooled"``; 4.5 ms at 25 GB/s and 17.3 MB experts: W = 1.3); runtime: the measured time from the layer's prediction to its router (an EMA over
   tokens) over the copy engine's measured time per copy (:class:`MeasuredWindow`);
 - the link already owes the window its expected **demand copies** ``D = sum of p over experts not
   present and not prefetched``; candidates (not present, most probable first) are added while
@@ -132,10 +133,13 @@ class FixedWindow:
 
 
 class CostWindow(FixedWindow):
-    """The simulator's window: ``layer_compute_ms`` over the cost model's copy time of one expert."""
+    """The simulator's window: the compute an own-layer prefetch hides behind over the cost model's copy
+    time of one expert: the layer's attention share of ``layer_compute_ms`` under the windowed model (what
+    the runtime's :class:`MeasuredWindow` measures: prediction to router), the whole layer under pooled."""
 
     def __init__(self, cost: Any) -> None:
-        super().__init__(cost.layer_compute_ms * 1e-3 / cost.copy_s)
+        share = cost.attention_share if getattr(cost, "window", "pooled") == "windowed" else 1.0
+        super().__init__(share * cost.layer_compute_ms * 1e-3 / cost.copy_s)
 
 
 class MeasuredWindow:
