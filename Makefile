@@ -107,13 +107,17 @@ bench: setup
 # the README's cache-policy table: every puffin prompt through the real cache, per-layer and global
 PUFFIN ?= ../shared/data/traces/deepseek-v2-lite-chat-puffin
 PUFFIN_POLICIES ?= lru,lfu,moe-infinity,belady,lru+moe-infinity,lru+oracle
+# (both runs write to out/puffin first and are copied at the end, so neither records the other's output as a
+# modified tracked file)
 bench-sim-puffin: setup
+	mkdir -p out/puffin
 	$(PY) -m moert simulate $(PUFFIN) --capacity 0.1,0.25,0.5 --policy $(PUFFIN_POLICIES) --per-layer --no-progress \
-		--json bench/results/sim_deepseek_v2_lite_puffin.json --markdown bench/results/sim_deepseek_v2_lite_puffin.md \
-		--plot bench/results/sim_deepseek_v2_lite_puffin.png
+		--json out/puffin/sim_deepseek_v2_lite_puffin.json --markdown out/puffin/sim_deepseek_v2_lite_puffin.md \
+		--plot out/puffin/sim_deepseek_v2_lite_puffin.png
 	$(PY) -m moert simulate $(PUFFIN) --capacity 0.1,0.25,0.5 --policy $(PUFFIN_POLICIES) --global --no-progress \
-		--json bench/results/sim_deepseek_v2_lite_puffin_global.json --markdown bench/results/sim_deepseek_v2_lite_puffin_global.md \
-		--plot bench/results/sim_deepseek_v2_lite_puffin_global.png
+		--json out/puffin/sim_deepseek_v2_lite_puffin_global.json --markdown out/puffin/sim_deepseek_v2_lite_puffin_global.md \
+		--plot out/puffin/sim_deepseek_v2_lite_puffin_global.png
+	cp out/puffin/sim_deepseek_v2_lite_puffin* bench/results/
 
 # what pays in predicted tok/s: every policy over the cost grid (windowed cost model), per-layer and global,
 # on the held-out puffin prompts (trains the xlayer predictor first, ~3 min; the grid ~15 min on 2 cores)
