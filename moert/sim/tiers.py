@@ -153,29 +153,10 @@ class _Recorder:
         return self._logged(self._cache.sim_access, layer, ids[ids >= 0], DEMAND)
 
     def replay(self, layers, experts, *, prefetch=None, prefetch_layers=None, priorities=None, **kw) -> dict:
-        """``SlabCache.replay`` step by step (prefetch row, access, priorities), logging the loads.
-
-        One step that only prefetches or only accesses (what the stepping driver's tracked calls are,
-        :meth:`moert.sim.step.Caches.prefetch` / ``sim_access``) goes to the real ``replay`` with every
-        argument; a tier run never takes the fast path (:func:`moert.sim.replay.simulate`)."""
-        import torch
-
-        if kw:
-            return self._one_step(layers, experts, prefetch, prefetch_layers, priorities, kw)
-
-        hits = np.zeros(len(layers), dtype=np.int32)
-        for i, layer in enumerate(np.asarray(layers).tolist()):
-            if prefetch is not None:
-                pl = layer if prefetch_layers is None else int(prefetch_layers[i])
-                self.sim_prefetch(pl, prefetch[i])
-            row = np.asarray(experts[i], dtype=np.int64)
-            hits[i] = self.sim_access(layer, row)
-            if priorities is not None:
-                valid = row >= 0
-                self._cache.set_priority(
-                    layer, row[valid], np.asarray(priorities[i])[valid].astype(np.float32)
-                )
-        return {"hits_per_step": torch.from_numpy(hits)}
+        """``SlabCache.replay`` of one step that only prefetches or only accesses (the stepping driver's
+        tracked calls, :meth:`moert.sim.step.Caches.prefetch` / ``sim_access``), logging its loads; a tier
+        run never takes the fast path (:func:`moert.sim.replay.simulate`)."""
+        return self._one_step(layers, experts, prefetch, prefetch_layers, priorities, kw)
 
     def _one_step(self, layers, experts, prefetch, prefetch_layers, priorities, kw) -> dict:
         layer, row = int(np.asarray(layers)[0]), np.asarray(experts, dtype=np.int64)[0]
