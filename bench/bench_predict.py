@@ -108,10 +108,16 @@ def stage_learned(args, meta, parts, split, work, kind):
         )
     train_s = time.perf_counter() - t0
     path = save_predictor(work / f"{kind}.safetensors", pred.meta, *pred.state())
-    pred = load_predictor(path)  # evaluate what was saved
+    save_part(work, kind, trained_result(path, parts["test"], cfg, hist, train_s))
+
+
+def trained_result(path: Path, test, cfg: TrainConfig, hist: list, train_s: float) -> dict:
+    """Load the predictor saved at ``path`` (what was saved is what is judged) and evaluate it on the
+    ``test`` sequences: metrics, times, history, dims, loss, training config and parameter count."""
+    pred = load_predictor(path)
     t0 = time.perf_counter()
-    metrics = evaluate(pred, parts["test"], overprovision=M)
-    out = {
+    metrics = evaluate(pred, test, overprovision=M)
+    return {
         "metrics": metrics,
         "train_s": train_s,
         "eval_s": time.perf_counter() - t0,
@@ -121,7 +127,6 @@ def stage_learned(args, meta, parts, split, work, kind):
         "train_config": dataclasses.asdict(cfg),
         "parameters": sum(p.numel() for p in pred.net.parameters()),
     }
-    save_part(work, kind, out)
 
 
 def stage_sim(args, meta, parts, work):
