@@ -47,7 +47,7 @@ from typing import Any
 
 import torch
 
-import moert
+from moert.engine.devices import tensor_device
 from moert.engine.layout import ExpertLayout
 from moert.models import get_adapter
 from moert.models.tiny import deepseek_v2_lite_config, demo_config, prompt_ids, tiny_model
@@ -108,19 +108,24 @@ def summarize(lat: list[float], batch: int) -> dict[str, float]:
     }
 
 
-def build(device: str, seed: int, path: Path | None = None) -> tuple[Any, str]:
-    """The model to benchmark and its description."""
+def build(device: str, seed: int, path: Path | None = None, scale: int = 1) -> tuple[Any, str]:
+    """The model to benchmark and its description (``scale``: the demo model's widths x scale)."""
     from transformers import AutoModelForCausalLM
 
     if path is not None:
         dtype = torch.bfloat16 if device == "cuda" else torch.float32
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device)
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(tensor_device(device))
         return model.eval(), f"{path} ({str(dtype).replace('torch.', '')})"
     if device == "cuda":
         torch.manual_seed(seed)
         with torch.device("cuda"):
             model = AutoModelForCausalLM.from_config(deepseek_v2_lite_config(), dtype=torch.bfloat16)
         return model.eval(), "DeepSeek-V2-Lite dims, random bf16 weights"
+    if scale != 1:
+        widths = dict(
+            hidden_size=256 * scale, intermediate_size=1368 * scale, moe_intermediate_size=176 * scale
+        )
+        return tiny_model(demo_config(**widths), seed=seed), f"demo_config() with widths x{scale}, fp32"
     return tiny_model(demo_config(), seed=seed), "demo_config(): DeepSeek-V2-Lite layout scaled down, fp32"
 
 
@@ -164,7 +169,7 @@ def _model_dims(cfg: Any, adapter: Any, layout: ExpertLayout) -> dict[str, Any]:
 
 def load(args: argparse.Namespace) -> tuple[Any, str, Any, ExpertLayout]:
     """The model (:func:`build`), its description, its adapter and its expert layout."""
-    model, described = build(args.device, args.seed, args.model)
+    model, described = build(args.device, args.seed, args.model, args.demo_scale)
     adapter = get_adapter(model)
     gate_up = adapter.moe_layers()[0].experts.gate_up_proj
     layout = ExpertLayout(hidden=gate_up.shape[2], intermediate=gate_up.shape[1] // 2, dtype=gate_up.dtype)
@@ -204,27 +209,16 @@ def decode_configs(args: argparse.Namespace) -> list[Config]:
 
 def predictor_configs(frac: float, main_pred: Any, lookahead_1: Any) -> list[Config]:
     """The predictor variants at one cache fraction."""
-    return [
-        (  # the same prefetches with LRU eviction: isolates what the score policy adds
-            f"moert {frac:g} lru+pred m=2",
-            frac,
-            "lru",
-            "runtime",
-            dict(predictor=main_pred, overprovision=2),
-        ),
-        (
-            f"moert {frac:g} score+pred m=2",
-            frac,
-            "score",
-            "runtime",
-            dict(predictor=main_pred, overprovision=2),
-        ),
+    m2 = dict(predictor=main_pred, overprovision=2)
+    return [  # lru+pred: the same prefetches with LRU eviction, isolating what the score policy adds
+        (f"moert {frac:g} lru+pred m=2", frac, "lru", "runtime", m2),
+        (f"moert {frac:g} score+pred m=2", frac, "score", "runtime", m2),
         (
             f"moert {frac:g} score+pred adaptive",
             frac,
             "score",
             "runtime",
-            dict(predictor=main_pred, overprovision="adaptive"),
+            {**m2, "overprovision": "adaptive"},
         ),
         (
             f"moert {frac:g} score+pred lookahead-1 m=2",
@@ -238,33 +232,42 @@ def predictor_configs(frac: float, main_pred: Any, lookahead_1: Any) -> list[Con
 
 def decode_rounds(
     args: argparse.Namespace, model: Any, prompt: torch.Tensor, configs: list[Config]
-) -> tuple[dict[str, list[float]], dict[str, Any]]:
-    """Latencies per config pooled over the rounds, and each config's last (result, stats, slots).
+) -> tuple[dict[str, list[float]], dict[str, Any], dict[str, Any]]:
+    """Latencies per config pooled over the rounds, each config's last (result, stats, slots), and
+    the set-up times (``_one_pool.sweep``).
 
-    Rounds interleave the configs so that drift in machine load hits all of them alike.
+    The model is patched once and every moert config reached by ``PatchHandle.reconfigure`` over the
+    same filled pool; rounds interleave the moert configs so that drift in machine load hits them
+    alike, and all-resident runs half its rounds before the patch and half after the undo (its
+    tokens after the undo must equal those before: ``resident_after_undo_match``).
     """
     device = args.device
     lat: dict[str, list[float]] = {c[0]: [] for c in configs}
     last: dict[str, Any] = {}
-    for _ in range(args.rounds):
-        for name, frac, pol, backend, extra in configs:
-            if not backend:
-                res = decode(model, prompt, args.tokens, args.warmup, device)
-                lat[name] += res["latency_s"]
-                last[name] = (res, None, None)
-                continue
-            handle = moert.patch(
-                model, cache_experts=frac, policy=pol, device=device, backend=backend, **extra
-            )
-            try:
-                # counters cover the timed decode steps only (not prefill or warm-up)
-                res = decode(model, prompt, args.tokens, args.warmup, device, on_warm=handle.reset_stats)
-                st = handle.stats()
-            finally:
-                handle.undo()
-            lat[name] += res["latency_s"]
-            last[name] = (res, st, handle.num_slots)
-    return lat, last
+    resident_ids: list[torch.Tensor] = []
+
+    def unpatched() -> None:
+        res = decode(model, prompt, args.tokens, args.warmup, device)
+        lat["all-resident"] += res["latency_s"]
+        last.setdefault("all-resident", (res, None, None))
+        resident_ids.append(res["ids"])
+
+    def measure(name: str, handle: Any) -> None:
+        # counters cover the timed decode steps only (not prefill or warm-up)
+        res = decode(model, prompt, args.tokens, args.warmup, device, on_warm=handle.reset_stats)
+        lat[name] += res["latency_s"]
+        last[name] = (res, handle.stats(), handle.num_slots)
+
+    patched = [
+        (name, dict(cache_experts=frac, policy=pol, backend=backend, **extra))
+        for name, frac, pol, backend, extra in configs
+        if backend
+    ]
+    setup = _bench_module("_one_pool").sweep(
+        model, device, patched, args.rounds, measure, unpatched, lambda: _sync(device)
+    )
+    setup["resident_after_undo_match"] = all(torch.equal(ids, resident_ids[0]) for ids in resident_ids)
+    return lat, last, setup
 
 
 def decode_row(args: argparse.Namespace, config: Config, lat: list[float], last: Any, base: dict) -> dict:
@@ -300,7 +303,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     device = args.device
     model, described, adapter, layout = load(args)
     cfg = model.config
-    prompt = prompt_ids(args.batch, args.prompt_len, vocab=cfg.vocab_size, seed=args.seed + 1).to(device)
+    prompt = prompt_ids(args.batch, args.prompt_len, vocab=cfg.vocab_size, seed=args.seed + 1)
+    prompt = prompt.to(tensor_device(device))
     configs = decode_configs(args)
     if args.predictor_fractions:
         t0 = time.perf_counter()
@@ -309,8 +313,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         main_pred: Any = str(args.predictor) if args.predictor is not None else preds[0]
         for frac in args.predictor_fractions:
             configs += predictor_configs(frac, main_pred, preds[1])
-    configs.append(("naive (copy every use)", 1.0, "lru", "naive", {}))
-    lat, last = decode_rounds(args, model, prompt, configs)
+    if device != "sim":  # the device model runs the runtime backend only
+        configs.append(("naive (copy every use)", 1.0, "lru", "naive", {}))
+    lat, last, setup = decode_rounds(args, model, prompt, configs)
     base = last["all-resident"][0]
     resident = summarize(lat["all-resident"], args.batch)
     rows: list[dict[str, Any]] = [
@@ -331,6 +336,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "warmup": args.warmup,
         "rounds": args.rounds,
         "predictor_train_s": train_s if args.predictor_fractions else None,
+        "setup": setup,
         "note": _note(device, args.model is not None),
         "versions": _versions(),
         "rows": rows,
@@ -341,6 +347,8 @@ def _note(device: str, real_weights: bool) -> str:
     parts = []
     if device == "cpu":
         parts.append("CPU twin: slots are host memory, a miss is a memcpy (not a PCIe copy)")
+    if device == "sim":
+        parts.append("device model: slots are host memory, each copy takes the modelled time (MOERT_SIM_*)")
     if not real_weights:
         parts.append("random weights do not route like trained ones (near-uniform routing): timing only")
     return "; ".join(parts) or "trained weights"
@@ -355,6 +363,7 @@ def markdown(rec: dict[str, Any]) -> str:
         f"{rec['tokens']} timed tokens after {rec['warmup']} warm-up, x {rec['rounds']} interleaved rounds "
         "(latencies pooled; hit rate and bytes from the last round).",
         f"Note: {rec['note']}.",
+        _bench_module("_one_pool").setup_line(rec["setup"]),
         f"moert {v['moert']}, torch {v['torch']}, transformers {v['transformers']}, commit {v['commit']}, "
         f"{v['date']}, {v['device_name']}, {v['cpu_threads']} CPU threads, load average {v['load_avg_1m']} at the end.",
         "",
@@ -388,18 +397,29 @@ def _cache_arg(text: str) -> int | float:
         return float(text)
 
 
-def _prefill_module() -> Any:
-    """``bench/bench_prefill.py`` (the prefill mode), with bench/ put on ``sys.path`` first:
-    ``python -P bench/bench_decode.py`` leaves it off."""
+def _bench_module(name: str) -> Any:
+    """A module of bench/ (``bench_prefill``: the prefill mode; ``_one_pool``), with bench/ put on
+    ``sys.path`` first: ``python -P bench/bench_decode.py`` leaves it off."""
     here = str(Path(__file__).resolve().parent)
     if here not in sys.path:
         sys.path.insert(0, here)
-    return importlib.import_module("bench_prefill")
+    return importlib.import_module(name)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument(
+        "--device",
+        choices=("cpu", "sim", "cuda"),
+        default="cpu",
+        help="cpu: the CPU twin; sim: the asynchronous device model (MOERT_SIM_* timing); cuda: a GPU",
+    )
+    p.add_argument(
+        "--demo-scale",
+        type=int,
+        default=1,
+        help="cpu/sim: multiply the demo model's hidden and intermediate sizes (2: a 0.97 GB fp32 pool)",
+    )
     p.add_argument(
         "--model", type=Path, default=None, help="a local model directory instead of the built-in model"
     )
@@ -424,8 +444,8 @@ def main() -> None:
         "--rounds",
         type=int,
         default=None,
-        help="interleaved rounds over all configs, latencies pooled (default 3 on CPU; 1 on CUDA, where each "
-        "patch/undo moves ~29 GB)",
+        help="interleaved rounds over the moert configs, latencies pooled; all-resident runs half of them "
+        "before the one patch, half after the undo (default 3 on the CPU, 2 on CUDA)",
     )
     p.add_argument(
         "--threads", type=int, default=1, help="torch CPU threads (1: stable on a shared 2-core box)"
@@ -457,12 +477,12 @@ def main() -> None:
     )
     args = p.parse_args()
     if args.rounds is None:
-        args.rounds = 1 if args.device == "cuda" else 3
+        args.rounds = 2 if args.device == "cuda" else 3
     if args.prefill_len is not None and (args.prefill_len < 1 or args.prefill_prompts < 1):
         p.error(f"--prefill-len {args.prefill_len} and --prefill-prompts {args.prefill_prompts} must be >= 1")
     torch.set_num_threads(args.threads)
     mode = "decode" if args.prefill_len is None else "prefill"
-    prefill_mode = None if mode == "decode" else _prefill_module()
+    prefill_mode = None if mode == "decode" else _bench_module("bench_prefill")
     rec = run(args) if prefill_mode is None else prefill_mode.run_prefill(args)
     stem = args.out or RESULTS / f"{mode}_{args.device}"
     stem.parent.mkdir(parents=True, exist_ok=True)

@@ -80,6 +80,8 @@ def test_each_reconfigured_config_runs_like_a_fresh_patch(ds):
             a = handle.adapter
             slots = handle.config.num_slots(len(handle.layer_ids), a.num_experts, a.top_k)
             assert handle.num_slots == slots
+            if handle.config.policy in ("lru", "lfu") and handle.config.backend == "runtime":
+                assert handle.offloader.cache.policy == handle.config.policy
             previous = _counts(st)
         assert torch.equal(pool.view(1, 3, torch.uint8, (pool.slab_bytes,)), before[0])
         assert handle.freed_bytes == before[1]
