@@ -28,6 +28,7 @@ def sweep(
     measure: Callable[[str, Any], None],
     unpatched: Callable[[], None],
     sync: Callable[[], None],
+    deadline: float | None = None,
 ) -> dict[str, Any]:
     """Runs ``unpatched()`` ceil(rounds/2) times before the patch and floor(rounds/2) times after the
     undo (so drift over the run hits it as it hits the configs), and in between, for each round,
@@ -35,8 +36,12 @@ def sweep(
     patched once with the first and switched to each next one by ``handle.reconfigure`` with a whole
     ``moert.OffloadConfig`` (nothing carried over from the previous one).
 
+    ``deadline`` (a ``time.perf_counter()`` value): a round after the first starts only when the
+    last round's duration still fits before it, so a run under a hard time limit (the GPU session's
+    steps) ends with fewer rounds instead of being killed with nothing written.
+
     Returns:
-        Set-up seconds: ``patch_s`` (pool fill + first cache), ``undo_s`` (experts copied back),
+        ``rounds_run`` and set-up seconds: ``patch_s`` (pool fill + first cache), ``undo_s`` (experts copied back),
         ``reconfigure_s`` (one per switch), ``pool_bytes`` and ``saved_ratio``: what a patch + undo
         per configuration costs over what a reconfigure costs (medians; None without a switch).
     """
@@ -51,8 +56,12 @@ def sweep(
     patch_s = time.perf_counter() - t0
     pool_bytes = handle.pool_bytes
     switches: list[float] = []
+    rounds_run, round_s = 0, 0.0
     try:
         for r in range(rounds):
+            t_round = time.perf_counter()
+            if r and deadline is not None and t_round + round_s > deadline:
+                break
             for i, (name, kwargs) in enumerate(configs):
                 if r or i:
                     sync()
@@ -61,16 +70,19 @@ def sweep(
                     sync()
                     switches.append(time.perf_counter() - t0)
                 measure(name, handle)
+            round_s = time.perf_counter() - t_round
+            rounds_run += 1
     finally:
         sync()
         t0 = time.perf_counter()
         handle.undo()
         sync()
         undo_s = time.perf_counter() - t0
-    for _ in range(rounds // 2):
+    for _ in range(rounds_run // 2):
         unpatched()
     med = statistics.median(switches) if switches else None
     return {
+        "rounds_run": rounds_run,
         "patch_s": patch_s,
         "undo_s": undo_s,
         "reconfigure_s": switches,

@@ -13,13 +13,15 @@ are timing only.
     python bench/bench_decode.py --device cuda        # GPU, writes bench/results/decode_cuda.{json,md}
     python bench/bench_decode.py --prefill-len 256    # prefill mode: bench/results/prefill_cpu.{json,md}
 
-Predictor variants (``--predictor-fractions``, default 0.25): the patched model with a ``preattn``
-predictor fused with each MoE layer's norm: LRU with m=2 prefetch, and policy ``score`` with
-over-provisioning m=2, adaptive, and a lookahead-1 predictor. On the CPU twin a prefetch is a
-memcpy on the same two cores as the model, waited for before attention (nothing overlaps), so
-these rows show hits and bytes, not the GPU's speed-up. The predictors are trained in the run (seconds) on routing traces captured
-from the same model on other prompts (``--predictor PATH`` uses a trained file instead of the m=2
-and adaptive ones). The columns "prefetch hits", "wasted MB/token", "recall" and "exposed copy"
+Predictor variants (``--predictor-fractions``, default 0.25): a ``preattn`` predictor fused with
+each MoE layer's norm: LRU with m=2 prefetch, policy ``score`` with m=2, adaptive, and lookahead 1.
+On the CPU twin a prefetch is a memcpy waited for before attention (nothing overlaps): these rows
+show hits and bytes, not the GPU's speed-up. The predictors are trained in the run on routing
+captured once from the same model on ``--predictor-prompts`` other prompts (``--predictor PATH``
+uses a trained file instead of the m=2 and adaptive ones).
+
+The model is patched once: every configuration is reached by ``PatchHandle.reconfigure`` over the
+same filled host pool (``bench/_one_pool.py``); the set-up times are recorded beside the table. The columns "prefetch hits", "wasted MB/token", "recall" and "exposed copy"
 (``Stats.exposed_copy``: host stall in acquire plus, on CUDA, the device time the compute stream
 waited for copies, over copy-lane busy time: the share of copy time not hidden behind compute; goal
 <= 0.2 on a GPU) come from ``handle.stats()``.
@@ -129,25 +131,25 @@ def build(device: str, seed: int, path: Path | None = None, scale: int = 1) -> t
     return tiny_model(demo_config(), seed=seed), "demo_config(): DeepSeek-V2-Lite layout scaled down, fp32"
 
 
-def train_predictors(model: Any, seed: int, lookaheads: tuple[int, ...]) -> dict[int, Any]:
+def train_predictors(
+    model: Any, seed: int, lookaheads: tuple[int, ...], n_prompts: int = 24
+) -> dict[int, Any]:
     """One linear2/wbce ``preattn`` predictor per lookahead depth, trained on routing traces of
-    ``model`` captured on 24 prompts that are not the benchmark's (32 decode tokens each)."""
-    from moert.engine.prefetch import capture_and_train
+    ``model`` captured once on ``n_prompts`` prompts that are not the benchmark's (32 decode tokens each)."""
+    from moert.engine.prefetch import capture_and_train_many
 
-    prompts = [prompt_ids(1, 16, vocab=model.config.vocab_size, seed=1000 + seed + i)[0] for i in range(24)]
-    return {
-        d: capture_and_train(model, prompts, new_tokens=32, lookahead=d, dim=256, epochs=20, seed=seed)
-        for d in lookaheads
-    }
+    prompts = [
+        prompt_ids(1, 16, vocab=model.config.vocab_size, seed=1000 + seed + i)[0] for i in range(n_prompts)
+    ]
+    return capture_and_train_many(model, prompts, lookaheads, new_tokens=32, dim=256, epochs=20, seed=seed)
 
 
 def _versions() -> dict[str, str]:
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
     return {
         **versions("torch", "transformers"),
         "commit": git_commit(),
         "date": utc_now(),
-        "device_name": device_name(dev),
+        "device_name": device_name("cuda" if torch.cuda.is_available() else "cpu"),
         "cpu_threads": str(torch.get_num_threads()),
         "load_avg_1m": f"{os.getloadavg()[0]:.2f}",
     }
@@ -264,7 +266,7 @@ def decode_rounds(
         if backend
     ]
     setup = _bench_module("_one_pool").sweep(
-        model, device, patched, args.rounds, measure, unpatched, lambda: _sync(device)
+        model, device, patched, args.rounds, measure, unpatched, lambda: _sync(device), args.deadline
     )
     setup["resident_after_undo_match"] = all(torch.equal(ids, resident_ids[0]) for ids in resident_ids)
     return lat, last, setup
@@ -308,7 +310,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     configs = decode_configs(args)
     if args.predictor_fractions:
         t0 = time.perf_counter()
-        preds = train_predictors(model, args.seed, (0, 1))
+        preds = train_predictors(model, args.seed, (0, 1), args.predictor_prompts)
         train_s = time.perf_counter() - t0
         main_pred: Any = str(args.predictor) if args.predictor is not None else preds[0]
         for frac in args.predictor_fractions:
@@ -334,7 +336,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "prompt_len": args.prompt_len,
         "tokens": args.tokens,
         "warmup": args.warmup,
-        "rounds": args.rounds,
+        "rounds": setup["rounds_run"],
         "predictor_train_s": train_s if args.predictor_fractions else None,
         "setup": setup,
         "note": _note(device, args.model is not None),
@@ -406,7 +408,7 @@ def _bench_module(name: str) -> Any:
     return importlib.import_module(name)
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
         "--device",
@@ -414,15 +416,8 @@ def main() -> None:
         default="cpu",
         help="cpu: the CPU twin; sim: the asynchronous device model (MOERT_SIM_* timing); cuda: a GPU",
     )
-    p.add_argument(
-        "--demo-scale",
-        type=int,
-        default=1,
-        help="cpu/sim: multiply the demo model's hidden and intermediate sizes (2: a 0.97 GB fp32 pool)",
-    )
-    p.add_argument(
-        "--model", type=Path, default=None, help="a local model directory instead of the built-in model"
-    )
+    p.add_argument("--demo-scale", type=int, default=1, help="cpu/sim: the demo model's widths x this")
+    p.add_argument("--model", type=Path, default=None, help="a local model directory instead of the built-in")
     p.add_argument("--tokens", type=int, default=32)
     p.add_argument("--warmup", type=int, default=4)
     p.add_argument("--batch", type=int, default=1)
@@ -437,6 +432,12 @@ def main() -> None:
         help="cache fractions for the predictor variants (none: skip them and the predictor training)",
     )
     p.add_argument(
+        "--predictor-prompts",
+        type=int,
+        default=24,
+        help="prompts (x 32 decode tokens) whose routing trains the predictors; >= 5 (4 validate)",
+    )
+    p.add_argument(
         "--predictor", type=Path, default=None, help="a trained preattn predictor file for this model"
     )
     p.add_argument("--seed", type=int, default=0)
@@ -447,9 +448,8 @@ def main() -> None:
         help="interleaved rounds over the moert configs, latencies pooled; all-resident runs half of them "
         "before the one patch, half after the undo (default 3 on the CPU, 2 on CUDA)",
     )
-    p.add_argument(
-        "--threads", type=int, default=1, help="torch CPU threads (1: stable on a shared 2-core box)"
-    )
+    p.add_argument("--time-budget", type=float, help="seconds: a round after the first runs only if it fits")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: stable on a shared box)")
     p.add_argument(
         "--prefill-len",
         type=int,
@@ -463,21 +463,24 @@ def main() -> None:
         default=[0.1, 0.25],
         help="prefill mode: cache sizes, fractions (0.1) or slots (32)",
     )
-    p.add_argument(
-        "--prefill-prompts",
-        type=int,
-        default=6,
-        help="prefill mode: distinct prompts timed per config and round",
-    )
+    p.add_argument("--prefill-prompts", type=int, default=6, help="prefill mode: prompts timed per config")
     p.add_argument(
         "--out",
         type=Path,
         default=None,
         help="output stem (default bench/results/decode_<device>, or prefill_<device> in prefill mode)",
     )
+    return p
+
+
+def main() -> None:
+    p = parser()
     args = p.parse_args()
+    args.deadline = None if args.time_budget is None else time.perf_counter() + args.time_budget
     if args.rounds is None:
         args.rounds = 2 if args.device == "cuda" else 3
+    if args.predictor_fractions and args.predictor_prompts < 5:
+        p.error(f"--predictor-prompts {args.predictor_prompts} must be >= 5 (4 of them validate)")
     if args.prefill_len is not None and (args.prefill_len < 1 or args.prefill_prompts < 1):
         p.error(f"--prefill-len {args.prefill_len} and --prefill-prompts {args.prefill_prompts} must be >= 1")
     torch.set_num_threads(args.threads)

@@ -134,7 +134,9 @@ def prefill_rounds(
         for name, cache, overlap in configs
         if cache is not None
     ]
-    setup = sweep(model, device, patched, args.rounds, measure, unpatched, lambda: _sync(device))
+    setup = sweep(
+        model, device, patched, args.rounds, measure, unpatched, lambda: _sync(device), args.deadline
+    )
     return lat, last, setup
 
 
@@ -230,7 +232,7 @@ def run_prefill(args: argparse.Namespace) -> dict[str, Any]:
         "batch": args.batch,
         "prefill_len": args.prefill_len,
         "prompts": args.prefill_prompts,
-        "rounds": args.rounds,
+        "rounds": setup["rounds_run"],
         "copy_lanes": envs.copy_streams(),
         "note": _note(device, args.model is not None),
         "cpu_contention": probe,

@@ -93,26 +93,31 @@ if [ "$DRY" = 1 ]; then
     step bench-predictive-norm 180 $PY -m pytest -q -p no:cacheprovider tests/kernels/test_bench_predictive_norm.py
   fi
   if [ "$PART" != tests ]; then
-    step bench-decode 300 $PY bench/bench_decode.py --device cpu --tokens 3 --warmup 1 --rounds 1 \
-      --fractions 0.25 --policies lru --predictor-fractions --out "$RES/decode_cpu_dry"
-    step bench-prefill 300 $PY bench/bench_decode.py --device cpu --prefill-len 16 --prefill-caches 0.1 \
-      --prefill-prompts 1 --rounds 1 --out "$RES/prefill_cpu_dry"
+    # the GPU commands' options (rounds, predictor training, time budgets) at tiny sizes: the CPU twin
+    # for decode, the asynchronous device model for prefill
+    step bench-decode 300 $PY bench/bench_decode.py --device cpu --tokens 3 --warmup 1 --rounds 2 \
+      --fractions 0.25 --policies lru --predictor-prompts 5 --time-budget 240 --out "$RES/decode_cpu_dry"
+    step bench-prefill 300 $PY bench/bench_decode.py --device sim --prefill-len 16 --prefill-caches 0.1 \
+      --prefill-prompts 1 --rounds 2 --time-budget 240 --out "$RES/prefill_sim_dry"
   fi
   finish
 fi
 
 MOERT_CUDA=ON step install 120 $PY -m pip install -q --no-build-isolation --no-deps -e . || finish
-step info 20 $PY -m moert info
-step cuda-can-run 30 $PY -P -c "$CUDA_CAN_RUN" || finish
+step info 15 $PY -m moert info
+step cuda-can-run 15 $PY -P -c "$CUDA_CAN_RUN" || finish
 if [ "$PART" != decode ]; then
   step gpu-tests 240 $PY -m pytest -q -m gpu -p no:cacheprovider -n 8
   step bench-copy 60 $PY bench/bench_copy.py --device cuda --out "$RES"
   step bench-predictive-norm 120 $PY bench/bench_predictive_norm.py --out "$RES"
 fi
 if [ "$PART" != tests ]; then
-  step bench-decode 150 $PY bench/bench_decode.py --device cuda --out "$RES/decode_cuda"
+  # every config of the decode grid (cache 0.1/0.25/0.5 x lru/lfu, the other wait protocol, CPU experts,
+  # 4 predictor variants, naive) over one filled pool; a 2nd round only if it fits the time budget
+  step bench-decode 180 $PY bench/bench_decode.py --device cuda --tokens 16 --warmup 2 --rounds 2 \
+    --predictor-prompts 6 --time-budget 150 --out "$RES/decode_cuda"
   # real DeepSeek-V2-Lite dims: a layer's union (<= 64 experts) exceeds the cache only below 64 slots
-  step bench-prefill 240 $PY bench/bench_decode.py --device cuda --prefill-len 512 --prefill-caches 32 48 0.1 \
-    --prefill-prompts 3 --out "$RES/prefill_cuda"
+  step bench-prefill 120 $PY bench/bench_decode.py --device cuda --prefill-len 512 --prefill-caches 32 48 0.1 \
+    --prefill-prompts 3 --rounds 2 --time-budget 95 --out "$RES/prefill_cuda"
 fi
 finish
