@@ -2,20 +2,36 @@
 # Everything a lent GPU machine should run, in two calls of under 10 minutes each (device time is
 # scarce; the machine stays warm between them only briefly, so each part builds):
 #   run(command="MOERT_COMMIT=<sha> bash bench/gpu_session.sh tests", timeout_s=600)   # gpu tests, copy + kernel benches
-#   run(command="MOERT_COMMIT=<sha> bash bench/gpu_session.sh decode", timeout_s=600)  # decode + prefill benches
+#   run(command="MOERT_COMMIT=<sha> bash bench/gpu_session.sh decode", timeout_s=540)  # decode + prefill benches
 # (<sha>: `git rev-parse --short HEAD` here; the machine gets the tree with stale git metadata)
 # Builds moert._C with the machine's own python3 (MOERT_CUDA=ON: a build without the CUDA backend is
 # an error there; it needs no CUDA toolkit: the driver is loaded at run time), checks that the CUDA
-# backend can run (the driver's version and devices, or the reason), runs the tests marked gpu (pytest-xdist workers), then the GPU benchmarks. Only 8
-# files come back from $OUT, so the result tables are packed into $OUT/results_PART.tar.gz beside the
-# log: unpack it into bench/results/ here and commit the tables with the device, versions and commit
-# they record.
+# backend can run (the driver's version and devices, or the reason), runs the tests marked gpu
+# (pytest-xdist workers), then the GPU benchmarks. Only 8 files come back from $OUT, so the result
+# tables are packed into $OUT/results_PART.tar.gz beside the log: unpack it into bench/results/ here
+# and commit the tables with the device, versions and commit they record.
+#
+# The decode call fits 8 minutes with margin: its step budgets sum to 450 s (install 120, info 15,
+# can-run 15, bench-decode 180, bench-prefill 120). The benches patch the model once, fill the
+# 28.8 GB pinned pool once and switch every configuration by `PatchHandle.reconfigure` (a new device
+# cache, engine and policy over the same pool; bench/_one_pool.py), where they used to fill and undo
+# the pool per configuration (~10-100 s each at this size, estimated in bench/results/setup_reuse.md;
+# 44-83x the cost of a reconfigure, measured there on the CPU twin and the device model). Expected
+# times, from the first session's H200 figures (all-resident decode 5.4 tok/s, moert 10-15 tok/s,
+# naive 6 tok/s; prefill 0.4-0.6 s per 512-token prompt through moert) plus ~30 s estimated for the
+# one pool fill: bench-decode ~140 s (model 10 s, predictor capture 6 prompts x 33 steps ~40 s, fill
+# ~30 s, 13 configs x 19 steps x ~0.12 s per round ~30 s, 2 rounds), bench-prefill ~85 s (fill ~30 s,
+# 7 configs x 4 prefills per round, 2 rounds). Each bench also gets a run budget (--time-budget,
+# 150 s / 95 s) under its step budget: a second round starts only if it still fits, so a slow machine
+# ends with one round written instead of a killed step with nothing. Each bench records its real
+# set-up times (`setup` in decode_cuda.json / prefill_cuda.json) for the next sizing.
 #
 # It cannot pass silently: every step runs under its own time budget; a failed or timed-out step is
 # named and makes the script exit 1 (the later steps still run, so one failure does not cost the
-# rest of the session's results); a failed install stops it at once. `--dry-run` runs every step's
-# command on the CPU, each GPU-only step replaced by its CPU equivalent (CI runs it, so the script
-# itself is tested):
+# rest of the session's results); a failed install stops it at once (`PY=false bash
+# bench/gpu_session.sh tests` exits 1). `--dry-run` runs every step's command on the CPU, each
+# GPU-only step replaced by its CPU equivalent (CI runs it through `make gpu-dry-run` in .ci/run;
+# `make test` does not), so the script itself is tested:
 #   bash bench/gpu_session.sh --dry-run [tests|decode|all]
 set -uo pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
