@@ -152,11 +152,12 @@ def markdown(rec: dict[str, Any]) -> str:
         f"{est['link_GB_s']:.1f} GB/s (the H200 session's best copy rate, {est['link_source']}) + "
         f"{est['pool_GB']:.1f} GB at {est['host_copy_GB_s']:.1f} GB/s (host copy measured here) = "
         f"**{est['fresh_per_config_s_from_rates']:.1f} s per configuration**, before page-locking and first-touching "
-        f"{est['pool_GB']:.1f} GB (not in the estimate); scaling the CPU twin's measured per-GB set-up gives "
-        f"{est['fresh_per_config_s_scaled_from_twin']:.1f} s. Over the decode grid's {est['decode_grid_configs']} "
-        f"configurations that is {est['decode_grid_configs'] * est['fresh_per_config_s_from_rates']:.0f}-"
-        f"{est['decode_grid_configs'] * est['fresh_per_config_s_scaled_from_twin']:.0f} s per round that "
-        "reconfigure saves (a device cache allocation, no copies); the GPU session records the real figures "
+        f"{est['pool_GB']:.1f} GB (not in the estimate). Scaling the CPU twin's set-up per GB measured above "
+        f"(which includes first-touching fresh memory, on a shared 2-core box) gives "
+        f"{est['fresh_per_config_s_scaled_from_twin']:.0f} s: an upper indication, not an estimate. Over the "
+        f"decode grid's {est['decode_grid_configs']} configurations that is at least "
+        f"{est['decode_grid_configs'] * est['fresh_per_config_s_from_rates']:.0f} s per round that reconfigure "
+        "saves (a device cache allocation and no copies instead); the GPU session records the real figures "
         "(`setup` in decode_cuda.json / prefill_cuda.json).",
     ]
     return "\n".join(out) + "\n"
