@@ -7,7 +7,8 @@
 # Builds moert._C with the machine's own python3 (MOERT_CUDA=ON: a build without the CUDA backend is
 # an error there; it needs no CUDA toolkit: the driver is loaded at run time), checks that the CUDA
 # backend can run (the driver's version and devices, or the reason), runs the tests marked gpu
-# (pytest-xdist workers), then the GPU benchmarks. Only 8 files come back from $OUT, so the result
+# (pytest-xdist workers; they compile 37 Triton kernel variants, counted on the CPU by
+# bench/gpu_compile_count.py: bench/results/gpu_compile_count.md), then the GPU benchmarks. Only 8 files come back from $OUT, so the result
 # tables are packed into $OUT/results_PART.tar.gz beside the log: unpack it into bench/results/ here
 # and commit the tables with the device, versions and commit they record.
 #
@@ -15,8 +16,8 @@
 # can-run 15, bench-decode 180, bench-prefill 120). The benches patch the model once, fill the
 # 28.8 GB pinned pool once and switch every configuration by `PatchHandle.reconfigure` (a new device
 # cache, engine and policy over the same pool; bench/_one_pool.py), where they used to fill and undo
-# the pool per configuration (>= ~13 s each at this size, estimated in bench/results/setup_reuse.md,
-# where a reconfigure measures ~1% of a patch + undo on the CPU twin and the device model). Expected
+# the pool per configuration (~11 s or more each at this size, estimated in bench/results/setup_reuse.md,
+# where a reconfigure measures ~2% of a patch + undo on the CPU twin and the device model). Expected
 # times, from the first session's H200 figures (all-resident decode 5.4 tok/s, moert 10-15 tok/s,
 # naive 6 tok/s; prefill 0.4-0.6 s per 512-token prompt through moert) plus ~30 s estimated for the
 # one pool fill: bench-decode ~140 s (model 10 s, predictor capture 6 prompts x 33 steps ~40 s, fill
