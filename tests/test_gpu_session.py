@@ -60,3 +60,53 @@ def test_each_call_fits_its_time_and_benches_stop_before_their_step():
     for name, budget, run_budget in parts["decode"]:
         if name.startswith("bench-"):
             assert run_budget is not None and run_budget <= budget - 20, (name, budget, run_budget)
+
+
+def _sweep_module():
+    import importlib.util
+
+    path = SCRIPT.parent / "_one_pool.py"
+    spec = importlib.util.spec_from_file_location("_one_pool", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_benches_sweep_patches_once_and_stops_adding_rounds_at_its_deadline(tmp_path):
+    """bench/_one_pool.sweep: one patch and one undo, a reconfigure per switch with nothing carried
+    over (each config's tokens equal the unpatched model's, with misses), unpatched runs split
+    around the patch, and no round after the first once the deadline is near."""
+    import time
+
+    import torch
+
+    import moert
+    from moert.models.tiny import Reference, greedy, single_thread
+
+    sweep = _sweep_module().sweep
+    ref = Reference("deepseek_v2-greedy", tmp_path, new_tokens=4)
+    model = ref.copy()
+    configs = [("a", dict(cache_experts=4, copy_streams=1)), ("b", dict(cache_experts=0.5, policy="lfu"))]
+    calls: list[tuple] = []
+
+    def measure(name, handle):
+        seq, _ = greedy(model, ref.prompt, ref.new_tokens)
+        cfg = handle.config
+        calls.append((name, cfg.cache_experts, cfg.policy, cfg.copy_streams, handle.stats().misses))
+        assert torch.equal(seq, ref.out[0]) and handle.stats().misses > 0, name
+
+    def unpatched():
+        assert moert.handle_of(model) is None
+        calls.append(("unpatched",))
+
+    with single_thread():
+        rec = sweep(model, "cpu", configs, 3, measure, unpatched, lambda: None)
+        assert rec["rounds_run"] == 3 and len(rec["reconfigure_s"]) == 5 and rec["saved_ratio"] > 0
+        names = [c[0] for c in calls]
+        assert names == ["unpatched", "unpatched", "a", "b", "a", "b", "a", "b", "unpatched"], names
+        assert {c[1:4] for c in calls if c[0] == "a"} == {(4, "lru", 1)}
+        assert {c[1:4] for c in calls if c[0] == "b"} == {(0.5, "lfu", None)}, "config a leaked into b"
+        calls.clear()
+        rec = sweep(model, "cpu", configs, 3, measure, unpatched, lambda: None, deadline=time.perf_counter())
+        assert rec["rounds_run"] == 1 and [c[0] for c in calls] == ["unpatched", "unpatched", "a", "b"]
+    assert moert.handle_of(model) is None
