@@ -233,10 +233,16 @@ class PatchHandle:
         off = build_offloader(cfg, self.adapter, refs, self.layout, pool, self.device, slots, streams, policy)
         for ordinal, rel in enumerate(self._released):
             rel.experts.__dict__["_moert"] = OffloadedLayer(off, ordinal)
-        self._offloader, self.config, self.num_slots = off, cfg, slots
-        self._predictor = loaded
+        self._offloader, self._predictor = off, loaded
         if cfg.predictor is not None:
-            self._attach_predictor(refs)
+            try:
+                self._attach_predictor(refs)
+            except BaseException:  # e.g. a predictor the CUDA kernel cannot hold: a failed build
+                self._detach_predictor()
+                self._offloader = None
+                off.close(keep_pool=True)
+                raise
+        self.config, self.num_slots = cfg, slots
 
     def expert_weights(self, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Host views ``(gate_up (2I, H), down (H, I))`` of one expert in the pool (decoder layer index)."""

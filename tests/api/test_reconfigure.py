@@ -164,3 +164,26 @@ def test_a_failed_rebuild_returns_to_the_previous_config(ds, monkeypatch):
     with pytest.raises(MemoryError):
         handle.reconfigure(cache_experts=8)
     assert not handle.active and moert.handle_of(model) is None and pool.closed
+
+
+def test_a_predictor_that_fails_to_attach_returns_to_the_previous_config(ds, monkeypatch):
+    from moert.engine import prefetch
+
+    model = ds.copy()
+    handle = moert.patch(model, device="cpu", cache_experts=5)
+    norms = [layer.input_layernorm for layer in model.model.layers]
+
+    def refuse(*args, **kwargs):
+        raise ValueError("the fused kernel cannot hold this predictor")
+
+    monkeypatch.setattr(prefetch, "attach", refuse)
+    try:
+        with pytest.raises(ValueError, match="cannot hold"):
+            handle.reconfigure(predictor=random_predictor(ds.model), policy="score", cache_experts=8)
+        assert handle.config.predictor is None and handle.config.cache_experts == 5
+        assert handle.offloader.num_slots == handle.num_slots == 5, "the failed config is still running"
+        assert handle.prefetcher is None and [layer.input_layernorm for layer in model.model.layers] == norms
+        seq, _ = greedy(model, ds.prompt, ds.new_tokens)
+        assert torch.equal(seq, ds.out[0]) and handle.stats().misses > 0
+    finally:
+        handle.undo()
