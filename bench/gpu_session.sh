@@ -16,7 +16,7 @@
 # can-run 15, bench-decode 180, bench-prefill 120). The benches patch the model once, fill the
 # 28.8 GB pinned pool once and switch every configuration by `PatchHandle.reconfigure` (a new device
 # cache, engine and policy over the same pool; bench/_one_pool.py), where they used to fill and undo
-# the pool per configuration (~11 s or more each at this size, estimated in bench/results/setup_reuse.md,
+# the pool per configuration (~8 s or more each at this size, estimated in bench/results/setup_reuse.md,
 # where a reconfigure measures ~2% of a patch + undo on the CPU twin and the device model). Expected
 # times, from the first session's H200 figures (all-resident decode 5.4 tok/s, moert 10-15 tok/s,
 # naive 6 tok/s; prefill 0.4-0.6 s per 512-token prompt through moert) plus ~30 s estimated for the
