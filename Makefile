@@ -101,6 +101,8 @@ bench: setup
 	$(PY) bench/bench_sim.py
 	$(PY) bench/bench_decode.py
 	$(PY) bench/bench_decode.py --prefill-len 128 --prefill-caches 0.05 0.1 0.25
+	$(PY) bench/bench_setup.py
+	$(PY) bench/gpu_compile_count.py
 	$(PY) bench/bench_cpu_expert.py
 	$(PY) bench/bench_predictive_norm.py
 
