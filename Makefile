@@ -54,7 +54,7 @@ test-gpu: setup
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m gpu
 
 # bench/gpu_session.sh with every GPU-only step replaced by its CPU equivalent: the script is tested
-# before a GPU is ever lent (CI runs it; about 2 minutes)
+# before a GPU is ever lent (CI runs it; about 3 minutes)
 gpu-dry-run: setup
 	bash bench/gpu_session.sh --dry-run
 

@@ -1,6 +1,6 @@
 """bench/gpu_session.sh: a failed step fails the script, and each call's step budgets fit its time.
 
-The whole dry run (``make gpu-dry-run``, about 2 minutes) runs in CI from .ci/run; these checks are
+The whole dry run (``make gpu-dry-run``, about 3 minutes) runs in CI from .ci/run; these checks are
 the fast part that ``make test`` runs.
 """
 
