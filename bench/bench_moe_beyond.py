@@ -18,7 +18,6 @@ Variants (``--name``) differ only in the flags recorded in their JSON; the repor
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import json
 import sys
@@ -30,10 +29,9 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))
 
-from bench_predict import M, _env, load  # noqa: E402
+from bench_predict import _env, evaluated, load  # noqa: E402
 
-from moert.predict.evaluate import evaluate  # noqa: E402
-from moert.predict.io import load_predictor, save_predictor  # noqa: E402
+from moert.predict.io import save_predictor  # noqa: E402
 from moert.predict.moe_beyond import MoEBeyondConfig, train_moe_beyond  # noqa: E402
 from moert.predict.train import TrainConfig  # noqa: E402
 
@@ -89,24 +87,14 @@ def stage_train(args) -> None:
         meta, parts["train"], parts["val"], net_cfg=net_cfg, cfg=cfg, train_info=info, on_epoch=on_epoch
     )
     train_s = time.perf_counter() - t0
-    pred = load_predictor(work / f"{args.name}_best.safetensors")  # evaluate what was saved
-    t0 = time.perf_counter()
-    metrics = evaluate(pred, parts["test"], overprovision=M)
+    # evaluate what was saved
     out = {
         "name": args.name,
-        "metrics": metrics,
-        "train_s": train_s,
-        "eval_s": time.perf_counter() - t0,
-        "history": hist,
-        "dims": pred.meta.dims,
-        "loss": pred.meta.loss,
-        "train_config": dataclasses.asdict(cfg),
-        "parameters": sum(p.numel() for p in pred.net.parameters()),
-        "command": " ".join(sys.argv),
-        "env": _env(args),
+        **evaluated(work / f"{args.name}_best.safetensors", parts["test"], train_s, hist, cfg),
     }
+    out.update(command=" ".join(sys.argv), env=_env(args))
     (work / f"{args.name}.json").write_text(json.dumps(out, indent=1))
-    print(json.dumps({"name": args.name, "test_recall6": metrics["overall"]["recall@6"]}), flush=True)
+    print(json.dumps({"name": args.name, "test_recall6": out["metrics"]["overall"]["recall@6"]}), flush=True)
 
 
 def main(argv=None) -> int:
