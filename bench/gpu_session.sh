@@ -20,11 +20,16 @@
 # where a reconfigure measures ~2% of a patch + undo on the CPU twin and the device model). Expected
 # times, from the first session's H200 figures (all-resident decode 5.4 tok/s, moert 10-15 tok/s,
 # naive 6 tok/s; prefill 0.4-0.6 s per 512-token prompt through moert) plus ~30 s estimated for the
-# one pool fill: bench-decode ~140 s (model 10 s, predictor capture 6 prompts x 33 steps ~40 s, fill
-# ~30 s, 13 configs x 19 steps x ~0.12 s per round ~30 s, 2 rounds), bench-prefill ~85 s (fill ~30 s,
-# 7 configs x 4 prefills per round, 2 rounds). Each bench also gets a run budget (--time-budget,
-# 150 s / 95 s) under its step budget: a second round starts only if it still fits, so a slow machine
-# ends with one round written instead of a killed step with nothing. Each bench records its real
+# one pool fill (not measured yet): bench-decode ~120 s to the end of its first round (imports and
+# model 20 s, predictor capture 6 prompts x 33 steps ~40 s, fill ~30 s, a round of 13 configs x 19
+# steps x ~0.12 s ~35 s: by these figures the second round does not fit the run budget and is
+# skipped); bench-prefill ~75 s with one round (imports and model 20 s, fill ~30 s, a round of 7
+# configs x 4 prefills ~20 s), ~100 s with the second. Sum: install (~60-120 s) + ~5 s + ~120 s +
+# ~100 s = 5-6 minutes expected, 450 s at most. Each bench gets
+# a run budget (--time-budget 135 s / 90 s, counted from its start after the imports) under its step
+# budget: a second round starts only if it ends inside it, and the undo, the last unpatched run and
+# the writing (~15 s) still fit the step, so a slow machine ends with one round written instead of a
+# killed step with nothing. Each bench records its real
 # set-up times (`setup` in decode_cuda.json / prefill_cuda.json) for the next sizing.
 #
 # It cannot pass silently: every step runs under its own time budget; a failed or timed-out step is
@@ -132,9 +137,9 @@ if [ "$PART" != tests ]; then
   # every config of the decode grid (cache 0.1/0.25/0.5 x lru/lfu, the other wait protocol, CPU experts,
   # 4 predictor variants, naive) over one filled pool; a 2nd round only if it fits the time budget
   step bench-decode 180 $PY bench/bench_decode.py --device cuda --tokens 16 --warmup 2 --rounds 2 \
-    --predictor-prompts 6 --time-budget 150 --out "$RES/decode_cuda"
+    --predictor-prompts 6 --time-budget 135 --out "$RES/decode_cuda"
   # real DeepSeek-V2-Lite dims: a layer's union (<= 64 experts) exceeds the cache only below 64 slots
   step bench-prefill 120 $PY bench/bench_decode.py --device cuda --prefill-len 512 --prefill-caches 32 48 0.1 \
-    --prefill-prompts 3 --rounds 2 --time-budget 95 --out "$RES/prefill_cuda"
+    --prefill-prompts 3 --rounds 2 --time-budget 90 --out "$RES/prefill_cuda"
 fi
 finish
