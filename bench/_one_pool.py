@@ -37,11 +37,12 @@ def sweep(
     ``moert.OffloadConfig`` (nothing carried over from the previous one).
 
     ``deadline`` (a ``time.perf_counter()`` value): a round after the first starts only when the
-    last round's duration still fits before it, so a run under a hard time limit (the GPU session's
-    steps) ends with fewer rounds instead of being killed with nothing written.
+    last round's duration still fits before it, and in the first round a config after the first
+    starts only before it (the rest are ``skipped``), so a run under a hard time limit (the GPU
+    session's steps) ends with fewer rows instead of being killed with nothing written.
 
     Returns:
-        ``rounds_run`` and set-up seconds: ``patch_s`` (pool fill + first cache), ``undo_s`` (experts copied back),
+        ``rounds_run``, ``skipped`` (config names never measured) and set-up seconds: ``patch_s`` (pool fill + first cache), ``undo_s`` (experts copied back),
         ``reconfigure_s`` (one per switch), ``pool_bytes`` and ``saved_ratio``: what a patch + undo
         per configuration costs over what a reconfigure costs (medians; None without a switch).
     """
@@ -56,13 +57,16 @@ def sweep(
     patch_s = time.perf_counter() - t0
     pool_bytes = handle.pool_bytes
     switches: list[float] = []
-    rounds_run, round_s = 0, 0.0
+    rounds_run, round_s, skipped = 0, 0.0, []
     try:
         for r in range(rounds):
             t_round = time.perf_counter()
-            if r and deadline is not None and t_round + round_s > deadline:
+            if skipped or (r and deadline is not None and t_round + round_s > deadline):
                 break
             for i, (name, kwargs) in enumerate(configs):
+                if not r and i and deadline is not None and time.perf_counter() > deadline:
+                    skipped = [n for n, _ in configs[i:]]
+                    break
                 if r or i:
                     sync()
                     t0 = time.perf_counter()
@@ -83,6 +87,7 @@ def sweep(
     med = statistics.median(switches) if switches else None
     return {
         "rounds_run": rounds_run,
+        "skipped": skipped,
         "patch_s": patch_s,
         "undo_s": undo_s,
         "reconfigure_s": switches,
@@ -103,6 +108,8 @@ def setup_line(setup: dict[str, Any]) -> str:
         text = (
             f"{text} (all-resident tokens after it equal those before: {setup['resident_after_undo_match']})"
         )
+    if setup.get("skipped"):
+        text += f" ({len(setup['skipped'])} configurations skipped at the run budget: {', '.join(setup['skipped'])})"
     if med is None:
         return text + "; no configuration switch."
     return text + (

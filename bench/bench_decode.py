@@ -323,7 +323,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     rows: list[dict[str, Any]] = [
         {"config": "all-resident", "cache": None, "policy": None, **resident, "tokens_match": True}
     ]
-    rows += [decode_row(args, c, lat[c[0]], last[c[0]], base) for c in configs[1:]]
+    rows += [decode_row(args, c, lat[c[0]], last[c[0]], base) for c in configs[1:] if c[0] in last]
     for r in rows:
         r["tok_s_ratio"] = r["tok_s"] / resident["tok_s"]
         r["latency_ratio"] = r["latency_ms_median"] / resident["latency_ms_median"]
@@ -464,12 +464,7 @@ def parser() -> argparse.ArgumentParser:
         help="prefill mode: cache sizes, fractions (0.1) or slots (32)",
     )
     p.add_argument("--prefill-prompts", type=int, default=6, help="prefill mode: prompts timed per config")
-    p.add_argument(
-        "--out",
-        type=Path,
-        default=None,
-        help="output stem (default bench/results/decode_<device>, or prefill_<device> in prefill mode)",
-    )
+    p.add_argument("--out", type=Path, help="output stem (default bench/results/{decode,prefill}_<device>)")
     return p
 
 
@@ -493,6 +488,8 @@ def main() -> None:
     md = markdown(rec) if prefill_mode is None else prefill_mode.markdown_prefill(rec)
     stem.with_suffix(".md").write_text(md)
     print(md)
+    if rec["setup"]["skipped"]:  # written, but incomplete: the GPU session's step says so
+        sys.exit(f"{len(rec['setup']['skipped'])} configurations skipped at --time-budget {args.time_budget}")
 
 
 if __name__ == "__main__":

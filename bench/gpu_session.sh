@@ -27,9 +27,11 @@
 # configs x 4 prefills ~20 s), ~100 s with the second. Sum: install (~60-120 s) + ~5 s + ~120 s +
 # ~100 s = 5-6 minutes expected, 450 s at most. Each bench gets
 # a run budget (--time-budget 135 s / 90 s, counted from its start after the imports) under its step
-# budget: a second round starts only if it ends inside it, and the undo, the last unpatched run and
+# budget: a config of the first round starts only inside it, a second round only if it ends inside
+# it, and the undo, the last unpatched run and
 # the writing (~15 s) still fit the step, so a slow machine ends with one round written instead of a
-# killed step with nothing. Each bench records its real
+# killed step with nothing (configs skipped in the first round are written as skipped and fail the
+# step: exit 1 after writing). Each bench records its real
 # set-up times (`setup` in decode_cuda.json / prefill_cuda.json) for the next sizing.
 #
 # It cannot pass silently: every step runs under its own time budget; a failed or timed-out step is

@@ -106,7 +106,22 @@ def test_the_benches_sweep_patches_once_and_stops_adding_rounds_at_its_deadline(
         assert names == ["unpatched", "unpatched", "a", "b", "a", "b", "a", "b", "unpatched"], names
         assert {c[1:4] for c in calls if c[0] == "a"} == {(4, "lru", 1)}
         assert {c[1:4] for c in calls if c[0] == "b"} == {(0.5, "lfu", None)}, "config a leaked into b"
+        assert rec["skipped"] == []
+        # a second round that would end after the deadline does not start
+        calls.clear()
+
+        def slow(name, handle):
+            measure(name, handle)
+            time.sleep(1.0)
+
+        rec = sweep(
+            model, "cpu", configs, 3, slow, unpatched, lambda: None, deadline=time.perf_counter() + 3.0
+        )
+        assert rec["rounds_run"] == 1 and rec["skipped"] == []
+        assert [c[0] for c in calls] == ["unpatched", "unpatched", "a", "b"]
+        # past the deadline, the first round measures its first config and skips the rest
         calls.clear()
         rec = sweep(model, "cpu", configs, 3, measure, unpatched, lambda: None, deadline=time.perf_counter())
-        assert rec["rounds_run"] == 1 and [c[0] for c in calls] == ["unpatched", "unpatched", "a", "b"]
+        assert rec["rounds_run"] == 1 and rec["skipped"] == ["b"]
+        assert [c[0] for c in calls] == ["unpatched", "unpatched", "a"]
     assert moert.handle_of(model) is None
