@@ -54,7 +54,7 @@ test-gpu: setup
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m gpu
 
 # bench/gpu_session.sh with every GPU-only step replaced by its CPU equivalent: the script is tested
-# before a GPU is ever lent (CI runs it; about 2 minutes)
+# before a GPU is ever lent (CI runs it; about 3 minutes)
 gpu-dry-run: setup
 	bash bench/gpu_session.sh --dry-run
 
@@ -101,6 +101,8 @@ bench: setup
 	$(PY) bench/bench_sim.py
 	$(PY) bench/bench_decode.py
 	$(PY) bench/bench_decode.py --prefill-len 128 --prefill-caches 0.05 0.1 0.25
+	$(PY) bench/bench_setup.py
+	$(PY) bench/gpu_compile_count.py
 	$(PY) bench/bench_cpu_expert.py
 	$(PY) bench/bench_predictive_norm.py
 
