@@ -165,6 +165,7 @@ def load(
     host_budget: int | float | str | None = None,
     pool_policy: str = "lru",
     read_mode: str = "pread",
+    read_ahead: int = 0,
     **kwargs: Any,
 ) -> nn.Module:
     """Load a local model directory with its routed experts offloaded.
@@ -180,7 +181,11 @@ def load(
         host_budget: host memory for routed experts (bytes, ``"16GiB"`` or a fraction of them); below all
             experts the pool caches that many and the copy threads read the rest from the checkpoint's
             files (``moert.api.tier``). None: every expert in the pool.
-        pool_policy, read_mode: the host tier's eviction (``"lru"``, ``"lfu"``) and reads (``"pread"``, ``"mmap"``).
+        pool_policy, read_mode: the host tier's eviction (``"lru"``, ``"lfu"``, ``"fifo"``) and reads
+            (``"pread"``, ``"mmap"``).
+        read_ahead: with ``host_budget``: start SSD -> pool reads of planned and predicted experts
+            before their device copy, for the layer and ``read_ahead`` layers after it (0: off;
+            ``moert.api.tier``).
         **kwargs: more ``OffloadConfig`` fields (``copy_streams``, ``backend``, ``predictor``,
             ``overprovision``, ``prefetch``, ...; ``policy="score"`` needs ``predictor``).
 
@@ -214,8 +219,8 @@ def load(
     baseline = _device_baseline(where) if dev.startswith("cuda") else None
     from moert.api.tier import host_tier
 
-    args = (host_budget, pool_policy, read_mode, files, index, moe_ids, adapter, layout, cfg)
-    tier = None if host_budget is None else host_tier(*args)
+    args = (host_budget, pool_policy, read_mode, files, index, moe_ids, adapter, layout, cfg, read_ahead)
+    tier = host_tier(*args)
     handle, t_experts, non_expert = _fill(
         model, cfg, prepared, index, where, wdtype, t0, progress, path, tier
     )
@@ -230,6 +235,7 @@ def load(
     )
     if tier is not None:
         handle.load_report["host_tier"] = tier.report(handle.pool_bytes)
+        tier.start(handle.offloader.engine)
     return model
 
 
