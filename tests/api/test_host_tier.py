@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 
 import moert
 from moert.api.tier import filesystem_of, parse_bytes, pool_capacity
-from moert.models.tiny import Reference, greedy, single_thread
+from moert.models.tiny import Reference, greedy, random_predictor, single_thread
 
 ARCHS = ("deepseek_v2-group", "qwen3_moe-norm", "phimoe")
 
@@ -64,6 +64,38 @@ def test_exact_with_a_budget_below_the_experts(refs, name, device):
     rows = st.per_layer.values()
     assert sum(r.ssd_reads for r in rows) == st.ssd_reads and sum(r.pool_hits for r in rows) == st.pool_hits
     assert 0 <= st.ssd_stall_s <= st.ssd_read_s
+
+
+@pytest.mark.parametrize(
+    ("name", "device"), [(n, "cpu") for n in ARCHS] + [("qwen3_moe-norm", "sim")]
+)
+def test_read_ahead_is_exact_and_reads_ahead(refs, name, device):
+    """A random lookahead-1 predictor's plans drive read-ahead (``read_ahead=1``): the same tokens as
+    the unpatched model, logits bit-identical to the all-resident load with the same policy, misses
+    at both tiers, and copies served by read-ahead slabs."""
+    ref = refs[name]
+    pred = random_predictor(ref.model, lookahead=1)
+    kw = dict(cache_experts=0.25, device=device, policy="score", predictor=pred, overprovision=2)
+    _, full_logits, _, _ = run(ref.path, ref.prompt, ref.new_tokens, **kw)
+    seq, logits, st, rep = run(ref.path, ref.prompt, ref.new_tokens, host_budget=0.25, read_ahead=1, **kw)
+    assert torch.equal(seq, ref.out[0]), "tokens differ from the unpatched model"
+    assert torch.equal(logits, full_logits), "logits differ from the all-resident load"
+    assert rep["host_tier"]["read_ahead"] == 1
+    assert st.misses > 0 and st.ssd_reads > 0 and st.pool_evictions > 0
+    assert st.read_ahead_reads > 0 and st.read_ahead_used > 0, st
+    assert st.read_ahead_used + st.read_ahead_wasted <= st.read_ahead_reads
+    # each device copy: from the pool (a read-ahead slab counts there) or read by its own lane
+    assert st.pool_hits + st.ssd_reads - st.read_ahead_reads == st.bytes_copied // rep["slab_bytes"]
+    assert sum(r.read_ahead_reads for r in st.per_layer.values()) == st.read_ahead_reads
+
+
+def test_read_ahead_bad_values_are_clear_errors(refs):
+    ref = refs["phimoe"]
+    for bad in (-1, 65, 1.5, True, "1"):
+        with pytest.raises(ValueError, match=f"read_ahead={bad!r} must be an int in 0..64"):
+            moert.load(ref.path, host_budget=0.5, read_ahead=bad, progress=False)
+    with pytest.raises(ValueError, match="read_ahead=1 needs host_budget="):
+        moert.load(ref.path, read_ahead=1, progress=False)
 
 
 @pytest.mark.parametrize("budget", [1.0, "1GiB"])
