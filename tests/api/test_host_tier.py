@@ -106,7 +106,8 @@ def test_a_budget_covering_every_expert_is_untiered(refs, budget):
     assert torch.equal(seq, ref.out[0][:, : seq.shape[1]])
 
 
-def test_lfu_pool_and_mmap_reads_are_exact(refs):
+@pytest.mark.parametrize("policy", ["lfu", "fifo"])
+def test_lfu_fifo_pool_and_mmap_reads_are_exact(refs, policy):
     ref = refs["deepseek_v2-group"]
     seq, _, st, rep = run(
         ref.path,
@@ -114,11 +115,11 @@ def test_lfu_pool_and_mmap_reads_are_exact(refs):
         ref.new_tokens,
         cache_experts=8,
         host_budget=0.3,
-        pool_policy="lfu",
+        pool_policy=policy,
         read_mode="mmap",
     )
-    assert torch.equal(seq, ref.out[0]) and st.ssd_reads > 0
-    assert rep["host_tier"]["policy"] == "lfu" and rep["host_tier"]["read_mode"] == "mmap"
+    assert torch.equal(seq, ref.out[0]) and st.ssd_reads > 0 and st.pool_evictions > 0
+    assert rep["host_tier"]["policy"] == policy and rep["host_tier"]["read_mode"] == "mmap"
 
 
 def test_fused_checkpoint(refs, tmp_path):
@@ -191,6 +192,38 @@ def test_changed_file_after_load_is_a_clear_error(refs, tmp_path):
     with pytest.raises(RuntimeError, match=f"checkpoint file {shard} changed after loading"):
         greedy(model, ref.prompt, ref.new_tokens)
     moert.handle_of(model).discard()
+
+
+def test_vanished_file_after_load_is_a_clear_error(refs, tmp_path):
+    ref = refs["phimoe"]
+    dst = tmp_path / "m"
+    shutil.copytree(ref.path, dst)
+    model = moert.load(dst, cache_experts=0.25, host_budget=0.25, progress=False)
+    shard = dst / "model.safetensors"
+    shard.unlink()
+    with pytest.raises(RuntimeError, match=f"checkpoint file {shard} vanished after loading .*load again"):
+        greedy(model, ref.prompt, ref.new_tokens)
+    moert.handle_of(model).discard()
+
+
+def test_info_says_read_only_and_network(refs, tmp_path, monkeypatch, capsys):
+    """``moert info --model`` on a read-only and on a network mount (a mounts table naming the model's
+    directory): host_budget works there, and it says so."""
+    import moert.api.tier as tier
+    from moert.cli import main as cli_main
+
+    real = tier.filesystem_of
+    path = os.path.realpath(refs["phimoe"].path)
+    for fstype, opts, want in (
+        ("ext4", "ro,relatime", "read-only: host_budget works"),
+        ("nfs4", "rw,vers=4.2", "network filesystem: host_budget works, expert reads are slower"),
+    ):
+        mounts = tmp_path / f"mounts_{fstype}"
+        mounts.write_text(f"/dev/sda1 / ext4 rw 0 0\nsrv:/m {path} {fstype} {opts} 0 0\n")
+        monkeypatch.setattr(tier, "filesystem_of", lambda p, m=str(mounts): real(p, mounts=m))
+        assert cli_main(["info", "--model", path]) == 0
+        out = capsys.readouterr().out
+        assert want in out, out
 
 
 def test_read_only_files_work_and_filesystem_is_reported(refs, tmp_path):
