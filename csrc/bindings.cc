@@ -613,8 +613,9 @@ PYBIND11_MODULE(_C, m) {
            py::arg("cache"), py::arg("num_streams"), py::arg("slot_timeout_s") = 60.0)
       .def_property_readonly("num_streams", &CopyEngine::num_streams)
       .def_property_readonly("closed", &CopyEngine::closed)
-      .def_property("read_ahead", &CopyEngine::read_ahead,
-                    [](CopyEngine& e, std::int64_t k) { e.set_read_ahead(to_int(k, "read_ahead")); })
+      .def_property(
+          "read_ahead", &CopyEngine::read_ahead,
+          [](CopyEngine& e, std::int64_t k) { e.set_read_ahead(to_int(k, "read_ahead")); })
       .def("prefetch",
            [](CopyEngine& e, std::int64_t layer, const Int64Array& experts) {
              std::vector<std::int32_t> ids = expert_ids(experts, "experts");

@@ -66,9 +66,7 @@ def test_exact_with_a_budget_below_the_experts(refs, name, device):
     assert 0 <= st.ssd_stall_s <= st.ssd_read_s
 
 
-@pytest.mark.parametrize(
-    ("name", "device"), [(n, "cpu") for n in ARCHS] + [("qwen3_moe-norm", "sim")]
-)
+@pytest.mark.parametrize(("name", "device"), [(n, "cpu") for n in ARCHS] + [("qwen3_moe-norm", "sim")])
 def test_read_ahead_is_exact_and_reads_ahead(refs, name, device):
     """A random lookahead-1 predictor's plans drive read-ahead (``read_ahead=1``): the same tokens as
     the unpatched model, logits bit-identical to the all-resident load with the same policy, misses

@@ -46,14 +46,14 @@ namespace moert {
 
 // Counters of the host tier (tiered pool), in total or for one layer.
 struct PoolStats {
-  std::int64_t hits = 0;          // acquire_host found the expert resident
-  std::int64_t reads = 0;         // experts read from their files (SSD reads)
-  std::int64_t read_bytes = 0;    // bytes read from files
-  double read_s = 0.0;            // seconds spent reading (summed over threads)
-  std::int64_t demand_reads = 0;  // ... of which for demand copies
-  double demand_read_s = 0.0;     // seconds of those (a stall of the layer that needed them)
-  std::int64_t evictions = 0;     // resident experts dropped for a read
-  std::int64_t waits = 0;         // acquire_host calls that waited (a read in progress, no slab)
+  std::int64_t hits = 0;           // acquire_host found the expert resident
+  std::int64_t reads = 0;          // experts read from their files (SSD reads)
+  std::int64_t read_bytes = 0;     // bytes read from files
+  double read_s = 0.0;             // seconds spent reading (summed over threads)
+  std::int64_t demand_reads = 0;   // ... of which for demand copies
+  double demand_read_s = 0.0;      // seconds of those (a stall of the layer that needed them)
+  std::int64_t evictions = 0;      // resident experts dropped for a read
+  std::int64_t waits = 0;          // acquire_host calls that waited (a read in progress, no slab)
   std::int64_t ahead_reads = 0;    // ... reads done by read_ahead (included in reads)
   std::int64_t ahead_used = 0;     // slabs read ahead that a copy pinned before their eviction
   std::int64_t ahead_wasted = 0;   // slabs read ahead and evicted unused
