@@ -248,9 +248,11 @@ class HostTier:
         self.files, self.parts, self.read_ahead = files, parts, read_ahead
         self.pool: Any = None
 
-    def start(self, engine: Any) -> None:
-        """Turns the copy engine's read-ahead on (``read_ahead`` layers; a no-op at 0)."""
-        engine.read_ahead = self.read_ahead
+    def attach(self, handle: Any) -> None:
+        """After loading: ``handle.load_report["host_tier"]`` (:meth:`report`), and the copy engine's
+        read-ahead set to ``read_ahead`` layers (0: off)."""
+        handle.load_report["host_tier"] = self.report(handle.pool_bytes)
+        handle.offloader.engine.read_ahead = self.read_ahead
 
     def make_pool(self, backend: str, num_layers: int, num_experts: int, slab_bytes: int, device: str) -> Any:
         """``moert.engine.backends.make_pool``'s signature: the (tiered) runtime pool."""
