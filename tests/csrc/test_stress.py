@@ -72,4 +72,5 @@ def test_stress_slice_with_both_tiers(device, tmp_path):
     assert rep.counts.get("copy_out", 0) > 100 and rep.counts.get("acquire", 0) > 2000
     assert rep.counts["pool_reads"] > 1000 and rep.counts["pool_hits"] > 100
     assert rep.counts.get("read_ahead", 0) > 100 and rep.counts["ahead_reads"] > 100
-    assert rep.counts["ahead_used"] > 10 and rep.counts["ahead_waits"] > 0, rep.counts
+    # waits on a read-ahead in flight depend on timing here (tests/csrc/test_read_ahead.py forces one)
+    assert rep.counts["ahead_used"] > 10, rep.counts
