@@ -309,4 +309,9 @@ _TIER_NAMES = (
     ("ssd_read_s", "read_s"),
     ("ssd_stall_s", "demand_read_s"),
     ("pool_evictions", "evictions"),
+    ("read_ahead_reads", "ahead_reads"),
+    ("read_ahead_used", "ahead_used"),
+    ("read_ahead_wasted", "ahead_wasted"),
+    ("read_ahead_dropped", "ahead_dropped"),
+    ("read_ahead_wait_s", "ahead_wait_s"),
 )
