@@ -227,10 +227,13 @@ class PatchHandle:
         old = self._offloader
         if old is not None:
             pool = old.pool
+            self._read_ahead = getattr(getattr(old, "engine", None), "read_ahead", 0)  # outlives engines
             self._detach_predictor()
             self._offloader = None
             old.close(keep_pool=True)
         off = build_offloader(cfg, self.adapter, refs, self.layout, pool, self.device, slots, streams, policy)
+        if getattr(self, "_read_ahead", 0):
+            off.engine.read_ahead = self._read_ahead
         for ordinal, rel in enumerate(self._released):
             rel.experts.__dict__["_moert"] = OffloadedLayer(off, ordinal)
         self._offloader, self._predictor = off, loaded

@@ -189,15 +189,19 @@ def test_a_predictor_that_fails_to_attach_returns_to_the_previous_config(ds, mon
         handle.undo()
 
 
-@pytest.mark.parametrize("host_budget", [None, 0.5], ids=["load", "load-tiered"])
-def test_reconfigure_after_load_keeps_its_pool(ds, host_budget):
-    """moert.load's pool (and its tiered pool over the checkpoint files) serves the next configuration."""
-    model = moert.load(ds.path, device="cpu", cache_experts=5, host_budget=host_budget)
+@pytest.mark.parametrize(
+    "host_budget,read_ahead", [(None, 0), (0.5, 0), (0.5, 2)], ids=["load", "load-tiered", "read-ahead"]
+)
+def test_reconfigure_after_load_keeps_its_pool(ds, host_budget, read_ahead):
+    """moert.load's pool (and its tiered pool over the checkpoint files, with its read-ahead depth)
+    serves the next configuration."""
+    model = moert.load(ds.path, device="cpu", cache_experts=5, host_budget=host_budget, read_ahead=read_ahead)
     handle = moert.handle_of(model)
     pool = handle.offloader.pool
     try:
         handle.reconfigure(cache_experts=8, policy="lfu")
         assert handle.offloader.pool is pool and handle.num_slots == 8
+        assert handle.offloader.engine.read_ahead == read_ahead
         seq, _ = greedy(model, ds.prompt, ds.new_tokens)
         st = handle.stats()
         assert torch.equal(seq, ds.out[0]) and st.misses > 0, st
