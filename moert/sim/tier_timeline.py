@@ -238,7 +238,11 @@ class _Loop:
     def demand(self, t_r: float, d: int, m: int, used: list[int]) -> float:
         """The step's demand chain at its routing time ``t_r``: returns its stall, adds to the totals."""
         head, tot = self.head, self.tot
-        window = min(math.floor(head + _EPS) + self.depth, self.issued, self.promoted[0] if self.promoted else self.issued)
+        window = min(
+            math.floor(head + _EPS) + self.depth,
+            self.issued,
+            self.promoted[0] if self.promoted else self.issued,
+        )
         k = self.first_unread()
         if k is not None:
             window = min(window, self.ra[k])  # a copy whose read has not landed is not committed

@@ -147,7 +147,9 @@ class _Recorder:
     def _logged(self, call: Any, layer: int, ids: np.ndarray, kind: int) -> int:
         before = self._cache.resident(layer).numpy()
         out = call(layer, ids)
-        loaded = ids[~before[ids] & self._cache.resident(layer).numpy()[ids]]
+        loaded = ids[~before[ids]]
+        if kind == PREFETCH:  # an access holds all its ids after the call; a prefetch may not
+            loaded = loaded[self._cache.resident(layer).numpy()[loaded]]
         _, first = np.unique(loaded, return_index=True)  # distinct, in call order
         self._log.add(self._layer_of(layer), loaded[np.sort(first)], kind, self._step_of())
         return out
@@ -196,7 +198,9 @@ class RecordingCaches(Caches):
         self.loads = LoadLog()
         step = lambda: self.step  # noqa: E731 (the drivers set it before each call)
         if self.mode == "per-layer":
-            self.caches = [_Recorder(c, self.loads, lambda _, i=i: i, step) for i, c in enumerate(self.caches)]
+            self.caches = [
+                _Recorder(c, self.loads, lambda _, i=i: i, step) for i, c in enumerate(self.caches)
+            ]
         else:
             self.caches = [_Recorder(c, self.loads, lambda layer: layer, step) for c in self.caches]
 
@@ -213,11 +217,10 @@ def replay_pool(events: np.ndarray, num_layers: int, num_experts: int, slots: in
         priorities = None
         if policy == "belady":  # after each access: minus the index of the key's next access
             key = events[:, 0] * num_experts + events[:, 1]
+            order = np.lexsort((np.arange(n), key))  # by key, then time
+            same = key[order[1:]] == key[order[:-1]]
             nxt = np.full(n, 2 * n, dtype=np.int64)
-            last: dict[int, int] = {}
-            for i in range(n - 1, -1, -1):
-                nxt[i] = last.get(int(key[i]), 2 * n)
-                last[int(key[i])] = i
+            nxt[order[:-1][same]] = order[1:][same]
             priorities = (-nxt).astype(np.float32)[:, None]
         out = pool.replay(
             events[:, 0].astype(np.int32), events[:, 1:2].astype(np.int32), priorities=priorities
@@ -245,7 +248,10 @@ def tier_traffic(events: np.ndarray, hit: np.ndarray, traffic: Traffic) -> TierT
     order; prefetches logged after the last step are dropped as :meth:`StepLog.traffic` drops them)."""
     S = traffic.steps
     demand, step = events[:, 2] == DEMAND, events[:, 3]
-    if not np.array_equal(np.bincount(step[demand], minlength=S)[:S], traffic.demand) or (step[demand] >= S).any():
+    if (
+        not np.array_equal(np.bincount(step[demand], minlength=S)[:S], traffic.demand)
+        or (step[demand] >= S).any()
+    ):
         raise RuntimeError("the recorded demand loads do not match the replay's demand misses per step")
     pre = ~demand & (step < S)
     if int(pre.sum()) != int(traffic.issued.sum()):
@@ -291,7 +297,9 @@ def tier_results(
             at = dataclasses.replace(cost, layer_compute_ms=ms, bandwidth_gbs=bw_link)
             for bw in tiers.ssd_bandwidths_gbs:
                 got = _predict(at, traffic, reads, link, ssd, L, n, bw, tiers.ssd_latency_us)
-                rows.append({**base, "layer_ms": ms, "bandwidth_gbs": bw_link, "ssd_bandwidth_gbs": bw, **got})
+                rows.append(
+                    {**base, "layer_ms": ms, "bandwidth_gbs": bw_link, "ssd_bandwidth_gbs": bw, **got}
+                )
     return rows
 
 
@@ -320,19 +328,26 @@ _PCIE_STALLS = ("demand", "behind_prefetch", "late_prefetch")
 
 
 def tier_table(report: dict) -> str:
-    """Markdown: one line per (policy, device capacity, host capacity, SSD bandwidth)."""
+    """Markdown: one line per (policy, device capacity, host policy and capacity, layer ms, SSD bandwidth):
+    hit rates, SSD reads and MB per token per tier, the stall per token per tier (waiting for SSD reads;
+    for PCIe copies), tok/s (windowed two-tier timeline) and the pooled formula's tok/s."""
     lines = [
-        "| policy | device cap | pool policy | host cap | SSD GB/s | device hit | pool hit | SSD reads/tok | "
-        "link MB/tok | SSD MB/tok | tok/s |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| policy | device cap | pool policy | host cap | layer ms | SSD GB/s | device hit | pool hit | "
+        "SSD reads/tok | PCIe MB/tok | SSD MB/tok | stall PCIe ms | stall SSD ms | tok/s | pooled tok/s |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in report["results"]:
         for t in r.get("tiers", []):
-            lines.append(
-                f"| {r['policy']} | {r['capacity']:g} | {t['host_policy']} | {t['host_capacity']:g} | {t['ssd_bandwidth_gbs']:g} | "
-                f"{r['hit_rate']:.3f} | {t['pool_hit_rate']:.3f} | {t['ssd_reads'] / max(r['tokens'], 1):.2f} | "
-                f"{t['link_bytes_per_token'] / 1e6:.1f} | {t['ssd_bytes_per_token'] / 1e6:.1f} | {t['tier_tok_s']:.2f} |"
-            )
+            stalls = [t.get("stall_pcie_ms"), t.get("stall_ssd_ms")]
+            cells = [
+                r["policy"], f"{r['capacity']:g}", t["host_policy"], f"{t['host_capacity']:g}",
+                f"{t['layer_ms']:g}", f"{t['ssd_bandwidth_gbs']:g}", f"{r['hit_rate']:.3f}",
+                f"{t['pool_hit_rate']:.3f}", f"{t['ssd_reads'] / max(r['tokens'], 1):.2f}",
+                f"{t['link_bytes_per_token'] / 1e6:.1f}", f"{t['ssd_bytes_per_token'] / 1e6:.1f}",
+                *("" if v is None else f"{v:.2f}" for v in stalls),
+                f"{t['tier_tok_s']:.2f}", f"{t['tier_pooled_tok_s']:.2f}",
+            ]  # fmt: skip
+            lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -341,9 +356,12 @@ def tier_note(report: dict) -> list[str]:
     tiers = report["config"].get("tiers")
     if not tiers:
         return []
+    latency = tiers.get("ssd_latency_us", 0.0)
     return [
-        f"SSD tier (`moert.sim.tiers`): host pool of a fraction of all experts, policy {', '.join(tiers['host_policies'])}; "
-        "tok/s with SSD reads (demand reads stall, prefetched ones hide behind compute):",
+        f"SSD tier (`moert.sim.tiers`): host pool of a fraction of all experts, policy {', '.join(tiers['host_policies'])}"
+        f"{f', {latency:g} µs per SSD read' if latency else ''}; tok/s with the SSD as a second link of the "
+        "windowed timeline (`moert.sim.tier_timeline`; `--window pooled`: the pooled formula), stalls per token "
+        "waiting for PCIe copies and for SSD reads:",
         "",
         tier_table(report),
     ]

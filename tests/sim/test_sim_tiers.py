@@ -3,6 +3,7 @@ result, the device replay is unchanged by recording, the pool against the Python
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -101,7 +102,11 @@ def test_host_capacity_one_equals_two_levels_and_recording_changes_nothing(mode)
         loads = round(got["loads_per_token"] * got["tokens"])
         assert all(t["device_loads"] == loads for t in got["tiers"]), key  # every device load recorded once
         for g in want["grid"]:
-            t = {(x["host_capacity"], x["ssd_bandwidth_gbs"]): x for x in got["tiers"] if x["layer_ms"] == g["layer_ms"]}
+            t = {
+                (x["host_capacity"], x["ssd_bandwidth_gbs"]): x
+                for x in got["tiers"]
+                if x["layer_ms"] == g["layer_ms"]
+            }
             for bw in (3.0, 7.0):  # the windowed two-tier timeline at F = 1 is the single link, bit for bit
                 assert t[(1.0, bw)]["tier_tok_s"] == g["predicted_tok_s"], (key, g)
                 assert t[(1.0, bw)]["tier_pooled_tok_s"] == g["pooled_tok_s"], (key, g)
@@ -109,7 +114,9 @@ def test_host_capacity_one_equals_two_levels_and_recording_changes_nothing(mode)
                 assert t[(0.3, bw)]["tier_tok_s"] < g["predicted_tok_s"], (key, g)
                 x = t[(0.3, bw)]  # the stalls add up to the token's time
                 compute_ms = trace.meta.num_layers * g["layer_ms"]
-                assert x["tier_token_ms"] == pytest.approx(compute_ms + x["stall_pcie_ms"] + x["stall_ssd_ms"])
+                assert x["tier_token_ms"] == pytest.approx(
+                    compute_ms + x["stall_pcie_ms"] + x["stall_ssd_ms"]
+                )
                 assert x["stall_pcie_ms"] == pytest.approx(
                     x["stall_demand_ms"] + x["stall_behind_prefetch_ms"] + x["stall_late_prefetch_ms"]
                 )
@@ -198,13 +205,26 @@ def test_cli_host_capacity(tmp_path):
             w.add(s)
     base = [sys.executable, "-P", "-m", "moert", "simulate", str(tmp_path / "t"), "--no-progress"]
     out = subprocess.run(
-        [*base, "--host-capacity", "0.3,1", "--ssd-bandwidth", "3,7", "--capacity", "0.25"],
+        [*base, "--host-capacity", "0.3,1", "--ssd-bandwidth", "3,7", "--capacity", "0.25", "--ssd-latency-us",
+         "50", "--json", str(tmp_path / "r.json")],
         capture_output=True, text=True, env=_env(),
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
-    assert "| lru | 0.25 | lru | 0.3 | 3 |" in out.stdout and "| lru | 0.25 | lru | 1 | 7 |" in out.stdout
-    bad = subprocess.run([*base, "--host-capacity", "2"], capture_output=True, text=True, env=_env())
-    assert bad.returncode != 0 and "host capacity 2.0" in bad.stderr and "Traceback" not in bad.stderr
+    assert (
+        "| lru | 0.25 | lru | 0.3 | 0.2 | 3 |" in out.stdout
+        and "| lru | 0.25 | lru | 1 | 0.2 | 7 |" in out.stdout
+    )
+    assert "stall SSD ms" in out.stdout and "50 µs per SSD read" in out.stdout
+    rows = json.loads((tmp_path / "r.json").read_text())["results"][0]["tiers"]
+    small = next(t for t in rows if t["host_capacity"] == 0.3)
+    assert small["stall_ssd_ms"] > 0 and small["ssd_demand_bytes_per_token"] > 0 and "stall_pcie_ms" in small
+    for flags, msg in (
+        (["--host-capacity", "2"], "host capacity 2.0"),
+        (["--host-capacity", "0.5", "--ssd-latency-us", "-5"], "SSD latency -5.0"),
+        (["--ssd-latency-us", "5"], "need --host-capacity"),
+    ):
+        bad = subprocess.run([*base, *flags], capture_output=True, text=True, env=_env())
+        assert bad.returncode != 0 and msg in bad.stderr and "Traceback" not in bad.stderr, flags
 
 
 def _env():
