@@ -95,6 +95,17 @@ def test_used_prefetch_whose_read_is_queued_becomes_a_demand_read():
     assert got["promoted_prefetches"] == 1 and got["prefetch_backlog"] == pytest.approx(0.5)
 
 
+def test_used_prefetch_whose_read_is_in_progress_waits_for_it():
+    # s=0 queues copies 0 and 1, both needing reads; s=1 uses copy 0. At its pick (1.5) read 0 is in
+    # progress (lands 2): copy 0 is not committed, so it is promoted, and waits for that read (not read
+    # again): the link idles 0.5, copies 2..3: stall 1.5 = 1 late + 0.5 SSD. Read 1 runs 2..4, copy 1
+    # 4..5, before the trace ends. 4 + 1.5 = 5.5 ms.
+    t = traffic([0, 0, 0, 0], [2, 0, 0, 0], [(1, 0)])
+    got = ms(t, reads([0, 0, 0, 0], [True, True]))
+    check(got, 5.5, late_prefetch=1.0, ssd=0.5, behind_prefetch=0.0)
+    assert got["promoted_prefetches"] == 1 and got["prefetch_backlog"] == 0
+
+
 def test_reads_still_queued_at_the_end_are_charged():
     # s=3 queues one copy needing a read, unused; the trace ends at 4 with its read half done (lands at 5),
     # the copy runs 5..6: 1 copy behind prefetches + 1 of SSD. 4 + 2 = 6 ms.

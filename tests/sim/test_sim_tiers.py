@@ -3,6 +3,7 @@ result, the device replay is unchanged by recording, the pool against the Python
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -82,6 +83,8 @@ def test_prefetched_reads_on_the_windowed_timeline():
     assert t[(0.25, 5.0)]["stall_pcie_ms"] == pytest.approx(600.0 / 4)
     assert t[(0.25, 5.0)]["ssd_prefetch_bytes_per_token"] == pytest.approx(1.5 * GB)
     assert t[(0.25, 5.0)]["link_prefetch_bytes_per_token"] == pytest.approx(1.5 * GB)
+    pooled = run(tiny_trace(), ["lru+oracle"], tiers=tiers, cost=dataclasses.replace(COST, window="pooled"))
+    assert by_host(pooled[("lru+oracle", 0.25)])[(0.25, 5.0)]["tier_token_ms"] == pytest.approx(300.0)
     latency = TierConfig(host_capacities=(0.25,), ssd_bandwidths_gbs=(5.0,), ssd_latency_us=10_000.0)
     slow = run(tiny_trace(), ["lru+oracle"], tiers=latency)[("lru+oracle", 0.25)]["tiers"][0]
     assert slow["tier_token_ms"] == pytest.approx((1806.8 + 6 * 10.0) / 4)  # 10 ms more per read
