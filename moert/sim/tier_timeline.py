@@ -35,6 +35,9 @@ What it assumes (besides :class:`moert.sim.CostModel`'s):
   always finds a slot (no waiting for a pool slot pinned by a copy);
 - the backlog carries across steps on both links; what is still queued when the trace ends is charged:
   the PCIe copies as a stall behind prefetches, the time their reads add as SSD stall.
+- a consequence, not a rule: since a copy whose read has not landed is not committed, a demand copy may
+  wait behind fewer prefetches with slower reads, so on a link that prefetches more than it moves the
+  time is not always monotone in ``BW_ssd`` (very slow reads always cost; instant ones are one link).
 
 With no SSD read at all it is :func:`link_timeline` itself (tested bit for bit, also of the loop here).
 """
