@@ -72,6 +72,10 @@ class CostModel:
     With no prefetch it is exactly ``t_token = (steps * C + D * c) / tokens``: the pooled model's
     copy-only formula, except that a verify pass shorter than N still costs a whole pass.
 
+    With an SSD tier (``SimConfig.tiers``) the SSD is a second link of this timeline: a copy of an
+    expert not in the host pool waits for its read (:mod:`moert.sim.tier_timeline`, which states its
+    own assumptions); without a pool miss it is this model exactly.
+
     **Pooled** (``window="pooled"``, the earlier model, kept for comparison; every row also carries it
     as ``pooled_tok_s``): ``t_token = max(L * t_layer, B_prefetch / BW) + B_demand / BW``: prefetches
     hide behind a whole token's compute, whenever they were issued and however late they land.
