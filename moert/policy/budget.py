@@ -19,10 +19,21 @@ the layer's experts and the experts ``present`` in the cache (ready or in flight
   past the window would only delay the demand copies behind it. So with ``W < 1`` nothing is issued
   and the run is exactly demand-only (the same hits, misses and bytes);
 - a candidate is issued only if its value ``p_c * t_copy`` is higher than the value of the expert it
-  evicts (:func:`fill_budget`): free slots first (value 0), then victims in the eviction order this
-  policy mirrors (least recently used first, from the ``on_routed`` accesses and its own prefetches;
-  one cache per layer, or all layers' entries in one global cache), each valued by the latest
-  calibrated probability its layer's predictor gave it.
+  evicts (:func:`fill_budget`): free slots first (value 0), then victims in the eviction part's own
+  order, valued in the same unit (:mod:`moert.policy.victims`: the cache's key mirrored from the uses,
+  the budget's prefetches and the eviction part's priority plans; ``learned``: a victim forecast ``r``
+  tokens away is worth ``1 / (1 + r)``, ``lru``: the latest calibrated probability its layer's
+  predictor gave it); one cache per layer, or all layers' entries in one global cache. Under a
+  priority evictor a prefetched expert keeps its old priority, so a prefetch that would evict an
+  earlier one of the same call is not issued; one layer ahead, the routed call's own experts (not
+  pinned yet) are never a victim.
+
+**One layer ahead** (``PRED:budget-ahead``, the simulator's :class:`BudgetPredictor` with
+``ahead=True``; predictors whose input for layer l+1 is known once layer l's router picked:
+``xlayer``, ``prev-token``, ``frequency``): at layer l's router (``on_routed``) the same rule plans
+layer l+1 with the window ``layer_compute_ms / copy_ms`` (the rest of layer l and layer l+1's
+attention: the windowed model queues these copies right after the step's own demand copies,
+``moert.sim.timeline``), on top of the own-layer rule before each layer.
 
 Probabilities: the predictor's (sigmoid or clamped) outputs mapped by a :class:`Calibration`: per bin of
 the raw probability, the observed selection rate on sequences the policy is not judged on (the CLI:
@@ -30,23 +41,24 @@ up to 100 of the non-held-out sequences; ``bench/bench_budget.py``: the validati
 monotone. Without one (the runtime default) the raw probability is used.
 
 What it assumes: the value of a prefetch is its use at this call (a later use before eviction is not
-counted: conservative); the eviction order mirrored is LRU (exact for ``lru``; for other eviction parts
-an approximation); in one global cache the residency of other layers is read again only when a
-victim is needed. Only the predictor's own-layer row is used (lookahead rows are ignored).
+counted: conservative); the victim order is the cache's for ``lru`` and priority evictors (``learned``)
+up to ties among one call's experts, and LRU order for ``lfu`` (its counts are not mirrored: an
+approximation); in one global cache the residency of another layer is read again only when its
+entries would be victims. The runtime planner (:class:`BudgetPlanner`) plans the own layer only (its
+predictor runs at each layer's input; lookahead rows are ignored).
 """
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
 from moert.policy.base import Plan, as_numpy
+from moert.policy.budget_windows import Calibration, CostWindow, FixedWindow, MeasuredWindow
 from moert.policy.predictor import WIDTH_BUILDERS, PredictorPolicy
-from moert.policy.score import ScorePlanner
+from moert.policy.score import CLEAR_WRAP, ScorePlanner
 from moert.policy.victims import EvictorView
 
 #: predictor kinds whose input for layer l+1 is known when layer l's router has picked (the experts of
@@ -134,100 +146,6 @@ def within_victims(ids: list[int], p: np.ndarray, victims: np.ndarray, stale: An
                 return ids[:n]
             low = min(low, own[e])
     return ids
-
-
-@dataclass(frozen=True)
-class Calibration:
-    """Raw probability -> observed selection rate, per bin (monotone non-decreasing).
-
-    Attributes:
-        edges: (B + 1,) bin edges over [0, 1].
-        rates: (B,) selection rate of the raw probabilities in each bin.
-    """
-
-    edges: np.ndarray
-    rates: np.ndarray
-
-    def __call__(self, p: np.ndarray) -> np.ndarray:
-        i = np.clip(np.searchsorted(self.edges, p, side="right") - 1, 0, self.rates.size - 1)
-        return self.rates[i]
-
-    @staticmethod
-    def fit(raw: np.ndarray, selected: np.ndarray, bins: int = 20) -> Calibration:
-        """From (N, E) raw probabilities and (N, E) bool selections; a running maximum keeps the
-        mapping monotone (an empty bin takes the rate below it, 0 below every observation)."""
-        raw, sel = np.asarray(raw, dtype=np.float64).ravel(), np.asarray(selected, dtype=bool).ravel()
-        edges = np.linspace(0.0, 1.0, bins + 1)
-        i = np.clip(np.searchsorted(edges, raw, side="right") - 1, 0, bins - 1)
-        count = np.bincount(i, minlength=bins)
-        hits = np.bincount(i, weights=sel.astype(np.float64), minlength=bins)
-        rates = np.where(count > 0, hits / np.maximum(count, 1), np.nan)
-        return Calibration(edges, np.nan_to_num(np.fmax.accumulate(rates), nan=0.0))
-
-
-class FixedWindow:
-    """A window of ``copies`` expert copies at every layer call (tests inject it)."""
-
-    def __init__(self, copies: float) -> None:
-        self.copies = float(copies)
-
-    def __call__(self, layer: int) -> float:
-        return self.copies
-
-
-class CostWindow(FixedWindow):
-    """The simulator's window: the compute an own-layer prefetch hides behind over the cost model's copy
-    time of one expert: the layer's attention share of ``layer_compute_ms`` under the windowed model (what
-    the runtime's :class:`MeasuredWindow` measures: prediction to router), the whole layer under pooled;
-    ``whole_layer``: a prefetch for layer l+1 queued at layer l's router (the rest of layer l and l+1's
-    attention: one layer's compute)."""
-
-    def __init__(self, cost: Any, whole_layer: bool = False) -> None:
-        windowed = getattr(cost, "window", "pooled") == "windowed"
-        share = cost.attention_share if windowed and not whole_layer else 1.0
-        super().__init__(share * cost.layer_compute_ms * 1e-3 / cost.copy_s)
-
-
-class MeasuredWindow:
-    """The runtime's window, measured online: per layer, an EMA of the time from its prediction to its
-    router (what an own-layer prefetch can hide behind), over an EMA of the copy engine's busy time per
-    copy (``CopyEngine.stats()``: ``busy_s`` / ``copies``, read once per token at layer 0). Until both
-    are measured the window is 0 (nothing is prefetched).
-
-    Args:
-        engine: the model's ``runtime.CopyEngine``.
-        num_layers: L.
-        decay: weight of the past in both EMAs.
-        clock: seconds now (``time.perf_counter``; tests inject one).
-    """
-
-    def __init__(
-        self, engine: Any, num_layers: int, decay: float = 0.5, clock: Any = time.perf_counter
-    ) -> None:
-        self.engine, self.decay, self.clock = engine, decay, clock
-        self.window_s = np.zeros(num_layers)
-        self.started = np.zeros(num_layers)
-        self.copy_s = 0.0
-        self._last = (0.0, 0)
-
-    def start(self, layer: int) -> None:
-        self.started[layer] = self.clock()
-        if layer == 0 and self.engine is not None:
-            st = self.engine.stats()
-            busy, copies = float(st["busy_s"]), int(st["copies"])
-            if copies > self._last[1]:
-                per = (busy - self._last[0]) / (copies - self._last[1])
-                self.copy_s = per if self.copy_s == 0 else self.decay * self.copy_s + (1 - self.decay) * per
-            self._last = (busy, copies)
-
-    def routed(self, layer: int) -> None:
-        if self.started[layer]:
-            dt = self.clock() - self.started[layer]
-            w = self.window_s[layer]
-            self.window_s[layer] = dt if w == 0 else self.decay * w + (1 - self.decay) * dt
-
-    def __call__(self, layer: int) -> float:
-        return float(self.window_s[layer] / self.copy_s) if self.copy_s > 0 else 0.0
 
 
 class _Budgeted:
@@ -415,7 +333,16 @@ class BudgetPlanner(_Budgeted, ScorePlanner):
 
     def _base_plan(self, layer: int, logits: Any, kernel_plan: Any) -> Plan:
         # the planner's own plan: its scores and clears (policy score), last_planned (online recall)
-        return ScorePlanner.on_prediction(self, layer, logits, kernel_plan)
+        if kernel_plan is not None or self.push_scores or self.lookahead or self.adaptive:
+            return ScorePlanner.on_prediction(self, layer, logits, kernel_plan)
+        # no scores to push and no kernel plan (the CPU twin): only last_planned, the top-width experts
+        # by probability (the reference kernel's ids up to ties), without its torch ops
+        x = as_numpy(logits, np.float32).reshape(-1, self.num_experts).max(axis=0)
+        self.step = self.step % CLEAR_WRAP + 1
+        self.last_planned = torch.from_numpy(
+            np.argsort(-x, kind="stable")[: self.width].astype(np.int32)[None]
+        )
+        return Plan((layer,))
 
 
 class BudgetPredictor(_Budgeted, PredictorPolicy):
