@@ -218,3 +218,50 @@ def test_bench_check_names_every_point_below():
     got = bench_budget.check(rows)
     assert not got["ok"] and len(got["below"]) == 1 and "global 2 ms 25 GB/s @0.25" in got["below"][0]
     assert "below at 1" in got["line"] and "equal at 1" in got["line"]
+
+
+def test_cli_recommended_policy(tmp_path, capsys):
+    """``moert simulate --policy learned --evictor R --prefetch prev-token:budget-ahead``: at 0.2 ms the row
+    is learned's; ``:budget-ahead`` on a predictor whose input is not known a layer ahead is refused."""
+    import argparse
+    import json
+
+    from moert.cli import simulate as sim_cli
+    from moert.predict.reuse import save_reuse
+    from moert.trace import TraceWriter
+
+    trace, meta, _ = _trace(n=2)
+    with TraceWriter(tmp_path / "t", trace.meta) as w:
+        for s in trace.sequences():
+            w.add(s)
+    save_reuse(tmp_path / "r.safetensors", ReuseModel.random(4, 16, seed=3), model_type="synthetic",
+               layers=tuple(range(4)), top_k=2)  # fmt: skip
+    parser = argparse.ArgumentParser()
+    sim_cli.add_arguments(parser)
+    out = tmp_path / "r.json"
+    argv = [str(tmp_path / "t"), "--no-progress", "--policy", "learned", "--evictor", str(tmp_path / "r.safetensors"),
+            "--prefetch", "prev-token:budget-ahead", "--layer-compute-ms", "0.2", "--json", str(out)]  # fmt: skip
+    assert sim_cli.run(parser.parse_args(argv)) == 0
+    rows = {r["policy"]: r for r in json.loads(out.read_text())["results"]}
+    rec = rows["learned+prev-token:budget-ahead"]
+    assert rec["prefetches"] == 0 and rec["hits"] > 0
+    capsys.readouterr()
+    from moert.policy.budget import BudgetPredictor
+    from moert.predict.baselines import PrevTokenPredictor
+
+    pred = PrevTokenPredictor.for_trace(meta)
+    with pytest.raises(ValueError, match="one layer ahead|layer l's router"):
+        BudgetPredictor(_FakeKind(pred, "preattn"), ahead=True)
+
+
+class _FakeKind:
+    """A predictor whose meta says another kind (the check reads only ``meta.kind`` and ``meta.loss``)."""
+
+    def __init__(self, pred, kind):
+        import dataclasses
+
+        self.meta = dataclasses.replace(pred.meta, kind=kind, loss="wbce")
+        self._pred = pred
+
+    def __getattr__(self, name):
+        return getattr(self._pred, name)
