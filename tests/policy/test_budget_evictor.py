@@ -265,3 +265,28 @@ class _FakeKind:
 
     def __getattr__(self, name):
         return getattr(self._pred, name)
+
+
+def test_the_stepping_driver_logs_a_routers_prefetch_into_the_next_layer_as_mid():
+    """A plan of ``on_routed`` that prefetches into the next layer is queued at the router (``mid``); one
+    into the routed layer itself stays at the step's start."""
+    from moert.policy.base import Policy
+    from moert.sim.step import step_sequence
+
+    class Ahead(Policy):
+        name, cache_policy = "ahead", "lru"
+
+        def on_routed(self, layer, counts, resident):
+            if layer == 0:
+                return Plan((1,), np.array([[7]], dtype=np.int32))  # into the next layer
+            return Plan((layer,), np.array([[9]], dtype=np.int32))  # into its own layer
+
+    _, meta, seqs = _trace(L=2, T=1, n=1)
+    policy = Ahead()
+    policy.bind(2, 16, 2)
+    log = StepLog(2, 2)
+    caches = Caches("per-layer", 2, 16, 4, "lru", min_slots=2, log=log)
+    hits = step_sequence(policy, caches, seqs[0], 0)
+    log.demand(np.asarray(seqs[0].experts.numpy() >= 0).sum(axis=2) - hits)
+    tr = log.traffic()
+    assert tr.issued.tolist() == [1, 1] and tr.issued_mid.tolist() == [1, 0]
