@@ -154,8 +154,10 @@ bench-moe-beyond: setup
 	nice $(PY) bench/bench_moe_beyond.py train --name heads --layer-input heads --batch 8 --epochs 80 --patience 4 --until $(BENCH_UNTIL)
 	$(PY) bench/bench_moe_beyond.py report
 
-# budgeted prefetch vs lru / belady / greedy xlayer prefetch on the held-out puffin prompts (~30 min on 2 cores;
-# trains the xlayer predictor first unless BUDGET_ARGS="--predictor FILE" names one recording the split)
+# the recommended policy (learned eviction + budgeted prefetch, one layer ahead) vs lru / lfu / learned / belady /
+# greedy xlayer prefetch over the (layer ms, GB/s) grid on the held-out puffin prompts; fails if the recommended
+# policy is below the best demand-only one anywhere. Trains the xlayer predictor first unless
+# BUDGET_ARGS="--predictor FILE" names one recording the split; the evictor: --evictor (out/evict/reuse.safetensors)
 bench-budget: setup
 	$(PY) bench/bench_budget.py $(BUDGET_ARGS)
 
