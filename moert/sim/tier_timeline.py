@@ -104,6 +104,11 @@ def tier_timeline(
     kw = dict(compute_s=compute_s, copy_s=copy_s, attention_share=attention_share, depth=depth)
     if not loop and reads.reads == 0:  # no SSD tier: the single link, exactly
         return {**link_timeline(traffic, **kw), "stall_ssd_s": 0.0, "read_backlog": 0.0}
+    if traffic.issued_mid is not None and traffic.issued_mid.any():
+        raise ValueError(
+            "copies queued at a router for a later layer (a ':budget-ahead' prefetch) are not modelled with "
+            "the SSD tier yet; use ':budget' with --host-capacity, or leave out --host-capacity"
+        )
     rho = read_s / copy_s
     if not loop and traffic.issued.sum() == 0:  # demand only: pool hits copy during the first read
         m, dem = M.astype(np.float64), D.astype(np.float64)

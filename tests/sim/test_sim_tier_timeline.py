@@ -181,3 +181,17 @@ def test_bad_reads_are_refused():
         )
     with pytest.raises(ValueError, match="the traffic queued 1"):
         tier_timeline(t, reads([0, 0], []), compute_s=1, copy_s=1, read_s=1, attention_share=0.5, depth=1)
+
+
+def test_copies_queued_at_a_router_are_refused_with_reads():
+    """A ':budget-ahead' prefetch (queued at a router for the next layer) is not modelled on the SSD
+    tier: a clear error, not a timeline that treats it as queued at the step's start; without reads it
+    is the single link's."""
+    t = traffic([0, 0, 0, 0], [2, 0, 0, 0], [(2, 1)])
+    t.issued_mid = np.array([1, 0, 0, 0], dtype=np.int64)
+    with pytest.raises(ValueError, match="budget-ahead"):
+        ms(t, reads([0, 0, 0, 0], [False, True]))
+    got = ms(t, reads([0, 0, 0, 0], [False, False]))
+    assert got["seconds"] == pytest.approx(
+        link_timeline(t, compute_s=1e-3, copy_s=1e-3, attention_share=0.5, depth=1)["seconds"] * 1e3
+    )
