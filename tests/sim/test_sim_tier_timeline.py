@@ -8,6 +8,8 @@ whose expert missed the host pool.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -187,8 +189,7 @@ def test_copies_queued_at_a_router_are_refused_with_reads():
     """A ':budget-ahead' prefetch (queued at a router for the next layer) is not modelled on the SSD
     tier: a clear error, not a timeline that treats it as queued at the step's start; without reads it
     is the single link's."""
-    t = traffic([0, 0, 0, 0], [2, 0, 0, 0], [(2, 1)])
-    t.issued_mid = np.array([1, 0, 0, 0], dtype=np.int64)
+    t = dataclasses.replace(traffic([0, 0, 0, 0], [2, 0, 0, 0], [(2, 1)]), issued_mid=np.array([1, 0, 0, 0]))
     with pytest.raises(ValueError, match="budget-ahead"):
         ms(t, reads([0, 0, 0, 0], [False, True]))
     got = ms(t, reads([0, 0, 0, 0], [False, False]))
