@@ -54,7 +54,7 @@ test-gpu: setup
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m gpu
 
 # bench/gpu_session.sh with every GPU-only step replaced by its CPU equivalent: the script is tested
-# before a GPU is ever lent (CI runs it; about 2 minutes)
+# before a GPU is ever lent (CI runs it; about 3 minutes)
 gpu-dry-run: setup
 	bash bench/gpu_session.sh --dry-run
 
@@ -101,6 +101,8 @@ bench: setup
 	$(PY) bench/bench_sim.py
 	$(PY) bench/bench_decode.py
 	$(PY) bench/bench_decode.py --prefill-len 128 --prefill-caches 0.05 0.1 0.25
+	$(PY) bench/bench_setup.py
+	$(PY) bench/gpu_compile_count.py
 	$(PY) bench/bench_cpu_expert.py
 	$(PY) bench/bench_predictive_norm.py
 
@@ -152,8 +154,10 @@ bench-moe-beyond: setup
 	nice $(PY) bench/bench_moe_beyond.py train --name heads --layer-input heads --batch 8 --epochs 80 --patience 4 --until $(BENCH_UNTIL)
 	$(PY) bench/bench_moe_beyond.py report
 
-# budgeted prefetch vs lru / belady / greedy xlayer prefetch on the held-out puffin prompts (~30 min on 2 cores;
-# trains the xlayer predictor first unless BUDGET_ARGS="--predictor FILE" names one recording the split)
+# the recommended policy (learned eviction + budgeted prefetch, one layer ahead) vs lru / lfu / learned / belady /
+# greedy xlayer prefetch over the (layer ms, GB/s) grid on the held-out puffin prompts; fails if the recommended
+# policy is below the best demand-only one anywhere. Trains the xlayer predictor first unless
+# BUDGET_ARGS="--predictor FILE" names one recording the split; the evictor: --evictor (out/evict/reuse.safetensors)
 bench-budget: setup
 	$(PY) bench/bench_budget.py $(BUDGET_ARGS)
 

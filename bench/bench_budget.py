@@ -1,64 +1,69 @@
-"""Budgeted prefetch (``moert.policy.budget``) against demand-only and greedy prefetch on the puffin traces.
+"""The recommended policy (learned eviction + budgeted prefetch) against every demand-only policy, over the grid.
 
 The held-out prompts of ``bench/bench_predict.py``'s split (seed 0) of the shared DeepSeek-V2-Lite-Chat
-puffin traces, replayed through the C++ cache per-layer and global at capacities 0.1/0.25/0.5, at
-layer compute times 0.2, 1 and 4.5 ms and 25 GB/s (17.3 MB experts): ``lru`` (demand only), ``belady``
-(optimal demand-only eviction), ``lru+xlayer`` (today's greedy prefetch of xlayer's top-6 before every
-layer) and ``lru+xlayer:budget`` (the budget, calibrated on the validation prompts). The xlayer
-predictor is trained as in ``predict_puffin.md`` (dims 128, wbce, 5 epochs) unless ``--predictor`` names
-one that records that split. Hits of lru / belady / lru+xlayer do not depend on the layer time: they are
-replayed once per mode and priced at every point by the same cost model; the budget's decisions do, so it
-is replayed at every point. Writes ``bench/results/sim_budget_puffin.{json,md}``.
+puffin traces, replayed through the C++ cache per-layer and global at capacities 0.1/0.25/0.5 and
+priced by the windowed cost model (``moert.sim.CostModel``) at every (layer ms, GB/s) of the grid:
 
-    python bench/bench_budget.py [--predictor xlayer.safetensors] [--max-prompts N]   # make bench-budget
+- demand only: ``lru``, ``lfu``, ``learned`` (``--evictor``, a ``moert train --predictor reuse`` file),
+  and ``belady`` (optimal demand-only eviction, reads the future); ``lru+xlayer`` (greedy: xlayer's
+  top-6 before every layer). Their hits do not depend on the cost point: replayed once per mode, priced
+  at every point;
+- **recommended** = ``learned+xlayer:budget-ahead`` (``moert simulate --policy learned --evictor R
+  --prefetch X.safetensors:budget-ahead``): learned eviction; the budget (``moert.policy.budget``,
+  calibrated on the validation prompts) prefetches the own layer behind its attention and, at layer l's
+  router, layer l+1 behind the rest of layer l and l+1's attention, victims ordered and valued by the
+  evictor. Its decisions depend on the point (the windows), so it is replayed at every point where a
+  window holds a copy; where both windows are under one copy it issues nothing and is ``learned``'s run
+  exactly (``tests/policy/test_budget_evictor.py``), so that run is reused and marked.
+
+The check line: at every point, recommended against the best of lru/lfu/learned, every point below
+named; exit 1 if any is below by more than 0.1% (float noise). Writes
+``bench/results/sim_budget_puffin.{json,md}``.
+
+    python bench/bench_budget.py [--predictor xlayer.safetensors] [--evictor out/evict/reuse.safetensors]
+        [--jobs 2] [--max-prompts N]                                           # make bench-budget
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-
-import torch
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
-LAYER_MS = (0.2, 1.0, 4.5)
 CAPS = (0.1, 0.25, 0.5)
+DEMAND = ("lru", "lfu", "learned")
+REC = "learned+xlayer:budget-ahead"
+ORDER = ("lru", "lfu", "learned", "belady", "lru+xlayer", REC)
 KEEP = ("policy", "capacity", "mode", "hit_rate", "demand_misses", "prefetches", "prefetch_hits",
-        "prefetch_wasted", "bytes_per_token", "predicted_tok_s", "token_ms", "slots_per_cache", "tokens")  # fmt: skip
+        "prefetch_wasted", "bytes_per_token", "slots_per_cache", "tokens")  # fmt: skip
+TOLERANCE = 1e-3
+
+_STATE: dict = {}
 
 
-def _simulate(trace, names, pre, mode, cost, layer_ms=()) -> list[dict]:
-    from moert.sim import SimConfig, parse_policies, simulate
+def _setup(args: argparse.Namespace) -> dict:
+    """The split, the test trace, the predictor file and its calibration (once per process)."""
+    if _STATE.get("key") == (args.predictor, args.max_prompts):
+        return _STATE
+    import torch
 
-    cfg = SimConfig(
-        capacities=CAPS,
-        policies=tuple(parse_policies(names, prefetchers=pre)),
-        mode=mode,
-        cost=cost,
-        layer_ms=layer_ms,
-    )
-    return simulate(trace, cfg, prefetchers=pre)["results"]
-
-
-def run(args: argparse.Namespace) -> dict:
     sys.path.insert(0, str(REPO / "bench"))
     import sim_score
 
     from moert import envs
-    from moert.cli.simulate import environment
     from moert.policy.budget import BudgetPredictor
-    from moert.policy.predictor import SequenceListTrace, policy_from_spec
+    from moert.policy.predictor import SequenceListTrace
     from moert.predict.data import open_sequences, split_sequences
     from moert.predict.evaluate import select_sequences
     from moert.predict.io import load_predictor
-    from moert.provenance import modified_files
-    from moert.sim import CostModel
 
-    env = {**environment(), "modified_tracked_files": modified_files()}
+    torch.set_num_threads(1)
     src = envs.shared_dir() / "data" / "traces" / "deepseek-v2-lite-chat-puffin"
     meta, seqs = open_sequences(str(src))
     split = split_sequences([s.seq_id for s in seqs], 0.1, 0.1, seed=0)
@@ -66,120 +71,231 @@ def run(args: argparse.Namespace) -> dict:
     args.seed, args.epochs = 0, 5
     path, made = sim_score._predictor(args, meta, parts, split)
     test = parts["test"][: args.max_prompts] if args.max_prompts else parts["test"]
-    trace = SequenceListTrace(meta, test, path="puffin-test")
-    t0 = time.perf_counter()
     predictor = load_predictor(path)
-    calibration = BudgetPredictor.calibrate(predictor, parts["val"])
-    budget = BudgetPredictor(predictor, calibration, name="xlayer:budget")
-    rows, seconds = [], {"calibration": time.perf_counter() - t0}
-    for mode in ("per-layer", "global"):
-        t0 = time.perf_counter()
-        pre = {"xlayer": policy_from_spec(f"{path}:0", meta), "xlayer:budget": budget}
-        pre["xlayer"].name = "xlayer"
-        base = _simulate(trace, ["lru", "belady", "lru+xlayer"], pre, mode, CostModel(), LAYER_MS)
-        for ms in LAYER_MS:
-            cost = CostModel(layer_compute_ms=ms)
-            for r in base:  # the same traffic, priced at this layer time by the same (windowed) model
-                point = next(g for g in r["grid"] if g["layer_ms"] == ms)
-                rows.append({**{k: r[k] for k in KEEP}, "layer_ms": ms, "predicted_tok_s": point["predicted_tok_s"],
-                             "pooled_tok_s": point["pooled_tok_s"]})  # fmt: skip
-            for r in _simulate(trace, ["lru+xlayer:budget"], pre, mode, cost):
-                rows.append({**{k: r[k] for k in KEEP}, "layer_ms": ms})
-            print(f"{mode} {ms} ms: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
-        seconds[mode] = time.perf_counter() - t0
+    cal = BudgetPredictor.calibrate(predictor, parts["val"])
+    _STATE.update(key=(args.predictor, args.max_prompts), src=src, meta=meta, parts=parts, path=path,
+                  made=made, predictor=predictor, calibration=cal,
+                  trace=SequenceListTrace(meta, test, path="puffin-test"))  # fmt: skip
+    return _STATE
+
+
+def _prefetchers(st: dict) -> dict:
+    from moert.policy.budget import BudgetPredictor
+    from moert.policy.predictor import policy_from_spec
+
+    greedy = policy_from_spec(f"{st['path']}:0", st["meta"])
+    greedy.name = "xlayer"
+    rec = BudgetPredictor(st["predictor"], st["calibration"], name="xlayer:budget-ahead", ahead=True)
+    return {"xlayer": greedy, "xlayer:budget-ahead": rec}
+
+
+def _simulate(args, names, mode, points, cost) -> list[dict]:
+    from moert.sim import SimConfig, parse_policies, simulate
+
+    st = _setup(args)
+    pre = _prefetchers(st)
+    cfg = SimConfig(capacities=CAPS, policies=tuple(parse_policies(names, prefetchers=pre)), mode=mode, cost=cost,
+                    layer_ms=tuple(sorted({p[0] for p in points})), bandwidths=tuple(sorted({p[1] for p in points})),
+                    evictor=args.evictor)  # fmt: skip
+    out = []
+    for r in simulate(st["trace"], cfg, prefetchers=pre)["results"]:
+        for g in r["grid"]:
+            if (g["layer_ms"], g["bandwidth_gbs"]) in points:
+                out.append({**{k: r[k] for k in KEEP}, "layer_ms": g["layer_ms"], "bandwidth_gbs": g["bandwidth_gbs"],
+                            "predicted_tok_s": g["predicted_tok_s"], "pooled_tok_s": g["pooled_tok_s"]})  # fmt: skip
+    return out
+
+
+def _job(args: argparse.Namespace, what: str, mode: str, points: list) -> tuple[list[dict], float]:
+    """One replay (a process of the pool): the demand-only/greedy rows, or the recommended at one point."""
+    from moert.sim import CostModel
+
+    t0 = time.perf_counter()
+    if what == "base":
+        rows = _simulate(args, [*DEMAND, "belady", "lru+xlayer"], mode, points, CostModel())
+    else:
+        (ms, bw), = points  # fmt: skip
+        rows = _simulate(args, [REC], mode, points, CostModel(layer_compute_ms=ms, bandwidth_gbs=bw))
+    return rows, time.perf_counter() - t0
+
+
+def windows(ms: float, bw: float) -> tuple[float, float]:
+    """The budget's own-layer and one-layer-ahead windows at a point, in expert copies."""
+    from moert.sim import CostModel
+
+    cost = CostModel(layer_compute_ms=ms, bandwidth_gbs=bw)
+    return cost.attention_share * ms * 1e-3 / cost.copy_s, ms * 1e-3 / cost.copy_s
+
+
+def run(args: argparse.Namespace) -> dict:
+    from moert.cli.simulate import environment
+    from moert.provenance import modified_files
+
+    env = {**environment(), "modified_tracked_files": modified_files()}
+    st = _setup(args)  # trains the predictor once, before the pool starts
+    grid = [(ms, bw) for ms in args.layer_ms for bw in args.bandwidth]
+    busy = [p for p in grid if max(windows(*p)) >= 1.0]
+    jobs = [("base", m, grid) for m in ("per-layer", "global")] + [
+        ("rec", m, [p]) for p in sorted(busy, key=lambda p: -p[0] / p[1]) for m in ("per-layer", "global")
+    ]
+    rows, seconds = [], {}
+    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
+        futures = [(j, pool.submit(_job, args, *j)) for j in jobs]
+        for (what, mode, points), fut in futures:
+            got, s = fut.result()
+            rows += got
+            seconds[f"{what} {mode} {points[0] if what == 'rec' else 'grid'}"] = round(s, 1)
+            print(
+                f"{what} {mode} {points if what == 'rec' else 'grid'}: {s:.0f} s", file=sys.stderr, flush=True
+            )
+    for r in [r for r in rows if r["policy"] == "learned"]:
+        if (r["layer_ms"], r["bandwidth_gbs"]) not in busy:  # windows < 1 copy: nothing issued
+            rows.append({**r, "policy": REC, "from_learned": True})
+    from moert.sim import CostModel
+
+    cal = st["calibration"]
+    tr = st["trace"]
     return {
-        "what": "budgeted prefetch vs demand-only and greedy prefetch, DeepSeek-V2-Lite-Chat puffin, held-out prompts",
-        "trace": {"source": str(src), "layers": len(meta.layers), "experts": meta.num_experts, "top_k": meta.top_k,
-                  "replayed": {"prompts": len(test), "tokens": sum(s.num_tokens for s in test)},
-                  "calibrated_on": {"prompts": len(parts["val"]), "split": "val"}},
-        "predictor": {"kind": "xlayer", "file": path, **made},
-        "calibration": {"edges": calibration.edges.tolist(), "rates": calibration.rates.tolist()},
-        "cost_model": {"expert_bytes": CostModel().expert_bytes, "bandwidth_gbs": 25.0, "layer_ms": list(LAYER_MS),
+        "what": "recommended policy (learned + budgeted prefetch) vs demand-only, DeepSeek-V2-Lite-Chat puffin, held-out prompts",
+        "trace": {"source": str(st["src"]), "layers": len(st["meta"].layers), "experts": st["meta"].num_experts,
+                  "top_k": st["meta"].top_k, "replayed": {"prompts": tr.meta.num_sequences, "tokens": tr.meta.num_tokens},
+                  "calibrated_on": {"prompts": len(st["parts"]["val"]), "split": "val"}},
+        "predictor": {"kind": "xlayer", "file": st["path"], **{k: v for k, v in st["made"].items() if k != "history"}},
+        "evictor": _evictor_info(args.evictor),
+        "calibration": {"edges": cal.edges.tolist(), "rates": cal.rates.tolist()},
+        "cost_model": {"expert_bytes": CostModel().expert_bytes, "attention_share": CostModel().attention_share,
+                       "layer_ms": list(args.layer_ms), "bandwidth_gbs": list(args.bandwidth),
                        "formula": "windowed (moert.sim.CostModel: one copy link replayed step by step)"},
+        "replayed_points": [list(p) for p in busy],
         "sim_seconds": seconds,
         "rows": rows,
+        "check": check(rows),
         **env,
         "command": " ".join(["python", *sys.argv]),
     }  # fmt: skip
 
 
-ORDER = ("lru", "belady", "lru+xlayer", "lru+xlayer:budget")
+def _evictor_info(path: str) -> dict:
+    import hashlib
+
+    return {"file": path, "sha256": hashlib.sha256(Path(path).read_bytes()).hexdigest()}
+
+
+def check(rows: list[dict]) -> dict:
+    """Recommended vs the best demand-only policy at every (mode, layer ms, GB/s, capacity)."""
+    by = {(r["mode"], r["layer_ms"], r["bandwidth_gbs"], r["capacity"], r["policy"]): r for r in rows}
+    below, above, equal, gains = [], 0, 0, []
+    for (mode, ms, bw, cap, pol), r in sorted(by.items()):
+        if pol != REC:
+            continue
+        best_pol = max(DEMAND, key=lambda p: by[(mode, ms, bw, cap, p)]["predicted_tok_s"])
+        best = by[(mode, ms, bw, cap, best_pol)]["predicted_tok_s"]
+        got = r["predicted_tok_s"]
+        gains.append(got / best - 1)
+        if got < best * (1 - TOLERANCE):
+            below.append(f"{mode} {ms:g} ms {bw:g} GB/s @{cap:g}: {got:.3f} < {best_pol} {best:.3f}")
+        elif got > best * (1 + 1e-9):
+            above += 1
+        else:
+            equal += 1
+    n = above + equal + len(below)
+    line = (
+        f"CHECK recommended ({REC}) vs best of {'/'.join(DEMAND)} at {n} points: above at {above}, "
+        f"equal at {equal}, below at {len(below)}" + (": " + "; ".join(below) if below else "")
+        + f"; gain max {max(gains, default=0) * 100:+.1f}%, min {min(gains, default=0) * 100:+.1f}%"
+    )  # fmt: skip
+    return {"line": line, "below": below, "points": n, "ok": not below}
 
 
 def markdown(out: dict) -> str:
     tr = out["trace"]
     lines = [
-        "# Budgeted prefetch on DeepSeek-V2-Lite-Chat routing (puffin prompts), simulated",
+        "# The recommended policy (learned eviction + budgeted prefetch) on DeepSeek-V2-Lite-Chat routing, simulated",
         "",
         f"{out['date']}, commit {out['commit']}, {out['device']}; torch {out['torch']}, numpy {out['numpy']}, "
         f"python {out['python']}. Produced by `{out['command']}` (`make bench-budget`).",
         "",
         f"Replayed: the {tr['replayed']['prompts']} held-out prompts ({tr['replayed']['tokens']} tokens) of the "
         "split of `predict_puffin.md`; xlayer as there; the budget's probabilities calibrated on the "
-        f"{tr['calibrated_on']['prompts']} validation prompts. Cost model: 17.3 MB experts, 25 GB/s, "
-        "the windowed model of `moert.sim.CostModel` (a prefetch hides only behind the compute after it is "
-        "issued; one copy link, demand before queued prefetches). The budget's "
-        "window is `t_layer / t_copy` copies (0.29, 1.45, 6.5 at 0.2 / 1 / 4.5 ms).",
+        f"{tr['calibrated_on']['prompts']} validation prompts; evictor `{out['evictor']['file']}` (sha256 "
+        f"{out['evictor']['sha256'][:12]}). Cost model: 17.3 MB experts, the windowed model of "
+        "`moert.sim.CostModel` (attention share 0.2). Windows (copies): own layer `0.2 t_layer / t_copy`, one "
+        "layer ahead `t_layer / t_copy`; points where both are under one copy issue nothing: their "
+        "recommended row is `learned`'s run (marked `=`).",
         "",
-    ]
-    rows = {(r["mode"], r["layer_ms"], r["policy"], r["capacity"]): r for r in out["rows"]}
+        "**" + out["check"]["line"] + "**",
+        "",
+    ]  # fmt: skip
+    rows = {
+        (r["mode"], r["layer_ms"], r["bandwidth_gbs"], r["policy"], r["capacity"]): r for r in out["rows"]
+    }
+    points = sorted({(r["layer_ms"], r["bandwidth_gbs"]) for r in out["rows"]}, key=lambda p: (p[1], p[0]))
     for mode in ("per-layer", "global"):
-        lines += [f"## {mode}", "", "| layer ms | policy | " + " | ".join(f"tok/s @{c:g}" for c in CAPS)
+        lines += [f"## {mode}", "", "| layer ms | GB/s | policy | " + " | ".join(f"tok/s @{c:g}" for c in CAPS)
                   + " | " + " | ".join(f"hit @{c:g}" for c in CAPS) + " | " + " | ".join(f"prefetches/tok @{c:g}" for c in CAPS)
-                  + " |", "|---|---|" + "---:|" * (3 * len(CAPS))]  # fmt: skip
-        for ms in LAYER_MS:
+                  + " |", "|---:|---:|---|" + "---:|" * (3 * len(CAPS))]  # fmt: skip
+        for ms, bw in points:
             for pol in ORDER:
-                got = [rows.get((mode, ms, pol, c)) for c in CAPS]
+                got = [rows.get((mode, ms, bw, pol, c)) for c in CAPS]
                 if not all(got):
                     continue
-                tok = [f"{r['predicted_tok_s']:.1f}" for r in got]
-                if pol.endswith("budget"):
-                    lru = [rows[(mode, ms, "lru", c)]["predicted_tok_s"] for c in CAPS]
-                    tok = [f"**{t}**" + (" (< lru)" if r["predicted_tok_s"] < lo - 1e-9 else "")
-                           for t, r, lo in zip(tok, got, lru)]  # fmt: skip
+                tok = [f"{r['predicted_tok_s']:.2f}" for r in got]
+                if pol == REC:
+                    best = [max(rows[(mode, ms, bw, d, c)]["predicted_tok_s"] for d in DEMAND) for c in CAPS]
+                    tok = [f"**{t}**" + (" =" if r.get("from_learned") else "")
+                           + (" (below)" if r["predicted_tok_s"] < b * (1 - TOLERANCE) else "")
+                           for t, r, b in zip(tok, got, best)]  # fmt: skip
                 hit = [f"{r['hit_rate']:.3f}" for r in got]
                 pf = [f"{r['prefetches'] / r['tokens']:.2f}" for r in got]
-                lines.append(f"| {ms:g} | {pol} | " + " | ".join(tok + hit + pf) + " |")
+                lines.append(f"| {ms:g} | {bw:g} | {pol} | " + " | ".join(tok + hit + pf) + " |")
         lines.append("")
-    lines += [_verdict(rows), "", "`lru`: demand only; `belady`: optimal demand-only eviction (reads the future); "
-              "`lru+xlayer`: xlayer's top-6 prefetched before every layer (greedy); `lru+xlayer:budget`: "
-              "`moert.policy.budget` (prefetch only while expected demand + prefetch copies fit the window, "
-              "by calibrated probability, never evicting a higher-value expert).", ""]  # fmt: skip
+    lines += ["`lru`/`lfu`/`learned`: demand only; `belady`: optimal demand-only eviction (reads the future); "
+              "`lru+xlayer`: xlayer's top-6 prefetched before every layer (greedy); "
+              f"`{REC}`: the recommended policy (see `bench/bench_budget.py`'s doc).", ""]  # fmt: skip
     return "\n".join(lines)
 
 
-def _verdict(rows: dict) -> str:
-    below, above, same = [], 0, 0
-    for (mode, ms, pol, c), r in rows.items():
-        if pol != "lru+xlayer:budget":
-            continue
-        lru = rows[(mode, ms, "lru", c)]["predicted_tok_s"]
-        if r["predicted_tok_s"] < lru - 1e-9:
-            below.append(f"{mode} {ms:g} ms @{c:g}: {r['predicted_tok_s']:.2f} < {lru:.2f}")
-        elif r["predicted_tok_s"] > lru + 1e-9:
-            above += 1
-        else:
-            same += 1
-    text = (
-        f"Budget vs lru (demand only), {above + same + len(below)} points: above at {above}, equal at {same}"
-    )
-    return text + (f", below at {len(below)}: " + "; ".join(below) if below else ", below at none.")
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give numbers separated by commas, e.g. 0.2,1,4.5"
+        ) from None
+    if not values or not all(math.isfinite(v) and v > 0 for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: every value must be a positive number")
+    return values
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--predictor", default=None, help="an xlayer file recording the split (else trained here)")
+    p.add_argument("--evictor", default=str(REPO / "out" / "evict" / "reuse.safetensors"),
+                   help="policy learned's reuse model (moert train --predictor reuse)")  # fmt: skip
     p.add_argument("--work", default="/tmp/moert-bench-budget", help="where a trained predictor goes")
     p.add_argument("--max-prompts", type=int, default=0, help="at most N held-out prompts (0: all)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads")
+    p.add_argument("--layer-ms", type=_floats, default=(0.2, 0.5, 1.0, 2.0, 4.5), help="ms per MoE layer")
+    p.add_argument("--bandwidth", type=_floats, default=(25.0, 55.0), help="GB/s")
+    p.add_argument("--jobs", type=int, default=2, help="replays in parallel (processes)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (training)")
     p.add_argument("--out", default=str(RESULTS / "sim_budget_puffin"), help="path stem (.json/.md)")
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
+    if not Path(args.evictor).is_file():
+        p.error(
+            f"--evictor {args.evictor}: no such file; train one: moert train --trace DIR --predictor reuse"
+        )
     out = run(args)
     stem = Path(args.out)
     stem.with_suffix(".json").write_text(json.dumps(out, indent=1) + "\n")
     stem.with_suffix(".md").write_text(markdown(out))
     print(stem.with_suffix(".md").read_text())
+    print(out["check"]["line"])
+    if not out["check"]["ok"]:
+        print(
+            "FAIL: the recommended policy is below the best demand-only policy at the points above",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

@@ -13,13 +13,15 @@ are timing only.
     python bench/bench_decode.py --device cuda        # GPU, writes bench/results/decode_cuda.{json,md}
     python bench/bench_decode.py --prefill-len 256    # prefill mode: bench/results/prefill_cpu.{json,md}
 
-Predictor variants (``--predictor-fractions``, default 0.25): the patched model with a ``preattn``
-predictor fused with each MoE layer's norm: LRU with m=2 prefetch, and policy ``score`` with
-over-provisioning m=2, adaptive, and a lookahead-1 predictor. On the CPU twin a prefetch is a
-memcpy on the same two cores as the model, waited for before attention (nothing overlaps), so
-these rows show hits and bytes, not the GPU's speed-up. The predictors are trained in the run (seconds) on routing traces captured
-from the same model on other prompts (``--predictor PATH`` uses a trained file instead of the m=2
-and adaptive ones). The columns "prefetch hits", "wasted MB/token", "recall" and "exposed copy"
+Predictor variants (``--predictor-fractions``, default 0.25): a ``preattn`` predictor fused with
+each MoE layer's norm: LRU with m=2 prefetch, policy ``score`` with m=2, adaptive, and lookahead 1.
+On the CPU twin a prefetch is a memcpy waited for before attention (nothing overlaps): these rows
+show hits and bytes, not the GPU's speed-up. The predictors are trained in the run on routing
+captured once from the same model on ``--predictor-prompts`` other prompts (``--predictor PATH``
+uses a trained file instead of the m=2 and adaptive ones).
+
+The model is patched once: every configuration is reached by ``PatchHandle.reconfigure`` over the
+same filled host pool (``bench/_one_pool.py``); the set-up times are recorded beside the table. The columns "prefetch hits", "wasted MB/token", "recall" and "exposed copy"
 (``Stats.exposed_copy``: host stall in acquire plus, on CUDA, the device time the compute stream
 waited for copies, over copy-lane busy time: the share of copy time not hidden behind compute; goal
 <= 0.2 on a GPU) come from ``handle.stats()``.
@@ -47,7 +49,7 @@ from typing import Any
 
 import torch
 
-import moert
+from moert.engine.devices import tensor_device
 from moert.engine.layout import ExpertLayout
 from moert.models import get_adapter
 from moert.models.tiny import deepseek_v2_lite_config, demo_config, prompt_ids, tiny_model
@@ -108,41 +110,46 @@ def summarize(lat: list[float], batch: int) -> dict[str, float]:
     }
 
 
-def build(device: str, seed: int, path: Path | None = None) -> tuple[Any, str]:
-    """The model to benchmark and its description."""
+def build(device: str, seed: int, path: Path | None = None, scale: int = 1) -> tuple[Any, str]:
+    """The model to benchmark and its description (``scale``: the demo model's widths x scale)."""
     from transformers import AutoModelForCausalLM
 
     if path is not None:
         dtype = torch.bfloat16 if device == "cuda" else torch.float32
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device)
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(tensor_device(device))
         return model.eval(), f"{path} ({str(dtype).replace('torch.', '')})"
     if device == "cuda":
         torch.manual_seed(seed)
         with torch.device("cuda"):
             model = AutoModelForCausalLM.from_config(deepseek_v2_lite_config(), dtype=torch.bfloat16)
         return model.eval(), "DeepSeek-V2-Lite dims, random bf16 weights"
+    if scale != 1:
+        widths = dict(
+            hidden_size=256 * scale, intermediate_size=1368 * scale, moe_intermediate_size=176 * scale
+        )
+        return tiny_model(demo_config(**widths), seed=seed), f"demo_config() with widths x{scale}, fp32"
     return tiny_model(demo_config(), seed=seed), "demo_config(): DeepSeek-V2-Lite layout scaled down, fp32"
 
 
-def train_predictors(model: Any, seed: int, lookaheads: tuple[int, ...]) -> dict[int, Any]:
+def train_predictors(
+    model: Any, seed: int, lookaheads: tuple[int, ...], n_prompts: int = 24
+) -> dict[int, Any]:
     """One linear2/wbce ``preattn`` predictor per lookahead depth, trained on routing traces of
-    ``model`` captured on 24 prompts that are not the benchmark's (32 decode tokens each)."""
-    from moert.engine.prefetch import capture_and_train
+    ``model`` captured once on ``n_prompts`` prompts that are not the benchmark's (32 decode tokens each)."""
+    from moert.engine.prefetch import capture_and_train_many
 
-    prompts = [prompt_ids(1, 16, vocab=model.config.vocab_size, seed=1000 + seed + i)[0] for i in range(24)]
-    return {
-        d: capture_and_train(model, prompts, new_tokens=32, lookahead=d, dim=256, epochs=20, seed=seed)
-        for d in lookaheads
-    }
+    prompts = [
+        prompt_ids(1, 16, vocab=model.config.vocab_size, seed=1000 + seed + i)[0] for i in range(n_prompts)
+    ]
+    return capture_and_train_many(model, prompts, lookaheads, new_tokens=32, dim=256, epochs=20, seed=seed)
 
 
 def _versions() -> dict[str, str]:
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
     return {
         **versions("torch", "transformers"),
         "commit": git_commit(),
         "date": utc_now(),
-        "device_name": device_name(dev),
+        "device_name": device_name("cuda" if torch.cuda.is_available() else "cpu"),
         "cpu_threads": str(torch.get_num_threads()),
         "load_avg_1m": f"{os.getloadavg()[0]:.2f}",
     }
@@ -164,7 +171,7 @@ def _model_dims(cfg: Any, adapter: Any, layout: ExpertLayout) -> dict[str, Any]:
 
 def load(args: argparse.Namespace) -> tuple[Any, str, Any, ExpertLayout]:
     """The model (:func:`build`), its description, its adapter and its expert layout."""
-    model, described = build(args.device, args.seed, args.model)
+    model, described = build(args.device, args.seed, args.model, args.demo_scale)
     adapter = get_adapter(model)
     gate_up = adapter.moe_layers()[0].experts.gate_up_proj
     layout = ExpertLayout(hidden=gate_up.shape[2], intermediate=gate_up.shape[1] // 2, dtype=gate_up.dtype)
@@ -204,27 +211,16 @@ def decode_configs(args: argparse.Namespace) -> list[Config]:
 
 def predictor_configs(frac: float, main_pred: Any, lookahead_1: Any) -> list[Config]:
     """The predictor variants at one cache fraction."""
-    return [
-        (  # the same prefetches with LRU eviction: isolates what the score policy adds
-            f"moert {frac:g} lru+pred m=2",
-            frac,
-            "lru",
-            "runtime",
-            dict(predictor=main_pred, overprovision=2),
-        ),
-        (
-            f"moert {frac:g} score+pred m=2",
-            frac,
-            "score",
-            "runtime",
-            dict(predictor=main_pred, overprovision=2),
-        ),
+    m2 = dict(predictor=main_pred, overprovision=2)
+    return [  # lru+pred: the same prefetches with LRU eviction, isolating what the score policy adds
+        (f"moert {frac:g} lru+pred m=2", frac, "lru", "runtime", m2),
+        (f"moert {frac:g} score+pred m=2", frac, "score", "runtime", m2),
         (
             f"moert {frac:g} score+pred adaptive",
             frac,
             "score",
             "runtime",
-            dict(predictor=main_pred, overprovision="adaptive"),
+            {**m2, "overprovision": "adaptive"},
         ),
         (
             f"moert {frac:g} score+pred lookahead-1 m=2",
@@ -238,33 +234,42 @@ def predictor_configs(frac: float, main_pred: Any, lookahead_1: Any) -> list[Con
 
 def decode_rounds(
     args: argparse.Namespace, model: Any, prompt: torch.Tensor, configs: list[Config]
-) -> tuple[dict[str, list[float]], dict[str, Any]]:
-    """Latencies per config pooled over the rounds, and each config's last (result, stats, slots).
+) -> tuple[dict[str, list[float]], dict[str, Any], dict[str, Any]]:
+    """Latencies per config pooled over the rounds, each config's last (result, stats, slots), and
+    the set-up times (``_one_pool.sweep``).
 
-    Rounds interleave the configs so that drift in machine load hits all of them alike.
+    The model is patched once and every moert config reached by ``PatchHandle.reconfigure`` over the
+    same filled pool; rounds interleave the moert configs so that drift in machine load hits them
+    alike, and all-resident runs half its rounds before the patch and half after the undo (its
+    tokens after the undo must equal those before: ``resident_after_undo_match``).
     """
     device = args.device
     lat: dict[str, list[float]] = {c[0]: [] for c in configs}
     last: dict[str, Any] = {}
-    for _ in range(args.rounds):
-        for name, frac, pol, backend, extra in configs:
-            if not backend:
-                res = decode(model, prompt, args.tokens, args.warmup, device)
-                lat[name] += res["latency_s"]
-                last[name] = (res, None, None)
-                continue
-            handle = moert.patch(
-                model, cache_experts=frac, policy=pol, device=device, backend=backend, **extra
-            )
-            try:
-                # counters cover the timed decode steps only (not prefill or warm-up)
-                res = decode(model, prompt, args.tokens, args.warmup, device, on_warm=handle.reset_stats)
-                st = handle.stats()
-            finally:
-                handle.undo()
-            lat[name] += res["latency_s"]
-            last[name] = (res, st, handle.num_slots)
-    return lat, last
+    resident_ids: list[torch.Tensor] = []
+
+    def unpatched() -> None:
+        res = decode(model, prompt, args.tokens, args.warmup, device)
+        lat["all-resident"] += res["latency_s"]
+        last.setdefault("all-resident", (res, None, None))
+        resident_ids.append(res["ids"])
+
+    def measure(name: str, handle: Any) -> None:
+        # counters cover the timed decode steps only (not prefill or warm-up)
+        res = decode(model, prompt, args.tokens, args.warmup, device, on_warm=handle.reset_stats)
+        lat[name] += res["latency_s"]
+        last[name] = (res, handle.stats(), handle.num_slots)
+
+    patched = [
+        (name, dict(cache_experts=frac, policy=pol, backend=backend, **extra))
+        for name, frac, pol, backend, extra in configs
+        if backend
+    ]
+    setup = _bench_module("_one_pool").sweep(
+        model, device, patched, args.rounds, measure, unpatched, lambda: _sync(device), args.deadline
+    )
+    setup["resident_after_undo_match"] = all(torch.equal(ids, resident_ids[0]) for ids in resident_ids)
+    return lat, last, setup
 
 
 def decode_row(args: argparse.Namespace, config: Config, lat: list[float], last: Any, base: dict) -> dict:
@@ -300,23 +305,25 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     device = args.device
     model, described, adapter, layout = load(args)
     cfg = model.config
-    prompt = prompt_ids(args.batch, args.prompt_len, vocab=cfg.vocab_size, seed=args.seed + 1).to(device)
+    prompt = prompt_ids(args.batch, args.prompt_len, vocab=cfg.vocab_size, seed=args.seed + 1)
+    prompt = prompt.to(tensor_device(device))
     configs = decode_configs(args)
     if args.predictor_fractions:
         t0 = time.perf_counter()
-        preds = train_predictors(model, args.seed, (0, 1))
+        preds = train_predictors(model, args.seed, (0, 1), args.predictor_prompts)
         train_s = time.perf_counter() - t0
         main_pred: Any = str(args.predictor) if args.predictor is not None else preds[0]
         for frac in args.predictor_fractions:
             configs += predictor_configs(frac, main_pred, preds[1])
-    configs.append(("naive (copy every use)", 1.0, "lru", "naive", {}))
-    lat, last = decode_rounds(args, model, prompt, configs)
+    if device != "sim":  # the device model runs the runtime backend only
+        configs.append(("naive (copy every use)", 1.0, "lru", "naive", {}))
+    lat, last, setup = decode_rounds(args, model, prompt, configs)
     base = last["all-resident"][0]
     resident = summarize(lat["all-resident"], args.batch)
     rows: list[dict[str, Any]] = [
         {"config": "all-resident", "cache": None, "policy": None, **resident, "tokens_match": True}
     ]
-    rows += [decode_row(args, c, lat[c[0]], last[c[0]], base) for c in configs[1:]]
+    rows += [decode_row(args, c, lat[c[0]], last[c[0]], base) for c in configs[1:] if c[0] in last]
     for r in rows:
         r["tok_s_ratio"] = r["tok_s"] / resident["tok_s"]
         r["latency_ratio"] = r["latency_ms_median"] / resident["latency_ms_median"]
@@ -329,8 +336,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "prompt_len": args.prompt_len,
         "tokens": args.tokens,
         "warmup": args.warmup,
-        "rounds": args.rounds,
+        "rounds": setup["rounds_run"],
         "predictor_train_s": train_s if args.predictor_fractions else None,
+        "setup": setup,
         "note": _note(device, args.model is not None),
         "versions": _versions(),
         "rows": rows,
@@ -341,6 +349,8 @@ def _note(device: str, real_weights: bool) -> str:
     parts = []
     if device == "cpu":
         parts.append("CPU twin: slots are host memory, a miss is a memcpy (not a PCIe copy)")
+    if device == "sim":
+        parts.append("device model: slots are host memory, each copy takes the modelled time (MOERT_SIM_*)")
     if not real_weights:
         parts.append("random weights do not route like trained ones (near-uniform routing): timing only")
     return "; ".join(parts) or "trained weights"
@@ -355,6 +365,7 @@ def markdown(rec: dict[str, Any]) -> str:
         f"{rec['tokens']} timed tokens after {rec['warmup']} warm-up, x {rec['rounds']} interleaved rounds "
         "(latencies pooled; hit rate and bytes from the last round).",
         f"Note: {rec['note']}.",
+        _bench_module("_one_pool").setup_line(rec["setup"]),
         f"moert {v['moert']}, torch {v['torch']}, transformers {v['transformers']}, commit {v['commit']}, "
         f"{v['date']}, {v['device_name']}, {v['cpu_threads']} CPU threads, load average {v['load_avg_1m']} at the end.",
         "",
@@ -388,21 +399,25 @@ def _cache_arg(text: str) -> int | float:
         return float(text)
 
 
-def _prefill_module() -> Any:
-    """``bench/bench_prefill.py`` (the prefill mode), with bench/ put on ``sys.path`` first:
-    ``python -P bench/bench_decode.py`` leaves it off."""
+def _bench_module(name: str) -> Any:
+    """A module of bench/ (``bench_prefill``: the prefill mode; ``_one_pool``), with bench/ put on
+    ``sys.path`` first: ``python -P bench/bench_decode.py`` leaves it off."""
     here = str(Path(__file__).resolve().parent)
     if here not in sys.path:
         sys.path.insert(0, here)
-    return importlib.import_module("bench_prefill")
+    return importlib.import_module(name)
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument(
-        "--model", type=Path, default=None, help="a local model directory instead of the built-in model"
+        "--device",
+        choices=("cpu", "sim", "cuda"),
+        default="cpu",
+        help="cpu: the CPU twin; sim: the asynchronous device model (MOERT_SIM_* timing); cuda: a GPU",
     )
+    p.add_argument("--demo-scale", type=int, default=1, help="cpu/sim: the demo model's widths x this")
+    p.add_argument("--model", type=Path, default=None, help="a local model directory instead of the built-in")
     p.add_argument("--tokens", type=int, default=32)
     p.add_argument("--warmup", type=int, default=4)
     p.add_argument("--batch", type=int, default=1)
@@ -417,6 +432,12 @@ def main() -> None:
         help="cache fractions for the predictor variants (none: skip them and the predictor training)",
     )
     p.add_argument(
+        "--predictor-prompts",
+        type=int,
+        default=24,
+        help="prompts (x 32 decode tokens) whose routing trains the predictors; >= 5 (4 validate)",
+    )
+    p.add_argument(
         "--predictor", type=Path, default=None, help="a trained preattn predictor file for this model"
     )
     p.add_argument("--seed", type=int, default=0)
@@ -424,12 +445,11 @@ def main() -> None:
         "--rounds",
         type=int,
         default=None,
-        help="interleaved rounds over all configs, latencies pooled (default 3 on CPU; 1 on CUDA, where each "
-        "patch/undo moves ~29 GB)",
+        help="interleaved rounds over the moert configs, latencies pooled; all-resident runs half of them "
+        "before the one patch, half after the undo (default 3 on the CPU, 2 on CUDA)",
     )
-    p.add_argument(
-        "--threads", type=int, default=1, help="torch CPU threads (1: stable on a shared 2-core box)"
-    )
+    p.add_argument("--time-budget", type=float, help="seconds: a round after the first runs only if it fits")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: stable on a shared box)")
     p.add_argument(
         "--prefill-len",
         type=int,
@@ -443,26 +463,24 @@ def main() -> None:
         default=[0.1, 0.25],
         help="prefill mode: cache sizes, fractions (0.1) or slots (32)",
     )
-    p.add_argument(
-        "--prefill-prompts",
-        type=int,
-        default=6,
-        help="prefill mode: distinct prompts timed per config and round",
-    )
-    p.add_argument(
-        "--out",
-        type=Path,
-        default=None,
-        help="output stem (default bench/results/decode_<device>, or prefill_<device> in prefill mode)",
-    )
+    p.add_argument("--prefill-prompts", type=int, default=6, help="prefill mode: prompts timed per config")
+    p.add_argument("--out", type=Path, help="output stem (default bench/results/{decode,prefill}_<device>)")
+    return p
+
+
+def main() -> None:
+    p = parser()
     args = p.parse_args()
+    args.deadline = None if args.time_budget is None else time.perf_counter() + args.time_budget
     if args.rounds is None:
-        args.rounds = 1 if args.device == "cuda" else 3
+        args.rounds = 2 if args.device == "cuda" else 3
+    if args.predictor_fractions and args.predictor_prompts < 5:
+        p.error(f"--predictor-prompts {args.predictor_prompts} must be >= 5 (4 of them validate)")
     if args.prefill_len is not None and (args.prefill_len < 1 or args.prefill_prompts < 1):
         p.error(f"--prefill-len {args.prefill_len} and --prefill-prompts {args.prefill_prompts} must be >= 1")
     torch.set_num_threads(args.threads)
     mode = "decode" if args.prefill_len is None else "prefill"
-    prefill_mode = None if mode == "decode" else _prefill_module()
+    prefill_mode = None if mode == "decode" else _bench_module("bench_prefill")
     rec = run(args) if prefill_mode is None else prefill_mode.run_prefill(args)
     stem = args.out or RESULTS / f"{mode}_{args.device}"
     stem.parent.mkdir(parents=True, exist_ok=True)
@@ -470,6 +488,8 @@ def main() -> None:
     md = markdown(rec) if prefill_mode is None else prefill_mode.markdown_prefill(rec)
     stem.with_suffix(".md").write_text(md)
     print(md)
+    if rec["setup"]["skipped"]:  # written, but incomplete: the GPU session's step says so
+        sys.exit(f"{len(rec['setup']['skipped'])} configurations skipped at --time-budget {args.time_budget}")
 
 
 if __name__ == "__main__":

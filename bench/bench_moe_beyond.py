@@ -29,7 +29,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))
 
-from bench_predict import _env, load, trained_result  # noqa: E402
+from bench_predict import _env, evaluated, load  # noqa: E402
 
 from moert.predict.io import save_predictor  # noqa: E402
 from moert.predict.moe_beyond import MoEBeyondConfig, train_moe_beyond  # noqa: E402
@@ -87,12 +87,14 @@ def stage_train(args) -> None:
         meta, parts["train"], parts["val"], net_cfg=net_cfg, cfg=cfg, train_info=info, on_epoch=on_epoch
     )
     train_s = time.perf_counter() - t0
-    best = work / f"{args.name}_best.safetensors"
-    result = trained_result(best, parts["test"], cfg, hist, train_s)
-    metrics = result["metrics"]
-    out = {"name": args.name, **result, "command": " ".join(sys.argv), "env": _env(args)}
+    # evaluate what was saved
+    out = {
+        "name": args.name,
+        **evaluated(work / f"{args.name}_best.safetensors", parts["test"], train_s, hist, cfg),
+    }
+    out.update(command=" ".join(sys.argv), env=_env(args))
     (work / f"{args.name}.json").write_text(json.dumps(out, indent=1))
-    print(json.dumps({"name": args.name, "test_recall6": metrics["overall"]["recall@6"]}), flush=True)
+    print(json.dumps({"name": args.name, "test_recall6": out["metrics"]["overall"]["recall@6"]}), flush=True)
 
 
 def main(argv=None) -> int:

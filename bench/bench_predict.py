@@ -65,6 +65,24 @@ def save_part(work: Path, name: str, obj: dict) -> None:
     (work / f"{name}.json").write_text(json.dumps(obj, indent=1))
 
 
+def evaluated(path: Path, test: list, train_s: float, hist: list, cfg: TrainConfig) -> dict:
+    """The record of a trained predictor: its saved file ``path`` loaded and evaluated on ``test``
+    (overprovision ``M``), with its training time, history, dims, loss, config and parameter count."""
+    pred = load_predictor(path)
+    t0 = time.perf_counter()
+    metrics = evaluate(pred, test, overprovision=M)
+    return {
+        "metrics": metrics,
+        "train_s": train_s,
+        "eval_s": time.perf_counter() - t0,
+        "history": hist,
+        "dims": pred.meta.dims,
+        "loss": pred.meta.loss,
+        "train_config": dataclasses.asdict(cfg),
+        "parameters": sum(p.numel() for p in pred.net.parameters()),
+    }
+
+
 def stage_baselines(args, meta, parts, work):
     out = {}
     for name, pred in (
@@ -108,25 +126,8 @@ def stage_learned(args, meta, parts, split, work, kind):
         )
     train_s = time.perf_counter() - t0
     path = save_predictor(work / f"{kind}.safetensors", pred.meta, *pred.state())
-    save_part(work, kind, trained_result(path, parts["test"], cfg, hist, train_s))
-
-
-def trained_result(path: Path, test, cfg: TrainConfig, hist: list, train_s: float) -> dict:
-    """Load the predictor saved at ``path`` (what was saved is what is judged) and evaluate it on the
-    ``test`` sequences: metrics, times, history, dims, loss, training config and parameter count."""
-    pred = load_predictor(path)
-    t0 = time.perf_counter()
-    metrics = evaluate(pred, test, overprovision=M)
-    return {
-        "metrics": metrics,
-        "train_s": train_s,
-        "eval_s": time.perf_counter() - t0,
-        "history": hist,
-        "dims": pred.meta.dims,
-        "loss": pred.meta.loss,
-        "train_config": dataclasses.asdict(cfg),
-        "parameters": sum(p.numel() for p in pred.net.parameters()),
-    }
+    out = evaluated(path, parts["test"], train_s, hist, cfg)  # evaluate what was saved
+    save_part(work, kind, out)
 
 
 def stage_sim(args, meta, parts, work):

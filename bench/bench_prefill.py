@@ -12,10 +12,11 @@ import time
 from typing import Any
 
 import torch
+from _one_pool import setup_line, sweep
 from bench_decode import _model_dims, _note, _q, _sync, _versions, load
 
-import moert
 from moert import envs
+from moert.engine.devices import tensor_device
 from moert.engine.layout import ExpertLayout
 from moert.models.tiny import prompt_ids
 
@@ -103,35 +104,40 @@ def prefill_rounds(
     warm: torch.Tensor,
     prompts: list[torch.Tensor],
     configs: list[PrefillConfig],
-) -> tuple[dict[str, list[float]], dict[str, Any]]:
-    """Seconds per prompt per config pooled over the rounds (interleaved), and each config's last
-    (logits, stats, slots). ``warm`` runs once after each patch, untimed."""
+) -> tuple[dict[str, list[float]], dict[str, Any], dict[str, Any]]:
+    """Seconds per prompt per config pooled over the rounds, each config's last (logits, stats, slots)
+    and the set-up times. The model is patched once; the moert configs are reached by
+    ``PatchHandle.reconfigure`` over the same pool and interleaved per round, the unpatched runs
+    come half before the patch and half after the undo (``_one_pool.sweep``). ``warm`` runs once
+    after each switch, untimed."""
     device = args.device
     lat: dict[str, list[float]] = {c[0]: [] for c in configs}
     last: dict[str, Any] = {}
-    for _ in range(args.rounds):
-        for name, cache, overlap in configs:
-            if cache is None:
-                with torch.no_grad():
-                    model(warm, use_cache=False)
-                times, logits = prefill(model, prompts, device)
-                lat[name] += times
-                last[name] = (logits, None, None)
-                continue
-            handle = moert.patch(
-                model, cache_experts=cache, policy="lru", device=device, overlap_waves=overlap
-            )
-            try:
-                with torch.no_grad():
-                    model(warm, use_cache=False)
-                handle.reset_stats()  # counters cover the timed prefills only
-                times, logits = prefill(model, prompts, device)
-                st = handle.stats()
-            finally:
-                handle.undo()
-            lat[name] += times
-            last[name] = (logits, st, handle.num_slots)
-    return lat, last
+
+    def unpatched() -> None:
+        with torch.no_grad():
+            model(warm, use_cache=False)
+        times, logits = prefill(model, prompts, device)
+        lat["unpatched"] += times
+        last.setdefault("unpatched", (logits, None, None))
+
+    def measure(name: str, handle: Any) -> None:
+        with torch.no_grad():
+            model(warm, use_cache=False)
+        handle.reset_stats()  # counters cover the timed prefills only
+        times, logits = prefill(model, prompts, device)
+        lat[name] += times
+        last[name] = (logits, handle.stats(), handle.num_slots)
+
+    patched = [
+        (name, dict(cache_experts=cache, policy="lru", overlap_waves=overlap))
+        for name, cache, overlap in configs
+        if cache is not None
+    ]
+    setup = sweep(
+        model, device, patched, args.rounds, measure, unpatched, lambda: _sync(device), args.deadline
+    )
+    return lat, last, setup
 
 
 def stats_columns(st: Any, n: int) -> dict[str, Any]:
@@ -164,7 +170,7 @@ def prefill_rows(
     n = args.prefill_prompts
     n_tok = args.batch * args.prefill_len
     rows: list[dict[str, Any]] = []
-    for name, cache, overlap in configs:
+    for name, cache, overlap in (c for c in configs if c[0] in last):  # skipped at the run budget: no row
         logits, st, slots = last[name]
         med = statistics.median(lat[name])
         row: dict[str, Any] = {
@@ -199,12 +205,14 @@ def run_prefill(args: argparse.Namespace) -> dict[str, Any]:
     n_tok = args.batch * args.prefill_len
 
     def prompt(seed: int) -> torch.Tensor:
-        return prompt_ids(args.batch, args.prefill_len, vocab=cfg.vocab_size, seed=seed).to(device)
+        return prompt_ids(args.batch, args.prefill_len, vocab=cfg.vocab_size, seed=seed).to(
+            tensor_device(device)
+        )
 
     warm = prompt(args.seed + 10_000)  # run once after each patch, untimed (also warms the cache)
     prompts = [prompt(args.seed + 1 + i) for i in range(args.prefill_prompts)]
     configs = prefill_configs(args)
-    lat, last = prefill_rounds(args, model, warm, prompts, configs)
+    lat, last, setup = prefill_rounds(args, model, warm, prompts, configs)
     rows = prefill_rows(args, configs, lat, last)
     probe = None
     if device == "cpu":
@@ -224,10 +232,11 @@ def run_prefill(args: argparse.Namespace) -> dict[str, Any]:
         "batch": args.batch,
         "prefill_len": args.prefill_len,
         "prompts": args.prefill_prompts,
-        "rounds": args.rounds,
+        "rounds": setup["rounds_run"],
         "copy_lanes": envs.copy_streams(),
         "note": _note(device, args.model is not None),
         "cpu_contention": probe,
+        "setup": setup,
         "versions": _versions(),
         "rows": rows,
     }
@@ -243,6 +252,7 @@ def markdown_prefill(rec: dict[str, Any]) -> str:
         f"{rec['prompts']} distinct prompts timed per config after one untimed warm-up prompt, x {rec['rounds']} "
         f"interleaved rounds (times pooled; counters from the last round, per prefill); {rec['copy_lanes']} copy lanes.",
         f"Note: {rec['note']}.",
+        setup_line(rec["setup"]),
         f"moert {v['moert']}, torch {v['torch']}, transformers {v['transformers']}, commit {v['commit']}, "
         f"{v['date']}, {v['device_name']}, {v['cpu_threads']} CPU threads, load average {v['load_avg_1m']} at the end.",
         "",

@@ -12,8 +12,10 @@ budgets, and peak host RSS while loading and generating.
 2. Decode on the CPU twin: a qwen3_moe model whose experts dominate its bytes (``--layers`` x
    ``--experts`` experts of 3 x H x I fp32), greedy decode at host budgets 100/50/25 % of its experts
    (and without ``host_budget``: every expert read into the pool at load), the device cache at
-   ``--cache`` of the experts. Tokens must equal the run without a budget. tok/s and the stats per
-   tier. The experts' pages are dropped from the page cache before each timed run, but reads during
+   ``--cache`` of the experts; then a lookahead-1 predictor trained on the model drives the
+   ``score`` policy at budgets 100/50/25 % without and with ``read_ahead=1`` (SSD -> pool reads of
+   the planned and predicted experts started at once). Tokens must equal the run without a budget.
+   tok/s (and the ratio to the same row without read-ahead) and the stats per tier. The experts' pages are dropped from the page cache before each timed run, but reads during
    the run fill it again, so repeated reads of one expert come from the page cache (host memory the
    kernel may reclaim; not counted in RSS).
 3. Peak host RSS: a fresh process per budget loads the model and decodes; its VmHWM minus its RSS
@@ -197,18 +199,40 @@ _STAT_FIELDS = (
     "ssd_read_s",
     "ssd_stall_s",
     "pool_evictions",
+    "read_ahead_reads",
+    "read_ahead_used",
+    "read_ahead_wasted",
+    "read_ahead_dropped",
+    "read_ahead_wait_s",
+    "prefetches",
+    "recall",
 )
 
 
-def decode(path: Path, cache: float, tokens: int, rounds: int = 5) -> list[dict[str, Any]]:
-    """Greedy decode of ``tokens`` at every budget of ``BUDGETS``: all models loaded, then ``rounds``
-    rounds that time each once in turn (drift on a shared machine hits every budget alike), the file's
-    pages dropped before each run. The median tok/s; the stats of each model's last run."""
+def configs(predictor: Any) -> list[tuple[str, Any, dict[str, Any]]]:
+    """``(label, host_budget, moert.load kwargs)``: demand-only lru at every budget of ``BUDGETS``
+    (the first, no budget, is the reference for tokens and tok/s), then the predictor's plans
+    (``score``, lookahead 1, overprovision 2) at 100/50/25 % without and with ``read_ahead=1``."""
+    out: list[tuple[str, Any, dict[str, Any]]] = [("lru", b, {}) for b in BUDGETS]
+    pred = dict(policy="score", predictor=predictor, overprovision=2)
+    for ra in (0, 1):
+        out += [(f"score+pred, read_ahead={ra}", b, {**pred, "read_ahead": ra}) for b in BUDGETS[1:]]
+    return out
+
+
+def decode(
+    path: Path, cache: float, tokens: int, rounds: int = 5, predictor: Any = None
+) -> list[dict[str, Any]]:
+    """Greedy decode of ``tokens`` in every configuration of :func:`configs`: all models loaded, then
+    ``rounds`` rounds that time each once in turn (drift on a shared machine hits every one alike),
+    the file's pages dropped before each run. The median tok/s; the stats of each model's last run."""
     import moert
     from moert.models.tiny import greedy, prompt_ids
 
+    runs = configs(predictor)
     models = [
-        moert.load(path, cache_experts=cache, device="cpu", host_budget=b, progress=False) for b in BUDGETS
+        moert.load(path, cache_experts=cache, device="cpu", host_budget=b, progress=False, **kw)
+        for _, b, kw in runs
     ]
     prompt = prompt_ids(1, 8, vocab=models[0].config.vocab_size)
     times: list[list[float]] = [[] for _ in models]
@@ -224,13 +248,15 @@ def decode(path: Path, cache: float, tokens: int, rounds: int = 5) -> list[dict[
             seqs[i], _ = greedy(m, prompt, tokens)
             times[i].append(time.perf_counter() - t0)
     out = []
-    for b, m, ts, seq in zip(BUDGETS, models, times, seqs):
+    for (label, b, kw), m, ts, seq in zip(runs, models, times, seqs):
         handle = moert.handle_of(m)
         handle.offloader.engine.synchronize()
         st = handle.stats()
         out.append(
             {
+                "config": label,
                 "budget": b,
+                "read_ahead": kw.get("read_ahead", 0),
                 "tok_s": tokens / float(np.median(ts)),
                 "tok_s_runs": [tokens / t for t in ts],
                 "identical": bool(torch.equal(seq, seqs[0])),
@@ -241,6 +267,22 @@ def decode(path: Path, cache: float, tokens: int, rounds: int = 5) -> list[dict[
         )
         handle.undo()
     return out
+
+
+def train_predictor(path: Path, seconds: list[float]) -> Any:
+    """A lookahead-1 ``preattn`` predictor for the saved model (``capture_and_train`` on 24 prompts
+    of seeds the decode prompt does not use); appends the seconds it took to ``seconds``."""
+    from transformers import AutoModelForCausalLM
+
+    from moert.engine.prefetch import capture_and_train
+    from moert.models.tiny import prompt_ids
+
+    t0 = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    prompts = [prompt_ids(1, 16, vocab=model.config.vocab_size, seed=100 + i)[0] for i in range(24)]
+    pred = capture_and_train(model, prompts, new_tokens=16, lookahead=1, dim=64)
+    seconds.append(time.perf_counter() - t0)
+    return pred
 
 
 def rss_child(path: str, budget: str, cache: float, tokens: int) -> None:
@@ -338,18 +380,28 @@ def markdown(rec: dict[str, Any]) -> str:
         f"{m['experts_bytes'] / _MB + m['non_expert_bytes'] / _MB:.0f} MiB; device cache {d['cache']:.0%}; "
         f"{d['tokens']} tokens, batch 1, 1 thread; median of {d['rounds']} interleaved rounds)",
         "",
-        "| host budget | tok/s | vs no budget | tokens vs no budget | device hits | device misses | pool hits | SSD reads | "
-        "SSD MB | SSD read ms | SSD stall ms | demand stall ms |",
-        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "Rows 1-4: demand-only lru (no predictor). Then a lookahead-1 preattn predictor trained on the model "
+        f"({d['predictor_s']:.0f} s) drives the `score` policy (overprovision 2) without and with `read_ahead=1`. "
+        "SSD stall: demand reads plus demand waits on a read-ahead in flight; device stall: the engine's demand "
+        "stall (it includes the SSD stall). vs ra=0: tok/s over the same row without read-ahead.",
+        "",
+        "| config | host budget | tok/s | vs no budget | vs ra=0 | tokens | device misses | pool hits | SSD reads | "
+        "read-ahead (used / wasted) | SSD MB | SSD stall ms | device stall ms | recall |",
+        "|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     base = d["runs"][0]["tok_s"]
+    no_ra = {(r["budget"], r["config"].split(",")[0]): r["tok_s"] for r in d["runs"] if not r["read_ahead"]}
     for run in d["runs"]:
         s = run["stats"]
+        ref = no_ra.get((run["budget"], run["config"].split(",")[0]))
+        vs_ra = f"{run['tok_s'] / ref:.2f}" if run["read_ahead"] and ref else ""
+        ra = f"{s['read_ahead_reads']} ({s['read_ahead_used']} / {s['read_ahead_wasted']})"
+        recall = "" if s["recall"] is None else f"{s['recall']:.2f}"
         lines.append(
-            f"| {_pct(run['budget'])} | {run['tok_s']:.1f} | {run['tok_s'] / base:.2f} | "
-            f"{'identical' if run['identical'] else 'DIFFERENT'} | {s['hits']} | {s['misses']} | {s['pool_hits']} | "
-            f"{s['ssd_reads']} | {s['ssd_bytes'] / _MB:.1f} | {s['ssd_read_s'] * 1e3:.1f} | "
-            f"{s['ssd_stall_s'] * 1e3:.1f} | {s['demand_stall_s'] * 1e3:.1f} |"
+            f"| {run['config']} | {_pct(run['budget'])} | {run['tok_s']:.1f} | {run['tok_s'] / base:.2f} | {vs_ra} | "
+            f"{'identical' if run['identical'] else 'DIFFERENT'} | {s['misses']} | {s['pool_hits']} | "
+            f"{s['ssd_reads']} | {ra} | {s['ssd_bytes'] / _MB:.1f} | "
+            f"{(s['ssd_stall_s'] + s['read_ahead_wait_s']) * 1e3:.1f} | {s['demand_stall_s'] * 1e3:.1f} | {recall} |"
         )
     lines += [
         "",
@@ -403,8 +455,11 @@ def main() -> None:
             "non_expert_bytes": sum(p.numel() * 4 for p in model.parameters()) - n_exp,
         }
         del model
+        print("predictor ...", flush=True)
+        train_s: list[float] = []
+        predictor = train_predictor(path, train_s)
         print("decode ...", flush=True)
-        runs = decode(path, args.cache, args.tokens, args.rounds)
+        runs = decode(path, args.cache, args.tokens, args.rounds, predictor)
         print("peak RSS ...", flush=True)
         rss = peak_rss(path, args.cache, args.tokens)
     rec = {
@@ -420,6 +475,7 @@ def main() -> None:
             "cache": args.cache,
             "tokens": args.tokens,
             "rounds": args.rounds,
+            "predictor_s": train_s[0],
             "runs": runs,
         },
         "rss": rss,

@@ -2,10 +2,11 @@
 
 DeepSeek-V2-Lite-Chat puffin traces, the 100 held-out prompts of ``bench/bench_predict.py``'s split
 (seed 0), per-layer device caches (lru) at a few capacities; the host pool (``moert.sim.tiers``) holds
-a fraction F of all 26 x 64 experts (F x 28.8 GB in bf16), its own lru (and belady, the ceiling); a
-device miss that misses the pool reads the expert from SSD first. Cost: 17.3 MB experts, 25 GB/s
-host-to-device, 0.2 ms compute per MoE layer, SSD at 3 and 7 GB/s. One device replay per device
-capacity gives every F (the pool sees only the device's load stream).
+a fraction F of all 26 x 64 experts (F x 28.8 GB in bf16), its own lru, lfu (and belady, the ceiling);
+a device miss that misses the pool reads the expert from SSD first. Cost: the windowed two-tier timeline
+(``moert.sim.tier_timeline``: the SSD a second link, reads pipelined with PCIe copies), 17.3 MB experts,
+25 GB/s host-to-device, 0.2 / 1 / 2 ms compute per MoE layer, SSD at 3 and 7 GB/s. One device replay per
+device capacity gives every F and cost point (the pool sees only the device's load stream).
 
     python bench/sim_tiers.py        # -> bench/results/sim_tiers_puffin.{json,md,png}  (make bench-sim-tiers)
 """
@@ -25,8 +26,9 @@ from moert.sim import CostModel, SimConfig, parse_policies, simulate
 from moert.sim.tiers import TierConfig
 
 RESULTS = Path(__file__).parent / "results"
-HOST = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+HOST = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 SSD = (3.0, 7.0)
+LAYER_MS = (0.2, 1.0, 2.0)  # the first is the default cost point of the tables
 
 
 def _trace(args):
@@ -53,11 +55,13 @@ def run(args) -> dict:
         policies=tuple(parse_policies(args.policies.split(","))),
         cost=cost,
         tiers=TierConfig(host_capacities=HOST, ssd_bandwidths_gbs=SSD, host_policies=policies),
+        layer_ms=LAYER_MS,
     )
     for r in simulate(trace, cfg)["results"]:
+        two = {g["layer_ms"]: g["predicted_tok_s"] for g in r["grid"]}
         rows += [
             {"policy": r["policy"], "device_capacity": r["capacity"], "device_hit_rate": r["hit_rate"],
-             "two_level_tok_s": r["predicted_tok_s"], "tokens": r["tokens"], **t}
+             "two_level_tok_s": two[t["layer_ms"]], "tokens": r["tokens"], **t}
             for t in r["tiers"]
         ]  # fmt: skip
     meta = trace.meta
@@ -68,15 +72,21 @@ def run(args) -> dict:
                   "split": "test (seed 0; bench/bench_predict.py)", "L": meta.num_layers, "E": meta.num_experts,
                   "k": meta.top_k},
         "cost_model": {"expert_bytes": cost.expert_bytes, "bandwidth_gbs": cost.bandwidth_gbs,
-                       "layer_compute_ms": cost.layer_compute_ms, "ssd_gbs": list(SSD)},
+                       "layer_compute_ms": cost.layer_compute_ms, "layer_ms": list(LAYER_MS), "ssd_gbs": list(SSD),
+                       "window": cost.window, "attention_share": cost.attention_share,
+                       "prefetch_depth": cost.prefetch_depth},
         "all_experts_bytes": meta.num_layers * meta.num_experts * cost.expert_bytes,
         "rows": rows,
         "seconds": time.perf_counter() - t0,
     }  # fmt: skip
 
 
+def _rows(res: dict, **match) -> list[dict]:
+    return [r for r in res["rows"] if all(r[k] == v for k, v in match.items())]
+
+
 def markdown(res: dict) -> str:
-    env, tr = res["environment"], res["trace"]
+    env, tr, cm = res["environment"], res["trace"], res["cost_model"]
     total = res["all_experts_bytes"] / 1e9
     lines = [
         "# SSD tier: predicted tok/s against the host pool's size (DeepSeek-V2-Lite-Chat, puffin)",
@@ -87,25 +97,32 @@ def markdown(res: dict) -> str:
         f"Trace: {tr['prompts']} held-out prompts, {tr['tokens']} tokens ({tr['split']}), L={tr['L']}, E={tr['E']}, k={tr['k']}. "
         f"Device: per-layer caches, lru, capacity = fraction of each layer's 64 experts. Host pool: fraction F of all "
         f"{tr['L'] * tr['E']} experts ({total:.1f} GB in bf16), cold at the start (each expert's first load is an SSD "
-        "read) except F = 1 (every expert pinned at load: today's two levels). Cost: "
-        f"{res['cost_model']['expert_bytes'] / 1e6:.1f} MB experts, {res['cost_model']['bandwidth_gbs']:g} GB/s host-to-device, "
-        f"{res['cost_model']['layer_compute_ms']:g} ms per MoE layer; `moert.sim.tiers` states the model's assumptions.",
+        "read) except F = 1 (every expert pinned at load: today's two levels). Cost: the windowed two-tier timeline "
+        "(`moert.sim.tier_timeline` states every assumption: the SSD is a second link, a PCIe copy overlaps the next "
+        "expert's read, demand reads go before read-ahead, a read blocks compute only through the step's demand "
+        f"chain), {cm['expert_bytes'] / 1e6:.1f} MB experts, {cm['bandwidth_gbs']:g} GB/s host-to-device, "
+        f"{cm['layer_compute_ms']:g} ms per MoE layer unless said (also {', '.join(f'{x:g}' for x in cm['layer_ms'][1:])} ms), "
+        f"attention share {cm['attention_share']:g}. `pooled` = the earlier formula (`tier_pooled_tok_s`).",
         "",
     ]
     for policy in dict.fromkeys(r["host_policy"] for r in res["rows"]):
-        for bw in res["cost_model"]["ssd_gbs"]:
+        for bw in cm["ssd_gbs"]:
             lines += _table(res, policy, bw)
-    lines += _where_it_pays(res)
-    lines.append("Plot: `sim_tiers_puffin.png` (tok/s against host GB, one line per device capacity).")
+    lines += _stall_table(res) + _layer_table(res) + _where_it_pays(res)
+    lines.append(
+        f"Plot: `sim_tiers_puffin.png` (tok/s against host GB at {cm['layer_compute_ms']:g} ms, one line per device "
+        "capacity and pool policy)."
+    )
     return "\n".join(lines) + "\n"
 
 
 def _table(res: dict, policy: str, bw: float) -> list[str]:
-    rows = [r for r in res["rows"] if r["host_policy"] == policy and r["ssd_bandwidth_gbs"] == bw]
+    base = res["cost_model"]["layer_compute_ms"]
+    rows = _rows(res, host_policy=policy, ssd_bandwidth_gbs=bw, layer_ms=base)
     hosts = sorted({r["host_capacity"] for r in rows})
     total = res["all_experts_bytes"] / 1e9
     out = [
-        f"## tok/s (pool hit rate), host pool {policy}, SSD {bw:g} GB/s",
+        f"## tok/s (pool hit rate), host pool {policy}, SSD {bw:g} GB/s, {base:g} ms per layer",
         "",
         "| device cap (hit) | " + " | ".join(f"F={f:g} ({f * total:.1f} GB)" for f in hosts) + " |",
         "|---|" + "---:|" * len(hosts),
@@ -121,8 +138,50 @@ def _table(res: dict, policy: str, bw: float) -> list[str]:
     return [*out, ""]
 
 
+def _stall_table(res: dict, dev: float = 0.25) -> list[str]:
+    """Per pool policy, F and SSD bandwidth at device capacity ``dev``: MB per token per tier, the stall
+    per token waiting for SSD reads and for PCIe copies, tok/s windowed and pooled."""
+    base = res["cost_model"]["layer_compute_ms"]
+    out = [
+        f"## Per tier: traffic and stall per token (device capacity {dev:g}, {base:g} ms per layer)",
+        "",
+        "| pool policy | F | SSD GB/s | PCIe MB/tok | SSD MB/tok | stall PCIe ms | stall SSD ms | tok/s | pooled tok/s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in sorted(
+        _rows(res, device_capacity=dev, layer_ms=base),
+        key=lambda r: (r["host_policy"], r["host_capacity"], r["ssd_bandwidth_gbs"]),
+    ):
+        if r["host_capacity"] in (0.1, 0.3, 0.5, 0.7, 0.9, 1.0):
+            out.append(
+                f"| {r['host_policy']} | {r['host_capacity']:g} | {r['ssd_bandwidth_gbs']:g} | "
+                f"{r['link_bytes_per_token'] / 1e6:.0f} | {r['ssd_bytes_per_token'] / 1e6:.0f} | "
+                f"{r['stall_pcie_ms']:.2f} | {r['stall_ssd_ms']:.2f} | {r['tier_tok_s']:.2f} | {r['tier_pooled_tok_s']:.2f} |"
+            )
+    return [*out, ""]
+
+
+def _layer_table(res: dict, dev: float = 0.25) -> list[str]:
+    """tok/s and the share of the all-in-host speed against F at each layer time (device capacity ``dev``)."""
+    hosts = (0.1, 0.3, 0.5, 0.7, 0.9, 1.0)
+    out = [
+        f"## Layer time: tok/s (share of F = 1) at device capacity {dev:g}",
+        "",
+        "| layer ms | SSD GB/s | pool policy | " + " | ".join(f"F={f:g}" for f in hosts) + " |",
+        "|---:|---:|---|" + "---:|" * len(hosts),
+    ]
+    for ms in res["cost_model"]["layer_ms"]:
+        for bw in res["cost_model"]["ssd_gbs"]:
+            for policy in dict.fromkeys(r["host_policy"] for r in res["rows"]):
+                by = {r["host_capacity"]: r["tier_tok_s"] for r in _rows(
+                    res, device_capacity=dev, layer_ms=ms, ssd_bandwidth_gbs=bw, host_policy=policy)}  # fmt: skip
+                cells = [f"{by[f]:.2f} ({by[f] / by[1.0]:.2f})" for f in hosts]
+                out.append(f"| {ms:g} | {bw:g} | {policy} | " + " | ".join(cells) + " |")
+    return [*out, ""]
+
+
 def _where_it_pays(res: dict) -> list[str]:
-    """Per (SSD bandwidth, device capacity, pool policy): the host pool (F and GB) that reaches half and
+    """Per (layer ms, SSD bandwidth, device capacity, pool policy): the host pool (F) that reaches half and
     90% of the all-in-host speed, and tok/s per host GB over the lower and upper half of F."""
     total = res["all_experts_bytes"] / 1e9
     lines = [
@@ -131,27 +190,23 @@ def _where_it_pays(res: dict) -> list[str]:
         "Smallest F on the grid reaching 50% / 90% of the all-in-host speed (F = 1), and the speed gained per "
         "host GB from F = 0.1 to 0.5 and from 0.5 to 1.",
         "",
-        "| SSD GB/s | device cap | pool policy | F for 50% | F for 90% | tok/s per GB, F 0.1-0.5 | F 0.5-1 |",
-        "|---:|---:|---|---:|---:|---:|---:|",
+        "| layer ms | SSD GB/s | device cap | pool policy | F for 50% | F for 90% | tok/s per GB, F 0.1-0.5 | F 0.5-1 |",
+        "|---:|---:|---:|---|---:|---:|---:|---:|",
     ]
-    for bw in res["cost_model"]["ssd_gbs"]:
-        for dev in sorted({r["device_capacity"] for r in res["rows"]}):
-            for policy in dict.fromkeys(r["host_policy"] for r in res["rows"]):
-                by = {
-                    r["host_capacity"]: r["tier_tok_s"]
-                    for r in res["rows"]
-                    if r["host_policy"] == policy
-                    and r["ssd_bandwidth_gbs"] == bw
-                    and r["device_capacity"] == dev
-                }
-                full = by[1.0]
-                half = min(f for f, v in by.items() if v >= 0.5 * full)
-                ninety = min(f for f, v in by.items() if v >= 0.9 * full)
-                low = (by[0.5] - by[0.1]) / (0.4 * total)
-                high = (full - by[0.5]) / (0.5 * total)
-                lines.append(
-                    f"| {bw:g} | {dev:g} | {policy} | {half:g} | {ninety:g} | {low:.2f} | {high:.2f} |"
-                )
+    for ms in res["cost_model"]["layer_ms"]:
+        for bw in res["cost_model"]["ssd_gbs"]:
+            for dev in sorted({r["device_capacity"] for r in res["rows"]}):
+                for policy in dict.fromkeys(r["host_policy"] for r in res["rows"]):
+                    by = {r["host_capacity"]: r["tier_tok_s"] for r in _rows(
+                        res, host_policy=policy, ssd_bandwidth_gbs=bw, device_capacity=dev, layer_ms=ms)}  # fmt: skip
+                    full = by[1.0]
+                    half = min(f for f, v in by.items() if v >= 0.5 * full)
+                    ninety = min(f for f, v in by.items() if v >= 0.9 * full)
+                    low = (by[0.5] - by[0.1]) / (0.4 * total)
+                    high = (full - by[0.5]) / (0.5 * total)
+                    lines.append(
+                        f"| {ms:g} | {bw:g} | {dev:g} | {policy} | {half:g} | {ninety:g} | {low:.2f} | {high:.2f} |"
+                    )
     return [*lines, ""]
 
 
@@ -168,8 +223,8 @@ def plot(res: dict, out: Path) -> None:
         for dev in sorted({r["device_capacity"] for r in res["rows"]}):
             for policy, style in (("lru", "-"), ("lfu", "--"), ("belady", ":")):
                 rows = sorted(
-                    (r for r in res["rows"] if r["host_policy"] == policy and r["ssd_bandwidth_gbs"] == bw
-                     and r["device_capacity"] == dev),
+                    _rows(res, host_policy=policy, ssd_bandwidth_gbs=bw, device_capacity=dev,
+                          layer_ms=res["cost_model"]["layer_compute_ms"]),
                     key=lambda r: r["host_capacity"],
                 )  # fmt: skip
                 if rows:

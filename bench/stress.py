@@ -11,7 +11,10 @@ the cache's and the engine's counters must satisfy their invariants.
 With ``--host-slabs N`` (``host_slabs=``) both tiers are active: the pool is a host cache of N slabs
 over a file holding every expert (each in two parts, read with pread), so copies also read the file
 and evict host slabs while other threads copy; a ``copy_out`` operation checks a host slab (or the
-file read) against the expected bytes too, and the pool's hits + reads must equal the engine's copies.
+file read) against the expected bytes too. Read-ahead is on (``CopyEngine.read_ahead = 1``, two
+reader threads): prefetches and predictions start pool reads at once, and a ``read_ahead`` operation
+queues reads directly, so copies race the reader threads for slabs and wait on reads in flight. The
+pool's hits + reads - read-ahead reads must equal the engine's copies.
 
 A failure prints the base seed; ``--seed S`` reproduces the run's draws (thread interleavings vary,
 so a race may need a few runs).
@@ -94,8 +97,11 @@ class _World:
                     self.pool.fill(layer, e, data)
         if host_slabs is not None:
             self._write_file(workdir)
+            self.pool.readers = 2
         self.cache = SlabCache(self.pool, slots, policy=policy, device=device, min_slots=4)
         self.engine = CopyEngine(self.cache, lanes)
+        if host_slabs is not None:
+            self.engine.read_ahead = 1
         self.stream, self.read_slot = stream, read_slot
         if read_slot is None:
             self.views = [self.cache.slot_view(s, torch.uint8, (slab,)) for s in range(slots)]
@@ -167,6 +173,9 @@ def _worker(
                 e = int(rng.integers(E))
                 errors.extend(world.check_host(layer, e))
                 checked += world.slab
+            elif r < 0.34 and world.pool.tiered:
+                op = "read_ahead"
+                world.pool.read_ahead(layer, rng.integers(-1, E, size=int(rng.integers(1, 5))).tolist())
             elif r < 0.35:
                 op = "predict"
                 rows = min(2, L - layer)
@@ -217,8 +226,13 @@ def _invariants(world: _World) -> list[str]:
     }
     if world.pool.tiered:
         ps = world.pool.tier_stats()[0]
-        rules["pool hits + reads == engine copies"] = ps["hits"] + ps["reads"] == es["copies"]
+        rules["pool hits + reads - ahead_reads == engine copies"] = (
+            ps["hits"] + ps["reads"] - ps["ahead_reads"] == es["copies"]
+        )
         rules["pool read_bytes == reads * slab"] = ps["read_bytes"] == ps["reads"] * world.slab
+        rules["ahead used + wasted <= ahead reads"] = (
+            ps["ahead_used"] + ps["ahead_wasted"] <= ps["ahead_reads"] <= ps["reads"]
+        )
     return [f"invariant broken: {name} ({s}, {es})" for name, ok in rules.items() if not ok]
 
 
@@ -275,6 +289,8 @@ def run_stress(
     if world.pool.tiered:
         ps = world.pool.tier_stats()[0]
         report.counts["pool_hits"], report.counts["pool_reads"] = ps["hits"], ps["reads"]
+        for k in ("ahead_reads", "ahead_used", "ahead_wasted", "ahead_dropped", "ahead_waits"):
+            report.counts[k] = ps[k]
     if close_at is not None:
         # the rest of the run races a close: every call then succeeds or raises RuntimeError("closed")
         tail = [

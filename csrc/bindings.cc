@@ -162,12 +162,13 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "faults_arm",
       [](std::int64_t fail_copy, std::int64_t fail_count, double slow, std::int64_t kill_lane,
-         std::int64_t fail_alloc, std::int64_t alloc_count) {
-        moert::faults::arm(
-            moert::faults::Plan{fail_copy, fail_count, slow, kill_lane, fail_alloc, alloc_count});
+         std::int64_t fail_alloc, std::int64_t alloc_count, double read_delay_s) {
+        moert::faults::arm(moert::faults::Plan{fail_copy, fail_count, slow, kill_lane, fail_alloc,
+                                               alloc_count, read_delay_s});
       },
       py::arg("fail_copy") = 0, py::arg("fail_count") = 1, py::arg("slow") = 1.0,
-      py::arg("kill_lane") = 0, py::arg("fail_alloc") = 0, py::arg("alloc_count") = 1);
+      py::arg("kill_lane") = 0, py::arg("fail_alloc") = 0, py::arg("alloc_count") = 1,
+      py::arg("read_delay_s") = 0.0);
   m.def("faults_disarm", &moert::faults::disarm);
   m.def("faults_armed", &moert::faults::armed);
   m.def("faults_counts", []() {
@@ -181,6 +182,7 @@ PYBIND11_MODULE(_C, m) {
     d["killed_lanes"] = c.killed_lanes;
     d["allocations"] = c.allocations;
     d["failed_allocations"] = c.failed_allocations;
+    d["delayed_reads"] = c.delayed_reads;
     return d;
   });
 
@@ -252,6 +254,12 @@ PYBIND11_MODULE(_C, m) {
              MOERT_POOL_FIELD(demand_read_s)
              MOERT_POOL_FIELD(evictions)
              MOERT_POOL_FIELD(waits)
+             MOERT_POOL_FIELD(ahead_reads)
+             MOERT_POOL_FIELD(ahead_used)
+             MOERT_POOL_FIELD(ahead_wasted)
+             MOERT_POOL_FIELD(ahead_dropped)
+             MOERT_POOL_FIELD(ahead_waits)
+             MOERT_POOL_FIELD(ahead_wait_s)
 #undef MOERT_POOL_FIELD
              return py::make_tuple(total, layers);
            })
@@ -271,6 +279,20 @@ PYBIND11_MODULE(_C, m) {
              p.check_entry(l, e);
              p.release_host(l, e);
            })
+      .def(
+          "read_ahead",
+          [](ExpertPool& p, std::int64_t layer, const Int64Array& experts) {
+            const int l = to_int(layer, "layer");
+            std::vector<std::int32_t> ids(static_cast<std::size_t>(experts.size()));
+            for (std::size_t i = 0; i < ids.size(); ++i) {
+              ids[i] = to_int(experts.data()[i], "expert");
+            }
+            return p.read_ahead(l, ids.data(), static_cast<std::int64_t>(ids.size()));
+          },
+          py::arg("layer"), py::arg("experts"),
+          "Queues background reads of the experts not resident (tiered); returns how many.")
+      .def_property("readers", &ExpertPool::readers,
+                    [](ExpertPool& p, std::int64_t n) { p.set_readers(to_int(n, "readers")); })
       .def("reset_stats", &ExpertPool::reset_stats)
       .def_property_readonly("num_layers", &ExpertPool::num_layers)
       .def_property_readonly("num_experts", &ExpertPool::num_experts)
@@ -591,6 +613,9 @@ PYBIND11_MODULE(_C, m) {
            py::arg("cache"), py::arg("num_streams"), py::arg("slot_timeout_s") = 60.0)
       .def_property_readonly("num_streams", &CopyEngine::num_streams)
       .def_property_readonly("closed", &CopyEngine::closed)
+      .def_property(
+          "read_ahead", &CopyEngine::read_ahead,
+          [](CopyEngine& e, std::int64_t k) { e.set_read_ahead(to_int(k, "read_ahead")); })
       .def("prefetch",
            [](CopyEngine& e, std::int64_t layer, const Int64Array& experts) {
              std::vector<std::int32_t> ids = expert_ids(experts, "experts");

@@ -227,6 +227,24 @@ void CopyEngine::copy_locked(std::unique_lock<std::mutex>& lk, int slot) {
   c_.cv_.notify_all();
 }
 
+void CopyEngine::set_read_ahead(int k) {
+  MOERT_CHECK(k >= 0 && k <= 64, "read_ahead=", k, " is out of range; use 0 (off) .. 64 layers");
+  read_ahead_.store(k);
+}
+
+void CopyEngine::read_ahead_locked(int layer, const std::vector<std::int32_t>& experts,
+                                   bool only_queued) {
+  ExpertPool& pool = *c_.pool_;
+  if (!pool.tiered() || experts.empty()) return;
+  std::vector<std::int32_t> want;
+  for (int e : experts) {
+    const int s = c_.table_[c_.key_of(layer, e)];
+    const SlotState st = s < 0 ? SlotState::kEmpty : c_.slots_[s].state;
+    if (only_queued ? st == SlotState::kLoading : st != SlotState::kReady) want.push_back(e);
+  }
+  if (!want.empty()) pool.read_ahead(layer, want.data(), static_cast<std::int64_t>(want.size()));
+}
+
 int CopyEngine::prefetch(int layer, const std::int32_t* experts, std::int64_t n) {
   std::lock_guard<std::mutex> lock(c_.mu_);
   check_usable_locked("prefetch");
@@ -234,6 +252,7 @@ int CopyEngine::prefetch(int layer, const std::int32_t* experts, std::int64_t n)
   std::vector<std::int32_t> distinct, queued;
   c_.distinct_locked(experts, n, false, &distinct);
   c_.prefetch_locked(layer, distinct, &queued);
+  if (read_ahead_.load() > 0) read_ahead_locked(layer, distinct, true);
   for (int s : queued) push_locked(1, s);
   if (!queued.empty()) work_cv_.notify_all();
   return static_cast<int>(queued.size());
@@ -277,9 +296,11 @@ int CopyEngine::apply_prediction_locked(const std::vector<std::int32_t>& layers,
     }
   }
   int total = 0;
+  const int ahead = read_ahead_.load();
   for (std::size_t i = 0; i < layers.size(); ++i) {
     c_.distinct_locked(ids + i * width, width, true, &distinct);
     c_.prefetch_locked(layers[i], distinct, &queued);
+    if (ahead > 0) read_ahead_locked(layers[i], distinct, i > static_cast<std::size_t>(ahead));
     for (int s : queued) push_locked(1, s);
     total += static_cast<int>(queued.size());
   }

@@ -33,8 +33,8 @@ ExpertPool::ExpertPool(int num_layers, int num_experts, std::int64_t slab_bytes,
   const std::int64_t all = static_cast<std::int64_t>(num_layers) * num_experts;
   MOERT_CHECK(capacity >= 1 && capacity <= all, "capacity=", capacity,
               " host slabs is out of range; use 1..", all, " (every expert of every layer)");
-  MOERT_CHECK(policy == "lru" || policy == "lfu", "pool policy '", policy,
-              "' is not one of lru, lfu");
+  MOERT_CHECK(policy == "lru" || policy == "lfu" || policy == "fifo", "pool policy '", policy,
+              "' is not one of lru, lfu, fifo");
   MOERT_CHECK(read_mode == "pread" || read_mode == "mmap", "read_mode '", read_mode,
               "' is not one of pread, mmap");
   slab_bytes_ = static_cast<std::size_t>(slab_bytes);
@@ -48,6 +48,7 @@ ExpertPool::ExpertPool(int num_layers, int num_experts, std::int64_t slab_bytes,
   if (tiered_) {
     slabs_.assign(static_cast<std::size_t>(capacity), HostSlot{});
     table_.assign(static_cast<std::size_t>(all), -1);
+    ahead_queued_.assign(static_cast<std::size_t>(all), 0);
   }
   alloc(pin);
 }
@@ -78,6 +79,7 @@ void ExpertPool::alloc(bool pin) {
 }
 
 ExpertPool::~ExpertPool() {
+  stop_readers();
   if (pinned_) pin_backend_->unpin_host(base_);
   free_host_pages(base_, mapped_bytes_);
   close_files();
@@ -126,6 +128,9 @@ void ExpertPool::fill(int layer, int expert, std::uintptr_t src, std::int64_t nb
               reinterpret_cast<const void*>(src), static_cast<std::size_t>(nbytes));
 }
 
-void ExpertPool::close() { closed_.store(true); }
+void ExpertPool::close() {
+  closed_.store(true);
+  stop_readers();  // a read in flight finishes first
+}
 
 }  // namespace moert

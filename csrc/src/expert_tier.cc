@@ -5,12 +5,14 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <chrono>
 #include <cstring>
 
 #include "moert/common.h"
 #include "moert/expert_pool.h"
+#include "moert/faults.h"
 
 namespace moert {
 
@@ -96,6 +98,7 @@ void ExpertPool::read_source(int key, std::uint8_t* dst) {
     files = files_;
   }
   const int layer = key / num_experts_, expert = key % num_experts_;
+  if (faults::armed()) faults::next_read();
   if (parts.empty()) {
     throw RuntimeFailure(cat("ExpertPool: (layer ", layer, ", expert ", expert,
                              ") has no source in the checkpoint files (set_source)"));
@@ -150,18 +153,71 @@ int ExpertPool::victim_locked() const {
       continue;
     }
     const HostSlot& b = slabs_[best];
-    const bool better =
-        policy_ == "lfu" ? (h.freq != b.freq ? h.freq < b.freq : h.tick < b.tick) : h.tick < b.tick;
+    bool better;
+    if (policy_ == "lfu") {
+      better = h.freq != b.freq ? h.freq < b.freq : h.tick < b.tick;
+    } else if (policy_ == "fifo") {
+      better = h.born < b.born;
+    } else {
+      better = h.tick < b.tick;
+    }
     if (better) best = s;
   }
   return best;
+}
+
+double ExpertPool::fill_locked(std::unique_lock<std::mutex>& lk, int key, int v, bool ahead,
+                               std::string* failure) {
+  HostSlot& h = slabs_[v];
+  if (h.key >= 0) {
+    const int old_layer = h.key / num_experts_;
+    table_[h.key] = -1;
+    ++stats_.evictions;
+    ++layer_stats_[old_layer].evictions;
+    if (h.ahead) ++stats_.ahead_wasted, ++layer_stats_[old_layer].ahead_wasted;
+  }
+  h.key = key;
+  h.state = 1;
+  h.pins = 0;
+  h.ahead = ahead;
+  table_[key] = v;
+  lk.unlock();
+  const auto t0 = Clock::now();
+  try {
+    read_source(key, slab_ptr(v));
+  } catch (const std::exception& e) {
+    *failure = e.what();
+  }
+  const double secs = std::chrono::duration<double>(Clock::now() - t0).count();
+  lk.lock();
+  cv_.notify_all();
+  if (!failure->empty()) {
+    h.key = -1;
+    h.state = 0;
+    h.ahead = false;
+    table_[key] = -1;
+    return secs;
+  }
+  h.state = 2;
+  h.tick = ++tick_;
+  h.born = h.tick;
+  h.freq = 0;
+  const int layer = key / num_experts_;
+  for (PoolStats* st : {&stats_, &layer_stats_[layer]}) {
+    ++st->reads;
+    st->read_bytes += static_cast<std::int64_t>(slab_bytes_);
+    st->read_s += secs;
+    if (ahead) ++st->ahead_reads;
+  }
+  return secs;
 }
 
 int ExpertPool::take_locked(std::unique_lock<std::mutex>& lk, int key, bool pin, bool demand) {
   const int layer = key / num_experts_;
   const auto deadline = Clock::now() + std::chrono::duration_cast<Clock::duration>(
                                            std::chrono::duration<double>(kSlabTimeoutS));
-  bool waited = false;
+  bool waited = false, waited_ahead = false;
+  const auto t_start = Clock::now();
   while (true) {
     check_open("acquire_host");
     const int s = table_[key];
@@ -174,13 +230,23 @@ int ExpertPool::take_locked(std::unique_lock<std::mutex>& lk, int key, bool pin,
         ++h.pins;
         ++stats_.hits;
         ++layer_stats_[layer].hits;
+        if (h.ahead) ++stats_.ahead_used, ++layer_stats_[layer].ahead_used;
+        h.ahead = false;
       }
       if (waited) ++stats_.waits, ++layer_stats_[layer].waits;
+      if (waited_ahead) {
+        const double w = std::chrono::duration<double>(Clock::now() - t_start).count();
+        for (PoolStats* st : {&stats_, &layer_stats_[layer]}) {
+          ++st->ahead_waits;
+          if (demand) st->ahead_wait_s += w;
+        }
+      }
       return s;
     }
     if (s < 0) v = victim_locked();
     if (v < 0) {  // another thread reads this expert, or every slab is pinned
       waited = true;
+      waited_ahead = waited_ahead || (s >= 0 && slabs_[s].ahead);
       if (cv_.wait_until(lk, deadline) == std::cv_status::timeout) {
         throw RuntimeFailure(cat("ExpertPool: waited ", kSlabTimeoutS, " s for a host slab for ",
                                  "(layer ", layer, ", expert ", key % num_experts_, "); all ",
@@ -189,45 +255,90 @@ int ExpertPool::take_locked(std::unique_lock<std::mutex>& lk, int key, bool pin,
       }
       continue;
     }
-    HostSlot& h = slabs_[v];
-    if (h.key >= 0) {
-      table_[h.key] = -1;
-      ++stats_.evictions;
-      ++layer_stats_[h.key / num_experts_].evictions;
-    }
-    h.key = key;
-    h.state = 1;
-    h.pins = 0;
-    table_[key] = v;
-    lk.unlock();
-    const auto t0 = Clock::now();
     std::string failure;
-    try {
-      read_source(key, slab_ptr(v));
-    } catch (const std::exception& e) {
-      failure = e.what();
-    }
-    const double secs = std::chrono::duration<double>(Clock::now() - t0).count();
-    lk.lock();
-    cv_.notify_all();
-    if (!failure.empty()) {
-      h.key = -1;
-      h.state = 0;
-      table_[key] = -1;
-      throw RuntimeFailure(failure);
-    }
-    h.state = 2;
-    h.tick = ++tick_;
+    const double secs = fill_locked(lk, key, v, false, &failure);
+    if (!failure.empty()) throw RuntimeFailure(failure);
+    HostSlot& h = slabs_[v];
     h.freq = pin ? 1 : 0;
     h.pins = pin ? 1 : 0;
     for (PoolStats* st : {&stats_, &layer_stats_[layer]}) {
-      ++st->reads;
-      st->read_bytes += static_cast<std::int64_t>(slab_bytes_);
-      st->read_s += secs;
       if (demand) ++st->demand_reads, st->demand_read_s += secs;
       if (waited) ++st->waits;
     }
     return v;
+  }
+}
+
+int ExpertPool::read_ahead(int layer, const std::int32_t* experts, std::int64_t n) {
+  check_open("read_ahead");
+  check_entry(layer, 0);
+  for (std::int64_t i = 0; i < n; ++i) {
+    MOERT_CHECK(experts[i] < num_experts_, "read_ahead: expert ", experts[i],
+                " is out of range [0, ", num_experts_, ")");
+  }
+  if (!tiered_) return 0;
+  std::lock_guard<std::mutex> lock(mu_);
+  if (readers_.empty()) {
+    for (int i = 0; i < num_readers_; ++i) readers_.emplace_back([this] { reader(); });
+  }
+  const std::size_t bound = static_cast<std::size_t>(capacity_);  // more would evict each other
+  int queued = 0;
+  for (std::int64_t i = 0; i < n; ++i) {
+    if (experts[i] < 0) continue;
+    const int key = layer * num_experts_ + experts[i];
+    if (table_[key] >= 0 || ahead_queued_[key]) continue;
+    if (ahead_queue_.size() >= bound) {  // the oldest request is the stalest prediction
+      const int old = ahead_queue_.front();
+      ahead_queue_.pop_front();
+      ahead_queued_[old] = 0;
+      ++stats_.ahead_dropped;
+      ++layer_stats_[old / num_experts_].ahead_dropped;
+    }
+    ahead_queue_.push_back(key);
+    ahead_queued_[key] = 1;
+    ++queued;
+  }
+  if (queued > 0) ahead_cv_.notify_all();
+  return queued;
+}
+
+void ExpertPool::set_readers(int n) {
+  MOERT_CHECK(n >= 1 && n <= 16, "readers=", n, " is out of range; use 1..16");
+  std::lock_guard<std::mutex> lock(mu_);
+  MOERT_CHECK(readers_.empty(), "set_readers: the reader threads already run (set it before the ",
+              "first read_ahead)");
+  num_readers_ = n;
+}
+
+void ExpertPool::reader() {
+  std::unique_lock<std::mutex> lk(mu_);
+  while (true) {
+    ahead_cv_.wait(lk, [&] { return readers_stop_ || !ahead_queue_.empty(); });
+    if (readers_stop_) return;
+    const int key = ahead_queue_.front();
+    ahead_queue_.pop_front();
+    ahead_queued_[key] = 0;
+    const int v = table_[key] >= 0 ? -1 : victim_locked();
+    if (v < 0) {  // resident or being read by now, or no slab free of pins: never wait
+      ++stats_.ahead_dropped;
+      ++layer_stats_[key / num_experts_].ahead_dropped;
+      continue;
+    }
+    std::string failure;  // a failed read-ahead frees its slab; the next demand read raises
+    fill_locked(lk, key, v, true, &failure);
+  }
+}
+
+void ExpertPool::stop_readers() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    readers_stop_ = true;
+    ahead_queue_.clear();
+    std::fill(ahead_queued_.begin(), ahead_queued_.end(), 0);
+    ahead_cv_.notify_all();
+  }
+  for (std::thread& t : readers_) {
+    if (t.joinable()) t.join();
   }
 }
 

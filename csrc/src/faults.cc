@@ -1,8 +1,10 @@
 // The test-only fault plan (see faults.h).
 #include "moert/faults.h"
 
+#include <chrono>
 #include <cmath>
 #include <mutex>
+#include <thread>
 
 #include "moert/common.h"
 
@@ -31,6 +33,8 @@ void arm(const Plan& p) {
   MOERT_CHECK(p.fail_alloc >= 0, "faults: fail_alloc=", p.fail_alloc, " must be >= 0 (0: off)");
   MOERT_CHECK(p.alloc_count == -1 || p.alloc_count >= 1, "faults: alloc_count=", p.alloc_count,
               " must be >= 1, or -1 for every later allocation");
+  MOERT_CHECK(std::isfinite(p.read_delay_s) && p.read_delay_s >= 0.0 && p.read_delay_s <= 60.0,
+              "faults: read_delay_s=", p.read_delay_s, " must be in [0, 60] seconds");
   std::lock_guard<std::mutex> lock(g_mu);
   g_plan = p;
   g_counts = Counts{};
@@ -77,6 +81,16 @@ void next_alloc(std::size_t bytes) {
   }
   throw RuntimeFailure(
       cat("allocation of ", bytes, " bytes failed (injected fault: allocation #", n, ")"));
+}
+
+void next_read() {
+  double delay = 0.0;
+  {
+    std::lock_guard<std::mutex> lock(g_mu);
+    delay = g_plan.read_delay_s;
+    if (delay > 0.0) ++g_counts.delayed_reads;
+  }
+  if (delay > 0.0) std::this_thread::sleep_for(std::chrono::duration<double>(delay));
 }
 
 void add_slow_seconds(double seconds) {

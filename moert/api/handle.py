@@ -90,6 +90,8 @@ class PatchHandle:
         self._norms: list[tuple[Any, Any]] = []
         self.prefetcher: Any = None
         self._predictor: Any = None  # the loaded predictor, attached by _attach_predictor
+        #: the MoE layers as found at patch time (``moe_layers()`` refuses released experts)
+        self._refs: list[MoELayerRef] = []
 
     @property
     def offloader(self) -> OffloaderBase | None:
@@ -112,6 +114,7 @@ class PatchHandle:
 
         if self.prefetcher is not None:
             self.prefetcher.close()
+            self.prefetcher = None
         prefetch.detach(self._norms)
         self._norms = []
         if self._offloader is not None:
@@ -149,6 +152,101 @@ class PatchHandle:
         if self._offloader is not None:
             self._offloader.reset_stats()
 
+    def reconfigure(self, config: OffloadConfig | None = None, **overrides: Any) -> Stats:
+        """Switch to another offload configuration over the same filled host pool.
+
+        The slab cache, copy engine, policy, placement and predictor hooks are rebuilt from
+        ``config`` (default: the current one) with ``overrides`` applied (``cache_experts``,
+        ``policy``, ``copy_streams``, ``prefetch``, ``predictor``, ``overlap_waves``, ...); the pool, the
+        released expert parameters and the model's patched state stay, so a configuration change
+        costs a device cache, not a pool fill and an undo (~29 GB of copies at DeepSeek-V2-Lite
+        size). Counters start at zero. Outputs are those of a fresh ``moert.patch`` with the new
+        configuration (DESIGN §8).
+
+        Returns:
+            The final ``Stats`` of the configuration it replaces.
+
+        Raises:
+            RuntimeError: the handle was undone.
+            ValueError: an invalid configuration (nothing changes then), another ``device`` (undo and
+                patch again), or a switch between the ``"reference"`` backend's pool and the runtime's.
+        """
+        from moert.api.patch import _resolve_config, build_policy, check_backend, copy_streams
+
+        if self._offloader is None:
+            raise RuntimeError("this handle was undone; moert.patch the model again")
+        cfg = _resolve_config(self.config if config is None else config, overrides)
+        if cfg.device != self.config.device:
+            raise ValueError(
+                f"reconfigure keeps the device ({self.device}); device={cfg.device!r} needs handle.undo() "
+                "and a new moert.patch"
+            )
+        if (cfg.backend == "reference") != (self.config.backend == "reference"):
+            raise ValueError(
+                f"backend={cfg.backend!r} needs another kind of host pool than backend="
+                f"{self.config.backend!r}; handle.undo() and moert.patch again"
+            )
+        check_backend(self.device, cfg.backend)
+        refs = self._refs
+        slots = cfg.num_slots(len(refs), self.adapter.num_experts, self.adapter.top_k)
+        policy, loaded = build_policy(cfg, self.adapter, refs)  # raises before anything is torn down
+        final = self._offloader.stats()
+        previous, pool = self.config, self._offloader.pool
+        try:
+            self._rebuild(cfg, refs, slots, copy_streams(cfg), policy, loaded)
+        except BaseException:
+            if self._offloader is None:  # the new offloader failed to build: back to the previous one
+                try:
+                    old_policy, old_loaded = build_policy(previous, self.adapter, refs)
+                    old_slots = previous.num_slots(len(refs), self.adapter.num_experts, self.adapter.top_k)
+                    self._rebuild(
+                        previous, refs, old_slots, copy_streams(previous), old_policy, old_loaded, pool
+                    )
+                except BaseException:  # the model cannot run: free everything, as ``discard`` does
+                    pool.close()
+                    self._final = final
+                    self._drop_released()
+            raise
+        return final
+
+    def _rebuild(
+        self,
+        cfg: OffloadConfig,
+        refs: list[MoELayerRef],
+        slots: int,
+        streams: int,
+        policy: Any,
+        loaded: Any,
+        pool: Any = None,
+    ) -> None:
+        """Closes the offloader (keeping its pool), builds ``cfg``'s over the pool (``pool`` when there
+        is no offloader left) and rewires the layers."""
+        from moert.api.patch import build_offloader
+        from moert.engine.layer import OffloadedLayer
+
+        old = self._offloader
+        if old is not None:
+            pool = old.pool
+            self._read_ahead = getattr(getattr(old, "engine", None), "read_ahead", 0)  # outlives engines
+            self._detach_predictor()
+            self._offloader = None
+            old.close(keep_pool=True)
+        off = build_offloader(cfg, self.adapter, refs, self.layout, pool, self.device, slots, streams, policy)
+        if getattr(self, "_read_ahead", 0):
+            off.engine.read_ahead = self._read_ahead
+        for ordinal, rel in enumerate(self._released):
+            rel.experts.__dict__["_moert"] = OffloadedLayer(off, ordinal)
+        self._offloader, self._predictor = off, loaded
+        if cfg.predictor is not None:
+            try:
+                self._attach_predictor(refs)
+            except BaseException:  # e.g. a predictor the CUDA kernel cannot hold: a failed build
+                self._detach_predictor()
+                self._offloader = None
+                off.close(keep_pool=True)
+                raise
+        self.config, self.num_slots = cfg, slots
+
     def expert_weights(self, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Host views ``(gate_up (2I, H), down (H, I))`` of one expert in the pool (decoder layer index)."""
         if self._offloader is None:
@@ -182,16 +280,21 @@ class PatchHandle:
         self._detach_predictor()
         if restore and self._moved_from is not None:
             self.model.to(self._moved_from)
-        for ordinal, rel in enumerate(self._released):
-            if restore:
+        if restore:
+            for ordinal, rel in enumerate(self._released):
                 self._restore_experts(ordinal, rel)
-            rel.experts.__dict__.pop("_moert", None)
-            for hook in rel.hooks:
-                hook.remove()
+        self._drop_released()
         if restore:
             set_impl(self.model, self._previous_impl)
         off.close()
         self._offloader = None
+
+    def _drop_released(self) -> None:
+        """Unhooks the experts modules and forgets the handle (the pool is the caller's to close)."""
+        for rel in self._released:
+            rel.experts.__dict__.pop("_moert", None)
+            for hook in rel.hooks:
+                hook.remove()
         self._released = []
         _HANDLES.pop(self.model, None)
 

@@ -20,6 +20,7 @@ import torch
 
 from moert.api.config import OffloadConfig
 from moert.api.patch import install, prepare
+from moert.api.tier import host_tier
 from moert.engine.devices import tensor_device
 from moert.models import adapter_class
 
@@ -165,6 +166,7 @@ def load(
     host_budget: int | float | str | None = None,
     pool_policy: str = "lru",
     read_mode: str = "pread",
+    read_ahead: int = 0,
     **kwargs: Any,
 ) -> nn.Module:
     """Load a local model directory with its routed experts offloaded.
@@ -180,7 +182,8 @@ def load(
         host_budget: host memory for routed experts (bytes, ``"16GiB"`` or a fraction of them); below all
             experts the pool caches that many and the copy threads read the rest from the checkpoint's
             files (``moert.api.tier``). None: every expert in the pool.
-        pool_policy, read_mode: the host tier's eviction (``"lru"``, ``"lfu"``) and reads (``"pread"``, ``"mmap"``).
+        pool_policy, read_mode, read_ahead: the host tier's eviction (lru, lfu, fifo), reads (pread, mmap)
+            and layers of plans read ahead into the pool before their device copies (0: off; ``moert.api.tier``).
         **kwargs: more ``OffloadConfig`` fields (``copy_streams``, ``backend``, ``predictor``,
             ``overprovision``, ``prefetch``, ...; ``policy="score"`` needs ``predictor``).
 
@@ -212,10 +215,9 @@ def load(
 
     where = str(tensor_device(dev))  # "sim" computes on the host
     baseline = _device_baseline(where) if dev.startswith("cuda") else None
-    from moert.api.tier import host_tier
-
-    args = (host_budget, pool_policy, read_mode, files, index, moe_ids, adapter, layout, cfg)
-    tier = None if host_budget is None else host_tier(*args)
+    tier = host_tier(
+        host_budget, pool_policy, read_mode, files, index, moe_ids, adapter, layout, cfg, read_ahead
+    )
     handle, t_experts, non_expert = _fill(
         model, cfg, prepared, index, where, wdtype, t0, progress, path, tier
     )
@@ -229,7 +231,7 @@ def load(
         handle, (where, baseline, non_expert), t0, t_experts, files, dev, wdtype, all_experts
     )
     if tier is not None:
-        handle.load_report["host_tier"] = tier.report(handle.pool_bytes)
+        tier.attach(handle)  # load_report["host_tier"]; read-ahead on
     return model
 
 

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 
     from torch import nn
 
+    from moert.engine.offloader import OffloaderBase
     from moert.models import ModelAdapter
     from moert.policy.base import Policy
 
@@ -161,19 +162,25 @@ def prepare(
             device = str(where) if where.type == "cuda" else f"cuda:{torch.cuda.current_device()}"
         elif int(device[5:]) >= torch.cuda.device_count():
             raise ValueError(f"device={device!r}: there are only {torch.cuda.device_count()} CUDA devices")
-    if device == "sim" and cfg.backend != "runtime":
-        raise ValueError(
-            f"device='sim' models the runtime's device; use backend='runtime', not {cfg.backend!r}"
-        )
+    check_backend(device, cfg.backend)
     slots = cfg.num_slots(len(refs), adapter.num_experts, adapter.top_k)
-    if cfg.copy_streams is not None:
-        streams = cfg.copy_streams
-    else:
-        from moert import envs
-
-        streams = envs.copy_streams()
     register_experts_implementation()
-    return adapter, refs, layout, device, slots, streams
+    return adapter, refs, layout, device, slots, copy_streams(cfg)
+
+
+def check_backend(device: str, backend: str) -> None:
+    """Raises ValueError when ``backend`` cannot run on ``device`` ("sim" models the runtime only)."""
+    if device == "sim" and backend != "runtime":
+        raise ValueError(f"device='sim' models the runtime's device; use backend='runtime', not {backend!r}")
+
+
+def copy_streams(cfg: OffloadConfig) -> int:
+    """The config's copy streams, else ``MOERT_COPY_STREAMS``."""
+    if cfg.copy_streams is not None:
+        return cfg.copy_streams
+    from moert import envs
+
+    return envs.copy_streams()
 
 
 def _cpu_experts(cfg: OffloadConfig, pool: Any, layout: ExpertLayout, device: str) -> Any:
@@ -222,6 +229,43 @@ def build_policy(cfg: OffloadConfig, adapter: ModelAdapter, refs: list[MoELayerR
     return policy, predictor
 
 
+def build_offloader(
+    cfg: OffloadConfig,
+    adapter: ModelAdapter,
+    refs: list[MoELayerRef],
+    layout: ExpertLayout,
+    pool: Any,
+    device: str,
+    slots: int,
+    streams: int,
+    policy: Policy,
+) -> OffloaderBase:
+    """The offloader of ``cfg`` (slab cache, copy engine, placement, ``policy``) over a filled ``pool``;
+    on failure the pool is left open (``install`` and ``PatchHandle.reconfigure`` own it)."""
+    off = make_offloader(
+        cfg.backend,
+        pool,
+        layout,
+        slots,
+        [r.index for r in refs],
+        adapter.num_experts,
+        device,
+        policy=policy.cache_policy,
+        min_slots=adapter.top_k,
+        copy_streams=streams,
+        overlap_waves=cfg.overlap_waves,
+        deferred_waits=device.startswith("cuda") if cfg.deferred_waits is None else cfg.deferred_waits,
+    )
+    if cfg.cpu_experts:
+        try:
+            off.placement = _cpu_experts(cfg, pool, layout, device)
+        except BaseException:
+            off.close(keep_pool=True)
+            raise
+    off.set_policy(policy)
+    return off
+
+
 def install(
     model: nn.Module,
     cfg: OffloadConfig,
@@ -245,30 +289,10 @@ def install(
     pool = (pool_factory or make_pool)(cfg.backend, len(refs), adapter.num_experts, layout.slab_bytes, device)
     try:
         fill(pool)
-        off = make_offloader(
-            cfg.backend,
-            pool,
-            layout,
-            slots,
-            [r.index for r in refs],
-            adapter.num_experts,
-            device,
-            policy=policy.cache_policy,
-            min_slots=adapter.top_k,
-            copy_streams=streams,
-            overlap_waves=cfg.overlap_waves,
-            deferred_waits=device.startswith("cuda") if cfg.deferred_waits is None else cfg.deferred_waits,
-        )
+        off = build_offloader(cfg, adapter, refs, layout, pool, device, slots, streams, policy)
     except BaseException:
         pool.close()
         raise
-    if cfg.cpu_experts:
-        try:
-            off.placement = _cpu_experts(cfg, pool, layout, device)
-        except BaseException:
-            off.close()
-            raise
-    off.set_policy(policy)
     released = []
     for ordinal, ref in enumerate(refs):
         ex = ref.experts
@@ -285,7 +309,7 @@ def install(
     previous = get_impl(model)
     set_impl(model, IMPLEMENTATION)
     handle = PatchHandle(model, adapter, cfg, off, released, previous, device, slots)
-    handle._predictor = loaded
+    handle._predictor, handle._refs = loaded, refs
     register_handle(model, handle)
     if predictor and cfg.predictor is not None:
         try:

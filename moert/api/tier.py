@@ -7,6 +7,12 @@ located once, here, from the safetensors headers: per part (gate, up or gate_up,
 whose copy-engine threads ``pread`` them into a host slab when the expert is not resident (no
 Python on that path). Expert bytes are read as they are in the file: a file dtype other than the
 runtime dtype is refused (:func:`expert_parts` names both).
+
+``read_ahead=k`` (k >= 1) starts SSD -> pool reads before the device copy is issued: every expert
+that a plan or prefetch queues for a device copy, and every expert predicted for the first k + 1
+rows of a plan (the layer and the k after it, for a predictor's plans) that is not on the device,
+is read into the pool at once by the pool's reader threads (``csrc/include/moert/copy_engine.h``,
+"Read-ahead"); a later copy of it waits on that read rather than reading again.
 """
 
 from __future__ import annotations
@@ -31,6 +37,8 @@ __all__ = [
     "expert_parts",
     "attach_sources",
     "filesystem_of",
+    "check_read_ahead",
+    "POOL_POLICIES",
 ]
 
 _UNITS = {
@@ -223,14 +231,28 @@ class HostTier:
         total: routed experts over all MoE layers.
         policy, read_mode: the pool's eviction and file reads.
         files, parts: :func:`expert_parts`'s.
+        read_ahead: layers of predictions read ahead into the pool (0: off; see the module).
     """
 
     def __init__(
-        self, capacity: int, total: int, policy: str, read_mode: str, files: list[Path], parts: dict
+        self,
+        capacity: int,
+        total: int,
+        policy: str,
+        read_mode: str,
+        files: list[Path],
+        parts: dict,
+        read_ahead: int = 0,
     ) -> None:
         self.capacity, self.total, self.policy, self.read_mode = capacity, total, policy, read_mode
-        self.files, self.parts = files, parts
+        self.files, self.parts, self.read_ahead = files, parts, read_ahead
         self.pool: Any = None
+
+    def attach(self, handle: Any) -> None:
+        """After loading: ``handle.load_report["host_tier"]`` (:meth:`report`), and the copy engine's
+        read-ahead set to ``read_ahead`` layers (0: off)."""
+        handle.load_report["host_tier"] = self.report(handle.pool_bytes)
+        handle.offloader.engine.read_ahead = self.read_ahead
 
     def make_pool(self, backend: str, num_layers: int, num_experts: int, slab_bytes: int, device: str) -> Any:
         """``moert.engine.backends.make_pool``'s signature: the (tiered) runtime pool."""
@@ -271,8 +293,27 @@ class HostTier:
             "pool_bytes": pool_bytes,
             "policy": self.policy,
             "read_mode": self.read_mode,
+            "read_ahead": self.read_ahead,
             "filesystem": fs,
         }
+
+
+#: the host pool's eviction policies (native; see the README for why not the Python Policy contract)
+POOL_POLICIES = ("lru", "lfu", "fifo")
+
+
+def check_read_ahead(read_ahead: Any) -> int:
+    """``read_ahead`` as an int in 0..64.
+
+    Raises:
+        ValueError: not an int (bools refused) or out of range, naming the value.
+    """
+    if isinstance(read_ahead, bool) or not isinstance(read_ahead, int) or not 0 <= read_ahead <= 64:
+        raise ValueError(
+            f"read_ahead={read_ahead!r} must be an int in 0..64: the layers of predictions read ahead "
+            "into the host pool (0: off; 1 reads the predicted experts of the next layer)"
+        )
+    return read_ahead
 
 
 def host_tier(
@@ -285,16 +326,29 @@ def host_tier(
     adapter: Any,
     layout: Any,
     cfg: Any,
-) -> HostTier:
-    """Checks ``host_budget`` and its options against the model and config, locates every expert.
+    read_ahead: Any = 0,
+) -> HostTier | None:
+    """Checks ``host_budget`` and its options against the model and config, locates every expert
+    (None without a budget).
 
     Raises:
-        ValueError: a bad budget (:func:`pool_capacity`), policy or read mode; a backend other than
-            ``"runtime"``; ``cpu_experts`` (host compute needs every expert resident); a file dtype
-            that differs from the runtime dtype.
+        ValueError: a bad budget (:func:`pool_capacity`), policy, read mode or ``read_ahead``; a
+            backend other than ``"runtime"``; ``cpu_experts`` (host compute needs every expert
+            resident); a file dtype that differs from the runtime dtype; ``read_ahead`` without a
+            budget.
     """
-    if policy not in ("lru", "lfu"):
-        raise ValueError(f"pool_policy={policy!r} is not one of lru, lfu (the host tier's eviction)")
+    if budget is None:
+        if read_ahead != 0:
+            raise ValueError(
+                f"read_ahead={read_ahead!r} needs host_budget= (it reads experts from the files into a "
+                "host pool smaller than all experts); pass host_budget, or drop read_ahead"
+            )
+        return None
+    if policy not in POOL_POLICIES:
+        raise ValueError(
+            f"pool_policy={policy!r} is not one of {', '.join(POOL_POLICIES)} (the host tier's eviction)"
+        )
+    read_ahead = check_read_ahead(read_ahead)
     if read_mode not in ("pread", "mmap"):
         raise ValueError(f"read_mode={read_mode!r} is not one of pread, mmap")
     if cfg.backend != "runtime":
@@ -310,4 +364,4 @@ def host_tier(
     stride = -(-layout.slab_bytes // 256) * 256
     capacity = pool_capacity(budget, total=total, stride=stride, top_k=adapter.top_k)
     files, parts = expert_parts(files, index, moe_ids, adapter.num_experts, layout)
-    return HostTier(capacity, total, policy, read_mode, files, parts)
+    return HostTier(capacity, total, policy, read_mode, files, parts, read_ahead)

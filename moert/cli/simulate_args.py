@@ -40,7 +40,7 @@ def _grid(flag: str, what: str, example: str, *, positive: bool = False):
 
 
 def add_tier_arguments(parser: Any) -> None:
-    """``moert simulate``'s ``--host-capacity``, ``--ssd-bandwidth`` and ``--host-policy``."""
+    """``moert simulate``'s ``--host-capacity``, ``--ssd-bandwidth``, ``--ssd-latency-us`` and ``--host-policy``."""
     parser.add_argument(
         "--host-capacity",
         type=_floats,
@@ -56,6 +56,12 @@ def add_tier_arguments(parser: Any) -> None:
         help="with --host-capacity: SSD -> pinned memory read rate(s), GB/s (NVMe ~3-7; default 5)",
     )
     parser.add_argument(
+        "--ssd-latency-us",
+        type=float,
+        default=None,
+        help="with --host-capacity: fixed time per SSD read, µs, on top of size / bandwidth (default 0)",
+    )
+    parser.add_argument(
         "--host-policy",
         default=None,
         help=f"with --host-capacity: the pool's eviction, one or a list of {', '.join(HOST_POLICIES)} (default lru)",
@@ -65,11 +71,14 @@ def add_tier_arguments(parser: Any) -> None:
 def tier_config(args: Any) -> TierConfig | None:
     """The :class:`TierConfig` of ``moert simulate``'s arguments (None without --host-capacity)."""
     if args.host_capacity is None:
-        if args.ssd_bandwidth is not None or args.host_policy is not None:
-            raise ValueError("--ssd-bandwidth / --host-policy need --host-capacity F (e.g. 0.5)")
+        if args.ssd_bandwidth is not None or args.host_policy is not None or args.ssd_latency_us is not None:
+            raise ValueError(
+                "--ssd-bandwidth / --ssd-latency-us / --host-policy need --host-capacity F (e.g. 0.5)"
+            )
         return None
     return TierConfig(
         host_capacities=args.host_capacity,
         ssd_bandwidths_gbs=args.ssd_bandwidth or (5.0,),
         host_policies=tuple(p.strip() for p in (args.host_policy or "lru").split(",") if p.strip()),
+        ssd_latency_us=0.0 if args.ssd_latency_us is None else args.ssd_latency_us,
     )

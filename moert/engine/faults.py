@@ -39,6 +39,8 @@ class FaultPlan:
         kill_lane: the thread of the copy lane that takes the n-th copy request dies holding it.
         fail_alloc: the n-th allocation (an ``ExpertPool``'s host memory, a ``SlabCache``'s slots) fails.
         alloc_count: ... and so many from there (-1: every later one).
+        read_delay_s: every read of an expert from its files (a tiered pool) sleeps this long
+            first: a slow disk, so reads and read-aheads stay in flight long enough to be waited on.
     """
 
     fail_copy: int = 0
@@ -47,6 +49,7 @@ class FaultPlan:
     kill_lane: int = 0
     fail_alloc: int = 0
     alloc_count: int = 1
+    read_delay_s: float = 0.0
 
 
 def arm(plan: FaultPlan) -> None:
@@ -65,7 +68,7 @@ def armed() -> bool:
 
 def counts() -> dict[str, float]:
     """Since arming: copies, failed_copies, slowed_copies, slow_s (CPU twin's added sleep),
-    lane_requests, killed_lanes, allocations, failed_allocations."""
+    lane_requests, killed_lanes, allocations, failed_allocations, delayed_reads."""
     return native_module().faults_counts()
 
 

@@ -171,8 +171,10 @@ class OffloaderBase:
         if self.prefetcher is not None:
             self.prefetcher.reset_stats()
 
-    def close(self) -> None:
-        self.pool.close()
+    def close(self, keep_pool: bool = False) -> None:
+        """Frees the store; the host pool too unless ``keep_pool`` (``PatchHandle.reconfigure``)."""
+        if not keep_pool:
+            self.pool.close()
 
 
 class Offloader(OffloaderBase):
@@ -272,7 +274,7 @@ class Offloader(OffloaderBase):
         if getattr(self.pool, "tiered", False):
             self.pool.reset_stats()
 
-    def close(self) -> None:
+    def close(self, keep_pool: bool = False) -> None:
         # queued copies finish; a dead lane (every call said so) or a copy failure still to report
         # does not keep the engine open
         with contextlib.suppress(RuntimeError):
@@ -284,7 +286,7 @@ class Offloader(OffloaderBase):
         self._views = []
         self.engine.close()
         self.cache.close()
-        super().close()
+        super().close(keep_pool)
 
 
 #: cache counters reported under the same name in Stats and LayerStats
@@ -307,4 +309,9 @@ _TIER_NAMES = (
     ("ssd_read_s", "read_s"),
     ("ssd_stall_s", "demand_read_s"),
     ("pool_evictions", "evictions"),
+    ("read_ahead_reads", "ahead_reads"),
+    ("read_ahead_used", "ahead_used"),
+    ("read_ahead_wasted", "ahead_wasted"),
+    ("read_ahead_dropped", "ahead_dropped"),
+    ("read_ahead_wait_s", "ahead_wait_s"),
 )

@@ -4,6 +4,8 @@ experts), a host cache of ``capacity`` slabs over the checkpoint's files (``moer
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 
@@ -31,7 +33,7 @@ class ExpertPool:
         capacity: host slabs; None or ``num_layers * num_experts``: every expert has its entry. Fewer:
             the pool is tiered, a cache over files given with ``add_file`` / ``set_source``; its
             entries move, so ``view`` and ``layer_view`` return copies and ``fill`` / ``address`` raise.
-        policy: the tiered pool's eviction, ``"lru"`` or ``"lfu"``.
+        policy: the tiered pool's eviction, ``"lru"``, ``"lfu"`` or ``"fifo"``.
         read_mode: how the tiered pool reads files: ``"pread"`` or ``"mmap"``.
     """
 
@@ -90,6 +92,21 @@ class ExpertPool:
     def release_host(self, layer: int, expert: int) -> None:
         self._c.release_host(int(layer), int(expert))
 
+    def read_ahead(self, layer: int, experts: Sequence[int]) -> int:
+        """Tiered: queues background reads (the pool's reader threads, in C++) of the experts that
+        are neither resident, being read nor queued, and returns how many were queued (0 untiered).
+        A later ``acquire_host`` / ``load`` of one waits on its read in flight."""
+        return self._c.read_ahead(int(layer), np.asarray(list(experts), dtype=np.int64))
+
+    @property
+    def readers(self) -> int:
+        """Reader threads for ``read_ahead`` (1..16; settable before the first ``read_ahead``)."""
+        return self._c.readers
+
+    @readers.setter
+    def readers(self, n: int) -> None:
+        self._c.readers = count(n, "readers")
+
     def copy_out(self, layer: int, expert: int) -> torch.Tensor:
         """A fresh uint8 ``(slab_bytes,)`` copy of the entry (tiered: read from its file when not resident)."""
         out = torch.empty(self.slab_bytes, dtype=torch.uint8)
@@ -102,7 +119,9 @@ class ExpertPool:
 
     def tier_stats(self) -> tuple[dict, dict]:
         """``(totals, per_layer)`` of the host tier: hits, reads (SSD reads), read_bytes, read_s,
-        demand_reads, demand_read_s, evictions, waits; per_layer maps each to an (L,) array."""
+        demand_reads, demand_read_s, evictions, waits, and read-ahead's ahead_reads (part of reads),
+        ahead_used, ahead_wasted, ahead_dropped, ahead_waits, ahead_wait_s; per_layer maps each to
+        an (L,) array."""
         return self._c.stats()
 
     def reset_stats(self) -> None:

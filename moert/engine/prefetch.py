@@ -46,6 +46,7 @@ __all__ = [
     "attach",
     "detach",
     "capture_and_train",
+    "capture_and_train_many",
 ]
 
 _RING = 8  # pinned host buffers in flight per PredictionFeed (a request holds one until applied)
@@ -346,6 +347,30 @@ def capture_and_train(
         epochs: training epochs (early-stopped).
         seed: training seed.
     """
+    return capture_and_train_many(
+        model,
+        prompts,
+        (lookahead,),
+        new_tokens=new_tokens,
+        val_prompts=val_prompts,
+        dim=dim,
+        epochs=epochs,
+        seed=seed,
+    )[lookahead]
+
+
+def capture_and_train_many(
+    model: nn.Module,
+    prompts: list[torch.Tensor],
+    lookaheads: tuple[int, ...],
+    *,
+    new_tokens: int = 16,
+    val_prompts: int = 4,
+    dim: int = 64,
+    epochs: int = 15,
+    seed: int = 0,
+) -> dict[int, Any]:
+    """``capture_and_train`` for several lookahead depths from one capture: ``{d: predictor}``."""
     import tempfile
     from pathlib import Path
 
@@ -364,7 +389,9 @@ def capture_and_train(
         meta, seqs = open_sequences(str(out))
     cfg = TrainConfig(epochs=epochs, batch_size=128, progress=False, seed=seed, device="cpu")
     n = len(seqs) - val_prompts
-    pred, _ = train_preattn(
-        meta, seqs[:n], seqs[n:], arch="linear2", loss="wbce", lookahead=lookahead, dim=dim, cfg=cfg
-    )
-    return pred
+    return {
+        d: train_preattn(
+            meta, seqs[:n], seqs[n:], arch="linear2", loss="wbce", lookahead=d, dim=dim, cfg=cfg
+        )[0]
+        for d in lookaheads
+    }

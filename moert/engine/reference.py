@@ -168,10 +168,10 @@ class ReferenceStore(_PythonCounted):
             if slot is not None:
                 self._pinned.discard(slot)
 
-    def close(self) -> None:
+    def close(self, keep_pool: bool = False) -> None:
         self._slots = torch.empty(0, dtype=torch.uint8)
         self._views = []
-        super().close()
+        super().close(keep_pool)
 
 
 class NaiveStore(_PythonCounted):

@@ -316,6 +316,19 @@ class CopyEngine:
     closed = property(lambda self: self._c.closed)
     cache = property(lambda self: self._cache)
 
+    @property
+    def read_ahead(self) -> int:
+        """A tiered pool's read-ahead (0: off; ``csrc/include/moert/copy_engine.h``, "Read-ahead"):
+        experts queued for a copy, and those of a prediction's first ``k + 1`` rows not on the
+        device, are read into the pool at once by its reader threads."""
+        return self._c.read_ahead
+
+    @read_ahead.setter
+    def read_ahead(self, k: int) -> None:
+        if isinstance(k, bool) or not isinstance(k, int):
+            raise ValueError(f"read_ahead={k!r} must be an int in 0..64")
+        self._c.read_ahead = k
+
     def _stream(self, stream: int | None) -> int:
         if stream is not None:
             value = int(stream)

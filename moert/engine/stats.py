@@ -43,8 +43,8 @@ class LayerStats:
         prefetch_wasted: ... evicted or cancelled before any use.
         prefetch_wasted_bytes: bytes copied for those.
         prefetch_bytes: bytes copied by prefetches of this layer's experts (part of ``bytes_copied``).
-        pool_hits, ssd_reads, ssd_bytes, ssd_read_s, ssd_stall_s, pool_evictions: the host tier's
-            (``moert.load(host_budget=...)``; see ``Stats``), for this layer's experts.
+        pool_hits, ssd_reads, ssd_bytes, ssd_read_s, ssd_stall_s, pool_evictions, read_ahead_*: the
+            host tier's (``moert.load(host_budget=...)``; see ``Stats``), for this layer's experts.
         recall: online recall@k of the predictor at this layer (predicted top-k vs the router's),
             None without a predictor.
         coverage: fraction of the router's selected experts that were in the prefetched set.
@@ -71,6 +71,11 @@ class LayerStats:
     ssd_read_s: float = 0.0
     ssd_stall_s: float = 0.0
     pool_evictions: int = 0
+    read_ahead_reads: int = 0
+    read_ahead_used: int = 0
+    read_ahead_wasted: int = 0
+    read_ahead_dropped: int = 0
+    read_ahead_wait_s: float = 0.0
     recall: float | None = None
     coverage: float | None = None
 
@@ -105,12 +110,22 @@ class Stats:
         pool_hits: the host tier (``moert.load(host_budget=...)``; 0 without one): device copies
             whose expert was in the pinned host pool. ``misses`` + prefetch loads = ``pool_hits`` +
             ``ssd_reads``.
-        ssd_reads: device copies whose expert was first read from its checkpoint file.
+        ssd_reads: experts read from their checkpoint files: for a device copy, or ahead of one
+            (``read_ahead_reads``); ``misses`` + prefetch loads = ``pool_hits`` + ``ssd_reads`` -
+            ``read_ahead_reads``.
         ssd_bytes: bytes read from the files.
         ssd_read_s: seconds spent reading them (summed over the copy threads).
         ssd_stall_s: ... of which for demand copies (the layer waited for them; part of
             ``demand_stall_s``).
         pool_evictions: experts dropped from the host pool for a read.
+        read_ahead_reads: experts read into the pool ahead of their device copy (``moert.load(...,
+            read_ahead=k)``; part of ``ssd_reads``); a later copy of one is a ``pool_hits``.
+        read_ahead_used: ... whose slab a device copy took before it was evicted.
+        read_ahead_wasted: ... evicted from the pool unused.
+        read_ahead_dropped: read-ahead requests not read (resident by then, no unpinned slab, or
+            pushed out of the bounded queue by newer ones).
+        read_ahead_wait_s: seconds demand copies waited on a read-ahead still in flight (an SSD
+            stall besides ``ssd_stall_s``, also part of ``demand_stall_s``).
         per_layer: decoder layer index -> LayerStats.
     """
 
@@ -136,6 +151,11 @@ class Stats:
     ssd_read_s: float = 0.0
     ssd_stall_s: float = 0.0
     pool_evictions: int = 0
+    read_ahead_reads: int = 0
+    read_ahead_used: int = 0
+    read_ahead_wasted: int = 0
+    read_ahead_dropped: int = 0
+    read_ahead_wait_s: float = 0.0
     per_layer: dict[int, LayerStats] = field(default_factory=dict)
 
     @property
@@ -214,7 +234,7 @@ def assemble(
     for o, layer in enumerate(layer_ids):
         a, c, n = counts[o]
         values = {name: _plain(v[o]) for name, v in rows.items()}
-        for name in ("demand_stall_s", "ssd_read_s", "ssd_stall_s"):
+        for name in ("demand_stall_s", "ssd_read_s", "ssd_stall_s", "read_ahead_wait_s"):
             values[name] = float(values.get(name, 0.0))
         per_layer[layer] = LayerStats(**values, recall=a / n if n else None, coverage=c / n if n else None)
     n_all = sum(n for _, _, n in counts)

@@ -19,10 +19,21 @@ the layer's experts and the experts ``present`` in the cache (ready or in flight
   past the window would only delay the demand copies behind it. So with ``W < 1`` nothing is issued
   and the run is exactly demand-only (the same hits, misses and bytes);
 - a candidate is issued only if its value ``p_c * t_copy`` is higher than the value of the expert it
-  evicts (:func:`fill_budget`): free slots first (value 0), then victims in the eviction order this
-  policy mirrors (least recently used first, from the ``on_routed`` accesses and its own prefetches;
-  one cache per layer, or all layers' entries in one global cache), each valued by the latest
-  calibrated probability its layer's predictor gave it.
+  evicts (:func:`fill_budget`): free slots first (value 0), then victims in the eviction part's own
+  order, valued in the same unit (:mod:`moert.policy.victims`: the cache's key mirrored from the uses,
+  the budget's prefetches and the eviction part's priority plans; ``learned``: a victim forecast ``r``
+  tokens away is worth ``1 / (1 + r)``, ``lru``: the latest calibrated probability its layer's
+  predictor gave it); one cache per layer, or all layers' entries in one global cache. Under a
+  priority evictor a prefetched expert keeps its old priority, so a prefetch that would evict an
+  earlier one of the same call is not issued; one layer ahead, the routed call's own experts (not
+  pinned yet) are never a victim.
+
+**One layer ahead** (``PRED:budget-ahead``, the simulator's :class:`BudgetPredictor` with
+``ahead=True``; predictors whose input for layer l+1 is known once layer l's router picked:
+``xlayer``, ``prev-token``, ``frequency``): at layer l's router (``on_routed``) the same rule plans
+layer l+1 with the window ``layer_compute_ms / copy_ms`` (the rest of layer l and layer l+1's
+attention: the windowed model queues these copies right after the step's own demand copies,
+``moert.sim.timeline``), on top of the own-layer rule before each layer.
 
 Probabilities: the predictor's (sigmoid or clamped) outputs mapped by a :class:`Calibration`: per bin of
 the raw probability, the observed selection rate on sequences the policy is not judged on (the CLI:
@@ -30,37 +41,51 @@ up to 100 of the non-held-out sequences; ``bench/bench_budget.py``: the validati
 monotone. Without one (the runtime default) the raw probability is used.
 
 What it assumes: the value of a prefetch is its use at this call (a later use before eviction is not
-counted: conservative); the eviction order mirrored is LRU (exact for ``lru``; for other eviction parts
-an approximation); in one global cache the residency of other layers is read again only when a
-victim is needed. Only the predictor's own-layer row is used (lookahead rows are ignored).
+counted: conservative); the victim order is the cache's for ``lru`` and priority evictors (``learned``)
+up to ties among one call's experts, and LRU order for ``lfu`` (its counts are not mirrored: an
+approximation); in one global cache the residency of another layer is read again only when its
+entries would be victims. The runtime planner (:class:`BudgetPlanner`) plans the own layer only (its
+predictor runs at each layer's input; lookahead rows are ignored).
 """
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
 from moert.policy.base import Plan, as_numpy
+from moert.policy.budget_windows import Calibration, CostWindow, FixedWindow, MeasuredWindow
 from moert.policy.predictor import WIDTH_BUILDERS, PredictorPolicy
-from moert.policy.score import ScorePlanner
+from moert.policy.score import CLEAR_WRAP, ScorePlanner
+from moert.policy.victims import EvictorView
+
+#: predictor kinds whose input for layer l+1 is known when layer l's router has picked (the experts of
+#: l and l-1 for this token, earlier tokens', the token id): ``ahead`` may plan l+1 then
+AHEAD_KINDS = ("xlayer", "prev-token", "frequency")
 
 __all__ = [
+    "AHEAD_KINDS",
     "BudgetPlanner",
     "BudgetPredictor",
     "Calibration",
     "CostWindow",
     "FixedWindow",
     "MeasuredWindow",
+    "candidates",
     "fill_budget",
+    "within_victims",
 ]
 
 
 def fill_budget(
-    window: float, probs: np.ndarray, present: np.ndarray, victims: np.ndarray, demand: float | None = None
+    window: float,
+    probs: np.ndarray,
+    present: np.ndarray,
+    victims: np.ndarray,
+    demand: float | None = None,
+    stale: np.ndarray | None = None,
 ) -> list[int]:
     """The experts to prefetch for one layer call (see the module doc).
 
@@ -72,116 +97,55 @@ def fill_budget(
             eviction order; 0.0 for a free slot. Past its end nothing can be evicted.
         demand: the window's expected demand copies without prefetch; None: ``probs`` summed over the
             absent experts (the policy's). A prefetched expert takes its ``p`` off it.
+        stale: with ``keys`` (V,) of the victims, the eviction part's key of each expert (E,) once
+            prefetched: ``(stale, keys)``; the n-th prefetch is issued only if every earlier one keeps a
+            key above the n-th victim's (else it would evict an earlier prefetch). None: never.
 
     Returns:
         Expert ids, most probable first.
     """
     p = np.asarray(probs, dtype=np.float64)
-    absent = ~np.asarray(present, dtype=bool)
-    load = float(p[absent].sum()) if demand is None else float(demand)  # expected demand copies
-    order = np.flatnonzero(absent)
-    order = order[np.argsort(-p[order], kind="stable")]
+    present = np.asarray(present, dtype=bool)
+    rank = np.argsort(-p, kind="stable").tolist()  # most probable first, ties by id
+    ids = candidates(window, p, present, rank, demand)[: len(victims)]
+    return within_victims(ids, p, victims, stale)
+
+
+def candidates(
+    window: float, p: np.ndarray, present: np.ndarray, rank: list[int], demand: float | None = None
+) -> list[int]:
+    """The prefix of absent experts (in ``rank`` order: most probable first) that the window holds:
+    the n-th lands within it (``n <= W``) and the link's expected load stays in it (see :func:`fill_budget`)."""
+    n_max = int(np.floor(window))  # the n-th lands after n copies
+    if n_max <= 0:
+        return []
+    load = float(p[~present].sum()) if demand is None else float(demand)  # expected demand copies
+    pl, pres = p.tolist(), present.tolist()
     chosen: list[int] = []
-    for e in order:
-        n = len(chosen) + 1
-        if n > window or n > len(victims):  # lands after the window / nothing to evict
+    for e in rank:
+        if pres[e]:
+            continue
+        load += 1.0 - pl[e]  # adding e: the link's load + (1 - p_e)
+        if len(chosen) >= n_max or load > window:
             break
-        if load + 1.0 - p[e] > window or p[e] <= victims[n - 1]:  # over the link budget / worth less
-            break
-        load += 1.0 - p[e]
-        chosen.append(int(e))
+        chosen.append(e)
     return chosen
 
 
-@dataclass(frozen=True)
-class Calibration:
-    """Raw probability -> observed selection rate, per bin (monotone non-decreasing).
-
-    Attributes:
-        edges: (B + 1,) bin edges over [0, 1].
-        rates: (B,) selection rate of the raw probabilities in each bin.
-    """
-
-    edges: np.ndarray
-    rates: np.ndarray
-
-    def __call__(self, p: np.ndarray) -> np.ndarray:
-        i = np.clip(np.searchsorted(self.edges, p, side="right") - 1, 0, self.rates.size - 1)
-        return self.rates[i]
-
-    @staticmethod
-    def fit(raw: np.ndarray, selected: np.ndarray, bins: int = 20) -> Calibration:
-        """From (N, E) raw probabilities and (N, E) bool selections; a running maximum keeps the
-        mapping monotone (an empty bin takes the rate below it, 0 below every observation)."""
-        raw, sel = np.asarray(raw, dtype=np.float64).ravel(), np.asarray(selected, dtype=bool).ravel()
-        edges = np.linspace(0.0, 1.0, bins + 1)
-        i = np.clip(np.searchsorted(edges, raw, side="right") - 1, 0, bins - 1)
-        count = np.bincount(i, minlength=bins)
-        hits = np.bincount(i, weights=sel.astype(np.float64), minlength=bins)
-        rates = np.where(count > 0, hits / np.maximum(count, 1), np.nan)
-        return Calibration(edges, np.nan_to_num(np.fmax.accumulate(rates), nan=0.0))
-
-
-class FixedWindow:
-    """A window of ``copies`` expert copies at every layer call (tests inject it)."""
-
-    def __init__(self, copies: float) -> None:
-        self.copies = float(copies)
-
-    def __call__(self, layer: int) -> float:
-        return self.copies
-
-
-class CostWindow(FixedWindow):
-    """The simulator's window: the compute an own-layer prefetch hides behind over the cost model's copy
-    time of one expert: the layer's attention share of ``layer_compute_ms`` under the windowed model (what
-    the runtime's :class:`MeasuredWindow` measures: prediction to router), the whole layer under pooled."""
-
-    def __init__(self, cost: Any) -> None:
-        share = cost.attention_share if getattr(cost, "window", "pooled") == "windowed" else 1.0
-        super().__init__(share * cost.layer_compute_ms * 1e-3 / cost.copy_s)
-
-
-class MeasuredWindow:
-    """The runtime's window, measured online: per layer, an EMA of the time from its prediction to its
-    router (what an own-layer prefetch can hide behind), over an EMA of the copy engine's busy time per
-    copy (``CopyEngine.stats()``: ``busy_s`` / ``copies``, read once per token at layer 0). Until both
-    are measured the window is 0 (nothing is prefetched).
-
-    Args:
-        engine: the model's ``runtime.CopyEngine``.
-        num_layers: L.
-        decay: weight of the past in both EMAs.
-        clock: seconds now (``time.perf_counter``; tests inject one).
-    """
-
-    def __init__(
-        self, engine: Any, num_layers: int, decay: float = 0.5, clock: Any = time.perf_counter
-    ) -> None:
-        self.engine, self.decay, self.clock = engine, decay, clock
-        self.window_s = np.zeros(num_layers)
-        self.started = np.zeros(num_layers)
-        self.copy_s = 0.0
-        self._last = (0.0, 0)
-
-    def start(self, layer: int) -> None:
-        self.started[layer] = self.clock()
-        if layer == 0 and self.engine is not None:
-            st = self.engine.stats()
-            busy, copies = float(st["busy_s"]), int(st["copies"])
-            if copies > self._last[1]:
-                per = (busy - self._last[0]) / (copies - self._last[1])
-                self.copy_s = per if self.copy_s == 0 else self.decay * self.copy_s + (1 - self.decay) * per
-            self._last = (busy, copies)
-
-    def routed(self, layer: int) -> None:
-        if self.started[layer]:
-            dt = self.clock() - self.started[layer]
-            w = self.window_s[layer]
-            self.window_s[layer] = dt if w == 0 else self.decay * w + (1 - self.decay) * dt
-
-    def __call__(self, layer: int) -> float:
-        return float(self.window_s[layer] / self.copy_s) if self.copy_s > 0 else 0.0
+def within_victims(ids: list[int], p: np.ndarray, victims: np.ndarray, stale: Any = None) -> list[int]:
+    """The prefix of ``ids`` worth more than what each evicts (see :func:`fill_budget`)."""
+    vic = np.asarray(victims, dtype=np.float64).tolist()
+    own = None if stale is None else np.asarray(stale[0]).tolist()
+    keys = None if stale is None else np.asarray(stale[1]).tolist()
+    low = np.inf  # lowest key among the prefetches so far
+    for n, e in enumerate(ids):
+        if n >= len(vic) or float(p[e]) <= vic[n]:
+            return ids[:n]
+        if own is not None:
+            if n and low < keys[n]:  # the n-th would evict an earlier prefetch
+                return ids[:n]
+            low = min(low, own[e])
+    return ids
 
 
 class _Budgeted:
@@ -190,19 +154,36 @@ class _Budgeted:
     fast_path = False  # its plans depend on the cache
     window: Any = None
     calibration: Calibration | None = None
+    #: also plan layer l+1 when layer l's router picked (simulator; see the module doc)
+    ahead = False
+    window_ahead: Any = None
 
     def bind(self, num_layers: int, num_experts: int, top_k: int) -> None:
         super().bind(num_layers, num_experts, top_k)  # type: ignore[misc]
-        self.tick = np.zeros((num_layers, num_experts), dtype=np.int64)  # [L, E] last use / load
-        self.clock = 0
+        self.view = EvictorView(num_layers, num_experts, getattr(self, "_view_kind", "lru"))
         self.known = np.zeros((num_layers, num_experts), dtype=bool)  # [L, E] believed present
         self.value = np.zeros((num_layers, num_experts))  # [L, E] latest calibrated probabilities
         self._present: Any = None
         self._slots, self._shared = 0, True
         self.issued = 0
+        self._pending: tuple[int, np.ndarray] | None = None  # (layer, used) of a routed, unserved call
+
+    def use_evictor(self, evict: Any) -> None:
+        """Orders and values victims as ``evict`` (the eviction part) does (:mod:`moert.policy.victims`)."""
+        self._view_kind = EvictorView.kind_of(evict)
+        if getattr(self, "view", None) is not None:
+            self.view.kind = self._view_kind
+
+    def observe_evict_plan(self, plan: Plan | None) -> None:
+        """The eviction part's plan of the current hook (before this part plans)."""
+        self.view.observe(plan)
+
+    def priority_rows(self, layers: list[int]) -> np.ndarray:
+        """(n, E) float32 the cache's priorities of ``layers`` as mirrored (unchanged by a plan carrying them)."""
+        return self.view.primary[layers].copy()
 
     def set_context(self, **context: Any) -> None:
-        """Simulator: ``cost`` (CostModel -> the window unless one was injected) and ``caches``
+        """Simulator: ``cost`` (CostModel -> the windows unless injected) and ``caches``
         (``moert.sim.step.Caches``); runtime: ``offloader`` (its cache, and its engine's timing)."""
         caches, off = context.get("caches"), context.get("offloader")
         if caches is not None:
@@ -213,8 +194,11 @@ class _Budgeted:
                 return cache.resident(cl).numpy()
 
             self._present = present
-            if self.window is None and context.get("cost") is not None:
-                self.window = CostWindow(context["cost"])
+            if context.get("cost") is not None:
+                if self.window is None:
+                    self.window = CostWindow(context["cost"])
+                if self.window_ahead is None:
+                    self.window_ahead = CostWindow(context["cost"], whole_layer=True)
         elif off is not None:
             self._slots, self._shared = off.num_slots, True
             self._present = lambda layer: off.cache.resident(layer, in_flight=True).numpy()
@@ -228,45 +212,76 @@ class _Budgeted:
         p = 1.0 / (1.0 + np.exp(-x)) if self.probabilities_mode == "sigmoid" else np.clip(x, 0.0, 1.0)
         return p if self.calibration is None else self.calibration(p)
 
-    def _victims(self, layer: int, present: np.ndarray, n: int) -> np.ndarray:
-        """Values of the first ``n`` entries a prefetch into ``layer`` would evict (0 for free slots)."""
-        if self._shared:
-            known = self.known
-            if int(known.sum()) + n > self._slots:  # victims needed: read every layer's residency
-                for other in range(self.num_layers):
-                    if other != layer:
-                        known[other] = self._present(other)
-            flat = np.flatnonzero(known.ravel())
-            ticks, values = self.tick.ravel()[flat], self.value.ravel()[flat]
+    def _victims(self, layer: int, present: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """Values and primary keys of the first ``n`` entries a prefetch into ``layer`` would evict (a
+        free slot: value 0, key -inf), in the eviction part's order."""
+        view, E = self.view, self.num_experts
+        if not self._shared:
+            flat = layer * E + np.flatnonzero(present)
+            free = min(max(self._slots - flat.size, 0), n)
+            got = flat[view.order(flat, n - free)]
         else:
-            flat = np.flatnonzero(present)
-            ticks, values = self.tick[layer, flat], self.value[layer, flat]
-        free = max(self._slots - flat.size, 0)
-        order = np.argsort(ticks, kind="stable")[: max(n - free, 0)]
-        return np.concatenate([np.zeros(min(free, n)), values[order]])
+            # ``known``: exact for ``layer``, a superset for the others (their entries may have been
+            # evicted since; nothing else enters a layer between its calls but its prefetches): read the
+            # residency of the layers the victims would come from until they are all verified
+            known, fresh = self.known, {layer}
+            while True:
+                flat = np.flatnonzero(known.ravel())
+                free = min(max(self._slots - flat.size, 0), n)
+                got = flat[view.order(flat, n - free)]
+                stale = {int(o) for o in np.unique(got // E)} - fresh
+                if not stale:
+                    break
+                for other in stale:
+                    known[other] = self._present(other)
+                    if self._pending is not None and other == self._pending[0]:
+                        known[other] |= self._pending[1]  # the routed call's experts: loaded next
+                fresh |= stale
+        values = view.values(got, self.value, layer)
+        if self._pending is not None:  # the routed call's own experts: evicting one would cost it a copy
+            routed, used = self._pending
+            values[(got // E == routed) & used[got % E]] = np.inf
+        values = np.concatenate([np.zeros(free), values])
+        keys = np.concatenate([np.full(free, -np.inf), view.primary.ravel()[got].astype(np.float64)])
+        return values, keys
 
-    def budget_ids(self, layer: int, logits: Any) -> list[int]:
-        """The prefetch of this call (updates the mirror with what it issues)."""
-        p = self.probs_of(logits)
+    def _plan_layer(self, layer: int, p: np.ndarray, w: float, rank: Any = None) -> list[int]:
+        """The prefetch into ``layer`` for its next call (updates the mirror with what it issues);
+        ``rank``: the experts by ``p``, most probable first (ties by id), if known."""
         self.value[layer] = p
-        if self.window is not None and hasattr(self.window, "start"):
-            self.window.start(layer)
-        w = 0.0 if self.window is None or self._present is None else self.window(layer)
-        if w < 1.0:  # no copy lands within the window: demand only
+        if w < 1.0 or self._present is None:  # no copy lands within the window: demand only
             return []
         present = self._present(layer)
         self.known[layer] = present
-        # victims only restrict (values >= 0, fewer entries): free slots everywhere give an upper bound,
-        # and the real choice is a prefix of it, so victims are looked up only when something may pass
-        ids = fill_budget(w, p, present, np.zeros(int(w)))
+        rank = np.argsort(-p, kind="stable").tolist() if rank is None else rank
+        # :func:`fill_budget` in two halves: the window's prefix, then only its victims are looked up
+        ids = candidates(w, p, present, rank)
         if ids:
-            ids = fill_budget(w, p, present, self._victims(layer, present, len(ids)))
+            values, keys = self._victims(layer, present, len(ids))
+            stale = (self.view.primary[layer], keys) if self.view.ordered else None
+            ids = within_victims(ids, p, values, stale)
         if ids:
-            self.clock += 1
-            self.tick[layer, ids] = self.clock
+            self.view.touch(layer, ids)
             self.known[layer, ids] = True
             self.issued += len(ids)
         return ids
+
+    def budget_ids(self, layer: int, logits: Any) -> list[int]:
+        """The own-layer prefetch of this call (before its attention)."""
+        p = self.layer_probs(layer, logits)
+        if self.window is not None and hasattr(self.window, "start"):
+            self.window.start(layer)
+        return self._plan_layer(
+            layer, p, 0.0 if self.window is None else self.window(layer), self.layer_rank(layer)
+        )
+
+    def layer_rank(self, layer: int) -> list[int] | None:
+        """``layer``'s experts by probability at this call if known in advance (else None)."""
+        return None
+
+    def layer_probs(self, layer: int, logits: Any) -> np.ndarray:
+        """(E,) calibrated probabilities for ``layer``'s call from its logits."""
+        return self.probs_of(logits)
 
     def _base_plan(self, layer: int, logits: Any, kernel_plan: Any) -> Plan:
         """The plan before the budget's ids (priorities and clears of ``score``; none here)."""
@@ -283,14 +298,25 @@ class _Budgeted:
         plan = Plan(base.layers, ids_t, base.scores, base.clear, base.clear_score)
         return None if plan.empty else plan
 
-    def on_routed(self, layer: int, counts: np.ndarray, resident: np.ndarray) -> None:
+    def on_routed(self, layer: int, counts: np.ndarray, resident: np.ndarray) -> Plan | None:
         if self.window is not None and hasattr(self.window, "routed"):
             self.window.routed(layer)
         used = np.asarray(counts) > 0
-        self.clock += 1
-        self.tick[layer, used] = self.clock
+        self.view.calls[layer] += 1
         self.known[layer] = np.asarray(resident, dtype=bool) | used
-        return None
+        nxt, ids = layer + 1, []
+        if self.ahead and nxt < self.num_layers and self.window_ahead is not None:
+            # before the call's access (its experts are not pinned yet, their recency not renewed)
+            self._pending = (layer, used)
+            ids = self._plan_layer(nxt, self.ahead_probs(nxt), self.window_ahead(nxt), self.layer_rank(nxt))
+            self._pending = None
+        hit = used & np.asarray(resident, dtype=bool)  # the access, after the prefetch: hits, then loads
+        self.view.touch(layer, np.concatenate([np.flatnonzero(hit), np.flatnonzero(used & ~hit)]))
+        return Plan((nxt,), np.array([ids], dtype=np.int32)) if ids else None
+
+    def ahead_probs(self, layer: int) -> np.ndarray:
+        """(E,) calibrated probabilities of ``layer``'s coming call, known at the previous layer's router."""
+        raise NotImplementedError(f"{self.name}: no prediction one layer ahead")
 
 
 class BudgetPlanner(_Budgeted, ScorePlanner):
@@ -307,7 +333,16 @@ class BudgetPlanner(_Budgeted, ScorePlanner):
 
     def _base_plan(self, layer: int, logits: Any, kernel_plan: Any) -> Plan:
         # the planner's own plan: its scores and clears (policy score), last_planned (online recall)
-        return ScorePlanner.on_prediction(self, layer, logits, kernel_plan)
+        if kernel_plan is not None or self.push_scores or self.lookahead or self.adaptive:
+            return ScorePlanner.on_prediction(self, layer, logits, kernel_plan)
+        # no scores to push and no kernel plan (the CPU twin): only last_planned, the top-width experts
+        # by probability (the reference kernel's ids up to ties), without its torch ops
+        x = as_numpy(logits, np.float32).reshape(-1, self.num_experts).max(axis=0)
+        self.step = self.step % CLEAR_WRAP + 1
+        self.last_planned = torch.from_numpy(
+            np.argsort(-x, kind="stable")[: self.width].astype(np.int32)[None]
+        )
+        return Plan((layer,))
 
 
 class BudgetPredictor(_Budgeted, PredictorPolicy):
@@ -326,6 +361,7 @@ class BudgetPredictor(_Budgeted, PredictorPolicy):
         calibration: Calibration | None = None,
         window: Any = None,
         name: str | None = None,
+        ahead: bool = False,
     ) -> None:
         super().__init__(predictor, 0, name)
         if self.mode is None:
@@ -333,16 +369,48 @@ class BudgetPredictor(_Budgeted, PredictorPolicy):
                 f"{predictor.meta.kind} predictor outputs are not probabilities; the budget needs them "
                 "(train with a BCE-style loss or mse)"
             )
-        self.window, self.calibration = window, calibration
+        if ahead and predictor.meta.kind not in AHEAD_KINDS:
+            raise ValueError(
+                f"ahead=True needs a predictor whose input for layer l+1 is known at layer l's router "
+                f"({', '.join(AHEAD_KINDS)}); {predictor.meta.kind!r} is not one"
+            )
+        self.window, self.calibration, self.ahead = window, calibration, ahead
         self.probabilities_mode = self.mode
         self.gives_scores = False
         self._logits: dict[int, torch.Tensor] = {}  # shared by the simulator's copies: computed once
+        self._probs: np.ndarray | None = None  # [L, T, E] this sequence's calibrated probabilities
+        self._t = 0
 
     def sequence_logits(self, seq: Any) -> torch.Tensor:
         got = self._logits.get(seq.seq_id)
         if got is None:
             got = self._logits[seq.seq_id] = super().sequence_logits(seq)
         return got
+
+    def begin_sequence(self, seq: Any, token_offset: int) -> None:
+        super().begin_sequence(seq, token_offset)
+        x = self.sequence_logits(seq)[:, :, 0].numpy().astype(np.float64)  # [L, T, E], as probs_of
+        p = 1.0 / (1.0 + np.exp(-x)) if self.probabilities_mode == "sigmoid" else np.clip(x, 0.0, 1.0)
+        self._probs = p if self.calibration is None else self.calibration(p)
+        self._rank = np.argsort(-self._probs, axis=-1, kind="stable")  # [L, T, E]
+
+    def begin_token(self, t: int) -> None:
+        super().begin_token(t)
+        self._t = t
+
+    def end_sequence(self, seq: Any) -> None:
+        super().end_sequence(seq)
+        self._probs = None
+
+    def layer_probs(self, layer: int, logits: Any) -> np.ndarray:
+        return self.probs_of(logits) if self._probs is None else self._probs[layer, self._t]
+
+    def layer_rank(self, layer: int) -> list[int] | None:
+        return None if self._probs is None else self._rank[layer, self._t].tolist()
+
+    def ahead_probs(self, layer: int) -> np.ndarray:
+        assert self._probs is not None, "BudgetPredictor: begin_sequence must run first"
+        return self._probs[layer, self._t]
 
     @staticmethod
     def calibrate(predictor: Any, sequences: list[Any], bins: int = 20) -> Calibration:
@@ -365,12 +433,13 @@ class BudgetPredictor(_Budgeted, PredictorPolicy):
         )
 
 
-def _from_spec(predictor: Any, fit_sequences: Any, label: str) -> BudgetPredictor:
-    """``PRED:budget``: calibrated on up to 100 sequences it is not judged on (``fit_sequences``)."""
+def _from_spec(predictor: Any, fit_sequences: Any, label: str, ahead: bool = False) -> BudgetPredictor:
+    """``PRED:budget`` (``PRED:budget-ahead``: also one layer ahead): calibrated on up to 100 sequences it
+    is not judged on (``fit_sequences``)."""
     seqs = list(fit_sequences or [])[:100]
-    return BudgetPredictor(
-        predictor, BudgetPredictor.calibrate(predictor, seqs) if seqs else None, name=label
-    )
+    cal = BudgetPredictor.calibrate(predictor, seqs) if seqs else None
+    return BudgetPredictor(predictor, cal, name=label, ahead=ahead)
 
 
 WIDTH_BUILDERS["budget"] = _from_spec
+WIDTH_BUILDERS["budget-ahead"] = lambda pred, fit, label: _from_spec(pred, fit, label, ahead=True)

@@ -136,15 +136,15 @@ class PredictorPolicy(ScorePlanner):
 
 
 def parse_prefetch_spec(spec: str) -> tuple[str, int | str]:
-    """``"PRED.safetensors[:m|:adaptive|:budget]"`` (or a baseline name) -> ``(path_or_name, m, "adaptive"
-    or "budget")``."""
+    """``"PRED.safetensors[:m|:adaptive|:budget|:budget-ahead]"`` (or a baseline name) -> ``(path_or_name,
+    m, "adaptive" or a name of ``WIDTH_BUILDERS``)``."""
     path, sep, m = spec.rpartition(":")
-    if sep and path and (m.isdigit() or m in ("adaptive", "budget")):
+    if sep and path and (m.isdigit() or m == "adaptive" or m in WIDTH_BUILDERS):
         return path, int(m) if m.isdigit() else m
     if sep and path.endswith(".safetensors"):
         raise ValueError(
-            f"--prefetch {spec!r}: the part after ':' must be an integer m (over-provision), 'adaptive' or "
-            "'budget'"
+            f"--prefetch {spec!r}: the part after ':' must be an integer m (over-provision), 'adaptive', "
+            + " or ".join(repr(k) for k in WIDTH_BUILDERS)
         )
     return spec, 0
 

@@ -53,7 +53,10 @@ class CostModel:
       prefetch is never cancelled (the simulated cache loads at once, so it never evicts a queued copy);
     - prefetches are issued at the step's start: everything a policy asks before an access
       (``on_prediction`` and ``on_routed``), so ``oracle`` stands for a perfect predictor run before
-      attention; a plan after a call (``after_call``) is issued at the next step's start;
+      attention; a plan after a call (``after_call``) is issued at the next step's start; a prefetch
+      into a later layer planned at a router (``on_routed``; the budget one layer ahead) is queued right
+      after the step's own copies are waited for (the engine would issue it after the call's acquire),
+      so it hides behind the rest of the step's compute and the next step's attention;
     - a step's compute does not depend on the copies (no PCIe contention slows the GPU), and the link
       runs across token and prompt boundaries as one timeline; prefill is not modelled;
     - ``attention_share`` (default 0.2): the share of a layer's time before the router's pick, the only
@@ -71,6 +74,10 @@ class CostModel:
 
     With no prefetch it is exactly ``t_token = (steps * C + D * c) / tokens``: the pooled model's
     copy-only formula, except that a verify pass shorter than N still costs a whole pass.
+
+    With an SSD tier (``SimConfig.tiers``) the SSD is a second link of this timeline: a copy of an
+    expert not in the host pool waits for its read (:mod:`moert.sim.tier_timeline`, which states its
+    own assumptions); without a pool miss it is this model exactly.
 
     **Pooled** (``window="pooled"``, the earlier model, kept for comparison; every row also carries it
     as ``pooled_tok_s``): ``t_token = max(L * t_layer, B_prefetch / BW) + B_demand / BW``: prefetches

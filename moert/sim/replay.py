@@ -306,7 +306,9 @@ class _Run:
             self.grid, traffic, self.tokens, (demand_bpt, prefetch_bpt), self.L, self.verify_tokens
         )
         if self.tiers is not None:
-            row["tiers"] = tier_results(self.caches.loads.events(), self.meta, self.tokens, cost, self.tiers)
+            row["tiers"] = tier_results(
+                self.caches.loads.events(), self.meta, self.tokens, cost, self.tiers, traffic, self.grid
+            )
         return row
 
     def close(self) -> None:

@@ -3,7 +3,9 @@
 For each token (or verify pass) t, for each MoE layer l, token-major (``moert.policy.base``)::
 
     apply(on_prediction(l, logits[l, t] or None))
-    apply(on_routed(l, counts, resident))      counts: (E,) selections; resident: (E,) before the call
+    apply(on_routed(l, counts, resident))      counts: (E,) selections; resident: (E,) before the call;
+                                                prefetch rows into other layers: queued at the router
+                                                (the windowed model's ``mid`` copies, after the wait)
     hits = access(l, experts[l, t])             the real C++ SlabCache, simulated
     apply(after_call(l, counts))
 
@@ -72,6 +74,9 @@ class Caches:
         ]
         self.all_ids = np.arange(num_experts, dtype=np.int64)
         self.log, self.step, self.row0 = log, 0, 0
+        #: the layer whose router just picked (``on_routed``'s plan): a prefetch into another layer
+        #: is logged as queued at that point (``mid``), not at the step's start; None otherwise
+        self.routing: int | None = None
 
     def at(self, layer: int) -> tuple[SlabCache, int]:
         """(cache, layer index inside it) of MoE layer ``layer``."""
@@ -93,8 +98,9 @@ class Caches:
             prefetch=ids.astype(np.int32)[None],
             track_prefetch=True,
         )
+        mid = self.routing is not None and layer != self.routing
         self.log.issued(
-            self.step, self.index(layer), out["prefetch_seq_start"], out["prefetch_queued_per_step"]
+            self.step, self.index(layer), out["prefetch_seq_start"], out["prefetch_queued_per_step"], mid
         )
 
     def sim_access(self, layer: int, ids: np.ndarray) -> int:
@@ -195,7 +201,9 @@ def step_sequence(policy: Policy, caches: Caches, seq: SequenceTrace, token_offs
             counts = selections(row, caches.num_experts, None if mult is None else mult[layer, t])
             apply_plan(caches, policy.on_prediction(layer, None if logits is None else logits[layer, t]))
             cache, cl = caches.at(layer)
+            caches.routing = layer
             apply_plan(caches, policy.on_routed(layer, counts, cache.resident(cl).numpy()))
+            caches.routing = None
             hits[layer, t] = access(caches, layer, row)
             caches.step += 1  # a plan after the call is issued for the next step
             apply_plan(caches, policy.after_call(layer, counts))

@@ -19,28 +19,26 @@ token-major order; the fast path replays them layer by layer).
 reads at all). ``F < 1`` starts with an empty pool, so each expert's first load is an SSD read
 (counted apart as ``ssd_cold_reads``).
 
-Cost model (per generated token; ``S`` bytes per expert, ``D``/``P`` demand/prefetch loads per token,
-``D_ssd``/``P_ssd`` those of them that missed the pool, ``BW`` host-to-device, ``BW_ssd`` SSD to pinned
-memory)::
+Cost model (windowed, the default): the SSD is a second link of the windowed timeline
+(:func:`moert.sim.tier_timeline.tier_timeline`; the formula and every assumption are in its module
+doc): a device copy of an expert that missed the pool waits for its SSD read (its own link,
+``S / BW_ssd`` plus ``ssd_latency_us`` per read; demand reads before read-ahead), a PCIe copy overlaps
+the next expert's read, and a read blocks compute only through the step's demand chain. Each row has
+the stall split per tier (waiting for SSD reads, and for PCIe copies: demand, behind prefetches, late
+prefetches). With ``F = 1`` it is the single-link windowed model exactly.
+
+The earlier pooled formula is kept beside it as ``tier_pooled_tok_s`` (``S`` bytes per expert,
+``D``/``P`` demand/prefetch loads per token, ``D_ssd``/``P_ssd`` those of them that missed the pool)::
 
     t_token = max(L * t_layer, P * S / BW, P_ssd * S / BW_ssd) + D * S / BW + D_ssd * S / BW_ssd
 
-Assumptions:
-
-- the SSD read path (NVMe to pinned host memory) and the host-to-device link are separate resources:
-  background traffic on each overlaps compute and the other (``max``), as prefetch copies do in the
-  two-level model (:class:`moert.sim.CostModel`), which this reduces to when nothing misses the pool;
-- a prefetch that misses the pool starts its SSD read when it is issued (one layer ahead or more), so
-  the read, like the copy after it, hides behind compute: pooled over the token, the same
-  simplification as the two-level model's prefetch term (a per-window timeline would charge less);
-- a demand miss of the pool stalls for the SSD read and then the copy, one after the other (no
-  pipelining of one expert's read with its copy, nor of several experts' reads);
-- ``BW_ssd`` is the sustained read rate of expert-sized (tens of MB) reads: consumer PCIe 4.0 NVMe
-  drives give about 3-7 GB/s; the default here is 5 GB/s.
+``BW_ssd`` is the sustained read rate of expert-sized (tens of MB) reads: consumer PCIe 4.0 NVMe drives
+give about 3-7 GB/s; the default here is 5 GB/s.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -49,6 +47,8 @@ import numpy as np
 
 from moert.engine.runtime import SlabCache
 from moert.sim.step import Caches
+from moert.sim.tier_timeline import TierTraffic, tier_timeline
+from moert.sim.timeline import Traffic
 
 __all__ = [
     "HOST_POLICIES",
@@ -59,6 +59,7 @@ __all__ = [
     "replay_pool",
     "predict_tiers",
     "tier_results",
+    "tier_traffic",
     "tier_table",
     "tier_note",
 ]
@@ -76,11 +77,13 @@ class TierConfig:
         ssd_bandwidths_gbs: SSD -> pinned host memory read rates, GB/s (NVMe: ~3-7).
         host_policies: the pool's eviction, one result per policy: ``lru``, ``lfu`` or ``belady`` (next
             use in the pool's own access stream; the ceiling).
+        ssd_latency_us: fixed time per SSD read, µs, added to ``S / BW_ssd`` (default 0).
     """
 
     host_capacities: tuple[float, ...] = (1.0,)
     ssd_bandwidths_gbs: tuple[float, ...] = (5.0,)
     host_policies: tuple[str, ...] = ("lru",)
+    ssd_latency_us: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.host_capacities or not self.ssd_bandwidths_gbs:
@@ -93,6 +96,10 @@ class TierConfig:
         for bw in self.ssd_bandwidths_gbs:
             if not (math.isfinite(bw) and bw > 0):
                 raise ValueError(f"SSD bandwidth {bw!r} GB/s must be > 0, e.g. --ssd-bandwidth 3,7 (NVMe)")
+        if not (math.isfinite(self.ssd_latency_us) and self.ssd_latency_us >= 0):
+            raise ValueError(
+                f"SSD latency {self.ssd_latency_us!r} µs must be a finite number >= 0, e.g. --ssd-latency-us 80"
+            )
         for policy in self.host_policies or ("",):
             if policy not in HOST_POLICIES:
                 raise ValueError(f"host policy {policy!r} is not one of {', '.join(HOST_POLICIES)}")
@@ -110,28 +117,29 @@ def pool_slots(fraction: float, num_layers: int, num_experts: int, top_k: int) -
 
 
 class LoadLog:
-    """Device loads in time order: ``(layer, expert, kind)`` with kind 0 demand, 1 prefetch."""
+    """Device loads in time order: ``(layer, expert, kind, step)`` with kind 0 demand, 1 prefetch, and
+    the step (``token * L + layer``) at which the windowed timeline issues it."""
 
     def __init__(self) -> None:
         self._parts: list[np.ndarray] = []
 
-    def add(self, layer: int, experts: np.ndarray, kind: int) -> None:
+    def add(self, layer: int, experts: np.ndarray, kind: int, step: int = 0) -> None:
         if experts.size:
-            part = np.empty((experts.size, 3), dtype=np.int64)
-            part[:, 0], part[:, 1], part[:, 2] = layer, experts, kind
+            part = np.empty((experts.size, 4), dtype=np.int64)
+            part[:, 0], part[:, 1], part[:, 2], part[:, 3] = layer, experts, kind, step
             self._parts.append(part)
 
     def events(self) -> np.ndarray:
-        """(N, 3) int64 rows ``(layer, expert, kind)``."""
-        return np.concatenate(self._parts) if self._parts else np.zeros((0, 3), dtype=np.int64)
+        """(N, 4) int64 rows ``(layer, expert, kind, step)``."""
+        return np.concatenate(self._parts) if self._parts else np.zeros((0, 4), dtype=np.int64)
 
 
 class _Recorder:
     """A simulated ``SlabCache`` that logs the experts each call loads (resident after, not before;
     within one call nothing loaded is evicted: a prefetch batch and an access hold their members)."""
 
-    def __init__(self, cache: SlabCache, log: LoadLog, layer_of: Any) -> None:
-        self._cache, self._log, self._layer_of = cache, log, layer_of
+    def __init__(self, cache: SlabCache, log: LoadLog, layer_of: Any, step_of: Any) -> None:
+        self._cache, self._log, self._layer_of, self._step_of = cache, log, layer_of, step_of
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._cache, name)
@@ -139,9 +147,11 @@ class _Recorder:
     def _logged(self, call: Any, layer: int, ids: np.ndarray, kind: int) -> int:
         before = self._cache.resident(layer).numpy()
         out = call(layer, ids)
-        loaded = ids[~before[ids] & self._cache.resident(layer).numpy()[ids]]
+        loaded = ids[~before[ids]]
+        if kind == PREFETCH:  # an access holds all its ids after the call; a prefetch may not
+            loaded = loaded[self._cache.resident(layer).numpy()[loaded]]
         _, first = np.unique(loaded, return_index=True)  # distinct, in call order
-        self._log.add(self._layer_of(layer), loaded[np.sort(first)], kind)
+        self._log.add(self._layer_of(layer), loaded[np.sort(first)], kind, self._step_of())
         return out
 
     def sim_prefetch(self, layer: int, experts: Any) -> int:
@@ -186,10 +196,13 @@ class RecordingCaches(Caches):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.loads = LoadLog()
+        step = lambda: self.step  # noqa: E731 (the drivers set it before each call)
         if self.mode == "per-layer":
-            self.caches = [_Recorder(c, self.loads, lambda _, i=i: i) for i, c in enumerate(self.caches)]
+            self.caches = [
+                _Recorder(c, self.loads, lambda _, i=i: i, step) for i, c in enumerate(self.caches)
+            ]
         else:
-            self.caches = [_Recorder(c, self.loads, lambda layer: layer) for c in self.caches]
+            self.caches = [_Recorder(c, self.loads, lambda layer: layer, step) for c in self.caches]
 
 
 def replay_pool(events: np.ndarray, num_layers: int, num_experts: int, slots: int, policy: str) -> np.ndarray:
@@ -204,11 +217,10 @@ def replay_pool(events: np.ndarray, num_layers: int, num_experts: int, slots: in
         priorities = None
         if policy == "belady":  # after each access: minus the index of the key's next access
             key = events[:, 0] * num_experts + events[:, 1]
+            order = np.lexsort((np.arange(n), key))  # by key, then time
+            same = key[order[1:]] == key[order[:-1]]
             nxt = np.full(n, 2 * n, dtype=np.int64)
-            last: dict[int, int] = {}
-            for i in range(n - 1, -1, -1):
-                nxt[i] = last.get(int(key[i]), 2 * n)
-                last[int(key[i])] = i
+            nxt[order[:-1][same]] = order[1:][same]
             priorities = (-nxt).astype(np.float32)[:, None]
         out = pool.replay(
             events[:, 0].astype(np.int32), events[:, 1:2].astype(np.int32), priorities=priorities
@@ -230,13 +242,37 @@ def predict_tiers(
     return max(compute_s, link_bytes[1] / bw, ssd_bytes[1] / ssd) + link_bytes[0] / bw + ssd_bytes[0] / ssd
 
 
-def tier_results(events: np.ndarray, meta: Any, tokens: int, cost: Any, tiers: TierConfig) -> list[dict]:
-    """One dict per (host capacity, SSD bandwidth): pool hits, SSD reads, bytes per tier, tok/s."""
+def tier_traffic(events: np.ndarray, hit: np.ndarray, traffic: Traffic) -> TierTraffic:
+    """Which of ``traffic``'s copies need an SSD read: the recorded loads (rows ``(layer, expert, kind,
+    step)``, the pool's ``hit`` (N,) bool) matched to the run's steps and prefetch FIFO (both in time
+    order; prefetches logged after the last step are dropped as :meth:`StepLog.traffic` drops them)."""
+    S = traffic.steps
+    demand, step = events[:, 2] == DEMAND, events[:, 3]
+    if (
+        not np.array_equal(np.bincount(step[demand], minlength=S)[:S], traffic.demand)
+        or (step[demand] >= S).any()
+    ):
+        raise RuntimeError("the recorded demand loads do not match the replay's demand misses per step")
+    pre = ~demand & (step < S)
+    if int(pre.sum()) != int(traffic.issued.sum()):
+        raise RuntimeError(
+            f"{int(pre.sum())} recorded prefetch loads against {int(traffic.issued.sum())} queued prefetch copies"
+        )
+    miss = ~hit
+    return TierTraffic(np.bincount(step[demand & miss], minlength=S).astype(np.int64), miss[pre])
+
+
+def tier_results(
+    events: np.ndarray, meta: Any, tokens: int, cost: Any, tiers: TierConfig, traffic: Traffic,
+    grid: list[tuple[float, float]] | None = None,
+) -> list[dict]:  # fmt: skip
+    """One dict per (host policy, host capacity, cost point, SSD bandwidth): pool hits, SSD reads, bytes
+    and stall per tier, tok/s (windowed two-tier timeline; the pooled formula as ``tier_pooled_tok_s``).
+    ``grid``: the (layer ms, GB/s) points (default: the cost model's own)."""
     L, E, k = meta.num_layers, meta.num_experts, meta.top_k
     n, S = max(int(tokens), 1), cost.expert_bytes
     demand = events[:, 2] == DEMAND
     link = (float(demand.sum()) * S / n, float((~demand).sum()) * S / n)
-    compute = L * cost.layer_compute_ms * 1e-3
     _, first = np.unique(events[:, 0] * E + events[:, 1], return_index=True)
     rows = []
     for policy, f in ((p, f) for p in tiers.host_policies for f in tiers.host_capacities):
@@ -244,7 +280,7 @@ def tier_results(events: np.ndarray, meta: Any, tokens: int, cost: Any, tiers: T
         hit = np.ones(len(events), dtype=bool) if f == 1 else replay_pool(events, L, E, slots, policy)
         miss = ~hit
         ssd = (float((miss & demand).sum()) * S / n, float((miss & ~demand).sum()) * S / n)
-        per_layer = np.bincount(events[miss, 0], minlength=L)
+        reads = tier_traffic(events, hit, traffic)
         base = {
             "host_capacity": f, "host_policy": policy, "pool_slots": slots,
             "pool_bytes": slots * S, "device_loads": int(len(events)), "pool_hits": int(hit.sum()),
@@ -252,29 +288,66 @@ def tier_results(events: np.ndarray, meta: Any, tokens: int, cost: Any, tiers: T
             "ssd_reads": int(miss.sum()), "ssd_demand_reads": int((miss & demand).sum()),
             "ssd_prefetch_reads": int((miss & ~demand).sum()),
             "ssd_cold_reads": 0 if f == 1 else int(len(first)),
-            "ssd_reads_per_layer": per_layer.tolist(),
+            "ssd_reads_per_layer": np.bincount(events[miss, 0], minlength=L).tolist(),
             "link_bytes_per_token": sum(link), "ssd_bytes_per_token": sum(ssd),
+            "link_demand_bytes_per_token": link[0], "link_prefetch_bytes_per_token": link[1],
+            "ssd_demand_bytes_per_token": ssd[0], "ssd_prefetch_bytes_per_token": ssd[1],
         }  # fmt: skip
-        for bw in tiers.ssd_bandwidths_gbs:
-            t = predict_tiers(compute, link, ssd, cost.bandwidth_gbs, bw)
-            rows.append({**base, "ssd_bandwidth_gbs": bw, "tier_token_ms": t * 1e3, "tier_tok_s": 1.0 / t})
+        for ms, bw_link in grid or [(cost.layer_compute_ms, cost.bandwidth_gbs)]:
+            at = dataclasses.replace(cost, layer_compute_ms=ms, bandwidth_gbs=bw_link)
+            for bw in tiers.ssd_bandwidths_gbs:
+                got = _predict(at, traffic, reads, link, ssd, L, n, bw, tiers.ssd_latency_us)
+                rows.append(
+                    {**base, "layer_ms": ms, "bandwidth_gbs": bw_link, "ssd_bandwidth_gbs": bw, **got}
+                )
     return rows
 
 
+def _predict(cost, traffic, reads, link, ssd, L, tokens, ssd_gbs, latency_us) -> dict:
+    """One cost point's tier prediction: windowed (``cost.window``) and pooled, stalls per token."""
+    pooled = predict_tiers(L * cost.layer_compute_ms * 1e-3, link, ssd, cost.bandwidth_gbs, ssd_gbs)
+    out = {"tier_pooled_tok_s": 1.0 / pooled}
+    if cost.window != "windowed":
+        return {**out, "tier_token_ms": pooled * 1e3, "tier_tok_s": 1.0 / pooled}
+    got = tier_timeline(
+        traffic, reads, compute_s=cost.layer_compute_ms * 1e-3, copy_s=cost.copy_s,
+        read_s=cost.expert_bytes / (ssd_gbs * 1e9) + latency_us * 1e-6,
+        attention_share=cost.attention_share, depth=cost.prefetch_depth,
+    )  # fmt: skip
+    per = 1e3 / tokens
+    stalls = {f"stall_{key}_ms": got[f"stall_{key}_s"] * per for key in _PCIE_STALLS}
+    out.update(
+        tier_token_ms=got["seconds"] * per, tier_tok_s=tokens / got["seconds"], **stalls,
+        stall_pcie_ms=sum(stalls.values()), stall_ssd_ms=got["stall_ssd_s"] * per,
+        prefetch_backlog=got["prefetch_backlog"], read_backlog=got["read_backlog"],
+    )  # fmt: skip
+    return out
+
+
+_PCIE_STALLS = ("demand", "behind_prefetch", "late_prefetch")
+
+
 def tier_table(report: dict) -> str:
-    """Markdown: one line per (policy, device capacity, host capacity, SSD bandwidth)."""
+    """Markdown: one line per (policy, device capacity, host policy and capacity, layer ms, SSD bandwidth):
+    hit rates, SSD reads and MB per token per tier, the stall per token per tier (waiting for SSD reads;
+    for PCIe copies), tok/s (windowed two-tier timeline) and the pooled formula's tok/s."""
     lines = [
-        "| policy | device cap | pool policy | host cap | SSD GB/s | device hit | pool hit | SSD reads/tok | "
-        "link MB/tok | SSD MB/tok | tok/s |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| policy | device cap | pool policy | host cap | layer ms | SSD GB/s | device hit | pool hit | "
+        "SSD reads/tok | PCIe MB/tok | SSD MB/tok | stall PCIe ms | stall SSD ms | tok/s | pooled tok/s |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in report["results"]:
         for t in r.get("tiers", []):
-            lines.append(
-                f"| {r['policy']} | {r['capacity']:g} | {t['host_policy']} | {t['host_capacity']:g} | {t['ssd_bandwidth_gbs']:g} | "
-                f"{r['hit_rate']:.3f} | {t['pool_hit_rate']:.3f} | {t['ssd_reads'] / max(r['tokens'], 1):.2f} | "
-                f"{t['link_bytes_per_token'] / 1e6:.1f} | {t['ssd_bytes_per_token'] / 1e6:.1f} | {t['tier_tok_s']:.2f} |"
-            )
+            stalls = [t.get("stall_pcie_ms"), t.get("stall_ssd_ms")]
+            cells = [
+                r["policy"], f"{r['capacity']:g}", t["host_policy"], f"{t['host_capacity']:g}",
+                f"{t['layer_ms']:g}", f"{t['ssd_bandwidth_gbs']:g}", f"{r['hit_rate']:.3f}",
+                f"{t['pool_hit_rate']:.3f}", f"{t['ssd_reads'] / max(r['tokens'], 1):.2f}",
+                f"{t['link_bytes_per_token'] / 1e6:.1f}", f"{t['ssd_bytes_per_token'] / 1e6:.1f}",
+                *("" if v is None else f"{v:.2f}" for v in stalls),
+                f"{t['tier_tok_s']:.2f}", f"{t['tier_pooled_tok_s']:.2f}",
+            ]  # fmt: skip
+            lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -283,9 +356,12 @@ def tier_note(report: dict) -> list[str]:
     tiers = report["config"].get("tiers")
     if not tiers:
         return []
+    latency = tiers.get("ssd_latency_us", 0.0)
     return [
-        f"SSD tier (`moert.sim.tiers`): host pool of a fraction of all experts, policy {', '.join(tiers['host_policies'])}; "
-        "tok/s with SSD reads (demand reads stall, prefetched ones hide behind compute):",
+        f"SSD tier (`moert.sim.tiers`): host pool of a fraction of all experts, policy {', '.join(tiers['host_policies'])}"
+        f"{f', {latency:g} µs per SSD read' if latency else ''}; tok/s with the SSD as a second link of the "
+        "windowed timeline (`moert.sim.tier_timeline`; `--window pooled`: the pooled formula), stalls per token "
+        "waiting for PCIe copies and for SSD reads:",
         "",
         tier_table(report),
     ]

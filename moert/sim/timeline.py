@@ -5,6 +5,10 @@ over the whole trace): the demand misses, the prefetch copies queued (each numbe
 ``SlabCache.prefetch_seq``), and which prefetched copies the step's access uses for the first time
 (:class:`StepLog`). :meth:`StepLog.traffic` puts every prefetch copy in one FIFO order (by step, then
 in the order they were queued) and :func:`link_timeline` replays the link step by step.
+
+A copy is queued at a step's start, or (``mid=True``: a prefetch for a later layer planned when this
+step's router picked, ``moert.sim.step``) right after the step's own copies are waited for: it then
+hides behind the rest of this step's compute and the next step's attention.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ class Traffic:
     Attributes:
         demand: (S,) int64 demand misses of each step (distinct experts loaded on demand).
         issued: (S,) int64 prefetch copies queued at each step's start (FIFO order = global index).
+        issued_mid: (S,) int64 of them queued only after the step's wait (its router picked them for a
+            later layer): they follow the step's start copies in the FIFO; None: none.
         use_steps: (U,) int64 steps, ascending, at which a prefetched copy is used for the first time.
         use_copies: (U,) int64 the global FIFO index of that copy.
     """
@@ -35,6 +41,7 @@ class Traffic:
     issued: np.ndarray
     use_steps: np.ndarray
     use_copies: np.ndarray
+    issued_mid: np.ndarray | None = None
 
     @property
     def steps(self) -> int:
@@ -52,7 +59,7 @@ class StepLog:
     def __init__(self, num_layers: int, num_caches: int) -> None:
         self.L, self.num_caches = int(num_layers), int(num_caches)
         self._demand: list[np.ndarray] = []
-        self._issue: list[tuple[np.ndarray, ...]] = []  # (step, order, cache, seq0, count)
+        self._issue: list[tuple[np.ndarray, ...]] = []  # (step, order, cache, seq0, count, mid)
         self._use: list[tuple[np.ndarray, ...]] = []  # (step, cache, seq)
         self._order = 0
 
@@ -60,9 +67,10 @@ class StepLog:
         """Appends a chunk's demand misses: (L, T) int, the chunk's rows following the earlier ones."""
         self._demand.append(np.ascontiguousarray(np.asarray(misses, dtype=np.int64).T).ravel())
 
-    def issued(self, steps, cache, seq0, counts) -> None:
+    def issued(self, steps, cache, seq0, counts, mid: bool = False) -> None:
         """Prefetch copies queued: at ``steps`` (n,), by ``cache`` (int or (n,)), numbered ``seq0`` (n,)
-        on, ``counts`` (n,); events logged later go later in the FIFO within a step."""
+        on, ``counts`` (n,); events logged later go later in the FIFO within a step (and its phase);
+        ``mid``: queued after the step's wait (see the module doc)."""
         steps = np.atleast_1d(np.asarray(steps, dtype=np.int64))
         counts = np.atleast_1d(np.asarray(counts, dtype=np.int64))
         keep = counts > 0
@@ -73,7 +81,8 @@ class StepLog:
         self._order += n
         cache = np.broadcast_to(np.asarray(cache, dtype=np.int64), (n,))
         seq0 = np.atleast_1d(np.asarray(seq0, dtype=np.int64))
-        self._issue.append((steps[keep], order[keep], cache[keep], seq0[keep], counts[keep]))
+        phase = np.full(int(keep.sum()), int(mid), dtype=np.int64)
+        self._issue.append((steps[keep], order[keep], cache[keep], seq0[keep], counts[keep], phase))
 
     def used(self, steps, cache, seqs) -> None:
         """First uses of prefetched copies: (n,) steps, cache (int or (n,)), (n,) sequence numbers."""
@@ -87,12 +96,13 @@ class StepLog:
         demand = np.concatenate(self._demand) if self._demand else np.zeros(0, np.int64)
         S = demand.size
         cat = [np.concatenate(c) if self._issue else np.zeros(0, np.int64) for c in zip(*self._issue)]
-        step, order, cache, seq0, count = cat if self._issue else [np.zeros(0, np.int64)] * 5
-        idx = np.lexsort((order, step))
-        step, cache, seq0, count = step[idx], cache[idx], seq0[idx], count[idx]
+        step, order, cache, seq0, count, mid = cat if self._issue else [np.zeros(0, np.int64)] * 6
+        idx = np.lexsort((order, mid, step))
+        step, cache, seq0, count, mid = step[idx], cache[idx], seq0[idx], count[idx], mid[idx]
         last = np.searchsorted(step, S)  # after the last step's call: nothing uses them
-        step, cache, seq0, count = step[:last], cache[:last], seq0[:last], count[:last]
+        step, cache, seq0, count, mid = step[:last], cache[:last], seq0[:last], count[:last], mid[:last]
         issued = np.bincount(step, weights=count, minlength=S).astype(np.int64)
+        issued_mid = np.bincount(step, weights=count * mid, minlength=S).astype(np.int64)
         g0 = (np.cumsum(count) - count).astype(np.int64)  # first global index per event
         ends = [
             int((seq0[cache == c] + count[cache == c]).max()) if (cache == c).any() else 0
@@ -118,7 +128,7 @@ class StepLog:
         if (u_g < 0).any():
             raise RuntimeError("a used prefetch copy was never logged as queued")
         idx = np.argsort(u_step, kind="stable")
-        return Traffic(demand, issued, u_step[idx], u_g[idx])
+        return Traffic(demand, issued, u_step[idx], u_g[idx], issued_mid if issued_mid.any() else None)
 
 
 def _advance(head: float, budget: float, issued: int, promoted: list[int]) -> float:
@@ -188,7 +198,8 @@ def link_timeline(
 def _loop(traffic: Traffic, compute_s, copy_s, share, depth, cpu) -> dict:
     """The step loop of :func:`link_timeline` (times in copy units)."""
     before, after = share * compute_s / copy_s, (1.0 - share) * compute_s / copy_s
-    D, Q = traffic.demand.tolist(), traffic.issued.tolist()
+    M = [0] * traffic.steps if traffic.issued_mid is None else traffic.issued_mid.tolist()
+    D, Q = traffic.demand.tolist(), (traffic.issued - np.asarray(M, dtype=np.int64)).tolist()
     bounds = np.searchsorted(traffic.use_steps, np.arange(traffic.steps + 1)).tolist()
     uses = traffic.use_copies.tolist()
     c_cpu = t_cpu = None
@@ -202,11 +213,12 @@ def _loop(traffic: Traffic, compute_s, copy_s, share, depth, cpu) -> dict:
         d, u0, u1 = D[s], bounds[s], bounds[s + 1]
         if head < issued:
             head = min(head + before, issued) if not promoted else _advance(head, before, issued, promoted)
-        elif d == 0 and u0 == u1:
+        elif d == 0 and u0 == u1 and not M[s]:
             continue  # nothing queued, nothing to load: the step computes
         window = min(math.floor(head + _EPS) + depth, issued, promoted[0] if promoted else issued)
         need, prom = head, 0
         if u0 == u1 and d == 0:
+            issued += M[s]  # queued at the router: nothing to wait for
             head = min(head + after, issued) if not promoted else _advance(head, after, issued, promoted)
             continue  # nothing to wait for: the step computes while the link works
         for g in uses[u0:u1]:
@@ -235,6 +247,7 @@ def _loop(traffic: Traffic, compute_s, copy_s, share, depth, cpu) -> dict:
         dem += wait - b - lt
         behind += b
         late += lt
+        issued += M[s]  # the router's prefetches for later layers: after the step's own copies
         head = min(head + after, issued) if not promoted else _advance(head, after, issued, promoted)
     backlog = issued - head - len(promoted)  # still queued when the trace ends
     behind += backlog  # what the next demand copy would wait behind: charged, so overload never pays

@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 
 import moert
 from moert.api.tier import filesystem_of, parse_bytes, pool_capacity
-from moert.models.tiny import Reference, greedy, single_thread
+from moert.models.tiny import Reference, greedy, random_predictor, single_thread
 
 ARCHS = ("deepseek_v2-group", "qwen3_moe-norm", "phimoe")
 
@@ -66,6 +66,36 @@ def test_exact_with_a_budget_below_the_experts(refs, name, device):
     assert 0 <= st.ssd_stall_s <= st.ssd_read_s
 
 
+@pytest.mark.parametrize(("name", "device"), [(n, "cpu") for n in ARCHS] + [("qwen3_moe-norm", "sim")])
+def test_read_ahead_is_exact_and_reads_ahead(refs, name, device):
+    """A random lookahead-1 predictor's plans drive read-ahead (``read_ahead=1``): the same tokens as
+    the unpatched model, logits bit-identical to the all-resident load with the same policy, misses
+    at both tiers, and copies served by read-ahead slabs."""
+    ref = refs[name]
+    pred = random_predictor(ref.model, lookahead=1)
+    kw = dict(cache_experts=0.25, device=device, policy="score", predictor=pred, overprovision=2)
+    _, full_logits, _, _ = run(ref.path, ref.prompt, ref.new_tokens, **kw)
+    seq, logits, st, rep = run(ref.path, ref.prompt, ref.new_tokens, host_budget=0.25, read_ahead=1, **kw)
+    assert torch.equal(seq, ref.out[0]), "tokens differ from the unpatched model"
+    assert torch.equal(logits, full_logits), "logits differ from the all-resident load"
+    assert rep["host_tier"]["read_ahead"] == 1
+    assert st.misses > 0 and st.ssd_reads > 0 and st.pool_evictions > 0
+    assert st.read_ahead_reads > 0 and st.read_ahead_used > 0, st
+    assert st.read_ahead_used + st.read_ahead_wasted <= st.read_ahead_reads
+    # each device copy: from the pool (a read-ahead slab counts there) or read by its own lane
+    assert st.pool_hits + st.ssd_reads - st.read_ahead_reads == st.bytes_copied // rep["slab_bytes"]
+    assert sum(r.read_ahead_reads for r in st.per_layer.values()) == st.read_ahead_reads
+
+
+def test_read_ahead_bad_values_are_clear_errors(refs):
+    ref = refs["phimoe"]
+    for bad in (-1, 65, 1.5, True, "1"):
+        with pytest.raises(ValueError, match=f"read_ahead={bad!r} must be an int in 0..64"):
+            moert.load(ref.path, host_budget=0.5, read_ahead=bad, progress=False)
+    with pytest.raises(ValueError, match="read_ahead=1 needs host_budget="):
+        moert.load(ref.path, read_ahead=1, progress=False)
+
+
 @pytest.mark.parametrize("budget", [1.0, "1GiB"])
 def test_a_budget_covering_every_expert_is_untiered(refs, budget):
     ref = refs["qwen3_moe-norm"]
@@ -74,7 +104,8 @@ def test_a_budget_covering_every_expert_is_untiered(refs, budget):
     assert torch.equal(seq, ref.out[0][:, : seq.shape[1]])
 
 
-def test_lfu_pool_and_mmap_reads_are_exact(refs):
+@pytest.mark.parametrize("policy", ["lfu", "fifo"])
+def test_lfu_fifo_pool_and_mmap_reads_are_exact(refs, policy):
     ref = refs["deepseek_v2-group"]
     seq, _, st, rep = run(
         ref.path,
@@ -82,11 +113,11 @@ def test_lfu_pool_and_mmap_reads_are_exact(refs):
         ref.new_tokens,
         cache_experts=8,
         host_budget=0.3,
-        pool_policy="lfu",
+        pool_policy=policy,
         read_mode="mmap",
     )
-    assert torch.equal(seq, ref.out[0]) and st.ssd_reads > 0
-    assert rep["host_tier"]["policy"] == "lfu" and rep["host_tier"]["read_mode"] == "mmap"
+    assert torch.equal(seq, ref.out[0]) and st.ssd_reads > 0 and st.pool_evictions > 0
+    assert rep["host_tier"]["policy"] == policy and rep["host_tier"]["read_mode"] == "mmap"
 
 
 def test_fused_checkpoint(refs, tmp_path):
@@ -159,6 +190,38 @@ def test_changed_file_after_load_is_a_clear_error(refs, tmp_path):
     with pytest.raises(RuntimeError, match=f"checkpoint file {shard} changed after loading"):
         greedy(model, ref.prompt, ref.new_tokens)
     moert.handle_of(model).discard()
+
+
+def test_vanished_file_after_load_is_a_clear_error(refs, tmp_path):
+    ref = refs["phimoe"]
+    dst = tmp_path / "m"
+    shutil.copytree(ref.path, dst)
+    model = moert.load(dst, cache_experts=0.25, host_budget=0.25, progress=False)
+    shard = dst / "model.safetensors"
+    shard.unlink()
+    with pytest.raises(RuntimeError, match=f"checkpoint file {shard} vanished after loading .*load again"):
+        greedy(model, ref.prompt, ref.new_tokens)
+    moert.handle_of(model).discard()
+
+
+def test_info_says_read_only_and_network(refs, tmp_path, monkeypatch, capsys):
+    """``moert info --model`` on a read-only and on a network mount (a mounts table naming the model's
+    directory): host_budget works there, and it says so."""
+    import moert.api.tier as tier
+    from moert.cli import main as cli_main
+
+    real = tier.filesystem_of
+    path = os.path.realpath(refs["phimoe"].path)
+    for fstype, opts, want in (
+        ("ext4", "ro,relatime", "read-only: host_budget works"),
+        ("nfs4", "rw,vers=4.2", "network filesystem: host_budget works, expert reads are slower"),
+    ):
+        mounts = tmp_path / f"mounts_{fstype}"
+        mounts.write_text(f"/dev/sda1 / ext4 rw 0 0\nsrv:/m {path} {fstype} {opts} 0 0\n")
+        monkeypatch.setattr(tier, "filesystem_of", lambda p, m=str(mounts): real(p, mounts=m))
+        assert cli_main(["info", "--model", path]) == 0
+        out = capsys.readouterr().out
+        assert want in out, out
 
 
 def test_read_only_files_work_and_filesystem_is_reported(refs, tmp_path):

@@ -59,8 +59,9 @@ def test_stress_slice_on_the_cuda_backend_with_the_fake_driver(fake_cuda):
 
 @pytest.mark.parametrize("device", ["cpu", "sim"])
 def test_stress_slice_with_both_tiers(device, tmp_path):
-    """The pool holds 12 of the 64 experts; the rest are read from a file by the copy threads while
-    other threads copy, evict and check host slabs (copy_out) and device slots at every use."""
+    """The pool holds 12 of the 64 experts; the rest are read from a file by the copy threads and, ahead
+    of their copies, by the pool's reader threads (read-ahead on), while other threads copy, evict and
+    check host slabs (copy_out) and device slots at every use."""
     seed = {"cpu": 31, "sim": 32}[device]
     rep = stress.run_stress(
         16_000, device=device, threads=4, seed=seed, policy="lru", host_slabs=12, workdir=tmp_path
@@ -70,3 +71,6 @@ def test_stress_slice_with_both_tiers(device, tmp_path):
     )
     assert rep.counts.get("copy_out", 0) > 100 and rep.counts.get("acquire", 0) > 2000
     assert rep.counts["pool_reads"] > 1000 and rep.counts["pool_hits"] > 100
+    assert rep.counts.get("read_ahead", 0) > 100 and rep.counts["ahead_reads"] > 100
+    # waits on a read-ahead in flight depend on timing here (tests/csrc/test_read_ahead.py forces one)
+    assert rep.counts["ahead_used"] > 10, rep.counts

@@ -3,6 +3,8 @@ result, the device replay is unchanged by recording, the pool against the Python
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -63,14 +65,29 @@ def test_hand_computed_tiny_trace():
     assert run(tiny_trace(), ["lru"], tiers=belady)[("lru", 0.25)]["tiers"][0]["pool_hits"] == 2
 
 
-def test_prefetched_ssd_reads_hide_behind_compute_up_to_the_ssd_time():
-    """lru+oracle: the same 6 loads, all prefetches: t = max(2 ms, 0.15 s link, 0.3 s SSD)."""
+def test_prefetched_reads_on_the_windowed_timeline():
+    """lru+oracle: the same 6 loads, all prefetches issued at their own step's start and used there:
+    per step the read (200 ms at 5 GB/s) has run 0.2 ms at the pick, then lands, then the copy (100 ms):
+    6 * 299.8 + 8 * 1 = 1806.8 ms over 4 tokens. At 100 GB/s: 6 * 109.8 + 8 = 666.8 ms. The pooled
+    formula (max(2 ms, 0.15 s link, 0.3 s SSD)) hides it all behind the token: 300 and 150 ms."""
     tiers = TierConfig(host_capacities=(0.25,), ssd_bandwidths_gbs=(5.0, 100.0))
     row = run(tiny_trace(), ["lru+oracle"], tiers=tiers)[("lru+oracle", 0.25)]
     t = by_host(row)
     assert row["hit_rate"] == 1.0 and t[(0.25, 5.0)]["ssd_prefetch_reads"] == 6
-    assert t[(0.25, 5.0)]["tier_token_ms"] == pytest.approx(300.0)
-    assert t[(0.25, 100.0)]["tier_token_ms"] == pytest.approx(150.0)  # the link is the limit again
+    assert t[(0.25, 5.0)]["tier_token_ms"] == pytest.approx(1806.8 / 4)
+    assert t[(0.25, 100.0)]["tier_token_ms"] == pytest.approx(666.8 / 4)
+    assert 1e3 / t[(0.25, 5.0)]["tier_pooled_tok_s"] == pytest.approx(300.0)
+    assert 1e3 / t[(0.25, 100.0)]["tier_pooled_tok_s"] == pytest.approx(150.0)
+    # per tier: 6 * 199.8 ms waiting for the SSD, 6 * 100 ms of late (promoted) copies, per token
+    assert t[(0.25, 5.0)]["stall_ssd_ms"] == pytest.approx(6 * 199.8 / 4)
+    assert t[(0.25, 5.0)]["stall_pcie_ms"] == pytest.approx(600.0 / 4)
+    assert t[(0.25, 5.0)]["ssd_prefetch_bytes_per_token"] == pytest.approx(1.5 * GB)
+    assert t[(0.25, 5.0)]["link_prefetch_bytes_per_token"] == pytest.approx(1.5 * GB)
+    pooled = run(tiny_trace(), ["lru+oracle"], tiers=tiers, cost=dataclasses.replace(COST, window="pooled"))
+    assert by_host(pooled[("lru+oracle", 0.25)])[(0.25, 5.0)]["tier_token_ms"] == pytest.approx(300.0)
+    latency = TierConfig(host_capacities=(0.25,), ssd_bandwidths_gbs=(5.0,), ssd_latency_us=10_000.0)
+    slow = run(tiny_trace(), ["lru+oracle"], tiers=latency)[("lru+oracle", 0.25)]["tiers"][0]
+    assert slow["tier_token_ms"] == pytest.approx((1806.8 + 6 * 10.0) / 4)  # 10 ms more per read
 
 
 @pytest.mark.parametrize("mode", ["per-layer", "global"])
@@ -78,19 +95,51 @@ def test_host_capacity_one_equals_two_levels_and_recording_changes_nothing(mode)
     trace = random_trace(seed=3)
     names = ["lru", "lfu", "belady", "moe-infinity", "lru+oracle", "lru+utility:2"]
     tiers = TierConfig(host_capacities=(0.3, 1.0), ssd_bandwidths_gbs=(3.0, 7.0))
-    plain = run(trace, names, mode, caps=(0.25, 0.5), cost=CostModel(), chunk_tokens=16)
-    tiered = run(trace, names, mode, caps=(0.25, 0.5), tiers=tiers, cost=CostModel(), chunk_tokens=16)
+    kw = dict(caps=(0.25, 0.5), cost=CostModel(), chunk_tokens=16, layer_ms=(0.2, 2.0))
+    plain = run(trace, names, mode, **kw)
+    tiered = run(trace, names, mode, tiers=tiers, **kw)
     for key, want in plain.items():
         got = tiered[key]
         for field in ("hits", "hit_rate_per_layer", "bytes_per_token", "prefetch_wasted", "predicted_tok_s"):
             assert got[field] == want[field], (key, field)
-        t = by_host(got)
         loads = round(got["loads_per_token"] * got["tokens"])
-        assert t[(1.0, 3.0)]["device_loads"] == loads, key  # every device load was recorded once
-        for bw in (3.0, 7.0):  # the tier's cost is the pooled model (moert.sim.tiers): equal to its row
-            assert t[(1.0, bw)]["tier_tok_s"] == want["pooled_tok_s"], key  # exactly, not approx
-            assert t[(0.3, bw)]["tier_tok_s"] < want["pooled_tok_s"], key
-        assert t[(0.3, 3.0)]["tier_tok_s"] < t[(0.3, 7.0)]["tier_tok_s"]
+        assert all(t["device_loads"] == loads for t in got["tiers"]), key  # every device load recorded once
+        for g in want["grid"]:
+            t = {
+                (x["host_capacity"], x["ssd_bandwidth_gbs"]): x
+                for x in got["tiers"]
+                if x["layer_ms"] == g["layer_ms"]
+            }
+            for bw in (3.0, 7.0):  # the windowed two-tier timeline at F = 1 is the single link, bit for bit
+                assert t[(1.0, bw)]["tier_tok_s"] == g["predicted_tok_s"], (key, g)
+                assert t[(1.0, bw)]["tier_pooled_tok_s"] == g["pooled_tok_s"], (key, g)
+                assert t[(1.0, bw)]["stall_ssd_ms"] == 0.0
+                assert t[(0.3, bw)]["tier_tok_s"] < g["predicted_tok_s"], (key, g)
+                x = t[(0.3, bw)]  # the stalls add up to the token's time
+                compute_ms = trace.meta.num_layers * g["layer_ms"]
+                assert x["tier_token_ms"] == pytest.approx(
+                    compute_ms + x["stall_pcie_ms"] + x["stall_ssd_ms"]
+                )
+                assert x["stall_pcie_ms"] == pytest.approx(
+                    x["stall_demand_ms"] + x["stall_behind_prefetch_ms"] + x["stall_late_prefetch_ms"]
+                )
+            assert t[(0.3, 3.0)]["stall_ssd_ms"] > t[(0.3, 7.0)]["stall_ssd_ms"] > 0, key
+
+
+def test_recorded_loads_must_match_the_replayed_traffic():
+    """The tier's reads are matched to the run's steps and prefetch FIFO; a mismatch is an error."""
+    from moert.sim.tiers import DEMAND, PREFETCH, tier_traffic
+    from moert.sim.timeline import Traffic
+
+    t = Traffic(np.array([1, 0]), np.array([1, 1]), np.zeros(0, np.int64), np.zeros(0, np.int64))
+    events = np.array([[0, 1, PREFETCH, 0], [0, 2, DEMAND, 0], [1, 3, PREFETCH, 1], [0, 4, PREFETCH, 2]])
+    hit = np.array([False, False, True, False])
+    got = tier_traffic(events, hit, t)  # the last prefetch (after the last step) is dropped
+    assert got.demand_reads.tolist() == [1, 0] and got.prefetch_reads.tolist() == [True, False]
+    with pytest.raises(RuntimeError, match="demand loads do not match"):
+        tier_traffic(events[[0, 2, 3]], hit[[0, 2, 3]], t)
+    with pytest.raises(RuntimeError, match="2 queued prefetch copies"):
+        tier_traffic(events[[1, 2]], hit[[1, 2]], t)
 
 
 @pytest.mark.parametrize("policy", ["lru", "lfu", "belady"])
@@ -122,7 +171,7 @@ def test_pool_matches_reference_on_the_device_miss_stream(policy):
         assert row["tiers"][0]["pool_hits"] == want, (policy, f)
 
 
-def test_predict_tiers_formula():
+def test_predict_tiers_formula():  # the pooled formula, kept as tier_pooled_tok_s
     assert predict_tiers(0.01, (2e9, 3e9), (1e9, 4e9), 10.0, 2.0) == pytest.approx(2.0 + 0.2 + 0.5)
     assert predict_tiers(0.01, (0.0, 0.0), (0.0, 0.0), 10.0, 2.0) == 0.01
 
@@ -135,6 +184,7 @@ def test_predict_tiers_formula():
         ({"ssd_bandwidths_gbs": (-3.0,)}, "SSD bandwidth -3.0"),
         ({"host_policies": ("lru", "fifo")}, "host policy 'fifo'"),
         ({"host_policies": ()}, "host policy ''"),
+        ({"ssd_latency_us": -1.0}, "SSD latency -1.0"),
     ],
 )
 def test_bad_tier_config(kwargs, match):
@@ -158,13 +208,26 @@ def test_cli_host_capacity(tmp_path):
             w.add(s)
     base = [sys.executable, "-P", "-m", "moert", "simulate", str(tmp_path / "t"), "--no-progress"]
     out = subprocess.run(
-        [*base, "--host-capacity", "0.3,1", "--ssd-bandwidth", "3,7", "--capacity", "0.25"],
+        [*base, "--host-capacity", "0.3,1", "--ssd-bandwidth", "3,7", "--capacity", "0.25", "--ssd-latency-us",
+         "50", "--json", str(tmp_path / "r.json")],
         capture_output=True, text=True, env=_env(),
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
-    assert "| lru | 0.25 | lru | 0.3 | 3 |" in out.stdout and "| lru | 0.25 | lru | 1 | 7 |" in out.stdout
-    bad = subprocess.run([*base, "--host-capacity", "2"], capture_output=True, text=True, env=_env())
-    assert bad.returncode != 0 and "host capacity 2.0" in bad.stderr and "Traceback" not in bad.stderr
+    assert (
+        "| lru | 0.25 | lru | 0.3 | 0.2 | 3 |" in out.stdout
+        and "| lru | 0.25 | lru | 1 | 0.2 | 7 |" in out.stdout
+    )
+    assert "stall SSD ms" in out.stdout and "50 µs per SSD read" in out.stdout
+    rows = json.loads((tmp_path / "r.json").read_text())["results"][0]["tiers"]
+    small = next(t for t in rows if t["host_capacity"] == 0.3)
+    assert small["stall_ssd_ms"] > 0 and small["ssd_demand_bytes_per_token"] > 0 and "stall_pcie_ms" in small
+    for flags, msg in (
+        (["--host-capacity", "2"], "host capacity 2.0"),
+        (["--host-capacity", "0.5", "--ssd-latency-us", "-5"], "SSD latency -5.0"),
+        (["--ssd-latency-us", "5"], "need --host-capacity"),
+    ):
+        bad = subprocess.run([*base, *flags], capture_output=True, text=True, env=_env())
+        assert bad.returncode != 0 and msg in bad.stderr and "Traceback" not in bad.stderr, flags
 
 
 def _env():
@@ -179,4 +242,5 @@ def test_loads_recorded_in_call_order_and_distinct():
     log = LoadLog()
     log.add(3, np.array([5, 2]), 1)
     log.add(0, np.array([], dtype=np.int64), 0)
-    assert log.events().tolist() == [[3, 5, 1], [3, 2, 1]]
+    log.add(1, np.array([7]), 0, step=9)
+    assert log.events().tolist() == [[3, 5, 1, 0], [3, 2, 1, 0], [1, 7, 0, 9]]

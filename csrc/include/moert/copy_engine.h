@@ -51,6 +51,14 @@
 // must stay valid and unchanged until predictions_done() >= ticket (wait_predictions blocks for
 // that). Requests are applied in submission order.
 //
+// Read-ahead (a tiered pool, expert_pool.h; off until set_read_ahead(k) with k >= 1). Every
+// expert that prefetch() or a prediction queues for a device copy gets a pool read_ahead at once,
+// so its file read runs on the pool's reader threads while it waits for a lane (a lane's
+// acquire_host then waits on that read instead of reading again). A prediction's first k + 1 rows
+// (its own layer and the k after it) also read ahead every listed expert not ready on the device,
+// whether or not the device cache could take a copy. Only the pool's queue is touched (under the
+// cache lock, then the pool's: never the other way round).
+//
 // Thread safety: every method may be called from many threads at once; blocking waits happen
 // without the Python GIL (see bindings.cc).
 #pragma once
@@ -124,6 +132,9 @@ class CopyEngine {
   bool closed() const { return closed_.load(); }
 
   int prefetch(int layer, const std::int32_t* experts, std::int64_t n);
+  // See "Read-ahead" above: k >= 0 (0: off).
+  void set_read_ahead(int k);
+  int read_ahead() const { return read_ahead_.load(); }
   // See "Predictions" above. layers: (n,); ids: (n, width); scores: (n, E) or null; clear:
   // (n_clear,). predict returns how many copies were queued.
   int predict(const std::int32_t* layers, std::int64_t n, const std::int32_t* ids,
@@ -240,6 +251,9 @@ class CopyEngine {
   // run (device_stall_s).
   void stream_wait_locked(const std::vector<std::int32_t>& slots, StreamHandle stream);
   void push_locked(int cls, int slot);
+  // Read-ahead of `experts` of `layer` (distinct ids), skipping those ready on the device; with
+  // only_queued, just those whose device copy is queued (state loading).
+  void read_ahead_locked(int layer, const std::vector<std::int32_t>& experts, bool only_queued);
   void add_stall_locked(int layer, double seconds);
   bool pending_locked() const;
 
@@ -262,6 +276,7 @@ class CopyEngine {
   std::condition_variable work_cv_;  // with c_.mu_
   bool stop_ = false;
   std::atomic<bool> closed_{false};
+  std::atomic<int> read_ahead_{0};
   std::string error_;
   std::vector<std::string> slot_error_;  // per slot: why its last failed copy failed
   // Per slot: an acquire returned while its copy ran (the caller's stream waits on it); a failure

@@ -16,15 +16,28 @@
 // file is stat'ed by path: a size, mtime or inode that differs from the one registered raises
 // RuntimeFailure naming the file (never wrong bytes). The untiered pool reads nothing and its
 // acquire_host is entry_ptr.
+//
+// Read-ahead (tiered): read_ahead(layer, experts) queues file reads of experts not resident and
+// returns at once; the pool's reader threads (started by the first call) read them into free or
+// evicted unpinned slabs, with no device copy. A slab being read is in the table (state reading),
+// so an acquire_host / load of that expert waits for the read in flight instead of reading again.
+// A request is dropped (ahead_dropped) when its expert is resident or being read by then, when
+// every slab is pinned or being read (a reader never waits for a slab), or when newer requests
+// push it out of the queue (at most `capacity` wait). A slab read ahead counts as used
+// (ahead_used) when a copy first pins it, as wasted (ahead_wasted) when evicted unused. A failed
+// read-ahead frees its slab silently; the expert's next read raises the error.
+// Victims: lru (last use), lfu (uses since read, then last use), fifo (time of read).
 #pragma once
 
 #include <atomic>
 #include <condition_variable>
 #include <cstddef>
 #include <cstdint>
+#include <deque>
 #include <memory>
 #include <mutex>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "moert/backend.h"
@@ -33,14 +46,21 @@ namespace moert {
 
 // Counters of the host tier (tiered pool), in total or for one layer.
 struct PoolStats {
-  std::int64_t hits = 0;          // acquire_host found the expert resident
-  std::int64_t reads = 0;         // experts read from their files (SSD reads)
-  std::int64_t read_bytes = 0;    // bytes read from files
-  double read_s = 0.0;            // seconds spent reading (summed over threads)
-  std::int64_t demand_reads = 0;  // ... of which for demand copies
-  double demand_read_s = 0.0;     // seconds of those (a stall of the layer that needed them)
-  std::int64_t evictions = 0;     // resident experts dropped for a read
-  std::int64_t waits = 0;         // acquire_host calls that waited (a read in progress, no slab)
+  std::int64_t hits = 0;           // acquire_host found the expert resident
+  std::int64_t reads = 0;          // experts read from their files (SSD reads)
+  std::int64_t read_bytes = 0;     // bytes read from files
+  double read_s = 0.0;             // seconds spent reading (summed over threads)
+  std::int64_t demand_reads = 0;   // ... of which for demand copies
+  double demand_read_s = 0.0;      // seconds of those (a stall of the layer that needed them)
+  std::int64_t evictions = 0;      // resident experts dropped for a read
+  std::int64_t waits = 0;          // acquire_host calls that waited (a read in progress, no slab)
+  std::int64_t ahead_reads = 0;    // ... reads done by read_ahead (included in reads)
+  std::int64_t ahead_used = 0;     // slabs read ahead that a copy pinned before their eviction
+  std::int64_t ahead_wasted = 0;   // slabs read ahead and evicted unused
+  std::int64_t ahead_dropped = 0;  // read_ahead requests not read (see the header comment)
+  std::int64_t ahead_waits = 0;    // acquire_host calls that waited on a read-ahead in flight
+  double ahead_wait_s = 0.0;       // ... seconds of those for demand copies (a stall, like
+                                   // demand_read_s)
 };
 
 // One contiguous byte range of an expert in a checkpoint file.
@@ -59,7 +79,7 @@ class ExpertPool {
   // Throws ArgumentError for non-positive counts or a slab size that is 0 or not a multiple of
   // 16, RuntimeFailure when memory or pinning (no CUDA device) fails.
   ExpertPool(int num_layers, int num_experts, std::int64_t slab_bytes, bool pin);
-  // Tiered when capacity < num_layers * num_experts (capacity >= 1); policy "lru" or "lfu";
+  // Tiered when capacity < num_layers * num_experts (capacity >= 1); policy "lru", "lfu", "fifo";
   // read_mode "pread" or "mmap".
   ExpertPool(int num_layers, int num_experts, std::int64_t slab_bytes, bool pin,
              std::int64_t capacity, const std::string& policy, const std::string& read_mode);
@@ -90,6 +110,12 @@ class ExpertPool {
   // The expert's slab, pinned (tiered) until release_host; reads it first when not resident.
   const std::uint8_t* acquire_host(int layer, int expert, bool demand);
   void release_host(int layer, int expert);
+  // Tiered: queues reads of the experts (ids < 0 skipped) that are neither resident, being read,
+  // nor queued; returns how many were queued (0 untiered). Never blocks on a read.
+  int read_ahead(int layer, const std::int32_t* experts, std::int64_t n);
+  // Reader threads for read_ahead (1..16, default 1); only before the first read_ahead.
+  void set_readers(int n);
+  int readers() const { return num_readers_; }
   // Copies the expert's slab (resident or read from its files) to dst (slab_bytes bytes).
   void copy_out(int layer, int expert, std::uintptr_t dst);
   // Per expert of `layer`: 1 when resident in the host tier (all 1 untiered).
@@ -129,6 +155,8 @@ class ExpertPool {
     std::int32_t pins = 0;
     std::uint64_t tick = 0;
     std::uint64_t freq = 0;
+    std::uint64_t born = 0;  // tick of its read (fifo)
+    bool ahead = false;      // read by read_ahead and not pinned by a copy since
   };
   void alloc(bool pin);
   void close_files();
@@ -139,6 +167,13 @@ class ExpertPool {
   // pinned. Returns the slab index. `demand` counts the read as a demand read.
   int take_locked(std::unique_lock<std::mutex>& lk, int key, bool pin, bool demand);
   int victim_locked() const;
+  // Reads key into slab v (a victim; its old entry is evicted) with the lock released meanwhile;
+  // the slab is in the table, state reading, during the read. Returns the read's seconds; on a
+  // failure frees the slab and returns the error in *failure.
+  double fill_locked(std::unique_lock<std::mutex>& lk, int key, int v, bool ahead,
+                     std::string* failure);
+  void reader();
+  void stop_readers();
   std::uint8_t* slab_ptr(int slab) const {
     return base_ + static_cast<std::size_t>(slab) * stride_;
   }
@@ -153,6 +188,13 @@ class ExpertPool {
   std::condition_variable cv_;
   std::vector<HostSlot> slabs_;
   std::vector<std::int32_t> table_;  // key -> slab or -1
+  // read_ahead: queued keys (oldest first), per key whether queued, the reader threads.
+  std::deque<std::int32_t> ahead_queue_;
+  std::vector<std::uint8_t> ahead_queued_;
+  std::vector<std::thread> readers_;
+  std::condition_variable ahead_cv_;
+  bool readers_stop_ = false;
+  int num_readers_ = 1;
   std::uint64_t tick_ = 0;
   PoolStats stats_;
   std::vector<PoolStats> layer_stats_;

@@ -13,6 +13,8 @@
 //   lane death   the worker thread of the lane that takes the n-th copy request exits by an
 //                exception while holding that request, as a thread that dies mid-work would.
 //   allocations  ExpertPool's host memory and SlabCache's slot arena, on any device.
+//   file reads   a tiered ExpertPool's reads of an expert from its files sleep read_delay_s first
+//                (a slow disk: reads and read-aheads stay in flight long enough to be waited on).
 #pragma once
 
 #include <atomic>
@@ -37,6 +39,7 @@ struct Plan {
   std::int64_t kill_lane = 0;    // the lane that takes the n-th copy request dies; 0: none
   std::int64_t fail_alloc = 0;   // the n-th allocation from arming fails; 0: none
   std::int64_t alloc_count = 1;  // ... and the alloc_count - 1 after it (-1: every later one)
+  double read_delay_s = 0.0;     // every expert file read sleeps this long first (>= 0)
 };
 
 struct Counts {
@@ -48,6 +51,7 @@ struct Counts {
   std::int64_t killed_lanes = 0;
   std::int64_t allocations = 0;
   std::int64_t failed_allocations = 0;
+  std::int64_t delayed_reads = 0;
 };
 
 extern std::atomic<bool> g_armed;
@@ -66,6 +70,8 @@ bool next_lane_request();
 // allocation is to fail.
 void next_alloc(std::size_t bytes);
 void add_slow_seconds(double seconds);
+// Sleeps read_delay_s (a tiered pool's file read).
+void next_read();
 
 }  // namespace faults
 }  // namespace moert
