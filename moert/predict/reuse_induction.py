@@ -25,7 +25,7 @@ __all__ = ["INDUCTION_AHEAD", "INDUCTION_LAYERS", "INDUCTION_MATCH", "INDUCTION_
 #: the past tokens looked at (this token and the W - 1 before it)
 INDUCTION_WINDOW = 256
 #: a past token matches when it shares at least this share of the current token's experts (at the layers
-#: compared), strict to loose
+#: compared), strict to loose (descending)
 INDUCTION_MATCH = (0.9, 0.7, 0.5)
 #: the layers compared: l, l - 1, ..., l - INDUCTION_LAYERS + 1 (those that exist)
 INDUCTION_LAYERS = 3
@@ -53,44 +53,54 @@ class InductionState:
 
     Attributes:
         ring: (L, W, E) float64: token s's experts at slot s % W.
-        ahead: (A, L, W, E) float64: at slot s % W, the experts used within s + 1 .. s + n_a (so far).
+        ahead: (L, W, A * E) float64: at slot s % W, block a: the experts used within s + 1 .. s + n_a
+            once that window is over (s + n_a <= t), zero before.
     """
 
     def __init__(self, num_layers: int, num_experts: int) -> None:
         W = INDUCTION_WINDOW
         self.ring = np.zeros((num_layers, W, num_experts), dtype=np.float64)
-        self.ahead = np.zeros((len(INDUCTION_AHEAD), num_layers, W, num_experts), dtype=np.float64)
+        self.ahead = np.zeros((num_layers, W, len(INDUCTION_AHEAD) * num_experts), dtype=np.float64)
 
     def update(self, layer: int | slice, t: np.ndarray, used: np.ndarray) -> None:
         """Token t's call of ``layer`` (or of every layer) used ``used`` ((E,) or (L, E) bool).
 
         ``t``: the token index (() or (L,) int64, the layer's clock before the call)."""
-        W, rows = INDUCTION_WINDOW, _rows(layer)
-        if isinstance(layer, (int, np.integer)):  # one call (the runtime): scalar indexing
-            u, slot = np.asarray(used, dtype=np.float64), int(t) % W
-            self.ring[layer, slot] = u
-            self.ahead[:, layer, slot] = 0.0
-            for a, n in enumerate(INDUCTION_AHEAD):
-                block = self.ahead[a, layer]
-                for j in range(1, n + 1):
-                    np.maximum(block[(slot - j) % W], u, out=block[(slot - j) % W])
+        W, E = INDUCTION_WINDOW, self.ring.shape[2]
+        if isinstance(layer, (int, np.integer)):
+            self._update_one(int(layer), int(t), used)
             return
+        ring, ahead = self.ring[_rows(layer)], self.ahead[_rows(layer)]  # views [n, W, ...]
         t = np.atleast_1d(t)
-        u = np.asarray(used, dtype=np.float64).reshape(t.shape[0], -1)  # [n, E]
         n_idx = np.arange(t.shape[0])
-        ring, ahead = self.ring[rows], self.ahead[:, rows]  # views
-        ring[n_idx, t % W] = u
-        ahead[:, n_idx, t % W] = 0.0  # the slot's new token: nothing after it yet
+        ring[n_idx, t % W] = np.asarray(used, dtype=np.float64).reshape(t.shape[0], E)
+        ahead[n_idx, t % W] = 0.0  # the slot's new token: no window after it is over yet
         for a, n in enumerate(INDUCTION_AHEAD):
-            for j in range(1, n + 1):  # token t is within s + 1 .. s + n of s = t - j
-                slot = (t - j) % W  # negative s: a slot no valid token reads, reset when its token comes
-                ahead[a, n_idx, slot] = np.maximum(ahead[a, n_idx, slot], u)
+            done = n_idx[(t >= n) & (n < W)]  # s = t - n's window s + 1 .. t is over now
+            if done.size:
+                window = ring[done[:, None], (t[done, None] - np.arange(n)) % W].max(axis=1)  # [d, E]
+                ahead[done, (t[done] - n) % W, a * E : (a + 1) * E] = window
+
+    def _update_one(self, layer: int, t: int, used: np.ndarray) -> None:
+        """:meth:`update` of one call: the windows that end now, as running maxima over the last rows."""
+        W, E = INDUCTION_WINDOW, self.ring.shape[2]
+        ring, ahead = self.ring[layer], self.ahead[layer]
+        ring[t % W] = used
+        ahead[t % W] = 0.0
+        window, j = np.zeros(E), 0
+        for a, n in enumerate(INDUCTION_AHEAD):
+            if t < n or n >= W:
+                break
+            while j < n:  # the window t - n + 1 .. t
+                np.maximum(window, ring[(t - j) % W], out=window)
+                j += 1
+            ahead[(t - n) % W, a * E : (a + 1) * E] = window
 
     def features(self, layer: int | slice, t: np.ndarray) -> np.ndarray:
         """(E, I) (or (L, E, I)) float64 after token t's call of ``layer`` (t: () or (L,) its index)."""
         if isinstance(layer, (int, np.integer)):
             return self._features_one(int(layer), int(t))
-        W, rows = INDUCTION_WINDOW, _rows(layer)
+        W, rows, E = INDUCTION_WINDOW, _rows(layer), self.ring.shape[2]
         t = np.atleast_1d(t)
         layers = np.arange(self.ring.shape[0])[rows]  # [n]
         n_idx = np.arange(t.shape[0])
@@ -102,20 +112,20 @@ class InductionState:
             size = size + cur.sum(-1)  # [n]
         k = (t[:, None] - np.arange(W)) % W  # [n, W]: slot j holds token t - k
         past = (k >= 1) & (t[:, None] - k >= 0) & (size[:, None] > 0)
-        cols = []
-        for share in INDUCTION_MATCH:
-            match = past & (overlap >= share * size[:, None])
-            for a, n in enumerate(INDUCTION_AHEAD):
-                w = (match & (k >= n)).astype(np.float64)  # [n, W]
-                num = (w[:, None, :] @ self.ahead[a, rows])[:, 0]  # [n, E]
-                cols.append(num / (1.0 + w.sum(-1))[:, None])
-            cols.append(np.broadcast_to((np.log2(1.0 + match.sum(-1)) / 8.0)[:, None], cols[-1].shape))
-        out = np.stack(cols, axis=-1)  # [n, E, I]
-        return out[0] if isinstance(layer, (int, np.integer)) else out
+        share = np.asarray(INDUCTION_MATCH)[:, None, None]  # [M, 1, 1]
+        match = (past & (overlap >= share * size[:, None])).transpose(1, 0, 2).astype(np.float64)  # [n, M, W]
+        over = (k[:, :, None] >= np.asarray(INDUCTION_AHEAD)).astype(np.float64)  # [n, W, A]
+        A = len(INDUCTION_AHEAD)
+        num = (match @ self.ahead[rows]).reshape(t.shape[0], len(INDUCTION_MATCH), A, E)
+        den = 1.0 + match @ over  # [n, M, A]
+        out = np.empty((t.shape[0], E, len(INDUCTION_MATCH), A + 1))
+        out[..., :A] = (num / den[..., None]).transpose(0, 3, 1, 2)
+        out[..., A] = (np.log2(1.0 + match.sum(-1)) / 8.0)[:, None, :]
+        return out.reshape(t.shape[0], E, -1)
 
     def _features_one(self, layer: int, t: int) -> np.ndarray:
-        """:meth:`features` of one call: (W, E) mat-vecs, the match levels stacked."""
-        W = INDUCTION_WINDOW
+        """:meth:`features` of one call: a few (W, E) mat-vecs, the match levels stacked."""
+        W, E = INDUCTION_WINDOW, self.ring.shape[2]
         slot = t % W
         overlap, size = 0.0, 0.0
         for below in range(layer, max(layer - INDUCTION_LAYERS, -1), -1):
@@ -124,11 +134,12 @@ class InductionState:
             size = size + ring[slot].sum()
         k = (t - np.arange(W)) % W
         past = (k >= 1) & (k <= t) & (size > 0)
-        match = past & (overlap >= np.asarray(INDUCTION_MATCH)[:, None] * size)  # [M, W]
-        E = self.ring.shape[2]
-        out = np.empty((E, len(INDUCTION_MATCH), 1 + len(INDUCTION_AHEAD)))  # [E, M, A + 1]
-        for a, n in enumerate(INDUCTION_AHEAD):
-            w = (match & (k >= n)).astype(np.float64)  # [M, W]
-            out[:, :, a] = (w @ self.ahead[a, layer]).T / (1.0 + w.sum(-1))
+        match = (past & (overlap >= np.asarray(INDUCTION_MATCH)[:, None] * size)).astype(np.float64)  # [M, W]
+        A = len(INDUCTION_AHEAD)
+        cols = np.flatnonzero(match[-1])  # the loosest level holds every match (shares descend)
+        num = (match[:, cols] @ self.ahead[layer, cols]).reshape(len(INDUCTION_MATCH), A, E)  # not over: 0
+        den = 1.0 + match @ (k[:, None] >= np.asarray(INDUCTION_AHEAD)).astype(np.float64)  # [M, A]
+        out = np.empty((E, len(INDUCTION_MATCH), A + 1))  # [E, M, A + 1]
+        out[:, :, :A] = (num / den[..., None]).transpose(2, 0, 1)
         out[:, :, -1] = np.log2(1.0 + match.sum(-1)) / 8.0
         return out.reshape(E, -1)
