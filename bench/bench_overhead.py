@@ -129,10 +129,8 @@ def _patch(model: Any) -> Any:
         from moert.predict.reuse import ReuseModel
         from moert.predict.reuse_train import ReuseTrainConfig
 
-        a = get_adapter(model)
-        extra["evictor"] = ReuseModel.random(
-            len(a.moe_layers()), a.num_experts, hidden=ReuseTrainConfig().hidden
-        )
+        a, hidden = get_adapter(model), ReuseTrainConfig().hidden  # the trained model's size
+        extra["evictor"] = ReuseModel.random(len(a.moe_layers()), a.num_experts, hidden=hidden)
     return moert.patch(model, cache_experts=1.0, device="cpu", policy=POLICY["name"], **extra)
 
 
