@@ -136,9 +136,12 @@ bench-sim-studies: setup
 	$(PY) bench/bench_sim.py --what speculative
 
 # learned eviction (policy learned) on the held-out puffin prompts: trains the reuse forecast, replays
-# lru/lfu/belady/learned per-layer and global, ablations (an hour or more on 2 busy cores)
+# lru/lfu/belady/learned per-layer and global; then at 0.25 the model without the induction group and the
+# look-ahead ablation (about an hour on 2 busy cores)
 bench-evict: setup
-	$(PY) bench/bench_evict.py --ablations
+	$(PY) bench/bench_evict.py
+	$(PY) bench/bench_evict.py --work out/evict-noind --features recency,gaps,frequency,bias,coact --capacities 0.25 --policies lru,belady,learned --out bench/results/sim_evict_puffin_noinduction
+	$(PY) bench/bench_evict.py --evictor out/evict/reuse.safetensors --capacities 0.25 --policies lru,belady,learned --ablations --horizons 1,3 --drop "" --out bench/results/sim_evict_puffin_horizons
 
 # the SSD tier in the simulator: tok/s against the host pool's size (minutes); the README's memory table (instant)
 bench-sim-tiers: setup

@@ -180,8 +180,14 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--stride", type=int, default=8)
-    p.add_argument("--hidden", type=int, default=32)
+    p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--focus", type=int, default=0)
+    p.add_argument(
+        "--features",
+        type=lambda s: [x for x in s.split(",") if x],
+        default=list(FEATURE_GROUPS),
+        help="the feature groups of the model trained here (default all)",
+    )
     p.add_argument("--ablations", action="store_true")
     p.add_argument("--ablation-capacity", type=float, default=0.25)
     p.add_argument("--ablation-modes", type=lambda s: s.split(","), default=["per-layer", "global"])
@@ -213,7 +219,7 @@ def main(argv=None) -> int:
     if args.evictor:
         model = load_reuse(args.evictor)[0]
     else:
-        model = train(args, meta, parts, FEATURE_GROUPS, work / "reuse.safetensors")
+        model = train(args, meta, parts, args.features, work / "reuse.safetensors")
     rows, cost = [], None
     for mode in args.modes:
         got, cost = replay(args, meta, parts, args.policies.split(","), args.capacities, mode, model)

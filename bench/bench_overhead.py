@@ -127,9 +127,10 @@ def _patch(model: Any) -> Any:
     extra = dict(PATCH, predictor=random_predictor(model)) if PATCH else {}
     if POLICY["name"] == "learned":
         from moert.predict.reuse import ReuseModel
+        from moert.predict.reuse_train import ReuseTrainConfig
 
-        a = get_adapter(model)
-        extra["evictor"] = ReuseModel.random(len(a.moe_layers()), a.num_experts, hidden=32)
+        a, hidden = get_adapter(model), ReuseTrainConfig().hidden  # the trained model's size
+        extra["evictor"] = ReuseModel.random(len(a.moe_layers()), a.num_experts, hidden=hidden)
     return moert.patch(model, cache_experts=1.0, device="cpu", policy=POLICY["name"], **extra)
 
 

@@ -73,8 +73,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--stride", type=int, default=8, help="reuse: every N-th training token is an example")
     g.add_argument(
         "--features",
-        default="recency,gaps,frequency,bias,coact",
-        help="reuse: feature groups (ablation): recency, gaps, frequency, bias, coact",
+        default="recency,gaps,frequency,bias,coact,induction",
+        help="reuse: feature groups (ablation): recency, gaps, frequency, bias, coact, induction",
     )
     g.add_argument(
         "--horizons-used", type=int, default=None, help="reuse: look-ahead horizons the eviction uses (1..7)"
@@ -186,7 +186,7 @@ def _train_reuse(args: argparse.Namespace) -> Any:
     if args.stride < 1:
         raise ValueError(f"--stride {args.stride} must be >= 1")
     cfg = ReuseTrainConfig(
-        hidden=args.hidden or 32, epochs=args.epochs, patience=args.patience, batch_size=args.batch_size or 256,
+        hidden=args.hidden or 64, epochs=args.epochs, patience=args.patience, batch_size=args.batch_size or 256,
         lr=args.lr, stride=args.stride, seed=args.seed, threads=_threads(args.threads),
         groups=tuple(g.strip() for g in args.features.split(",") if g.strip()),
     )  # fmt: skip

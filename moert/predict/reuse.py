@@ -7,7 +7,7 @@ After each call of MoE layer l (a decode token t), for every expert e of that la
 pushes the priority ``-((t + 2 ** that) * L + l)``: Belady's score (``moert.policy.belady``) with the
 forecast next use in place of the true one, comparable across the layers of one global cache.
 
-Features of (l, e), all online, O(E) per call (:class:`ReuseState`; Hawkeye / LRB / Parrot featurise
+Features of (l, e), all online, O(W E) per call (:class:`ReuseState`; Hawkeye / LRB / Parrot featurise
 the same way: recency, past inter-use gaps, frequencies over several windows, a per-object bias):
 
 - recency: the calls since e's last use at l, in log2 buckets (:data:`AGE_EDGES`, plus "never");
@@ -15,11 +15,15 @@ the same way: recency, past inter-use gaps, frequencies over several windows, a 
 - frequency: moving averages of e's use with decays :data:`DECAYS` (windows ~2 to ~100 calls);
 - a learned bias per (l, e, horizon);
 - co-activation: the experts of this call and of this token at layer l-1, through learned (E, E)
-  matrices per layer (which experts of layer l tend to come back soon after these were picked).
+  matrices per layer (which experts of layer l tend to come back soon after these were picked);
+- induction (:mod:`moert.predict.reuse_induction`): how often e followed, within 1-8 tokens, the past
+  tokens (of the last 256) routed like this one at layers l, l-1, l-2 (tokens repeat).
 
-The net is a small MLP over the dense features plus the bias and co-activation terms::
+The net is a small MLP over the dense features and the two co-activation scores, plus the bias and
+co-activation terms::
 
-    logits[e, h] = W2 relu(W1 x_e + c1) + c2 + bias[l, e, h] + s_h (u_l A_l)[e] + r_h (u_{l-1} B_l)[e]
+    a_e = (u_l A_l)[e], b_e = (u_{l-1} B_l)[e]
+    logits[e, h] = W2 relu(W1 [x_e, a_e, b_e] + c1) + c2 + bias[l, e, h] + s_h a_e + r_h b_e
 
 Training (:mod:`moert.predict.reuse_train`) uses Belady's labels: the true next use in the trace. At run
 time the forward pass is numpy float64 (a few small matmuls), the same code in the simulator and the
@@ -37,6 +41,7 @@ import numpy as np
 import torch
 
 from moert.predict.base import PredictorMeta
+from moert.predict.reuse_induction import InductionState, induction_config, num_induction_features
 
 __all__ = [
     "AGE_EDGES",
@@ -59,7 +64,7 @@ DECAYS = (0.5, 0.8, 0.9, 0.97, 0.99)
 #: recency bucket upper edges (calls since last use): [0], [1], [2], [3,4], ..., (64, inf); then "never"
 AGE_EDGES = (0, 1, 2, 4, 8, 16, 32, 64)
 #: ablation groups of the model (``ReuseModel.groups``)
-FEATURE_GROUPS = ("recency", "gaps", "frequency", "bias", "coact")
+FEATURE_GROUPS = ("recency", "gaps", "frequency", "bias", "coact", "induction")
 #: rounding of the forecast log2 distance (1/256 of a doubling)
 QUANTUM = 256.0
 #: a cap on the clock so the float32 priorities keep integer steps exact (2^24 / L steps)
@@ -71,8 +76,8 @@ def _log2p(x: np.ndarray) -> np.ndarray:
 
 
 def num_dense_features() -> int:
-    """F: length of :func:`dense_features`' rows."""
-    return (len(AGE_EDGES) + 2) + 5 + len(DECAYS)
+    """F: length of :func:`dense_features`' rows plus the induction columns (:func:`induction_features`)."""
+    return (len(AGE_EDGES) + 2) + 5 + len(DECAYS) + num_induction_features()
 
 
 def dense_features(age: np.ndarray, gap1: np.ndarray, gap2: np.ndarray, ema: np.ndarray) -> np.ndarray:
@@ -118,6 +123,7 @@ class ReuseState:
         self.gap2 = np.full((L, E), -1, dtype=np.int64)
         self.ema = np.zeros((len(DECAYS), L, E), dtype=np.float64)
         self.used = np.zeros((L, E), dtype=bool)
+        self.induction = InductionState(L, E)
         self._decay = np.asarray(DECAYS, dtype=np.float64)
 
     def update(self, layer: int | slice, used: np.ndarray) -> None:
@@ -133,6 +139,7 @@ class ReuseState:
         d = self._decay.reshape((-1,) + (1,) * used.ndim)
         self.ema[:, layer] = d * self.ema[:, layer] + (1.0 - d) * used
         self.used[layer] = used
+        self.induction.update(layer, c, used)
         self.clock[layer] += 1
 
     def features(self, layer: int | slice) -> np.ndarray:
@@ -141,7 +148,8 @@ class ReuseState:
         c_col = c if np.ndim(c) == 0 else c[:, None]
         last = self.last[layer]
         age = np.where(last >= 0, c_col - last, -1)
-        return dense_features(age, self.gap1[layer], self.gap2[layer], self.ema[:, layer])
+        dense = dense_features(age, self.gap1[layer], self.gap2[layer], self.ema[:, layer])
+        return np.concatenate([dense, self.induction.features(layer, c)], axis=-1)
 
     def previous_layer_used(self, layer: int) -> np.ndarray:
         """(E,) bool: this token's experts at layer - 1 (none for layer 0)."""
@@ -171,7 +179,8 @@ class ReuseModel:
     """The forecast's parameters (numpy float64) and its forward pass (see the module doc).
 
     Attributes:
-        w1: (F, D), c1: (D,), w2: (D, H), c2: (H,): the MLP over the dense features.
+        w1: (F + 2, D), c1: (D,), w2: (D, H), c2: (H,): the MLP over the dense features and the two
+            co-activation scores.
         bias: (L, E, H) per (layer, expert, horizon).
         coact_self: (L, E, E), coact_prev: (L, E, E): co-activation of this call's and layer l-1's experts.
         s_self, s_prev: (H,) their weight per horizon.
@@ -209,18 +218,20 @@ class ReuseModel:
         each call's experts at l and l-1 ((N, E) bool each)."""
         layers = np.asarray(layers, dtype=np.int64).reshape(-1)
         N, E, F = x.shape
-        flat = np.ascontiguousarray(x, dtype=np.float64).reshape(N * E, F)  # 2-D: one BLAS call
-        h = (
-            (np.maximum(flat @ self.w1 + self.c1, 0.0) @ self.w2).reshape(N, E, -1)
-            + self.c2
-            + self.bias[layers]
-        )
         co_self = np.empty(used.shape, dtype=np.float64)  # [N, E]
         co_prev = np.empty(used.shape, dtype=np.float64)
         for layer in np.unique(layers):  # rows of one layer share their (E, E) matrices
             rows = np.flatnonzero(layers == layer)
             co_self[rows] = used[rows].astype(np.float64) @ self.coact_self[layer]
             co_prev[rows] = prev[rows].astype(np.float64) @ self.coact_prev[layer]
+        flat = np.concatenate(  # [N * E, F + 2]: one BLAS call
+            [x.reshape(N * E, F), co_self.reshape(N * E, 1), co_prev.reshape(N * E, 1)], axis=1
+        )
+        h = (
+            (np.maximum(flat @ self.w1 + self.c1, 0.0) @ self.w2).reshape(N, E, -1)
+            + self.c2
+            + self.bias[layers]
+        )
         return h + co_self[..., None] * self.s_self + co_prev[..., None] * self.s_prev
 
     def log2_distance(self, layers: Any, x: np.ndarray, used: np.ndarray, prev: np.ndarray) -> np.ndarray:
@@ -233,7 +244,7 @@ class ReuseModel:
     def random(num_layers: int, num_experts: int, seed: int = 0, hidden: int = 8) -> ReuseModel:
         """An untrained model with seeded random weights (tests, benchmarks of the host cost)."""
         g = np.random.default_rng(seed)
-        L, E, F, H = num_layers, num_experts, num_dense_features(), len(HORIZONS)
+        L, E, F, H = num_layers, num_experts, num_dense_features() + 2, len(HORIZONS)
 
         def r(*shape: int) -> np.ndarray:
             return g.standard_normal(shape)
@@ -270,7 +281,7 @@ def save_reuse(
     from moert.predict.io import save_predictor
 
     extra = {"groups": list(model.groups), "horizons": list(HORIZONS), "decays": list(DECAYS),
-             "horizons_used": model.horizons_used}  # fmt: skip
+             "horizons_used": model.horizons_used, "induction": induction_config()}  # fmt: skip
     return save_predictor(path, _meta(model, model_type, layers, top_k), model.tensors(), extra)
 
 
@@ -287,12 +298,17 @@ def load_reuse(path: str | os.PathLike) -> tuple[ReuseModel, PredictorMeta]:
         )
     if extra.get("horizons") != list(HORIZONS) or extra.get("decays") != list(DECAYS):
         raise ValueError(f"{path}: made with other horizons/decays ({extra}); train it again with this moert")
+    if extra.get("induction") != induction_config():
+        raise ValueError(
+            f"{path}: made with other induction features ({extra.get('induction')}; this moert: "
+            f"{induction_config()}); train it again with this moert"
+        )
     missing = [n for n in ReuseModel.TENSORS if n not in tensors]
     if missing:
         raise ValueError(f"{path}: tensors {missing} are missing; corrupt file? train it again")
     arrays = {n: tensors[n].double().numpy() for n in ReuseModel.TENSORS}
     L, E, H = arrays["bias"].shape
-    F = num_dense_features()
+    F = num_dense_features() + 2
     want = {"w1": (F, None), "bias": (len(meta.layers), meta.num_experts, len(HORIZONS)),
             "coact_self": (L, E, E), "coact_prev": (L, E, E)}  # fmt: skip
     for name, shape in want.items():

@@ -50,7 +50,7 @@ class ReuseTrainConfig:
             mostly the recent ones); 0: every expert alike.
     """
 
-    hidden: int = 32
+    hidden: int = 64
     epochs: int = 8
     patience: int = 2
     batch_size: int = 256
@@ -70,7 +70,9 @@ def feature_mask(groups: Sequence[str]) -> np.ndarray:
     if bad:
         raise ValueError(f"feature groups {bad} are not among {', '.join(FEATURE_GROUPS)}")
     nb = len(AGE_EDGES) + 2
-    spans = {"recency": (0, nb), "gaps": (nb, nb + 5), "frequency": (nb + 5, nb + 5 + len(DECAYS))}
+    nf = nb + 5 + len(DECAYS)
+    spans = {"recency": (0, nb), "gaps": (nb, nb + 5), "frequency": (nb + 5, nf),
+             "induction": (nf, num_dense_features())}  # fmt: skip
     mask = np.zeros(num_dense_features(), dtype=bool)
     for g, (a, b) in spans.items():
         if g in groups:
@@ -132,7 +134,7 @@ class _Net(torch.nn.Module):
     def __init__(self, L: int, E: int, F: int, D: int, groups: Sequence[str]) -> None:
         super().__init__()
         H = len(HORIZONS)
-        self.mlp = torch.nn.Sequential(torch.nn.Linear(F, D), torch.nn.ReLU(), torch.nn.Linear(D, H))
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(F + 2, D), torch.nn.ReLU(), torch.nn.Linear(D, H))
         self.bias = torch.nn.Parameter(torch.zeros(L, E, H), requires_grad="bias" in groups)
         co = "coact" in groups
         self.coact_self = torch.nn.Parameter(torch.zeros(L, E, E), requires_grad=co)
@@ -142,16 +144,20 @@ class _Net(torch.nn.Module):
         self.register_buffer("mask", torch.from_numpy(feature_mask(groups)).float())
 
     def forward(self, x, layer, used, prev):  # [B, E, F], [B], [B, E], [B, E] -> [B, E, H]
-        h = self.mlp(x * self.mask) + self.bias[layer]
         co_s = torch.bmm(used.float().unsqueeze(1), self.coact_self[layer]).squeeze(1)  # [B, E]
         co_p = torch.bmm(prev.float().unsqueeze(1), self.coact_prev[layer]).squeeze(1)
+        h = (
+            self.mlp(torch.cat([x * self.mask, co_s.unsqueeze(-1), co_p.unsqueeze(-1)], -1))
+            + self.bias[layer]
+        )
         return h + co_s.unsqueeze(-1) * self.s_self + co_p.unsqueeze(-1) * self.s_prev
 
     def export(self, groups: Sequence[str], info: dict[str, Any]) -> ReuseModel:
         def a(t: torch.Tensor) -> np.ndarray:
             return t.detach().double().numpy().copy()
 
-        w1 = a(self.mlp[0].weight).T * feature_mask(groups)[:, None]  # unused columns: zero weight
+        keep = np.concatenate([feature_mask(groups), [True, True]])
+        w1 = a(self.mlp[0].weight).T * keep[:, None]  # unused columns: zero weight
         return ReuseModel(
             w1=w1, c1=a(self.mlp[0].bias), w2=a(self.mlp[2].weight).T, c2=a(self.mlp[2].bias),
             bias=a(self.bias), coact_self=a(self.coact_self), coact_prev=a(self.coact_prev),

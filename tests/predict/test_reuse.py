@@ -4,6 +4,8 @@ wrong (a cycle one expert longer than the cache: LRU never hits) beating LRU in 
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -17,6 +19,13 @@ from moert.predict.reuse import (
     load_reuse,
     next_use_distance,
     save_reuse,
+)
+from moert.predict.reuse_induction import (
+    INDUCTION_AHEAD,
+    INDUCTION_LAYERS,
+    INDUCTION_MATCH,
+    INDUCTION_WINDOW,
+    num_induction_features,
 )
 from moert.predict.reuse_train import ReuseTrainConfig, build_data, feature_mask, train_reuse
 
@@ -55,22 +64,68 @@ def reference_features(history: list[set[int]], e: int) -> list[float]:
     return onehot + gapf + emas
 
 
-def test_online_features_equal_the_definition():
+def reference_induction(history: list[list[set[int]]], layer: int, e: int) -> list[float]:
+    """The induction columns of expert e at the layer's token t (its last call), from the definition
+    (moert.predict.reuse_induction), given every layer's calls so far (layers below: up to t)."""
+    here = history[layer]
+    t = len(here) - 1
+    below = range(layer, max(layer - INDUCTION_LAYERS, -1), -1)
+
+    def tagged(s: int) -> set:
+        return {(j, x) for j in below for x in history[j][s]}
+
+    out = []
+    for share in INDUCTION_MATCH:
+        matches = [
+            s for s in range(max(0, t - INDUCTION_WINDOW + 1), t)
+            if tagged(t) and len(tagged(t) & tagged(s)) >= share * len(tagged(t))
+        ]  # fmt: skip
+        for n in INDUCTION_AHEAD:
+            ok = [s for s in matches if s + n <= t]
+            followed = sum(any(e in here[s + j] for j in range(1, n + 1)) for s in ok)
+            out.append(followed / (1 + len(ok)))
+        out.append(float(np.log2(1 + len(matches))) / 8)
+    return out
+
+
+@pytest.mark.parametrize("window,layers", [(None, None), (6, 2), (12, 1)])
+def test_online_features_equal_the_definition(monkeypatch, window, layers):
+    """Per call and for all layers at once (build_data's way), over a window that wraps (6, 12) or not,
+    comparing 1 to 3 layers."""
+    import moert.predict.reuse_induction as ri
+
+    for name, value in (("INDUCTION_WINDOW", window), ("INDUCTION_LAYERS", layers)):
+        if value is not None:
+            monkeypatch.setattr(ri, name, value)
+            monkeypatch.setattr(sys.modules[__name__], name, value)
     L, N, E, k = 3, 40, 8, 2
     experts = random_experts(L, N, E, k, seed=1)
-    state = ReuseState(L, E)
+    experts[:, 20:30] = experts[:, 5:15]  # a repeat: the induction columns see matches
+    state, batch = ReuseState(L, E), ReuseState(L, E)
     history: list[list[set[int]]] = [[] for _ in range(L)]
     for t in range(N):
+        hot = np.zeros((L, E), dtype=bool)
         for layer in range(L):
             used = np.zeros(E, dtype=bool)
             used[experts[layer, t]] = True
+            hot[layer] = used
             state.update(layer, used)
             history[layer].append(set(experts[layer, t].tolist()))
             got = state.features(layer)
-            want = np.array([reference_features(history[layer], e) for e in range(E)])
+            want = np.array(
+                [
+                    reference_features(history[layer], e) + reference_induction(history, layer, e)
+                    for e in range(E)
+                ]
+            )
             np.testing.assert_allclose(got, want, atol=1e-12, err_msg=f"t={t} layer={layer}")
             prev = state.previous_layer_used(layer)
             assert prev.sum() == (0 if layer == 0 else k)
+        batch.update(slice(None), hot)
+        np.testing.assert_array_equal(
+            batch.features(slice(None)), np.stack([state.features(x) for x in range(L)])
+        )
+    assert state.features(1)[:, -num_induction_features() :].max() > 0.5  # the repeat was seen
 
 
 def test_training_examples_are_the_online_features():
@@ -115,7 +170,7 @@ def test_file_round_trip(tmp_path):
     assert meta.kind == "reuse" and meta.layers == (1, 2, 3)
     for name in ReuseModel.TENSORS:
         np.testing.assert_array_equal(getattr(back, name), getattr(model, name))
-    x = np.random.default_rng(0).random((8, model.w1.shape[0]))
+    x = np.random.default_rng(0).random((8, model.w1.shape[0] - 2))  # the co-activations come on top
     used = np.arange(8) < 2
     a = back.log2_distance(1, x[None], used[None], ~used[None])
     assert np.array_equal(a, model.log2_distance(1, x[None], used[None], ~used[None]))
@@ -142,6 +197,17 @@ def test_a_reuse_file_is_not_a_routing_predictor_and_vice_versa(tmp_path):
         load_reuse(path)
     with pytest.raises(ValueError, match="not found"):
         load_reuse(tmp_path / "missing.safetensors")
+
+
+def test_a_file_of_other_induction_features_is_refused(tmp_path, monkeypatch):
+    import moert.predict.reuse_induction as ri
+
+    path = save_reuse(
+        tmp_path / "r.safetensors", ReuseModel.random(2, 8), model_type="t", layers=(1, 2), top_k=2
+    )
+    monkeypatch.setattr(ri, "INDUCTION_WINDOW", 64)
+    with pytest.raises(ValueError, match="made with other induction features.*train it again"):
+        load_reuse(path)
 
 
 def test_feature_groups_are_checked():
