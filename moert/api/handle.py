@@ -171,11 +171,11 @@ class PatchHandle:
             ValueError: an invalid configuration (nothing changes then), another ``device`` (undo and
                 patch again), or a switch between the ``"reference"`` backend's pool and the runtime's.
         """
-        from moert.api.patch import _resolve_config, build_policy, check_backend, copy_streams
+        from moert.api.build import build_policy, check_backend, copy_streams, resolve_config
 
         if self._offloader is None:
             raise RuntimeError("this handle was undone; moert.patch the model again")
-        cfg = _resolve_config(self.config if config is None else config, overrides)
+        cfg = resolve_config(self.config if config is None else config, overrides)
         if cfg.device != self.config.device:
             raise ValueError(
                 f"reconfigure keeps the device ({self.device}); device={cfg.device!r} needs handle.undo() "
@@ -221,7 +221,7 @@ class PatchHandle:
     ) -> None:
         """Closes the offloader (keeping its pool), builds ``cfg``'s over the pool (``pool`` when there
         is no offloader left) and rewires the layers."""
-        from moert.api.patch import build_offloader
+        from moert.api.build import build_offloader
         from moert.engine.layer import OffloadedLayer
 
         old = self._offloader

@@ -137,7 +137,7 @@ def test_bad_reconfigure_changes_nothing(ds):
 
 
 def test_a_failed_rebuild_returns_to_the_previous_config(ds, monkeypatch):
-    import moert.api.patch as patch_module
+    import moert.api.build as patch_module
 
     real = patch_module.build_offloader
     calls = []
