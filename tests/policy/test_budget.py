@@ -7,12 +7,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from synthetic import zipf_trace  # noqa: E402
 
 from moert.policy.budget import BudgetPlanner, Calibration, CostWindow, FixedWindow, fill_budget
 from moert.policy.predictor import policy_from_spec
 from moert.sim import CostModel, SimConfig, parse_policies, simulate
 from moert.sim.step import Caches
-from moert.trace import InMemoryTrace, SequenceTrace, TraceMeta
 
 F, T_ = False, True
 
@@ -120,15 +120,8 @@ def test_never_evicts_an_expert_worth_more():
     assert np.flatnonzero(caches.at(0)[0].resident(0).numpy()).tolist() == [3, 6]
 
 
-def _trace(L=4, E=16, k=2, T=40, n=6, seed=0):
-    rng = np.random.default_rng(seed)
-    w = 1.0 / np.arange(1, E + 1)
-    seqs = []
-    for i in range(n):
-        ex = np.stack([[rng.choice(E, k, replace=False, p=w / w.sum()) for _ in range(T)] for _ in range(L)])
-        seqs.append(SequenceTrace(i, torch.arange(T), torch.from_numpy(ex), torch.ones(T, dtype=torch.bool)))
-    meta = TraceMeta("synthetic", tuple(range(L)), E, k)
-    return InMemoryTrace(meta, seqs), meta, seqs
+def _trace(n=6, **kw):
+    return zipf_trace(n=n, **kw)
 
 
 KEYS = ("hits", "demand_misses", "bytes_loaded", "prefetches", "cache_stats")

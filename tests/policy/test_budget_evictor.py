@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+from synthetic import zipf_trace  # noqa: E402
 
 from moert.policy.base import Plan
 from moert.policy.budget import fill_budget
@@ -19,7 +19,6 @@ from moert.predict.reuse import ReuseModel
 from moert.sim import CostModel, SimConfig, parse_policies, simulate
 from moert.sim.step import Caches, apply_plan
 from moert.sim.timeline import StepLog, Traffic, link_timeline
-from moert.trace import InMemoryTrace, SequenceTrace, TraceMeta
 
 
 def _previous_fill_budget(window, probs, present, victims):
@@ -125,15 +124,8 @@ def test_a_prefetch_is_not_issued_when_it_would_evict_an_earlier_one():
     assert fill_budget(4, probs, present, victims) == [0, 1]
 
 
-def _trace(L=4, E=16, k=2, T=40, n=5, seed=0):
-    rng = np.random.default_rng(seed)
-    w = 1.0 / np.arange(1, E + 1)
-    seqs = []
-    for i in range(n):
-        ex = np.stack([[rng.choice(E, k, replace=False, p=w / w.sum()) for _ in range(T)] for _ in range(L)])
-        seqs.append(SequenceTrace(i, torch.arange(T), torch.from_numpy(ex), torch.ones(T, dtype=torch.bool)))
-    meta = TraceMeta("synthetic", tuple(range(L)), E, k)
-    return InMemoryTrace(meta, seqs), meta, seqs
+def _trace(n=5, **kw):
+    return zipf_trace(n=n, **kw)
 
 
 KEYS = ("hits", "demand_misses", "bytes_loaded", "prefetches", "cache_stats", "predicted_tok_s")
