@@ -6,11 +6,30 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-__all__ = ["Stats", "LayerStats", "LayerCounters", "assemble"]
+__all__ = ["Stats", "LayerStats", "LayerCounters", "TierCounters", "assemble"]
 
 
 @dataclass(frozen=True)
-class LayerStats:
+class TierCounters:
+    """The host tier's counters (``moert.load(host_budget=...)``; all 0 without one), shared by
+    ``LayerStats`` (this layer's experts) and ``Stats`` (the totals); each field is documented in
+    ``Stats``."""
+
+    pool_hits: int = 0
+    ssd_reads: int = 0
+    ssd_bytes: int = 0
+    ssd_read_s: float = 0.0
+    ssd_stall_s: float = 0.0
+    pool_evictions: int = 0
+    read_ahead_reads: int = 0
+    read_ahead_used: int = 0
+    read_ahead_wasted: int = 0
+    read_ahead_dropped: int = 0
+    read_ahead_wait_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class LayerStats(TierCounters):
     """Counters of one MoE layer.
 
     The cache and copy-engine counts are kept per layer by the native runtime, where the events
@@ -65,23 +84,12 @@ class LayerStats:
     prefetch_wasted: int = 0
     prefetch_wasted_bytes: int = 0
     prefetch_bytes: int = 0
-    pool_hits: int = 0
-    ssd_reads: int = 0
-    ssd_bytes: int = 0
-    ssd_read_s: float = 0.0
-    ssd_stall_s: float = 0.0
-    pool_evictions: int = 0
-    read_ahead_reads: int = 0
-    read_ahead_used: int = 0
-    read_ahead_wasted: int = 0
-    read_ahead_dropped: int = 0
-    read_ahead_wait_s: float = 0.0
     recall: float | None = None
     coverage: float | None = None
 
 
 @dataclass(frozen=True)
-class Stats:
+class Stats(TierCounters):
     """Offloading counters since patching (or the last ``reset_stats``).
 
     Attributes:
@@ -145,17 +153,6 @@ class Stats:
     recall: float | None = None
     coverage: float | None = None
     cpu_experts: int = 0
-    pool_hits: int = 0
-    ssd_reads: int = 0
-    ssd_bytes: int = 0
-    ssd_read_s: float = 0.0
-    ssd_stall_s: float = 0.0
-    pool_evictions: int = 0
-    read_ahead_reads: int = 0
-    read_ahead_used: int = 0
-    read_ahead_wasted: int = 0
-    read_ahead_dropped: int = 0
-    read_ahead_wait_s: float = 0.0
     per_layer: dict[int, LayerStats] = field(default_factory=dict)
 
     @property
