@@ -229,7 +229,7 @@ class _Budgeted:
                 flat = np.flatnonzero(known.ravel())
                 free = min(max(self._slots - flat.size, 0), n)
                 got = flat[view.order(flat, n - free)]
-                stale = {int(o) for o in np.unique(got // E)} - fresh
+                stale = {g // E for g in got.tolist()} - fresh
                 if not stale:
                     break
                 for other in stale:

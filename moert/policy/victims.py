@@ -77,10 +77,23 @@ class EvictorView:
         self.clock += ids.size
 
     def order(self, flat: np.ndarray, need: int) -> np.ndarray:
-        """Positions in ``flat`` (entries ``layer * E + expert``) of the first ``need`` victims."""
-        if not self.ordered:
-            return np.argsort(self.tick.ravel()[flat], kind="stable")[:need]
-        return np.lexsort((self.tick.ravel()[flat], self.primary.ravel()[flat]))[:need]
+        """Positions in ``flat`` (entries ``layer * E + expert``) of the first ``need`` victims.
+
+        The order of a full stable sort by ``(primary, tick)``, but only the entries whose first key is
+        at most the ``need``-th smallest are sorted (a partition first: the budget asks for a few)."""
+        tick = self.tick.ravel()[flat]
+        first = self.primary.ravel()[flat] if self.ordered else tick
+        if need <= 0:
+            return np.zeros(0, dtype=np.int64)
+        if need < flat.size:  # every one of the first ``need`` has a first key <= the need-th smallest
+            cand = np.flatnonzero(first <= np.partition(first, need - 1)[need - 1])
+        else:
+            cand = np.arange(flat.size)
+        if self.ordered:
+            sub = np.lexsort((tick[cand], first[cand]))
+        else:
+            sub = np.argsort(tick[cand], kind="stable")
+        return cand[sub[:need]]
 
     def values(self, flat: np.ndarray, probs: np.ndarray, layer: int) -> np.ndarray:
         """(n,) values of the entries ``flat`` for a prefetch into ``layer`` before its next call.

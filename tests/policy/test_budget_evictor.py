@@ -282,3 +282,23 @@ def test_the_stepping_driver_logs_a_routers_prefetch_into_the_next_layer_as_mid(
     log.demand(np.asarray(seqs[0].experts.numpy() >= 0).sum(axis=2) - hits)
     tr = log.traffic()
     assert tr.issued.tolist() == [1, 1] and tr.issued_mid.tolist() == [1, 0]
+
+
+@pytest.mark.parametrize("ordered", [False, True])
+def test_victim_order_is_a_full_stable_sort_prefix(ordered):
+    """``EvictorView.order`` partitions before it sorts: its first ``need`` victims are those of a full
+    stable sort by (primary, tick), ties (many equal keys) by position in ``flat``."""
+    rng = np.random.default_rng(3)
+    L, E = 3, 16
+    for trial in range(200):
+        view = EvictorView(L, E, "learned")
+        view.ordered = ordered
+        view.primary[:] = rng.integers(-3, 1, size=(L, E)).astype(np.float32)  # few values: ties
+        view.tick[:] = rng.integers(0, 6, size=(L, E))
+        flat = np.sort(rng.choice(L * E, size=int(rng.integers(1, L * E)), replace=False))
+        if ordered:
+            full = np.lexsort((view.tick.ravel()[flat], view.primary.ravel()[flat]))
+        else:
+            full = np.argsort(view.tick.ravel()[flat], kind="stable")
+        for need in (0, 1, 2, 5, flat.size, flat.size + 3):
+            np.testing.assert_array_equal(view.order(flat, need), full[:need], err_msg=f"trial {trial} need {need}")
