@@ -1,25 +1,21 @@
 """Policy ``fifo`` in a patched model: the runtime drives the one ``moert.policy.fifo.Fifo`` object
-that the simulator steps. The numbers do not change (bit-identical to every expert cached), and the
-runtime's hits and misses per layer, and what stays resident, equal the simulator's stepping
-(``moert.sim.step``) of that same object over the routing the model made.
-
-Exact agreement needs the runtime's access order to be the simulator's: no predictor, no overlapped
-waves (a union larger than the cache streams in waves of all slots, resident experts first, then by
-id, in both), and each call's distinct experts given to the simulated cache once (the runtime
-acquires a call's union)."""
+that the simulator steps (``parity.check_runtime_is_the_simulator``: exact outputs, offloading happened,
+the same hits, misses and resident sets as the simulator's stepping over the routing the model made)."""
 
 from __future__ import annotations
 
-import copy
+import sys
+from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 import moert
-from moert.models.tiny import VARIANTS, greedy, prompt_ids, single_thread, tiny_model
+from moert.models.tiny import greedy, prompt_ids, single_thread, tiny_model
 from moert.policy.fifo import Fifo
-from moert.sim.step import Caches, access, apply_plan, selections
+
+sys.path.insert(0, str(Path(__file__).parent))
+from parity import check_runtime_is_the_simulator  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -28,80 +24,10 @@ def _one_thread():
         yield
 
 
-def _routing_recorder(experts):
-    """Records ``(ordinal, top_k_index (T, k))`` of every call of the ``experts`` modules, in call order."""
-    calls: list[tuple[int, torch.Tensor]] = []
-    hooks = [
-        module.register_forward_pre_hook(
-            lambda mod, args, o=ordinal: calls.append(
-                (o, args[1].detach().reshape(-1, args[1].shape[-1]).clone())
-            )
-        )
-        for ordinal, module in enumerate(experts)
-    ]
-    return calls, hooks
-
-
-def _step_simulator(policy, calls, num_layers, num_experts, top_k, slots):
-    """The simulator's stepping driver over recorded calls: (L,) hits, (L,) misses, the final caches."""
-    policy.bind(num_layers, num_experts, top_k)
-    caches = Caches("global", num_layers, num_experts, slots, policy.cache_policy, min_slots=top_k)
-    hits, misses = np.zeros(num_layers, dtype=np.int64), np.zeros(num_layers, dtype=np.int64)
-    for layer, index in calls:
-        union = np.unique(index.numpy()).astype(np.int64)
-        counts = selections(index.numpy().reshape(-1).astype(np.int64), num_experts)
-        cache, cl = caches.at(layer)
-        apply_plan(caches, policy.on_routed(layer, counts, cache.resident(cl).numpy()))
-        got = access(caches, layer, union)
-        apply_plan(caches, policy.after_call(layer, counts))
-        hits[layer] += got
-        misses[layer] += union.size - got
-    return hits, misses, caches
-
-
 @pytest.mark.parametrize("name", ["deepseek_v2-greedy", "qwen3_moe-nonorm-sparse", "phimoe"])
 @pytest.mark.parametrize("batch", [1, 2])
 def test_fifo_runtime_is_the_simulators_fifo(name, batch):
-    model_type, overrides = VARIANTS[name]
-    model = tiny_model(model_type, **overrides)
-    adapter = moert.models.get_adapter(model)
-    k, E = adapter.top_k, adapter.num_experts
-    experts = [ref.experts for ref in adapter.moe_layers()]
-    prompt = prompt_ids(batch, 6, vocab=model.config.vocab_size, seed=2)
-    full = copy.deepcopy(model)
-    h = moert.patch(full, cache_experts=1.0, device="cpu")
-    want = greedy(full, prompt, 8)
-    h.undo()
-
-    slots = 2 * k + 1
-    h = moert.patch(model, cache_experts=slots, policy="fifo", device="cpu", overlap_waves=False)
-    policy = h.offloader.policy
-    assert isinstance(policy, Fifo) and h.offloader.policy_routed and not h.offloader.policy_after
-    calls, hooks = _routing_recorder(experts)
-    got = greedy(model, prompt, 8)
-    for hook in hooks:
-        hook.remove()
-    st = h.stats()
-    resident = [h.offloader.resident(layer) for layer in range(len(h.layer_ids))]
-    h.undo()
-
-    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), f"{name}: not bit-identical"
-    assert st.misses > 0 and st.evictions > 0, st
-    # the same object, bound afresh, stepped by the simulator over the routing the model made
-    L = len(resident)
-    sim_hits, sim_misses, caches = _step_simulator(policy, calls, L, E, k, slots)
-    rows = [st.per_layer[layer_id] for layer_id in h.layer_ids]
-    run_hits = np.array([r.hits for r in rows])
-    run_misses = np.array([r.misses for r in rows])
-    assert [r.calls for r in rows] == [sum(1 for o, _ in calls if o == layer) for layer in range(L)]
-    np.testing.assert_array_equal(
-        run_hits, sim_hits, err_msg=f"{name}: hits per layer (runtime vs simulator)"
-    )
-    np.testing.assert_array_equal(run_misses, sim_misses, err_msg=f"{name}: misses per layer")
-    for layer in range(L):
-        cache, cl = caches.at(layer)
-        sim_resident = set(np.flatnonzero(cache.resident(cl).numpy()).tolist())
-        assert resident[layer] == sim_resident, (name, layer, resident[layer], sim_resident)
+    check_runtime_is_the_simulator(name, batch, Fifo, policy="fifo")
 
 
 def test_fifo_evicts_by_load_order_not_by_use():

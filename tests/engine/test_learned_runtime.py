@@ -1,14 +1,12 @@
 """Policy ``learned`` in a patched model: exact outputs, offloading happened, and the runtime's hits,
 misses and resident sets equal the simulator's stepping of the same policy over the routing the model
-made (as ``test_fifo_runtime``, whose conditions for exact agreement apply)."""
+made (``parity.check_runtime_is_the_simulator``, whose conditions for exact agreement apply)."""
 
 from __future__ import annotations
 
-import copy
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -18,7 +16,7 @@ from moert.policy.learned import Learned
 from moert.predict.reuse import ReuseModel, save_reuse
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_fifo_runtime import _routing_recorder, _step_simulator  # noqa: E402
+from parity import check_runtime_is_the_simulator  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -33,44 +31,10 @@ def test_learned_runtime_is_the_simulators_learned(name, batch, tmp_path):
     model_type, overrides = VARIANTS[name]
     model = tiny_model(model_type, **overrides)
     adapter = moert.models.get_adapter(model)
-    k, E = adapter.top_k, adapter.num_experts
-    refs = adapter.moe_layers()
-    experts = [ref.experts for ref in refs]
-    path = save_reuse(
-        tmp_path / "r.safetensors", ReuseModel.random(len(refs), E, seed=5), model_type=model_type,
-        layers=tuple(range(len(refs))), top_k=k,
-    )  # fmt: skip
-    prompt = prompt_ids(batch, 6, vocab=model.config.vocab_size, seed=2)
-    full = copy.deepcopy(model)
-    h = moert.patch(full, cache_experts=1.0, device="cpu")
-    want = greedy(full, prompt, 8)
-    h.undo()
-
-    slots = 2 * k + 1
-    h = moert.patch(
-        model, cache_experts=slots, policy="learned", evictor=str(path), device="cpu", overlap_waves=False
-    )
-    policy = h.offloader.policy
-    assert isinstance(policy, Learned) and h.offloader.policy_routed and not h.offloader.policy_after
-    calls, hooks = _routing_recorder(experts)
-    got = greedy(model, prompt, 8)
-    for hook in hooks:
-        hook.remove()
-    st = h.stats()
-    resident = [h.offloader.resident(layer) for layer in range(len(h.layer_ids))]
-    h.undo()
-
-    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), f"{name}: not bit-identical"
-    assert st.misses > 0 and st.evictions > 0, st
-    L = len(resident)
-    sim_hits, sim_misses, caches = _step_simulator(policy, calls, L, E, k, slots)
-    rows = [st.per_layer[layer_id] for layer_id in h.layer_ids]
-    np.testing.assert_array_equal([r.hits for r in rows], sim_hits, err_msg=f"{name}: hits per layer")
-    np.testing.assert_array_equal([r.misses for r in rows], sim_misses, err_msg=f"{name}: misses per layer")
-    for layer in range(L):
-        cache, cl = caches.at(layer)
-        sim_resident = set(np.flatnonzero(cache.resident(cl).numpy()).tolist())
-        assert resident[layer] == sim_resident, (name, layer, resident[layer], sim_resident)
+    L, k, E = len(adapter.moe_layers()), adapter.top_k, adapter.num_experts
+    path = save_reuse(tmp_path / "r.safetensors", ReuseModel.random(L, E, seed=5), model_type=model_type,
+                      layers=tuple(range(L)), top_k=k)  # fmt: skip
+    check_runtime_is_the_simulator(name, batch, Learned, policy="learned", evictor=str(path))
 
 
 def test_learned_decides_differently_from_lru():
