@@ -230,6 +230,7 @@ def markdown(out: dict) -> str:
         (r["mode"], r["layer_ms"], r["bandwidth_gbs"], r["policy"], r["capacity"]): r for r in out["rows"]
     }
     points = sorted({(r["layer_ms"], r["bandwidth_gbs"]) for r in out["rows"]}, key=lambda p: (p[1], p[0]))
+    lines += _summary(rows, points)
     for mode in ("per-layer", "global"):
         lines += [f"## {mode}", "", "| layer ms | GB/s | policy | " + " | ".join(f"tok/s @{c:g}" for c in CAPS)
                   + " | " + " | ".join(f"hit @{c:g}" for c in CAPS) + " | " + " | ".join(f"prefetches/tok @{c:g}" for c in CAPS)
@@ -253,6 +254,35 @@ def markdown(out: dict) -> str:
               "`lru+xlayer`: xlayer's top-6 prefetched before every layer (greedy); "
               f"`{REC}`: the recommended policy (see `bench/bench_budget.py`'s doc).", ""]  # fmt: skip
     return "\n".join(lines)
+
+
+def _summary(rows: dict, points: list) -> list[str]:
+    """The README's table: per point, tok/s of the best demand-only policy, the recommended (its gain
+    over that, ``=`` where it is ``learned``'s run) and belady, per-layer then global."""
+    modes = ("per-layer", "global")
+    head = " | ".join(f"{m} @{c:g}" if i == 0 else f"@{c:g}" for m in modes for i, c in enumerate(CAPS))
+    lines = ["## Summary (tok/s)", "", f"| layer ms | GB/s | policy | {head} |",
+             "|---:|---:|---|" + "---:|" * (len(modes) * len(CAPS))]  # fmt: skip
+    for ms, bw in points:
+        cells: dict[str, list[str]] = {
+            "best demand-only": [],
+            "recommended": [],
+            "belady (reads the future)": [],
+        }
+        for mode in modes:
+            for c in CAPS:
+                demand = [rows.get((mode, ms, bw, d, c)) for d in DEMAND]
+                rec, bel = rows.get((mode, ms, bw, REC, c)), rows.get((mode, ms, bw, "belady", c))
+                if not all(demand) or rec is None or bel is None:
+                    return []  # a partial run (--layer-ms / --bandwidth subsets keep their mode tables)
+                best = max(r["predicted_tok_s"] for r in demand)
+                got = rec["predicted_tok_s"]
+                mark = "=" if rec.get("from_learned") else f"({(got / best - 1) * 100:+.1f}%)"
+                cells["best demand-only"].append(f"{best:.2f}")
+                cells["recommended"].append(f"**{got:.2f}** {mark}")
+                cells["belady (reads the future)"].append(f"{bel['predicted_tok_s']:.2f}")
+        lines += [f"| {ms:g} | {bw:g} | {name} | " + " | ".join(v) + " |" for name, v in cells.items()]
+    return lines + [""]
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -279,7 +309,14 @@ def main() -> int:
     p.add_argument("--jobs", type=int, default=2, help="replays in parallel (processes)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (training)")
     p.add_argument("--out", default=str(RESULTS / "sim_budget_puffin"), help="path stem (.json/.md)")
+    p.add_argument("--markdown-from", default=None, metavar="JSON",
+                   help="only rewrite the .md of --out from this run's JSON (no replay)")  # fmt: skip
     args = p.parse_args()
+    if args.markdown_from:
+        out = json.loads(Path(args.markdown_from).read_text())
+        Path(args.out).with_suffix(".md").write_text(markdown(out))
+        print(out["check"]["line"])
+        return 0 if out["check"]["ok"] else 1
     if not Path(args.evictor).is_file():
         p.error(
             f"--evictor {args.evictor}: no such file; train one: moert train --trace DIR --predictor reuse"

@@ -212,6 +212,33 @@ def test_bench_check_names_every_point_below():
     assert "below at 1" in got["line"] and "equal at 1" in got["line"]
 
 
+def test_bench_summary_table_is_best_demand_recommended_belady():
+    """The README's table (``bench_budget._summary``): the best of lru/lfu/learned per cell, the
+    recommended with its gain over that (``=`` where it is learned's run), belady; [] for a partial run."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+    import bench_budget
+
+    rows = {}
+    for mode in ("per-layer", "global"):
+        for c in bench_budget.CAPS:
+            for pol, tok in (
+                ("lru", 10.0),
+                ("lfu", 12.0),
+                ("learned", 11.0),
+                ("belady", 20.0),
+                (bench_budget.REC, 13.2),
+            ):
+                rows[(mode, 1.0, 25.0, pol, c)] = {"predicted_tok_s": tok}
+    rows[("global", 1.0, 25.0, bench_budget.REC, 0.5)]["from_learned"] = True
+    lines = bench_budget._summary(rows, [(1.0, 25.0)])
+    best, rec, bel = lines[4:7]
+    assert best == "| 1 | 25 | best demand-only | " + " | ".join(["12.00"] * 6) + " |"
+    assert rec.split(" | ")[3] == "**13.20** (+10.0%)" and rec.endswith("**13.20** = |")
+    assert bel.startswith("| 1 | 25 | belady") and bel.count("20.00") == 6
+    del rows[("per-layer", 1.0, 25.0, "belady", 0.1)]
+    assert bench_budget._summary(rows, [(1.0, 25.0)]) == []
+
+
 def test_cli_recommended_policy(tmp_path, capsys):
     """``moert simulate --policy learned --evictor R --prefetch prev-token:budget-ahead``: at 0.2 ms the row
     is learned's; ``:budget-ahead`` on a predictor whose input is not known a layer ahead is refused."""
@@ -301,4 +328,6 @@ def test_victim_order_is_a_full_stable_sort_prefix(ordered):
         else:
             full = np.argsort(view.tick.ravel()[flat], kind="stable")
         for need in (0, 1, 2, 5, flat.size, flat.size + 3):
-            np.testing.assert_array_equal(view.order(flat, need), full[:need], err_msg=f"trial {trial} need {need}")
+            np.testing.assert_array_equal(
+                view.order(flat, need), full[:need], err_msg=f"trial {trial} need {need}"
+            )
