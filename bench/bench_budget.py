@@ -132,7 +132,9 @@ def run(args: argparse.Namespace) -> dict:
     from moert.provenance import modified_files
 
     env = {**environment(), "modified_tracked_files": modified_files()}
-    st = _setup(args)  # trains the predictor once, before the pool starts
+    st = _setup(args)  # trains the predictor once, before the pool starts (and puts bench/ on the path)
+    import sim_score
+
     grid = [(ms, bw) for ms in args.layer_ms for bw in args.bandwidth]
     busy = [p for p in grid if max(windows(*p)) >= 1.0]
     jobs = [("base", m, grid) for m in ("per-layer", "global")] + [
@@ -160,8 +162,7 @@ def run(args: argparse.Namespace) -> dict:
         "trace": {"source": str(st["src"]), "layers": len(st["meta"].layers), "experts": st["meta"].num_experts,
                   "top_k": st["meta"].top_k, "replayed": {"prompts": tr.meta.num_sequences, "tokens": tr.meta.num_tokens},
                   "calibrated_on": {"prompts": len(st["parts"]["val"]), "split": "val"}},
-        "predictor": {"kind": "xlayer", "file": st["path"], **{k: v for k, v in st["made"].items() if k != "history"}},
-        "evictor": _evictor_info(args.evictor),
+        **sim_score.model_files(st["path"], st["made"], args.evictor),
         "calibration": {"edges": cal.edges.tolist(), "rates": cal.rates.tolist()},
         "cost_model": {"expert_bytes": CostModel().expert_bytes, "attention_share": CostModel().attention_share,
                        "layer_ms": list(args.layer_ms), "bandwidth_gbs": list(args.bandwidth),
@@ -173,12 +174,6 @@ def run(args: argparse.Namespace) -> dict:
         **env,
         "command": " ".join(["python", *sys.argv]),
     }  # fmt: skip
-
-
-def _evictor_info(path: str) -> dict:
-    import hashlib
-
-    return {"file": path, "sha256": hashlib.sha256(Path(path).read_bytes()).hexdigest()}
 
 
 def check(rows: list[dict]) -> dict:

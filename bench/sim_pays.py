@@ -25,23 +25,12 @@ RESULTS = Path(__file__).parent / "results"
 DROP = ("cache_stats", "hit_rate_per_layer")
 
 
-def _files(path: str | None, made: dict, evictor: str | None) -> dict:
-    """The provenance of the xlayer predictor and of the reuse model (policy learned) the run read."""
-    xlayer = {"kind": "xlayer", "file": path, **{k: v for k, v in made.items() if k != "history"}}
-    reuse = (
-        {"file": evictor, "sha256": hashlib.sha256(Path(evictor).read_bytes()).hexdigest()}
-        if evictor
-        else None
-    )
-    return {"predictor": xlayer if path else None, "evictor": reuse}
-
-
 def _floats(text: str) -> tuple[float, ...]:
     return tuple(float(x) for x in text.split(","))
 
 
 def pays(args: argparse.Namespace) -> int:
-    from sim_score import _predictor
+    from sim_score import _predictor, model_files
 
     from moert.policy.predictor import SequenceListTrace, policy_from_spec
     from moert.predict.data import open_sequences, split_sequences
@@ -96,7 +85,7 @@ def pays(args: argparse.Namespace) -> int:
             "split_seed": args.seed,
             "replayed": {"prompts": len(test), "tokens": sum(s.num_tokens for s in test)},
         },
-        **_files(path, made, getattr(args, "evictor", None)),
+        **model_files(path, made, getattr(args, "evictor", None)),
         "policies": names,
         "capacities": list(caps),
         "grid": {"layer_ms": list(layer_ms), "bandwidth_gbs": list(bws)},

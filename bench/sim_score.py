@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import time
@@ -49,6 +50,18 @@ def _predictor(args: argparse.Namespace, meta, parts: dict, split) -> tuple[str,
     path = save_predictor(work / "xlayer.safetensors", pred.meta, *pred.state())
     print(f"trained xlayer in {train_s:.0f} s -> {path}", file=sys.stderr)
     return str(path), {"trained_here": True, "train_s": train_s, "epochs": args.epochs, "history": hist}
+
+
+def model_files(path: str | None, made: dict, evictor: str | None) -> dict:
+    """The provenance of the xlayer predictor (``_predictor``'s path and record, without its curve) and
+    of the reuse model (policy learned: its file and sha256) a run read; None for one it did not."""
+    xlayer = {"kind": "xlayer", "file": path, **{k: v for k, v in made.items() if k != "history"}}
+    reuse = (
+        {"file": evictor, "sha256": hashlib.sha256(Path(evictor).read_bytes()).hexdigest()}
+        if evictor
+        else None
+    )
+    return {"predictor": xlayer if path else None, "evictor": reuse}
 
 
 def score(args: argparse.Namespace) -> int:
