@@ -209,7 +209,10 @@ def test_bench_check_names_every_point_below():
     ]
     got = bench_budget.check(rows)
     assert not got["ok"] and len(got["below"]) == 1 and "global 2 ms 25 GB/s @0.25" in got["below"][0]
-    assert "below at 1" in got["line"] and "equal at 1" in got["line"]
+    assert ", below at 1" in got["line"] and "equal at 0" in got["line"]
+    # 10.995 vs 11.0: below by 0.045%, within the tolerance: passes, named with its loss
+    assert got["near"] == ["global 1 ms 25 GB/s @0.25: -0.0455% vs learned"]
+    assert "below within the 0.1% tolerance at 1 (global 1 ms 25 GB/s @0.25" in got["line"]
 
 
 def test_bench_summary_table_is_best_demand_recommended_belady():
