@@ -160,7 +160,8 @@ bench-moe-beyond: setup
 # the recommended policy (learned eviction + budgeted prefetch, one layer ahead) vs lru / lfu / learned / belady /
 # greedy xlayer prefetch over the (layer ms, GB/s) grid on the held-out puffin prompts; fails if the recommended
 # policy is below the best demand-only one anywhere. Trains the xlayer predictor first unless
-# BUDGET_ARGS="--predictor FILE" names one recording the split; the evictor: --evictor (out/evict/reuse.safetensors)
+# BUDGET_ARGS="--predictor FILE" names one recording the split; the evictor: --evictor (out/evict/reuse.safetensors,
+# `make bench-evict`). About 45 minutes on 2 cores (the recommended runs are stepped in Python).
 bench-budget: setup
 	$(PY) bench/bench_budget.py $(BUDGET_ARGS)
 
