@@ -81,10 +81,10 @@ class EvictorView:
 
         The order of a full stable sort by ``(primary, tick)``, but only the entries whose first key is
         at most the ``need``-th smallest are sorted (a partition first: the budget asks for a few)."""
-        tick = self.tick.ravel()[flat]
-        first = self.primary.ravel()[flat] if self.ordered else tick
         if need <= 0:
             return np.zeros(0, dtype=np.int64)
+        tick = self.tick.ravel()[flat]
+        first = self.primary.ravel()[flat] if self.ordered else tick
         if need < flat.size:  # every one of the first ``need`` has a first key <= the need-th smallest
             cand = np.flatnonzero(first <= np.partition(first, need - 1)[need - 1])
         else:

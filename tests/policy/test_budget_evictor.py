@@ -207,9 +207,14 @@ def test_bench_check_names_every_point_below():
     rows += [
         row(p, t, 2.0) for p, t in (("lru", 5.0), ("lfu", 4.0), ("learned", 6.0), (bench_budget.REC, 5.9))
     ]
+    # just past the tolerance (-0.15%): below, it fails
+    rows += [
+        row(p, t, 4.5) for p, t in (("lru", 9.0), ("lfu", 8.0), ("learned", 10.0), (bench_budget.REC, 9.985))
+    ]
     got = bench_budget.check(rows)
-    assert not got["ok"] and len(got["below"]) == 1 and "global 2 ms 25 GB/s @0.25" in got["below"][0]
-    assert ", below at 1" in got["line"] and "equal at 0" in got["line"]
+    assert not got["ok"] and len(got["below"]) == 2 and "global 2 ms 25 GB/s @0.25" in got["below"][0]
+    assert "global 4.5 ms 25 GB/s @0.25" in got["below"][1]
+    assert ", below at 2" in got["line"] and "equal at 0" in got["line"]
     # 10.995 vs 11.0: below by 0.045%, within the tolerance: passes, named with its loss
     assert got["near"] == ["global 1 ms 25 GB/s @0.25: -0.0455% vs learned"]
     assert "below within the 0.1% tolerance at 1 (global 1 ms 25 GB/s @0.25" in got["line"]
