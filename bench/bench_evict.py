@@ -41,6 +41,9 @@ from moert.predict.evaluate import select_sequences  # noqa: E402
 from moert.predict.reuse import FEATURE_GROUPS, HORIZONS, load_reuse, save_reuse  # noqa: E402
 from moert.predict.reuse_train import ReuseTrainConfig, build_data, train_reuse  # noqa: E402
 
+#: the training settings of the main model (chosen on the validation prompts; README "Learned eviction")
+EPOCHS, PATIENCE, STRIDE, HIDDEN, LR_FINAL = 10, 20, 4, 64, 0.05
+
 
 def _floats(s: str) -> tuple[float, ...]:
     return tuple(float(x) for x in s.split(","))
@@ -60,7 +63,8 @@ def _stream(part) -> np.ndarray:
 
 def train(args, meta, parts, groups, out: Path):
     cfg = dataclasses.replace(ReuseTrainConfig(), seed=args.seed, epochs=args.epochs, stride=args.stride,
-                              groups=tuple(groups), focus=args.focus, hidden=args.hidden)  # fmt: skip
+                              groups=tuple(groups), focus=args.focus, hidden=args.hidden,
+                              lr_final=args.lr_final, patience=args.patience)  # fmt: skip
     E = meta.num_experts
     tr = build_data(_stream(parts["train"]), E, stride=cfg.stride, offset=args.seed % cfg.stride)
     va = build_data(_stream(parts["val"]), E, stride=4)
@@ -168,20 +172,38 @@ def markdown(result: dict) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--trace", default=None)
-    p.add_argument("--work", default=str(REPO / "out/evict"))
+    p.add_argument("--trace", default=None, help="trace directory (default: the shared puffin traces)")
+    p.add_argument("--work", default=str(REPO / "out/evict"), help="where the trained reuse models go")
     p.add_argument("--evictor", default=None, help="use this reuse model instead of training one")
-    p.add_argument("--policies", default="lru,lfu,belady,learned")
-    p.add_argument("--capacities", type=_floats, default=(0.1, 0.25, 0.5))
-    p.add_argument("--modes", type=lambda s: s.split(","), default=["per-layer", "global"])
-    p.add_argument("--expert-mb", type=float, default=17.3)
-    p.add_argument("--bandwidth-gbs", type=float, default=25.0)
-    p.add_argument("--layer-compute-ms", type=float, default=0.2)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--epochs", type=int, default=8)
-    p.add_argument("--stride", type=int, default=8)
-    p.add_argument("--hidden", type=int, default=64)
-    p.add_argument("--focus", type=int, default=0)
+    p.add_argument("--policies", default="lru,lfu,belady,learned", help="policies replayed (comma-separated)")
+    p.add_argument("--capacities", type=_floats, default=(0.1, 0.25, 0.5), help="cache shares of the experts")
+    p.add_argument(
+        "--modes", type=lambda s: s.split(","), default=["per-layer", "global"], help="cache modes"
+    )
+    p.add_argument("--expert-mb", type=float, default=17.3, help="cost model: MB per expert")
+    p.add_argument("--bandwidth-gbs", type=float, default=25.0, help="cost model: host -> GPU GB/s")
+    p.add_argument("--layer-compute-ms", type=float, default=0.2, help="cost model: ms per MoE layer")
+    p.add_argument("--seed", type=int, default=0, help="split and training seed")
+    p.add_argument("--epochs", type=int, default=EPOCHS, help=f"training: epochs (default {EPOCHS})")
+    p.add_argument(
+        "--patience",
+        type=int,
+        default=PATIENCE,
+        help=f"training: early-stopping patience (default {PATIENCE})",
+    )
+    p.add_argument(
+        "--stride", type=int, default=STRIDE, help=f"training: every N-th token (default {STRIDE})"
+    )
+    p.add_argument("--hidden", type=int, default=HIDDEN, help=f"training: MLP width (default {HIDDEN})")
+    p.add_argument(
+        "--lr-final",
+        type=float,
+        default=LR_FINAL,
+        help=f"training: cosine learning-rate decay to this share (default {LR_FINAL}; 1: constant)",
+    )
+    p.add_argument(
+        "--focus", type=int, default=0, help="training: weigh the loss to the N most recent experts"
+    )
     p.add_argument(
         "--features",
         type=lambda s: [x for x in s.split(",") if x],

@@ -72,6 +72,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("reuse")
     g.add_argument("--stride", type=int, default=8, help="reuse: every N-th training token is an example")
     g.add_argument(
+        "--lr-final", type=float, default=1.0,
+        help="reuse: cosine decay of the learning rate to this share of --lr over --epochs (1: constant)",
+    )  # fmt: skip
+    g.add_argument(
         "--features",
         default="recency,gaps,frequency,bias,coact,induction",
         help="reuse: feature groups (ablation): recency, gaps, frequency, bias, coact, induction",
@@ -185,9 +189,11 @@ def _train_reuse(args: argparse.Namespace) -> Any:
         raise ValueError(f"--horizons-used {used} must be in 1..{len(HORIZONS)} (horizons {HORIZONS})")
     if args.stride < 1:
         raise ValueError(f"--stride {args.stride} must be >= 1")
+    if not 0 < args.lr_final <= 1:
+        raise ValueError(f"--lr-final {args.lr_final} must be in (0, 1] (a share of --lr; 1: constant)")
     cfg = ReuseTrainConfig(
         hidden=args.hidden or 64, epochs=args.epochs, patience=args.patience, batch_size=args.batch_size or 256,
-        lr=args.lr, stride=args.stride, seed=args.seed, threads=_threads(args.threads),
+        lr=args.lr, lr_final=args.lr_final, stride=args.stride, seed=args.seed, threads=_threads(args.threads),
         groups=tuple(g.strip() for g in args.features.split(",") if g.strip()),
     )  # fmt: skip
     E = meta.num_experts

@@ -16,8 +16,9 @@ the same way: recency, past inter-use gaps, frequencies over several windows, a 
 - a learned bias per (l, e, horizon);
 - co-activation: the experts of this call and of this token at layer l-1, through learned (E, E)
   matrices per layer (which experts of layer l tend to come back soon after these were picked);
-- induction (:mod:`moert.predict.reuse_induction`): how often e followed, within 1-8 tokens, the past
-  tokens (of the last 256) routed like this one at layers l, l-1, l-2 (tokens repeat).
+- induction (:mod:`moert.predict.reuse_induction`): how often e followed, within 1-32 tokens, the past
+  tokens (of the last 1024) routed like this one, and preceded by a token routed like the previous one,
+  at layers l, l-1, ..., l-5 (tokens repeat).
 
 The net is a small MLP over the dense features and the two co-activation scores, plus the bias and
 co-activation terms::

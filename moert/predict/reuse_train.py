@@ -45,6 +45,8 @@ class ReuseTrainConfig:
         seed: seeds torch, the batch order and the sampling offset.
         threads: ``torch.set_num_threads``.
         groups: the feature groups used (:data:`FEATURE_GROUPS`); the others are zero.
+        lr_final: the learning rate of the last epoch as a share of ``lr`` (cosine decay over ``epochs``;
+            1: constant).
         focus: > 0: the loss weighs the ``focus`` most recently used experts of the layer by 1 and the
             others by ``focus_weight`` (the eviction only ever compares resident experts, which are
             mostly the recent ones); 0: every expert alike.
@@ -62,6 +64,7 @@ class ReuseTrainConfig:
     groups: tuple[str, ...] = FEATURE_GROUPS
     focus: int = 0
     focus_weight: float = 0.1
+    lr_final: float = 1.0
 
 
 def feature_mask(groups: Sequence[str]) -> np.ndarray:
@@ -213,6 +216,9 @@ def train_reuse(
         best, best_state, bad = curve[0]["val_loss"], None, 0
         t0 = time.perf_counter()
         for epoch in range(1, cfg.epochs + 1):
+            share = 0.5 * (1 + np.cos(np.pi * (epoch - 1) / max(cfg.epochs - 1, 1)))  # 1 .. 0
+            for group in opt.param_groups:
+                group["lr"] = cfg.lr * (cfg.lr_final + (1 - cfg.lr_final) * share)
             order = torch.randperm(len(train), generator=gen)
             total = 0.0
             for a in range(0, len(train), cfg.batch_size):

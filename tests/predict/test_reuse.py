@@ -22,6 +22,7 @@ from moert.predict.reuse import (
 )
 from moert.predict.reuse_induction import (
     INDUCTION_AHEAD,
+    INDUCTION_BIGRAM,
     INDUCTION_LAYERS,
     INDUCTION_MATCH,
     INDUCTION_WINDOW,
@@ -71,13 +72,14 @@ def reference_induction(history: list[list[set[int]]], layer: int, e: int) -> li
     t = len(here) - 1
     below = range(layer, max(layer - INDUCTION_LAYERS, -1), -1)
 
-    def tagged(s: int) -> set:
-        return {(j, x) for j in below for x in history[j][s]}
+    def tagged(s: int) -> set:  # token s's experts, and with the bigram token s - 1's, apart
+        back = (0, 1) if INDUCTION_BIGRAM else (0,)
+        return {(j, b, x) for j in below for b in back if s - b >= 0 for x in history[j][s - b]}
 
     out = []
     for share in INDUCTION_MATCH:
         matches = [
-            s for s in range(max(0, t - INDUCTION_WINDOW + 1), t)
+            s for s in range(max(0, t - INDUCTION_WINDOW + 1 + INDUCTION_BIGRAM), t)
             if tagged(t) and len(tagged(t) & tagged(s)) >= share * len(tagged(t))
         ]  # fmt: skip
         for n in INDUCTION_AHEAD:
@@ -88,13 +90,19 @@ def reference_induction(history: list[list[set[int]]], layer: int, e: int) -> li
     return out
 
 
-@pytest.mark.parametrize("window,layers", [(None, None), (6, 2), (12, 1)])
-def test_online_features_equal_the_definition(monkeypatch, window, layers):
+@pytest.mark.parametrize(
+    "window,layers,bigram", [(None, None, None), (6, 2, None), (12, 1, None), (6, 2, False), (40, 3, False)]
+)
+def test_online_features_equal_the_definition(monkeypatch, window, layers, bigram):
     """Per call and for all layers at once (build_data's way), over a window that wraps (6, 12) or not,
-    comparing 1 to 3 layers."""
+    comparing 1 to all 3 layers, with the previous token matched too or not."""
     import moert.predict.reuse_induction as ri
 
-    for name, value in (("INDUCTION_WINDOW", window), ("INDUCTION_LAYERS", layers)):
+    for name, value in (
+        ("INDUCTION_WINDOW", window),
+        ("INDUCTION_LAYERS", layers),
+        ("INDUCTION_BIGRAM", bigram),
+    ):
         if value is not None:
             monkeypatch.setattr(ri, name, value)
             monkeypatch.setattr(sys.modules[__name__], name, value)
@@ -323,3 +331,13 @@ def test_focus_weighs_the_recent_experts():
     assert torch.allclose(_loss(net, data, idx, focus=1, focus_weight=0.1), want)
     assert not torch.allclose(want, plain)
     assert (data.rank[data.used].max() < 2) and (data.rank.min() == 0)  # used now: ranks 0..k-1
+
+
+def test_features_of_several_layers_need_one_token():
+    """The batched features compare every layer at one token (how update of a whole token leaves them)."""
+    from moert.predict.reuse_induction import InductionState
+
+    state = InductionState(3, 8)
+    with pytest.raises(ValueError, match="need them at one token, got tokens \\[3 4\\]"):
+        state.features(slice(None), np.array([3, 4, 4]))
+    assert state.features(slice(0, 0), np.zeros(0, dtype=np.int64)).shape == (0, 8, num_induction_features())
