@@ -40,6 +40,8 @@ __all__ = ["WRAP", "Learned"]
 
 #: tokens after which the priority clock wraps
 WRAP = 4096
+#: tokens per forward pass of :meth:`Learned.sequence_plan`
+BLOCK = 64
 
 EVICTOR_HELP = (
     "give a reuse model: --evictor R.safetensors (made by `moert train --trace DIR --predictor reuse`)"
@@ -108,8 +110,9 @@ class Learned(Policy):
         return Plan((layer,), scores=self.priorities(layer, np.asarray(counts) > 0)[None])
 
     def sequence_plan(self, seq: SequenceTrace) -> SequencePlan:
-        """Every call of ``seq`` at once: the state advanced token by token (all layers together, as the
-        calls would), then one forward pass over the (T, L) calls."""
+        """Every call of ``seq``: the state advanced token by token (all layers together, as the calls
+        would), and one forward pass per block of :data:`BLOCK` tokens' (block, L) calls (the features
+        of a whole long prompt at once would take gigabytes)."""
         ex = seq.experts.numpy()  # [L, T, w]
         L, T, _ = ex.shape
         E, state = self.num_experts, self.state
@@ -117,16 +120,17 @@ class Learned(Policy):
         hot = np.zeros((T, L, E), dtype=bool)  # [T, L, E] each call's experts
         t_idx, l_idx, j_idx = np.nonzero(tl >= 0)
         hot[t_idx, l_idx, tl[t_idx, l_idx, j_idx]] = True
-        feats, clocks = [], np.empty((T, L), dtype=np.int64)
-        for t in range(T):
-            state.update(slice(None), hot[t])
-            feats.append(state.features(slice(None)))  # [L, E, F]
-            clocks[t] = state.clock - 1
-        if not T:
-            return SequencePlan(after_scores=np.zeros((0, L, E), dtype=np.float32))
-        x = np.stack(feats).reshape(T * L, E, -1)
-        prev = np.concatenate([np.zeros((T, 1, E), dtype=bool), hot[:, :-1]], axis=1)
-        layers = np.tile(np.arange(L), T)
-        g = self.model.log2_distance(layers, x, hot.reshape(T * L, E), prev.reshape(T * L, E))
-        out = self._priorities(layers, clocks.reshape(-1), g).reshape(T, L, 1, E)
+        prev = np.concatenate([np.zeros((T, 1, E), dtype=bool), hot[:, :-1]], axis=1)  # layer l - 1's
+        out = np.empty((T, L, 1, E), dtype=np.float32)
+        for a in range(0, T, BLOCK):
+            b = min(a + BLOCK, T)
+            feats, clocks = [], np.empty((b - a, L), dtype=np.int64)
+            for t in range(a, b):
+                state.update(slice(None), hot[t])
+                feats.append(state.features(slice(None)))  # [L, E, F]
+                clocks[t - a] = state.clock - 1
+            x = np.stack(feats).reshape((b - a) * L, E, -1)
+            layers = np.tile(np.arange(L), b - a)
+            g = self.model.log2_distance(layers, x, hot[a:b].reshape(-1, E), prev[a:b].reshape(-1, E))
+            out[a:b] = self._priorities(layers, clocks.reshape(-1), g).reshape(b - a, L, 1, E)
         return SequencePlan(before=Predictions(np.full((T, L, 1, 0), -1, dtype=np.int32), out))
