@@ -200,7 +200,7 @@ def train_reuse(
     info: dict[str, Any] | None = None, log: Any = None,
 ) -> ReuseModel:  # fmt: skip
     """Fits the forecast; keeps the epoch with the lowest validation loss. ``info`` goes into the file
-    with the curve (``info["curve"]``: per epoch train loss, validation loss, seconds)."""
+    with the curve (``info["curve"]``: per epoch train loss, validation loss, learning rate, seconds)."""
     torch.manual_seed(cfg.seed)
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, cfg.threads))
@@ -230,7 +230,7 @@ def train_reuse(
                 total += float(loss.detach()) * len(idx)
             v = _evaluate(net, val, cfg)
             curve.append({"epoch": epoch, "train_loss": total / len(train), "val_loss": v,
-                          "seconds": round(time.perf_counter() - t0, 1)})  # fmt: skip
+                          "lr": opt.param_groups[0]["lr"], "seconds": round(time.perf_counter() - t0, 1)})  # fmt: skip
             if log is not None:
                 log(curve[-1])
             if v < best - 1e-5:

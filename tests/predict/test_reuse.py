@@ -274,9 +274,27 @@ def test_cli_train_reuse_then_simulate_learned(tmp_path, capsys):
             ex = torch.from_numpy(periodic_experts(2, 60, 5, 0.05, seed=i))
             w.add(SequenceTrace(i, torch.arange(60), ex, torch.ones(60, dtype=torch.bool)))
     out = tmp_path / "r.safetensors"
-    argv = ["train", "--trace", str(trace), "--predictor", "reuse", "--out", str(out), "--epochs", "2"]
-    assert main([*argv, "--stride", "1", "--threads", "1", "--no-progress"]) == 0
+    argv = ["train", "--trace", str(trace), "--predictor", "reuse", "--out", str(out), "--epochs", "3"]
+    assert (
+        main(
+            [
+                *argv,
+                "--stride",
+                "1",
+                "--threads",
+                "1",
+                "--no-progress",
+                "--lr-final",
+                "0.1",
+                "--patience",
+                "9",
+            ]
+        )
+        == 0
+    )
     assert "saved" in capsys.readouterr().out and load_reuse(out)[1].kind == "reuse"
+    curve = load_reuse(out)[1].train["curve"]  # the cosine decay: lr at epoch 1, lr / 10 at the last
+    assert [round(c["lr"] / 1e-3, 6) for c in curve[1:]] == [1.0, 0.55, 0.1], curve
     js = tmp_path / "sim.json"
     argv = ["simulate", str(trace), "--policy", "lru,learned", "--evictor", str(out), "--capacity", "0.4"]
     assert main([*argv, "--no-progress", "--json", str(js)]) == 0
@@ -285,8 +303,14 @@ def test_cli_train_reuse_then_simulate_learned(tmp_path, capsys):
         (["--policy", "learned", "--evictor", str(js)], "not a readable safetensors file"),
         (["--policy", "learned"], "policy 'learned' has no model: give a reuse model: --evictor"),
         (["--policy", f"lru+{out}"], "is a reuse (eviction) model, not a routing predictor"),
+        (
+            ["train", "--predictor", "reuse", "--out", str(out), "--lr-final", "0"],
+            "--lr-final 0.0 must be in (0, 1]",
+        ),
     ):
         cmd = [sys.executable, "-m", "moert", "simulate", str(trace), "--no-progress", *bad]
+        if bad[0] == "train":
+            cmd = [sys.executable, "-m", "moert", "train", "--trace", str(trace), "--no-progress", *bad[1:]]
         got = subprocess.run(cmd, capture_output=True, text=True)
         assert got.returncode == 2 and "Traceback" not in got.stderr, got.stderr
         assert want in got.stderr, got.stderr
