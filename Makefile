@@ -142,6 +142,7 @@ bench-evict: setup
 	$(PY) bench/bench_evict.py
 	$(PY) bench/bench_evict.py --work out/evict-noind --features recency,gaps,frequency,bias,coact --capacities 0.25 --policies lru,belady,learned --out bench/results/sim_evict_puffin_noinduction
 	$(PY) bench/bench_evict.py --evictor out/evict/reuse.safetensors --capacities 0.25 --policies lru,belady,learned --ablations --horizons 1,3 --drop "" --out bench/results/sim_evict_puffin_horizons
+	$(PY) bench/bench_evict.py --train-seed 1 --work out/evict-seed1 --capacities 0.25 --policies lru,belady,learned --out bench/results/sim_evict_puffin_seed1
 
 # the SSD tier in the simulator: tok/s against the host pool's size (minutes); the README's memory table (instant)
 bench-sim-tiers: setup

@@ -62,13 +62,14 @@ def _stream(part) -> np.ndarray:
 
 
 def train(args, meta, parts, groups, out: Path):
-    cfg = dataclasses.replace(ReuseTrainConfig(), seed=args.seed, epochs=args.epochs, stride=args.stride,
+    seed = args.seed if args.train_seed is None else args.train_seed
+    cfg = dataclasses.replace(ReuseTrainConfig(), seed=seed, epochs=args.epochs, stride=args.stride,
                               groups=tuple(groups), focus=args.focus, hidden=args.hidden,
                               lr_final=args.lr_final, patience=args.patience)  # fmt: skip
     E = meta.num_experts
-    tr = build_data(_stream(parts["train"]), E, stride=cfg.stride, offset=args.seed % cfg.stride)
+    tr = build_data(_stream(parts["train"]), E, stride=cfg.stride, offset=seed % cfg.stride)
     va = build_data(_stream(parts["val"]), E, stride=4)
-    info = {"trace": meta.source, "seed": args.seed, "examples": {"train": len(tr), "val": len(va)},
+    info = {"trace": meta.source, "seed": seed, "split_seed": args.seed, "examples": {"train": len(tr), "val": len(va)},
             "prompts": {k: len(v) for k, v in parts.items()}}  # fmt: skip
     model = train_reuse(
         tr, va, meta.num_layers, E, cfg, info=info, log=lambda r: print(groups, r, flush=True)
@@ -184,6 +185,7 @@ def main(argv=None) -> int:
     p.add_argument("--bandwidth-gbs", type=float, default=25.0, help="cost model: host -> GPU GB/s")
     p.add_argument("--layer-compute-ms", type=float, default=0.2, help="cost model: ms per MoE layer")
     p.add_argument("--seed", type=int, default=0, help="split and training seed")
+    p.add_argument("--train-seed", type=int, default=None, help="another training seed on the same split")
     p.add_argument("--epochs", type=int, default=EPOCHS, help=f"training: epochs (default {EPOCHS})")
     p.add_argument(
         "--patience",
