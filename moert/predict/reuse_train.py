@@ -230,7 +230,7 @@ def train_reuse(
                 total += float(loss.detach()) * len(idx)
             v = _evaluate(net, val, cfg)
             curve.append({"epoch": epoch, "train_loss": total / len(train), "val_loss": v,
-                          "lr": opt.param_groups[0]["lr"], "seconds": round(time.perf_counter() - t0, 1)})  # fmt: skip
+                          "lr": float(opt.param_groups[0]["lr"]), "seconds": round(time.perf_counter() - t0, 1)})  # fmt: skip
             if log is not None:
                 log(curve[-1])
             if v < best - 1e-5:
