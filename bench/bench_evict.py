@@ -6,14 +6,14 @@ stopping on val; ``moert.predict.reuse_train`` defaults unless flags say otherwi
 ``--policies`` replays the test prompts, per-layer and global, at ``--capacities``, under the cost model
 of the flags: hit rate, predicted tok/s, and for ``learned`` the share of the lru -> belady gap it closes
 (in hit rate and in tok/s). Ablations (``--ablations``, capacity ``--ablation-capacity``): the
-look-ahead of the main model (``--horizons``: the eviction ranks by E[log2 min(d, 2n)] over the
+look-ahead of the main model (``--horizons``: the eviction ranks by the hit density over the
 horizons up to n only), and the forecast retrained without each feature group of ``--drop``. Writes ``OUT.json`` and ``OUT.md`` (training curve,
 provenance).
 
 Usage::
 
     python bench/bench_evict.py [--trace DIR] [--work out/evict] [--evictor R.safetensors]
-        [--policies lru,lfu,belady,learned] [--capacities 0.1,0.25,0.5] [--modes per-layer,global]
+        [--policies lru,lfu,belady,learned,learned:next] [--capacities 0.1,0.25,0.5] [--modes per-layer,global]
         [--expert-mb 17.3] [--bandwidth-gbs 25] [--layer-compute-ms 0.2] [--ablations]
         [--out bench/results/sim_evict_puffin]
 """
@@ -115,7 +115,7 @@ def ablations(args, meta, parts, model, work: Path, base_rows: list[dict]) -> li
         m = dataclasses.replace(model, horizons_used=used)
         for mode in args.ablation_modes:
             rows, _ = replay(args, meta, parts, ["learned"], (c,), mode, m)
-            out += [{**r, "variant": f"horizon {2 * HORIZONS[used - 1]} tokens"} for r in rows]
+            out += [{**r, "variant": f"horizons up to {HORIZONS[used - 1]} tokens"} for r in rows]
     for drop in args.drop:
         groups = [g for g in FEATURE_GROUPS if g != drop]
         m = train(args, meta, parts, groups, work / f"reuse-no-{drop}.safetensors")
@@ -153,7 +153,8 @@ def markdown(result: dict) -> str:
                          f"{100 * r['gap_hit']:.1f}% | {100 * r['gap_tok_s']:.1f}% |")  # fmt: skip
     cfg = result["training"].get("config", {})
     lines += ["", f"Model: {result.get('model', 'trained here')}; training: {json.dumps(cfg)}; horizons used "
-              f"{result['horizons_used']} (the eviction's look-ahead: E[log2 min(d, {2 * HORIZONS[result['horizons_used'] - 1]})])."]  # fmt: skip
+              f"{result['horizons_used']} (the eviction's look-ahead: `learned` ranks by the hit density over P(use within 1..{HORIZONS[result['horizons_used'] - 1]} "
+              f"tokens), `learned:next` by E[log2 min(d, {2 * HORIZONS[result['horizons_used'] - 1]})])."]  # fmt: skip
     curve = result["training"].get("curve", [])
     lines += [
         "",
@@ -176,7 +177,11 @@ def main(argv=None) -> int:
     p.add_argument("--trace", default=None, help="trace directory (default: the shared puffin traces)")
     p.add_argument("--work", default=str(REPO / "out/evict"), help="where the trained reuse models go")
     p.add_argument("--evictor", default=None, help="use this reuse model instead of training one")
-    p.add_argument("--policies", default="lru,lfu,belady,learned", help="policies replayed (comma-separated)")
+    p.add_argument(
+        "--policies",
+        default="lru,lfu,belady,learned,learned:next",
+        help="policies replayed (comma-separated; learned: hit density, learned:next: forecast next use)",
+    )
     p.add_argument("--capacities", type=_floats, default=(0.1, 0.25, 0.5), help="cache shares of the experts")
     p.add_argument(
         "--modes", type=lambda s: s.split(","), default=["per-layer", "global"], help="cache modes"

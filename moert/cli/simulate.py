@@ -32,8 +32,9 @@ token accepted, the draft model not simulated; see :mod:`moert.sim`). Policy ``u
 ``utility[:m]`` (MoE-SpAc; ``--utility-decay``) evict and prefetch by a moving average of each expert's
 count per call, e.g. ``--policy lru,utility,utility+utility:2,lru+utility:2 --verify-tokens 3``.
 
-Policy ``learned`` evicts by the forecast next use of a reuse model, ``--evictor R.safetensors`` (made by
-``moert train --predictor reuse``); it replays every sequence of the trace (``--split`` narrows to a
+Policy ``learned`` evicts by a reuse model's forecast, ``--evictor R.safetensors`` (made by ``moert train
+--predictor reuse``): the expert of the lowest forecast hit density (hits per call held) goes first;
+``learned:next`` evicts the latest forecast next use instead (Belady's rule on the forecast); it replays every sequence of the trace (``--split`` narrows to a
 routing predictor's held-out prompts only).
 """
 

@@ -276,6 +276,8 @@ class Policy:
         gives_scores: as ``PREFETCH``, its plans carry scores fit for ``score``.
         verify_passes: replays speculative verify passes (a call = a pass; ``counts`` up to N).
         arg_help: the argument a ``PREFETCH`` name takes, for help texts (e.g. ``"[:m]"``).
+        evict_arg_help: the argument an ``EVICT`` name takes (e.g. ``"[:next]"``); "": none (the
+            registry refuses one).
     """
 
     name: str = "policy"
@@ -287,6 +289,7 @@ class Policy:
     gives_scores: bool = False
     verify_passes: bool = False
     arg_help: str = ""
+    evict_arg_help: str = ""
     num_layers = num_experts = top_k = 0
 
     @classmethod

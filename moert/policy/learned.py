@@ -1,20 +1,29 @@
-"""``learned``: eviction by a learned forecast of each expert's next use (toward Belady).
+"""``learned``: eviction by a learned forecast of each expert's reuse (toward Belady).
 
 When the router of MoE layer l has picked (token t; the experts are not acquired yet), the policy
 updates its online state with the call's experts (:class:`moert.predict.reuse.ReuseState`), asks the
-``reuse`` model (``moert train --predictor reuse``) for every expert's forecast ``g = E[log2 min(d,
-128)]`` of the calls d to its next use at l after this one, and replaces the layer's E priorities by
-(C++ ``priority``: lowest evicted first, ties by recency)::
+``reuse`` model (``moert train --predictor reuse``) for every expert's probabilities ``p_h`` of use at l
+within the next ``n_h = 1, 2, 4, ..., 64`` calls, and replaces the layer's E priorities (C++
+``priority``: lowest evicted first, ties by recency) by one of two ranks:
 
-    priority(l, e) = -((t mod W) + 2 ** g + l / L)          W = 4096 tokens
+- ``learned`` (``learned:density``, the default): the log2 of the forecast **hit density**
+  (:meth:`~moert.predict.reuse.ReuseModel.log2_density`, LHD: Beckmann et al., NSDI 2018): the hits the
+  slot is expected to earn per call it is held, at the best horizon. An uncertain forecast is ranked by
+  what keeping the expert is worth, not by a guess of when it comes back; experts of all layers of one
+  global cache compare in one unit (a hit per call held). On the validation prompts it beats the next
+  use rank, global and per-layer (README "Learned eviction toward Belady");
+- ``learned:next``: the forecast next use, ``g = E[log2 min(d, 128)] = sum_h (1 - p_h)``::
 
-that is Belady's score (``moert.policy.belady``: ``-(step of the next use)``, in tokens) with the
-forecast in place of the truth, so one global cache compares experts of different layers by when they
-will be needed: a layer that already ran in this token is needed one token later than one still to run.
-Priorities stay small (float32 keeps 1/2048 of a token at 4096): the clock wraps every W tokens, and
-for the one token after a wrap the rows pushed before it look W tokens later than they are (they go
-first). The runtime and the simulator run the same numpy code (float64, the forecast rounded to
-1/256), so both make the same decisions.
+      priority(l, e) = -((t mod W) + 2 ** g + l / L)          W = 4096 tokens
+
+  that is Belady's score (``moert.policy.belady``: ``-(step of the next use)``, in tokens) with the
+  forecast in place of the truth; a layer that already ran in this token is needed one token later than
+  one still to run. Priorities stay small (float32 keeps 1/2048 of a token at 4096): the clock wraps
+  every W tokens, and for the one token after a wrap the rows pushed before it look W tokens later than
+  they are (they go first).
+
+The runtime and the simulator run the same numpy code (float64, the forecast rounded to 1/256 of a log2
+step), so both make the same decisions.
 
 The call's own experts are pinned while it runs, so the misses of this call already evict by what is
 known after routing: the forecast starts one token later than it would after the call (``after_call``),
@@ -36,10 +45,12 @@ from moert.policy.base import Plan, Policy, Predictions, SequencePlan
 if TYPE_CHECKING:
     from moert.trace import SequenceTrace
 
-__all__ = ["WRAP", "Learned"]
+__all__ = ["RANKS", "WRAP", "Learned"]
 
 #: tokens after which the priority clock wraps
 WRAP = 4096
+#: the ranks of ``learned:RANK`` (the first is the default; see the module doc)
+RANKS = ("density", "next")
 #: tokens per forward pass of :meth:`Learned.sequence_plan`
 BLOCK = 64
 
@@ -49,10 +60,11 @@ EVICTOR_HELP = (
 
 
 class Learned(Policy):
-    """Eviction by the forecast next use of a ``reuse`` model (see the module doc).
+    """Eviction by a ``reuse`` model's forecast (see the module doc).
 
     Args:
         evictor: the model file, or a loaded :class:`~moert.predict.reuse.ReuseModel`.
+        rank: ``"density"`` (hit density) or ``"next"`` (forecast next use): :data:`RANKS`.
     """
 
     name = "learned"
@@ -61,8 +73,15 @@ class Learned(Policy):
     #: its plans come before each access (``on_routed``): a prefetcher's plans of ``on_prediction`` come
     #: earlier, which ``Predictions`` cannot express, so ``learned+PREFETCH`` is stepped
     plans_before_access = True
+    evict_arg_help = "[:next]"
 
-    def __init__(self, evictor: Any = None) -> None:
+    def __init__(self, evictor: Any = None, rank: str = RANKS[0]) -> None:
+        if rank not in RANKS:
+            raise ValueError(
+                f"policy 'learned' ranks by {' or '.join(map(repr, RANKS))} (got rank={rank!r}): "
+                f"use learned:{RANKS[0]} (the default) or learned:{RANKS[1]}"
+            )
+        self.rank = rank
         self.path = evictor if isinstance(evictor, (str, bytes)) or hasattr(evictor, "__fspath__") else None
         self.model = None
         if evictor is not None and self.path is None:
@@ -75,8 +94,7 @@ class Learned(Policy):
 
     @classmethod
     def from_spec(cls, arg: str | None, *, role: str, evictor: Any = None, **options: Any) -> Learned:
-        super().from_spec(arg, role=role)  # no argument
-        return cls(evictor)
+        return cls(evictor, RANKS[0] if arg is None else arg)
 
     def bind(self, num_layers: int, num_experts: int, top_k: int) -> None:
         from moert.predict.reuse import ReuseState
@@ -97,14 +115,22 @@ class Learned(Policy):
         t = (clocks % WRAP).astype(np.float64)[:, None]
         return (-(t + np.exp2(g) + (layers / self.num_layers)[:, None])).astype(np.float32)
 
+    def _rows(self, layers: np.ndarray, clocks: np.ndarray, x: np.ndarray, used: np.ndarray,
+              prev: np.ndarray) -> np.ndarray:  # fmt: skip
+        """(N, E) float32 priorities of N calls from their features (as ``ReuseModel.logits``)."""
+        if self.rank == "density":
+            return self.model.log2_density(layers, x, used, prev).astype(np.float32)
+        return self._priorities(layers, clocks, self.model.log2_distance(layers, x, used, prev))
+
     def priorities(self, layer: int, used: np.ndarray) -> np.ndarray:
         """Updates the state with a call of ``layer`` that used ``used`` (E,) bool; (E,) float32 priorities."""
         state = self.state
         state.update(layer, used)
         prev = state.previous_layer_used(layer)
-        g = self.model.log2_distance(layer, state.features(layer)[None], used[None], prev[None])
         layers = np.array([layer])
-        return self._priorities(layers, state.clock[layers] - 1, g)[0]
+        return self._rows(
+            layers, state.clock[layers] - 1, state.features(layer)[None], used[None], prev[None]
+        )[0]
 
     def on_routed(self, layer: int, counts: np.ndarray, resident: np.ndarray) -> Plan:
         return Plan((layer,), scores=self.priorities(layer, np.asarray(counts) > 0)[None])
@@ -131,6 +157,8 @@ class Learned(Policy):
                 clocks[t - a] = state.clock - 1
             x = np.stack(feats).reshape((b - a) * L, E, -1)
             layers = np.tile(np.arange(L), b - a)
-            g = self.model.log2_distance(layers, x, hot[a:b].reshape(-1, E), prev[a:b].reshape(-1, E))
-            out[a:b] = self._priorities(layers, clocks.reshape(-1), g).reshape(b - a, L, 1, E)
+            rows = self._rows(
+                layers, clocks.reshape(-1), x, hot[a:b].reshape(-1, E), prev[a:b].reshape(-1, E)
+            )
+            out[a:b] = rows.reshape(b - a, L, 1, E)
         return SequencePlan(before=Predictions(np.full((T, L, 1, 0), -1, dtype=np.int32), out))

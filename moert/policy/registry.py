@@ -36,9 +36,9 @@ class Registry:
         return [name for name, cls in self._classes.items() if "evict" in cls.roles and not cls.offline]
 
     def names(self, role: str, *, verify_passes: bool = False) -> list[str]:
-        """Registered names usable as ``role`` (with their argument, e.g. ``utility[:m]``)."""
+        """Registered names usable as ``role`` (with their argument, e.g. ``utility[:m]``, ``learned[:next]``)."""
         return [
-            name + (cls.arg_help if role == "prefetch" else "")
+            name + (cls.arg_help if role == "prefetch" else cls.evict_arg_help)
             for name, cls in self._classes.items()
             if role in cls.roles and (cls.verify_passes or not verify_passes)
         ]
@@ -57,7 +57,7 @@ class Registry:
             what = "eviction policy" if role == "evict" else "prefetcher"
             hint = "" if role == "evict" else " (or moert.policy.register(name, cls))"
             raise ValueError(f"unknown {what} {spec!r}; use one of {', '.join(self.names(role))}{hint}")
-        if role == "evict" and colon:
+        if role == "evict" and colon and not cls.evict_arg_help:
             raise ValueError(f"eviction policy {spec!r} takes no ':' argument; use {base!r}")
         policy = cls.from_spec(arg if colon else None, role=role, **options)
         if role == "prefetch" and colon:

@@ -28,6 +28,12 @@ def check_runtime_name(name: str) -> None:
     if name in names:
         return
     message = f"policy={name!r} is not one of {', '.join(names)}"
+    base = name.partition(":")[0]
+    if base != name and base in names:
+        raise ValueError(
+            f"{message}: a model runs {base!r} as it is; the variants {base}:ARG exist in the simulator only "
+            f"(`moert simulate TRACE --policy {name}`)"
+        )
     if name in REGISTRY:
         message += (
             ": those are the policies a model runs; belady, oracle and moe-infinity need the whole trace "

@@ -12,7 +12,11 @@ mirrored: its victims are taken in LRU order, an approximation).
 Values, in the budget's unit (the probability of use at the call being prefetched for, ``p``):
 
 - ``lru`` (and ``lfu``): the latest calibrated probability the predictor gave the victim at its layer;
-- ``learned`` (:mod:`moert.policy.learned`: priority ``-(t mod W + 2 ** g + l / L)``, the forecast
+- ``learned`` (:mod:`moert.policy.learned`, the default rank: priority ``log2`` of the forecast hit
+  density, the hits the slot earns per call held): a victim is worth its hit density. A candidate of
+  probability ``p`` held for the one call it is prefetched for earns ``p`` hits per call held, so
+  ``p > density`` is LHD's rule (keep what earns more per slot) with both in one unit;
+- ``learned:next`` (priority ``-(t mod W + 2 ** g + l / L)``, the forecast
   position of the next use in tokens): a victim forecast ``r`` tokens after the call being prefetched
   for is worth ``1 / (1 + r)`` (``r <= 0``: 1, never evicted). A candidate of probability ``p`` whose
   uses are taken as independent per call is next used ``(1 - p) / p`` calls later on average, so
@@ -37,8 +41,9 @@ class EvictorView:
     Args:
         num_layers: L.
         num_experts: E.
-        kind: ``"lru"`` (values: probabilities; also the fallback), or ``"learned"`` (values from the
-            forecast next use in its priorities).
+        kind: ``"lru"`` (values: probabilities; also the fallback), ``"density"`` (``learned``: values
+            from the hit density in its priorities) or ``"next"`` (``learned:next``: from the forecast
+            next use).
         wrap: ``learned``'s clock wrap W (tokens).
     """
 
@@ -53,7 +58,7 @@ class EvictorView:
     @staticmethod
     def kind_of(evict: Any) -> str:
         """The view for an eviction policy object."""
-        return "learned" if getattr(evict, "name", None) == "learned" else "lru"
+        return evict.rank if getattr(evict, "name", None) == "learned" else "lru"
 
     def observe(self, plan: Plan | None) -> None:
         """The eviction part's plan of a hook: its clears and priority rows (applied before the prefetch)."""
@@ -99,7 +104,9 @@ class EvictorView:
         """(n,) values of the entries ``flat`` for a prefetch into ``layer`` before its next call.
 
         ``probs``: (L, E) latest calibrated probabilities (the ``lru`` view's values)."""
-        if self.kind != "learned":
+        if self.kind == "density":
+            return np.exp2(self.primary.ravel()[flat].astype(np.float64))
+        if self.kind != "next":
             return probs.ravel()[flat]
         now = float(self.calls[layer] % self.wrap) + layer / self.L
         rem = -self.primary.ravel()[flat].astype(np.float64) - now  # tokens to the forecast next use

@@ -3,9 +3,11 @@
 After each call of MoE layer l (a decode token t), for every expert e of that layer, the model gives
 ``p_h = P(e is used at layer l within the next n_h calls)`` for the horizons ``n_h = 1, 2, 4, ..., 64``
 (:data:`HORIZONS`). Since ``log2 min(d, 128) = sum_h [d > n_h]`` for the distance d >= 1 to the next use,
-``sum_h (1 - p_h)`` estimates ``E[log2 min(d, 128)]``; the eviction policy (``moert.policy.learned``)
-pushes the priority ``-((t + 2 ** that) * L + l)``: Belady's score (``moert.policy.belady``) with the
-forecast next use in place of the true one, comparable across the layers of one global cache.
+``sum_h (1 - p_h)`` estimates ``E[log2 min(d, 128)]`` (:meth:`ReuseModel.log2_distance`). The eviction
+policy (``moert.policy.learned``) ranks by the forecast hit density (:meth:`ReuseModel.log2_density`,
+LHD: the hits a slot earns per call held), or under ``learned:next`` by the forecast next use, Belady's
+score (``moert.policy.belady``) with the forecast in place of the truth; either compares the experts of
+all layers of one global cache.
 
 Features of (l, e), all online, O(W E) per call (:class:`ReuseState`; Hawkeye / LRB / Parrot featurise
 the same way: recency, past inter-use gaps, frequencies over several windows, a per-object bias):
@@ -47,6 +49,7 @@ from moert.predict.reuse_induction import InductionState, induction_config, num_
 __all__ = [
     "AGE_EDGES",
     "DECAYS",
+    "DENSITY_FROM",
     "FEATURE_GROUPS",
     "HORIZONS",
     "ReuseModel",
@@ -68,6 +71,11 @@ AGE_EDGES = (0, 1, 2, 4, 8, 16, 32, 64)
 FEATURE_GROUPS = ("recency", "gaps", "frequency", "bias", "coact", "induction")
 #: rounding of the forecast log2 distance (1/256 of a doubling)
 QUANTUM = 256.0
+#: the hit density is the best over horizons n_h, h >= this (index into HORIZONS: 2 calls and more;
+#: chosen on the validation prompts, README "Learned eviction toward Belady")
+DENSITY_FROM = 1
+#: the lowest log2 hit density (a forecast that rounds to 0)
+DENSITY_FLOOR_LOG2 = -64.0
 #: a cap on the clock so the float32 priorities keep integer steps exact (2^24 / L steps)
 NEVER_LOG2 = float(len(HORIZONS))
 
@@ -240,6 +248,26 @@ class ReuseModel:
         logits = self.logits(layers, x, used, prev)[..., : self.horizons_used]
         p = 1.0 / (1.0 + np.exp(-logits))
         return np.round((1.0 - p).sum(axis=-1) * QUANTUM) / QUANTUM
+
+    def log2_density(self, layers: Any, x: np.ndarray, used: np.ndarray, prev: np.ndarray) -> np.ndarray:
+        """(N, E) float64 log2 of each expert's forecast **hit density** (LHD, Beckmann et al., NSDI 2018)
+        of N calls (as :meth:`logits`), rounded to 1/QUANTUM.
+
+        The hits a slot earns per call it is held, kept until the next use or for n_H calls, whichever
+        comes first, at the best horizon H >= :data:`DENSITY_FROM`::
+
+            density = max_H  p_H / E[min(d, n_H)],   E[min(d, n_H)] = 1 + sum_{h < H} n_h (1 - p_h)
+
+        (``E[min(d, n)] = sum_{j < n} P(d > j)``, with ``P(d > j) = 1 - p_h`` for ``n_h <= j < 2 n_h``).
+        At horizon 1 it is ``p_1``: the unit of a prefetch's probability of use at its call."""
+        logits = self.logits(layers, x, used, prev)[..., : self.horizons_used]
+        p = 1.0 / (1.0 + np.exp(-logits))
+        n = np.asarray(HORIZONS[: p.shape[-1]], dtype=np.float64)
+        held = n * (1.0 - p)
+        expected = 1.0 + np.cumsum(held, axis=-1) - held  # E[min(d, n_H)] per horizon
+        lo = min(DENSITY_FROM, p.shape[-1] - 1)
+        density = (p / expected)[..., lo:].max(axis=-1)
+        return np.round(np.log2(np.maximum(density, 2.0**DENSITY_FLOOR_LOG2)) * QUANTUM) / QUANTUM
 
     @staticmethod
     def random(num_layers: int, num_experts: int, seed: int = 0, hidden: int = 8) -> ReuseModel:

@@ -65,6 +65,10 @@ def test_learned_decides_differently_from_lru():
             {"policy": "learned", "evictor": "r.safetensors", "backend": "reference"},
             "needs backend='runtime'",
         ),
+        (
+            {"policy": "learned:next", "evictor": "r.safetensors"},
+            r"a model runs 'learned' as it is; .* \(`moert simulate TRACE --policy learned:next`\)",
+        ),
     ],
 )
 def test_config_errors_name_the_fix(kwargs, message):

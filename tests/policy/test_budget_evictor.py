@@ -66,7 +66,7 @@ def test_the_view_names_the_caches_victim(mode):
     prefetch is the entry the C++ cache evicts, including ties broken by recency."""
     rng = np.random.default_rng(1)
     L, E, slots = 3, 8, 4 if mode == "per-layer" else 9
-    caches, view = _caches(mode, slots, L, E), EvictorView(L, E, "learned")
+    caches, view = _caches(mode, slots, L, E), EvictorView(L, E, "next")
     for trial in range(300):
         layer = int(rng.integers(L))
         if rng.random() < 0.5:  # a plan of the eviction part: one layer's E priorities (with ties)
@@ -95,12 +95,27 @@ def test_the_view_names_the_caches_victim(mode):
         assert gone.tolist() == [[want // E, want % E]], trial
 
 
-def test_learned_values_are_the_forecast_next_use():
-    """``learned``'s priority of an expert at layer 1 of 2 last scored at call 8 with a forecast of 4
+def test_learned_values_are_the_hit_density():
+    """``learned``'s priority is log2 of the victim's hit density (hits per call held): the victim is worth
+    that density. A candidate of p = 0.2 (0.2 hits in the one call it is held for) does not displace a
+    victim of density 0.25; p = 0.3 does."""
+    view = EvictorView(2, 4, "density")
+    view.primary[1] = np.log2([0.5, 0.25, 0.125, 1.0])
+    v = view.values(np.array([4, 5, 6, 7]), np.zeros((2, 4)), 1)
+    assert v == pytest.approx([0.5, 0.25, 0.125, 1.0])
+    present = np.array([False, True, True, True])
+    assert fill_budget(3, np.array([0.2, 0, 0, 0]), present, v[1:2]) == []
+    assert fill_budget(3, np.array([0.3, 0, 0, 0]), present, v[1:2]) == [0]
+    assert EvictorView.kind_of(Learned()) == "density"
+    assert EvictorView.kind_of(Learned(rank="next")) == "next"
+
+
+def test_learned_next_values_are_the_forecast_next_use():
+    """``learned:next``'s priority of an expert at layer 1 of 2 last scored at call 8 with a forecast of 4
     calls: next use at token 12 (+ 1/2); before call 10 of layer 1 it is 2 tokens away: value 1/3. A
     candidate of p = 0.3 (expected (1 - p) / p = 2.33 calls away) does not displace it; p = 0.4 (1.5)
     does."""
-    view = EvictorView(2, 4, "learned")
+    view = EvictorView(2, 4, "next")
     view.primary[1] = -(8 + 4 + 1 / 2)
     view.calls[1] = 10
     v = view.values(np.array([1 * 4 + 2]), np.zeros((2, 4)), 1)
@@ -326,7 +341,7 @@ def test_victim_order_is_a_full_stable_sort_prefix(ordered):
     rng = np.random.default_rng(3)
     L, E = 3, 16
     for trial in range(200):
-        view = EvictorView(L, E, "learned")
+        view = EvictorView(L, E, "next")
         view.ordered = ordered
         view.primary[:] = rng.integers(-3, 1, size=(L, E)).astype(np.float32)  # few values: ties
         view.tick[:] = rng.integers(0, 6, size=(L, E))

@@ -19,7 +19,7 @@ def test_names_and_roles():
         "score",
         "utility",
         "fifo",
-        "learned",
+        "learned[:next]",
     ]
     assert REGISTRY.names("prefetch") == ["moe-infinity", "utility[:m]", "oracle"]
     assert REGISTRY.names("evict", verify_passes=True) == ["lru", "lfu", "belady", "utility", "fifo"]

@@ -365,3 +365,56 @@ def test_features_of_several_layers_need_one_token():
     with pytest.raises(ValueError, match="need them at one token, got tokens \\[3 4\\]"):
         state.features(slice(None), np.array([3, 4, 4]))
     assert state.features(slice(0, 0), np.zeros(0, dtype=np.int64)).shape == (0, 8, num_induction_features())
+
+
+def _density_by_definition(p: np.ndarray, lo: int) -> np.ndarray:
+    """Hit density from the survival function: P(d > j) = 1 - p_h for n_h <= j < 2 n_h (P(d > 0) = 1),
+    E[min(d, n)] = sum_{j < n} P(d > j), summed term by term; the best over horizons h >= lo."""
+    from moert.predict.reuse import HORIZONS
+
+    H = p.shape[-1]
+    best = np.zeros(p.shape[:-1])
+    for h in range(lo, H):
+        n = HORIZONS[h]
+        expected = np.ones(p.shape[:-1])  # j = 0
+        for j in range(1, n):
+            below = max(i for i in range(H) if HORIZONS[i] <= j)
+            expected += 1.0 - p[..., below]
+        best = np.maximum(best, p[..., h] / expected)
+    return best
+
+
+@pytest.mark.parametrize("used_horizons", [7, 4, 1])
+def test_log2_density_is_the_definition(used_horizons):
+    """``ReuseModel.log2_density``: log2 of LHD's hit density from the model's probabilities, against a
+    term-by-term sum of the survival function; horizon 1 (index 0) is left out (``DENSITY_FROM``) unless it
+    is the only one."""
+    from moert.predict.reuse import DENSITY_FROM, QUANTUM
+
+    L, E = 3, 8
+    model = ReuseModel.random(L, E, seed=2)
+    model.horizons_used = used_horizons
+    g = np.random.default_rng(4)
+    N = 12
+    layers = g.integers(0, L, N)
+    x = g.standard_normal((N, E, model.w1.shape[0] - 2))
+    used, prev = g.random((N, E)) < 0.3, g.random((N, E)) < 0.3
+    p = 1.0 / (1.0 + np.exp(-model.logits(layers, x, used, prev)[..., :used_horizons]))
+    want = np.log2(_density_by_definition(p, min(DENSITY_FROM, used_horizons - 1)))
+    got = model.log2_density(layers, x, used, prev)
+    assert got.shape == (N, E)
+    assert np.abs(got - want).max() <= 0.5 / QUANTUM + 1e-12
+    assert np.array_equal(got, np.round(got * QUANTUM) / QUANTUM)  # on the grid: batching cannot change it
+
+
+def test_learned_takes_a_rank():
+    """``learned`` ranks by hit density unless given ``:next``; anything else is one clear error."""
+    from moert.policy.learned import Learned
+
+    model = ReuseModel.random(2, 4)
+    assert Learned.from_spec(None, role="evict", evictor=model).rank == "density"
+    assert Learned.from_spec("next", role="evict", evictor=model).rank == "next"
+    with pytest.raises(
+        ValueError, match=r"got rank='soon'\): use learned:density \(the default\) or learned:next"
+    ):
+        Learned.from_spec("soon", role="evict", evictor=model)

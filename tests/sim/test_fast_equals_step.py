@@ -35,7 +35,7 @@ SPECS = [
     "lru", "lfu", "fifo", "belady", "moe-infinity", "utility", "score+prev-token:2",
     "lru+oracle", "lfu+moe-infinity", "moe-infinity+oracle", "utility+utility:2", "lru+utility:1",
     "belady+utility:2", "fifo+oracle", "fifo+utility:1", "lru+prev-token:2", "score+frequency:2",
-    "learned", "learned+utility:2",
+    "learned", "learned+utility:2", "learned:next",
 ]  # fmt: skip
 
 
