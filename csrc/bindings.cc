@@ -19,6 +19,7 @@
 #include "moert/cuda_probe.h"
 #include "moert/expert_pool.h"
 #include "moert/faults.h"
+#include "moert/reuse_forecast.h"
 #include "moert/slab_cache.h"
 
 namespace py = pybind11;
@@ -29,6 +30,12 @@ using Int64Array = py::array_t<std::int64_t, py::array::c_style | py::array::for
 using Int32Array = py::array_t<std::int32_t, py::array::c_style>;
 using Int32CastArray = py::array_t<std::int32_t, py::array::c_style | py::array::forcecast>;
 using Float32Array = py::array_t<float, py::array::c_style | py::array::forcecast>;
+using Float64Array = py::array_t<double, py::array::c_style | py::array::forcecast>;
+using ByteArray = py::array_t<std::uint8_t, py::array::c_style | py::array::forcecast>;
+
+std::vector<double> values_of(const Float64Array& a) {
+  return std::vector<double>(a.data(), a.data() + a.size());
+}
 
 // A 1-D list of expert ids, narrowed to int32 with a range check (no silent wrap-around).
 std::vector<std::int32_t> expert_ids(const Int64Array& a, const char* what) {
@@ -734,4 +741,88 @@ PYBIND11_MODULE(_C, m) {
         py::gil_scoped_release nogil;
         e.close();
       });
+
+  // The native reuse forecast of policy learned (moert/reuse_forecast.h; Python:
+  // moert.predict.reuse_native).
+  using moert::ReuseForecaster;
+  py::class_<ReuseForecaster>(m, "ReuseForecaster")
+      .def(py::init([](int layers, int experts, std::vector<std::int64_t> age_edges,
+                       std::vector<double> decays, std::int64_t window, int induction_layers,
+                       bool bigram, std::vector<double> match, std::vector<std::int64_t> ahead,
+                       std::vector<std::int64_t> horizons, int horizons_used, int density_from,
+                       double quantum, double floor_log2, const Float64Array& w1,
+                       const Float64Array& c1, const Float64Array& w2, const Float64Array& c2,
+                       const Float64Array& bias, const Float64Array& coact_self,
+                       const Float64Array& coact_prev, const Float64Array& s_self,
+                       const Float64Array& s_prev) {
+             moert::ReuseForecastConfig c{layers,
+                                          experts,
+                                          std::move(age_edges),
+                                          std::move(decays),
+                                          window,
+                                          induction_layers,
+                                          bigram,
+                                          std::move(match),
+                                          std::move(ahead),
+                                          std::move(horizons),
+                                          horizons_used,
+                                          density_from,
+                                          quantum,
+                                          floor_log2};
+             moert::ReuseWeights w{values_of(w1),         values_of(c1),     values_of(w2),
+                                   values_of(c2),         values_of(bias),   values_of(coact_self),
+                                   values_of(coact_prev), values_of(s_self), values_of(s_prev)};
+             return std::make_unique<ReuseForecaster>(std::move(c), std::move(w));
+           }),
+           py::kw_only(), py::arg("layers"), py::arg("experts"), py::arg("age_edges"),
+           py::arg("decays"), py::arg("window"), py::arg("induction_layers"), py::arg("bigram"),
+           py::arg("match"), py::arg("ahead"), py::arg("horizons"), py::arg("horizons_used"),
+           py::arg("density_from"), py::arg("quantum"), py::arg("floor_log2"), py::arg("w1"),
+           py::arg("c1"), py::arg("w2"), py::arg("c2"), py::arg("bias"), py::arg("coact_self"),
+           py::arg("coact_prev"), py::arg("s_self"), py::arg("s_prev"))
+      .def(
+          "call",
+          [](ReuseForecaster& f, int layer, const ByteArray& used, int value) {
+            const int E = f.config().experts;
+            MOERT_CHECK(used.ndim() == 1 && used.shape(0) == E,
+                        "ReuseForecaster.call: used must be (", E, ",), got ", used.size(),
+                        " values in ", used.ndim(), " dimensions");
+            MOERT_CHECK(value == 0 || value == 1, "ReuseForecaster.call: value=", value,
+                        " must be 0 (density) or 1 (distance)");
+            py::array_t<double> out(E);
+            f.call(layer, used.data(), static_cast<ReuseForecaster::Value>(value),
+                   out.mutable_data());
+            return out;
+          },
+          py::arg("layer"), py::arg("used"), py::arg("value"))
+      .def(
+          "sequence",
+          [](ReuseForecaster& f, const ByteArray& used, int value) {
+            const auto& c = f.config();
+            MOERT_CHECK(used.ndim() == 3 && used.shape(1) == c.layers && used.shape(2) == c.experts,
+                        "ReuseForecaster.sequence: used must be (T, ", c.layers, ", ", c.experts,
+                        "), got ", used.ndim(), " dimensions");
+            MOERT_CHECK(value == 0 || value == 1, "ReuseForecaster.sequence: value=", value,
+                        " must be 0 (density) or 1 (distance)");
+            const py::ssize_t T = used.shape(0);
+            py::array_t<double> out(
+                {T, static_cast<py::ssize_t>(c.layers), static_cast<py::ssize_t>(c.experts)});
+            double* o = out.mutable_data();
+            const std::uint8_t* u = used.data();
+            {
+              py::gil_scoped_release nogil;
+              f.sequence(T, u, static_cast<ReuseForecaster::Value>(value), o);
+            }
+            return out;
+          },
+          py::arg("used"), py::arg("value"))
+      .def("features",
+           [](ReuseForecaster& f, int layer) {
+             py::array_t<double> out({static_cast<py::ssize_t>(f.config().experts),
+                                      static_cast<py::ssize_t>(f.num_features())});
+             f.features(layer, out.mutable_data());
+             return out;
+           })
+      .def("clock", &ReuseForecaster::clock)
+      .def_property_readonly("num_features", &ReuseForecaster::num_features);
 }

@@ -1,7 +1,7 @@
 """``learned``: eviction by a learned forecast of each expert's reuse (toward Belady).
 
 When the router of MoE layer l has picked (token t; the experts are not acquired yet), the policy
-updates its online state with the call's experts (:class:`moert.predict.reuse.ReuseState`), asks the
+updates its online state with the call's experts (as :class:`moert.predict.reuse.ReuseState`), asks the
 ``reuse`` model (``moert train --predictor reuse``) for every expert's probabilities ``p_h`` of use at l
 within the next ``n_h = 1, 2, 4, ..., 64`` calls, and replaces the layer's E priorities (C++
 ``priority``: lowest evicted first, ties by recency) by one of two ranks:
@@ -22,8 +22,11 @@ within the next ``n_h = 1, 2, 4, ..., 64`` calls, and replaces the layer's E pri
   every W tokens, and for the one token after a wrap the rows pushed before it look W tokens later than
   they are (they go first).
 
-The runtime and the simulator run the same numpy code (float64, the forecast rounded to 1/256 of a log2
-step), so both make the same decisions.
+The online state and the forecast run natively (``moert._C.ReuseForecaster``: the arithmetic of the
+numpy definition, :class:`moert.predict.reuse.ReuseState` and ``ReuseModel.log2_density``, which the
+training uses; tests/predict/test_reuse_native.py holds the two equal), one call at a time in the
+runtime and a whole sequence per native call in the simulator, the same code, so both make the same
+decisions. The forecast is rounded to 1/256 of a log2 step.
 
 The call's own experts are pinned while it runs, so the misses of this call already evict by what is
 known after routing: the forecast starts one token later than it would after the call (``after_call``),
@@ -51,8 +54,6 @@ __all__ = ["RANKS", "WRAP", "Learned"]
 WRAP = 4096
 #: the ranks of ``learned:RANK`` (the first is the default; see the module doc)
 RANKS = ("density", "next")
-#: tokens per forward pass of :meth:`Learned.sequence_plan`
-BLOCK = 64
 
 EVICTOR_HELP = (
     "give a reuse model: --evictor R.safetensors (made by `moert train --trace DIR --predictor reuse`)"
@@ -97,8 +98,6 @@ class Learned(Policy):
         return cls(evictor, RANKS[0] if arg is None else arg)
 
     def bind(self, num_layers: int, num_experts: int, top_k: int) -> None:
-        from moert.predict.reuse import ReuseState
-
         super().bind(num_layers, num_experts, top_k)
         if self.model is None:
             raise ValueError(f"policy 'learned' has no model: {EVICTOR_HELP}")
@@ -108,57 +107,42 @@ class Learned(Policy):
                 f"{self.model.num_experts} experts, the model/trace has {num_layers} of {num_experts}: "
                 "train one on this model's routing (`moert train --predictor reuse`)"
             )
-        self.state = ReuseState(num_layers, num_experts)
+        self.state = self.model.forecaster()  # the online state and the forecast, native
+        self._value = 0 if self.rank == "density" else 1  # ReuseForecaster: log2 density / distance
 
     def _priorities(self, layers: np.ndarray, clocks: np.ndarray, g: np.ndarray) -> np.ndarray:
-        """(N, E) float32 priorities of N calls (layers, clocks: (N,) the layer and its call index)."""
+        """``learned:next``: (N, E) float32 priorities of N calls (layers, clocks: (N,) the layer and its
+        call index; g: (N, E) the forecast log2 distances)."""
         t = (clocks % WRAP).astype(np.float64)[:, None]
         return (-(t + np.exp2(g) + (layers / self.num_layers)[:, None])).astype(np.float32)
 
-    def _rows(self, layers: np.ndarray, clocks: np.ndarray, x: np.ndarray, used: np.ndarray,
-              prev: np.ndarray) -> np.ndarray:  # fmt: skip
-        """(N, E) float32 priorities of N calls from their features (as ``ReuseModel.logits``)."""
+    def _rows(self, layers: np.ndarray, clocks: np.ndarray, values: np.ndarray) -> np.ndarray:
+        """(N, E) float32 priorities of N calls from the forecaster's values."""
         if self.rank == "density":
-            return self.model.log2_density(layers, x, used, prev).astype(np.float32)
-        return self._priorities(layers, clocks, self.model.log2_distance(layers, x, used, prev))
+            return values.astype(np.float32)
+        return self._priorities(layers, clocks, values)
 
     def priorities(self, layer: int, used: np.ndarray) -> np.ndarray:
         """Updates the state with a call of ``layer`` that used ``used`` (E,) bool; (E,) float32 priorities."""
-        state = self.state
-        state.update(layer, used)
-        prev = state.previous_layer_used(layer)
+        values = self.state.call(layer, np.asarray(used, dtype=bool), self._value)
         layers = np.array([layer])
-        return self._rows(
-            layers, state.clock[layers] - 1, state.features(layer)[None], used[None], prev[None]
-        )[0]
+        return self._rows(layers, np.array([self.state.clock(layer) - 1]), values[None])[0]
 
     def on_routed(self, layer: int, counts: np.ndarray, resident: np.ndarray) -> Plan:
         return Plan((layer,), scores=self.priorities(layer, np.asarray(counts) > 0)[None])
 
     def sequence_plan(self, seq: SequenceTrace) -> SequencePlan:
-        """Every call of ``seq``: the state advanced token by token (all layers together, as the calls
-        would), and one forward pass per block of :data:`BLOCK` tokens' (block, L) calls (the features
-        of a whole long prompt at once would take gigabytes)."""
+        """Every call of ``seq`` in order (token by token, layer by layer, as the runtime's calls come),
+        in one native call."""
         ex = seq.experts.numpy()  # [L, T, w]
         L, T, _ = ex.shape
-        E, state = self.num_experts, self.state
+        E = self.num_experts
         tl = ex.transpose(1, 0, 2)  # [T, L, w]
         hot = np.zeros((T, L, E), dtype=bool)  # [T, L, E] each call's experts
         t_idx, l_idx, j_idx = np.nonzero(tl >= 0)
         hot[t_idx, l_idx, tl[t_idx, l_idx, j_idx]] = True
-        prev = np.concatenate([np.zeros((T, 1, E), dtype=bool), hot[:, :-1]], axis=1)  # layer l - 1's
-        out = np.empty((T, L, 1, E), dtype=np.float32)
-        for a in range(0, T, BLOCK):
-            b = min(a + BLOCK, T)
-            feats, clocks = [], np.empty((b - a, L), dtype=np.int64)
-            for t in range(a, b):
-                state.update(slice(None), hot[t])
-                feats.append(state.features(slice(None)))  # [L, E, F]
-                clocks[t - a] = state.clock - 1
-            x = np.stack(feats).reshape((b - a) * L, E, -1)
-            layers = np.tile(np.arange(L), b - a)
-            rows = self._rows(
-                layers, clocks.reshape(-1), x, hot[a:b].reshape(-1, E), prev[a:b].reshape(-1, E)
-            )
-            out[a:b] = rows.reshape(b - a, L, 1, E)
+        start = np.array([self.state.clock(layer) for layer in range(L)], dtype=np.int64)
+        values = self.state.sequence(hot, self._value).reshape(T * L, E)
+        clocks = (start[None, :] + np.arange(T)[:, None]).reshape(-1)
+        out = self._rows(np.tile(np.arange(L), T), clocks, values).reshape(T, L, 1, E)
         return SequencePlan(before=Predictions(np.full((T, L, 1, 0), -1, dtype=np.int32), out))

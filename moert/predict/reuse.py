@@ -269,6 +269,26 @@ class ReuseModel:
         density = (p / expected)[..., lo:].max(axis=-1)
         return np.round(np.log2(np.maximum(density, 2.0**DENSITY_FLOOR_LOG2)) * QUANTUM) / QUANTUM
 
+    def forecaster(self) -> Any:
+        """The native forecast of this model (``moert._C.ReuseForecaster``, a fresh online state): the
+        same features and forward pass as :class:`ReuseState` and :meth:`log2_density` /
+        :meth:`log2_distance`, one layer call at a time, in C++ (policy ``learned``'s runtime and
+        simulator both call it, so they make the same decisions)."""
+        from moert import _C
+        from moert.predict import reuse_induction as ind
+
+        def arr(name: str) -> np.ndarray:
+            return np.ascontiguousarray(getattr(self, name), dtype=np.float64)
+
+        return _C.ReuseForecaster(
+            layers=self.num_layers, experts=self.num_experts, age_edges=list(AGE_EDGES),
+            decays=list(DECAYS), window=ind.INDUCTION_WINDOW, induction_layers=ind.INDUCTION_LAYERS,
+            bigram=bool(ind.INDUCTION_BIGRAM), match=list(ind.INDUCTION_MATCH),
+            ahead=list(ind.INDUCTION_AHEAD), horizons=list(HORIZONS), horizons_used=self.horizons_used,
+            density_from=DENSITY_FROM, quantum=QUANTUM, floor_log2=DENSITY_FLOOR_LOG2,
+            **{name: arr(name) for name in self.TENSORS},
+        )  # fmt: skip
+
     @staticmethod
     def random(num_layers: int, num_experts: int, seed: int = 0, hidden: int = 8) -> ReuseModel:
         """An untrained model with seeded random weights (tests, benchmarks of the host cost)."""

@@ -94,8 +94,9 @@ def reference_induction(history: list[list[set[int]]], layer: int, e: int) -> li
     "window,layers,bigram", [(None, None, None), (6, 2, None), (12, 1, None), (6, 2, False), (40, 3, False)]
 )
 def test_online_features_equal_the_definition(monkeypatch, window, layers, bigram):
-    """Per call and for all layers at once (build_data's way), over a window that wraps (6, 12) or not,
-    comparing 1 to all 3 layers, with the previous token matched too or not."""
+    """Per call and for all layers at once (build_data's way), and the native state's per call, over a
+    window that wraps (6, 12) or not, comparing 1 to all 3 layers, with the previous token matched too
+    or not."""
     import moert.predict.reuse_induction as ri
 
     for name, value in (
@@ -110,6 +111,7 @@ def test_online_features_equal_the_definition(monkeypatch, window, layers, bigra
     experts = random_experts(L, N, E, k, seed=1)
     experts[:, 20:30] = experts[:, 5:15]  # a repeat: the induction columns see matches
     state, batch = ReuseState(L, E), ReuseState(L, E)
+    native = ReuseModel.random(L, E).forecaster()  # the native state (policy learned's), same constants
     history: list[list[set[int]]] = [[] for _ in range(L)]
     for t in range(N):
         hot = np.zeros((L, E), dtype=bool)
@@ -127,6 +129,10 @@ def test_online_features_equal_the_definition(monkeypatch, window, layers, bigra
                 ]
             )
             np.testing.assert_allclose(got, want, atol=1e-12, err_msg=f"t={t} layer={layer}")
+            native.call(layer, used, 0)
+            np.testing.assert_allclose(
+                native.features(layer), want, atol=1e-12, err_msg=f"native t={t} layer={layer}"
+            )
             prev = state.previous_layer_used(layer)
             assert prev.sum() == (0 if layer == 0 else k)
         batch.update(slice(None), hot)

@@ -45,14 +45,6 @@ def _one_thread():
         yield
 
 
-@pytest.fixture(autouse=True)
-def _small_learned_blocks(monkeypatch):
-    """Policy learned plans a sequence in blocks of 5 tokens here, so one spans several (as long prompts do)."""
-    import moert.policy.learned as learned
-
-    monkeypatch.setattr(learned, "BLOCK", 5)
-
-
 def random_trace(seed: int, L: int = 4, E: int = 16, k: int = 4, n: int = 6) -> InMemoryTrace:
     g = torch.Generator().manual_seed(seed)
     seqs = []

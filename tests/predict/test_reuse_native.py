@@ -1,0 +1,120 @@
+"""The native reuse forecast (``moert._C.ReuseForecaster``, policy ``learned``'s) against the numpy
+definition (``ReuseState`` and ``ReuseModel.log2_density`` / ``log2_distance``, which the training uses):
+the same features and the same values, call by call and for whole sequences; its argument errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from moert.policy.learned import Learned
+from moert.predict.reuse import QUANTUM, ReuseModel, ReuseState
+from moert.trace import SequenceTrace
+
+
+def _routing(T: int, L: int, E: int, k: int, seed: int) -> np.ndarray:
+    """(T, L, E) bool: k experts per call, with repeats (tokens 40-59 route as 10-29) so the induction
+    columns see matches, and a narrow phase (a few hot experts) so recency and gaps vary."""
+    g = np.random.default_rng(seed)
+    hot = np.zeros((T, L, E), dtype=bool)
+    for t in range(T):
+        for layer in range(L):
+            pool = E if t % 4 else min(E, 2 * k)
+            hot[t, layer, g.choice(pool, k, replace=False)] = True
+    hot[40:60] = hot[10:30]
+    return hot
+
+
+def _reference(model: ReuseModel, hot: np.ndarray, value: str) -> np.ndarray:
+    """(T, L, E) the numpy definition, call by call."""
+    T, L, E = hot.shape
+    state = ReuseState(L, E)
+    out = np.empty((T, L, E))
+    for t in range(T):
+        for layer in range(L):
+            state.update(layer, hot[t, layer])
+            args = (
+                layer,
+                state.features(layer)[None],
+                hot[t, layer][None],
+                state.previous_layer_used(layer)[None],
+            )
+            out[t, layer] = (model.log2_density if value == "density" else model.log2_distance)(*args)[0]
+    return out
+
+
+@pytest.mark.parametrize("value", ["density", "distance"])
+@pytest.mark.parametrize(
+    "window,experts,horizons_used", [(None, 16, 7), (16, 70, 7), (8, 9, 3), (None, 64, 1)]
+)
+def test_native_values_are_the_definition(monkeypatch, value, window, experts, horizons_used):
+    """Over windows that wrap (8, 16) or not, more than one 64-bit word of experts (70), fewer
+    horizons: the native values equal the numpy definition's (both rounded to 1/256; the arithmetic is
+    the same, so they agree exactly here, and never by more than one step)."""
+    import moert.predict.reuse_induction as ri
+
+    if window is not None:
+        monkeypatch.setattr(ri, "INDUCTION_WINDOW", window)
+    L, T, k = 3, 80, 4
+    model = ReuseModel.random(L, experts, seed=7, hidden=16)
+    model.horizons_used = horizons_used
+    hot = _routing(T, L, experts, k, seed=3)
+    want = _reference(model, hot, value)
+    native = model.forecaster()
+    got = np.stack([[native.call(layer, hot[t, layer], 0 if value == "density" else 1) for layer in range(L)]
+                    for t in range(T)])  # fmt: skip
+    assert np.abs(got - want).max() <= 1 / QUANTUM
+    assert np.mean(got == want) > 0.999, np.mean(got == want)
+    assert np.array_equal(model.forecaster().sequence(hot, 0 if value == "density" else 1), got)
+    assert len(np.unique(got)) > 50  # the values vary (not a constant that would pass anything)
+
+
+@pytest.mark.parametrize("rank", ["density", "next"])
+def test_learned_rows_are_the_definition(rank):
+    """Policy learned's rows (its fast path, two sequences: the state carries over) are the numpy
+    definition's values as priorities: the density itself, or ``-(t mod W + 2 ** g + l / L)``."""
+    L, E, k = 3, 16, 3
+    model = ReuseModel.random(L, E, seed=2, hidden=16)
+    hot = _routing(70, L, E, k, seed=5)
+    policy = Learned(model, rank=rank)
+    policy.bind(L, E, k)
+    rows = []
+    for lo, hi in ((0, 30), (30, 70)):
+        ids = np.stack([np.flatnonzero(hot[t, layer]) for t in range(lo, hi) for layer in range(L)])
+        experts = torch.from_numpy(ids.reshape(hi - lo, L, k).transpose(1, 0, 2).copy())
+        seq = SequenceTrace(lo, torch.arange(hi - lo), experts, torch.ones(hi - lo, dtype=torch.bool))
+        rows.append(policy.sequence_plan(seq).before.scores[:, :, 0])
+    got = np.concatenate(rows)  # [T, L, E]
+    values = _reference(model, hot, "density" if rank == "density" else "distance")
+    if rank == "density":
+        want = values.astype(np.float32)
+    else:
+        T = hot.shape[0]
+        clocks = np.repeat(np.arange(T), L)
+        want = policy._priorities(np.tile(np.arange(L), T), clocks, values.reshape(T * L, E)).reshape(T, L, E)
+    assert np.array_equal(got, want)
+    # the runtime's way, call by call, gives the same rows
+    again = Learned(model, rank=rank)
+    again.bind(L, E, k)
+    step = np.stack([[again.priorities(layer, hot[t, layer]) for layer in range(L)] for t in range(70)])
+    assert np.array_equal(step, got)
+
+
+def test_native_errors_name_the_value():
+    model = ReuseModel.random(2, 8, seed=1)
+    native = model.forecaster()
+    with pytest.raises(ValueError, match=r"layer=2 not in 0\.\.1"):
+        native.call(2, np.zeros(8, dtype=bool), 0)
+    with pytest.raises(ValueError, match=r"used must be \(8,\), got 7 values"):
+        native.call(0, np.zeros(7, dtype=bool), 0)
+    with pytest.raises(ValueError, match="value=2 must be 0 \\(density\\) or 1 \\(distance\\)"):
+        native.call(0, np.zeros(8, dtype=bool), 2)
+    with pytest.raises(ValueError, match=r"used must be \(T, 2, 8\)"):
+        native.sequence(np.zeros((3, 2, 9), dtype=bool), 0)
+    with pytest.raises(ValueError, match="layer 1 has had no call"):
+        native.features(1)
+    other = ReuseModel.random(2, 8, seed=1, hidden=4)
+    other.w1 = other.w1[:-1]  # one feature short: a model of other features
+    with pytest.raises(ValueError, match="w1 has .* values, want \\(F \\+ 2\\) x D"):
+        other.forecaster()
