@@ -39,10 +39,11 @@ from moert import envs  # noqa: E402
 from moert.predict.data import open_sequences, split_sequences  # noqa: E402
 from moert.predict.evaluate import select_sequences  # noqa: E402
 from moert.predict.reuse import FEATURE_GROUPS, HORIZONS, load_reuse, save_reuse  # noqa: E402
-from moert.predict.reuse_train import ReuseTrainConfig, build_data, train_reuse  # noqa: E402
+from moert.predict.reuse_train import ReuseTrainConfig, build_data, train_ensemble  # noqa: E402
 
-#: the training settings of the main model (chosen on the validation prompts; README "Learned eviction")
-EPOCHS, PATIENCE, STRIDE, HIDDEN, LR_FINAL = 10, 20, 4, 64, 0.05
+#: the training settings of the main model (chosen on the validation prompts; README "Learned eviction"):
+#: ENSEMBLE models (seeds --train-seed, --train-seed + 1, ...) averaged
+EPOCHS, PATIENCE, STRIDE, HIDDEN, LR_FINAL, ENSEMBLE = 10, 20, 4, 64, 0.05, 2
 
 
 def _floats(s: str) -> tuple[float, ...]:
@@ -67,13 +68,11 @@ def train(args, meta, parts, groups, out: Path):
                               groups=tuple(groups), focus=args.focus, hidden=args.hidden,
                               lr_final=args.lr_final, patience=args.patience)  # fmt: skip
     E = meta.num_experts
-    tr = build_data(_stream(parts["train"]), E, stride=cfg.stride, offset=seed % cfg.stride)
     va = build_data(_stream(parts["val"]), E, stride=4)
-    info = {"trace": meta.source, "seed": seed, "split_seed": args.seed, "examples": {"train": len(tr), "val": len(va)},
+    info = {"trace": meta.source, "seed": seed, "split_seed": args.seed, "examples": {"val": len(va)},
             "prompts": {k: len(v) for k, v in parts.items()}}  # fmt: skip
-    model = train_reuse(
-        tr, va, meta.num_layers, E, cfg, info=info, log=lambda r: print(groups, r, flush=True)
-    )
+    model = train_ensemble(_stream(parts["train"]), va, meta.num_layers, E, cfg, args.ensemble, info,
+                           log=lambda r: print(groups, r, flush=True))  # fmt: skip
     save_reuse(out, model, model_type=meta.model_type, layers=tuple(meta.layers), top_k=meta.top_k)
     return model
 
@@ -155,6 +154,11 @@ def markdown(result: dict) -> str:
     lines += ["", f"Model: {result.get('model', 'trained here')}; training: {json.dumps(cfg)}; horizons used "
               f"{result['horizons_used']} (the eviction's look-ahead: `learned` ranks by the hit density over P(use within 1..{HORIZONS[result['horizons_used'] - 1]} "
               f"tokens), `learned:next` by E[log2 min(d, {2 * HORIZONS[result['horizons_used'] - 1]})])."]  # fmt: skip
+    members = result["training"].get("members", [])
+    if members:
+        lines += ["", f"An ensemble of {len(members)} models, their probabilities averaged: "
+                  + "; ".join(f"seed {m['seed']}: best validation BCE {m['best_val_loss']:.4f}" for m in members)
+                  + ". The curve below is the first's."]  # fmt: skip
     curve = result["training"].get("curve", [])
     lines += [
         "",
@@ -190,7 +194,18 @@ def main(argv=None) -> int:
     p.add_argument("--bandwidth-gbs", type=float, default=25.0, help="cost model: host -> GPU GB/s")
     p.add_argument("--layer-compute-ms", type=float, default=0.2, help="cost model: ms per MoE layer")
     p.add_argument("--seed", type=int, default=0, help="split and training seed")
-    p.add_argument("--train-seed", type=int, default=None, help="another training seed on the same split")
+    p.add_argument(
+        "--train-seed",
+        type=int,
+        default=None,
+        help="another training seed on the same split (the ensemble's first; the others follow)",
+    )
+    p.add_argument(
+        "--ensemble",
+        type=int,
+        default=ENSEMBLE,
+        help=f"training: models averaged, seeds train-seed, train-seed + 1, ... (default {ENSEMBLE})",
+    )
     p.add_argument("--epochs", type=int, default=EPOCHS, help=f"training: epochs (default {EPOCHS})")
     p.add_argument(
         "--patience",

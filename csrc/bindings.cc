@@ -754,7 +754,7 @@ PYBIND11_MODULE(_C, m) {
                        const Float64Array& c1, const Float64Array& w2, const Float64Array& c2,
                        const Float64Array& bias, const Float64Array& coact_self,
                        const Float64Array& coact_prev, const Float64Array& s_self,
-                       const Float64Array& s_prev) {
+                       const Float64Array& s_prev, int members) {
              moert::ReuseForecastConfig c{layers,
                                           experts,
                                           std::move(age_edges),
@@ -768,7 +768,8 @@ PYBIND11_MODULE(_C, m) {
                                           horizons_used,
                                           density_from,
                                           quantum,
-                                          floor_log2};
+                                          floor_log2,
+                                          members};
              moert::ReuseWeights w{values_of(w1),         values_of(c1),     values_of(w2),
                                    values_of(c2),         values_of(bias),   values_of(coact_self),
                                    values_of(coact_prev), values_of(s_self), values_of(s_prev)};
@@ -779,7 +780,7 @@ PYBIND11_MODULE(_C, m) {
            py::arg("match"), py::arg("ahead"), py::arg("horizons"), py::arg("horizons_used"),
            py::arg("density_from"), py::arg("quantum"), py::arg("floor_log2"), py::arg("w1"),
            py::arg("c1"), py::arg("w2"), py::arg("c2"), py::arg("bias"), py::arg("coact_self"),
-           py::arg("coact_prev"), py::arg("s_self"), py::arg("s_prev"))
+           py::arg("coact_prev"), py::arg("s_self"), py::arg("s_prev"), py::arg("members") = 1)
       .def(
           "call",
           [](ReuseForecaster& f, int layer, const ByteArray& used, int value) {

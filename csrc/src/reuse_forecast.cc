@@ -48,19 +48,23 @@ ReuseForecaster::ReuseForecaster(ReuseForecastConfig config, ReuseWeights weight
   num_dense_ = static_cast<int>(c.age_edges.size()) + 2 + 5 + static_cast<int>(c.decays.size());
   const int M = static_cast<int>(c.match.size()), A = static_cast<int>(c.ahead.size());
   num_features_ = num_dense_ + M * (A + 1);
-  D_ = static_cast<int>(w_.c1.size());
+  const std::size_t K = static_cast<std::size_t>(c.members);
+  MOERT_CHECK(c.members >= 1, "ReuseForecaster: members=", c.members, " must be >= 1");
+  D_ = static_cast<int>(w_.c1.size() / K);
   const std::size_t F2 = static_cast<std::size_t>(num_features_) + 2, LE = std::size_t(L_) * E_;
-  MOERT_CHECK(D_ >= 1 && w_.w1.size() == F2 * D_, "ReuseForecaster: w1 has ", w_.w1.size(),
-              " values, want (F + 2) x D = ", F2, " x ", D_, " (a model of other features?)");
-  MOERT_CHECK(w_.w2.size() == std::size_t(D_) * H_ && w_.c2.size() == std::size_t(H_) &&
-                  w_.s_self.size() == std::size_t(H_) && w_.s_prev.size() == std::size_t(H_),
-              "ReuseForecaster: w2 / c2 / s_self / s_prev do not have D x H / H values (D=", D_,
-              ", H=", H_, ")");
-  MOERT_CHECK(w_.bias.size() == LE * H_, "ReuseForecaster: bias has ", w_.bias.size(),
-              " values, want L x E x H = ", LE * H_);
-  MOERT_CHECK(w_.coact_self.size() == LE * E_ && w_.coact_prev.size() == LE * E_,
-              "ReuseForecaster: coact_self / coact_prev must have L x E x E = ", LE * E_,
-              " values");
+  MOERT_CHECK(D_ >= 1 && w_.c1.size() == K * D_ && w_.w1.size() == K * F2 * D_,
+              "ReuseForecaster: w1 has ", w_.w1.size(), " values, want members x (F + 2) x D = ", K,
+              " x ", F2, " x ", D_, " (a model of other features?)");
+  MOERT_CHECK(
+      w_.w2.size() == K * D_ * H_ && w_.c2.size() == K * H_ && w_.s_self.size() == K * H_ &&
+          w_.s_prev.size() == K * H_,
+      "ReuseForecaster: w2 / c2 / s_self / s_prev do not have members x (D x H / H) values (D=", D_,
+      ", H=", H_, ", members=", K, ")");
+  MOERT_CHECK(w_.bias.size() == K * LE * H_, "ReuseForecaster: bias has ", w_.bias.size(),
+              " values, want members x L x E x H = ", K * LE * H_);
+  MOERT_CHECK(w_.coact_self.size() == K * LE * E_ && w_.coact_prev.size() == K * LE * E_,
+              "ReuseForecaster: coact_self / coact_prev must have members x L x E x E = ",
+              K * LE * E_, " values");
   clock_.assign(L_, 0);
   last_.assign(LE, -1);
   gap1_.assign(LE, -1);
@@ -79,6 +83,7 @@ ReuseForecaster::ReuseForecaster(ReuseForecastConfig config, ReuseWeights weight
   logits_.assign(H_, 0.0);
   co_self_.assign(E_, 0.0);
   co_prev_.assign(E_, 0.0);
+  psum_.assign(std::size_t(E_) * c.horizons_used, 0.0);
   window_.assign(words_, 0);
   matched_.reserve(c.window);
   matched_k_.reserve(c.window);
@@ -253,46 +258,63 @@ void ReuseForecaster::induction(int l, std::int64_t t, double* x) {
   }
 }
 
-// ReuseModel.logits for one call, then log2_density or log2_distance.
+// ReuseModel.probabilities for one call, then log2_density or log2_distance.
 void ReuseForecaster::forward(int l, const double* x, Value value, double* out) {
-  const int F = num_features_, D = D_, H = H_;
-  const std::size_t LE = std::size_t(l) * E_;
+  const int F = num_features_, D = D_, H = H_, Hu = cfg_.horizons_used, K = cfg_.members;
+  const std::size_t LE = std::size_t(l) * E_, LLE = std::size_t(L_) * E_;
+  const std::size_t F2 = std::size_t(F) + 2;
   const std::uint8_t* used = &used_[LE];
   const std::uint8_t* prev = l > 0 ? &used_[LE - E_] : nullptr;
   std::vector<double>&co_self = co_self_, &co_prev = co_prev_, &hidden = hidden_, &logit = logits_;
-  std::fill(co_self.begin(), co_self.end(), 0.0);
-  std::fill(co_prev.begin(), co_prev.end(), 0.0);
-  const double* cs = &w_.coact_self[LE * E_];
-  const double* cp = &w_.coact_prev[LE * E_];
-  for (int f = 0; f < E_; ++f) {
-    if (used[f])
-      for (int e = 0; e < E_; ++e) co_self[e] += cs[std::size_t(f) * E_ + e];
-    if (prev && prev[f])
-      for (int e = 0; e < E_; ++e) co_prev[e] += cp[std::size_t(f) * E_ + e];
+  for (int k = 0; k < K; ++k) {  // ReuseModel.probabilities: the members' p summed in order
+    const std::size_t kk = static_cast<std::size_t>(k);
+    const double* w1 = &w_.w1[kk * F2 * D];
+    const double* c1 = &w_.c1[kk * D];
+    const double* w2 = &w_.w2[kk * D * H];
+    const double* c2 = &w_.c2[kk * H];
+    const double* s_self = &w_.s_self[kk * H];
+    const double* s_prev = &w_.s_prev[kk * H];
+    const double* cs = &w_.coact_self[(kk * LLE + LE) * E_];
+    const double* cp = &w_.coact_prev[(kk * LLE + LE) * E_];
+    std::fill(co_self.begin(), co_self.end(), 0.0);
+    std::fill(co_prev.begin(), co_prev.end(), 0.0);
+    for (int f = 0; f < E_; ++f) {
+      if (used[f])
+        for (int e = 0; e < E_; ++e) co_self[e] += cs[std::size_t(f) * E_ + e];
+      if (prev && prev[f])
+        for (int e = 0; e < E_; ++e) co_prev[e] += cp[std::size_t(f) * E_ + e];
+    }
+    for (int e = 0; e < E_; ++e) {
+      const double* row = x + std::size_t(e) * F;
+      std::fill(hidden.begin(), hidden.end(), 0.0);  // flat @ w1, then + c1 (as numpy)
+      for (std::size_t f = 0; f < F2; ++f) {
+        const double v = f < F2 - 2 ? row[f] : (f == F2 - 2 ? co_self[e] : co_prev[e]);
+        if (v == 0.0) continue;  // adds +0 (one-hot and induction columns are mostly 0)
+        const double* w = &w1[f * D];
+        for (int j = 0; j < D; ++j) hidden[j] += v * w[j];
+      }
+      for (int h = 0; h < H; ++h) logit[h] = 0.0;
+      for (int j = 0; j < D; ++j) {
+        const double v = std::max(hidden[j] + c1[j], 0.0);
+        if (v == 0.0) continue;
+        const double* w = &w2[std::size_t(j) * H];
+        for (int h = 0; h < H; ++h) logit[h] += v * w[h];
+      }
+      const double* bias = &w_.bias[(kk * LLE + LE + e) * H];
+      double* p = &psum_[std::size_t(e) * Hu];
+      for (int h = 0; h < Hu; ++h) {
+        const double z =
+            logit[h] + c2[h] + bias[h] + co_self[e] * s_self[h] + co_prev[e] * s_prev[h];
+        const double ph = 1.0 / (1.0 + std::exp(-z));
+        p[h] = k == 0 ? ph : p[h] + ph;
+      }
+    }
   }
-  const int Hu = cfg_.horizons_used;
   for (int e = 0; e < E_; ++e) {
-    const double* row = x + std::size_t(e) * F;
-    std::fill(hidden.begin(), hidden.end(), 0.0);  // flat @ w1, then + c1 (as numpy)
-    for (int f = 0; f < F + 2; ++f) {
-      const double v = f < F ? row[f] : (f == F ? co_self[e] : co_prev[e]);
-      if (v == 0.0) continue;  // adds +0 (one-hot and induction columns are mostly 0)
-      const double* w1 = &w_.w1[std::size_t(f) * D];
-      for (int j = 0; j < D; ++j) hidden[j] += v * w1[j];
-    }
-    for (int h = 0; h < H; ++h) logit[h] = 0.0;
-    for (int j = 0; j < D; ++j) {
-      const double v = std::max(hidden[j] + w_.c1[j], 0.0);
-      if (v == 0.0) continue;
-      const double* w2 = &w_.w2[std::size_t(j) * H];
-      for (int h = 0; h < H; ++h) logit[h] += v * w2[h];
-    }
-    const double* bias = &w_.bias[(LE + e) * H];
     double p[64];
     for (int h = 0; h < Hu; ++h) {
-      const double z =
-          logit[h] + w_.c2[h] + bias[h] + co_self[e] * w_.s_self[h] + co_prev[e] * w_.s_prev[h];
-      p[h] = 1.0 / (1.0 + std::exp(-z));
+      const double sum = psum_[std::size_t(e) * Hu + h];
+      p[h] = K == 1 ? sum : sum / K;
     }
     double v;
     if (value == kDistance) {

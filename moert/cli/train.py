@@ -83,6 +83,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--horizons-used", type=int, default=None, help="reuse: look-ahead horizons the eviction uses (1..7)"
     )
+    g.add_argument(
+        "--ensemble", type=int, default=1,
+        help="reuse: train this many models (seeds --seed, --seed + 1, ...; each on its own offset in the "
+        "stride) and average their probabilities",
+    )  # fmt: skip
 
 
 def _threads(n: int) -> int:
@@ -177,7 +182,7 @@ def _train_reuse(args: argparse.Namespace) -> Any:
     from moert.predict.data import open_sequences, split_sequences
     from moert.predict.evaluate import select_sequences
     from moert.predict.reuse import HORIZONS, save_reuse
-    from moert.predict.reuse_train import ReuseTrainConfig, build_data, train_reuse
+    from moert.predict.reuse_train import ReuseTrainConfig, build_data, train_ensemble
 
     meta, seqs = open_sequences(args.trace, args.format, args.max_sequences)
     split = split_sequences([s.seq_id for s in seqs], args.val_split, args.test_split, args.seed)
@@ -189,6 +194,8 @@ def _train_reuse(args: argparse.Namespace) -> Any:
         raise ValueError(f"--horizons-used {used} must be in 1..{len(HORIZONS)} (horizons {HORIZONS})")
     if args.stride < 1:
         raise ValueError(f"--stride {args.stride} must be >= 1")
+    if args.ensemble < 1:
+        raise ValueError(f"--ensemble {args.ensemble} must be >= 1 (the models averaged)")
     if not 0 < args.lr_final <= 1:
         raise ValueError(f"--lr-final {args.lr_final} must be in (0, 1] (a share of --lr; 1: constant)")
     cfg = ReuseTrainConfig(
@@ -201,15 +208,14 @@ def _train_reuse(args: argparse.Namespace) -> Any:
     def stream(part: list) -> np.ndarray:
         return np.concatenate([s.experts.numpy().astype(np.int64) for s in part], axis=1)  # [L, N, k]
 
-    train = build_data(stream(parts["train"]), E, stride=cfg.stride, offset=args.seed % cfg.stride)
     val = build_data(stream(parts["val"]), E, stride=4)
     info = {
         "trace": str(Path(args.trace).resolve()), "trace_source": meta.source, "sequences": len(seqs),
         "seed": args.seed, "split": split.to_json(), "fractions": {"val": args.val_split, "test": args.test_split},
-        "examples": {"train": len(train), "val": len(val)},
+        "examples": {"val": len(val)},
     }  # fmt: skip
     log = None if args.no_progress else (lambda row: print(row, flush=True))
-    model = train_reuse(train, val, meta.num_layers, E, cfg, info=info, log=log)
+    model = train_ensemble(stream(parts["train"]), val, meta.num_layers, E, cfg, args.ensemble, info, log)
     if used is not None:
         model.horizons_used = used
     save_reuse(args.out, model, model_type=meta.model_type, layers=tuple(meta.layers), top_k=meta.top_k)

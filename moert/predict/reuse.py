@@ -35,6 +35,7 @@ runtime; the forecast is rounded to 1/256 of a log2 step so that batching cannot
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +56,7 @@ __all__ = [
     "ReuseModel",
     "ReuseState",
     "dense_features",
+    "ensemble",
     "load_reuse",
     "next_use_distance",
     "num_dense_features",
@@ -197,6 +199,8 @@ class ReuseModel:
         info: training provenance (trace, split, curve, metrics).
         horizons_used: the forecast is E[log2 min(d, 2 n)] over the first this many horizons (n the
             last one's): the horizon the eviction looks ahead.
+        members: more models of the same shapes (other training seeds): the forecast's probabilities
+            are the mean over this model and them (an ensemble, :func:`ensemble`); () for one model.
     """
 
     w1: np.ndarray
@@ -211,6 +215,7 @@ class ReuseModel:
     groups: tuple[str, ...] = FEATURE_GROUPS
     info: dict[str, Any] = field(default_factory=dict)
     horizons_used: int = len(HORIZONS)
+    members: tuple[ReuseModel, ...] = ()
 
     TENSORS = ("w1", "c1", "w2", "c2", "bias", "coact_self", "coact_prev", "s_self", "s_prev")
 
@@ -243,10 +248,18 @@ class ReuseModel:
         )
         return h + co_self[..., None] * self.s_self + co_prev[..., None] * self.s_prev
 
+    def probabilities(self, layers: Any, x: np.ndarray, used: np.ndarray, prev: np.ndarray) -> np.ndarray:
+        """(N, E, horizons_used) float64 p_h of N calls (as :meth:`logits`): the sigmoid of the logits, the
+        mean over the members of an ensemble (summed in order, then divided)."""
+        total = None
+        for model in (self, *self.members):
+            p = 1.0 / (1.0 + np.exp(-model.logits(layers, x, used, prev)[..., : self.horizons_used]))
+            total = p if total is None else total + p
+        return total if not self.members else total / (1 + len(self.members))
+
     def log2_distance(self, layers: Any, x: np.ndarray, used: np.ndarray, prev: np.ndarray) -> np.ndarray:
         """(N, E) float64 forecast E[log2 min(d, 128)] of N calls (as :meth:`logits`), rounded to 1/QUANTUM."""
-        logits = self.logits(layers, x, used, prev)[..., : self.horizons_used]
-        p = 1.0 / (1.0 + np.exp(-logits))
+        p = self.probabilities(layers, x, used, prev)
         return np.round((1.0 - p).sum(axis=-1) * QUANTUM) / QUANTUM
 
     def log2_density(self, layers: Any, x: np.ndarray, used: np.ndarray, prev: np.ndarray) -> np.ndarray:
@@ -260,8 +273,7 @@ class ReuseModel:
 
         (``E[min(d, n)] = sum_{j < n} P(d > j)``, with ``P(d > j) = 1 - p_h`` for ``n_h <= j < 2 n_h``).
         At horizon 1 it is ``p_1``: the unit of a prefetch's probability of use at its call."""
-        logits = self.logits(layers, x, used, prev)[..., : self.horizons_used]
-        p = 1.0 / (1.0 + np.exp(-logits))
+        p = self.probabilities(layers, x, used, prev)
         n = np.asarray(HORIZONS[: p.shape[-1]], dtype=np.float64)
         held = n * (1.0 - p)
         expected = 1.0 + np.cumsum(held, axis=-1) - held  # E[min(d, n_H)] per horizon
@@ -277,8 +289,10 @@ class ReuseModel:
         from moert import _C
         from moert.predict import reuse_induction as ind
 
-        def arr(name: str) -> np.ndarray:
-            return np.ascontiguousarray(getattr(self, name), dtype=np.float64)
+        def arr(name: str) -> np.ndarray:  # the members' tensors one after the other
+            return np.ascontiguousarray(
+                np.stack([getattr(m, name) for m in (self, *self.members)]), dtype=np.float64
+            )
 
         return _C.ReuseForecaster(
             layers=self.num_layers, experts=self.num_experts, age_edges=list(AGE_EDGES),
@@ -286,7 +300,7 @@ class ReuseModel:
             bigram=bool(ind.INDUCTION_BIGRAM), match=list(ind.INDUCTION_MATCH),
             ahead=list(ind.INDUCTION_AHEAD), horizons=list(HORIZONS), horizons_used=self.horizons_used,
             density_from=DENSITY_FROM, quantum=QUANTUM, floor_log2=DENSITY_FLOOR_LOG2,
-            **{name: arr(name) for name in self.TENSORS},
+            members=1 + len(self.members), **{name: arr(name) for name in self.TENSORS},
         )  # fmt: skip
 
     @staticmethod
@@ -302,7 +316,30 @@ class ReuseModel:
                           r(L, E, E) * 0.3, r(H), r(H), info={"random_seed": seed})  # fmt: skip
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {name: torch.from_numpy(np.ascontiguousarray(getattr(self, name))) for name in self.TENSORS}
+        """The file's tensors: this model's by name, member k's (k >= 1) as ``member{k}.NAME``."""
+        out = {}
+        for k, model in enumerate((self, *self.members)):
+            for name in self.TENSORS:
+                out[name if k == 0 else f"member{k}.{name}"] = torch.from_numpy(
+                    np.ascontiguousarray(getattr(model, name))
+                )
+        return out
+
+
+def ensemble(models: list[ReuseModel]) -> ReuseModel:
+    """One forecast from several models of the same shapes (e.g. other training seeds): the first with
+    the others as its ``members``; ValueError if their tensors' shapes or feature groups differ."""
+    if not models:
+        raise ValueError("an ensemble needs at least one model")
+    first = models[0]
+    for k, other in enumerate(models[1:], 1):
+        bad = [n for n in ReuseModel.TENSORS if getattr(other, n).shape != getattr(first, n).shape]
+        if bad or other.groups != first.groups or other.members:
+            raise ValueError(
+                f"ensemble member {k} does not match member 0 (tensors {bad}, groups {other.groups} vs "
+                f"{first.groups}): train every member with the same --hidden and --features"
+            )
+    return dataclasses.replace(first, members=tuple(models[1:]))
 
 
 def _meta(model: ReuseModel, model_type: str, layers: tuple[int, ...], top_k: int) -> PredictorMeta:
@@ -330,7 +367,8 @@ def save_reuse(
     from moert.predict.io import save_predictor
 
     extra = {"groups": list(model.groups), "horizons": list(HORIZONS), "decays": list(DECAYS),
-             "horizons_used": model.horizons_used, "induction": induction_config()}  # fmt: skip
+             "horizons_used": model.horizons_used, "induction": induction_config(),
+             "members": 1 + len(model.members)}  # fmt: skip
     return save_predictor(path, _meta(model, model_type, layers, top_k), model.tensors(), extra)
 
 
@@ -352,7 +390,11 @@ def load_reuse(path: str | os.PathLike) -> tuple[ReuseModel, PredictorMeta]:
             f"{path}: made with other induction features ({extra.get('induction')}; this moert: "
             f"{induction_config()}); train it again with this moert"
         )
-    missing = [n for n in ReuseModel.TENSORS if n not in tensors]
+    count = extra.get("members", 1)
+    if not (isinstance(count, int) and count >= 1):
+        raise ValueError(f"{path}: members={count!r} must be an int >= 1; corrupt file? train it again")
+    names = [n if k == 0 else f"member{k}.{n}" for k in range(count) for n in ReuseModel.TENSORS]
+    missing = [n for n in names if n not in tensors]
     if missing:
         raise ValueError(f"{path}: tensors {missing} are missing; corrupt file? train it again")
     arrays = {n: tensors[n].double().numpy() for n in ReuseModel.TENSORS}
@@ -368,4 +410,8 @@ def load_reuse(path: str | os.PathLike) -> tuple[ReuseModel, PredictorMeta]:
     used = extra.get("horizons_used", len(HORIZONS))
     if not (isinstance(used, int) and 1 <= used <= len(HORIZONS)):
         raise ValueError(f"{path}: horizons_used={used!r} must be an int in 1..{len(HORIZONS)}")
-    return ReuseModel(**arrays, groups=groups, info=dict(meta.train), horizons_used=used), meta
+    models = [ReuseModel(**arrays, groups=groups, info=dict(meta.train), horizons_used=used)]
+    for k in range(1, count):
+        more = {n: tensors[f"member{k}.{n}"].double().numpy() for n in ReuseModel.TENSORS}
+        models.append(ReuseModel(**more, groups=groups, horizons_used=used))
+    return ensemble(models), meta

@@ -10,6 +10,7 @@ Runs in torch on the CPU (``torch.set_num_threads``); the result is a numpy :cla
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,11 +26,12 @@ from moert.predict.reuse import (
     HORIZONS,
     ReuseModel,
     ReuseState,
+    ensemble,
     next_use_distance,
     num_dense_features,
 )
 
-__all__ = ["ReuseData", "ReuseTrainConfig", "build_data", "feature_mask", "train_reuse"]
+__all__ = ["ReuseData", "ReuseTrainConfig", "build_data", "feature_mask", "train_ensemble", "train_reuse"]
 
 
 @dataclass(frozen=True)
@@ -251,3 +253,32 @@ def train_reuse(
         return net.export(cfg.groups, meta)
     finally:
         torch.set_num_threads(threads)
+
+
+def train_ensemble(
+    stream: np.ndarray, val: ReuseData, num_layers: int, num_experts: int, cfg: ReuseTrainConfig,
+    members: int = 1, info: dict[str, Any] | None = None, log: Any = None,
+) -> ReuseModel:  # fmt: skip
+    """``members`` forecasts trained with the seeds ``cfg.seed``, ``cfg.seed + 1``, ... (each on the
+    training tokens of its own offset in the stride: ``seed % stride``), as one ensemble (the mean of
+    their probabilities, :func:`moert.predict.reuse.ensemble`); one member is :func:`train_reuse`.
+
+    ``stream``: (L, N, k) the training tokens' experts. The first member's ``info`` gets ``"members"``:
+    every member's seed, best validation loss and curve."""
+    if members < 1:
+        raise ValueError(f"members={members} must be >= 1 (--ensemble: models averaged)")
+    models = []
+    for m in range(members):
+        seed = cfg.seed + m
+        train = build_data(stream, num_experts, stride=cfg.stride, offset=seed % cfg.stride)
+        one = dataclasses.replace(cfg, seed=seed)
+        more = dict(info or {})
+        more["examples"] = {**more.get("examples", {}), "train": len(train)}
+        models.append(train_reuse(train, val, num_layers, num_experts, one, info=more, log=log))
+        del train
+    if members > 1:
+        models[0].info["members"] = [
+            {"seed": cfg.seed + m, "best_val_loss": x.info.get("best_val_loss"), "curve": x.info.get("curve")}
+            for m, x in enumerate(models)
+        ]
+    return ensemble(models)

@@ -294,11 +294,16 @@ def test_cli_train_reuse_then_simulate_learned(tmp_path, capsys):
                 "0.1",
                 "--patience",
                 "9",
+                "--ensemble",
+                "2",
             ]
         )
         == 0
     )
     assert "saved" in capsys.readouterr().out and load_reuse(out)[1].kind == "reuse"
+    back = load_reuse(out)[0]  # an ensemble of two seeds, each on its own offset in the stride
+    assert len(back.members) == 1 and [m["seed"] for m in back.info["members"]] == [0, 1]
+    assert not np.array_equal(back.w1, back.members[0].w1)
     curve = load_reuse(out)[1].train["curve"]  # the cosine decay: lr at epoch 1, lr / 10 at the last
     assert [round(c["lr"] / 1e-3, 6) for c in curve[1:]] == [1.0, 0.55, 0.1], curve
     js = tmp_path / "sim.json"
@@ -312,6 +317,10 @@ def test_cli_train_reuse_then_simulate_learned(tmp_path, capsys):
         (
             ["train", "--predictor", "reuse", "--out", str(out), "--lr-final", "0"],
             "--lr-final 0.0 must be in (0, 1]",
+        ),
+        (
+            ["train", "--predictor", "reuse", "--out", str(out), "--ensemble", "0"],
+            "--ensemble 0 must be >= 1",
         ),
     ):
         cmd = [sys.executable, "-m", "moert", "simulate", str(trace), "--no-progress", *bad]

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from moert.policy.learned import Learned
-from moert.predict.reuse import QUANTUM, ReuseModel, ReuseState
+from moert.predict.reuse import QUANTUM, ReuseModel, ReuseState, ensemble, load_reuse, save_reuse
 from moert.trace import SequenceTrace
 
 
@@ -46,18 +46,19 @@ def _reference(model: ReuseModel, hot: np.ndarray, value: str) -> np.ndarray:
 
 @pytest.mark.parametrize("value", ["density", "distance"])
 @pytest.mark.parametrize(
-    "window,experts,horizons_used", [(None, 16, 7), (16, 70, 7), (8, 9, 3), (None, 64, 1)]
+    "window,experts,horizons_used,members",
+    [(None, 16, 7, 1), (16, 70, 7, 1), (8, 9, 3, 1), (None, 64, 1, 1), (16, 16, 7, 3)],
 )
-def test_native_values_are_the_definition(monkeypatch, value, window, experts, horizons_used):
+def test_native_values_are_the_definition(monkeypatch, value, window, experts, horizons_used, members):
     """Over windows that wrap (8, 16) or not, more than one 64-bit word of experts (70), fewer
-    horizons: the native values equal the numpy definition's (both rounded to 1/256; the arithmetic is
-    the same, so they agree exactly here, and never by more than one step)."""
+    horizons, an ensemble of 3: the native values equal the numpy definition's (both rounded to 1/256;
+    the arithmetic is the same, so they agree exactly here, and never by more than one step)."""
     import moert.predict.reuse_induction as ri
 
     if window is not None:
         monkeypatch.setattr(ri, "INDUCTION_WINDOW", window)
     L, T, k = 3, 80, 4
-    model = ReuseModel.random(L, experts, seed=7, hidden=16)
+    model = ensemble([ReuseModel.random(L, experts, seed=7 + m, hidden=16) for m in range(members)])
     model.horizons_used = horizons_used
     hot = _routing(T, L, experts, k, seed=3)
     want = _reference(model, hot, value)
@@ -116,5 +117,28 @@ def test_native_errors_name_the_value():
         native.features(1)
     other = ReuseModel.random(2, 8, seed=1, hidden=4)
     other.w1 = other.w1[:-1]  # one feature short: a model of other features
-    with pytest.raises(ValueError, match="w1 has .* values, want \\(F \\+ 2\\) x D"):
+    with pytest.raises(ValueError, match="w1 has .* values, want members x \\(F \\+ 2\\) x D"):
         other.forecaster()
+
+
+def test_an_ensemble_is_the_mean_of_its_members_and_round_trips(tmp_path):
+    """An ensemble's probabilities are the mean of its members'; saved and loaded, it forecasts the same
+    (numpy and native); members of other shapes are refused with the fix."""
+    L, E = 2, 8
+    members = [ReuseModel.random(L, E, seed=s, hidden=4) for s in range(3)]
+    both = ensemble(members)
+    g = np.random.default_rng(0)
+    x = g.standard_normal((5, E, members[0].w1.shape[0] - 2))
+    used, prev = g.random((5, E)) < 0.3, g.random((5, E)) < 0.3
+    layers = np.array([0, 1, 1, 0, 1])
+    want = np.mean([1 / (1 + np.exp(-m.logits(layers, x, used, prev))) for m in members], axis=0)
+    np.testing.assert_allclose(both.probabilities(layers, x, used, prev), want, rtol=1e-14)
+    path = save_reuse(tmp_path / "e.safetensors", both, model_type="test", layers=(0, 1), top_k=2)
+    back = load_reuse(path)[0]
+    assert len(back.members) == 2
+    assert np.array_equal(back.log2_density(layers, x, used, prev), both.log2_density(layers, x, used, prev))
+    hot = _routing(70, L, E, 2, seed=1)
+    assert np.array_equal(back.forecaster().sequence(hot, 0), both.forecaster().sequence(hot, 0))
+    assert not np.array_equal(both.forecaster().sequence(hot, 0), members[0].forecaster().sequence(hot, 0))
+    with pytest.raises(ValueError, match="member 1 does not match member 0 .* same --hidden"):
+        ensemble([members[0], ReuseModel.random(L, E, hidden=5)])

@@ -35,6 +35,7 @@ struct ReuseForecastConfig {
   int density_from = 1;
   double quantum = 256.0;
   double floor_log2 = -64.0;
+  int members = 1;  // an ensemble: the mean of the members' probabilities
 };
 
 // ReuseModel's tensors, row-major float64: w1 (F + 2, D), c1 (D), w2 (D, H), c2 (H), bias (L, E,
@@ -96,7 +97,7 @@ class ReuseForecaster {
   std::vector<double> memo_;          // L x W overlaps
   std::vector<double> memo_size_;     // L
   // scratch
-  std::vector<double> x_, overlap_, prev_ov_, hidden_, logits_, co_self_, co_prev_;
+  std::vector<double> x_, overlap_, prev_ov_, hidden_, logits_, co_self_, co_prev_, psum_;
   std::vector<std::uint64_t> window_;
   std::vector<std::int64_t> matched_, matched_k_;
   std::vector<int> ids_;
