@@ -120,17 +120,20 @@ def _ms(xs: list[float]) -> dict[str, float]:
     }
 
 
-POLICY = {"name": "lru"}  # --policy: the patched configuration's eviction (learned: random weights)
+#: --policy: the patched configuration's eviction (learned: random weights, an ensemble of --members)
+POLICY = {"name": "lru", "members": 2}
 
 
 def _patch(model: Any) -> Any:
     extra = dict(PATCH, predictor=random_predictor(model)) if PATCH else {}
     if POLICY["name"] == "learned":
-        from moert.predict.reuse import ReuseModel
+        from moert.predict.reuse import ReuseModel, ensemble
         from moert.predict.reuse_train import ReuseTrainConfig
 
         a, hidden = get_adapter(model), ReuseTrainConfig().hidden  # the trained model's size
-        extra["evictor"] = ReuseModel.random(len(a.moe_layers()), a.num_experts, hidden=hidden)
+        members = [ReuseModel.random(len(a.moe_layers()), a.num_experts, seed=s, hidden=hidden)
+                   for s in range(POLICY["members"])]  # fmt: skip
+        extra["evictor"] = ensemble(members)
     return moert.patch(model, cache_experts=1.0, device="cpu", policy=POLICY["name"], **extra)
 
 
@@ -346,7 +349,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "bench": "overhead",
         "device": "cpu",
-        "config": f"moert.patch(model, cache_experts=1.0, device='cpu', policy='{POLICY['name']}') vs unpatched",
+        "config": f"moert.patch(model, cache_experts=1.0, device='cpu', policy='{POLICY['name']}') vs unpatched"
+        + (
+            f" (evictor: a random reuse ensemble of {POLICY['members']})"
+            if POLICY["name"] == "learned"
+            else ""
+        ),
         "prefetch": PATCH.get("prefetch", "none (no predictor)"),
         "batch": 1,
         "prompt_len": args.prompt_len,
@@ -479,8 +487,12 @@ def main() -> None:
     p.add_argument("--prefetch", choices=["none", "async", "budget"], default="none", help="see the doc")  # fmt: skip
     p.add_argument("--json", action="store_true", help="also print the JSON record")
     p.add_argument("--policy", choices=["lru", "learned"], default="lru", help="the patched model's policy")
+    p.add_argument("--members", type=int, default=2,
+                   help="policy learned: models in its random reuse ensemble (bench_evict trains 2)")  # fmt: skip
     args = p.parse_args()
-    POLICY["name"] = args.policy
+    if args.members < 1:
+        p.error(f"--members {args.members} must be >= 1")
+    POLICY.update(name=args.policy, members=args.members)
     PATCH.update({} if args.prefetch == "none" else {"prefetch": args.prefetch})
     if min(args.rounds, args.tokens, args.prompt_len) < 1 or args.warmup < 0:
         p.error("--rounds, --tokens and --prompt-len must be >= 1, --warmup >= 0")
