@@ -22,7 +22,20 @@ ReuseForecaster::ReuseForecaster(ReuseForecastConfig config, ReuseWeights weight
   const auto& c = cfg_;
   MOERT_CHECK(c.layers >= 1 && c.experts >= 1, "ReuseForecaster: layers=", c.layers,
               " and experts=", c.experts, " must be >= 1");
-  MOERT_CHECK(c.window >= 2, "ReuseForecaster: window=", c.window, " must be >= 2");
+  MOERT_CHECK(c.layers <= (1 << 16) && c.experts <= (1 << 16), "ReuseForecaster: layers=", c.layers,
+              " and experts=", c.experts, " must be <= 65536");
+  MOERT_CHECK(c.window >= 2 && c.window <= (1 << 20), "ReuseForecaster: window=", c.window,
+              " must be in 2..2^20");
+  MOERT_CHECK(c.ahead.size() <= 64 && c.match.size() <= 64 && c.decays.size() <= 64 &&
+                  c.age_edges.size() <= 64,
+              "ReuseForecaster: at most 64 look-aheads, match levels, decays and age edges");
+  MOERT_CHECK(c.members >= 1 && c.members <= 64, "ReuseForecaster: members=", c.members,
+              " must be in 1..64");
+  MOERT_CHECK(
+      static_cast<double>(c.layers) * c.window * ((c.experts + 63) / 64) * (c.ahead.size() + 1) <=
+          double(1ULL << 31),
+      "ReuseForecaster: layers x window x experts is too large for the induction rings (layers=",
+      c.layers, ", window=", c.window, ", experts=", c.experts, ")");
   MOERT_CHECK(c.induction_layers >= 1, "ReuseForecaster: induction_layers=", c.induction_layers,
               " must be >= 1");
   MOERT_CHECK(!c.match.empty() && !c.ahead.empty() && !c.horizons.empty() && !c.decays.empty(),
@@ -49,7 +62,6 @@ ReuseForecaster::ReuseForecaster(ReuseForecastConfig config, ReuseWeights weight
   const int M = static_cast<int>(c.match.size()), A = static_cast<int>(c.ahead.size());
   num_features_ = num_dense_ + M * (A + 1);
   const std::size_t K = static_cast<std::size_t>(c.members);
-  MOERT_CHECK(c.members >= 1, "ReuseForecaster: members=", c.members, " must be >= 1");
   D_ = static_cast<int>(w_.c1.size() / K);
   const std::size_t F2 = static_cast<std::size_t>(num_features_) + 2, LE = std::size_t(L_) * E_;
   MOERT_CHECK(D_ >= 1 && w_.c1.size() == K * D_ && w_.w1.size() == K * F2 * D_,

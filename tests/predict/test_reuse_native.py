@@ -115,6 +115,22 @@ def test_native_errors_name_the_value():
         native.sequence(np.zeros((3, 2, 9), dtype=bool), 0)
     with pytest.raises(ValueError, match="layer 1 has had no call"):
         native.features(1)
+    from moert import _C
+
+    kwargs = {name: getattr(model, name) for name in ReuseModel.TENSORS}
+    base = dict(layers=2, experts=8, age_edges=[0, 1], decays=[0.5], window=16, induction_layers=1,
+                bigram=True, match=[0.5], ahead=[1], horizons=[1, 2, 4, 8, 16, 32, 64], horizons_used=7,
+                density_from=1, quantum=256.0, floor_log2=-64.0, **kwargs)  # fmt: skip
+    for change, message in (
+        ({"window": 1 << 40}, "window=1099511627776 must be in 2..2\\^20"),
+        ({"experts": 1 << 20}, "must be <= 65536"),
+        ({"layers": 60000, "window": 1 << 20}, "too large for the induction rings"),
+        ({"members": 0}, "members=0 must be in 1..64"),
+        ({"match": [0.5, 0.7]}, "match must descend"),
+        ({"ahead": [2, 1]}, "ahead must be ascending"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            _C.ReuseForecaster(**{**base, **change})
     other = ReuseModel.random(2, 8, seed=1, hidden=4)
     other.w1 = other.w1[:-1]  # one feature short: a model of other features
     with pytest.raises(ValueError, match="w1 has .* values, want members x \\(F \\+ 2\\) x D"):
