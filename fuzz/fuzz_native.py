@@ -1,6 +1,7 @@
 """Fuzz target: the native runtime's argument checks, through its Python face (``moert.engine.runtime``):
 ``ExpertPool``, ``SlabCache`` (real CPU twin and simulated) and ``CopyEngine``, built with random sizes
-and driven by random calls with random shapes, dtypes and values.
+and driven by random calls with random shapes, dtypes and values; and ``moert._C.ReuseForecaster``
+(policy learned's forecast), built with random lists and weight sizes (exact half the time) and called.
 
 DESIGN §4: every entry point validates its arguments; no input from Python may crash the process.
 Only ValueError, TypeError and RuntimeError may escape a call; a crash, a hang (libFuzzer -timeout)
@@ -22,6 +23,7 @@ with atheris.instrument_imports(include=["moert"]):
     import numpy as np
     import torch
 
+    from moert import _C
     from moert.engine import runtime as rt
 
 _BUDGET = 1 << 28  # bytes a pool or cache may really allocate
@@ -47,6 +49,7 @@ class State:
         self.views: list[torch.Tensor] = []
         self.keep: list[object] = []  # predict_async buffers, alive until their ticket is applied
         self.tickets: list[tuple[rt.CopyEngine, int]] = []
+        self.forecasters: list[object] = []
 
 
 def small(fdp, lo: int = -2, hi: int = 20) -> int:
@@ -268,7 +271,55 @@ def engine_call(fdp, st: State) -> None:
         eng.wait_predictions(any_int(fdp) if fdp.ConsumeBool() else eng.predictions_done())
 
 
-OPS = (make_pool, make_cache, make_engine, pool_call, cache_call, engine_call, engine_call, cache_call)
+def _ascending(fdp, n: int, lo: int, hi: int) -> list[int]:
+    return sorted({fdp.ConsumeIntInRange(lo, hi) for _ in range(n)})
+
+
+def make_forecaster(fdp, st: State) -> None:
+    """Lists that are valid half the time; weights of the exact sizes half the time (else off by one)."""
+    L, E, K, D = small(fdp, -1, 4), small(fdp, -1, 70), small(fdp, -1, 3), small(fdp, 0, 4)
+    edges = _ascending(fdp, small(fdp, 0, 4), 0, 70)
+    decays = [fdp.ConsumeProbability() for _ in range(small(fdp, 0, 3))]
+    match = sorted((fdp.ConsumeProbability() for _ in range(small(fdp, 0, 3))), reverse=fdp.ConsumeBool())
+    ahead = _ascending(fdp, small(fdp, 0, 4), -1, 40)
+    horizons = [1, 2, 4, 8, 16, 32, 64][: small(fdp, 0, 7)]
+    window = (
+        small(fdp, -1, 40) if fdp.ConsumeBool() else fdp.PickValueInList([4096, 2**20, 2**20 + 1, 2**31, -5])
+    )
+    F = len(edges) + 2 + 5 + len(decays) + len(match) * (len(ahead) + 1)
+    H, k, le = len(horizons), max(K, 0), max(L, 0) * max(E, 0)
+    sizes = {"w1": k * (F + 2) * D, "c1": k * D, "w2": k * D * H, "c2": k * H, "bias": k * le * H,
+             "coact_self": k * le * max(E, 0), "coact_prev": k * le * max(E, 0), "s_self": k * H, "s_prev": k * H}  # fmt: skip
+    if fdp.ConsumeBool():
+        name = fdp.PickValueInList(sorted(sizes))
+        sizes[name] = max(sizes[name] + fdp.PickValueInList([-1, 1]), 0)
+    if sum(sizes.values()) > 1 << 22:
+        return
+    weights = {n: np.full(v, 0.1) for n, v in sizes.items()}
+    st.forecasters.append(_C.ReuseForecaster(
+        layers=L, experts=E, age_edges=edges, decays=decays, window=window, induction_layers=small(fdp, -1, 7),
+        bigram=fdp.ConsumeBool(), match=match, ahead=ahead, horizons=horizons, horizons_used=small(fdp, -1, 8),
+        density_from=small(fdp, -1, 8), quantum=256.0, floor_log2=-64.0, members=K, **weights,
+    ))  # fmt: skip
+
+
+def forecaster_call(fdp, st: State) -> None:
+    if not st.forecasters:
+        return make_forecaster(fdp, st)
+    f = fdp.PickValueInList(st.forecasters)
+    op = small(fdp, 0, 3)
+    if op == 0:
+        f.call(any_int(fdp), array(fdp, 2), small(fdp, -1, 2))
+    elif op == 1:
+        f.sequence(array(fdp, 2), small(fdp, -1, 2))
+    elif op == 2:
+        f.features(any_int(fdp))
+    else:
+        f.clock(any_int(fdp))
+
+
+OPS = (make_pool, make_cache, make_engine, pool_call, cache_call, engine_call, engine_call, cache_call,
+       make_forecaster, forecaster_call, forecaster_call)  # fmt: skip
 
 
 def TestOneInput(data: bytes) -> None:
