@@ -137,12 +137,13 @@ bench-sim-studies: setup
 
 # learned eviction (policy learned) on the held-out puffin prompts: trains the reuse forecast (an ensemble
 # of two seeds), replays lru/lfu/belady/learned/learned:next per-layer and global; then at 0.25 the model
-# without the induction group, the look-ahead ablation, and another ensemble (seeds 2 and 3: the training's
-# noise) (about an hour and a half on 2 busy cores)
+# without the induction group, the look-ahead ablation, one model instead of the ensemble, and another
+# ensemble (seeds 2 and 3: the training's noise) (about two hours on 2 busy cores)
 bench-evict: setup
 	$(PY) bench/bench_evict.py
 	$(PY) bench/bench_evict.py --work out/evict-noind --features recency,gaps,frequency,bias,coact --capacities 0.25 --policies lru,belady,learned --out bench/results/sim_evict_puffin_noinduction
 	$(PY) bench/bench_evict.py --evictor out/evict/reuse.safetensors --capacities 0.25 --policies lru,belady,learned --ablations --horizons 1,3 --drop "" --out bench/results/sim_evict_puffin_horizons
+	$(PY) bench/bench_evict.py --ensemble 1 --work out/evict-one --out bench/results/sim_evict_puffin_one
 	$(PY) bench/bench_evict.py --train-seed 2 --work out/evict-seed2 --capacities 0.25 --policies lru,belady,learned,learned:next --out bench/results/sim_evict_puffin_seed2
 
 # the SSD tier in the simulator: tok/s against the host pool's size (minutes); the README's memory table (instant)
