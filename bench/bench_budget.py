@@ -27,8 +27,10 @@ named; exit 1 if any is below by more than 0.1% (float noise). Writes
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
+import shutil
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -127,11 +129,25 @@ def windows(ms: float, bw: float) -> tuple[float, float]:
     return cost.attention_share * ms * 1e-3 / cost.copy_s, ms * 1e-3 / cost.copy_s
 
 
+def freeze_evictor(args: argparse.Namespace) -> None:
+    """Every job reads its own copy of the evictor: a copy in ``--work`` named by its sha256, taken now, so
+    that a reuse model retrained at the same path during the run (``make bench-evict``) cannot reach
+    the jobs that start later (it did once: the run mixed two models)."""
+    src = Path(args.evictor)
+    digest = hashlib.sha256(src.read_bytes()).hexdigest()
+    frozen = Path(args.work) / f"evictor-{digest[:16]}.safetensors"
+    frozen.parent.mkdir(parents=True, exist_ok=True)
+    if not frozen.is_file():
+        shutil.copyfile(src, frozen)
+    args.evictor_source, args.evictor = str(src), str(frozen)
+
+
 def run(args: argparse.Namespace) -> dict:
     from moert.cli.simulate import environment
     from moert.provenance import modified_files
 
     env = {**environment(), "modified_tracked_files": modified_files()}
+    freeze_evictor(args)
     st = _setup(args)  # trains the predictor once, before the pool starts (and puts bench/ on the path)
     import sim_score
 
@@ -163,6 +179,7 @@ def run(args: argparse.Namespace) -> dict:
                   "top_k": st["meta"].top_k, "replayed": {"prompts": tr.meta.num_sequences, "tokens": tr.meta.num_tokens},
                   "calibrated_on": {"prompts": len(st["parts"]["val"]), "split": "val"}},
         **sim_score.model_files(st["path"], st["made"], args.evictor),
+        "evictor_source": args.evictor_source,
         "calibration": {"edges": cal.edges.tolist(), "rates": cal.rates.tolist()},
         "cost_model": {"expert_bytes": CostModel().expert_bytes, "attention_share": CostModel().attention_share,
                        "layer_ms": list(args.layer_ms), "bandwidth_gbs": list(args.bandwidth),
@@ -218,7 +235,7 @@ def markdown(out: dict) -> str:
         "",
         f"Replayed: the {tr['replayed']['prompts']} held-out prompts ({tr['replayed']['tokens']} tokens) of the "
         "split of `predict_puffin.md`; xlayer as there; the budget's probabilities calibrated on the "
-        f"{tr['calibrated_on']['prompts']} validation prompts; evictor `{out['evictor']['file']}` (sha256 "
+        f"{tr['calibrated_on']['prompts']} validation prompts; evictor `{out.get('evictor_source', out['evictor']['file'])}` (read from a copy taken at the start, sha256 "
         f"{out['evictor']['sha256'][:12]}). Cost model: 17.3 MB experts, the windowed model of "
         "`moert.sim.CostModel` (attention share 0.2). Windows (copies): own layer `0.2 t_layer / t_copy`, one "
         "layer ahead `t_layer / t_copy`; points where both are under one copy issue nothing: their "

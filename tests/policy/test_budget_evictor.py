@@ -354,3 +354,19 @@ def test_victim_order_is_a_full_stable_sort_prefix(ordered):
             np.testing.assert_array_equal(
                 view.order(flat, need), full[:need], err_msg=f"trial {trial} need {need}"
             )
+
+
+def test_bench_reads_a_copy_of_the_evictor_taken_at_the_start(tmp_path):
+    """A reuse model retrained at the same path during the run does not reach later jobs."""
+    import argparse
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+    import bench_budget
+
+    src = tmp_path / "reuse.safetensors"
+    src.write_bytes(b"first model")
+    args = argparse.Namespace(evictor=str(src), work=str(tmp_path / "work"))
+    bench_budget.freeze_evictor(args)
+    src.write_bytes(b"retrained meanwhile")
+    assert args.evictor_source == str(src) and args.evictor != str(src)
+    assert Path(args.evictor).read_bytes() == b"first model"
